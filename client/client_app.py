@@ -1,0 +1,151 @@
+"""The ONFH-FL ClientApp: thin Flower handlers over :mod:`client.tasks`.
+
+Each handler reads as numbered steps (NVIDIA FLARE style): 1. resolve the site,
+2. unpack the global weights and the round's config, 3. call a plain function,
+4. pack weights and aggregate metrics into the reply.
+
+Messages:
+
+* ``query`` with ``config["action"] == "hello"``: reply the site id and head counts
+  (a ConfigRecord with ``site-id``, a MetricRecord of counts).
+* ``query`` with ``action == "crops"``: crop every head with the detector in
+  ``arrays`` (phase 1's global model) and cache the crops at the site.
+* ``train`` / ``evaluate`` with ``config["phase"]`` ``"detector"`` or ``"stager"``.
+
+The site's identity and data path come from the node config: ``site-id`` and
+``data-path`` in deployment; in simulation only ``partition-id`` exists and is
+mapped through the run config (``site-ids``, ``data-root``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import tasks
+from client.site_data import SiteData
+from shared_models.config import RunConfig
+from shared_models.weights import norm_state_keys
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def resolve_site(context: Context, cfg: RunConfig) -> tuple[str, Path]:
+    """Return ``(site_id, site_root)`` from the node config (deployment) or partition id (simulation).
+
+    Raises:
+        ValueError: if neither ``site-id``/``data-path`` nor ``partition-id`` is set.
+    """
+    node = context.node_config
+    if "site-id" in node and "data-path" in node:
+        return str(node["site-id"]), Path(str(node["data-path"]))
+    if "partition-id" in node:
+        site_id = cfg.site_for_partition(int(node["partition-id"]))
+        if not cfg.data_root:
+            raise ValueError("simulation run without run config 'data-root'")
+        return site_id, Path(cfg.data_root) / site_id
+    raise ValueError("node config needs 'site-id' and 'data-path' (deployment) or 'partition-id' (simulation)")
+
+
+def _open(context: Context) -> tuple[RunConfig, SiteData]:
+    cfg = RunConfig.from_run_config(context.run_config)
+    site_id, site_root = resolve_site(context, cfg)
+    return cfg, tasks.open_site(cfg, site_id, site_root)
+
+
+def _receive_state(msg: Message, context: Context, model_keys: set[str] | None, phase: str, cfg: RunConfig):
+    """Global weights from the message; under FedBN the site's own norm-layer entries win."""
+    state = msg.content["arrays"].to_torch_state_dict()
+    local_key = f"fedbn-{phase}"
+    if cfg.strategy == "fedbn" and model_keys and local_key in context.state:
+        local = context.state[local_key].to_torch_state_dict()
+        state.update({k: v for k, v in local.items() if k in model_keys})
+    return state
+
+
+def _keep_local_norms(context: Context, state, model_keys: set[str], phase: str, cfg: RunConfig) -> None:
+    if cfg.strategy == "fedbn":
+        context.state[f"fedbn-{phase}"] = ArrayRecord({k: v for k, v in state.items() if k in model_keys})
+
+
+def _norm_keys(cfg: RunConfig, phase: str) -> set[str]:
+    from shared_models.detector import YOLOX3D
+    from shared_models.stager import MulDenseNet3D
+
+    model = YOLOX3D(cfg.detector) if phase == "detector" else MulDenseNet3D(cfg.stager)
+    return norm_state_keys(model)
+
+
+def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """``hello`` (site id and counts) or ``crops`` (make the phase-2 crops at the site)."""
+    # 1. resolve the site and its data
+    cfg, site = _open(context)
+    action = str(msg.content["config"]["action"])
+    # 2-3. run the action
+    if action == "hello":
+        metrics = {f"heads-{split}": len(site.heads_in(split)) for split in ("train", "val", "test")}
+        metrics["studies-refused"] = sum(v.status != "ok" for v in site.verdicts)
+        content = RecordDict({"site": ConfigRecord({"site-id": site.site_id}), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+    if action == "crops":
+        detector = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+        key, metrics = tasks.make_crops(site, cfg, detector)
+        content = RecordDict({"site": ConfigRecord({"crops-key": key}), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+    raise ValueError(f"unknown query action {action!r}")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training for the phase named in the round's config."""
+    # 1. resolve the site
+    cfg, site = _open(context)
+    config = msg.content["config"]
+    phase = str(config["phase"])
+    server_round = int(config["server-round"])
+    mu = float(config.get("proximal-mu", 0.0))
+    # 2. global weights in (FedBN: keep local norm layers)
+    norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
+    state = _receive_state(msg, context, norm_keys, phase, cfg)
+    # 3. train
+    if phase == "detector":
+        new_state, metrics = tasks.detector_train(site, cfg, state, proximal_mu=mu, server_round=server_round)
+    elif phase == "stager":
+        new_state, metrics = tasks.stager_train(
+            site, cfg, state, str(config["crops-key"]), proximal_mu=mu, server_round=server_round
+        )
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+    _keep_local_norms(context, new_state, norm_keys, phase, cfg)
+    # 4. reply: weights with dtypes intact, aggregate metrics only
+    return _reply(msg, ArrayRecord(new_state), metrics)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the site's held-out (``test``) heads."""
+    cfg, site = _open(context)
+    config = msg.content["config"]
+    phase = str(config["phase"])
+    norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
+    state = _receive_state(msg, context, norm_keys, phase, cfg)
+    if phase == "detector":
+        metrics = tasks.detector_evaluate(site, cfg, state)
+    elif phase == "stager":
+        metrics = tasks.stager_evaluate(site, cfg, state, str(config["crops-key"]))
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+    return _reply(msg, None, metrics)

@@ -1,0 +1,244 @@
+"""What a site does in each federated step, as plain functions over its data.
+
+Each function takes the site's :class:`~client.site_data.SiteData`, the run's
+:class:`~shared_models.config.RunConfig` and plain state dicts, and returns plain
+state dicts and metric dicts. The ClientApp (``client/client_app.py``) only
+translates Flower messages to and from these calls.
+
+Privacy: metrics are aggregates (counts, means, histograms). No patient id, path
+or per-head value leaves these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.site_data import HeadRecord, SiteData
+from client.training import predict_boxes, predict_stages, select_device, train_detector, train_stager
+from shared_models.config import RunConfig
+from shared_models.detector import YOLOX3D
+from shared_models.metrics import detection_metrics, stage_counts, stage_metrics
+from shared_models.preprocessing import PreprocessingSpec, box_voxel_to_lps
+from shared_models.stager import MulDenseNet3D
+from shared_models.weights import state_dict_sha256
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+HIST_BINS = 100
+
+
+def site_cache_dir(cfg: RunConfig, site_id: str, site_root: Path) -> Path:
+    """The site's preprocessing cache: ``<cache-dir>/<site>`` or ``<site-root>/.onfh-cache``."""
+    return Path(cfg.cache_dir) / site_id if cfg.cache_dir else site_root / ".onfh-cache"
+
+
+def open_site(cfg: RunConfig, site_id: str, site_root: Path, spec: PreprocessingSpec | None = None) -> SiteData:
+    """Load (from cache when possible) the site's manifest, studies and hemi-volumes."""
+    spec = spec or PreprocessingSpec()
+    return SiteData(site_root, site_id, site_cache_dir(cfg, site_id, site_root), spec)
+
+
+def _boxed(heads: list[HeadRecord]) -> list[HeadRecord]:
+    return [h for h in heads if h.box_lps_mm is not None]
+
+
+def _staged(heads: list[HeadRecord]) -> list[HeadRecord]:
+    return [h for h in heads if h.stage is not None]
+
+
+def _hemi_batch(site: SiteData, heads: list[HeadRecord]) -> np.ndarray:
+    if not heads:
+        return np.zeros((0, 1, *site.spec.hemi_shape), np.float32)
+    return np.stack([site.hemi_volume(h)[0] for h in heads]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- phase 1
+
+
+def detector_train(site: SiteData, cfg: RunConfig, state: StateDict, *, proximal_mu: float, server_round: int) -> tuple[StateDict, dict]:
+    """One round of local 3DC-YOLOX training on the site's ``train`` heads.
+
+    Returns:
+        The updated state dict and ``{"num-examples": #training volumes, "train-loss": ...}``.
+
+    Raises:
+        ValueError: if the site has no training heads with a box.
+    """
+    heads = _boxed(site.heads_in("train"))
+    if not heads:
+        raise ValueError(f"site {site.site_id}: no training heads with a femoral head box")
+    model = YOLOX3D(cfg.detector)
+    model.load_state_dict(state)
+    volumes = _hemi_batch(site, heads)
+    boxes = np.stack([site.gt_box_voxels(h) for h in heads]).astype(np.float32)
+    metrics = train_detector(
+        model, volumes, boxes,
+        steps=cfg.detector_local_steps, batch_size=cfg.detector_batch_size, lr=cfg.detector_lr,
+        weight_decay=cfg.weight_decay, device=select_device(cfg.device), amp=cfg.amp,
+        proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round,
+    )
+    return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(heads), **metrics}
+
+
+def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: str = "test") -> dict:
+    """Evaluate the detector on the site's ``split`` heads that have a ground-truth box.
+
+    Returns:
+        ``num-examples``, ``iou-mean``, ``center-error-mm`` (median), ``recall30``,
+        ``recall50``, ``low-confidence`` (count). Zeros when the split is empty.
+    """
+    heads = _boxed(site.heads_in(split))
+    out = {"num-examples": len(heads), "iou-mean": 0.0, "center-error-mm": 0.0,
+           "recall30": 0.0, "recall50": 0.0, "low-confidence": 0}
+    if not heads:
+        return out
+    model = YOLOX3D(cfg.detector)
+    model.load_state_dict(state)
+    pred, _, low = predict_boxes(model, _hemi_batch(site, heads), device=select_device(cfg.device))
+    gt = np.stack([site.gt_box_voxels(h) for h in heads])
+    m = detection_metrics(pred, gt, site.spec.hemi_spacing_mm)
+    out.update({"iou-mean": float(m["iou_mean"]), "center-error-mm": float(m["center_error_mm"]),
+                "recall30": float(m["recall30"]), "recall50": float(m["recall50"]),
+                "low-confidence": int(low.sum())})
+    return out
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+@dataclass(frozen=True)
+class CropSet:
+    """Stager inputs of one site: crops (N, 1, *crop_shape) float32, stages (N,) int64, splits (N,)."""
+
+    crops: np.ndarray
+    stages: np.ndarray
+    splits: np.ndarray
+
+    def select(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = self.splits == split
+        return self.crops[mask], self.stages[mask]
+
+
+def crops_key(cfg: RunConfig, detector_state: StateDict | None) -> str:
+    """Cache key of a crop set: the detector's weight hash, or ``ground-truth``."""
+    if cfg.crop_source == "ground-truth" or detector_state is None:
+        return "ground-truth"
+    return state_dict_sha256(detector_state)[:16]
+
+
+def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None) -> tuple[str, dict]:
+    """Crop every staged femoral head with the global detector (or its ground-truth box).
+
+    The crops are cached at the site under ``<cache>/crops/<key>.npz`` and never travel.
+
+    Returns:
+        ``(key, metrics)`` with ``num-examples`` (#crops) and ``low-confidence`` (#heads
+        whose detector box fell below the score threshold).
+    """
+    key = crops_key(cfg, detector_state)
+    path = site.cache_dir / "crops" / f"{key}.npz"
+    heads = _staged(site.heads)
+    low_count = 0
+    if not path.exists():
+        if key == "ground-truth":
+            boxes_lps = [h.box_lps_mm for h in heads]
+            missing = sum(b is None for b in boxes_lps)
+            if missing:
+                raise ValueError(f"site {site.site_id}: crop-source=ground-truth but {missing} heads lack a box")
+        else:
+            model = YOLOX3D(cfg.detector)
+            model.load_state_dict(detector_state)
+            device = select_device(cfg.device)
+            boxes_lps = []
+            for start in range(0, len(heads), 16):
+                chunk = heads[start : start + 16]
+                pred, _, low = predict_boxes(model, _hemi_batch(site, chunk), device=device)
+                low_count += int(low.sum())
+                boxes_lps += [box_voxel_to_lps(b, site.hemi_volume(h)[1]) for b, h in zip(pred, chunk)]
+        crops = np.stack([site.crop(h, b) for h, b in zip(heads, boxes_lps)]) if heads else \
+            np.zeros((0, 1, *site.spec.crop_shape), np.float32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, crops=crops.astype(np.float32),
+                 stages=np.array([h.stage for h in heads], np.int64),
+                 splits=np.array([h.split for h in heads]), low_confidence=np.int64(low_count))
+        tmp.replace(path)
+    with np.load(path) as data:
+        low_count = int(data["low_confidence"])
+    return key, {"num-examples": len(heads), "low-confidence": low_count}
+
+
+def load_crops(site: SiteData, key: str) -> CropSet:
+    """Load a crop set made by :func:`make_crops`.
+
+    Raises:
+        FileNotFoundError: if the crops for ``key`` were never made at this site.
+    """
+    path = site.cache_dir / "crops" / f"{key}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"site {site.site_id}: no crops for key {key}; the server must send a crops query first")
+    with np.load(path) as data:
+        return CropSet(data["crops"], data["stages"], data["splits"])
+
+
+# ----------------------------------------------------------------------------- phase 2
+
+
+def stager_train(site: SiteData, cfg: RunConfig, state: StateDict, key: str, *, proximal_mu: float, server_round: int) -> tuple[StateDict, dict]:
+    """One round of local 3D-MulDenseNet training on the site's ``train`` crops.
+
+    Returns:
+        Updated state dict and ``{"num-examples": #training crops, "train-loss": ...}``.
+
+    Raises:
+        ValueError: if the site has no staged training heads.
+    """
+    crops, stages = load_crops(site, key).select("train")
+    if len(crops) == 0:
+        raise ValueError(f"site {site.site_id}: no staged training heads")
+    model = MulDenseNet3D(cfg.stager)
+    model.load_state_dict(state)
+    metrics = train_stager(
+        model, crops, stages,
+        steps=cfg.stager_local_steps, batch_size=cfg.stager_batch_size, lr=cfg.stager_lr,
+        weight_decay=cfg.weight_decay, focal_gamma=cfg.focal_gamma, device=select_device(cfg.device),
+        amp=cfg.amp, proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round,
+    )
+    return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(crops), **metrics}
+
+
+def stager_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, key: str, split: str = "test") -> dict:
+    """Evaluate the stager on the site's ``split`` crops.
+
+    Returns:
+        ``num-examples``; ``confusion`` (9 ints, row-major, rows = true stage);
+        ``hist-pos-k`` / ``hist-neg-k`` (HIST_BINS ints each) for k = 0, 1, 2; and the
+        site's own ``macro-auc`` / ``accuracy`` (NaN-free: 0.0 when undefined).
+    """
+    crops, stages = load_crops(site, key).select(split)
+    out: dict = {"num-examples": len(crops)}
+    if len(crops):
+        model = MulDenseNet3D(cfg.stager)
+        model.load_state_dict(state)
+        probs = predict_stages(model, crops, device=select_device(cfg.device))
+    else:
+        probs = np.zeros((0, 3), np.float32)
+    counts = stage_counts(stages, probs, n_bins=HIST_BINS)
+    out["confusion"] = [int(v) for v in np.asarray(counts["confusion"]).ravel()]
+    for k in range(3):
+        out[f"hist-pos-{k}"] = [int(v) for v in counts["hist_pos"][k]]
+        out[f"hist-neg-{k}"] = [int(v) for v in counts["hist_neg"][k]]
+    if len(crops):
+        m = stage_metrics(stages, probs)
+        out["macro-auc"] = float(np.nan_to_num(m["macro"]["auc"]))
+        out["accuracy"] = float(np.nan_to_num(m["macro"]["accuracy"]))
+    else:
+        out["macro-auc"] = 0.0
+        out["accuracy"] = 0.0
+    return out

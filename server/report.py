@@ -1,0 +1,113 @@
+"""The run report: per-site-group stager metrics pooled from counts, detector metrics per site.
+
+Sites send only counts (a 3x3 confusion matrix and per-stage binned score
+histograms) and aggregate detector figures; no per-case value leaves a site. The
+server pools the counts of the sites in each report group (paper section 2.3:
+internal test set from center A, two external test sets grouped by scanner) and
+computes accuracy, sensitivity, specificity and F1 exactly from the pooled
+confusion matrix, and AUC from the pooled histograms (section 2.7 defines the
+macro and weighted averages).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from shared_models.metrics import merge_counts, metrics_from_counts
+from shared_models.stages import NUM_STAGES
+
+
+def counts_from_site_metrics(m: dict) -> dict:
+    """Rebuild the ``stage_counts`` structure from a site's evaluate MetricRecord."""
+    return {
+        "confusion": np.asarray(m["confusion"], dtype=np.int64).reshape(NUM_STAGES, NUM_STAGES),
+        "hist_pos": [np.asarray(m[f"hist-pos-{k}"], dtype=np.int64) for k in range(NUM_STAGES)],
+        "hist_neg": [np.asarray(m[f"hist-neg-{k}"], dtype=np.int64) for k in range(NUM_STAGES)],
+    }
+
+
+def json_safe(value):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[str, ...]]) -> dict[str, dict]:
+    """Pool each group's site counts and compute its stage metrics.
+
+    Args:
+        site_metrics: ``{site_id: stager evaluate metrics}`` of one round.
+        groups: ``{group name: (site ids)}``.
+
+    Returns:
+        ``{group: {"n", "per_stage", "macro", "weighted", "sites"}}``; a group whose
+        sites all failed or hold no test heads gets ``n = 0`` and no metrics.
+    """
+    out: dict[str, dict] = {}
+    for name, members in groups.items():
+        present = [s for s in members if s in site_metrics and int(site_metrics[s].get("num-examples", 0)) > 0]
+        if not present:
+            out[name] = {"n": 0, "sites": list(members), "missing": [s for s in members if s not in site_metrics]}
+            continue
+        pooled = merge_counts([counts_from_site_metrics(site_metrics[s]) for s in present])
+        metrics = metrics_from_counts(pooled)
+        out[name] = {"sites": present, **metrics}
+        out[name]["n"] = int(np.asarray(pooled["confusion"]).sum())
+    return out
+
+
+def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
+    """Per-site detector figures: ``iou_mean``, ``center_error_mm`` (median), ``recall30``, ``recall50``, ``n``."""
+    out = {}
+    for site, m in sorted(site_metrics.items()):
+        n = int(m.get("num-examples", 0))
+        out[site] = {
+            "n": n,
+            "iou_mean": float(m["iou-mean"]) if n else None,
+            "center_error_mm": float(m["center-error-mm"]) if n else None,
+            "recall30": float(m["recall30"]) if n else None,
+            "recall50": float(m["recall50"]) if n else None,
+            "low_confidence": int(m.get("low-confidence", 0)),
+        }
+    return out
+
+
+def build_report(
+    *,
+    strategy: str,
+    proximal_mu: float,
+    rounds: dict[str, int],
+    stager_history: dict[int, dict[str, dict]],
+    detector_history: dict[int, dict[str, dict]],
+    groups: dict[str, tuple[str, ...]],
+    train_sites: tuple[str, ...],
+    crop_source: str,
+    wall_time_s: float,
+) -> dict:
+    """Assemble ``report.json`` from the per-round per-site metrics of both phases."""
+    last_stager = stager_history[max(stager_history)] if stager_history else {}
+    last_detector = detector_history[max(detector_history)] if detector_history else {}
+    history = {
+        "detector_iou_mean": {r: {s: m.get("iou-mean") for s, m in sites.items()} for r, sites in sorted(detector_history.items())},
+        "stager_macro_auc": {r: {s: m.get("macro-auc") for s, m in sites.items()} for r, sites in sorted(stager_history.items())},
+    }
+    return json_safe({
+        "strategy": strategy,
+        "proximal_mu": proximal_mu if strategy == "fedprox" else None,
+        "rounds": rounds,
+        "train_sites": list(train_sites),
+        "crop_source": crop_source,
+        "sites": group_stage_metrics(last_stager, groups),
+        "detector": detector_site_metrics(last_detector),
+        "history": history,
+        "wall_time_s": wall_time_s,
+    })

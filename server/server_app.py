@@ -1,0 +1,213 @@
+"""The ONFH-FL ServerApp: detector phase, site-local crops, stager phase, report, signed bundle.
+
+Reads as steps (Flower ``server_app.py`` style):
+
+1. read the run config; open the checkpoint store in ``out-dir``;
+2. wait (bounded) for every configured site and ask each for its id (``hello`` query);
+3. phase 1: federate 3DC-YOLOX for ``detector-rounds`` rounds (paper section 2.4-2.5:
+   the detector is trained first);
+4. send the phase-1 global detector to every site, which crops its femoral heads
+   locally (``crops`` query) — or uses ground-truth boxes when ``crop-source`` says so;
+5. phase 2: federate 3D-MulDenseNet for ``stager-rounds`` rounds on those crops;
+6. write ``report.json`` and a signed model bundle.
+
+Every round ends with an evaluation at every site and a checkpoint; a restarted run
+resumes after the last finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
+from server.report import build_report
+from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
+from shared_models.config import RunConfig
+from shared_models.detector import YOLOX3D
+from shared_models.preprocessing import PreprocessingSpec
+from shared_models.stager import MulDenseNet3D
+from strategies.site_aware import build_strategy
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class SitesMissingError(RuntimeError):
+    """Not every configured site connected within ``node-wait-timeout-s``."""
+
+
+def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> dict[int, str]:
+    """Wait for one node per configured site and map node ids to site ids.
+
+    Raises:
+        SitesMissingError: when the wait exceeds ``node-wait-timeout-s``; the message
+            names the sites that did not answer.
+    """
+    expected = set(cfg.site_ids)
+    deadline = time.monotonic() + cfg.node_wait_timeout_s
+    node_sites: dict[int, str] = {}
+    while True:
+        node_ids = [n for n in grid.get_node_ids() if n not in node_sites]
+        if node_ids:
+            messages = [
+                Message(content=RecordDict({"config": ConfigRecord({"action": "hello"})}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in node_ids
+            ]
+            for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+                if reply.has_error():
+                    log.warning("a node failed the hello query: %s", reply.error.reason)
+                    continue
+                node_sites[reply.metadata.src_node_id] = str(reply.content["site"]["site-id"])
+        if expected <= set(node_sites.values()):
+            break
+        if time.monotonic() > deadline:
+            missing = sorted(expected - set(node_sites.values()))
+            raise SitesMissingError(f"sites {missing} did not connect within {cfg.node_wait_timeout_s:.0f} s")
+        time.sleep(poll_s)
+    log.info("connected sites: %s", sorted(node_sites.values()))
+    return node_sites
+
+
+def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict | None, cfg: RunConfig) -> str:
+    """Have every site crop its heads with the global detector; return the crops key.
+
+    Raises:
+        RuntimeError: if no site made crops, or sites disagree on the key.
+    """
+    content = RecordDict({"config": ConfigRecord({"action": "crops"})})
+    if cfg.crop_source == "detector" and detector_state is not None:
+        content["arrays"] = ArrayRecord(detector_state)
+    messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_sites]
+    keys = set()
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
+        site = node_sites.get(reply.metadata.src_node_id, "?")
+        if reply.has_error():
+            log.warning("site %s failed to make crops: %s", site, reply.error.reason)
+            continue
+        keys.add(str(reply.content["site"]["crops-key"]))
+        log.info("site %s: %d crops, %d low-confidence detections", site,
+                 int(reply.content["metrics"]["num-examples"]), int(reply.content["metrics"]["low-confidence"]))
+    if len(keys) != 1:
+        raise RuntimeError(f"crop preparation failed: sites returned keys {sorted(keys)}")
+    return keys.pop()
+
+
+def run_phase(
+    grid: Grid,
+    cfg: RunConfig,
+    store: CheckpointStore,
+    node_sites: dict[int, str],
+    *,
+    phase: str,
+    model: torch.nn.Module,
+    rounds: int,
+    extra_config: dict | None = None,
+) -> PhaseCheckpoint:
+    """Federate one model for ``rounds`` rounds, resuming from its checkpoint.
+
+    Returns:
+        The final checkpoint (global state dict and per-site metrics of every round).
+    """
+    ckpt = store.load(phase) or PhaseCheckpoint(round=0, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if ckpt.round >= rounds:
+        log.info("phase %s: already finished (%d rounds), skipping", phase, ckpt.round)
+        return ckpt
+    if ckpt.round:
+        log.info("phase %s: resuming after round %d", phase, ckpt.round)
+    strategy = build_strategy(
+        cfg.strategy, proximal_mu=cfg.proximal_mu, node_sites=node_sites,
+        train_sites=cfg.train_sites, round_offset=ckpt.round,
+    )
+    strategy.site_metrics.update(ckpt.site_metrics)
+    strategy.train_metrics.update(ckpt.train_metrics)
+    config = ConfigRecord({"phase": phase, **(extra_config or {})})
+
+    def checkpoint_hook(server_round: int, arrays: ArrayRecord):
+        if server_round == 0:
+            return None
+        reached = server_round + ckpt.round
+        store.save(phase, PhaseCheckpoint(
+            round=reached, state_dict=arrays.to_torch_state_dict(),
+            site_metrics=dict(strategy.site_metrics), train_metrics=dict(strategy.train_metrics),
+        ))
+        summary = {s: round(float(m.get("iou-mean" if phase == "detector" else "macro-auc", 0.0)), 3)
+                   for s, m in sorted(strategy.site_metrics.get(reached, {}).items())}
+        log.info("phase %s round %d/%d: %s %s", phase, reached, rounds,
+                 "iou-mean" if phase == "detector" else "macro-auc", summary)
+        return None
+
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(ckpt.state_dict), num_rounds=rounds - ckpt.round,
+        timeout=cfg.round_timeout_s, train_config=config, evaluate_config=ConfigRecord(dict(config)),
+        evaluate_fn=checkpoint_hook,
+    )
+    final = store.load(phase)
+    if final is None or final.round < rounds:
+        # No round completed a checkpoint (e.g. every site failed): keep what Flower returned.
+        final = PhaseCheckpoint(round=rounds, state_dict=result.arrays.to_torch_state_dict(),
+                                site_metrics=dict(strategy.site_metrics), train_metrics=dict(strategy.train_metrics))
+    return final
+
+
+def _signing_key(cfg: RunConfig, out: Path):
+    path = Path(cfg.signing_key) if cfg.signing_key else out / "keys" / "bundle-signing-key.pem"
+    if path.exists():
+        return load_signing_key(path)
+    if cfg.signing_key:
+        raise FileNotFoundError(f"signing-key {path} does not exist (create it with `onfh coordinator certs`)")
+    log.info("no signing-key configured: generated a run-local Ed25519 key")
+    return generate_signing_key(path)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run both phases, then write ``report.json`` and the signed bundle to ``out-dir``."""
+    t0 = time.monotonic()
+    # 1. config and checkpoints
+    cfg = RunConfig.from_run_config(context.run_config)
+    if not cfg.out_dir:
+        raise ValueError("run config 'out-dir' is empty: the server needs a folder for checkpoints, report and bundle")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = dict(context.run_config)
+    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config))
+    torch.manual_seed(cfg.seed)
+    spec = PreprocessingSpec()
+
+    # 2. sites
+    node_sites = discover_sites(grid, cfg)
+
+    # 3. phase 1: detector
+    detector = run_phase(grid, cfg, store, node_sites, phase="detector", model=YOLOX3D(cfg.detector),
+                         rounds=cfg.detector_rounds)
+
+    # 4. site-local crops with the phase-1 global detector
+    key = prepare_crops(grid, node_sites, detector.state_dict, cfg)
+
+    # 5. phase 2: stager
+    stager = run_phase(grid, cfg, store, node_sites, phase="stager", model=MulDenseNet3D(cfg.stager),
+                       rounds=cfg.stager_rounds, extra_config={"crops-key": key})
+
+    # 6. report and signed bundle
+    report = build_report(
+        strategy=cfg.strategy, proximal_mu=cfg.proximal_mu,
+        rounds={"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
+        stager_history=stager.site_metrics, detector_history=detector.site_metrics,
+        groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source,
+        wall_time_s=time.monotonic() - t0,
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_bundle(
+        out / "bundle", detector_state=detector.state_dict, stager_state=stager.state_dict,
+        detector_config=cfg.detector, stager_config=cfg.stager, spec=spec, metrics=report,
+        run_config=run_config, signing_key=_signing_key(cfg, out),
+    )
+    log.info("report and signed bundle written to the run's out-dir")

@@ -1,0 +1,217 @@
+"""The one typed run configuration, built from Flower's ``context.run_config``.
+
+Defaults live only in ``[tool.flwr.app.config]`` of ``pyproject.toml``; this module
+validates types and ranges and names the bad key in its ``ValueError``. It never
+imports Flower: callers pass the plain mapping (``dict(context.run_config)``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared_models.detector import DetectorConfig
+from shared_models.stager import StagerConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedbn")
+CROP_SOURCES = ("detector", "ground-truth")
+MODEL_SIZES = ("default", "paper")
+DEVICES = ("auto", "cpu", "cuda")
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def default_run_config(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """Return the run-config defaults declared in ``[tool.flwr.app.config]``.
+
+    Raises:
+        FileNotFoundError: if ``pyproject`` does not exist.
+        KeyError: if it has no ``[tool.flwr.app.config]`` table.
+    """
+    with open(pyproject, "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def _ints(key: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"run config {key!r}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"run config {key!r}: expected positive integers, got {text!r}")
+    return values
+
+
+def _names(key: str, text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in str(text).split(",") if v.strip())
+    if not values:
+        raise ValueError(f"run config {key!r}: expected a comma-separated list of site ids, got {text!r}")
+    return values
+
+
+def parse_report_groups(text: str) -> dict[str, tuple[str, ...]]:
+    """Parse ``"A-test=A;external-1=B;external-2=C,D"`` into ``{group: (site, ...)}``.
+
+    Raises:
+        ValueError: on a malformed entry (names the entry).
+    """
+    groups: dict[str, tuple[str, ...]] = {}
+    for entry in str(text).split(";"):
+        if not entry.strip():
+            continue
+        name, sep, sites = entry.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"run config 'report-groups': malformed entry {entry!r}; expected NAME=SITE[,SITE]")
+        groups[name.strip()] = _names("report-groups", sites)
+    if not groups:
+        raise ValueError("run config 'report-groups' is empty")
+    return groups
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated run configuration shared by ServerApp, ClientApp and the simulation harness.
+
+    Attributes mirror the kebab-case keys of ``[tool.flwr.app.config]`` in snake_case.
+    Durations are seconds; learning rates are per optimisation step; ``*_local_steps``
+    counts optimiser steps per round (FLamby convention: sites of different size do
+    comparable work).
+    """
+
+    data_root: str
+    site_ids: tuple[str, ...]
+    train_sites: tuple[str, ...]
+    report_groups: dict[str, tuple[str, ...]]
+    cache_dir: str
+    out_dir: str
+    signing_key: str
+    seed: int
+    strategy: str
+    proximal_mu: float
+    node_wait_timeout_s: float
+    round_timeout_s: float
+    detector_rounds: int
+    detector_local_steps: int
+    detector_batch_size: int
+    detector_lr: float
+    detector: DetectorConfig
+    stager_rounds: int
+    stager_local_steps: int
+    stager_batch_size: int
+    stager_lr: float
+    stager: StagerConfig
+    crop_source: str
+    weight_decay: float
+    focal_gamma: float
+    model_size: str
+    device: str
+    amp: bool
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate from a Flower run config mapping.
+
+        Raises:
+            ValueError: naming the missing, mistyped or out-of-range key.
+        """
+        rc = dict(run_config)
+
+        def get(key: str, kind: type) -> Any:
+            if key not in rc:
+                raise ValueError(f"run config key {key!r} is missing (declare it in [tool.flwr.app.config])")
+            value = rc[key]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"run config {key!r}: expected {kind.__name__}, got {value!r}")
+            return value
+
+        def positive(key: str, kind: type) -> Any:
+            value = get(key, kind)
+            if value <= 0:
+                raise ValueError(f"run config {key!r}: must be > 0, got {value!r}")
+            return value
+
+        def choice(key: str, options: tuple[str, ...]) -> str:
+            value = get(key, str)
+            if value not in options:
+                raise ValueError(f"run config {key!r}: expected one of {options}, got {value!r}")
+            return value
+
+        site_ids = _names("site-ids", get("site-ids", str))
+        train_sites = _names("train-sites", get("train-sites", str))
+        unknown = [s for s in train_sites if s not in site_ids]
+        if unknown:
+            raise ValueError(f"run config 'train-sites': {unknown} not in site-ids {list(site_ids)}")
+        groups = parse_report_groups(get("report-groups", str))
+        for name, members in groups.items():
+            bad = [s for s in members if s not in site_ids]
+            if bad:
+                raise ValueError(f"run config 'report-groups': group {name!r} names unknown sites {bad}")
+        mu = get("proximal-mu", float)
+        if mu < 0:
+            raise ValueError(f"run config 'proximal-mu': must be >= 0, got {mu}")
+        model_size = choice("model-size", MODEL_SIZES)
+        if model_size == "paper":
+            detector = DetectorConfig.PAPER
+            stager = StagerConfig.PAPER
+        else:
+            detector = DetectorConfig(
+                widths=_ints("detector-widths", get("detector-widths", str)),
+                depths=_ints("detector-depths", get("detector-depths", str)),
+                head_width=positive("detector-head-width", int),
+            )
+            stager = StagerConfig(
+                init_features=positive("stager-init-features", int),
+                growth_rate=positive("stager-growth-rate", int),
+                block_config=_ints("stager-block-config", get("stager-block-config", str)),
+                pool_scales=_ints("stager-pool-scales", get("stager-pool-scales", str)),
+                fusion=get("stager-fusion", str),
+                transition=get("stager-transition", str),
+                dropout_prob=get("stager-dropout", float),
+            )
+        return cls(
+            data_root=get("data-root", str),
+            site_ids=site_ids,
+            train_sites=train_sites,
+            report_groups=groups,
+            cache_dir=get("cache-dir", str),
+            out_dir=get("out-dir", str),
+            signing_key=get("signing-key", str),
+            seed=get("seed", int),
+            strategy=choice("strategy", STRATEGIES),
+            proximal_mu=mu,
+            node_wait_timeout_s=positive("node-wait-timeout-s", float),
+            round_timeout_s=positive("round-timeout-s", float),
+            detector_rounds=positive("detector-rounds", int),
+            detector_local_steps=positive("detector-local-steps", int),
+            detector_batch_size=positive("detector-batch-size", int),
+            detector_lr=positive("detector-lr", float),
+            detector=detector,
+            stager_rounds=positive("stager-rounds", int),
+            stager_local_steps=positive("stager-local-steps", int),
+            stager_batch_size=positive("stager-batch-size", int),
+            stager_lr=positive("stager-lr", float),
+            stager=stager,
+            crop_source=choice("crop-source", CROP_SOURCES),
+            weight_decay=get("weight-decay", float),
+            focal_gamma=get("focal-gamma", float),
+            model_size=model_size,
+            device=choice("device", DEVICES),
+            amp=get("amp", bool),
+        )
+
+    def site_for_partition(self, partition_id: int) -> str:
+        """Map a simulation ``partition-id`` to its site id (the order of ``site-ids``).
+
+        Raises:
+            ValueError: if the partition id is out of range.
+        """
+        if not 0 <= partition_id < len(self.site_ids):
+            raise ValueError(
+                f"partition-id {partition_id} has no site: site-ids lists {len(self.site_ids)} sites"
+            )
+        return self.site_ids[partition_id]

@@ -1,0 +1,313 @@
+"""``onfh``: the one console script, with a command group per kind of user.
+
+* ``onfh sim ...``          researchers: phantoms, the four-center simulation, the demo
+* ``onfh site ...``         hospital sites: check a data folder
+* ``onfh coordinator ...``  coordinators: the bundle signing key
+* ``onfh infer ...``        anyone: the two-stage pipeline on one study
+
+Library code raises; this module maps errors to exit codes (1: bad input or failed
+run, 2: usage) and prints human-readable tables with rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger("onfh")
+console = Console()
+
+REAL_NIFTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "prostatex-0000-pelvis-t2-axial.nii.gz"
+
+# Training schedules per phantom profile (run-config overrides). "paper" uses the
+# pyproject defaults, sized so the demo fits in 20 minutes on 2 CPU cores.
+SCHEDULES: dict[str, dict[str, object]] = {
+    "quick": {"detector-rounds": 2, "detector-local-steps": 8, "stager-rounds": 2, "stager-local-steps": 8},
+    "paper": {},
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _parse_set(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs -> run-config overrides, VALUE typed like the pyproject default."""
+    from shared_models.config import default_run_config
+
+    defaults = default_run_config()
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            out[key] = kind(value)
+    return out
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def print_report(report: dict, baseline: dict | None = None) -> None:
+    """Print the per-site report (and the intensity baseline) as tables."""
+    table = Table(title=f"Ficat-Arlet staging — {report['strategy']}, {report['rounds']} rounds, trained at {report['train_sites']}")
+    for col in ("site", "n", "accuracy", "sensitivity", "specificity", "F1", "AUC", "weighted AUC", "baseline AUC"):
+        table.add_column(col, justify="right" if col != "site" else "left")
+    for name, m in report["sites"].items():
+        if not m.get("n"):
+            table.add_row(name, "0", *["–"] * 7)
+            continue
+        macro = m["macro"]
+        base = (baseline or {}).get(name, {}).get("macro", {}).get("auc")
+        table.add_row(name, str(m["n"]), *(_fmt(macro[k]) for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")),
+                      _fmt(m["weighted"]["auc"]), _fmt(base))
+    console.print(table)
+    det = Table(title="3DC-YOLOX femoral head detection (test heads)")
+    for col in ("site", "n", "IoU mean", "centre error mm (median)", "recall@0.3", "recall@0.5", "low confidence"):
+        det.add_column(col, justify="right" if col != "site" else "left")
+    for site, m in report["detector"].items():
+        det.add_row(site, str(m["n"]), _fmt(m["iou_mean"]), _fmt(m["center_error_mm"]), _fmt(m["recall30"]),
+                    _fmt(m["recall50"]), str(m["low_confidence"]))
+    console.print(det)
+
+
+# --------------------------------------------------------------------------- sim
+
+
+def cmd_phantoms(args) -> int:
+    from sim.phantoms import generate_phantoms
+
+    t0 = time.monotonic()
+    summary = generate_phantoms(Path(args.out), args.profile, seed=args.seed, progress=True)
+    console.print(f"phantoms ({args.profile}, seed {args.seed}) in {args.out}: "
+                  f"{json.dumps(summary.get('counts', summary.get('sites', {})))} [{time.monotonic() - t0:.1f} s]")
+    return 0
+
+
+def _run_config_for(args) -> dict[str, object]:
+    out = Path(args.out).resolve()
+    rc: dict[str, object] = {**SCHEDULES[args.profile], "data-root": str(Path(args.data).resolve()), "out-dir": str(out),
+                             "strategy": args.strategy, "seed": args.seed}
+    if args.train_sites:
+        rc["train-sites"] = args.train_sites
+    rc.update(_parse_set(args.set or []))
+    return rc
+
+
+def cmd_run(args) -> int:
+    """Splits -> Flower simulation -> report (+ intensity baseline)."""
+    from client import tasks
+    from shared_models.config import RunConfig, default_run_config
+    from sim.baseline import intensity_baseline
+    from sim.runner import run_simulation
+    from sim.splits import write_splits
+
+    overrides = _run_config_for(args)
+    cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    write_splits(Path(cfg.data_root), cfg.site_ids, cfg.train_sites, seed=cfg.seed)
+    console.print(f"[bold]preparing site caches[/bold] for {', '.join(cfg.site_ids)} …")
+    sites = {s: tasks.open_site(cfg, s, Path(cfg.data_root) / s) for s in cfg.site_ids}
+    refused = sum(v.status != "ok" for site in sites.values() for v in site.verdicts)
+    console.print(f"  {sum(len(s.heads) for s in sites.values())} heads ready, {refused} studies refused "
+                  f"[{time.monotonic() - t0:.1f} s]")
+
+    total_rounds = cfg.detector_rounds + cfg.stager_rounds
+    progress_file = out / "checkpoints" / "progress.json"
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]federated rounds[/bold] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("", total=total_rounds)
+
+        def poll():
+            if progress_file.exists():
+                try:
+                    p = json.loads(progress_file.read_text())
+                except (OSError, ValueError):
+                    return
+                done = p["round"] + (cfg.detector_rounds if p["phase"] == "stager" else 0)
+                bar.update(task, completed=done, description=f"({p['phase']} round {p['round']})")
+
+        run_simulation(overrides, num_sites=len(cfg.site_ids), work_dir=out / "flower", cpus_per_client=1, on_poll=poll)
+        poll()
+
+    report = json.loads((out / "report.json").read_text())
+    baseline = intensity_baseline(sites, cfg.train_sites, cfg.report_groups, seed=cfg.seed)
+    from server.report import json_safe
+
+    report["baseline_intensity_logreg"] = json_safe({g: {"n": m["n"], "macro": m["macro"], "weighted": m["weighted"]} for g, m in baseline.items()})
+    report["simulation_wall_time_s"] = round(time.monotonic() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print_report(report, baseline)
+    console.print(f"report: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Phantoms -> simulation -> report -> inference on the real pelvic MRI."""
+    out = Path(args.out)
+    data = out / "data"
+    args_ph = argparse.Namespace(out=str(data), profile=args.profile, seed=args.seed)
+    cmd_phantoms(args_ph)
+    args_run = argparse.Namespace(data=str(data), out=str(out / "run"), profile=args.profile, strategy=args.strategy,
+                                  seed=args.seed, train_sites=None, set=args.set)
+    cmd_run(args_run)
+    if REAL_NIFTI.exists():
+        cmd_infer(argparse.Namespace(bundle=str(out / "run" / "bundle"), study=str(REAL_NIFTI), out=str(out / "infer-prostatex"),
+                                     public_key=None, device="auto"))
+    else:
+        console.print(f"[yellow]real pelvic MRI not found at {REAL_NIFTI}: skipping the inference step[/yellow]")
+    return 0
+
+
+# --------------------------------------------------------------------------- infer
+
+
+def cmd_infer(args) -> int:
+    import SimpleITK as sitk
+
+    from client.dicom_series import read_study
+    from client.training import select_device
+    from shared_models.bundle import load_bundle
+    from shared_models.pipeline import analyse_study
+
+    bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
+    image = read_study(Path(args.study))
+    t0 = time.monotonic()
+    results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=select_device(args.device))
+    elapsed = time.monotonic() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
+    payload = {"bundle_trusted": bundle.trusted, "heads": [r.summary() for r in results], "seconds": round(elapsed, 2)}
+    (out / "result.json").write_text(json.dumps(payload, indent=2))
+    table = Table(title=f"{Path(args.study).name}: two-stage result ({elapsed:.1f} s)")
+    for col in ("side", "box LPS mm (x0 y0 z0 x1 y1 z1)", "det. score", "P(0)", "P(I)", "P(II)", "stage"):
+        table.add_column(col)
+    for r in results:
+        p = r.stage_probabilities
+        table.add_row(r.side, " ".join(f"{v:.0f}" for v in r.box_lps_mm),
+                      f"{r.detector_score:.2f}" + (" (low)" if r.low_confidence else ""),
+                      f"{p['0']:.2f}", f"{p['I']:.2f}", f"{p['II']:.2f}", r.predicted_stage)
+    console.print(table)
+    console.print(f"wrote {out / 'result.json'} and gradcam_R/L.nii.gz (input geometry)")
+    return 0
+
+
+# --------------------------------------------------------------------------- site / coordinator
+
+
+def cmd_site_check(args) -> int:
+    from client.site_data import SiteData
+    from shared_models.preprocessing import PreprocessingSpec
+
+    root = Path(args.data)
+    site_id = args.site_id or root.name
+    cache = Path(args.cache) if args.cache else root / ".onfh-cache"
+    site = SiteData(root, site_id, cache, PreprocessingSpec(), progress=True)
+    table = Table(title=f"site {site_id}: study verdicts")
+    for col in ("study", "status", "reason", "shape", "spacing mm"):
+        table.add_column(col)
+    for v in site.verdicts:
+        table.add_row(v.study, v.status, v.reason, str(v.shape or ""), str(v.spacing_mm or ""))
+    console.print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps([v.__dict__ for v in site.verdicts], indent=2, default=list))
+    bad = sum(v.status != "ok" for v in site.verdicts)
+    console.print(f"{len(site.verdicts) - bad} studies ok, {bad} refused, {len(site.heads)} femoral heads usable")
+    return 1 if bad else 0
+
+
+def cmd_signing_key(args) -> int:
+    from shared_models.bundle import generate_signing_key
+
+    path = Path(args.out)
+    if path.exists():
+        raise ValueError(f"{path} exists; refusing to overwrite a signing key")
+    generate_signing_key(path)
+    console.print(f"Ed25519 signing key: {path} (keep private); public key: {path}.pub")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onfh", description="ONFH-FL: federated early-ONFH diagnosis from 3D hip MRI.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    sim = groups.add_parser("sim", help="researchers: phantoms and the four-center simulation").add_subparsers(dest="cmd", required=True)
+    p = sim.add_parser("phantoms", help="generate phantom hip MRI (DICOM) for sites A-D")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
+    p.add_argument("--profile", choices=("quick", "paper"), default="quick", help="quick: tiny, for tests; paper: 209 patients / 381 heads")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantoms)
+
+    def run_args(p, data_required=True):
+        if data_required:
+            p.add_argument("--data", required=True, help="folder holding one sub-folder per site (A, B, C, D)")
+        p.add_argument("--out", required=True, help="output folder: report.json, bundle/, checkpoints/ (re-run to resume)")
+        p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedbn"), default="fedavg")
+        p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule matching the phantom profile")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
+
+    p = sim.add_parser("run", help="federated simulation (Flower, one SuperNode per site) ending with a report")
+    run_args(p)
+    p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A)")
+    p.set_defaults(func=cmd_run)
+    p = sim.add_parser("demo", help="phantoms + simulation + report + inference on the real pelvic MRI")
+    run_args(p, data_required=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = groups.add_parser("infer", help="two-stage pipeline on one study (DICOM folder or NIfTI)")
+    p.add_argument("--bundle", required=True, help="signed model bundle folder")
+    p.add_argument("--study", required=True, help="DICOM folder or .nii/.nii.gz file")
+    p.add_argument("--out", required=True, help="output folder: result.json, gradcam_<side>.nii.gz")
+    p.add_argument("--public-key", help="coordinator's Ed25519 public key (PEM) to verify the bundle against")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=cmd_infer)
+
+    site = groups.add_parser("site", help="hospital sites").add_subparsers(dest="cmd", required=True)
+    p = site.add_parser("check", help="check a site data folder: one verdict per study")
+    p.add_argument("--data", required=True, help="site folder with manifest.csv")
+    p.add_argument("--site-id", help="site id (default: folder name)")
+    p.add_argument("--cache", help="preprocessing cache folder (default: DATA/.onfh-cache)")
+    p.add_argument("--json", help="also write the verdicts as JSON to this file")
+    p.set_defaults(func=cmd_site_check)
+
+    coord = groups.add_parser("coordinator", help="federation coordinators").add_subparsers(dest="cmd", required=True)
+    p = coord.add_parser("signing-key", help="create the Ed25519 key that signs model bundles")
+    p.add_argument("--out", required=True, help="private key file (PEM); the public key goes to FILE.pub")
+    p.set_defaults(func=cmd_signing_key)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

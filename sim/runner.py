@@ -1,0 +1,195 @@
+"""Run the federation in Flower's simulation engine: own SuperLink, ``flwr run``, wait, report.
+
+Follows ``FLOWER-1.42-NOTES.md`` (shared/): every Flower process gets a
+project-local ``FLWR_HOME``, no update check or telemetry, **no runtime dependency
+installation**, its own ``RAY_TMPDIR``; the simulation SuperLink is started by us
+on 127.0.0.1 and stopped by its PID at the end (``flwr run . local`` would leave a
+detached one behind); and because ``flwr run`` exits 0 even when the run failed,
+the final status is read from ``flwr list --format json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "onfh-sim"
+
+
+class SimulationError(RuntimeError):
+    """The Flower run failed or did not finish; the message says where to look."""
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, str]:
+    """Environment for every Flower process of a run (see module docstring)."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_DEDUP_LOGS": "0",
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    return env
+
+
+def toml_value(value) -> str:
+    """A run-config value as TOML (str, int, float or bool only).
+
+    Raises:
+        TypeError: for any other type.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(f"run-config values must be str, int, float or bool, got {type(value).__name__}")
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (falls back to PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@contextmanager
+def simulation_superlink(work: Path, env: dict[str, str]):
+    """Start ``flower-superlink --simulation`` on 127.0.0.1 and stop it (whole process group) on exit.
+
+    Yields:
+        The connection address ``127.0.0.1:PORT``.
+    """
+    port = free_port()
+    log_path = work / "superlink.log"
+    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        else:
+            raise SimulationError(f"flower-superlink did not open port {port} within 60 s; see {log_path}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def write_connection(flwr_home: Path, address: str) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one insecure connection named ``onfh-sim``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+def _flwr(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    proc = subprocess.run([_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=APP_DIR)
+    if proc.returncode != 0:
+        raise SimulationError(f"flwr {args[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def _run_status(env: dict[str, str], run_id: int) -> str:
+    out = _flwr(["list", CONNECTION, "--format", "json"], env)
+    data = json.loads(out[out.index("{"):])
+    for run in data.get("runs", []):
+        if int(run.get("run-id", run.get("run_id", -1))) == run_id:
+            return str(run.get("status", ""))
+    return ""
+
+
+def run_simulation(
+    run_config: Mapping[str, object],
+    *,
+    num_sites: int,
+    work_dir: Path,
+    cpus_per_client: int = 1,
+    timeout_s: float = 3 * 3600,
+    on_poll=None,
+) -> None:
+    """Run the ONFH-FL app in Flower's simulation engine, one virtual SuperNode per site.
+
+    Args:
+        run_config: overrides of ``[tool.flwr.app.config]`` (keys must exist there).
+        num_sites: number of virtual SuperNodes (partition ids 0..num_sites-1 map to
+            ``site-ids`` in order).
+        work_dir: folder for FLWR_HOME and the SuperLink log.
+        cpus_per_client: Ray ``client-resources-num-cpus``; on 2 cores, 1 runs two
+            sites at once with one thread each.
+        timeout_s: wall-clock limit for the whole run, in seconds.
+        on_poll: optional callable invoked about once a second while the run is going.
+
+    Raises:
+        SimulationError: if the run ends ``finished:failed``/``stopped`` or times out; the
+            message names the SuperLink log.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = work_dir / "flwr-home"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
+    env = flower_env(flwr_home, ray_tmp, threads=cpus_per_client)
+    overrides = work_dir / "run-config.toml"
+    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+    try:
+        with simulation_superlink(work_dir, env) as address:
+            write_connection(flwr_home, address)
+            out = _flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--federation-config",
+                         f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_client}", "--format", "json"], env)
+            run_id = int(json.loads(out[out.index("{"):])["run-id"])
+            log.info("simulation run %d submitted", run_id)
+            deadline = time.monotonic() + timeout_s
+            status = ""
+            while time.monotonic() < deadline:
+                status = _run_status(env, run_id)
+                if status.startswith("finished") or status.startswith("stopped"):
+                    break
+                if on_poll:
+                    on_poll()
+                time.sleep(2.0)
+            else:
+                raise SimulationError(f"run {run_id} did not finish within {timeout_s:.0f} s; see {work_dir / 'superlink.log'}")
+            if status != "finished:completed":
+                raise SimulationError(f"run {run_id} ended {status!r}; see {work_dir / 'superlink.log'}")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny model configs and a micro phantom federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared_models.config import RunConfig, default_run_config
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+TINY = {
+    "detector-widths": "4,8,8,16",
+    "detector-depths": "1,1,1",
+    "detector-head-width": 8,
+    "stager-init-features": 8,
+    "stager-growth-rate": 4,
+    "stager-block-config": "1,1",
+    "stager-pool-scales": "1,2",
+}
+
+
+def tiny_run_config(**overrides) -> dict:
+    """The pyproject defaults with tiny model widths and any overrides (kebab-case keys)."""
+    return {**default_run_config(), **TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+
+
+@pytest.fixture
+def tiny_cfg() -> RunConfig:
+    return RunConfig.from_run_config(tiny_run_config())
+
+
+def real_data_or_skip(name: str) -> Path:
+    path = REAL_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data {path} not present (../shared/data/real is optional)")
+    return path

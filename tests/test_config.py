@@ -1,0 +1,61 @@
+import pytest
+
+from shared_models.config import RunConfig, default_run_config, parse_report_groups
+from tests.conftest import tiny_run_config
+
+
+def test_pyproject_defaults_build_a_valid_config():
+    cfg = RunConfig.from_run_config(default_run_config())
+    assert cfg.site_ids == ("A", "B", "C", "D")
+    assert cfg.train_sites == ("A",)
+    assert cfg.report_groups == {"A-test": ("A",), "external-1": ("B",), "external-2": ("C", "D")}
+    assert cfg.strategy in ("fedavg", "fedprox", "fedbn")
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("strategy", "fedsgd", "'strategy'"),
+        ("detector-rounds", 0, "'detector-rounds'"),
+        ("detector-lr", "fast", "'detector-lr'"),
+        ("train-sites", "A,Z", "'train-sites'"),
+        ("report-groups", "A-test", "'report-groups'"),
+        ("stager-block-config", "2,x", "'stager-block-config'"),
+        ("proximal-mu", -0.1, "'proximal-mu'"),
+        ("amp", "yes", "'amp'"),
+    ],
+)
+def test_bad_values_name_the_key(key, value, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        RunConfig.from_run_config(tiny_run_config(**{key: value}))
+
+
+def test_missing_key_is_named():
+    rc = tiny_run_config()
+    del rc["seed"]
+    with pytest.raises(ValueError, match="'seed'"):
+        RunConfig.from_run_config(rc)
+
+
+def test_int_accepted_for_float_but_bool_not_for_int():
+    assert RunConfig.from_run_config(tiny_run_config(**{"proximal-mu": 1})).proximal_mu == 1.0
+    with pytest.raises(ValueError, match="'seed'"):
+        RunConfig.from_run_config(tiny_run_config(seed=True))
+
+
+def test_partition_mapping(tiny_cfg):
+    assert [tiny_cfg.site_for_partition(i) for i in range(4)] == ["A", "B", "C", "D"]
+    with pytest.raises(ValueError, match="partition-id 4"):
+        tiny_cfg.site_for_partition(4)
+
+
+def test_report_groups_parse():
+    assert parse_report_groups(" g1=A ; g2=B,C ") == {"g1": ("A",), "g2": ("B", "C")}
+
+
+def test_paper_model_size_uses_paper_presets():
+    from shared_models.detector import DetectorConfig
+    from shared_models.stager import StagerConfig
+
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"model-size": "paper"}))
+    assert cfg.detector == DetectorConfig.PAPER and cfg.stager == StagerConfig.PAPER
