@@ -131,7 +131,7 @@ def train_detector(
         x = _augment_intensity(x, gen).to(device)
         y = y.to(device)
         with _autocast(device, amp):
-            loss, _ = detector_loss(model(x), y)
+            loss, _ = detector_loss(model(x), y, model.cells)
         if global_params is not None:
             loss = loss + fedprox_proximal_term(model, global_params, proximal_mu)
         opt.zero_grad(set_to_none=True)

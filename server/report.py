@@ -22,6 +22,7 @@ from shared_models.stages import NUM_STAGES
 def counts_from_site_metrics(m: dict) -> dict:
     """Rebuild the ``stage_counts`` structure from a site's evaluate MetricRecord."""
     return {
+        "n_bins": len(m["hist-pos-0"]),
         "confusion": np.asarray(m["confusion"], dtype=np.int64).reshape(NUM_STAGES, NUM_STAGES),
         "hist_pos": [np.asarray(m[f"hist-pos-{k}"], dtype=np.int64) for k in range(NUM_STAGES)],
         "hist_neg": [np.asarray(m[f"hist-neg-{k}"], dtype=np.int64) for k in range(NUM_STAGES)],

@@ -139,6 +139,27 @@ def _run_status(env: dict[str, str], run_id: int) -> str:
     return ""
 
 
+def _wait(env: dict[str, str], run_id: int, timeout_s: float, on_poll) -> str:
+    """Poll the run's status until it finishes; returns the final status string."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _run_status(env, run_id)
+        if status.startswith(("finished", "stopped")):
+            return status
+        if on_poll:
+            on_poll()
+        time.sleep(2.0)
+    raise SimulationError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file (for error messages)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def run_simulation(
     run_config: Mapping[str, object],
     *,
@@ -170,6 +191,7 @@ def run_simulation(
     ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
     env = flower_env(flwr_home, ray_tmp, threads=cpus_per_client)
     overrides = work_dir / "run-config.toml"
+    run_log = work_dir / "run.log"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
     try:
         with simulation_superlink(work_dir, env) as address:
@@ -177,19 +199,16 @@ def run_simulation(
             out = _flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--federation-config",
                          f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_client}", "--format", "json"], env)
             run_id = int(json.loads(out[out.index("{"):])["run-id"])
-            log.info("simulation run %d submitted", run_id)
-            deadline = time.monotonic() + timeout_s
-            status = ""
-            while time.monotonic() < deadline:
-                status = _run_status(env, run_id)
-                if status.startswith("finished") or status.startswith("stopped"):
-                    break
-                if on_poll:
-                    on_poll()
-                time.sleep(2.0)
-            else:
-                raise SimulationError(f"run {run_id} did not finish within {timeout_s:.0f} s; see {work_dir / 'superlink.log'}")
+            log.info("simulation run %d submitted; logs stream to %s", run_id, run_log)
+            with open(run_log, "ab") as fh:
+                streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env,
+                                            stdout=fh, stderr=subprocess.STDOUT, cwd=APP_DIR, start_new_session=True)
+            try:
+                status = _wait(env, run_id, timeout_s, on_poll)
+            finally:
+                streamer.terminate()
+                streamer.wait(timeout=30)
             if status != "finished:completed":
-                raise SimulationError(f"run {run_id} ended {status!r}; see {work_dir / 'superlink.log'}")
+                raise SimulationError(f"run {run_id} ended {status!r}; see {run_log}\n{_tail(run_log)}")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,288 @@
+"""Staging and detection metrics, and the poolable counts that sites send to the server.
+
+Staging metrics follow Yang et al., Front. Surg. 2025, section 2.7 and Tables 1-3: per Ficat-Arlet
+stage (one-vs-rest) accuracy, sensitivity, specificity, F1 and AUC, plus their macro average
+(unweighted mean over stages) and weighted average (weights = class support). Per-stage accuracy is
+one-vs-rest: the paper's macro accuracy (93.83 %) is the mean of its per-stage accuracies.
+The metric math comes from scikit-learn.
+
+Federated reporting: AUC cannot be averaged across sites, so each site also sends
+:func:`stage_counts` (a confusion matrix and binned score histograms, no per-case data);
+the server sums them (:func:`merge_counts`) and computes pooled figures
+(:func:`metrics_from_counts`).
+
+Undefined values are NaN: sensitivity and F1 of a stage absent from ``y_true`` and never predicted,
+specificity when every case is of that stage, AUC when a stage is absent or is the only one. Macro
+and weighted averages skip NaN entries (weighted renormalises the remaining supports); an average
+with nothing left is NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
+
+from shared_models.detector import box_iou_3d
+from shared_models.stages import NUM_STAGES, STAGE_LABELS
+
+__all__ = [
+    "METRIC_NAMES",
+    "stage_metrics",
+    "stage_counts",
+    "merge_counts",
+    "metrics_from_counts",
+    "detection_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "f1", "auc")
+_LABELS = list(range(NUM_STAGES))
+
+
+def _check_inputs(y_true: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 1:
+        raise ValueError(f"y_true: expected shape (N,), got {y.shape}")
+    if p.ndim != 2 or p.shape != (y.shape[0], NUM_STAGES):
+        raise ValueError(f"probs: expected shape ({y.shape[0]}, {NUM_STAGES}), got {p.shape}")
+    if y.size and (not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0)):
+        raise ValueError("y_true: expected integer class indices 0, 1, 2")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= NUM_STAGES):
+        raise ValueError(f"y_true: class indices must be in 0..{NUM_STAGES - 1}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probs: values must be finite")
+    return y, p
+
+
+def _average(per_stage: dict[str, dict[str, float]], support: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    macro, weighted = {}, {}
+    for name in METRIC_NAMES:
+        values = np.array([per_stage[label][name] for label in STAGE_LABELS], dtype=np.float64)
+        ok = np.isfinite(values)
+        macro[name] = float(values[ok].mean()) if ok.any() else math.nan
+        w = support[ok].astype(np.float64)
+        weighted[name] = float(np.average(values[ok], weights=w)) if ok.any() and w.sum() > 0 else math.nan
+    return macro, weighted
+
+
+def _nan_report(n: int) -> dict[str, Any]:
+    per_stage = {label: {name: math.nan for name in METRIC_NAMES} for label in STAGE_LABELS}
+    return {
+        "per_stage": per_stage,
+        "macro": {name: math.nan for name in METRIC_NAMES},
+        "weighted": {name: math.nan for name in METRIC_NAMES},
+        "n": n,
+    }
+
+
+def stage_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Per-stage (one-vs-rest), macro and weighted staging metrics (paper section 2.7).
+
+    Args:
+        y_true: ``(N,)`` integer Ficat-Arlet class indices (0, 1, 2).
+        probs: ``(N, 3)`` class probabilities (softmax of the stager logits); the predicted stage
+            is the arg-max (first index on ties).
+
+    Returns:
+        ``{"per_stage": {"0"|"I"|"II": {accuracy, sensitivity, specificity, f1, auc}},
+        "macro": {...}, "weighted": {...}, "n": N}``; values are floats in ``[0, 1]`` or NaN
+        when undefined (module docstring). ``N = 0`` gives all NaN.
+
+    Raises:
+        ValueError: wrong shapes, labels outside 0..2 or non-finite probabilities.
+    """
+    y, p = _check_inputs(y_true, probs)
+    if y.size == 0:
+        return _nan_report(0)
+    pred = p.argmax(axis=1)
+    per_stage: dict[str, dict[str, float]] = {}
+    for k, label in enumerate(STAGE_LABELS):
+        yt, yp = y == k, pred == k
+        both = 0 < yt.sum() < yt.size
+        per_stage[label] = {
+            "accuracy": float(accuracy_score(yt, yp)),
+            "sensitivity": float(recall_score(yt, yp, zero_division=np.nan)) if yt.any() else math.nan,
+            "specificity": float(recall_score(~yt, ~yp, zero_division=np.nan)) if (~yt).any() else math.nan,
+            "f1": float(f1_score(yt, yp, zero_division=np.nan)),
+            "auc": float(roc_auc_score(yt, p[:, k])) if both else math.nan,
+        }
+    support = np.bincount(y, minlength=NUM_STAGES)
+    macro, weighted = _average(per_stage, support)
+    return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": int(y.size)}
+
+
+def stage_counts(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 100) -> dict[str, Any]:
+    """Poolable counts of one site: confusion matrix and binned score histograms.
+
+    Nothing per case leaves the site: only integer counts.
+
+    Args:
+        y_true: ``(N,)`` integer class indices (0, 1, 2).
+        probs: ``(N, 3)`` class probabilities.
+        n_bins: equal-width bins on ``[0, 1]`` (the last bin includes 1.0); scores are clipped to
+            ``[0, 1]`` first.
+
+    Returns:
+        JSON-friendly dict: ``n`` (int), ``n_bins`` (int), ``confusion`` (3x3 list of int, rows =
+        true stage, columns = arg-max prediction), ``hist_pos[k]`` / ``hist_neg[k]`` (list of
+        ``n_bins`` ints: counts of ``probs[:, k]`` among cases of stage ``k`` / not of stage ``k``).
+
+    Raises:
+        ValueError: as :func:`stage_metrics`, or ``n_bins < 1``.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins: expected a positive integer, got {n_bins!r}")
+    y, p = _check_inputs(y_true, probs)
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    if y.size:
+        conf = confusion_matrix(y, p.argmax(axis=1), labels=_LABELS)
+    else:
+        conf = np.zeros((NUM_STAGES, NUM_STAGES), dtype=np.int64)
+    clipped = np.clip(p, 0.0, 1.0)
+    hist_pos, hist_neg = [], []
+    for k in range(NUM_STAGES):
+        hist_pos.append([int(c) for c in np.histogram(clipped[y == k, k], bins=edges)[0]])
+        hist_neg.append([int(c) for c in np.histogram(clipped[y != k, k], bins=edges)[0]])
+    return {
+        "n": int(y.size),
+        "n_bins": int(n_bins),
+        "confusion": [[int(c) for c in row] for row in conf],
+        "hist_pos": hist_pos,
+        "hist_neg": hist_neg,
+    }
+
+
+def _check_counts(counts: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    try:
+        n_bins = int(counts["n_bins"])
+        conf = np.asarray(counts["confusion"], dtype=np.int64)
+        hp = np.asarray(counts["hist_pos"], dtype=np.int64)
+        hn = np.asarray(counts["hist_neg"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"counts: expected keys n_bins, confusion, hist_pos, hist_neg ({exc})") from exc
+    if conf.shape != (NUM_STAGES, NUM_STAGES):
+        raise ValueError(f"counts.confusion: expected {NUM_STAGES}x{NUM_STAGES}, got {conf.shape}")
+    for key, h in (("hist_pos", hp), ("hist_neg", hn)):
+        if h.shape != (NUM_STAGES, n_bins):
+            raise ValueError(f"counts.{key}: expected shape ({NUM_STAGES}, {n_bins}), got {h.shape}")
+    if (conf < 0).any() or (hp < 0).any() or (hn < 0).any():
+        raise ValueError("counts: counts must be non-negative")
+    return conf, hp, hn, n_bins
+
+
+def merge_counts(counts_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sum the counts of several sites (same ``n_bins``) into pooled counts.
+
+    Raises:
+        ValueError: empty list, malformed counts or different ``n_bins``.
+    """
+    if not counts_list:
+        raise ValueError("counts_list: nothing to merge")
+    parsed = [_check_counts(c) for c in counts_list]
+    bins = {p[3] for p in parsed}
+    if len(bins) != 1:
+        raise ValueError(f"counts_list: all sites must use the same n_bins, got {sorted(bins)}")
+    conf = sum(p[0] for p in parsed)
+    hp = sum(p[1] for p in parsed)
+    hn = sum(p[2] for p in parsed)
+    return {
+        "n": int(conf.sum()),
+        "n_bins": parsed[0][3],
+        "confusion": conf.tolist(),
+        "hist_pos": hp.tolist(),
+        "hist_neg": hn.tolist(),
+    }
+
+
+def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
+    """Staging metrics from (pooled) counts; same structure as :func:`stage_metrics`.
+
+    Accuracy, sensitivity, specificity and F1 are exact: they depend only on the confusion matrix
+    (one-vs-rest ``tp, fp, fn, tn`` of each stage, same formulas and NaN rules as scikit-learn with
+    ``zero_division=nan``). AUC is scikit-learn's ``roc_auc_score`` on the bin centres with the
+    histogram counts as ``sample_weight``: binning only merges scores that fall in the same bin
+    into ties, so the result equals the per-case AUC when no positive and negative share a bin
+    (exactly when scores already sit on bin centres); otherwise the error is at most half the
+    fraction of positive-negative pairs sharing a bin.
+
+    Raises:
+        ValueError: malformed counts.
+    """
+    conf, hp, hn, n_bins = _check_counts(counts)
+    n = int(conf.sum())
+    if n == 0:
+        return _nan_report(0)
+    centres = (np.arange(n_bins, dtype=np.float64) + 0.5) / n_bins
+    per_stage: dict[str, dict[str, float]] = {}
+    for k, label in enumerate(STAGE_LABELS):
+        tp = int(conf[k, k])
+        fn = int(conf[k, :].sum()) - tp
+        fp = int(conf[:, k].sum()) - tp
+        tn = n - tp - fn - fp
+        pos_w, neg_w = hp[k], hn[k]
+        if pos_w.sum() > 0 and neg_w.sum() > 0:
+            ip, ineg = np.nonzero(pos_w)[0], np.nonzero(neg_w)[0]
+            labels = np.concatenate([np.ones(ip.size), np.zeros(ineg.size)])
+            scores = np.concatenate([centres[ip], centres[ineg]])
+            weights = np.concatenate([pos_w[ip], neg_w[ineg]]).astype(np.float64)
+            auc = float(roc_auc_score(labels, scores, sample_weight=weights))
+        else:
+            auc = math.nan
+        per_stage[label] = {
+            "accuracy": (tp + tn) / n,
+            "sensitivity": tp / (tp + fn) if tp + fn > 0 else math.nan,
+            "specificity": tn / (tn + fp) if tn + fp > 0 else math.nan,
+            "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn > 0 else math.nan,
+            "auc": auc,
+        }
+    support = conf.sum(axis=1)
+    macro, weighted = _average(per_stage, support)
+    return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": n}
+
+
+def detection_metrics(
+    pred_boxes: np.ndarray, gt_boxes: np.ndarray, spacing_dhw_mm: Sequence[float] | np.ndarray
+) -> dict[str, float]:
+    """Localisation quality of the detector, one predicted box per ground-truth box.
+
+    Args:
+        pred_boxes: ``(N, 6)`` predicted ``(cz, cy, cx, d, h, w)`` in voxels of the detector grid.
+        gt_boxes: ``(N, 6)`` ground-truth boxes, same grid.
+        spacing_dhw_mm: voxel spacing of that grid in mm, ``(D, H, W)`` order: ``(3,)`` for all
+            cases or ``(N, 3)`` per case.
+
+    Returns:
+        ``n``; ``iou_mean`` (mean 3D IoU); ``center_error_mm`` (median Euclidean distance of the
+        box centres in mm); ``recall30`` / ``recall50`` (fraction of cases with IoU >= 0.3 / 0.5).
+        All NaN when ``N = 0``.
+
+    Raises:
+        ValueError: mismatched shapes, non-finite values, negative sizes or non-positive spacing.
+    """
+    pred = np.asarray(pred_boxes, dtype=np.float64)
+    gt = np.asarray(gt_boxes, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape[1] != 6 or pred.shape != gt.shape:
+        raise ValueError(f"pred_boxes/gt_boxes: expected two (N, 6) arrays, got {pred.shape} and {gt.shape}")
+    n = pred.shape[0]
+    spacing = np.asarray(spacing_dhw_mm, dtype=np.float64)
+    if spacing.shape not in ((3,), (n, 3)) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing_dhw_mm: expected (3,) or ({n}, 3) positive mm values, got shape {spacing.shape}")
+    if n == 0:
+        return {"n": 0, "iou_mean": math.nan, "center_error_mm": math.nan, "recall30": math.nan, "recall50": math.nan}
+    ious = np.diagonal(box_iou_3d(pred, gt)).astype(np.float64)
+    err = np.linalg.norm((pred[:, :3] - gt[:, :3]) * spacing, axis=1)
+    return {
+        "n": int(n),
+        "iou_mean": float(ious.mean()),
+        "center_error_mm": float(np.median(err)),
+        "recall30": float(np.mean(ious >= 0.3)),
+        "recall50": float(np.mean(ious >= 0.5)),
+    }

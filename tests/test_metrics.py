@@ -1,0 +1,171 @@
+"""Staging metrics, poolable counts and detection metrics against hand-derived values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from shared_models.metrics import (
+    METRIC_NAMES,
+    detection_metrics,
+    merge_counts,
+    metrics_from_counts,
+    stage_counts,
+    stage_metrics,
+)
+
+# 7 heads; argmax predictions [0, 1, 1, 1, 1, 2, 0]
+Y = np.array([0, 0, 1, 1, 1, 2, 2])
+P = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.4, 0.5, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.3, 0.6, 0.1],
+        [0.2, 0.7, 0.1],
+        [0.1, 0.1, 0.8],
+        [0.5, 0.2, 0.3],
+    ]
+)
+# One-vs-rest counts by hand: stage 0 tp1 fn1 fp1 tn4; I tp3 fn0 fp1 tn3; II tp1 fn1 fp0 tn5.
+# AUC 0: positives {.7, .4} vs negatives {.1, .3, .2, .1, .5}: 5 + 4 = 9 of 10 pairs.
+EXPECTED = {
+    "0": {"accuracy": 5 / 7, "sensitivity": 0.5, "specificity": 4 / 5, "f1": 0.5, "auc": 0.9},
+    "I": {"accuracy": 6 / 7, "sensitivity": 1.0, "specificity": 3 / 4, "f1": 6 / 7, "auc": 1.0},
+    "II": {"accuracy": 6 / 7, "sensitivity": 0.5, "specificity": 1.0, "f1": 2 / 3, "auc": 1.0},
+}
+SUPPORT = {"0": 2, "I": 3, "II": 2}
+
+
+def _assert_report(report, expected):
+    for stage, values in expected.items():
+        for name, value in values.items():
+            got = report["per_stage"][stage][name]
+            if math.isnan(value):
+                assert math.isnan(got), (stage, name)
+            else:
+                assert got == pytest.approx(value, abs=1e-12), (stage, name)
+
+
+def test_stage_metrics_hand_example():
+    report = stage_metrics(Y, P)
+    assert report["n"] == 7
+    _assert_report(report, EXPECTED)
+    for name in METRIC_NAMES:
+        values = [EXPECTED[s][name] for s in EXPECTED]
+        assert report["macro"][name] == pytest.approx(sum(values) / 3, abs=1e-12)
+        weighted = sum(SUPPORT[s] * EXPECTED[s][name] for s in EXPECTED) / 7
+        assert report["weighted"][name] == pytest.approx(weighted, abs=1e-12)
+    assert report["weighted"]["accuracy"] == pytest.approx(40 / 49)
+
+
+def test_absent_stage_gives_nan_and_averages_skip_it():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
+    report = stage_metrics(y, p)
+    ii = report["per_stage"]["II"]
+    assert math.isnan(ii["sensitivity"]) and math.isnan(ii["f1"]) and math.isnan(ii["auc"])
+    assert ii["specificity"] == 1.0 and ii["accuracy"] == 1.0
+    # stages 0 and I: sensitivity 0.5 each (one of two heads found)
+    assert report["macro"]["sensitivity"] == pytest.approx(0.5)
+    assert report["weighted"]["sensitivity"] == pytest.approx(0.5)
+    assert report["macro"]["specificity"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert report["weighted"]["specificity"] == pytest.approx(0.5)  # stage II has zero support
+    counted = metrics_from_counts(stage_counts(y, p))
+    assert math.isnan(counted["per_stage"]["II"]["auc"]) and math.isnan(counted["per_stage"]["II"]["f1"])
+
+
+def test_empty_input_and_validation():
+    report = stage_metrics(np.zeros(0, dtype=int), np.zeros((0, 3)))
+    assert report["n"] == 0 and math.isnan(report["macro"]["accuracy"])
+    assert metrics_from_counts(stage_counts(np.zeros(0, dtype=int), np.zeros((0, 3))))["n"] == 0
+    with pytest.raises(ValueError, match="probs"):
+        stage_metrics(Y, P[:, :2])
+    with pytest.raises(ValueError, match="y_true"):
+        stage_metrics(Y + 1, P)
+    with pytest.raises(ValueError, match="n_bins"):
+        stage_counts(Y, P, n_bins=0)
+
+
+def _random_case(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, p
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_counts_reproduce_stage_metrics(seed):
+    y, p = _random_case(300, seed)
+    direct = stage_metrics(y, p)
+    counts = stage_counts(y, p, n_bins=100)
+    assert json.loads(json.dumps(counts)) == counts  # JSON-friendly, no per-case data
+    assert np.asarray(counts["confusion"]).sum() == 300
+    pooled = metrics_from_counts(counts)
+    for stage in direct["per_stage"]:
+        for name in ("accuracy", "sensitivity", "specificity", "f1"):
+            assert pooled["per_stage"][stage][name] == direct["per_stage"][stage][name]
+        # binning turns scores of one bin into ties: |error| <= half the share of pos-neg pairs
+        # that share a bin (derived independently here)
+        k = ["0", "I", "II"].index(stage)
+        bins = np.minimum((p[:, k] * 100).astype(int), 99)
+        pos, neg = bins[y == k], bins[y != k]
+        shared = sum(np.count_nonzero(neg == b) for b in pos) / (pos.size * neg.size)
+        diff = abs(pooled["per_stage"][stage]["auc"] - direct["per_stage"][stage]["auc"])
+        assert diff <= 0.5 * shared + 1e-12
+        assert diff < 0.01
+
+
+def test_counts_auc_exact_when_scores_on_bin_centres():
+    rng = np.random.default_rng(5)
+    n, n_bins = 200, 20
+    y = rng.integers(0, 3, n)
+    p = (rng.integers(0, n_bins, size=(n, 3)) + 0.5) / n_bins
+    direct = stage_metrics(y, p)
+    pooled = metrics_from_counts(stage_counts(y, p, n_bins=n_bins))
+    for stage in direct["per_stage"]:
+        assert pooled["per_stage"][stage]["auc"] == pytest.approx(direct["per_stage"][stage]["auc"], abs=1e-12)
+    for avg in ("macro", "weighted"):
+        for name in METRIC_NAMES:
+            assert pooled[avg][name] == pytest.approx(direct[avg][name], abs=1e-12)
+
+
+def test_merge_counts_equals_pooled_data():
+    y, p = _random_case(150, 7)
+    sites = [(y[:40], p[:40]), (y[40:90], p[40:90]), (y[90:], p[90:])]
+    merged = merge_counts([stage_counts(ys, ps) for ys, ps in sites])
+    assert merged == stage_counts(y, p)
+    with pytest.raises(ValueError, match="n_bins"):
+        merge_counts([stage_counts(y, p, n_bins=10), stage_counts(y, p, n_bins=20)])
+    with pytest.raises(ValueError):
+        merge_counts([])
+
+
+def test_detection_metrics_hand_example():
+    gt = np.array([[10.0, 10.0, 10.0, 2.0, 2.0, 2.0]] * 3)
+    pred = np.array(
+        [
+            [10.0, 10.0, 11.0, 2.0, 2.0, 2.0],  # shifted 1 voxel in x: IoU 4 / 12, error 2.5 mm
+            [10.0, 10.0, 10.0, 2.0, 2.0, 2.0],  # identical: IoU 1, error 0
+            [13.0, 14.0, 10.0, 2.0, 2.0, 2.0],  # disjoint: IoU 0, error sqrt(12^2 + 8^2) mm
+        ]
+    )
+    spacing = (4.0, 2.0, 2.5)  # (D, H, W) mm
+    out = detection_metrics(pred, gt, spacing)
+    assert out["n"] == 3
+    assert out["iou_mean"] == pytest.approx((1 / 3 + 1 + 0) / 3)
+    assert out["center_error_mm"] == pytest.approx(2.5)  # median of {2.5, 0, 14.42}
+    assert out["recall30"] == pytest.approx(2 / 3)
+    assert out["recall50"] == pytest.approx(1 / 3)
+    per_case = detection_metrics(pred, gt, np.array([spacing, spacing, (1.0, 1.0, 1.0)]))
+    assert per_case["center_error_mm"] == pytest.approx(2.5)
+    empty = detection_metrics(np.zeros((0, 6)), np.zeros((0, 6)), spacing)
+    assert empty["n"] == 0 and math.isnan(empty["iou_mean"])
+    with pytest.raises(ValueError, match="spacing"):
+        detection_metrics(pred, gt, (1.0, -1.0, 1.0))
+    with pytest.raises(ValueError):
+        detection_metrics(pred, gt[:2], spacing)
