@@ -299,6 +299,24 @@ def choose_t2_series(series: list[SeriesInfo]) -> SeriesInfo:
     return best[1]
 
 
+def choose_largest_mr_series(series: list[SeriesInfo]) -> SeriesInfo:
+    """Fallback rule for single-study inference when no T2 series exists.
+
+    Keeps MR series with at least 2 slices that are not localizers (as in
+    :func:`choose_t2_series`) and takes the one with the most slices (ties by series UID).
+    Sites never train on it; ``onfh infer`` uses it only after the T2 rule refused and
+    says so in its result.
+
+    Raises:
+        SeriesError: if no series qualifies.
+    """
+    candidates = [s for s in series if s.modality.upper() == "MR" and s.n_slices >= 2 and not _is_localizer(s)]
+    if not candidates:
+        study = _study_label(f for s in series for f in s.files)
+        raise SeriesError(study, f"no usable MR series among {len(series)} series")
+    return max(sorted(candidates, key=lambda s: s.series_uid, reverse=True), key=lambda s: s.n_slices)
+
+
 def _vector(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
     value = ds.get(keyword)
     if value is None:

@@ -89,6 +89,8 @@ def build_report(
     rounds: dict[str, int],
     stager_history: dict[int, dict[str, dict]],
     detector_history: dict[int, dict[str, dict]],
+    stager_train: dict[int, dict[str, dict]],
+    detector_train: dict[int, dict[str, dict]],
     groups: dict[str, tuple[str, ...]],
     train_sites: tuple[str, ...],
     crop_source: str,
@@ -100,6 +102,8 @@ def build_report(
     history = {
         "detector_iou_mean": {r: {s: m.get("iou-mean") for s, m in sites.items()} for r, sites in sorted(detector_history.items())},
         "stager_macro_auc": {r: {s: m.get("macro-auc") for s, m in sites.items()} for r, sites in sorted(stager_history.items())},
+        "detector_train_loss": {r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(detector_train.items())},
+        "stager_train_loss": {r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(stager_train.items())},
     }
     return json_safe({
         "strategy": strategy,

@@ -201,6 +201,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy=cfg.strategy, proximal_mu=cfg.proximal_mu,
         rounds={"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
         stager_history=stager.site_metrics, detector_history=detector.site_metrics,
+        stager_train=stager.train_metrics, detector_train=detector.train_metrics,
         groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source,
         wall_time_s=time.monotonic() - t0,
     )

@@ -180,13 +180,21 @@ def cmd_demo(args) -> int:
 def cmd_infer(args) -> int:
     import SimpleITK as sitk
 
-    from client.dicom_series import read_study
+    from client.dicom_series import SeriesError, choose_largest_mr_series, read_study
     from client.training import select_device
     from shared_models.bundle import load_bundle
     from shared_models.pipeline import analyse_study
 
     bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
-    image = read_study(Path(args.study))
+    series_note = "T2 series (site rule)"
+    try:
+        image = read_study(Path(args.study))
+    except SeriesError as err:
+        if "no T2 series" not in err.reason:
+            raise
+        image = read_study(Path(args.study), choose=choose_largest_mr_series)
+        series_note = f"no T2 series ({err.reason}); used the largest MR series instead: interpret with care"
+        console.print(f"[yellow]warning:[/yellow] {series_note}")
     t0 = time.monotonic()
     results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=select_device(args.device))
     elapsed = time.monotonic() - t0
@@ -194,7 +202,8 @@ def cmd_infer(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
         sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
-    payload = {"bundle_trusted": bundle.trusted, "heads": [r.summary() for r in results], "seconds": round(elapsed, 2)}
+    payload = {"bundle_trusted": bundle.trusted, "series": series_note, "heads": [r.summary() for r in results],
+               "seconds": round(elapsed, 2)}
     (out / "result.json").write_text(json.dumps(payload, indent=2))
     table = Table(title=f"{Path(args.study).name}: two-stage result ({elapsed:.1f} s)")
     for col in ("side", "box LPS mm (x0 y0 z0 x1 y1 z1)", "det. score", "P(0)", "P(I)", "P(II)", "stage"):
@@ -300,11 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from client.dicom_series import SeriesError
+    from shared_models.bundle import BundleError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, SeriesError, BundleError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 1
 

@@ -43,20 +43,24 @@ Anatomy (per patient, jittered so that a detector must really localise)
       45, flow voids 35; per patient a global gain (sd 5 %), per tissue (sd 4 %) and extra
       marrow fat-fraction jitter (sd 5 %).
     * Every femoral head (all stages alike) has normal marrow heterogeneity (hypointense
-      red-marrow islands, 10-45 units) and a physeal scar (a thin dark plane at the head-neck
-      junction, 15-70 units): normal anatomy that mimics disease.
+      red-marrow islands, 15-80 units) and a physeal scar (a thin dark plane at the head-neck
+      junction, 15-70 units): normal anatomy that mimics disease, so that texture energy alone
+      does not give the stage away.
 
 Ficat-Arlet labels (``shared_models.stages.FicatArletStage``), all T2 signs inside marrow
     * Stage 0: homogeneous fatty marrow (plus the normal features above).
     * Stage I: diffuse marrow-oedema-like hyperintensity in head and neck, no demarcated
       lesion: a broad Gaussian envelope (sd 0.55-0.9 x radius, centred slightly
-      anterosuperior) times a patchy smooth random field, peak 40-120 units.
+      anterosuperior) times a patchy smooth random field (wavelengths 14-26 mm), peak
+      40-120 units.
     * Stage II: a demarcated subchondral lesion in the anterosuperior head: the head
       intersected with a ball of radius 0.35-0.7 x head radius centred on the anterosuperior
       surface, its border made serpiginous (+-10 %). T2 double-line sign: an inner bright band
-      (granulation tissue, 40-110 units, 1.8-3 mm) and an outer dark band (sclerosis, 50-130
-      units, 1.5-2.8 mm); the necrotic interior stays fat-like (-40..+25 units); 30 % of
-      stage II heads also carry mild oedema (20-60 units).
+      (granulation tissue, 40-110 units, 2-3.5 mm) and an outer dark band (sclerosis, 50-130
+      units, 2-3.5 mm); the necrotic interior stays fat-like (-40..+25 units); 30 % of
+      stage II heads also carry mild oedema (20-60 units), which can mask the dark band.
+    * Disease parameters are drawn from each side's own random stream, unconditionally, so
+      the same seed with other stages gives the same anatomy and noise (counterfactuals).
     * A joint effusion (bright fluid around the neck) is present in 15 % of stage 0 heads and
       35 % of stage I/II heads: a weak, realistic correlate, not a label.
     * Patients with one manifest row: the other hip is out of scope (Ficat-Arlet III, a
@@ -95,6 +99,23 @@ Scanners (paper section 2.2 names Siemens MAGNETOM Prisma 3T and Philips Ingenia
     (magnitude of complex Gaussian); the bias field is a smooth random quadratic with surface
     coil brightening. After rescale, marrow and fat fall at about 450-950, inside the
     project window (level 300, width 1500).
+
+DICOM files
+    One single-frame MR Image Storage series per study, explicit VR little endian,
+    uncompressed, 16-bit pixels with 12 bits stored, ``RescaleSlope``/``RescaleIntercept`` to
+    scanner units (Siemens: uint16, 1/0; center C: uint16, slope 2.12454212; center D: int16,
+    slope 1.5, intercept -100). Files sit in ``<study>/DICOM/``, named at random per center
+    style (32-hex ``.dcm``, ``IM#####`` or 8-hex, no extension), written in shuffled order;
+    ``InstanceNumber`` ascends along the slice normal for Siemens and descends for Philips, so
+    readers must sort by ``ImagePositionPatient`` (GDCM does). About half the studies carry a
+    junk non-DICOM file (``README.txt`` in the study folder, ``.DS_Store`` or ``Thumbs.db`` next
+    to the images). ``PatientID``/``PatientName`` are synthetic pseudonyms (``A-0007``,
+    ``PHANTOM^A-0007``); study folders are numbered independently (``study-0042``).
+
+Profiles and cost
+    ``"paper"``: the counts above at full resolution (<= 1.4 M voxels per study); on 2 shared
+    CPU cores it generates in about 50 s and 540 MB. ``"quick"``: the same four scanners at
+    3-3.6 mm x 6 mm voxels, 10/6/4/4 heads from 6/4/3/2 patients, about 3 s and 8 MB.
 
 Determinism
     Everything derives from ``seed`` through ``numpy.random.SeedSequence`` keyed by site and
@@ -916,10 +937,12 @@ def _sample_patient(seed: np.random.SeedSequence, sides: dict[str, int | None]) 
         )
         oedema = lesion = None
         if stage == FicatArletStage.STAGE_I or (stage == FicatArletStage.STAGE_II and q["co_oedema"] < 0.3):
+            shift = antsup * lerp("oedema_ant", 0.0, 0.35) + neck_w * lerp("oedema_neck", 0.0, 0.3)
+            peak = (40, 120) if stage == FicatArletStage.STAGE_I else (20, 60)
             oedema = _Oedema(
-                centre=_vec(c + antsup * r * lerp("oedema_ant", 0.0, 0.35) + neck_w * r * lerp("oedema_neck", 0.0, 0.3)),
+                centre=_vec(c + shift * r),
                 sigma=r * lerp("oedema_sigma", 0.55, 0.9),
-                amplitude=lerp("oedema_amp", 40, 120) if stage == FicatArletStage.STAGE_I else lerp("oedema_amp", 20, 60),
+                amplitude=lerp("oedema_amp", *peak),
                 patches=oedema_waves,
             )
         if stage == FicatArletStage.STAGE_II or collapsed:
@@ -1361,7 +1384,8 @@ def _write_study(task: _StudyTask, stored: np.ndarray, patient: _Patient) -> tup
         (Path(task.site_dir) / task.study / "README.txt").write_text(text)
         files += 1
     elif junk < 0.45:
-        (series_dir / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(rng.integers(0, 256, 120, dtype=np.uint8)))
+        noise = bytes(rng.integers(0, 256, 120, dtype=np.uint8))
+        (series_dir / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + noise)
         files += 1
     elif junk < 0.55:
         (series_dir / "Thumbs.db").write_bytes(bytes(rng.integers(0, 256, 512, dtype=np.uint8)))

@@ -43,6 +43,9 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert ext["n"] == 3  # every B head is an external test head
     for stage in ("0", "I", "II"):
         assert set(ext["per_stage"][stage]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
+    # site A trained in both phases (a failed local training would only show as a missing entry)
+    assert set(report["history"]["detector_train_loss"]["1"]) == {"A"}
+    assert set(report["history"]["stager_train_loss"]["1"]) == {"A"}
     assert set(report["detector"]) == {"A", "B"}
     assert 0.0 <= report["detector"]["B"]["iou_mean"] <= 1.0
     # per-round checkpoints for both phases, and the signed bundle verifies against the run's key

@@ -1,0 +1,105 @@
+"""Two-stage inference: one result per femoral head, Grad-CAM in the input's exact geometry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from shared_models.bundle import generate_signing_key, write_bundle
+from shared_models.detector import YOLOX3D, DetectorConfig
+from shared_models.pipeline import analyse_study
+from shared_models.preprocessing import PreprocessingSpec, midline_x_mm, orient_lps
+from shared_models.stager import MulDenseNet3D, StagerConfig
+from sim.cli import main
+from tests.conftest import real_data_or_skip
+
+DCFG = DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8)
+SCFG = StagerConfig(init_features=8, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2))
+
+
+def _oblique_image() -> sitk.Image:
+    rng = np.random.default_rng(0)
+    img = sitk.GetImageFromArray(rng.uniform(0, 900, size=(20, 60, 80)).astype(np.float32))
+    img.SetSpacing((4.5, 3.0, 5.0))
+    img.SetOrigin((-170.0, -90.0, -60.0))
+    angle = np.deg2rad(12)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    img.SetDirection(tuple(rot.ravel()))
+    return img
+
+
+def _same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-9)
+
+
+def test_analyse_study_returns_both_heads_in_input_geometry():
+    image = _oblique_image()
+    results = analyse_study(image, YOLOX3D(DCFG), MulDenseNet3D(SCFG), PreprocessingSpec())
+    assert [r.side for r in results] == ["R", "L"]
+    for r in results:
+        _same_geometry(r.gradcam, image)
+        cam = sitk.GetArrayFromImage(r.gradcam)
+        assert cam.min() >= 0.0 and cam.max() <= 1.0 + 1e-6
+        assert sum(r.stage_probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert r.predicted_stage == max(r.stage_probabilities, key=r.stage_probabilities.get)
+        x0, y0, z0, x1, y1, z1 = r.box_lps_mm
+        assert x0 < x1 and y0 < y1 and z0 < z1
+    # each box lies on its own side of the midline: patient right is -x in LPS
+    mid = midline_x_mm(orient_lps(image))
+    centre_x = [(r.box_lps_mm[0] + r.box_lps_mm[3]) / 2 for r in results]
+    assert centre_x[0] < mid < centre_x[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    key = generate_signing_key(root / "key.pem")
+    return write_bundle(root / "bundle", detector_state=YOLOX3D(DCFG).state_dict(), stager_state=MulDenseNet3D(SCFG).state_dict(),
+                        detector_config=DCFG, stager_config=SCFG, spec=PreprocessingSpec(), metrics={}, run_config={},
+                        signing_key=key), root / "key.pem.pub"
+
+
+def _check_infer_output(out, study_image: sitk.Image):
+    result = json.loads((out / "result.json").read_text())
+    assert [h["side"] for h in result["heads"]] == ["R", "L"]
+    assert result["bundle_trusted"] is True
+    for side in ("R", "L"):
+        _same_geometry(sitk.ReadImage(str(out / f"gradcam_{side}.nii.gz")), study_image)
+    return result
+
+
+def test_infer_on_real_pelvic_nifti(tiny_bundle, tmp_path):
+    nifti = real_data_or_skip("prostatex-0000-pelvis-t2-axial.nii.gz")
+    bundle, pub = tiny_bundle
+    assert main(["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(nifti), "--out", str(tmp_path)]) == 0
+    result = _check_infer_output(tmp_path, sitk.ReadImage(str(nifti)))
+    assert result["series"].startswith("T2")
+
+
+def test_infer_on_real_siemens_dicom_falls_back_from_missing_t2(tiny_bundle, tmp_path):
+    folder = real_data_or_skip("siemens-brain-t1-sag-hfs")
+    bundle, pub = tiny_bundle
+    assert main(["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(folder), "--out", str(tmp_path)]) == 0
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    result = _check_infer_output(tmp_path, reader.Execute())
+    assert "no T2 series" in result["series"]
+
+
+def test_infer_refuses_a_tampered_bundle(tiny_bundle, tmp_path):
+    import shutil
+
+    bundle, pub = tiny_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "spec.json").write_text((copy / "spec.json").read_text().replace("300", "301"))
+    nifti = tmp_path / "x.nii.gz"
+    sitk.WriteImage(_oblique_image(), str(nifti))
+    assert main(["infer", "--bundle", str(copy), "--public-key", str(pub), "--study", str(nifti), "--out", str(tmp_path / "o")]) == 1
+    assert not (tmp_path / "o" / "result.json").exists()

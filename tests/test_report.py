@@ -1,0 +1,68 @@
+"""Server report: pooling site counts gives the same figures as pooling the cases themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.report import build_report, group_stage_metrics
+from shared_models.metrics import stage_counts, stage_metrics
+
+
+def _site_payload(y, p, n_bins=100):
+    """What client.tasks.stager_evaluate sends: flat confusion + per-stage histograms."""
+    c = stage_counts(y, p, n_bins=n_bins)
+    out = {"num-examples": len(y), "confusion": list(np.ravel(c["confusion"]))}
+    for k in range(3):
+        out[f"hist-pos-{k}"] = c["hist_pos"][k]
+        out[f"hist-neg-{k}"] = c["hist_neg"][k]
+    return out
+
+
+def _cases(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, p
+
+
+def test_group_pooling_matches_pooled_cases():
+    (yc, pc), (yd, pd) = _cases(40, 1), _cases(25, 2)
+    groups = {"external-2": ("C", "D"), "C-only": ("C",)}
+    out = group_stage_metrics({"C": _site_payload(yc, pc), "D": _site_payload(yd, pd)}, groups)
+    direct = stage_metrics(np.concatenate([yc, yd]), np.concatenate([pc, pd]))
+    ext = out["external-2"]
+    assert ext["n"] == 65 and ext["sites"] == ["C", "D"]
+    for stage in ("0", "I", "II"):
+        for key in ("accuracy", "sensitivity", "specificity", "f1"):
+            assert ext["per_stage"][stage][key] == pytest.approx(direct["per_stage"][stage][key], abs=1e-12)
+        # AUC from 100-bin histograms: only ties within a bin are merged
+        assert ext["per_stage"][stage]["auc"] == pytest.approx(direct["per_stage"][stage]["auc"], abs=0.02)
+    assert out["C-only"]["n"] == 40
+
+
+def test_group_without_data_is_reported_empty():
+    y, p = _cases(10, 3)
+    out = group_stage_metrics({"A": _site_payload(y, p)}, {"A-test": ("A",), "external-1": ("B",)})
+    assert out["external-1"]["n"] == 0 and out["external-1"]["missing"] == ["B"]
+
+
+def test_report_is_json_safe_and_uses_last_round():
+    y, p = _cases(12, 4)
+    payload = _site_payload(y, p)
+    det = {"num-examples": 3, "iou-mean": 0.61, "center-error-mm": 2.5, "recall30": 1.0, "recall50": 0.66, "low-confidence": 0}
+    report = build_report(
+        strategy="fedavg", proximal_mu=0.1, rounds={"detector": 2, "stager": 2},
+        stager_history={1: {"A": {**payload, "confusion": [0] * 9}}, 2: {"A": payload}},
+        detector_history={2: {"A": det}}, stager_train={2: {"A": {"train-loss": 0.3}}},
+        detector_train={2: {"A": {"train-loss": 0.5}}}, groups={"A-test": ("A",)}, train_sites=("A",),
+        crop_source="detector", wall_time_s=1.0,
+    )
+    import json
+
+    json.dumps(report, allow_nan=False)
+    assert report["proximal_mu"] is None  # mu only reported for FedProx
+    assert report["sites"]["A-test"]["n"] == 12
+    assert report["detector"]["A"] == {"n": 3, "iou_mean": 0.61, "center_error_mm": 2.5, "recall30": 1.0,
+                                       "recall50": 0.66, "low_confidence": 0}
