@@ -167,10 +167,23 @@ def _signing_key(cfg: RunConfig, out: Path):
     return generate_signing_key(path)
 
 
+def _enable_project_logging() -> None:
+    """Show this project's INFO logs in the ServerApp process (Flower configures only its own logger)."""
+    for name in ("server", "strategies", "shared_models"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run both phases, then write ``report.json`` and the signed bundle to ``out-dir``."""
     t0 = time.monotonic()
+    _enable_project_logging()
     # 1. config and checkpoints
     cfg = RunConfig.from_run_config(context.run_config)
     if not cfg.out_dir:

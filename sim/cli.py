@@ -142,7 +142,7 @@ def cmd_run(args) -> int:
                 done = p["round"] + (cfg.detector_rounds if p["phase"] == "stager" else 0)
                 bar.update(task, completed=done, description=f"({p['phase']} round {p['round']})")
 
-        run_simulation(overrides, num_sites=len(cfg.site_ids), work_dir=out / "flower", cpus_per_client=1, on_poll=poll)
+        stats = run_simulation(overrides, num_sites=len(cfg.site_ids), work_dir=out / "flower", cpus_per_client=1, on_poll=poll)
         poll()
 
     report = json.loads((out / "report.json").read_text())
@@ -150,10 +150,12 @@ def cmd_run(args) -> int:
     from server.report import json_safe
 
     report["baseline_intensity_logreg"] = json_safe({g: {"n": m["n"], "macro": m["macro"], "weighted": m["weighted"]} for g, m in baseline.items()})
-    report["simulation_wall_time_s"] = round(time.monotonic() - t0, 1)
+    report["simulation"] = {"wall_time_s": round(time.monotonic() - t0, 1), "flower_wall_time_s": stats["wall_time_s"],
+                            "peak_rss_bytes": stats["peak_rss_bytes"]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print_report(report, baseline)
-    console.print(f"report: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
+    console.print(f"wall time {report['simulation']['wall_time_s']:.0f} s, peak memory of the simulation "
+                  f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB\nreport: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
     return 0
 
 

@@ -165,7 +165,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the output for a given profile and seed changes."""
 
 FOV_CENTRE_LPS_MM: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -823,9 +823,6 @@ def _sample_patient(seed: np.random.SeedSequence, sides: dict[str, int | None]) 
 
     def world(v: Any) -> Vec:
         return _vec(mid + rot @ np.asarray(v, dtype=float))
-
-    def wdir(v: Any) -> Vec:
-        return _vec(rot @ _unit(v))
 
     gain = rng.normal(1.0, 0.05)
     tissue = {k: float(v * gain * rng.normal(1.0, 0.04)) for k, v in _BASE_TISSUE.items()}
@@ -1581,9 +1578,12 @@ def _execute(tasks: list[_StudyTask], workers: int, progress: bool) -> list[dict
     bar: Any = None
     advance: Callable[[], None] = lambda: None
     if progress:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-        bar = Progress("phantoms", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        bar = Progress(
+            "phantoms", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+        )
         bar.start()
         job = bar.add_task("phantoms", total=len(tasks))
         advance = lambda: bar.advance(job)  # noqa: E731

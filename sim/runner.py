@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, st
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_TMPDIR": str(ray_tmp),
         "RAY_DEDUP_LOGS": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "OMP_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
     })
@@ -84,7 +87,8 @@ def simulation_superlink(work: Path, env: dict[str, str]):
     """Start ``flower-superlink --simulation`` on 127.0.0.1 and stop it (whole process group) on exit.
 
     Yields:
-        The connection address ``127.0.0.1:PORT``.
+        ``(address, pid)``: the connection address ``127.0.0.1:PORT`` and the SuperLink's PID
+        (its process tree holds the ServerApp, Ray and every simulated ClientApp).
     """
     port = free_port()
     log_path = work / "superlink.log"
@@ -103,7 +107,7 @@ def simulation_superlink(work: Path, env: dict[str, str]):
             time.sleep(0.5)
         else:
             raise SimulationError(f"flower-superlink did not open port {port} within 60 s; see {log_path}")
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc.pid
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -139,10 +143,27 @@ def _run_status(env: dict[str, str], run_id: int) -> str:
     return ""
 
 
-def _wait(env: dict[str, str], run_id: int, timeout_s: float, on_poll) -> str:
-    """Poll the run's status until it finishes; returns the final status string."""
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory (bytes) of a process and all its descendants; 0 if it is gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _wait(env: dict[str, str], run_id: int, timeout_s: float, on_poll, pid: int, peak: dict) -> str:
+    """Poll the run's status until it finishes, tracking the peak RSS of the process tree in ``peak``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        peak["rss_bytes"] = max(peak.get("rss_bytes", 0), tree_rss_bytes(pid) + tree_rss_bytes(os.getpid()))
         status = _run_status(env, run_id)
         if status.startswith(("finished", "stopped")):
             return status
@@ -168,7 +189,7 @@ def run_simulation(
     cpus_per_client: int = 1,
     timeout_s: float = 3 * 3600,
     on_poll=None,
-) -> None:
+) -> dict:
     """Run the ONFH-FL app in Flower's simulation engine, one virtual SuperNode per site.
 
     Args:
@@ -179,7 +200,11 @@ def run_simulation(
         cpus_per_client: Ray ``client-resources-num-cpus``; on 2 cores, 1 runs two
             sites at once with one thread each.
         timeout_s: wall-clock limit for the whole run, in seconds.
-        on_poll: optional callable invoked about once a second while the run is going.
+        on_poll: optional callable invoked about every 2 s while the run is going.
+
+    Returns:
+        ``{"run_id", "wall_time_s", "peak_rss_bytes"}``; the peak is the largest sampled
+        (every ~2 s) resident memory of this process plus the SuperLink's process tree.
 
     Raises:
         SimulationError: if the run ends ``finished:failed``/``stopped`` or times out; the
@@ -194,7 +219,9 @@ def run_simulation(
     run_log = work_dir / "run.log"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
     try:
-        with simulation_superlink(work_dir, env) as address:
+        t0 = time.monotonic()
+        peak: dict = {}
+        with simulation_superlink(work_dir, env) as (address, pid):
             write_connection(flwr_home, address)
             out = _flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--federation-config",
                          f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_client}", "--format", "json"], env)
@@ -204,11 +231,12 @@ def run_simulation(
                 streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env,
                                             stdout=fh, stderr=subprocess.STDOUT, cwd=APP_DIR, start_new_session=True)
             try:
-                status = _wait(env, run_id, timeout_s, on_poll)
+                status = _wait(env, run_id, timeout_s, on_poll, pid, peak)
             finally:
                 streamer.terminate()
                 streamer.wait(timeout=30)
             if status != "finished:completed":
                 raise SimulationError(f"run {run_id} ended {status!r}; see {run_log}\n{_tail(run_log)}")
+        return {"run_id": run_id, "wall_time_s": round(time.monotonic() - t0, 1), "peak_rss_bytes": peak.get("rss_bytes", 0)}
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -248,7 +248,7 @@ GOOD = f"{PATIENTS[0]},s1,L,0,{box_text(BOX_L)},GE"
         ([GOOD, f"{PATIENTS[1]},s1,R,0,,GE"], r"row 3: study also belongs to another patient in row 2"),
         ([f"{PATIENTS[0]},/abs/s1,L,0,,GE"], r"row 2: study must be a path relative"),
         ([f"{PATIENTS[0]},../s1,L,0,,GE"], r"row 2: study must be a path relative"),
-        ([f",s1,L,0,,GE"], r"row 2: patient_id is empty"),
+        ([",s1,L,0,,GE"], r"row 2: patient_id is empty"),
         ([f"{PATIENTS[0]},s1,L,0,,GE,extra"], r"row 2: more fields than columns"),
         ([], r"manifest has no rows"),
     ],
