@@ -11,6 +11,8 @@ or per-head value leaves these functions.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from client.training import predict_boxes, predict_stages, select_device, train_
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
 from shared_models.metrics import detection_metrics, stage_counts, stage_metrics
-from shared_models.preprocessing import PreprocessingSpec, box_voxel_to_lps
+from shared_models.preprocessing import box_voxel_to_lps
 from shared_models.stager import MulDenseNet3D
 from shared_models.weights import state_dict_sha256
 
@@ -38,10 +40,9 @@ def site_cache_dir(cfg: RunConfig, site_id: str, site_root: Path) -> Path:
     return Path(cfg.cache_dir) / site_id if cfg.cache_dir else site_root / ".onfh-cache"
 
 
-def open_site(cfg: RunConfig, site_id: str, site_root: Path, spec: PreprocessingSpec | None = None) -> SiteData:
+def open_site(cfg: RunConfig, site_id: str, site_root: Path) -> SiteData:
     """Load (from cache when possible) the site's manifest, studies and hemi-volumes."""
-    spec = spec or PreprocessingSpec()
-    return SiteData(site_root, site_id, site_cache_dir(cfg, site_id, site_root), spec)
+    return SiteData(site_root, site_id, site_cache_dir(cfg, site_id, site_root), cfg.spec)
 
 
 def _boxed(heads: list[HeadRecord]) -> list[HeadRecord]:
@@ -126,10 +127,12 @@ class CropSet:
 
 
 def crops_key(cfg: RunConfig, detector_state: StateDict | None) -> str:
-    """Cache key of a crop set: the detector's weight hash, or ``ground-truth``."""
+    """Cache key of a crop set: crop source, preprocessing spec and (for detector crops) the weights' hash."""
+    digest = hashlib.sha256(json.dumps(cfg.spec.to_dict(), sort_keys=True).encode())
     if cfg.crop_source == "ground-truth" or detector_state is None:
-        return "ground-truth"
-    return state_dict_sha256(detector_state)[:16]
+        return f"ground-truth-{digest.hexdigest()[:12]}"
+    digest.update(state_dict_sha256(detector_state).encode())
+    return f"detector-{digest.hexdigest()[:16]}"
 
 
 def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None) -> tuple[str, dict]:
@@ -146,7 +149,7 @@ def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None)
     heads = _staged(site.heads)
     low_count = 0
     if not path.exists():
-        if key == "ground-truth":
+        if key.startswith("ground-truth"):
             boxes_lps = [h.box_lps_mm for h in heads]
             missing = sum(b is None for b in boxes_lps)
             if missing:

@@ -31,7 +31,6 @@ from server.report import build_report
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
-from shared_models.preprocessing import PreprocessingSpec
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import build_strategy
 
@@ -193,7 +192,6 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config))
     torch.manual_seed(cfg.seed)
-    spec = PreprocessingSpec()
 
     # 2. sites
     node_sites = discover_sites(grid, cfg)
@@ -221,7 +219,7 @@ def main(grid: Grid, context: Context) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_bundle(
         out / "bundle", detector_state=detector.state_dict, stager_state=stager.state_dict,
-        detector_config=cfg.detector, stager_config=cfg.stager, spec=spec, metrics=report,
+        detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,
         run_config=run_config, signing_key=_signing_key(cfg, out),
     )
     log.info("report and signed bundle written to the run's out-dir")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.detector import DetectorConfig
+from shared_models.preprocessing import PreprocessingSpec
 from shared_models.stager import StagerConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedbn")
@@ -50,6 +51,15 @@ def _names(key: str, text: str) -> tuple[str, ...]:
     if not values:
         raise ValueError(f"run config {key!r}: expected a comma-separated list of site ids, got {text!r}")
     return values
+
+
+def _spec(crop_shape: str, margin_mm: float) -> PreprocessingSpec:
+    shape = _ints("crop-shape", crop_shape)
+    if len(shape) != 3:
+        raise ValueError(f"run config 'crop-shape': expected D,H,W, got {crop_shape!r}")
+    if margin_mm < 0:
+        raise ValueError(f"run config 'crop-margin-mm': must be >= 0, got {margin_mm}")
+    return PreprocessingSpec(crop_shape=shape, crop_margin_mm=margin_mm)
 
 
 def parse_report_groups(text: str) -> dict[str, tuple[str, ...]]:
@@ -104,6 +114,7 @@ class RunConfig:
     stager_lr: float
     stager: StagerConfig
     crop_source: str
+    spec: PreprocessingSpec
     weight_decay: float
     focal_gamma: float
     model_size: str
@@ -197,6 +208,7 @@ class RunConfig:
             stager_lr=positive("stager-lr", float),
             stager=stager,
             crop_source=choice("crop-source", CROP_SOURCES),
+            spec=_spec(get("crop-shape", str), get("crop-margin-mm", float)),
             weight_decay=get("weight-decay", float),
             focal_gamma=get("focal-gamma", float),
             model_size=model_size,

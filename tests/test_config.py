@@ -23,6 +23,8 @@ def test_pyproject_defaults_build_a_valid_config():
         ("stager-block-config", "2,x", "'stager-block-config'"),
         ("proximal-mu", -0.1, "'proximal-mu'"),
         ("amp", "yes", "'amp'"),
+        ("crop-shape", "32,32", "'crop-shape'"),
+        ("crop-margin-mm", -1.0, "'crop-margin-mm'"),
     ],
 )
 def test_bad_values_name_the_key(key, value, fragment):
@@ -59,3 +61,9 @@ def test_paper_model_size_uses_paper_presets():
 
     cfg = RunConfig.from_run_config(tiny_run_config(**{"model-size": "paper"}))
     assert cfg.detector == DetectorConfig.PAPER and cfg.stager == StagerConfig.PAPER
+
+
+def test_crop_settings_reach_the_preprocessing_spec():
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"crop-shape": "48,40,32", "crop-margin-mm": 4}))
+    assert cfg.spec.crop_shape == (48, 40, 32) and cfg.spec.crop_margin_mm == 4.0
+    assert cfg.spec.hemi_shape == (32, 112, 64)  # the paper's detector input is fixed
