@@ -19,7 +19,10 @@ mapped through the run config (``site-ids``, ``data-root``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+import traceback
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -81,6 +84,39 @@ def _norm_keys(cfg: RunConfig, phase: str) -> set[str]:
     return norm_state_keys(model)
 
 
+class SiteStepError(RuntimeError):
+    """What the server learns of a failed site step: the step and the exception type, nothing else."""
+
+
+def _contained(handler):
+    """Keep a failure's details at the site.
+
+    An exception text can hold a study path or a manifest row; Flower would send it to the
+    server verbatim. The full traceback is appended to ``site-errors.log`` in the site's
+    cache folder (it stays at the site); the reply carries only the step and exception type.
+    A failed site does not stop the round: the strategy aggregates the others.
+    """
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - re-raised without patient-level detail
+            step = f"{msg.metadata.message_type}/{msg.content['config'].get('phase', msg.content['config'].get('action', '?'))}"
+            try:
+                cfg = RunConfig.from_run_config(context.run_config)
+                site_id, site_root = resolve_site(context, cfg)
+                folder = tasks.site_cache_dir(cfg, site_id, site_root)
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(folder / "site-errors.log", "a") as fh:
+                    fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {step}\n{traceback.format_exc()}\n")
+            except Exception:  # noqa: BLE001 - the site log is best effort
+                pass
+            raise SiteStepError(f"{step} failed at the site with {type(exc).__name__}; details are in the site's own error log") from None
+
+    return wrapper
+
+
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
@@ -89,6 +125,7 @@ def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict) -> Message:
 
 
 @app.query()
+@_contained
 def query(msg: Message, context: Context) -> Message:
     """``hello`` (site id and counts) or ``crops`` (make the phase-2 crops at the site)."""
     # 1. resolve the site and its data
@@ -109,6 +146,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@_contained
 def train(msg: Message, context: Context) -> Message:
     """Local training for the phase named in the round's config."""
     # 1. resolve the site
@@ -135,6 +173,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_contained
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out (``test``) heads."""
     cfg, site = _open(context)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None)
         crops = np.stack([site.crop(h, b) for h, b in zip(heads, boxes_lps)]) if heads else \
             np.zeros((0, 1, *site.spec.crop_shape), np.float32)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npz")
         np.savez(tmp, crops=crops.astype(np.float32),
                  stages=np.array([h.stage for h in heads], np.int64),
                  splits=np.array([h.split for h in heads]), low_confidence=np.int64(low_count))

@@ -182,6 +182,7 @@ def train_stager(
     amp: bool = True,
     proximal_mu: float = 0.0,
     class_balanced: bool = True,
+    flip_dims: tuple[int, ...] = (4,),
     seed: int = 0,
 ) -> dict[str, float]:
     """Train 3D-MulDenseNet for ``steps`` optimiser steps on femoral-head crops.
@@ -220,7 +221,7 @@ def train_stager(
     losses = []
     for idx in _batches(n, batch_size, steps, rng, weights=weights):
         x = torch.from_numpy(crops[idx]).float()
-        for dim in (2, 3, 4):
+        for dim in flip_dims:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             if flip.any():
                 x[flip] = torch.flip(x[flip], dims=[dim])

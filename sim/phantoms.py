@@ -56,8 +56,8 @@ Ficat-Arlet labels (``shared_models.stages.FicatArletStage``), all T2 signs insi
     * Stage II: a demarcated subchondral lesion in the anterosuperior head: the head
       intersected with a ball of radius 0.35-0.7 x head radius centred on the anterosuperior
       surface, its border made serpiginous (+-10 %). T2 double-line sign: an inner bright band
-      (granulation tissue, 70-160 units, 2.5-4.5 mm) and an outer dark band (sclerosis, 80-180
-      units, 2.5-4.5 mm); the necrotic interior stays fat-like (-60..+20 units); 30 % of
+      (granulation tissue, 40-110 units, 2-3.5 mm) and an outer dark band (sclerosis, 50-130
+      units, 2-3.5 mm); the necrotic interior stays fat-like (-40..+25 units); 30 % of
       stage II heads also carry mild oedema (20-60 units), which can mask the dark band.
     * Disease parameters are drawn from each side's own random stream, unconditionally, so
       the same seed with other stages gives the same anatomy and noise (counterfactuals).
@@ -165,7 +165,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 5
 """Bumped whenever the output for a given profile and seed changes."""
 
 FOV_CENTRE_LPS_MM: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -947,11 +947,11 @@ def _sample_patient(seed: np.random.SeedSequence, sides: dict[str, int | None]) 
                 tip=_vec(c + antsup * r),
                 radius=r * (lerp("lesion_radius", 0.6, 0.8) if collapsed else lerp("lesion_radius", 0.35, 0.7)),
                 border=border_waves,
-                necrotic=lerp("necrotic", -60, 20),
-                bright=lerp("bright", 80, 140) if collapsed else lerp("bright", 70, 160),
-                bright_width=lerp("bright_width", 2.5, 4.5),
-                dark=lerp("dark", 100, 160) if collapsed else lerp("dark", 80, 180),
-                dark_width=lerp("dark_width", 2.5, 4.5),
+                necrotic=lerp("necrotic", -40, 25),
+                bright=lerp("bright", 80, 140) if collapsed else lerp("bright", 40, 110),
+                bright_width=lerp("bright_width", 2.0, 3.5),
+                dark=lerp("dark", 100, 160) if collapsed else lerp("dark", 50, 130),
+                dark_width=lerp("dark_width", 2.0, 3.5),
             )
         effusion_p = 0.6 if collapsed else (0.15 if stage in (None, 0) else 0.35)
         heads.append(_Head(

@@ -1,0 +1,50 @@
+"""ClientApp handlers: site resolution and failure containment (no patient-level text reaches the server)."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import SiteStepError, _contained, resolve_site
+from shared_models.config import RunConfig
+from tests.conftest import tiny_run_config
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+
+
+def _context(tmp_path, node_config):
+    rc = tiny_run_config(**{"data-root": str(tmp_path), "cache-dir": str(tmp_path / "cache")})
+    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=rc)
+
+
+def test_resolve_site_in_simulation_and_deployment(tmp_path):
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"data-root": str(tmp_path)}))
+    sim = _context(tmp_path, {"partition-id": 2, "num-partitions": 4})
+    assert resolve_site(sim, cfg) == ("C", tmp_path / "C")
+    dep = _context(tmp_path, {"site-id": "H7", "data-path": "/srv/onfh"})
+    assert resolve_site(dep, cfg)[0] == "H7"
+    with pytest.raises(ValueError, match="node config"):
+        resolve_site(_context(tmp_path, {}), cfg)
+
+
+def test_failure_reaches_server_without_details_and_is_logged_at_site(tmp_path):
+    secret = "/data/hospital/Doe^Jane/study-1 is unreadable"
+
+    @_contained
+    def handler(msg, context):
+        raise ValueError(secret)
+
+    msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "stager"})}), dst_node_id=5, message_type="train")
+    with pytest.raises(SiteStepError) as info:
+        handler(msg, _context(tmp_path, {"partition-id": 0, "num-partitions": 4}))
+    assert "Doe" not in str(info.value) and "/data" not in str(info.value)
+    assert "train/stager" in str(info.value) and "ValueError" in str(info.value)
+    log = (tmp_path / "cache" / "A" / "site-errors.log").read_text()
+    assert secret in log
