@@ -181,10 +181,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     phase = str(config["phase"])
     norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
     state = _receive_state(msg, context, norm_keys, phase, cfg)
-    if phase == "detector":
-        metrics = tasks.detector_evaluate(site, cfg, state)
-    elif phase == "stager":
-        metrics = tasks.stager_evaluate(site, cfg, state, str(config["crops-key"]))
-    else:
-        raise ValueError(f"unknown phase {phase!r}")
+    metrics = tasks.evaluate(site, cfg, phase, state, str(config.get("crops-key", "")))
     return _reply(msg, None, metrics)

@@ -246,3 +246,27 @@ def stager_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, key: str, 
         out["macro-auc"] = 0.0
         out["accuracy"] = 0.0
     return out
+
+
+def evaluate(site: SiteData, cfg: RunConfig, phase: str, state: StateDict, key: str = "") -> dict:
+    """Evaluate one phase's global model at the site: test metrics plus a validation score.
+
+    The test heads give the reported metrics. The site's ``val`` heads (training sites
+    only) give ``val-score`` — mean IoU for the detector, macro AUC for the stager — and
+    ``val-num-examples``, from which the server selects the round to keep (model selection
+    on the federated validation metric, never on test data).
+
+    Raises:
+        ValueError: for an unknown phase.
+    """
+    if phase == "detector":
+        metrics = detector_evaluate(site, cfg, state)
+        val = detector_evaluate(site, cfg, state, split="val")
+        score = val["iou-mean"]
+    elif phase == "stager":
+        metrics = stager_evaluate(site, cfg, state, key)
+        val = stager_evaluate(site, cfg, state, key, split="val")
+        score = val["macro-auc"]
+    else:
+        raise ValueError(f"unknown phase {phase!r}")
+    return {**metrics, "val-num-examples": int(val["num-examples"]), "val-score": float(score)}

@@ -32,13 +32,25 @@ def config_fingerprint(run_config: dict) -> str:
 
 @dataclass
 class PhaseCheckpoint:
-    """State of one phase after ``round`` finished rounds."""
+    """State of one phase after ``round`` finished rounds, and the best round so far."""
 
     round: int
     state_dict: dict[str, torch.Tensor]
     site_metrics: dict[int, dict[str, dict]] = field(default_factory=dict)
     train_metrics: dict[int, dict[str, dict]] = field(default_factory=dict)
+    best_round: int = 0
+    best_score: float = float("-inf")
+    best_state_dict: dict[str, torch.Tensor] | None = None
     fingerprint: str = ""
+
+    @property
+    def selected_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights of the round chosen on the validation score (the last round if none was scored)."""
+        return self.best_state_dict if self.best_state_dict is not None else self.state_dict
+
+    @property
+    def selected_round(self) -> int:
+        return self.best_round if self.best_state_dict is not None else self.round
 
 
 class CheckpointStore:

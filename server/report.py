@@ -89,6 +89,7 @@ def build_report(
     rounds: dict[str, int],
     stager_history: dict[int, dict[str, dict]],
     detector_history: dict[int, dict[str, dict]],
+    selected_rounds: dict[str, int],
     stager_train: dict[int, dict[str, dict]],
     detector_train: dict[int, dict[str, dict]],
     groups: dict[str, tuple[str, ...]],
@@ -96,12 +97,20 @@ def build_report(
     crop_source: str,
     wall_time_s: float,
 ) -> dict:
-    """Assemble ``report.json`` from the per-round per-site metrics of both phases."""
-    last_stager = stager_history[max(stager_history)] if stager_history else {}
-    last_detector = detector_history[max(detector_history)] if detector_history else {}
+    """Assemble ``report.json`` from the per-round per-site metrics of both phases.
+
+    The per-site figures are those of each phase's selected round (best validation score;
+    the bundle holds that round's weights).
+    """
+    last_stager = stager_history.get(selected_rounds["stager"], {})
+    last_detector = detector_history.get(selected_rounds["detector"], {})
     history = {
         "detector_iou_mean": {r: {s: m.get("iou-mean") for s, m in sites.items()} for r, sites in sorted(detector_history.items())},
         "stager_macro_auc": {r: {s: m.get("macro-auc") for s, m in sites.items()} for r, sites in sorted(stager_history.items())},
+        "detector_val_iou": {r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
+                             for r, sites in sorted(detector_history.items())},
+        "stager_val_macro_auc": {r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
+                                 for r, sites in sorted(stager_history.items())},
         "detector_train_loss": {r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(detector_train.items())},
         "stager_train_loss": {r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(stager_train.items())},
     }
@@ -109,6 +118,7 @@ def build_report(
         "strategy": strategy,
         "proximal_mu": proximal_mu if strategy == "fedprox" else None,
         "rounds": rounds,
+        "selected_rounds": selected_rounds,
         "train_sites": list(train_sites),
         "crop_source": crop_source,
         "sites": group_stage_metrics(last_stager, groups),

@@ -99,6 +99,14 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
     return keys.pop()
 
 
+def validation_score(site_metrics: dict[str, dict]) -> float | None:
+    """Validation-example-weighted mean of the sites' ``val-score``; None when no site has validation heads."""
+    n = sum(int(m.get("val-num-examples", 0)) for m in site_metrics.values())
+    if n == 0:
+        return None
+    return sum(float(m["val-score"]) * int(m["val-num-examples"]) for m in site_metrics.values()) / n
+
+
 def run_phase(
     grid: Grid,
     cfg: RunConfig,
@@ -113,7 +121,8 @@ def run_phase(
     """Federate one model for ``rounds`` rounds, resuming from its checkpoint.
 
     Returns:
-        The final checkpoint (global state dict and per-site metrics of every round).
+        The final checkpoint: the last and the best-validated global state dicts and the
+        per-site metrics of every round.
     """
     ckpt = store.load(phase) or PhaseCheckpoint(round=0, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     if ckpt.round >= rounds:
@@ -129,18 +138,26 @@ def run_phase(
     strategy.train_metrics.update(ckpt.train_metrics)
     config = ConfigRecord({"phase": phase, **(extra_config or {})})
 
+    best = {"round": ckpt.best_round, "score": ckpt.best_score, "state": ckpt.best_state_dict}
+
     def checkpoint_hook(server_round: int, arrays: ArrayRecord):
         if server_round == 0:
             return None
         reached = server_round + ckpt.round
+        state = arrays.to_torch_state_dict()
+        score = validation_score(strategy.site_metrics.get(reached, {}))
+        if score is not None and score > best["score"]:
+            best.update(round=reached, score=score, state=state)
         store.save(phase, PhaseCheckpoint(
-            round=reached, state_dict=arrays.to_torch_state_dict(),
+            round=reached, state_dict=state,
             site_metrics=dict(strategy.site_metrics), train_metrics=dict(strategy.train_metrics),
+            best_round=best["round"], best_score=best["score"], best_state_dict=best["state"],
         ))
         summary = {s: round(float(m.get("iou-mean" if phase == "detector" else "macro-auc", 0.0)), 3)
                    for s, m in sorted(strategy.site_metrics.get(reached, {}).items())}
-        log.info("phase %s round %d/%d: %s %s", phase, reached, rounds,
-                 "iou-mean" if phase == "detector" else "macro-auc", summary)
+        log.info("phase %s round %d/%d: test %s %s, validation score %s (best: round %d)", phase, reached, rounds,
+                 "iou-mean" if phase == "detector" else "macro-auc", summary,
+                 "n/a" if score is None else f"{score:.3f}", best["round"])
         return None
 
     result = strategy.start(
@@ -201,7 +218,7 @@ def main(grid: Grid, context: Context) -> None:
                          rounds=cfg.detector_rounds)
 
     # 4. site-local crops with the phase-1 global detector
-    key = prepare_crops(grid, node_sites, detector.state_dict, cfg)
+    key = prepare_crops(grid, node_sites, detector.selected_state_dict, cfg)
 
     # 5. phase 2: stager
     stager = run_phase(grid, cfg, store, node_sites, phase="stager", model=MulDenseNet3D(cfg.stager),
@@ -212,13 +229,14 @@ def main(grid: Grid, context: Context) -> None:
         strategy=cfg.strategy, proximal_mu=cfg.proximal_mu,
         rounds={"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
         stager_history=stager.site_metrics, detector_history=detector.site_metrics,
+        selected_rounds={"detector": detector.selected_round, "stager": stager.selected_round},
         stager_train=stager.train_metrics, detector_train=detector.train_metrics,
         groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source,
         wall_time_s=time.monotonic() - t0,
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_bundle(
-        out / "bundle", detector_state=detector.state_dict, stager_state=stager.state_dict,
+        out / "bundle", detector_state=detector.selected_state_dict, stager_state=stager.selected_state_dict,
         detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,
         run_config=run_config, signing_key=_signing_key(cfg, out),
     )

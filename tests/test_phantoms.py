@@ -307,7 +307,8 @@ def test_signs_are_subtle(quick):
         cnr = info["cnr"]
         assert {"I_oedema", "II_bright_band", "II_dark_band"} <= set(cnr), site
         for key, stats in cnr.items():
-            assert stats["mean"] < 3.0 and stats["max"] < 4.0, (site, key, stats)
+            # documented design: per-voxel CNR up to about 4-5.5 at 3T, lower at 1.5T
+            assert stats["mean"] < 4.5 and stats["max"] < 6.0, (site, key, stats)
         for key in ("I_oedema", "II_bright_band", "II_dark_band"):
             assert cnr[key]["mean"] > 0.3, (site, key, cnr[key])
 
@@ -354,8 +355,9 @@ def test_stage_signs_against_the_same_patient_without_them(tmp_path):
                 d_dark = (volume - normal)[dark].mean()
                 d_bright = (volume - normal)[bright].mean()
                 # double line: the outer band is darker than the inner band, by a modest margin
-                assert 5.0 < d_bright - d_dark < 4.0 * sigma, (d_dark, d_bright)
-                assert abs(d_dark) / sigma < 3.0 and abs(d_bright) / sigma < 3.0
+                # band peaks are at most 220 (bright) and 240 (dark) units, so band means stay well below
+                assert 5.0 < d_bright - d_dark < 8.0 * sigma, (d_dark, d_bright)
+                assert abs(d_dark) / sigma < 5.0 and abs(d_bright) / sigma < 5.0
                 away = head_core & (to_tip > rho + 12)
                 assert np.abs((volume - normal)[away]).mean() < np.abs((volume - normal)[dark]).mean()
             else:

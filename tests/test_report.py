@@ -55,7 +55,7 @@ def test_report_is_json_safe_and_uses_last_round():
     report = build_report(
         strategy="fedavg", proximal_mu=0.1, rounds={"detector": 2, "stager": 2},
         stager_history={1: {"A": {**payload, "confusion": [0] * 9}}, 2: {"A": payload}},
-        detector_history={2: {"A": det}}, stager_train={2: {"A": {"train-loss": 0.3}}},
+        detector_history={2: {"A": det}}, selected_rounds={"detector": 2, "stager": 2}, stager_train={2: {"A": {"train-loss": 0.3}}},
         detector_train={2: {"A": {"train-loss": 0.5}}}, groups={"A-test": ("A",)}, train_sites=("A",),
         crop_source="detector", wall_time_s=1.0,
     )
@@ -66,3 +66,25 @@ def test_report_is_json_safe_and_uses_last_round():
     assert report["sites"]["A-test"]["n"] == 12
     assert report["detector"]["A"] == {"n": 3, "iou_mean": 0.61, "center_error_mm": 2.5, "recall30": 1.0,
                                        "recall50": 0.66, "low_confidence": 0}
+
+
+def test_report_uses_the_selected_round_not_the_last():
+    y, p = _cases(12, 5)
+    good = _site_payload(y, p)
+    empty = {**good, "num-examples": 0}
+    report = build_report(
+        strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 3},
+        stager_history={1: {"A": empty}, 2: {"A": good}, 3: {"A": empty}}, detector_history={1: {}},
+        selected_rounds={"detector": 1, "stager": 2}, stager_train={}, detector_train={},
+        groups={"A-test": ("A",)}, train_sites=("A",), crop_source="detector", wall_time_s=0.0,
+    )
+    assert report["selected_rounds"]["stager"] == 2 and report["sites"]["A-test"]["n"] == 12
+
+
+def test_validation_score_weights_sites_by_validation_heads():
+    from server.server_app import validation_score
+
+    sites = {"A": {"val-num-examples": 3, "val-score": 0.9}, "B": {"val-num-examples": 1, "val-score": 0.5},
+             "C": {"val-num-examples": 0, "val-score": 0.0}}
+    assert validation_score(sites) == pytest.approx((3 * 0.9 + 1 * 0.5) / 4)
+    assert validation_score({"C": sites["C"]}) is None
