@@ -153,7 +153,11 @@ def cmd_run(args) -> int:
     report["simulation"] = {"wall_time_s": round(time.monotonic() - t0, 1), "flower_wall_time_s": stats["wall_time_s"],
                             "peak_rss_bytes": stats["peak_rss_bytes"]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    from sim.plots import plot_training_curves
+
+    curves = plot_training_curves(report, out / "training_curves.png")
     print_report(report, baseline)
+    console.print(f"training curves: {curves}")
     console.print(f"wall time {report['simulation']['wall_time_s']:.0f} s, peak memory of the simulation "
                   f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB\nreport: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
     return 0

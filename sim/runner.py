@@ -46,6 +46,9 @@ def free_port() -> int:
 def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, str]:
     """Environment for every Flower process of a run (see module docstring)."""
     env = dict(os.environ)
+    # The SuperLink starts flower-superexec (and Ray its workers) by name: put this
+    # environment's scripts first on PATH even when it was not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -88,3 +88,13 @@ def test_validation_score_weights_sites_by_validation_heads():
              "C": {"val-num-examples": 0, "val-score": 0.0}}
     assert validation_score(sites) == pytest.approx((3 * 0.9 + 1 * 0.5) / 4)
     assert validation_score({"C": sites["C"]}) is None
+
+
+def test_training_curves_png_is_written(tmp_path):
+    from sim.plots import plot_training_curves
+
+    report = {"strategy": "fedavg", "selected_rounds": {"detector": 1, "stager": 2},
+              "history": {"detector_iou_mean": {"1": {"A": 0.5, "B": 0.4}}, "stager_macro_auc": {"1": {"A": 0.6}, "2": {"A": 0.7}},
+                          "stager_train_loss": {"1": {"A": None}}}}
+    path = plot_training_curves(report, tmp_path / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
