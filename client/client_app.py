@@ -61,14 +61,21 @@ def _open(context: Context) -> tuple[RunConfig, SiteData]:
     return cfg, tasks.open_site(cfg, site_id, site_root)
 
 
-def _receive_state(msg: Message, context: Context, model_keys: set[str] | None, phase: str, cfg: RunConfig):
-    """Global weights from the message; under FedBN the site's own norm-layer entries win."""
+def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: str):
+    """Global weights from the message, and the norm-layer keys the site keeps local under FedBN.
+
+    Returns:
+        ``(state_dict, norm_keys)``; ``norm_keys`` is empty unless the strategy is FedBN, in
+        which case the site's own normalisation entries (from ``context.state``) replace
+        the global ones.
+    """
     state = msg.content["arrays"].to_torch_state_dict()
+    norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
     local_key = f"fedbn-{phase}"
-    if cfg.strategy == "fedbn" and model_keys and local_key in context.state:
+    if norm_keys and local_key in context.state:
         local = context.state[local_key].to_torch_state_dict()
-        state.update({k: v for k, v in local.items() if k in model_keys})
-    return state
+        state.update({k: v for k, v in local.items() if k in norm_keys})
+    return state, norm_keys
 
 
 def _keep_local_norms(context: Context, state, model_keys: set[str], phase: str, cfg: RunConfig) -> None:
@@ -156,8 +163,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     mu = float(config.get("proximal-mu", 0.0))
     # 2. global weights in (FedBN: keep local norm layers)
-    norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
-    state = _receive_state(msg, context, norm_keys, phase, cfg)
+    state, norm_keys = _receive_state(msg, context, cfg, phase)
     # 3. train
     if phase == "detector":
         new_state, metrics = tasks.detector_train(site, cfg, state, proximal_mu=mu, server_round=server_round)
@@ -179,7 +185,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, site = _open(context)
     config = msg.content["config"]
     phase = str(config["phase"])
-    norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
-    state = _receive_state(msg, context, norm_keys, phase, cfg)
+    state, _ = _receive_state(msg, context, cfg, phase)
     metrics = tasks.evaluate(site, cfg, phase, state, str(config.get("crops-key", "")))
     return _reply(msg, None, metrics)

@@ -48,6 +48,15 @@ def _autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def _optimiser_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> float:
+    """One (AMP-scaled when enabled) optimiser step; returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return float(loss.detach())
+
+
 def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator, weights=None):
     """Yield ``steps`` index batches, reshuffling each pass (or sampling by ``weights``)."""
     if weights is not None:
@@ -134,11 +143,7 @@ def train_detector(
             loss, _ = detector_loss(model(x), y, model.cells)
         if global_params is not None:
             loss = loss + fedprox_proximal_term(model, global_params, proximal_mu)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(float(loss.detach()))
+        losses.append(_optimiser_step(opt, scaler, loss))
     return {"train-loss": float(np.mean(losses))}
 
 
@@ -232,11 +237,7 @@ def train_stager(
         loss = criterion(logits.float(), y)
         if global_params is not None:
             loss = loss + fedprox_proximal_term(model, global_params, proximal_mu)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(float(loss.detach()))
+        losses.append(_optimiser_step(opt, scaler, loss))
     return {"train-loss": float(np.mean(losses))}
 
 

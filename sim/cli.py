@@ -90,8 +90,15 @@ def cmd_phantoms(args) -> int:
 
     t0 = time.monotonic()
     summary = generate_phantoms(Path(args.out), args.profile, seed=args.seed, progress=True)
-    console.print(f"phantoms ({args.profile}, seed {args.seed}) in {args.out}: "
-                  f"{json.dumps(summary.get('counts', summary.get('sites', {})))} [{time.monotonic() - t0:.1f} s]")
+    table = Table(title=f"phantoms ({args.profile}, seed {args.seed}) in {args.out} [{time.monotonic() - t0:.1f} s]")
+    for col in ("site", "scanner", "heads 0/I/II", "CNR I oedema", "CNR II bright band", "CNR II dark band"):
+        table.add_column(col)
+    for site, info in summary.get("sites", {}).items():
+        cnr = info.get("cnr", {})
+        stages = info.get("heads_per_stage", {})
+        table.add_row(site, str(info.get("scanner_label", "")), "/".join(str(stages.get(k, 0)) for k in ("0", "I", "II")),
+                      *(_fmt(cnr.get(k, {}).get("mean")) for k in ("I_oedema", "II_bright_band", "II_dark_band")))
+    console.print(table)
     return 0
 
 

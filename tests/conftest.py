@@ -36,3 +36,14 @@ def real_data_or_skip(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data {path} not present (../shared/data/real is optional)")
     return path
+
+
+@pytest.fixture
+def task_identity():
+    """Flower Messages need a run id; outside a running Flower process we set one for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import SiteStepError, _contained, resolve_site
 from shared_models.config import RunConfig
 from tests.conftest import tiny_run_config
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _context(tmp_path, node_config):

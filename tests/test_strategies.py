@@ -9,20 +9,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
-from flwr.supercore.task_identity import TaskIdentity
 
 from shared_models.detector import YOLOX3D
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import SiteFedAvg, SiteFedProx, build_strategy, restore_dtypes
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need a run id outside a running Flower process."""
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _reply(src: int, arrays: ArrayRecord | None, metrics: dict) -> Message:
