@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _series(history: dict) -> dict[str, tuple[list[int], list[float]]]:
@@ -47,6 +48,7 @@ def plot_training_curves(report: dict, path: Path) -> Path:
             ax.axvline(selected[phase], color="grey", ls="--", lw=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
