@@ -24,6 +24,12 @@ def two_site_phantoms(tmp_path_factory):
     )
     root = tmp_path_factory.mktemp("phantoms")
     generate_phantoms(root, profile, seed=1)
+    # a broken export at site B: the study folder holds no DICOM, only junk
+    broken = root / "B" / "study-broken"
+    broken.mkdir()
+    (broken / "notes.txt").write_text("not an image")
+    with open(root / "B" / "manifest.csv", "a") as fh:
+        fh.write("B-9999,study-broken,L,0,,SIEMENS Prisma 3T\n")
     return root
 
 
@@ -40,7 +46,7 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert report["strategy"] == "fedprox" and report["rounds"] == {"detector": 1, "stager": 1}
     assert set(report["sites"]) == {"A-test", "external-1"}
     ext = report["sites"]["external-1"]
-    assert ext["n"] == 3  # every B head is an external test head
+    assert ext["n"] == 3  # every usable B head is an external test head; the broken study was skipped
     for stage in ("0", "I", "II"):
         assert set(ext["per_stage"][stage]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
     # site A trained in both phases (a failed local training would only show as a missing entry)
@@ -57,3 +63,11 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert main(argv) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["sites"]["external-1"]["n"] == 3
+
+
+def test_site_check_names_the_broken_study(two_site_phantoms, tmp_path):
+    report = tmp_path / "verdicts.json"
+    assert main(["site", "check", "--data", str(two_site_phantoms / "B"), "--cache", str(tmp_path / "cache"), "--json", str(report)]) == 1
+    verdicts = {v["study"]: v for v in json.loads(report.read_text())}
+    assert verdicts["study-broken"]["status"] == "refused" and "DICOM" in verdicts["study-broken"]["reason"]
+    assert sum(v["status"] == "ok" for v in verdicts.values()) == 2
