@@ -180,8 +180,9 @@ def cmd_demo(args) -> int:
                                   seed=args.seed, train_sites=None, set=args.set)
     cmd_run(args_run)
     if REAL_NIFTI.exists():
+        key = out / "run" / "keys" / "bundle-signing-key.pem.pub"
         cmd_infer(argparse.Namespace(bundle=str(out / "run" / "bundle"), study=str(REAL_NIFTI), out=str(out / "infer-prostatex"),
-                                     public_key=None, device="auto"))
+                                     public_key=str(key) if key.exists() else None, device="auto"))
     else:
         console.print(f"[yellow]real pelvic MRI not found at {REAL_NIFTI}: skipping the inference step[/yellow]")
     return 0
