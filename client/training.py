@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -260,7 +259,3 @@ def predict_stages(
         out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, NUM_STAGES), np.float32)
 
-
-def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack per-head arrays into one float32 batch array (empty-safe)."""
-    return np.stack(arrays).astype(np.float32) if len(arrays) else np.zeros((0,), np.float32)
