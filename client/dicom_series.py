@@ -5,6 +5,17 @@ nested folders, and junk (non-DICOM) files are allowed. :func:`read_study` turns
 NIfTI file) into one float32 SimpleITK image in its native orientation; reorientation to
 LPS is :func:`shared_models.preprocessing.orient_lps`'s job.
 
+Grouping (:func:`find_series`). The unit is the 2D *image*: a single-frame file, or one
+frame of an enhanced (multi-frame) file, whose geometry then comes from its per-frame
+(else shared) functional groups. Images are grouped by ``SeriesInstanceUID``, slice plane
+(direction cosines within ``GROUPING_ORIENTATION_TOLERANCE``), echo (``EchoNumbers`` and
+``EchoTime``; ``EffectiveEchoTime`` for enhanced frames) and ``ImageType`` (``FrameType``),
+never by file name. So several echoes or contrasts (Dixon water/fat, magnitude/phase) that
+share one series UID become separate candidate volumes and are never stacked. When one
+series UID holds images in several planes, the plane holding more than half of its images
+is the acquisition and the others are localizers (dropped); with no such plane (a
+three-plane scout) every plane is a localizer.
+
 Reading rules (:func:`read_series`):
 
 * Slices are ordered by ``ImagePositionPatient`` projected on the slice normal
@@ -12,19 +23,42 @@ Reading rules (:func:`read_series`):
   ``InstanceNumber``. The third image axis therefore points along the normal.
 * The slice step comes from those positions, never from ``SliceThickness`` or
   ``SpacingBetweenSlices``. Image spacing along the normal is the mean step.
+* Duplicates: images at the same position (within ``DUPLICATE_TOLERANCE_MM``) with identical
+  rescaled pixels are exact duplicates (a file exported twice) and only one is kept;
+  different pixels at one position (multi-phase or repeated slices without distinguishing
+  tags) refuse the series.
 * Geometry is checked, and the series refused with a :class:`SeriesError` naming the
-  reason, when: any file lacks position/orientation/pixel spacing; orientations differ
+  reason, when: any image lacks position/orientation/pixel spacing; orientations differ
   by more than ``ORIENTATION_TOLERANCE`` (1e-3 in direction cosine, about 0.06 degree);
-  rows/columns/pixel spacing differ; two slices share a position; a step differs from the
-  median step by more than ``max(0.01 mm, 1 % of the median step)`` (a missing slice, or
-  a mixed stack); slice positions drift in-plane by more than the same tolerance (a
-  sheared stack); fewer than 2 slices; pixel data are missing or cannot be decoded.
-* Each slice's ``RescaleSlope``/``RescaleIntercept`` is applied on its own (pydicom's
-  ``apply_rescale``) and the volume is float32. Vendor-private scalings (e.g. Philips
-  ``MR Scale Slope``) are not applied.
+  rows/columns/pixel spacing differ; a step differs from the median step by more than
+  ``max(0.01 mm, 1 % of the median step)`` (a missing slice, or a mixed stack: refused,
+  never resampled); slice positions drift in-plane by more than the same tolerance (a
+  sheared stack from gantry tilt or a step off the normal: refused with the shear angle,
+  never resampled, because a sheared volume cannot be represented by an ITK direction
+  matrix and resampling would hide an unusual acquisition); fewer than 2 slices; pixel
+  data are missing or cannot be decoded.
+* Intensity convention (``INTENSITY_CONVENTION``, the same at every site and recorded in
+  each site's cache): *displayed values*. Each image's ``RescaleSlope``/``RescaleIntercept``
+  (the modality LUT, per slice; per frame from the Pixel Value Transformation functional
+  group for enhanced files) is applied and the volume is float32. Vendor-private scalings
+  (Philips ``MR Scale Slope`` (2005,100E), the "floating point" values) are *not* applied:
+  they rescale each series by an arbitrary factor, so a fixed window would no longer fit;
+  their presence is noted in the read report (dcm2niix ``-p n`` behaviour).
+* ``MONOCHROME1`` (minimum is white) is inverted after rescale, over the series' value
+  range: ``v' = min + max - v``, so bright stays bright before windowing.
+* Compressed transfer syntaxes are decoded by pydicom's plugins (RLE natively; JPEG,
+  JPEG-LS and JPEG 2000 via python-gdcm, with pylibjpeg + pylibjpeg-openjpeg for JPEG 2000;
+  pylibjpeg-libjpeg is deliberately not used: it is GPL-3.0);
+  :func:`check_decoders` reports what is available. A series whose transfer syntax has no
+  decoder is refused naming the syntax.
 * ``PatientPosition`` (HFS, HFP, FFS, decubitus...) is *not* used: DICOM positions and
   orientations are already in the patient-based LPS frame.
-* Enhanced (multi-frame) DICOM is refused for now with an explicit reason.
+
+NIfTI (:func:`read_study` on ``.nii``/``.nii.gz``): nibabel's rule decides the geometry,
+the sform when ``sform_code > 0``, else the qform when ``qform_code > 0``, else the base
+affine. When qform and sform are both set and disagree (by more than 1e-3 in direction or
+0.01 mm in spacing/origin) the sform is used, a warning is logged and a note is added to
+the read report. An affine with shear is refused.
 
 Nothing in this module logs patient data: only counts.
 """
@@ -35,7 +69,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -50,14 +84,26 @@ logger = logging.getLogger(__name__)
 
 # Largest accepted difference between direction cosines of two slices of one series.
 ORIENTATION_TOLERANCE: float = 1e-3
+# Images whose direction cosines differ by more than this are put in different groups.
+GROUPING_ORIENTATION_TOLERANCE: float = 0.05
 # Slice-step tolerance: the larger of an absolute floor and a fraction of the median step.
 STEP_TOLERANCE_MM: float = 0.01
 STEP_TOLERANCE_FRACTION: float = 0.01
+# Two images closer than this along the normal are at the same position.
+DUPLICATE_TOLERANCE_MM: float = 0.05
 
 # T2 selection thresholds (ms): a T2-weighted spin-echo sequence has a long TE and TR.
 T2_MIN_ECHO_TIME_MS: float = 60.0
 T2_MIN_REPETITION_TIME_MS: float = 1500.0
+# Among echoes of one series that are otherwise equal, the TE closest to this wins.
+T2_PREFERRED_ECHO_TIME_MS: float = 90.0
 
+INTENSITY_CONVENTION: str = (
+    "displayed values: DICOM RescaleSlope/RescaleIntercept per image; "
+    "vendor private scale factors (Philips MR Scale Slope) not applied; MONOCHROME1 inverted"
+)
+
+_PHILIPS_CREATOR = "Philips MR Imaging DD 001"
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 # Series descriptions are matched case-insensitively on word-like tokens.
@@ -82,23 +128,43 @@ class SeriesError(Exception):
         super().__init__(f"{self.study}: {reason}")
 
 
+@dataclass
+class ReadReport:
+    """What :func:`read_study` did besides returning the image (filled in by it).
+
+    Attributes:
+        series_uid: ``SeriesInstanceUID`` of the series read ("" for NIfTI).
+        notes: short remarks for the site operator, without patient data, e.g.
+            ``"2 exact duplicate slice(s) dropped"``.
+    """
+
+    series_uid: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class SeriesInfo:
-    """One DICOM series of a study, from headers only.
+    """One candidate volume of a study (a series, or one echo/contrast/plane of it), from headers.
 
     Attributes:
         series_uid: ``SeriesInstanceUID``.
-        files: the series' files, sorted by path (reading order is decided by
+        files: the files holding its images, sorted by path (reading order is decided by
             :func:`read_series`, not by this order).
         description: ``SeriesDescription`` ("" if absent).
         orientation: acquisition plane from the slice normal: ``"AX"``, ``"COR"`` or
-            ``"SAG"`` (nearest patient axis), ``"MIXED"`` if the files disagree (e.g. a
-            3-plane localizer), ``""`` if unknown.
-        n_slices: number of image files (frames for multi-frame files).
+            ``"SAG"`` (nearest patient axis), ``"MIXED"`` if the images disagree, ``""`` if
+            unknown.
+        n_slices: number of images (frames count one by one).
         modality: ``Modality``, e.g. ``"MR"``.
-        image_type: ``ImageType`` values, upper case.
-        echo_time_ms: ``EchoTime`` or None.
+        image_type: ``ImageType`` values (``FrameType`` for enhanced frames), upper case.
+        echo_time_ms: ``EchoTime`` (``EffectiveEchoTime``) or None.
         repetition_time_ms: ``RepetitionTime`` or None.
+        frames: ``(file, frame index)`` of each image; frame ``-1`` is a single-frame file.
+            Empty means every image of ``files``.
+        group: grouping label within the series UID (plane, echo, image type), for
+            deterministic ordering only; never logged.
+        stray_orientation: the images are in a minority plane of their series UID (a
+            localizer inside the acquisition, or a three-plane scout).
     """
 
     series_uid: str
@@ -110,6 +176,25 @@ class SeriesInfo:
     image_type: tuple[str, ...]
     echo_time_ms: float | None
     repetition_time_ms: float | None
+    frames: tuple[tuple[Path, int], ...] = ()
+    group: str = ""
+    stray_orientation: bool = False
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One 2D image (a single-frame file or a frame), with what grouping and reading need."""
+
+    path: Path
+    frame: int
+    iop: np.ndarray | None
+    ipp: np.ndarray | None
+    pixel_spacing: np.ndarray | None
+    rescale: tuple[float, float] | None  # enhanced frames only; single-frame uses apply_rescale
+    echo: str
+    echo_time_ms: float | None
+    repetition_time_ms: float | None
+    image_type: tuple[str, ...]
 
 
 def _study_label(files: Iterable[Path]) -> str:
@@ -149,19 +234,139 @@ def _iter_files(study_dir: Path) -> list[Path]:
     return out
 
 
+def _vector(ds: pydicom.Dataset | None, keyword: str, n: int) -> np.ndarray | None:
+    if ds is None:
+        return None
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def _n_frames(ds: pydicom.Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _is_enhanced(ds: pydicom.Dataset) -> bool:
+    return _n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+def _functional_item(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+    """First item of functional group ``sequence`` for ``frame``: per-frame first, then shared."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame) and sequence in per_frame[frame]:
+        seq = per_frame[frame][sequence]
+        if len(seq.value):
+            return seq.value[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared is not None and len(shared) and sequence in shared[0]:
+        seq = shared[0][sequence]
+        if len(seq.value):
+            return seq.value[0]
+    return None
+
+
+def _echo_label(number: object, time_ms: float | None) -> str:
+    text = "" if number in (None, "") else str(number)
+    return f"{text}/{'' if time_ms is None else f'{time_ms:.3f}'}"
+
+
+def _images(path: Path, ds: pydicom.Dataset) -> list[_Image]:
+    """The 2D images of one DICOM file with their geometry (functional groups for enhanced files)."""
+    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
+    te = _float_or_none(ds.get("EchoTime"))
+    tr = _float_or_none(ds.get("RepetitionTime"))
+    if not _is_enhanced(ds):
+        return [
+            _Image(
+                path=path, frame=-1,
+                iop=_vector(ds, "ImageOrientationPatient", 6),
+                ipp=_vector(ds, "ImagePositionPatient", 3),
+                pixel_spacing=_vector(ds, "PixelSpacing", 2),
+                rescale=None,
+                echo=_echo_label(ds.get("EchoNumbers"), te),
+                echo_time_ms=te, repetition_time_ms=tr, image_type=image_type,
+            )
+        ]
+    out = []
+    for i in range(_n_frames(ds)):
+        timing = _functional_item(ds, i, "MRTimingAndRelatedParametersSequence")
+        frame_tr = _float_or_none(timing.get("RepetitionTime")) if timing is not None else None
+        echo = _functional_item(ds, i, "MREchoSequence")
+        frame_te = _float_or_none(echo.get("EffectiveEchoTime")) if echo is not None else None
+        frame_type = _functional_item(ds, i, "MRImageFrameTypeSequence")
+        ftype = tuple(str(v).upper() for v in (frame_type.get("FrameType") or ())) if frame_type is not None else ()
+        transform = _functional_item(ds, i, "PixelValueTransformationSequence")
+        if transform is not None:
+            slope = _float_or_none(transform.get("RescaleSlope"))
+            intercept = _float_or_none(transform.get("RescaleIntercept"))
+        else:
+            slope = _float_or_none(ds.get("RescaleSlope"))
+            intercept = _float_or_none(ds.get("RescaleIntercept"))
+        out.append(
+            _Image(
+                path=path, frame=i,
+                iop=_vector(_functional_item(ds, i, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
+                if _functional_item(ds, i, "PlaneOrientationSequence") is not None
+                else _vector(ds, "ImageOrientationPatient", 6),
+                ipp=_vector(_functional_item(ds, i, "PlanePositionSequence"), "ImagePositionPatient", 3)
+                if _functional_item(ds, i, "PlanePositionSequence") is not None
+                else _vector(ds, "ImagePositionPatient", 3),
+                pixel_spacing=_vector(_functional_item(ds, i, "PixelMeasuresSequence"), "PixelSpacing", 2)
+                if _functional_item(ds, i, "PixelMeasuresSequence") is not None
+                else _vector(ds, "PixelSpacing", 2),
+                rescale=(1.0 if slope is None else slope, 0.0 if intercept is None else intercept),
+                echo=_echo_label(None, frame_te if frame_te is not None else te),
+                echo_time_ms=frame_te if frame_te is not None else te,
+                repetition_time_ms=frame_tr if frame_tr is not None else tr,
+                image_type=ftype or image_type,
+            )
+        )
+    return out
+
+
+def _orientation_clusters(images: list[_Image]) -> list[int]:
+    """Cluster label per image: images whose direction cosines agree within the grouping tolerance."""
+    centres: list[np.ndarray] = []
+    labels = []
+    for im in images:
+        if im.iop is None:
+            labels.append(-1)
+            continue
+        for c, centre in enumerate(centres):
+            if np.max(np.abs(im.iop - centre)) <= GROUPING_ORIENTATION_TOLERANCE:
+                labels.append(c)
+                break
+        else:
+            centres.append(im.iop)
+            labels.append(len(centres) - 1)
+    # Relabel by rounded cosines so labels do not depend on file listing order.
+    names = {c: ",".join(f"{v:+.2f}" for v in centre) for c, centre in enumerate(centres)}
+    names[-1] = "none"
+    return [names[c] for c in labels]  # type: ignore[misc]
+
+
 def find_series(study_dir: Path) -> list[SeriesInfo]:
-    """Find the image series of a study folder, from headers only.
+    """Find the candidate volumes of a study folder, from headers only (see the module rules).
 
     Walks the folder recursively; every file is tried with
     ``pydicom.dcmread(stop_before_pixels=True, force=False)``. Files that are not DICOM
     (no ``DICM`` preamble) are skipped, and so are DICOM objects that are not images
-    (no ``SeriesInstanceUID``/``Rows``/``Columns``, e.g. DICOMDIR or reports).
+    (no ``SeriesInstanceUID``/``Rows``/``Columns``, e.g. DICOMDIR or reports). Images are
+    grouped by series UID, plane, echo and image type.
 
     Args:
         study_dir: the study folder.
 
     Returns:
-        One :class:`SeriesInfo` per ``SeriesInstanceUID``, sorted by UID.
+        One :class:`SeriesInfo` per group, sorted by series UID and group label.
 
     Raises:
         SeriesError: the folder does not exist, a file cannot be opened, or a file starts
@@ -171,7 +376,7 @@ def find_series(study_dir: Path) -> list[SeriesInfo]:
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise SeriesError(study_dir, "study folder does not exist")
-    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    by_uid: dict[str, list[tuple[_Image, pydicom.Dataset]]] = defaultdict(list)
     n_junk = n_non_image = n_broken = n_unopenable = 0
     for path in _iter_files(study_dir):
         try:
@@ -189,35 +394,51 @@ def find_series(study_dir: Path) -> list[SeriesInfo]:
         if not uid or "Rows" not in ds or "Columns" not in ds:
             n_non_image += 1
             continue
-        groups[uid].append((path, ds))
+        try:
+            images = _images(path, ds)
+        except Exception:  # noqa: BLE001 - malformed functional groups
+            n_broken += 1
+            continue
+        by_uid[uid].extend((im, ds) for im in images)
     logger.debug(
-        "study scan: %d series, %d non-DICOM files, %d non-image DICOM objects, %d corrupt, %d unopenable",
-        len(groups), n_junk, n_non_image, n_broken, n_unopenable,
+        "study scan: %d series UIDs, %d non-DICOM files, %d non-image DICOM objects, %d corrupt, %d unopenable",
+        len(by_uid), n_junk, n_non_image, n_broken, n_unopenable,
     )
     if n_unopenable:
         raise SeriesError(study_dir, f"{n_unopenable} file(s) cannot be opened (permissions?)")
     if n_broken:
         raise SeriesError(study_dir, f"{n_broken} file(s) start like DICOM but cannot be parsed")
     out = []
-    for uid in sorted(groups):
-        members = groups[uid]
-        first = members[0][1]
-        planes = {_plane(ds.get("ImageOrientationPatient")) for _, ds in members}
-        orientation = planes.pop() if len(planes) == 1 else "MIXED"
-        n_slices = sum(max(1, int(ds.get("NumberOfFrames", 1) or 1)) for _, ds in members)
-        out.append(
-            SeriesInfo(
-                series_uid=uid,
-                files=tuple(p for p, _ in members),
-                description=str(first.get("SeriesDescription", "") or ""),
-                orientation=orientation,
-                n_slices=n_slices,
-                modality=str(first.get("Modality", "") or ""),
-                image_type=tuple(str(v).upper() for v in (first.get("ImageType") or ())),
-                echo_time_ms=_float_or_none(first.get("EchoTime")),
-                repetition_time_ms=_float_or_none(first.get("RepetitionTime")),
+    for uid in sorted(by_uid):
+        members = by_uid[uid]
+        planes = _orientation_clusters([im for im, _ in members])
+        plane_counts: dict[str, int] = defaultdict(int)
+        for p in planes:
+            plane_counts[p] += 1
+        main_plane = next((p for p, n in plane_counts.items() if 2 * n > len(members)), None)
+        groups: dict[tuple[str, str, tuple[str, ...]], list[tuple[_Image, pydicom.Dataset]]] = defaultdict(list)
+        for (im, ds), plane in zip(members, planes):
+            groups[(plane, im.echo, im.image_type)].append((im, ds))
+        for key in sorted(groups):
+            group = groups[key]
+            first_im, first = group[0]
+            plane_names = {_plane(im.iop) if im.iop is not None else "" for im, _ in group}
+            out.append(
+                SeriesInfo(
+                    series_uid=uid,
+                    files=tuple(sorted({im.path for im, _ in group})),
+                    description=str(first.get("SeriesDescription", "") or ""),
+                    orientation=plane_names.pop() if len(plane_names) == 1 else "MIXED",
+                    n_slices=len(group),
+                    modality=str(first.get("Modality", "") or ""),
+                    image_type=first_im.image_type,
+                    echo_time_ms=first_im.echo_time_ms,
+                    repetition_time_ms=first_im.repetition_time_ms,
+                    frames=tuple((im.path, im.frame) for im, _ in group),
+                    group="|".join((key[0], key[1], "\\".join(key[2]))),
+                    stray_orientation=len(plane_counts) > 1 and key[0] != main_plane,
+                )
             )
-        )
     return out
 
 
@@ -226,7 +447,14 @@ def _is_localizer(info: SeriesInfo) -> bool:
         "LOCALIZER" in info.image_type
         or bool(_LOCALIZER_RE.search(info.description.lower()))
         or info.orientation == "MIXED"
+        or info.stray_orientation
     )
+
+
+def _echo_preference(info: SeriesInfo) -> float:
+    if info.echo_time_ms is None:
+        return -np.inf
+    return -abs(info.echo_time_ms - T2_PREFERRED_ECHO_TIME_MS)
 
 
 def _t2_by_description(info: SeriesInfo) -> bool | None:
@@ -261,7 +489,10 @@ def choose_t2_series(series: list[SeriesInfo]) -> SeriesInfo:
        ``T2`` (``T2``, ``T2W``, ``T2WI`` as a token) or if ``TE >= 60 ms`` and
        ``TR >= 1500 ms``.
     4. Rank: description says T2, then TE/TR say T2, then ``ORIGINAL`` before
-       ``DERIVED`` image type, then most slices; ties by series UID (deterministic).
+       ``DERIVED`` image type, then most slices, then (between echoes of one series) the
+       TE closest to ``T2_PREFERRED_ECHO_TIME_MS``; ties by series UID and group label
+       (deterministic). Echoes and contrasts sharing a series UID are separate candidates
+       (see :func:`find_series`) and are never stacked.
 
     Raises:
         SeriesError: no series qualifies; the reason counts the series and why they fell
@@ -285,7 +516,7 @@ def choose_t2_series(series: list[SeriesInfo]) -> SeriesInfo:
             if by_desc is False:
                 counts["other contrast"] += 1
             elif by_desc or by_timing:
-                key = (bool(by_desc), by_timing, "DERIVED" not in info.image_type, info.n_slices)
+                key = (bool(by_desc), by_timing, "DERIVED" not in info.image_type, info.n_slices, _echo_preference(info))
                 candidates.append((key, info))
             else:
                 counts["no T2 evidence"] += 1
@@ -293,7 +524,7 @@ def choose_t2_series(series: list[SeriesInfo]) -> SeriesInfo:
         why = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
         raise SeriesError(study, f"no T2 series among {len(series)} series ({why})")
     # Highest key wins; among equal keys the smallest UID, for determinism.
-    candidates.sort(key=lambda kv: kv[1].series_uid)
+    candidates.sort(key=lambda kv: (kv[1].series_uid, kv[1].group))
     best = max(candidates, key=lambda kv: kv[0])
     logger.debug("chose a T2 series among %d candidates of %d series", len(candidates), len(series))
     return best[1]
@@ -314,22 +545,88 @@ def choose_largest_mr_series(series: list[SeriesInfo]) -> SeriesInfo:
     if not candidates:
         study = _study_label(f for s in series for f in s.files)
         raise SeriesError(study, f"no usable MR series among {len(series)} series")
-    return max(sorted(candidates, key=lambda s: s.series_uid, reverse=True), key=lambda s: s.n_slices)
+    return max(sorted(candidates, key=lambda s: (s.series_uid, s.group), reverse=True), key=lambda s: s.n_slices)
 
 
-def _vector(ds: pydicom.Dataset, keyword: str, n: int) -> np.ndarray | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
+def check_decoders() -> dict[str, bool]:
+    """Which compressed transfer syntaxes pydicom can decode here, by name.
+
+    Called once when a site starts (:class:`client.site_data.SiteData`); a missing decoder
+    is logged as a warning, and a series that needs it is refused naming its syntax.
+    """
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import (
+        JPEG2000,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        RLELossless,
+    )
+
+    out = {}
+    for uid in (
+        RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+        JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+    ):
+        try:
+            out[uid.name] = bool(get_decoder(uid).is_available)
+        except (NotImplementedError, ValueError):
+            out[uid.name] = False
+    missing = [name for name, ok in out.items() if not ok]
+    if missing:
+        logger.warning("no pixel decoder for %d transfer syntax(es): %s", len(missing), "; ".join(missing))
+    else:
+        logger.debug("pixel decoders available for all %d compressed transfer syntaxes", len(out))
+    return out
+
+
+def _decode(ds: pydicom.Dataset, study: str) -> np.ndarray:
+    """Pixel data of one file as ``(frames, rows, columns)``; refuses undecodable data naming the syntax."""
+    from pydicom.pixels import get_decoder
+
+    if "PixelData" not in ds:
+        raise SeriesError(study, "pixel data missing in a slice file (truncated file?)")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise SeriesError(study, "colour (multi-sample) images are not supported")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and syntax.is_compressed:
+        try:
+            available = bool(get_decoder(syntax).is_available)
+        except (NotImplementedError, ValueError):
+            available = False
+        if not available:
+            raise SeriesError(study, f"no decoder for the transfer syntax {syntax.name!r} (install python-gdcm, pylibjpeg and pylibjpeg-openjpeg)")
     try:
-        out = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types
+        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        raise SeriesError(study, f"cannot decode pixel data ({name}; {type(exc).__name__}: {exc})") from exc
+    pixels = np.asarray(pixels)
+    return pixels[None] if pixels.ndim == 2 else pixels
 
 
-def read_series(info: SeriesInfo) -> sitk.Image:
-    """Read one single-frame DICOM series into a float32 volume (see the module rules).
+def _has_philips_scale(ds: pydicom.Dataset) -> bool:
+    try:
+        block = ds.private_block(0x2005, _PHILIPS_CREATOR)
+    except KeyError:
+        return False
+    return 0x0E in block
+
+
+def read_series(info: SeriesInfo, report: ReadReport | None = None) -> sitk.Image:
+    """Read one candidate volume (single-frame files or enhanced frames) into a float32 image.
+
+    See the module rules for ordering, duplicates, geometry checks and intensities.
+
+    Args:
+        info: from :func:`find_series` (or built by hand with ``files`` only: then every
+            image of those files is used).
+        report: if given, receives the series UID and notes (dropped duplicates, vendor
+            scaling not applied, MONOCHROME1 inverted).
 
     Returns:
         A 3D float32 image: index axis ``i`` along the row direction cosine, ``j`` along
@@ -341,27 +638,29 @@ def read_series(info: SeriesInfo) -> sitk.Image:
         SeriesError: with the reason the series cannot be a volume.
     """
     study = _study_label(info.files)
-    if len(info.files) < 2:
-        raise SeriesError(study, f"series has only {len(info.files)} slice file(s)")
-    datasets = []
+    datasets: dict[Path, pydicom.Dataset] = {}
     for path in info.files:
         try:
-            datasets.append(pydicom.dcmread(path, force=False))
+            datasets[path] = pydicom.dcmread(path, force=False)
         except Exception as exc:  # noqa: BLE001
             raise SeriesError(study, f"cannot read a slice file ({type(exc).__name__})") from exc
+    wanted = set(info.frames) if info.frames else None
+    images: list[_Image] = []
+    for path, ds in datasets.items():
+        images.extend(im for im in _images(path, ds) if wanted is None or (im.path, im.frame) in wanted)
+    if len(images) < 2:
+        raise SeriesError(study, f"series has only {len(images)} image(s)")
 
-    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-        raise SeriesError(study, "enhanced multi-frame DICOM is not supported")
     missing = {
-        kw: sum(_vector(ds, kw, n) is None for ds in datasets)
-        for kw, n in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("PixelSpacing", 2))
+        kw: sum(getattr(im, attr) is None for im in images)
+        for kw, attr in (("ImageOrientationPatient", "iop"), ("ImagePositionPatient", "ipp"), ("PixelSpacing", "pixel_spacing"))
     }
     missing = {k: v for k, v in missing.items() if v}
     if missing:
-        what = ", ".join(f"{k} in {v} file(s)" for k, v in missing.items())
+        what = ", ".join(f"{k} in {v} image(s)" for k, v in missing.items())
         raise SeriesError(study, f"missing or invalid {what}")
 
-    iops = np.stack([_vector(ds, "ImageOrientationPatient", 6) for ds in datasets])
+    iops = np.stack([im.iop for im in images])
     if np.max(np.abs(iops - iops[0])) > ORIENTATION_TOLERANCE:
         raise SeriesError(study, "slices have different orientations")
     row, col = iops[0, :3], iops[0, 3:]
@@ -373,28 +672,60 @@ def read_series(info: SeriesInfo) -> sitk.Image:
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
 
-    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    shapes = {(int(datasets[im.path].Rows), int(datasets[im.path].Columns)) for im in images}
     if len(shapes) != 1:
         raise SeriesError(study, f"slices have {len(shapes)} different sizes")
-    spacings = np.stack([_vector(ds, "PixelSpacing", 2) for ds in datasets])
+    spacings = np.stack([im.pixel_spacing for im in images])
     if np.any(spacings <= 0) or np.max(np.abs(spacings - spacings[0])) > 1e-4 * np.max(spacings[0]):
         raise SeriesError(study, "slices have different or invalid pixel spacing")
+    photometric = {str(datasets[p].get("PhotometricInterpretation", "MONOCHROME2")).upper() for p in datasets}
+    if len(photometric) != 1 or photometric.pop() not in ("MONOCHROME1", "MONOCHROME2"):
+        raise SeriesError(study, "photometric interpretation is not one of MONOCHROME1/MONOCHROME2 for the whole series")
+    monochrome1 = str(next(iter(datasets.values())).get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
 
-    positions = np.stack([_vector(ds, "ImagePositionPatient", 3) for ds in datasets])
+    # Decode every file once, and rescale each image on its own (float64 until the end).
+    decoded = {path: _decode(ds, study) for path, ds in datasets.items()}
+    values = []
+    for im in images:
+        ds = datasets[im.path]
+        pixels = decoded[im.path][max(im.frame, 0)]
+        if im.rescale is None:
+            values.append(np.asarray(apply_rescale(pixels, ds), dtype=np.float64))
+        else:
+            values.append(pixels.astype(np.float64) * im.rescale[0] + im.rescale[1])
+
+    positions = np.stack([im.ipp for im in images])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     along, positions = along[order], positions[order]
-    datasets = [datasets[i] for i in order]
+    values = [values[i] for i in order]
+
+    # Duplicates: same position; identical pixels are dropped, different ones refuse the series.
+    keep = [0]
+    n_exact = n_conflict = 0
+    for i in range(1, len(along)):
+        j = keep[-1]
+        if along[i] - along[j] <= DUPLICATE_TOLERANCE_MM:
+            same_place = np.max(np.abs(positions[i] - positions[j])) <= DUPLICATE_TOLERANCE_MM
+            if same_place and np.array_equal(values[i], values[j]):
+                n_exact += 1
+            else:
+                n_conflict += 1
+            continue
+        keep.append(i)
+    if n_conflict:
+        raise SeriesError(
+            study,
+            f"conflicting duplicate slice positions: {len(along)} images at {len(keep)} positions, "
+            f"{n_conflict} with different pixels (multi-echo, multi-phase or repeated slices)",
+        )
+    along, positions, values = along[keep], positions[keep], [values[i] for i in keep]
+    if len(along) < 2:
+        raise SeriesError(study, "series has only 1 distinct slice position")
+
     steps = np.diff(along)
     median = float(np.median(steps))
     tol = max(STEP_TOLERANCE_MM, STEP_TOLERANCE_FRACTION * abs(median))
-    n_dup = int(np.sum(steps <= tol))
-    if n_dup:
-        raise SeriesError(
-            study,
-            f"duplicate slice positions: {len(datasets)} slices at {len(datasets) - n_dup} positions "
-            "(multi-echo, multi-phase or repeated slices)",
-        )
     if np.max(np.abs(steps - median)) > tol:
         raise SeriesError(
             study,
@@ -402,29 +733,33 @@ def read_series(info: SeriesInfo) -> sitk.Image:
             f"(median {median:.2f} mm, tolerance {tol:.3f} mm; missing slice?)",
         )
     offsets = positions - positions[0]
-    drift = float(np.max(np.abs(np.stack([offsets @ row, offsets @ col]))))
+    in_plane = np.stack([offsets @ row, offsets @ col], axis=1)
+    drift = float(np.max(np.abs(in_plane)))
     if drift > tol:
-        raise SeriesError(study, f"slice positions drift in-plane by up to {drift:.2f} mm (sheared stack)")
+        shear_deg = float(np.degrees(np.arctan2(np.linalg.norm(in_plane[-1]), along[-1] - along[0])))
+        raise SeriesError(
+            study,
+            f"sheared stack: slice positions drift in-plane by up to {drift:.2f} mm "
+            f"(gantry tilt or slice step {shear_deg:.1f} degrees off the normal; refused, not resampled)",
+        )
 
-    slices = []
-    for ds in datasets:
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-            raise SeriesError(study, "colour (multi-sample) images are not supported")
-        if "PixelData" not in ds:
-            raise SeriesError(study, "pixel data missing in a slice file (truncated file?)")
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - decoders raise many types
-            raise SeriesError(study, f"cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
-        slices.append(np.asarray(apply_rescale(pixels, ds), dtype=np.float32))
-    volume = np.stack(slices)
-
-    image = sitk.GetImageFromArray(volume)
+    volume = np.stack(values)
+    if monochrome1:
+        volume = volume.min() + volume.max() - volume
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
     step = (along[-1] - along[0]) / (len(along) - 1)
     image.SetSpacing((float(spacings[0, 1]), float(spacings[0, 0]), float(step)))
     image.SetOrigin(tuple(float(v) for v in positions[0]))
     image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
-    logger.debug("read a series of %d slices", len(datasets))
+    if report is not None:
+        report.series_uid = info.series_uid
+        if n_exact:
+            report.notes.append(f"{n_exact} exact duplicate slice(s) dropped")
+        if monochrome1:
+            report.notes.append("MONOCHROME1 inverted")
+        if any(_has_philips_scale(ds) for ds in datasets.values()):
+            report.notes.append("Philips private scale slope present, not applied (displayed values used)")
+    logger.debug("read a series of %d slices (%d exact duplicates dropped)", len(along), n_exact)
     return image
 
 
@@ -442,15 +777,53 @@ def _exception_reason(exc: Exception, path: Path) -> str:
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
 
 
-def _read_nifti(path: Path) -> sitk.Image:
-    """Read a NIfTI file with SimpleITK, after checking with nibabel that its data are complete.
+# RAS (NIfTI) to LPS (ITK/DICOM).
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _affine_geometry(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(direction (3x3, LPS), spacing (3,), origin (3,) LPS)`` of a NIfTI affine; None if sheared."""
+    m = _RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(m, axis=0)
+    if np.any(spacing <= 0):
+        return None
+    direction = m / spacing
+    if np.max(np.abs(direction.T @ direction - np.eye(3))) > 1e-4:
+        return None
+    origin = _RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3, 3]
+    return direction, spacing, origin
+
+
+def _read_nifti(path: Path, report: ReadReport | None = None) -> sitk.Image:
+    """Read a NIfTI file: data completeness and geometry by nibabel's rule, voxels via SimpleITK.
 
     SimpleITK 2.5 silently zero-fills a truncated NIfTI (plain or gzipped); nibabel raises.
+    The geometry follows nibabel's ``get_best_affine`` (sform if ``sform_code > 0``, else
+    qform, else base) and is set on the SimpleITK image, whatever ITK chose.
     """
     try:
-        np.asanyarray(nibabel.load(str(path)).dataobj)
+        nii = nibabel.load(str(path))
+        np.asanyarray(nii.dataobj)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on damaged files
         raise SeriesError(path, f"unreadable NIfTI: {_exception_reason(exc, path)}") from exc
+    header = nii.header
+    sform, _ = header.get_sform(coded=True)
+    qform, _ = header.get_qform(coded=True)
+    if sform is not None and qform is not None:
+        gs, gq = _affine_geometry(sform), _affine_geometry(qform)
+        disagree = (
+            gs is None or gq is None
+            or np.max(np.abs(gs[0] - gq[0])) > 1e-3
+            or np.max(np.abs(gs[1] - gq[1])) > 1e-2
+            or np.max(np.abs(gs[2] - gq[2])) > 1e-2
+        )
+        if disagree:
+            logger.warning("a NIfTI study has a qform and an sform that disagree; the sform is used")
+            if report is not None:
+                report.notes.append("NIfTI qform and sform disagree: sform used")
+    geometry = _affine_geometry(header.get_best_affine())
+    if geometry is None:
+        raise SeriesError(path, "NIfTI affine has shear or zero scale; refused")
     try:
         image = sitk.ReadImage(str(path), sitk.sitkFloat32)
     except RuntimeError as exc:
@@ -459,6 +832,10 @@ def _read_nifti(path: Path) -> sitk.Image:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
         raise SeriesError(path, f"NIfTI is {image.GetDimension()}D, expected a 3D volume")
+    direction, spacing, origin = geometry
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetOrigin(tuple(float(v) for v in origin))
     # Header text fields (descrip, aux_file, ...) may hold anything: keep geometry and voxels only.
     for key in image.GetMetaDataKeys():
         image.EraseMetaData(key)
@@ -468,18 +845,19 @@ def _read_nifti(path: Path) -> sitk.Image:
 def read_study(
     path: Path,
     choose: Callable[[list[SeriesInfo]], SeriesInfo] = choose_t2_series,
+    report: ReadReport | None = None,
 ) -> sitk.Image:
     """Read a study into a float32 3D image in its native orientation.
 
     Args:
         path: a DICOM study folder (the series is chosen with ``choose`` and read with
-            :func:`read_series`), or a ``.nii`` / ``.nii.gz`` file (read with
-            ``sitk.ReadImage``; ITK converts NIfTI's RAS to LPS). NIfTI data are first
-            checked to be complete with nibabel, because SimpleITK zero-fills truncated files;
-            header metadata are dropped.
+            :func:`read_series`), or a ``.nii`` / ``.nii.gz`` file (checked complete and
+            given its geometry by nibabel's rule, see the module notes; header metadata
+            are dropped).
         choose: series selection rule for DICOM folders; :func:`choose_t2_series` (the
             default) is what sites use. Another rule (e.g. a given series UID) is for
             tools and tests; it may raise :class:`SeriesError`.
+        report: if given, receives the series UID and notes for the operator.
 
     Raises:
         SeriesError: naming the study and the reason, e.g. ``"no DICOM files"``,
@@ -487,7 +865,7 @@ def read_study(
     """
     path = Path(path)
     if path.is_file() and path.name.lower().endswith(_NIFTI_SUFFIXES):
-        return _read_nifti(path)
+        return _read_nifti(path, report)
     if not path.exists():
         raise SeriesError(path, "study does not exist")
     if not path.is_dir():
@@ -496,6 +874,6 @@ def read_study(
     if not series:
         raise SeriesError(path, "no DICOM files")
     try:
-        return sitk.Cast(read_series(choose(series)), sitk.sitkFloat32)
+        return sitk.Cast(read_series(choose(series), report), sitk.sitkFloat32)
     except SeriesError as exc:
         raise SeriesError(path, exc.reason) from exc

@@ -16,11 +16,15 @@ The preprocessing cache (never leaves the site) holds, per study, under
 * ``study.mha`` - the LPS-oriented float32 study (:func:`orient_lps` of :func:`read_study`);
 * ``hemi_L.npy``/``hemi_R.npy`` - the windowed hemi volumes ``(D, H, W)`` float32;
 * ``grid_L.json``/``grid_R.json`` - their :class:`GridGeometry`;
-* ``meta.json`` - study shape and spacing, written last.
+* ``meta.json`` - study shape, spacing, direction, series UID, read notes and the intensity
+  convention, written last.
 
-``key`` is the sha256 of the cache format, the full :class:`PreprocessingSpec` and, for every
-source file of the study, its path relative to the study, size and mtime (ns). The key holds
-no patient data, so cache folder names are safe. Entries are written to a temporary folder
+``key`` is the sha256 of the cache format, the full :class:`PreprocessingSpec`, the intensity
+convention of :mod:`client.dicom_series` and the sorted sha256 digests of the *contents* of
+every source file of the study: never paths, sizes or times. So a study whose files change
+(even with the same size and mtime) gets a new entry and is never served stale, and a study
+that is moved or renamed keeps its entry. The key holds no patient data, so cache folder
+names are safe. Entries are written to a temporary folder
 and renamed into place, so an interrupted run leaves no half entry. A hit reads no DICOM.
 Failed studies are not cached: they are retried on the next construction.
 """
@@ -42,7 +46,13 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from client.dicom_series import SeriesError, read_study
+from client.dicom_series import (
+    INTENSITY_CONVENTION,
+    ReadReport,
+    SeriesError,
+    check_decoders,
+    read_study,
+)
 from shared_models.preprocessing import (
     SIDES,
     GridGeometry,
@@ -63,8 +73,12 @@ SPLIT_COLUMNS: tuple[str, ...] = ("patient_id", "split")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_SPLIT = "test"
 
+# Smallest field of view (mm, LPS x = left-right, y = antero-posterior, z = supero-inferior) that
+# can hold both femoral heads: the heads lie ~90 mm either side of the midline and are ~50 mm wide.
+MIN_STUDY_EXTENT_MM: tuple[float, float, float] = (160.0, 60.0, 40.0)
+
 # Bump when the cache layout or the reading code changes meaning.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _STUDY_FILE = "study.mha"
 _META_FILE = "meta.json"
 
@@ -101,9 +115,13 @@ class StudyVerdict:
     Attributes:
         study: study path relative to the site root.
         status: ``"ok"`` or ``"refused"``.
-        reason: ``"ok"``, ``"ok (cached)"`` or why the study was refused.
+        reason: ``"ok"``, ``"ok (cached)"`` or why the study was refused; an ok study may
+            carry read notes after a ``"; "`` (e.g. ``"ok; 2 exact duplicate slice(s) dropped"``).
         shape: LPS-oriented study size ``(D, H, W)``, None if refused.
         spacing_mm: its ``voxel_spacing_mm`` ``(D, H, W)``, None if refused.
+        series_uid: ``SeriesInstanceUID`` of the series read ("" for NIfTI), None if refused.
+        direction: the LPS-oriented image's direction matrix, row-major 9 numbers (ITK),
+            None if refused.
     """
 
     study: str
@@ -111,6 +129,20 @@ class StudyVerdict:
     reason: str
     shape: tuple[int, ...] | None
     spacing_mm: tuple[float, ...] | None
+    series_uid: str | None = None
+    direction: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict:
+        """The verdict as ``{study, series_uid, status, reason, shape, spacing_mm, direction}`` (JSON-ready)."""
+        return {
+            "study": self.study,
+            "series_uid": self.series_uid,
+            "status": self.status,
+            "reason": self.reason,
+            "shape": None if self.shape is None else list(self.shape),
+            "spacing_mm": None if self.spacing_mm is None else list(self.spacing_mm),
+            "direction": None if self.direction is None else list(self.direction),
+        }
 
 
 def _parse_box(text: str) -> tuple[float, ...] | None:
@@ -262,19 +294,26 @@ def _source_files(path: Path) -> list[Path]:
     return out
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def cache_key(study_path: Path, spec: PreprocessingSpec) -> str:
-    """sha256 of the cache format, the spec and the study's (relative name, size, mtime_ns) list."""
-    study_path = Path(study_path)
-    files = []
-    for f in _source_files(study_path):
-        st = f.stat()
-        rel = f.name if f == study_path else f.relative_to(study_path).as_posix()
-        files.append([rel, st.st_size, st.st_mtime_ns])
-    payload = {"format": CACHE_FORMAT, "spec": spec.to_dict(), "files": files}
+    """sha256 of the cache format, the spec, the intensity convention and the study's file contents.
+
+    Content only: the sorted sha256 digests of the study's files, never their paths, sizes or
+    modification times (see the module notes).
+    """
+    digests = sorted(_file_digest(f) for f in _source_files(Path(study_path)))
+    payload = {"format": CACHE_FORMAT, "spec": spec.to_dict(), "intensity": INTENSITY_CONVENTION, "files": digests}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _write_entry(entry: Path, image: sitk.Image, spec: PreprocessingSpec) -> dict:
+def _write_entry(entry: Path, image: sitk.Image, spec: PreprocessingSpec, report: ReadReport) -> dict:
     """Write a cache entry for an LPS-oriented study atomically; return its meta."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
@@ -292,6 +331,10 @@ def _write_entry(entry: Path, image: sitk.Image, spec: PreprocessingSpec) -> dic
         meta = {
             "shape": list(image.GetSize()[::-1]),
             "spacing_mm": list(image.GetSpacing()[::-1]),
+            "direction": list(image.GetDirection()),
+            "series_uid": report.series_uid,
+            "notes": list(report.notes),
+            "intensity_convention": INTENSITY_CONVENTION,
         }
         (tmp / _META_FILE).write_text(json.dumps(meta))
         try:
@@ -334,6 +377,8 @@ class SiteData:
         spec: the preprocessing spec used for the hemi volumes and crops.
         heads: heads whose study loaded, in manifest order.
         verdicts: one :class:`StudyVerdict` per study of the manifest, in manifest order.
+        decoders: compressed transfer syntax name -> decoder available, checked at start-up
+            (:func:`client.dicom_series.check_decoders`).
 
     Args:
         site_root: the site folder.
@@ -345,7 +390,8 @@ class SiteData:
     Raises:
         ValueError: the manifest or split file is invalid (see :func:`read_manifest`).
 
-    A study is also refused when a head of it has a box whose centre falls outside the
+    A study is refused when its LPS field of view is smaller than ``MIN_STUDY_EXTENT_MM``
+    (too small to hold both hips). It is also refused when a head of it has a box whose centre falls outside the
     hemi grid of its side (typically L/R swapped or a box in another frame), since training
     on such a head would teach the detector nonsense.
     """
@@ -363,6 +409,7 @@ class SiteData:
         self.cache_dir = Path(cache_dir)
         self.spec = spec
         rows = _manifest_rows(self.site_root, site_id)
+        self.decoders = check_decoders()
         studies = list(dict.fromkeys(record.study for _, record in rows))
         self._entries: dict[str, Path] = {}
         self._grids: dict[tuple[str, str], GridGeometry] = {}
@@ -393,8 +440,10 @@ class SiteData:
             if cached:
                 meta = json.loads((entry / _META_FILE).read_text())
             else:
-                image = orient_lps(read_study(path))
-                meta = _write_entry(entry, image, self.spec)
+                report = ReadReport()
+                image = orient_lps(read_study(path, report=report))
+                meta = _write_entry(entry, image, self.spec, report)
+            self._check_extent(path, meta)
             grids = {s: GridGeometry.from_dict(json.loads((entry / f"grid_{s}.json").read_text())) for s in SIDES}
             for line, head in heads:
                 self._check_box(head, line, grids[head.side])
@@ -405,12 +454,15 @@ class SiteData:
         self._entries[study] = entry
         for side, grid in grids.items():
             self._grids[(study, side)] = grid
+        reason = "; ".join(["ok (cached)" if cached else "ok", *meta.get("notes", [])])
         verdict = StudyVerdict(
             study=study,
             status="ok",
-            reason="ok (cached)" if cached else "ok",
+            reason=reason,
             shape=tuple(int(v) for v in meta["shape"]),
             spacing_mm=tuple(float(v) for v in meta["spacing_mm"]),
+            series_uid=str(meta.get("series_uid", "")),
+            direction=tuple(float(v) for v in meta["direction"]) if "direction" in meta else None,
         )
         return verdict, cached
 
@@ -418,6 +470,16 @@ class SiteData:
     def _refuse(study: str, reason: str) -> StudyVerdict:
         logger.warning("a study was refused (details in its verdict)")
         return StudyVerdict(study=study, status="refused", reason=reason, shape=None, spacing_mm=None)
+
+    @staticmethod
+    def _check_extent(path: Path, meta: dict) -> None:
+        """Refuse a study whose field of view is too small to hold both hips (``MIN_STUDY_EXTENT_MM``)."""
+        d, h, w = (n * s for n, s in zip(meta["shape"], meta["spacing_mm"]))
+        extent = (w, h, d)  # LPS x, y, z
+        if any(e < m for e, m in zip(extent, MIN_STUDY_EXTENT_MM)):
+            have = " x ".join(f"{e:.0f}" for e in extent)
+            need = " x ".join(f"{m:.0f}" for m in MIN_STUDY_EXTENT_MM)
+            raise SeriesError(path, f"field of view too small to hold both hips: {have} mm (LR x AP x SI), at least {need} mm")
 
     def _check_box(self, head: HeadRecord, line: int, grid: GridGeometry) -> None:
         if head.box_lps_mm is None:

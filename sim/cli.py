@@ -244,13 +244,16 @@ def cmd_site_check(args) -> int:
     cache = Path(args.cache) if args.cache else root / ".onfh-cache"
     site = SiteData(root, site_id, cache, PreprocessingSpec(), progress=True)
     table = Table(title=f"site {site_id}: study verdicts")
-    for col in ("study", "status", "reason", "shape", "spacing mm"):
+    for col in ("study", "series UID", "status", "reason", "shape", "spacing mm", "direction"):
         table.add_column(col)
     for v in site.verdicts:
-        table.add_row(v.study, v.status, v.reason, str(v.shape or ""), str(v.spacing_mm or ""))
+        spacing = " x ".join(f"{s:g}" for s in v.spacing_mm) if v.spacing_mm else ""
+        direction = " ".join(f"{d:+.3g}" for d in v.direction) if v.direction else ""
+        table.add_row(v.study, v.series_uid or "", v.status, v.reason, str(v.shape or ""), spacing, direction)
     console.print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps([v.__dict__ for v in site.verdicts], indent=2, default=list))
+        # One object per study: {study, series_uid, status: ok|refused, reason, shape, spacing_mm, direction}.
+        Path(args.json).write_text(json.dumps([v.to_dict() for v in site.verdicts], indent=2))
     bad = sum(v.status != "ok" for v in site.verdicts)
     console.print(f"{len(site.verdicts) - bad} studies ok, {bad} refused, {len(site.heads)} femoral heads usable")
     return 1 if bad else 0

@@ -231,9 +231,14 @@ def test_mixed_orientations_in_one_series_are_refused(tmp_path):
     write_series(tmp_path / "s" / "a", ramp((3, 4, 4)), series_uid=uid)
     write_series(tmp_path / "s" / "b", ramp((3, 4, 4)), series_uid=uid, row=(0, 1, 0), col=(0, 0, -1), origin=(50, 0, 0))
     series = find_series(tmp_path / "s")
-    assert len(series) == 1 and series[0].orientation == "MIXED"
+    # Two planes of equal size in one series UID: neither is the acquisition, both are localizers.
+    assert len(series) == 2 and all(s.stray_orientation for s in series)
+    with pytest.raises(SeriesError, match=r"no T2 series among 2 series \(2 localizer\)"):
+        read_study(tmp_path / "s")
+    # Forced to read both planes as one volume, the reader still refuses.
+    both = SeriesInfo(**{**series[0].__dict__, "files": series[0].files + series[1].files, "frames": ()})
     with pytest.raises(SeriesError, match="different orientations"):
-        read_series(series[0])
+        read_series(both)
 
 
 def test_truncated_slice_is_refused(tmp_path):
@@ -301,7 +306,7 @@ def test_three_plane_localizer_is_not_chosen(tmp_path):
     study = tmp_path / "study"
     write_series(study / "a", ramp((3, 4, 4)), series_uid=uid, description="pelvis", image_type=("ORIGINAL", "PRIMARY"))
     write_series(study / "b", ramp((3, 4, 4)), series_uid=uid, description="pelvis", row=(0, 1, 0), col=(0, 0, -1))
-    with pytest.raises(SeriesError, match=r"no T2 series among 1 series \(1 localizer\)"):
+    with pytest.raises(SeriesError, match=r"no T2 series among 2 series \(2 localizer\)"):
         read_study(study)
 
 

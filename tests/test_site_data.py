@@ -186,12 +186,23 @@ def test_cache_hit_reads_no_dicom(site, tmp_path, monkeypatch):
     assert not any(n in ("p1", "p2", *PATIENTS) for n in names)
     assert not any(n.startswith(".tmp-") for n in names)
 
-    # A touched source file or a new spec invalidates the entry.
+    # The key is the content: a touched file (same bytes) is still a hit...
     calls.clear()
-    some_file = next(p for p in (site / "studies" / "p1").iterdir() if p.suffix != ".log")
+    some_file = next(p for p in sorted((site / "studies" / "p1").iterdir()) if p.suffix != ".log")
     os.utime(some_file, ns=(some_file.stat().st_atime_ns, some_file.stat().st_mtime_ns + 10**9))
     SiteData(site, "site-A", cache, SPEC)
+    assert sorted(calls) == ["p3", "p4"]
+    # ... and changed bytes with the same size and the same mtime are a miss (never stale).
+    calls.clear()
+    stat = some_file.stat()
+    data = bytearray(some_file.read_bytes())
+    data[-1] ^= 0x01  # last pixel byte
+    some_file.write_bytes(bytes(data))
+    os.utime(some_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert some_file.stat().st_size == stat.st_size and some_file.stat().st_mtime_ns == stat.st_mtime_ns
+    SiteData(site, "site-A", cache, SPEC)
     assert sorted(calls) == ["p1", "p3", "p4"]
+    # A new spec invalidates every entry.
     calls.clear()
     SiteData(site, "site-A", cache, PreprocessingSpec(crop_margin_mm=4.0))
     assert sorted(calls) == ["p1", "p3", "p4", "t2.nii.gz"]
