@@ -96,6 +96,7 @@ def build_report(
     train_sites: tuple[str, ...],
     crop_source: str,
     wall_time_s: float,
+    site_data: dict[str, dict] | None = None,
 ) -> dict:
     """Assemble ``report.json`` from the per-round per-site metrics of both phases.
 
@@ -121,6 +122,7 @@ def build_report(
         "selected_rounds": selected_rounds,
         "train_sites": list(train_sites),
         "crop_source": crop_source,
+        "site_data": {s: {k.replace("-", "_"): v for k, v in m.items()} for s, m in sorted((site_data or {}).items())},
         "sites": group_stage_metrics(last_stager, groups),
         "detector": detector_site_metrics(last_detector),
         "history": history,

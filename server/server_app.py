@@ -43,8 +43,12 @@ class SitesMissingError(RuntimeError):
     """Not every configured site connected within ``node-wait-timeout-s``."""
 
 
-def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> dict[int, str]:
+def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> tuple[dict[int, str], dict[str, dict]]:
     """Wait for one node per configured site and map node ids to site ids.
+
+    Returns:
+        ``(node_sites, site_data)``: node id -> site id, and per site the counts it
+        reported (heads per split, studies refused; never study names).
 
     Raises:
         SitesMissingError: when the wait exceeds ``node-wait-timeout-s``; the message
@@ -53,6 +57,7 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> dict[int,
     expected = set(cfg.site_ids)
     deadline = time.monotonic() + cfg.node_wait_timeout_s
     node_sites: dict[int, str] = {}
+    site_data: dict[str, dict] = {}
     while True:
         node_ids = [n for n in grid.get_node_ids() if n not in node_sites]
         if node_ids:
@@ -64,7 +69,9 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> dict[int,
                 if reply.has_error():
                     log.warning("a node failed the hello query: %s", reply.error.reason)
                     continue
-                node_sites[reply.metadata.src_node_id] = str(reply.content["site"]["site-id"])
+                site_id = str(reply.content["site"]["site-id"])
+                node_sites[reply.metadata.src_node_id] = site_id
+                site_data[site_id] = dict(reply.content["metrics"])
         if expected <= set(node_sites.values()):
             break
         if time.monotonic() > deadline:
@@ -72,7 +79,7 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> dict[int,
             raise SitesMissingError(f"sites {missing} did not connect within {cfg.node_wait_timeout_s:.0f} s")
         time.sleep(poll_s)
     log.info("connected sites: %s", sorted(node_sites.values()))
-    return node_sites
+    return node_sites, site_data
 
 
 def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict | None, cfg: RunConfig) -> str:
@@ -211,7 +218,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)
 
     # 2. sites
-    node_sites = discover_sites(grid, cfg)
+    node_sites, site_data = discover_sites(grid, cfg)
 
     # 3. phase 1: detector
     detector = run_phase(grid, cfg, store, node_sites, phase="detector", model=YOLOX3D(cfg.detector),
@@ -231,7 +238,7 @@ def main(grid: Grid, context: Context) -> None:
         stager_history=stager.site_metrics, detector_history=detector.site_metrics,
         selected_rounds={"detector": detector.selected_round, "stager": stager.selected_round},
         stager_train=stager.train_metrics, detector_train=detector.train_metrics,
-        groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source,
+        groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source, site_data=site_data,
         wall_time_s=time.monotonic() - t0,
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))

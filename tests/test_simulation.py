@@ -47,6 +47,7 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert set(report["sites"]) == {"A-test", "external-1"}
     ext = report["sites"]["external-1"]
     assert ext["n"] == 3  # every usable B head is an external test head; the broken study was skipped
+    assert report["site_data"]["B"]["studies_refused"] == 1 and report["site_data"]["A"]["studies_refused"] == 0
     for stage in ("0", "I", "II"):
         assert set(ext["per_stage"][stage]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
     # site A trained in both phases (a failed local training would only show as a missing entry)
