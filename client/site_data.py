@@ -210,7 +210,19 @@ def _read_split(site_root: Path) -> dict[str, str] | None:
     return split
 
 
-def _manifest_rows(site_root: Path, site_id: str) -> list[tuple[int, HeadRecord]]:
+class HeadRefused(ValueError):
+    """A manifest row whose head cannot be used (its label or box), while the rest of the manifest is fine."""
+
+
+def _manifest_rows(
+    site_root: Path, site_id: str, refusals: list[tuple[int, str, str]] | None = None
+) -> list[tuple[int, HeadRecord]]:
+    """Parse the manifest; with ``refusals`` given, label/box problems refuse only that head.
+
+    ``refusals`` collects ``(line, study, reason)`` for rows refused on their own (a
+    Ficat-Arlet stage out of scope or unreadable, a malformed box); without it those rows
+    raise like any structural error.
+    """
     site_root = Path(site_root)
     path = site_root / MANIFEST_NAME
     if not path.is_file():
@@ -228,8 +240,11 @@ def _manifest_rows(site_root: Path, site_id: str) -> list[tuple[int, HeadRecord]
             side = row["side"].upper()
             if side not in SIDES:
                 raise ValueError(f"side must be L or R, got {row['side']!r}")
-            stage = None if not row["ficat_stage"] else int(FicatArletStage.parse(row["ficat_stage"]))
-            box = _parse_box(row["box_lps_mm"])
+            try:
+                stage = None if not row["ficat_stage"] else int(FicatArletStage.parse(row["ficat_stage"]))
+                box = _parse_box(row["box_lps_mm"])
+            except ValueError as exc:
+                raise HeadRefused(str(exc)) from None
             if (patient, side) in seen_heads:
                 raise ValueError(f"the same patient and side already appear in row {seen_heads[(patient, side)]}")
             if study in study_patient and study_patient[study][0] != patient:
@@ -240,6 +255,12 @@ def _manifest_rows(site_root: Path, site_id: str) -> list[tuple[int, HeadRecord]
                 head_split = split[patient]
             else:
                 raise ValueError(f"patient has no row in {SPLIT_NAME}")
+        except HeadRefused as exc:
+            if refusals is None:
+                raise ValueError(f"{path}: row {line}: {exc}") from None
+            refusals.append((line, study, f"head {side} refused: manifest row {line}: {exc}"))
+            seen_heads[(patient, side)] = line
+            continue
         except ValueError as exc:
             raise ValueError(f"{path}: row {line}: {exc}") from None
         seen_heads[(patient, side)] = line
@@ -259,7 +280,7 @@ def _manifest_rows(site_root: Path, site_id: str) -> list[tuple[int, HeadRecord]
                 ),
             )
         )
-    if not out:
+    if not out and not refusals:
         raise ValueError(f"{path}: manifest has no rows")
     return out
 
@@ -389,6 +410,9 @@ class SiteData:
 
     Raises:
         ValueError: the manifest or split file is invalid (see :func:`read_manifest`).
+            Exception: a row whose Ficat-Arlet stage is out of scope (III/IV) or unreadable,
+            or whose box is malformed, refuses only that head, with a verdict naming the
+            row; the study's other head and every other study go on.
 
     A study is refused when its LPS field of view is smaller than ``MIN_STUDY_EXTENT_MM``
     (too small to hold both hips). It is also refused when a head of it has a box whose centre falls outside the
@@ -408,7 +432,8 @@ class SiteData:
         self.site_id = site_id
         self.cache_dir = Path(cache_dir)
         self.spec = spec
-        rows = _manifest_rows(self.site_root, site_id)
+        refused_rows: list[tuple[int, str, str]] = []
+        rows = _manifest_rows(self.site_root, site_id, refused_rows)
         self.decoders = check_decoders()
         studies = list(dict.fromkeys(record.study for _, record in rows))
         self._entries: dict[str, Path] = {}
@@ -423,6 +448,9 @@ class SiteData:
             self.verdicts.append(verdict)
         ok = {v.study for v in self.verdicts if v.status == "ok"}
         self.heads: list[HeadRecord] = [r for _, r in rows if r.study in ok]
+        # Heads refused for their label (e.g. stage III) get a verdict of their own; the
+        # study's other head and every other study go on.
+        self.verdicts += [StudyVerdict(study, "refused", reason, None, None) for _, study, reason in refused_rows]
         logger.info(
             "site %s: %d of %d studies loaded (%d from cache), %d refused; %d heads",
             site_id, len(ok), len(studies), n_cached, len(studies) - len(ok), len(self.heads),

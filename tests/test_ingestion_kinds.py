@@ -640,3 +640,24 @@ def test_site_check_json_format(tmp_path):
     }
     assert ct == {"study": "ct", "series_uid": None, "status": "refused", "reason": "no T2 series among 1 series (1 not MR)",
                   "shape": None, "spacing_mm": None, "direction": None}
+
+
+def test_out_of_scope_stage_refuses_only_that_head(tmp_path):
+    root = tmp_path / "site"
+    _hip_stack(root / "s1")
+    _hip_stack(root / "s2")
+    (root / "manifest.csv").write_text(
+        "patient_id,study,side,ficat_stage,box_lps_mm,scanner\n"
+        "P1,s1,L,III,40 -20 -20 80 20 20,X\n"   # collapsed head: out of scope, refused alone
+        "P1,s1,R,0,,X\n"                         # the other head of the same study goes on
+        "P2,s2,L,maybe,,X\n"                     # unreadable label
+        "P3,s2,R,II,1 2 3,X\n"                   # malformed box
+    )
+    data = SiteData(root, "S", tmp_path / "cache", SPEC)
+    assert [(h.study, h.side) for h in data.heads] == [("s1", "R")]
+    reasons = [v.reason for v in data.verdicts if v.status == "refused"]
+    assert len(reasons) == 3
+    assert any("manifest row 2" in r and "out of scope" in r for r in reasons)
+    assert any("manifest row 4" in r and "unreadable Ficat-Arlet stage" in r for r in reasons)
+    assert any("manifest row 5" in r for r in reasons)
+    assert all("P1" not in r and "P2" not in r for r in reasons)  # no patient ids in verdict reasons
