@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from rich.table import Table
 
 log = logging.getLogger("onfh")
 console = Console()
+if not console.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
+    console = Console(width=140)
 
 REAL_NIFTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "prostatex-0000-pelvis-t2-axial.nii.gz"
 
@@ -35,6 +38,8 @@ SCHEDULES: dict[str, dict[str, object]] = {
 
 
 # --------------------------------------------------------------------------- helpers
+
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def _parse_set(items: list[str]) -> dict[str, object]:
@@ -49,9 +54,14 @@ def _parse_set(items: list[str]) -> dict[str, object]:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(defaults)}")
         kind = type(defaults[key])
         if kind is bool:
-            out[key] = value.lower() in ("1", "true", "yes", "on")
-        else:
+            if value.lower() not in BOOLEANS:
+                raise ValueError(f"--set {key}={value!r}: expected a boolean ({', '.join(sorted(BOOLEANS))})")
+            out[key] = BOOLEANS[value.lower()]
+            continue
+        try:
             out[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"--set {key}={value!r}: expected {kind.__name__}") from None
     return out
 
 
@@ -61,7 +71,8 @@ def _fmt(value) -> str:
 
 def print_report(report: dict, baseline: dict | None = None) -> None:
     """Print the per-site report (and the intensity baseline) as tables."""
-    table = Table(title=f"Ficat-Arlet staging — {report['strategy']}, {report['rounds']} rounds, trained at {report['train_sites']}")
+    rounds = ", ".join(f"{k} {v}" for k, v in report["rounds"].items())
+    table = Table(title=f"Ficat-Arlet staging — {report['strategy']}, rounds: {rounds}, trained at {', '.join(report['train_sites'])}")
     for col in ("site", "n", "accuracy", "sensitivity", "specificity", "F1", "AUC", "weighted AUC", "baseline AUC"):
         table.add_column(col, justify="right" if col != "site" else "left")
     for name, m in report["sites"].items():
@@ -112,6 +123,23 @@ def _run_config_for(args) -> dict[str, object]:
     return rc
 
 
+def _run_complete(out: Path, run_config: dict, cfg) -> bool:
+    """True when ``out`` holds a finished run of this very config.
+
+    Raises:
+        ValueError: if ``out`` holds checkpoints of a different configuration (checked
+            here, before Flower starts, so the message is not buried in a run log).
+    """
+    from server.checkpoint import CheckpointStore, config_fingerprint
+
+    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config))
+    detector, stager = store.load("detector"), store.load("stager")
+    return bool(
+        detector and stager and detector.round >= cfg.detector_rounds and stager.round >= cfg.stager_rounds
+        and (out / "report.json").exists() and (out / "bundle" / "MANIFEST.sig").exists()
+    )
+
+
 def cmd_run(args) -> int:
     """Splits -> Flower simulation -> report (+ intensity baseline)."""
     from client import tasks
@@ -121,8 +149,19 @@ def cmd_run(args) -> int:
     from sim.splits import write_splits
 
     overrides = _run_config_for(args)
-    cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
+    full = {**default_run_config(), **overrides}
+    cfg = RunConfig.from_run_config(full)
+    if not Path(cfg.data_root).is_dir():
+        raise FileNotFoundError(f"--data {cfg.data_root}: no such folder")
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: exists and is not a folder")
+    if _run_complete(out, full, cfg):
+        report = json.loads((out / "report.json").read_text())
+        console.print(f"run in {out} is already complete for this configuration: showing its report "
+                      "(use a new --out to train again)")
+        print_report(report, report.get("baseline_intensity_logreg"))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     write_splits(Path(cfg.data_root), cfg.site_ids, cfg.train_sites, seed=cfg.seed)
@@ -164,6 +203,9 @@ def cmd_run(args) -> int:
 
     curves = plot_training_curves(report, out / "training_curves.png")
     print_report(report, baseline)
+    if args.profile == "quick":
+        console.print("[yellow]quick profile: a smoke test of the whole pipeline; its figures are not meaningful "
+                      "(use --profile paper)[/yellow]")
     console.print(f"training curves: {curves}")
     console.print(f"wall time {report['simulation']['wall_time_s']:.0f} s, peak memory of the simulation "
                   f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB\nreport: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
@@ -325,17 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from client.dicom_series import SeriesError
     from shared_models.bundle import BundleError
 
+    # SIGTERM (CI, systemd, kill) and SIGINT (also when started in the background) stop a
+    # run cleanly: the runner stops the Flower run and every process it started.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, SeriesError, BundleError) as err:
+    except (ValueError, OSError, RuntimeError, SeriesError, BundleError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: every process of the run was stopped; re-run the same command to resume")
+        return 130
 
 
 if __name__ == "__main__":

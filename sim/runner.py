@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -112,14 +113,44 @@ def simulation_superlink(work: Path, env: dict[str, str]):
             raise SimulationError(f"flower-superlink did not open port {port} within 60 s; see {log_path}")
         yield f"127.0.0.1:{port}", proc.pid
     finally:
+        stop_run_processes(proc.pid, env["FLWR_HOME"])
+
+
+def stop_run_processes(superlink_pid: int, flwr_home: str, timeout_s: float = 15.0) -> int:
+    """Stop every process of this run: the SuperLink's tree and anything started with our ``FLWR_HOME``.
+
+    Flower's SuperExec, ``flwr-simulation`` and Ray's agents start in sessions of their own
+    (some re-parented to PID 1), so killing the SuperLink's process group is not enough;
+    they all inherit this run's unique ``FLWR_HOME`` and are found by it. SIGTERM first,
+    SIGKILL after ``timeout_s`` seconds.
+
+    Returns:
+        The number of processes that had to be stopped.
+    """
+    procs: dict[int, psutil.Process] = {}
+    try:
+        root = psutil.Process(superlink_pid)
+        procs.update({p.pid: p for p in (root, *root.children(recursive=True))})
+    except psutil.NoSuchProcess:
+        pass
+    for p in psutil.process_iter():
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            if p.pid != os.getpid() and p.environ().get("FLWR_HOME") == flwr_home:
+                procs[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
 
 
 def write_connection(flwr_home: Path, address: str) -> None:
@@ -176,12 +207,15 @@ def _wait(env: dict[str, str], run_id: int, timeout_s: float, on_poll, pid: int,
     raise SimulationError(f"run {run_id} did not finish within {timeout_s:.0f} s")
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    """The last lines of a log file (for error messages)."""
+def _last_error(path: Path) -> str:
+    """The last exception line of a run log (``SomethingError: message``), for a one-line error."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
-        return ""
+        return "no run log"
+    pattern = re.compile(r"^\s*[\w.]+(Error|Exception|Missing\w*): ")
+    hits = [line.strip() for line in lines if pattern.match(line)]
+    return hits[-1] if hits else "see the run log"
 
 
 def run_simulation(
@@ -235,11 +269,18 @@ def run_simulation(
                                             stdout=fh, stderr=subprocess.STDOUT, cwd=APP_DIR, start_new_session=True)
             try:
                 status = _wait(env, run_id, timeout_s, on_poll, pid, peak)
+            except KeyboardInterrupt:
+                log.warning("interrupted: stopping run %d (re-run the same command to resume)", run_id)
+                try:
+                    _flwr(["stop", str(run_id), CONNECTION], env, timeout=20)
+                except (SimulationError, subprocess.TimeoutExpired):
+                    pass
+                raise
             finally:
                 streamer.terminate()
                 streamer.wait(timeout=30)
             if status != "finished:completed":
-                raise SimulationError(f"run {run_id} ended {status!r}; see {run_log}\n{_tail(run_log)}")
+                raise SimulationError(f"run {run_id} ended {status!r}: {_last_error(run_log)}\nfull log: {run_log}")
         return {"run_id": run_id, "wall_time_s": round(time.monotonic() - t0, 1), "peak_rss_bytes": peak.get("rss_bytes", 0)}
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
