@@ -30,8 +30,10 @@ def _patient_strata(manifest: Path) -> dict[str, int]:
     worst: dict[str, int] = defaultdict(int)
     with open(manifest, newline="") as fh:
         for row in csv.DictReader(fh):
-            stage = row.get("ficat_stage", "").strip()
-            value = int(FicatArletStage.parse(stage)) if stage else 0
+            try:
+                value = int(FicatArletStage.parse(row.get("ficat_stage", "").strip() or "0"))
+            except ValueError:  # out of scope or unreadable: the site refuses that head; the patient still gets a split
+                value = 0
             worst[row["patient_id"]] = max(worst[row["patient_id"]], value)
     return dict(worst)
 

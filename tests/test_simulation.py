@@ -24,12 +24,16 @@ def two_site_phantoms(tmp_path_factory):
     )
     root = tmp_path_factory.mktemp("phantoms")
     generate_phantoms(root, profile, seed=1)
-    # a broken export at site B: the study folder holds no DICOM, only junk
-    broken = root / "B" / "study-broken"
-    broken.mkdir()
-    (broken / "notes.txt").write_text("not an image")
-    with open(root / "B" / "manifest.csv", "a") as fh:
-        fh.write("B-9999,study-broken,L,0,,SIEMENS Prisma 3T\n")
+    # broken exports at the training site A and the evaluate-only site B: the study folder
+    # holds no DICOM, only junk; and at A a head labelled stage III (out of scope)
+    for site in ("A", "B"):
+        broken = root / site / "study-broken"
+        broken.mkdir()
+        (broken / "notes.txt").write_text("not an image")
+        with open(root / site / "manifest.csv", "a") as fh:
+            fh.write(f"{site}-9999,study-broken,L,0,,SIEMENS Prisma 3T\n")
+    with open(root / "A" / "manifest.csv", "a") as fh:
+        fh.write("A-9998,study-collapsed,R,III,,SIEMENS Prisma 3T\n")
     return root
 
 
@@ -47,7 +51,7 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert set(report["sites"]) == {"A-test", "external-1"}
     ext = report["sites"]["external-1"]
     assert ext["n"] == 3  # every usable B head is an external test head; the broken study was skipped
-    assert report["site_data"]["B"]["studies_refused"] == 1 and report["site_data"]["A"]["studies_refused"] == 0
+    assert report["site_data"]["B"]["studies_refused"] == 1 and report["site_data"]["A"]["studies_refused"] == 2
     for stage in ("0", "I", "II"):
         assert set(ext["per_stage"][stage]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
     # site A trained in both phases (a failed local training would only show as a missing entry)
