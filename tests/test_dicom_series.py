@@ -11,8 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from client.dicom_series import (
     SeriesError,
@@ -23,6 +22,7 @@ from client.dicom_series import (
     read_study,
 )
 from shared_models.preprocessing import orient_lps
+from tests.dicom_factory import new_mr_dataset
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real test data folder {REAL} is missing")
@@ -67,14 +67,7 @@ def write_series(
     paths = []
     for write_idx, k in enumerate(order):
         pos = positions[k] if positions is not None else np.asarray(origin) + k * spacing[2] * normal
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds = new_mr_dataset()
         ds.StudyInstanceUID = "1.2.3"
         ds.SeriesInstanceUID = series_uid
         ds.Modality = modality

@@ -23,7 +23,6 @@ from pydicom.uid import (
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    MRImageStorage,
     RLELossless,
     generate_uid,
 )
@@ -40,6 +39,7 @@ from client.dicom_series import (
 )
 from client.site_data import SiteData
 from shared_models.preprocessing import PreprocessingSpec
+from tests.dicom_factory import new_mr_dataset
 
 ROW, COL = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
 NORMAL = np.cross(ROW, COL)
@@ -69,13 +69,7 @@ def slice_ds(
     rescale: tuple[float, float] | None = None,
 ) -> Dataset:
     """One single-frame MR slice; ``pixels`` are the stored uint16 values."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_mr_dataset()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", series_uid
     ds.Modality, ds.SeriesDescription, ds.ImageType = modality, description, list(image_type)
     if te is not None:

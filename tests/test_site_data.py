@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 import client.site_data as site_data
 from client.site_data import SiteData, read_manifest
 from shared_models.preprocessing import PreprocessingSpec, box_lps_to_voxel, window
+from tests.dicom_factory import new_mr_dataset
 
 SPEC = PreprocessingSpec()
 PATIENTS = ("ANON-7731", "ANON-8842", "ANON-9953", "ANON-1064")
@@ -51,13 +51,7 @@ def write_dicom_study(folder: Path, volume: np.ndarray, description: str = "t2_t
     uid = generate_uid()
     paths = []
     for k in range(volume.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds = new_mr_dataset()
         ds.SeriesInstanceUID, ds.Modality, ds.SeriesDescription = uid, "MR", description
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
         ds.EchoTime, ds.RepetitionTime = 80.0, 3500.0

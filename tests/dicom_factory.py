@@ -1,0 +1,21 @@
+"""Shared builder for synthetic DICOM test inputs (pydicom)."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+
+def new_mr_dataset() -> Dataset:
+    """An empty single-frame MR Image Storage dataset with file meta and a fresh SOP Instance UID.
+
+    Explicit VR little endian; callers add geometry, pixels and the other attributes.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    return ds
