@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,13 +48,43 @@ def _autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
-def _optimiser_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> float:
-    """One (AMP-scaled when enabled) optimiser step; returns the loss as a float."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    return float(loss.detach())
+@dataclass
+class _LocalRun:
+    """What one round of local training shares between the detector and the stager loops:
+    Adam with weight decay, an AMP grad scaler (CUDA only), the FedProx reference weights
+    and the seeded random streams."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    global_params: list[torch.Tensor] | None
+    proximal_mu: float
+    rng: np.random.Generator
+    gen: torch.Generator
+
+    @classmethod
+    def start(cls, model: nn.Module, *, lr: float, weight_decay: float, device: torch.device, amp: bool,
+              proximal_mu: float, seed: int) -> "_LocalRun":
+        model.to(device).train()
+        return cls(
+            model=model,
+            opt=torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay),
+            scaler=torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda"),
+            global_params=snapshot_params(model) if proximal_mu > 0 else None,
+            proximal_mu=proximal_mu,
+            rng=np.random.default_rng(seed),
+            gen=torch.Generator().manual_seed(seed),
+        )
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Add the FedProx term (when mu > 0), take one optimiser step; returns the total loss."""
+        if self.global_params is not None:
+            loss = loss + fedprox_proximal_term(self.model, self.global_params, self.proximal_mu)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return float(loss.detach())
 
 
 def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator, weights=None):
@@ -121,28 +152,21 @@ def train_detector(
     n = len(volumes)
     if n == 0:
         raise ValueError("train_detector: no training volumes")
-    model.to(device).train()
-    global_params = snapshot_params(model) if proximal_mu > 0 else None
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    run = _LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
     h_size = volumes.shape[3]
     losses = []
-    for idx in _batches(n, batch_size, steps, rng):
+    for idx in _batches(n, batch_size, steps, run.rng):
         x = torch.from_numpy(volumes[idx]).float()
         y = torch.from_numpy(boxes_voxel[idx]).float().clone()
-        flip = torch.rand(len(idx), generator=gen) < 0.5
+        flip = torch.rand(len(idx), generator=run.gen) < 0.5
         if flip.any():
             x[flip] = torch.flip(x[flip], dims=[3])
             y[flip, 1] = (h_size - 1) - y[flip, 1]
-        x = _augment_intensity(x, gen).to(device)
+        x = _augment_intensity(x, run.gen).to(device)
         y = y.to(device)
         with _autocast(device, amp):
             loss, _ = detector_loss(model(x), y, model.cells)
-        if global_params is not None:
-            loss = loss + fedprox_proximal_term(model, global_params, proximal_mu)
-        losses.append(_optimiser_step(opt, scaler, loss))
+        losses.append(run.step(loss))
     return {"train-loss": float(np.mean(losses))}
 
 
@@ -211,32 +235,25 @@ def train_stager(
         raise ValueError("train_stager: no training crops")
     if stages.min() < 0 or stages.max() >= NUM_STAGES:
         raise ValueError(f"train_stager: stage indices must be in 0..{NUM_STAGES - 1}")
-    model.to(device).train()
-    global_params = snapshot_params(model) if proximal_mu > 0 else None
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+    run = _LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
     criterion = stage_focal_loss(gamma=focal_gamma)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
     weights = None
     if class_balanced:
         freq = np.bincount(stages, minlength=NUM_STAGES).astype(np.float64)
         weights = 1.0 / np.maximum(freq[stages], 1.0)
     losses = []
-    for idx in _batches(n, batch_size, steps, rng, weights=weights):
+    for idx in _batches(n, batch_size, steps, run.rng, weights=weights):
         x = torch.from_numpy(crops[idx]).float()
         for dim in flip_dims:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
+            flip = torch.rand(len(idx), generator=run.gen) < 0.5
             if flip.any():
                 x[flip] = torch.flip(x[flip], dims=[dim])
-        x = _augment_intensity(x, gen).to(device)
+        x = _augment_intensity(x, run.gen).to(device)
         y = torch.from_numpy(stages[idx]).long().to(device)
         with _autocast(device, amp):
             logits = model(x)
         loss = criterion(logits.float(), y)
-        if global_params is not None:
-            loss = loss + fedprox_proximal_term(model, global_params, proximal_mu)
-        losses.append(_optimiser_step(opt, scaler, loss))
+        losses.append(run.step(loss))
     return {"train-loss": float(np.mean(losses))}
 
 

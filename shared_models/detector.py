@@ -63,8 +63,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -75,6 +75,8 @@ from monai.data.box_utils import box_iou, convert_box_mode, non_max_suppression
 from monai.losses import BoxGIoULoss
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
+
+from shared_models.config_dict import DictConfig
 
 __all__ = [
     "DetectorConfig",
@@ -132,7 +134,7 @@ def _positive_int(key: str, value: Any) -> int:
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(DictConfig):
     """Constructor arguments of :class:`YOLOX3D` (recorded in every model bundle).
 
     Attributes:
@@ -185,23 +187,6 @@ class DetectorConfig:
     def level_channels(self) -> tuple[int, ...]:
         """Channels of the backbone stages feeding the neck, one per level."""
         return self.widths[-len(self.strides) :]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists) that :meth:`from_dict` reads back."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DetectorConfig":
-        """Build a validated config; missing keys take the defaults.
-
-        Raises:
-            ValueError: for an unknown key or a bad value (the message names the key).
-        """
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"{key}: unknown DetectorConfig key (known: {sorted(known)})")
-        return cls(**dict(data))
 
 
 DetectorConfig.PAPER = DetectorConfig(

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Dropout, Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from monai.networks.nets.densenet import _DenseBlock, _Transition
+
+from shared_models.config_dict import DictConfig
 
 __all__ = ["StagerConfig", "MulPoolFusion", "MulDenseNet3D"]
 
@@ -60,7 +62,7 @@ def _int_tuple(key: str, value: Any) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class StagerConfig:
+class StagerConfig(DictConfig):
     """Constructor arguments of :class:`MulDenseNet3D` (recorded in every model bundle).
 
     Attributes:
@@ -122,23 +124,6 @@ class StagerConfig:
         if not isinstance(self.stem_pool, (bool, np.bool_)):
             raise ValueError(f"stem_pool: expected a bool, got {self.stem_pool!r}")
         object.__setattr__(self, "stem_pool", bool(self.stem_pool))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists) that :meth:`from_dict` reads back."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "StagerConfig":
-        """Build a validated config; missing keys take the defaults.
-
-        Raises:
-            ValueError: for an unknown key or a bad value (the message names the key).
-        """
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"{key}: unknown StagerConfig key (known: {sorted(known)})")
-        return cls(**dict(data))
 
 
 StagerConfig.PAPER = StagerConfig(init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4)
