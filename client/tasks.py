@@ -93,20 +93,21 @@ def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: s
 
     Returns:
         ``num-examples``, ``iou-mean``, ``center-error-mm`` (median), ``recall30``,
-        ``recall50``, ``low-confidence`` (count). Zeros when the split is empty.
+        ``recall50``, ``ap50`` (COCO 101-point AP at 3D IoU 0.5), ``low-confidence`` (count).
+        Zeros when the split is empty.
     """
     heads = _boxed(site.heads_in(split))
     out = {"num-examples": len(heads), "iou-mean": 0.0, "center-error-mm": 0.0,
-           "recall30": 0.0, "recall50": 0.0, "low-confidence": 0}
+           "recall30": 0.0, "recall50": 0.0, "ap50": 0.0, "low-confidence": 0}
     if not heads:
         return out
     model = YOLOX3D(cfg.detector)
     model.load_state_dict(state)
-    pred, _, low = predict_boxes(model, _hemi_batch(site, heads), device=select_device(cfg.device))
+    pred, scores, low = predict_boxes(model, _hemi_batch(site, heads), device=select_device(cfg.device))
     gt = np.stack([site.gt_box_voxels(h) for h in heads])
-    m = detection_metrics(pred, gt, site.spec.hemi_spacing_mm)
+    m = detection_metrics(pred, gt, site.spec.hemi_spacing_mm, scores=scores)
     out.update({"iou-mean": float(m["iou_mean"]), "center-error-mm": float(m["center_error_mm"]),
-                "recall30": float(m["recall30"]), "recall50": float(m["recall50"]),
+                "recall30": float(m["recall30"]), "recall50": float(m["recall50"]), "ap50": float(m["ap50"]),
                 "low-confidence": int(low.sum())})
     return out
 

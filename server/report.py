@@ -67,7 +67,7 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
 
 
 def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
-    """Per-site detector figures: ``iou_mean``, ``center_error_mm`` (median), ``recall30``, ``recall50``, ``n``."""
+    """Per-site detector figures: ``iou_mean``, ``center_error_mm`` (median), ``recall30``, ``recall50``, ``ap50``, ``n``."""
     out = {}
     for site, m in sorted(site_metrics.items()):
         n = int(m.get("num-examples", 0))
@@ -77,6 +77,7 @@ def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
             "center_error_mm": float(m["center-error-mm"]) if n else None,
             "recall30": float(m["recall30"]) if n else None,
             "recall50": float(m["recall50"]) if n else None,
+            "ap50": float(m["ap50"]) if n and "ap50" in m else None,
             "low_confidence": int(m.get("low-confidence", 0)),
         }
     return out

@@ -248,8 +248,40 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": n}
 
 
+def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> float:
+    """COCO-style average precision: 101-point interpolated precision over recall.
+
+    Follows ``COCOeval.accumulate`` (cocodataset/cocoapi, PythonAPI/pycocotools/cocoeval.py):
+    detections sorted by score (descending, stable), cumulative precision and recall
+    (recall = TP / number of ground-truth boxes), precision made non-increasing from the
+    right, then averaged at recall thresholds 0, 0.01, ..., 1 (0 where a recall is never
+    reached). pycocotools itself is 2D-only, hence this small 3D-agnostic port.
+
+    Args:
+        scores: (N,) detection scores.
+        is_tp: (N,) bool, True where the detection matches a ground-truth box.
+        n_gt: number of ground-truth boxes (> 0).
+
+    Raises:
+        ValueError: if ``n_gt`` < 1 or the arrays differ in length.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    is_tp = np.asarray(is_tp, dtype=bool)
+    if n_gt < 1 or scores.shape != is_tp.shape:
+        raise ValueError(f"average_precision_101: need n_gt >= 1 and matching arrays, got {n_gt}, {scores.shape}, {is_tp.shape}")
+    order = np.argsort(-scores, kind="mergesort")
+    tp = np.cumsum(is_tp[order])
+    precision = tp / np.arange(1, len(order) + 1)
+    recall = tp / n_gt
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    thresholds = np.linspace(0.0, 1.0, 101)
+    idx = np.searchsorted(recall, thresholds, side="left")
+    return float(np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0).mean())
+
+
 def detection_metrics(
-    pred_boxes: np.ndarray, gt_boxes: np.ndarray, spacing_dhw_mm: Sequence[float] | np.ndarray
+    pred_boxes: np.ndarray, gt_boxes: np.ndarray, spacing_dhw_mm: Sequence[float] | np.ndarray,
+    scores: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Localisation quality of the detector, one predicted box per ground-truth box.
 
@@ -258,10 +290,13 @@ def detection_metrics(
         gt_boxes: ``(N, 6)`` ground-truth boxes, same grid.
         spacing_dhw_mm: voxel spacing of that grid in mm, ``(D, H, W)`` order: ``(3,)`` for all
             cases or ``(N, 3)`` per case.
+        scores: optional ``(N,)`` detection scores; with them ``ap50`` is added.
 
     Returns:
         ``n``; ``iou_mean`` (mean 3D IoU); ``center_error_mm`` (median Euclidean distance of the
-        box centres in mm); ``recall30`` / ``recall50`` (fraction of cases with IoU >= 0.3 / 0.5).
+        box centres in mm); ``recall30`` / ``recall50`` (fraction of cases with IoU >= 0.3 / 0.5);
+        with ``scores``, ``ap50``: COCO 101-point AP at 3D IoU 0.5
+        (:func:`average_precision_101`; one detection per ground-truth box here).
         All NaN when ``N = 0``.
 
     Raises:
@@ -276,13 +311,17 @@ def detection_metrics(
     if spacing.shape not in ((3,), (n, 3)) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ValueError(f"spacing_dhw_mm: expected (3,) or ({n}, 3) positive mm values, got shape {spacing.shape}")
     if n == 0:
-        return {"n": 0, "iou_mean": math.nan, "center_error_mm": math.nan, "recall30": math.nan, "recall50": math.nan}
+        empty = {"n": 0, "iou_mean": math.nan, "center_error_mm": math.nan, "recall30": math.nan, "recall50": math.nan}
+        return empty if scores is None else {**empty, "ap50": math.nan}
     ious = np.diagonal(box_iou_3d(pred, gt)).astype(np.float64)
     err = np.linalg.norm((pred[:, :3] - gt[:, :3]) * spacing, axis=1)
-    return {
+    out = {
         "n": int(n),
         "iou_mean": float(ious.mean()),
         "center_error_mm": float(np.median(err)),
         "recall30": float(np.mean(ious >= 0.3)),
         "recall50": float(np.mean(ious >= 0.5)),
     }
+    if scores is not None:
+        out["ap50"] = average_precision_101(np.asarray(scores).reshape(-1)[:n], ious >= 0.5, n)
+    return out

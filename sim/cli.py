@@ -85,11 +85,11 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
                       _fmt(m["weighted"]["auc"]), _fmt(base))
     console.print(table)
     det = Table(title="3DC-YOLOX femoral head detection (test heads)")
-    for col in ("site", "n", "IoU mean", "centre error mm (median)", "recall@0.3", "recall@0.5", "low confidence"):
+    for col in ("site", "n", "IoU mean", "centre error mm (median)", "recall@0.3", "recall@0.5", "AP50", "low confidence"):
         det.add_column(col, justify="right" if col != "site" else "left")
     for site, m in report["detector"].items():
         det.add_row(site, str(m["n"]), _fmt(m["iou_mean"]), _fmt(m["center_error_mm"]), _fmt(m["recall30"]),
-                    _fmt(m["recall50"]), str(m["low_confidence"]))
+                    _fmt(m["recall50"]), _fmt(m.get("ap50")), str(m["low_confidence"]))
     console.print(det)
 
 

@@ -169,3 +169,19 @@ def test_detection_metrics_hand_example():
         detection_metrics(pred, gt, (1.0, -1.0, 1.0))
     with pytest.raises(ValueError):
         detection_metrics(pred, gt[:2], spacing)
+
+
+def test_average_precision_101_matches_hand_computed_coco_value():
+    from shared_models.metrics import average_precision_101
+
+    # 4 ground-truth boxes; ranked detections TP, FP, TP, FP.
+    # precision 1, 1/2, 2/3, 1/2 -> right envelope 1, 2/3, 2/3, 1/2; recall .25, .25, .5, .5.
+    # Recall thresholds 0..0.25 (26 points) -> 1; 0.26..0.50 (25 points) -> 2/3; above 0.5 -> 0.
+    expected = (26 * 1.0 + 25 * (2 / 3)) / 101
+    got = average_precision_101(np.array([0.9, 0.8, 0.7, 0.6]), np.array([True, False, True, False]), 4)
+    assert got == pytest.approx(expected, abs=1e-12)
+    # order comes from the scores, not the input order
+    shuffled = average_precision_101(np.array([0.6, 0.7, 0.8, 0.9]), np.array([False, True, False, True]), 4)
+    assert shuffled == pytest.approx(expected, abs=1e-12)
+    assert average_precision_101(np.array([0.5, 0.4]), np.array([True, True]), 2) == pytest.approx(1.0)
+    assert average_precision_101(np.array([0.5]), np.array([False]), 1) == 0.0

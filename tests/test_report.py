@@ -65,7 +65,7 @@ def test_report_is_json_safe_and_uses_last_round():
     assert report["proximal_mu"] is None  # mu only reported for FedProx
     assert report["sites"]["A-test"]["n"] == 12
     assert report["detector"]["A"] == {"n": 3, "iou_mean": 0.61, "center_error_mm": 2.5, "recall30": 1.0,
-                                       "recall50": 0.66, "low_confidence": 0}
+                                       "recall50": 0.66, "ap50": None, "low_confidence": 0}
 
 
 def test_report_uses_the_selected_round_not_the_last():

@@ -59,6 +59,7 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert set(report["history"]["stager_train_loss"]["1"]) == {"A"}
     assert set(report["detector"]) == {"A", "B"}
     assert 0.0 <= report["detector"]["B"]["iou_mean"] <= 1.0
+    assert 0.0 <= report["detector"]["B"]["ap50"] <= 1.0
     # per-round checkpoints for both phases, and the signed bundle verifies against the run's key
     assert (out / "checkpoints" / "detector.pt").exists() and (out / "checkpoints" / "stager.pt").exists()
     bundle = load_bundle(out / "bundle", out / "keys" / "bundle-signing-key.pem.pub")
