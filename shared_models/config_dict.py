@@ -1,10 +1,40 @@
-"""Dict round trip shared by the model configs (they are rebuilt from bundles)."""
+"""Validation helpers and the dict round trip shared by the model configs (rebuilt from bundles)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
+
+import numpy as np
+
+
+def positive_int(key: str, value: Any, min_value: int = 1) -> int:
+    """``value`` as an int >= ``min_value`` (bools refused).
+
+    Raises:
+        ValueError: naming ``key``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < min_value:
+        raise ValueError(f"{key}: expected an integer >= {min_value}, got {value!r}")
+    return int(value)
+
+
+def int_tuple(key: str, value: Any, min_value: int = 1) -> tuple[int, ...]:
+    """A non-empty sequence (not a string) of ints, each >= ``min_value``, as a tuple.
+
+    Raises:
+        ValueError: naming ``key``.
+    """
+    if isinstance(value, str):
+        raise ValueError(f"{key}: expected a sequence of integers, got a string {value!r}")
+    try:
+        items = tuple(value)
+    except TypeError as exc:
+        raise ValueError(f"{key}: expected a sequence of integers, got {value!r}") from exc
+    if not items:
+        raise ValueError(f"{key}: must not be empty")
+    return tuple(positive_int(key, v, min_value) for v in items)
 
 
 class DictConfig:

@@ -65,7 +65,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ from monai.losses import BoxGIoULoss
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
 
-from shared_models.config_dict import DictConfig
+from shared_models.config_dict import DictConfig, int_tuple, positive_int
 
 __all__ = [
     "DetectorConfig",
@@ -108,31 +108,6 @@ PRED_CHANNELS = 8
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
-def _int_tuple(key: str, value: Any, min_value: int = 1) -> tuple[int, ...]:
-    if isinstance(value, str):
-        raise ValueError(f"{key}: expected a sequence of integers, got a string {value!r}")
-    try:
-        items = tuple(value)
-    except TypeError as exc:
-        raise ValueError(f"{key}: expected a sequence of integers, got {value!r}") from exc
-    out = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
-            raise ValueError(f"{key}: expected integers, got {item!r}")
-        if int(item) < min_value:
-            raise ValueError(f"{key}: every value must be >= {min_value}, got {item!r}")
-        out.append(int(item))
-    if not out:
-        raise ValueError(f"{key}: must not be empty")
-    return tuple(out)
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"{key}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class DetectorConfig(DictConfig):
     """Constructor arguments of :class:`YOLOX3D` (recorded in every model bundle).
@@ -163,10 +138,10 @@ class DetectorConfig(DictConfig):
     PAPER: ClassVar["DetectorConfig"]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "in_channels", _positive_int("in_channels", self.in_channels))
-        widths = _int_tuple("widths", self.widths, min_value=2)
-        depths = _int_tuple("depths", self.depths, min_value=1)
-        strides = _int_tuple("strides", self.strides, min_value=1)
+        object.__setattr__(self, "in_channels", positive_int("in_channels", self.in_channels))
+        widths = int_tuple("widths", self.widths, min_value=2)
+        depths = int_tuple("depths", self.depths, min_value=1)
+        strides = int_tuple("strides", self.strides, min_value=1)
         if len(widths) != len(depths) + 1:
             raise ValueError(
                 f"widths: expected len(depths) + 1 = {len(depths) + 1} values (stem + one per stage), "
@@ -181,7 +156,7 @@ class DetectorConfig(DictConfig):
         object.__setattr__(self, "widths", widths)
         object.__setattr__(self, "depths", depths)
         object.__setattr__(self, "strides", strides)
-        object.__setattr__(self, "head_width", _positive_int("head_width", self.head_width))
+        object.__setattr__(self, "head_width", positive_int("head_width", self.head_width))
 
     @property
     def level_channels(self) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from monai.networks.layers.factories import Conv, Dropout, Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from monai.networks.nets.densenet import _DenseBlock, _Transition
 
-from shared_models.config_dict import DictConfig
+from shared_models.config_dict import DictConfig, int_tuple, positive_int
 
 __all__ = ["StagerConfig", "MulPoolFusion", "MulDenseNet3D"]
 
@@ -41,24 +41,6 @@ logger = logging.getLogger(__name__)
 
 FUSION_MODES = ("concat", "sum")
 TRANSITIONS = ("mulpool", "plain")
-
-
-def _positive_int(key: str, value: Any, min_value: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < min_value:
-        raise ValueError(f"{key}: expected an integer >= {min_value}, got {value!r}")
-    return int(value)
-
-
-def _int_tuple(key: str, value: Any) -> tuple[int, ...]:
-    if isinstance(value, str):
-        raise ValueError(f"{key}: expected a sequence of positive integers, got a string {value!r}")
-    try:
-        items = tuple(value)
-    except TypeError as exc:
-        raise ValueError(f"{key}: expected a sequence of positive integers, got {value!r}") from exc
-    if not items:
-        raise ValueError(f"{key}: must not be empty")
-    return tuple(_positive_int(key, v) for v in items)
 
 
 @dataclass(frozen=True)
@@ -106,10 +88,10 @@ class StagerConfig(DictConfig):
 
     def __post_init__(self) -> None:
         for key in ("in_channels", "init_features", "growth_rate", "bn_size"):
-            object.__setattr__(self, key, _positive_int(key, getattr(self, key)))
-        object.__setattr__(self, "out_channels", _positive_int("out_channels", self.out_channels, 2))
-        object.__setattr__(self, "block_config", _int_tuple("block_config", self.block_config))
-        scales = _int_tuple("pool_scales", self.pool_scales)
+            object.__setattr__(self, key, positive_int(key, getattr(self, key)))
+        object.__setattr__(self, "out_channels", positive_int("out_channels", self.out_channels, 2))
+        object.__setattr__(self, "block_config", int_tuple("block_config", self.block_config))
+        scales = int_tuple("pool_scales", self.pool_scales)
         if len(set(scales)) != len(scales):
             raise ValueError(f"pool_scales: values must be distinct, got {scales}")
         object.__setattr__(self, "pool_scales", scales)
@@ -199,7 +181,7 @@ class MulPoolFusion(nn.Module):
         super().__init__()
         if fusion not in FUSION_MODES:
             raise ValueError(f"fusion: expected one of {FUSION_MODES}, got {fusion!r}")
-        scales = _int_tuple("pool_scales", pool_scales)
+        scales = int_tuple("pool_scales", pool_scales)
         if len(set(scales)) != len(scales):
             raise ValueError(f"pool_scales: values must be distinct, got {scales}")
         conv_type = Conv[Conv.CONV, spatial_dims]
