@@ -163,9 +163,10 @@ def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None)
             boxes_lps = []
             for start in range(0, len(heads), 16):
                 chunk = heads[start : start + 16]
-                pred, _, low = predict_boxes(model, _hemi_batch(site, chunk), device=device)
+                loaded = [site.hemi_volume(h) for h in chunk]  # read each cached volume once: array and grid
+                pred, _, low = predict_boxes(model, np.stack([v for v, _ in loaded]), device=device)
                 low_count += int(low.sum())
-                boxes_lps += [box_voxel_to_lps(b, site.hemi_volume(h)[1]) for b, h in zip(pred, chunk)]
+                boxes_lps += [box_voxel_to_lps(b, grid) for b, (_, grid) in zip(pred, loaded)]
         crops = np.stack([site.crop(h, b) for h, b in zip(heads, boxes_lps)]) if heads else \
             np.zeros((0, 1, *site.spec.crop_shape), np.float32)
         path.parent.mkdir(parents=True, exist_ok=True)

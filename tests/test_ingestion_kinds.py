@@ -17,11 +17,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     EnhancedMRImageStorage,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
     generate_uid,
@@ -339,13 +338,7 @@ def test_monochrome1_is_inverted_before_windowing(tmp_path):
 
 def enhanced_ds(frames: list[tuple[np.ndarray, np.ndarray, float, float, float]], series_uid: str) -> Dataset:
     """Enhanced MR file; each frame is (stored pixels, position, slope, intercept, TE)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_mr_dataset(EnhancedMRImageStorage)
     ds.SeriesInstanceUID, ds.Modality, ds.SeriesDescription = series_uid, "MR", "T2W_TSE"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "T2", "NONE"]
     shared = Dataset()
