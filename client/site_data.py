@@ -67,6 +67,7 @@ from shared_models.stages import FicatArletStage
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
+SITE_CACHE_NAME = ".onfh-cache"  # default cache folder inside a site root; it never travels
 SPLIT_NAME = "split.csv"
 MANIFEST_COLUMNS: tuple[str, ...] = ("patient_id", "study", "side", "ficat_stage", "box_lps_mm", "scanner")
 SPLIT_COLUMNS: tuple[str, ...] = ("patient_id", "split")

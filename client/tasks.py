@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.site_data import HeadRecord, SiteData
+from client.site_data import SITE_CACHE_NAME, HeadRecord, SiteData
 from client.training import predict_boxes, predict_stages, select_device, train_detector, train_stager
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
@@ -38,7 +38,7 @@ HIST_BINS = 100
 
 def site_cache_dir(cfg: RunConfig, site_id: str, site_root: Path) -> Path:
     """The site's preprocessing cache: ``<cache-dir>/<site>`` or ``<site-root>/.onfh-cache``."""
-    return Path(cfg.cache_dir) / site_id if cfg.cache_dir else site_root / ".onfh-cache"
+    return Path(cfg.cache_dir) / site_id if cfg.cache_dir else site_root / SITE_CACHE_NAME
 
 
 def open_site(cfg: RunConfig, site_id: str, site_root: Path) -> SiteData:

@@ -278,12 +278,12 @@ def cmd_infer(args) -> int:
 
 
 def cmd_site_check(args) -> int:
-    from client.site_data import SiteData
+    from client.site_data import SITE_CACHE_NAME, SiteData
     from shared_models.preprocessing import PreprocessingSpec
 
     root = Path(args.data)
     site_id = args.site_id or root.name
-    cache = Path(args.cache) if args.cache else root / ".onfh-cache"
+    cache = Path(args.cache) if args.cache else root / SITE_CACHE_NAME
     site = SiteData(root, site_id, cache, PreprocessingSpec(), progress=True)
     table = Table(title=f"site {site_id}: study verdicts")
     for col in ("study", "series UID", "status", "reason", "shape", "spacing mm", "direction"):
