@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.detector_training import predict_boxes, train_detector
 from client.site_data import SITE_CACHE_NAME, HeadRecord, SiteData
-from client.training import predict_boxes, predict_stages, select_device, train_detector, train_stager
+from client.stager_training import predict_stages, train_stager
+from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
 from shared_models.metrics import detection_metrics, stage_counts, stage_metrics
