@@ -123,92 +123,36 @@ def _run_config_for(args) -> dict[str, object]:
     return rc
 
 
-def _run_complete(out: Path, run_config: dict, cfg) -> bool:
-    """True when ``out`` holds a finished run of this very config.
-
-    Raises:
-        ValueError: if ``out`` holds checkpoints of a different configuration (checked
-            here, before Flower starts, so the message is not buried in a run log).
-    """
-    from server.checkpoint import CheckpointStore, config_fingerprint
-
-    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config))
-    detector, stager = store.load("detector"), store.load("stager")
-    return bool(
-        detector and stager and detector.round >= cfg.detector_rounds and stager.round >= cfg.stager_rounds
-        and (out / "report.json").exists() and (out / "bundle" / "MANIFEST.sig").exists()
-    )
-
-
 def cmd_run(args) -> int:
     """Splits -> Flower simulation -> report (+ intensity baseline)."""
-    from client import tasks
-    from shared_models.config import RunConfig, default_run_config
-    from sim.baseline import intensity_baseline
-    from sim.runner import run_simulation
-    from sim.splits import write_splits
+    from sim.experiment import run_experiment
 
-    overrides = _run_config_for(args)
-    full = {**default_run_config(), **overrides}
-    cfg = RunConfig.from_run_config(full)
-    if not Path(cfg.data_root).is_dir():
-        raise FileNotFoundError(f"--data {cfg.data_root}: no such folder")
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out}: exists and is not a folder")
-    if _run_complete(out, full, cfg):
-        report = json.loads((out / "report.json").read_text())
-        console.print(f"run in {out} is already complete for this configuration: showing its report "
-                      "(use a new --out to train again)")
-        print_report(report, report.get("baseline_intensity_logreg"))
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    write_splits(Path(cfg.data_root), cfg.site_ids, cfg.train_sites, seed=cfg.seed)
-    console.print(f"[bold]preparing site caches[/bold] for {', '.join(cfg.site_ids)} …")
-    sites = {s: tasks.open_site(cfg, s, Path(cfg.data_root) / s) for s in cfg.site_ids}
-    refused = sum(v.status != "ok" for site in sites.values() for v in site.verdicts)
-    console.print(f"  {sum(len(s.heads) for s in sites.values())} heads ready, {refused} studies refused "
-                  f"[{time.monotonic() - t0:.1f} s]")
-
-    total_rounds = cfg.detector_rounds + cfg.stager_rounds
-    progress_file = out / "checkpoints" / "progress.json"
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]federated rounds[/bold] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("", total=total_rounds)
-
-        def poll():
-            if progress_file.exists():
-                try:
-                    p = json.loads(progress_file.read_text())
-                except (OSError, ValueError):
-                    return
-                done = p["round"] + (cfg.detector_rounds if p["phase"] == "stager" else 0)
-                bar.update(task, completed=done, description=f"({p['phase']} round {p['round']})")
-
-        stats = run_simulation(overrides, num_sites=len(cfg.site_ids), work_dir=out / "flower", cpus_per_client=1, on_poll=poll)
-        poll()
-
-    report = json.loads((out / "report.json").read_text())
-    baseline = intensity_baseline(sites, cfg.train_sites, cfg.report_groups, seed=cfg.seed)
-    from server.report import json_safe
-
-    report["baseline_intensity_logreg"] = json_safe({g: {"n": m["n"], "macro": m["macro"], "weighted": m["weighted"]} for g, m in baseline.items()})
-    report["simulation"] = {"wall_time_s": round(time.monotonic() - t0, 1), "flower_wall_time_s": stats["wall_time_s"],
-                            "peak_rss_bytes": stats["peak_rss_bytes"]}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    from sim.plots import plot_training_curves
-
-    curves = plot_training_curves(report, out / "training_curves.png")
-    print_report(report, baseline)
+    report = run_experiment(_run_config_for(args), console=console)
+    print_report(report, report.get("baseline_intensity_logreg"))
     if args.profile == "quick":
         console.print("[yellow]quick profile: a smoke test of the whole pipeline; its figures are not meaningful "
                       "(use --profile paper)[/yellow]")
-    console.print(f"training curves: {curves}")
-    console.print(f"wall time {report['simulation']['wall_time_s']:.0f} s, peak memory of the simulation "
-                  f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB\nreport: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
+    out = Path(args.out)
+    sim_stats = report.get("simulation", {})
+    if sim_stats:
+        console.print(f"training curves: {out / 'training_curves.png'}")
+        console.print(f"wall time {sim_stats['wall_time_s']:.0f} s, peak memory of the simulation "
+                      f"{sim_stats['peak_rss_bytes'] / 2**30:.2f} GiB")
+    console.print(f"report: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """A grid of variants x seeds on the same data; resumable; ``compare.json`` + ``compare.md``."""
+    from sim.compare import DEFAULT_VARIANTS, parse_variant, print_summary, run_compare
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    variants = [parse_variant(v, _parse_set) for v in args.variant] if args.variant else list(DEFAULT_VARIANTS)
+    args.seed = seeds[0] if seeds else 0
+    base = {k: v for k, v in _run_config_for(args).items() if k not in ("out-dir", "seed")}
+    summary = run_compare(base, Path(args.out), variants, seeds, console=console)
+    print_summary(summary, console)
+    console.print(f"grid: {Path(args.out) / 'compare.json'} and compare.md")
     return 0
 
 
@@ -327,19 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_phantoms)
 
-    def run_args(p, data_required=True):
+    def run_args(p, data_required=True, seed=True):
         if data_required:
             p.add_argument("--data", required=True, help="folder holding one sub-folder per site (A, B, C, D)")
         p.add_argument("--out", required=True, help="output folder: report.json, bundle/, checkpoints/ (re-run to resume)")
         p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedbn"), default="fedavg")
         p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule matching the phantom profile")
-        p.add_argument("--seed", type=int, default=0)
+        if seed:
+            p.add_argument("--seed", type=int, default=0)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
 
     p = sim.add_parser("run", help="federated simulation (Flower, one SuperNode per site) ending with a report")
     run_args(p)
     p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A)")
     p.set_defaults(func=cmd_run)
+    p = sim.add_parser("compare", help="a grid of variants x seeds (default: the detector-crop and MulPoolFusion "
+                       "ablations), resumable, one table")
+    run_args(p, seed=False)
+    p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A)")
+    p.add_argument("--variant", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help="a named set of run-config overrides (repeatable); default: default, "
+                        "gt-crops:crop-source=ground-truth, plain-transition:stager-transition=plain")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); mean ± sd over seeds")
+    p.set_defaults(func=cmd_compare)
     p = sim.add_parser("demo", help="phantoms + simulation + report + inference on the real pelvic MRI")
     run_args(p, data_required=False)
     p.set_defaults(func=cmd_demo)

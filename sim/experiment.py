@@ -1,0 +1,110 @@
+"""One federated experiment: splits -> site caches -> Flower simulation -> report.
+
+``onfh sim run`` runs one; ``onfh sim compare`` runs a grid of them. An experiment
+lives in its own output folder and resumes there: a finished one is only re-read, an
+interrupted one continues after its last checkpointed round (``server/checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def run_complete(out: Path, run_config: dict, cfg) -> bool:
+    """True when ``out`` holds a finished run of this very config.
+
+    Raises:
+        ValueError: if ``out`` holds checkpoints of a different configuration (checked
+            here, before Flower starts, so the message is not buried in a run log).
+    """
+    from server.checkpoint import CheckpointStore, config_fingerprint
+
+    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config))
+    detector, stager = store.load("detector"), store.load("stager")
+    return bool(
+        detector and stager and detector.round >= cfg.detector_rounds and stager.round >= cfg.stager_rounds
+        and (out / "report.json").exists() and (out / "bundle" / "MANIFEST.sig").exists()
+        and "simulation" in json.loads((out / "report.json").read_text())
+    )
+
+
+def run_experiment(overrides: dict[str, object], *, console: Console | None = None) -> dict:
+    """Run (or resume, or just re-read) one federated simulation and return its report.
+
+    Args:
+        overrides: run-config keys over the ``pyproject.toml`` defaults; must include
+            ``data-root`` (the phantom or site folders) and ``out-dir``.
+        console: where progress goes (default: a new rich console).
+
+    Returns:
+        The ``report.json`` dict, with ``baseline_intensity_logreg`` (the intensity
+        baseline on the same splits) and ``simulation`` (wall time in s, peak RSS in bytes).
+
+    Raises:
+        ValueError: a bad run config, or ``out-dir`` holding checkpoints of another config.
+        FileNotFoundError: ``data-root`` does not exist.
+        FileExistsError: ``out-dir`` exists and is not a folder.
+        sim.runner.SimulationError: the Flower run failed.
+    """
+    from client import tasks
+    from server.report import json_safe
+    from shared_models.config import RunConfig, default_run_config
+    from sim.baseline import intensity_baseline
+    from sim.plots import plot_training_curves
+    from sim.runner import run_simulation
+    from sim.splits import write_splits
+
+    console = console or Console()
+    full = {**default_run_config(), **overrides}
+    cfg = RunConfig.from_run_config(full)
+    if not Path(cfg.data_root).is_dir():
+        raise FileNotFoundError(f"data folder {cfg.data_root}: no such folder")
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out}: exists and is not a folder")
+    if run_complete(out, full, cfg):
+        console.print(f"run in {out} is already complete for this configuration: re-reading its report "
+                      "(use a new output folder to train again)")
+        return json.loads((out / "report.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    write_splits(Path(cfg.data_root), cfg.site_ids, cfg.train_sites, seed=cfg.seed)
+    console.print(f"[bold]preparing site caches[/bold] for {', '.join(cfg.site_ids)} …")
+    sites = {s: tasks.open_site(cfg, s, Path(cfg.data_root) / s) for s in cfg.site_ids}
+    refused = sum(v.status != "ok" for site in sites.values() for v in site.verdicts)
+    console.print(f"  {sum(len(s.heads) for s in sites.values())} heads ready, {refused} studies refused "
+                  f"[{time.monotonic() - t0:.1f} s]")
+
+    total_rounds = cfg.detector_rounds + cfg.stager_rounds
+    progress_file = out / "checkpoints" / "progress.json"
+    with Progress(TextColumn("[bold]federated rounds[/bold] {task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("", total=total_rounds)
+
+        def poll():
+            if progress_file.exists():
+                try:
+                    p = json.loads(progress_file.read_text())
+                except (OSError, ValueError):
+                    return
+                done = p["round"] + (cfg.detector_rounds if p["phase"] == "stager" else 0)
+                bar.update(task, completed=done, description=f"({p['phase']} round {p['round']})")
+
+        stats = run_simulation(overrides, num_sites=len(cfg.site_ids), work_dir=out / "flower", cpus_per_client=1,
+                               on_poll=poll)
+        poll()
+
+    report = json.loads((out / "report.json").read_text())
+    baseline = intensity_baseline(sites, cfg.train_sites, cfg.report_groups, seed=cfg.seed)
+    report["baseline_intensity_logreg"] = json_safe(
+        {g: {"n": m["n"], "macro": m["macro"], "weighted": m["weighted"]} for g, m in baseline.items()})
+    report["simulation"] = {"wall_time_s": round(time.monotonic() - t0, 1), "flower_wall_time_s": stats["wall_time_s"],
+                            "peak_rss_bytes": stats["peak_rss_bytes"]}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_training_curves(report, out / "training_curves.png")
+    return report
