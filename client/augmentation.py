@@ -1,19 +1,249 @@
-"""Training-time augmentation (paper section 2.5: random brightness, flip, Gaussian noise)."""
+"""Training-time augmentation (paper section 2.5: random brightness, random flip, Gaussian noise).
+
+Source: Yang et al., Front. Surg. 2025 (doi:10.3389/fsurg.2025.1555749), section 2.5: "data
+augmentation techniques such as random brightness, random flipping, and Gaussian noise were
+applied to the training set". The detector additionally gets a small random affine (isotropic zoom
+and translation), as in YOLOX's random affine (Ge et al. 2021, arXiv:2107.08430, section 2.2,
+"Strong data augmentation"), restricted to zoom and shift so that axis-aligned boxes stay tight.
+
+Everything is MONAI: intensity changes are MONAI ``RandScaleIntensity``, ``RandShiftIntensity``,
+``RandAdjustContrast`` and ``RandGaussianNoise``; the image is flipped with ``Flip`` and resampled
+with ``Affine``; boxes move with ``monai.apps.detection.transforms.box_ops`` (``flip_boxes``,
+``apply_affine_to_boxes``) and are clipped with ``monai.data.box_utils.clip_boxes_to_image``. Only
+the random draw of the per-sample parameters is ours: MONAI's box-aware dictionary transforms
+(``RandFlipBoxd``, ``RandZoomBoxd``) draw one decision for a whole dictionary, have no translation
+and no ``RandAffineBoxd`` exists, so we draw the parameters ourselves and call the array ops.
+
+Box convention (``docs/CONVENTIONS.md``): voxel boxes ``(cz, cy, cx, d, h, w)`` along the array
+axes ``(D, H, W)``, voxel centres at integer indices, so the volume spans ``[-0.5, n - 0.5]`` per
+axis and a flip maps a coordinate ``c`` to ``n - 1 - c`` (``shared_models.preprocessing.
+box_voxel_to_lps`` feeds the centre to ITK's ``TransformContinuousIndexToPhysicalPoint``, whose
+voxel centres are integer indices). MONAI's box ops put voxel ``i`` at ``[i, i + 1]``
+(``flip_boxes`` maps ``c`` to ``n - c``), so boxes are shifted by +0.5 voxel on the way in and
+-0.5 on the way out. MONAI ``Affine`` (``normalized=False``) resamples about the volume centre
+``(n - 1) / 2`` (index units), which is ``n / 2`` in MONAI box coordinates, so the same matrix moves
+image and box.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from monai.apps.detection.transforms.box_ops import apply_affine_to_boxes, flip_boxes
+from monai.data.box_utils import clip_boxes_to_image, convert_box_mode
+from monai.transforms import (
+    Affine,
+    Compose,
+    Flip,
+    RandAdjustContrast,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+from monai.utils import convert_to_tensor
+
+__all__ = ["augment_intensity", "augment_detector_batch", "intensity_transform"]
+
+#: Box modes of ``monai.data.box_utils`` for our array axes (D, H, W) fed as MONAI's (x, y, z); the
+#: same reading as ``shared_models.detector``: ``(cz, cy, cx, d, h, w)`` is "cccwhd" and corners
+#: ``(z0, y0, x0, z1, y1, x1)`` are "xyzxyz" (MONAI ``StandardMode``).
+_CENTER_MODE = "cccwhd"
+_CORNER_MODE = "xyzxyz"
+#: Our voxel centres are at integer indices, MONAI's box ops put them at ``i + 0.5``.
+_TO_MONAI = 0.5
+#: Seeds handed to MONAI's ``Randomizable.set_random_state`` (it reduces them modulo 2**32).
+_MAX_SEED = 2**31 - 1
+#: Smallest box side (voxels) after clipping, so that sizes stay positive for ``detector_loss``.
+MIN_BOX_SIZE = 1.0
+
+# Intensity ranges (the paper gives none; ours are mild): brightness scale 1 +/- 0.1, brightness
+# shift +/- 0.05, gamma contrast in [0.8, 1.25] with probability 0.5, Gaussian noise with sigma
+# drawn uniformly in [0, 0.03] per sample (windowed intensities are in [0, 1]).
+_SCALE_FACTOR = 0.1
+_SHIFT_OFFSET = 0.05
+_GAMMA_RANGE = (0.8, 1.25)
+_GAMMA_PROB = 0.5
+_NOISE_STD = 0.03
 
 
-def augment_intensity(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random brightness/contrast and Gaussian noise per sample (paper section 2.5).
+def _draw_seed(rng: np.random.Generator | torch.Generator) -> int:
+    """One seed from the caller's random stream (advances it), for MONAI and numpy."""
+    if isinstance(rng, torch.Generator):
+        return int(torch.randint(0, _MAX_SEED, (1,), generator=rng))
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(0, _MAX_SEED))
+    raise TypeError(f"rng must be a numpy Generator or a torch.Generator, got {type(rng).__name__}")
 
-    ``x``: (B, 1, D, H, W) float32 in [0, 1]; returns the same shape, clipped to [0, 1].
+
+def intensity_transform(seed: int) -> Compose:
+    """The per-sample intensity augmentation as a seeded MONAI ``Compose`` (paper section 2.5).
+
+    Random brightness (``RandScaleIntensity`` 1 +/- 0.1, ``RandShiftIntensity`` +/- 0.05), random
+    contrast (``RandAdjustContrast`` gamma in [0.8, 1.25], p = 0.5) and Gaussian noise
+    (``RandGaussianNoise``, sigma ~ U(0, 0.03)). Applied to one channel-first ``(C, D, H, W)``
+    volume per call, each call drawing new parameters. The output is not clipped.
     """
-    b = x.shape[0]
-    shape = (b,) + (1,) * (x.dim() - 1)
-    scale = 1.0 + 0.2 * (torch.rand(shape, generator=gen, device="cpu") - 0.5)
-    shift = 0.1 * (torch.rand(shape, generator=gen, device="cpu") - 0.5)
-    sigma = 0.03 * torch.rand(shape, generator=gen, device="cpu")
-    noise = torch.randn(x.shape, generator=gen, device="cpu") * sigma
-    return (x * scale.to(x.device) + shift.to(x.device) + noise.to(x.device)).clamp_(0.0, 1.0)
+    return Compose(
+        [
+            RandScaleIntensity(factors=_SCALE_FACTOR, prob=1.0),
+            RandShiftIntensity(offsets=_SHIFT_OFFSET, prob=1.0),
+            RandAdjustContrast(prob=_GAMMA_PROB, gamma=_GAMMA_RANGE),
+            RandGaussianNoise(prob=1.0, mean=0.0, std=_NOISE_STD, sample_std=True),
+        ]
+    ).set_random_state(seed=seed)
+
+
+def _check_volumes(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] < 1:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a (B, C, D, H, W) float tensor, got {shape}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a float tensor, got {x.dtype}")
+
+
+def _intensity(x: torch.Tensor, seed: int) -> torch.Tensor:
+    transform = intensity_transform(seed)
+    out = torch.stack([convert_to_tensor(transform(x[b]), track_meta=False) for b in range(x.shape[0])])
+    return out.to(dtype=torch.float32).clamp_(0.0, 1.0)
+
+
+def augment_intensity(x: torch.Tensor, gen: torch.Generator | np.random.Generator) -> torch.Tensor:
+    """Random brightness, contrast and Gaussian noise per sample, clipped to [0, 1] (paper 2.5).
+
+    See :func:`intensity_transform` for the MONAI transforms and their ranges. Each sample of the
+    batch gets its own parameters; the whole call is determined by one seed drawn from ``gen``.
+
+    Args:
+        x: ``(B, C, D, H, W)`` float tensor, intensities in ``[0, 1]``; not modified.
+        gen: the caller's random stream (``torch.Generator`` or ``numpy.random.Generator``);
+            advanced by one draw.
+
+    Returns:
+        ``(B, C, D, H, W)`` float32 in ``[0, 1]`` on ``x``'s device.
+
+    Raises:
+        ValueError: if ``x`` is not a 5-D float tensor.
+        TypeError: if ``gen`` is neither generator type.
+    """
+    _check_volumes(x, "x")
+    return _intensity(x, _draw_seed(gen))
+
+
+def _zoom_shift(zoom: float, shift: np.ndarray) -> np.ndarray:
+    """4x4 map of positions relative to the volume centre: ``p -> zoom * p + shift`` (input -> output)."""
+    m = np.eye(4)
+    m[:3, :3] *= zoom
+    m[:3, 3] = shift
+    return m
+
+
+def _about(matrix: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``matrix`` (centred coordinates) conjugated to absolute coordinates with origin ``centre``."""
+    to_centre, back = np.eye(4), np.eye(4)
+    to_centre[:3, 3] = -centre
+    back[:3, 3] = centre
+    return back @ matrix @ to_centre
+
+
+def augment_detector_batch(
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    rng: np.random.Generator | torch.Generator,
+    *,
+    flip_prob: float = 0.5,
+    affine_prob: float = 0.5,
+    max_zoom: float = 0.1,
+    max_translate_voxels: float = 3.0,
+    intensity: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-aware 3D augmentation of a detector batch: flips, zoom/shift, intensity and noise.
+
+    Per sample, in this order:
+
+    1. **Flips** along each of D, H, W independently with probability ``flip_prob`` (MONAI
+       ``Flip``; boxes by ``flip_boxes``: ``c -> n - 1 - c`` in our convention).
+    2. **Affine** with probability ``affine_prob``: isotropic zoom ``z ~ U(1 - max_zoom,
+       1 + max_zoom)`` about the volume centre, then a shift ``t ~ U(-max_translate_voxels,
+       max_translate_voxels)`` voxels per axis, i.e. content at ``p`` moves to
+       ``z * (p - centre) + centre + t``. The image is resampled by MONAI ``Affine`` (bilinear,
+       zero padding: nothing is mirrored in, so no second femoral head can appear) and the box by
+       ``apply_affine_to_boxes`` with the same matrix. Without the affine no resampling happens
+       (bilinear resampling slightly blurs, so not every sample pays it). No rotation: the box of a
+       rotated box is looser than the rotated object.
+    3. **Intensity** (``intensity=True``): :func:`intensity_transform`, then clipped to ``[0, 1]``.
+
+    Boxes are finally clipped to the volume (``clip_boxes_to_image``) and every side is kept at
+    least ``MIN_BOX_SIZE`` = 1 voxel, so the result is always a valid ``detector_loss`` target.
+
+    Args:
+        x: ``(B, 1, D, H, W)`` float tensor in ``[0, 1]`` (hemi-volumes, e.g. D, H, W = 32, 112, 64);
+            not modified.
+        boxes: ``(B, 6)`` float ``(cz, cy, cx, d, h, w)`` GT boxes in voxels of the array axes
+            (voxel centres at integer indices); not modified.
+        rng: the caller's random stream (``numpy.random.Generator`` or ``torch.Generator``),
+            advanced by one draw; the output is a function of the inputs and that draw only.
+        flip_prob: per-axis flip probability in ``[0, 1]``.
+        affine_prob: probability of the zoom/shift in ``[0, 1]``.
+        max_zoom: half-width of the zoom range, in ``[0, 1)`` (0.1 = +/- 10 %).
+        max_translate_voxels: largest shift per axis, voxels, ``>= 0``.
+        intensity: apply the intensity transforms.
+
+    Returns:
+        ``(x, boxes)``: ``(B, 1, D, H, W)`` float32 in ``[0, 1]`` and ``(B, 6)`` float32 boxes inside
+        ``[-0.5, n - 0.5]`` on every axis with sides ``>= 1``, both on the inputs' devices.
+
+    Raises:
+        ValueError: bad shapes, non-finite boxes or non-positive box sizes, or an argument out of
+            range.
+        TypeError: if ``rng`` is neither generator type.
+    """
+    _check_volumes(x, "x")
+    if not isinstance(boxes, torch.Tensor) or boxes.shape != (x.shape[0], 6):
+        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes: expected ({x.shape[0]}, 6) voxel boxes (cz, cy, cx, d, h, w), got {shape}")
+    if not torch.isfinite(boxes).all() or (boxes[:, 3:] <= 0).any():
+        raise ValueError("boxes: must be finite with positive sizes (d, h, w)")
+    for name, p in (("flip_prob", flip_prob), ("affine_prob", affine_prob)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name}: must be in [0, 1], got {p}")
+    if not 0.0 <= max_zoom < 1.0:
+        raise ValueError(f"max_zoom: must be in [0, 1), got {max_zoom}")
+    if not max_translate_voxels >= 0.0:
+        raise ValueError(f"max_translate_voxels: must be >= 0, got {max_translate_voxels}")
+
+    n, size = x.shape[0], tuple(int(s) for s in x.shape[2:])
+    draw = np.random.default_rng(_draw_seed(rng))
+    flips = draw.random((n, 3)) < flip_prob
+    do_affine = draw.random(n) < affine_prob
+    zooms = draw.uniform(1.0 - max_zoom, 1.0 + max_zoom, n)
+    shifts = draw.uniform(-max_translate_voxels, max_translate_voxels, (n, 3))
+    intensity_seed = int(draw.integers(0, _MAX_SEED))
+    centre_monai = np.asarray(size, dtype=np.float64) / 2.0
+
+    corners = convert_box_mode(boxes.detach().float().cpu(), src_mode=_CENTER_MODE, dst_mode=_CORNER_MODE)
+    corners = corners + _TO_MONAI
+    out_x, out_b = [], []
+    for b in range(n):
+        img, box = x[b], corners[b : b + 1]
+        axes = tuple(int(a) for a in np.flatnonzero(flips[b]))
+        if axes:
+            img = Flip(spatial_axis=axes)(img)
+            box = flip_boxes(box, spatial_size=size, flip_axes=axes)
+        if do_affine[b]:
+            forward = _zoom_shift(zooms[b], shifts[b])
+            # MONAI Affine maps output positions (relative to the centre) to input positions.
+            img = Affine(affine=np.linalg.inv(forward), padding_mode="zeros", image_only=True)(img)
+            box = apply_affine_to_boxes(box, _about(forward, centre_monai))
+        out_x.append(convert_to_tensor(img, track_meta=False))
+        out_b.append(box)
+
+    corners, _ = clip_boxes_to_image(torch.cat(out_b), size, remove_empty=False)
+    extent = torch.tensor(size, dtype=corners.dtype)
+    lo = torch.minimum(corners[:, :3], extent - MIN_BOX_SIZE)
+    hi = torch.minimum(torch.maximum(corners[:, 3:], lo + MIN_BOX_SIZE), extent)
+    corners = torch.cat([lo, hi], dim=1) - _TO_MONAI
+    new_boxes = convert_box_mode(corners, src_mode=_CORNER_MODE, dst_mode=_CENTER_MODE)
+
+    out = torch.stack(out_x).to(dtype=torch.float32)
+    out = _intensity(out, intensity_seed) if intensity else out.clamp_(0.0, 1.0)
+    return out.to(x.device), new_boxes.to(device=boxes.device, dtype=torch.float32)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
 from shared_models.detector import YOLOX3D, decode_best_box
 from shared_models.gradcam import heatmap_volume_mm3, stage_gradcam
 from shared_models.preprocessing import (
+    GridGeometry,
     PreprocessingSpec,
     box_voxel_to_lps,
     orient_lps,
@@ -31,6 +33,10 @@ from shared_models.stages import FicatArletStage
 log = logging.getLogger(__name__)
 
 SIDES = ("R", "L")
+
+# Grad-CAM values at or above this count towards ``HeadResult.gradcam_volume_mm3`` (paper section 3.4);
+# the figures in ``shared_models.overlay`` outline the same level.
+GRADCAM_VOLUME_THRESHOLD = 0.5
 
 
 @dataclass
@@ -47,7 +53,14 @@ class HeadResult:
         predicted_stage: the arg-max stage label.
         gradcam: Grad-CAM map in [0, 1] resampled into the input study's geometry
             (same size, spacing, origin and direction), float32, 0 outside the crop.
-        gradcam_volume_mm3: volume of the map above 0.5 inside the crop, mm³.
+        gradcam_volume_mm3: volume of the crop-grid map at or above
+            :data:`GRADCAM_VOLUME_THRESHOLD` (0.5), mm³.
+        crop_grid: the stager's crop grid (box plus ``spec.crop_margin_mm`` per side,
+            ``spec.crop_shape`` voxels, LPS); ``None`` when the result was not made by
+            :func:`analyse_study` (e.g. built by hand in a test).
+        gradcam_crop: the Grad-CAM map on ``crop_grid`` before it was resampled into the
+            study, float32 ``(D, H, W)`` = ``crop_grid.size_dhw`` in ``[0, 1]``; the map that
+            ``gradcam_volume_mm3`` measures. ``None`` together with ``crop_grid``.
     """
 
     side: str
@@ -58,9 +71,11 @@ class HeadResult:
     predicted_stage: str
     gradcam: sitk.Image
     gradcam_volume_mm3: float
+    crop_grid: GridGeometry | None = None
+    gradcam_crop: np.ndarray | None = None
 
     def summary(self) -> dict:
-        """JSON-able dict (without the map)."""
+        """JSON-able dict (without the maps and the crop grid)."""
         return {
             "side": self.side,
             "box_lps_mm": [round(float(v), 3) for v in self.box_lps_mm],
@@ -118,7 +133,11 @@ def analyse_study(
             stage_probabilities={s.label: float(probs[int(s)]) for s in FicatArletStage},
             predicted_stage=FicatArletStage(int(probs.argmax())).label,
             gradcam=to_grid(cam, crop_grid, image),
-            gradcam_volume_mm3=float(heatmap_volume_mm3(cam, crop_grid.spacing_dhw_mm)),
+            gradcam_volume_mm3=float(
+                heatmap_volume_mm3(cam, crop_grid.spacing_dhw_mm, threshold=GRADCAM_VOLUME_THRESHOLD)
+            ),
+            crop_grid=crop_grid,
+            gradcam_crop=cam,
         ))
     return results
 

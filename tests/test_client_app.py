@@ -44,27 +44,31 @@ def test_failure_reaches_server_without_details_and_is_logged_at_site(tmp_path):
     assert secret in log
 
 
-def test_fedbn_keeps_the_sites_own_norm_layers(tmp_path):
+@pytest.mark.parametrize("phase", ["detector", "stager"])
+def test_fedbn_keeps_the_sites_own_norm_layers(tmp_path, phase):
     import torch
     from flwr.app import ArrayRecord
 
     from client.client_app import _keep_local_norms, _receive_state
+    from shared_models.detector import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     cfg = RunConfig.from_run_config(tiny_run_config(strategy="fedbn"))
     context = _context(tmp_path, {"partition-id": 0, "num-partitions": 4})
-    model = MulDenseNet3D(cfg.stager)
+    model = YOLOX3D(cfg.detector) if phase == "detector" else MulDenseNet3D(cfg.stager)
     global_state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     local_state = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
     msg = Message(content=RecordDict({"arrays": ArrayRecord(global_state)}), dst_node_id=5, message_type="train")
 
-    first, norm_keys = _receive_state(msg, context, cfg, "stager")  # nothing kept yet: all global
+    first, norm_keys = _receive_state(msg, context, cfg, phase)  # nothing kept yet: all global
     assert all(torch.count_nonzero(v) == 0 for v in first.values())
     norm_layers = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)}
     assert norm_keys and all(k.rsplit(".", 1)[0] in norm_layers for k in norm_keys)
+    # every norm layer's running statistics and affine parameters stay local
+    assert {k.rsplit(".", 1)[0] for k in norm_keys} == norm_layers
 
-    _keep_local_norms(context, local_state, norm_keys, "stager", cfg)
-    state, _ = _receive_state(msg, context, cfg, "stager")
+    _keep_local_norms(context, local_state, norm_keys, phase, cfg)
+    state, _ = _receive_state(msg, context, cfg, phase)
     for key, value in state.items():
         expected = 1 if key in norm_keys else 0
         assert torch.all(value == expected), key
