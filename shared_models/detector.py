@@ -568,7 +568,10 @@ def detector_loss(
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def decode_best_box(
-    pred: torch.Tensor, score_threshold: float = 0.05, nms_iou: float = 0.5
+    pred: torch.Tensor,
+    score_threshold: float = 0.05,
+    nms_iou: float = 0.5,
+    spatial_shape: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exactly one femoral-head box per hemi-volume from :class:`YOLOX3D` output.
 
@@ -583,14 +586,21 @@ def decode_best_box(
         pred: ``(B, N, 8)`` output of :class:`YOLOX3D`.
         score_threshold: minimum score in ``[0, 1]``.
         nms_iou: NMS IoU threshold in ``[0, 1]``.
+        spatial_shape: ``(D, H, W)`` of the model input; when given, the returned box is clipped
+            to the volume (voxel centres at ``0 .. size - 1``, so edges at ``-0.5 .. size - 0.5``).
+            A box wholly outside collapses onto the nearest face with size 0 and is flagged
+            ``low_confidence``.
 
     Returns:
         ``boxes`` ``(B, 6)`` float32 ``(cz, cy, cx, d, h, w)`` voxels, ``scores`` ``(B,)`` float32,
         ``low_confidence`` ``(B,)`` bool; all on ``pred``'s device.
 
     Raises:
-        ValueError: wrong ``pred`` shape or thresholds outside ``[0, 1]``.
+        ValueError: wrong ``pred`` shape, thresholds outside ``[0, 1]`` or a non-positive
+            ``spatial_shape``.
     """
+    if spatial_shape is not None and (len(spatial_shape) != 3 or min(spatial_shape) <= 0):
+        raise ValueError(f"spatial_shape: expected (D, H, W) > 0, got {tuple(spatial_shape)}")
     if pred.ndim != 3 or pred.shape[-1] != PRED_CHANNELS or pred.shape[1] == 0:
         raise ValueError(f"pred: expected (B, N>0, {PRED_CHANNELS}), got {tuple(pred.shape)}")
     if not (0.0 <= score_threshold <= 1.0) or not (0.0 <= nms_iou <= 1.0):
@@ -616,4 +626,12 @@ def decode_best_box(
             idx = int(keep[kept[0]])
         out_boxes[b] = boxes[b, idx]
         out_scores[b] = scores[b, idx]
+    if spatial_shape is not None:
+        hi = torch.tensor([float(s) - 0.5 for s in spatial_shape], device=pred.device)
+        lo0 = (out_boxes[:, :3] - out_boxes[:, 3:] / 2).clamp(min=-0.5)
+        hi0 = torch.minimum(out_boxes[:, :3] + out_boxes[:, 3:] / 2, hi)
+        lo0 = torch.minimum(lo0, hi)
+        hi0 = torch.maximum(hi0, lo0)
+        out_boxes = torch.cat([(lo0 + hi0) / 2, hi0 - lo0], dim=1)
+        low_conf |= (out_boxes[:, 3:] <= 0).any(dim=1)
     return out_boxes, out_scores, low_conf

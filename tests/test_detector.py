@@ -244,3 +244,18 @@ def test_overfit_one_sample_loss_drops_and_box_improves():
     iou_after = decoded_iou()
     assert iou_after > iou_before + 0.2
     assert iou_after > 0.4
+
+
+def test_decode_clips_the_box_to_the_volume():
+    pred = torch.full((3, 1, 8), 5.0)
+    pred[0, 0, :6] = torch.tensor([2.0, 50.0, 60.0, 10.0, 20.0, 16.0])  # sticks out at z0 and x1
+    pred[1, 0, :6] = torch.tensor([15.0, 50.0, 30.0, 4.0, 4.0, 4.0])  # inside: unchanged
+    pred[2, 0, :6] = torch.tensor([15.0, 50.0, 200.0, 4.0, 4.0, 4.0])  # wholly outside along x
+    boxes, _, low = decode_best_box(pred, spatial_shape=(32, 112, 64))
+    lo, hi = boxes[:, :3] - boxes[:, 3:] / 2, boxes[:, :3] + boxes[:, 3:] / 2
+    # sample 0: corners (-3, 40, 52)..(7, 60, 68) clipped to the volume's edges (-0.5 .. size - 0.5)
+    assert torch.allclose(lo[0], torch.tensor([-0.5, 40.0, 52.0])) and torch.allclose(hi[0], torch.tensor([7.0, 60.0, 63.5]))
+    assert torch.equal(boxes[1], pred[1, 0, :6]) and not low[0] and not low[1]
+    assert low[2] and boxes[2, 5] == 0 and boxes[2, 2] == 63.5
+    with pytest.raises(ValueError, match="spatial_shape"):
+        decode_best_box(pred, spatial_shape=(32, 0, 64))
