@@ -404,6 +404,23 @@ def box_iou_3d(boxes1: torch.Tensor | np.ndarray, boxes2: torch.Tensor | np.ndar
     return out.cpu().numpy() if is_numpy else out
 
 
+def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_proposals: int = -1) -> torch.Tensor:
+    """3D non-maximum suppression of voxel boxes (MONAI ``non_max_suppression`` on corner boxes).
+
+    Args:
+        boxes: ``(N, 6)`` ``(cz, cy, cx, d, h, w)``, positive sizes.
+        scores: ``(N,)`` scores; higher is kept first.
+        iou_threshold: a box whose IoU with a kept, higher-scoring box exceeds this is dropped.
+        max_proposals: keep at most this many (``-1``: all).
+
+    Returns:
+        ``(K,)`` int64 indices into ``boxes`` of the kept boxes, by descending score.
+    """
+    if boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    return non_max_suppression(_to_corners(boxes), scores, nms_thresh=iou_threshold, max_proposals=max_proposals)
+
+
 def _pair_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """IoU of ``(N, 6)`` boxes against one ``(6,)`` box -> ``(N,)`` (no validity checks; float32)."""
     p0, p1 = pred[:, :3] - pred[:, 3:] / 2, pred[:, :3] + pred[:, 3:] / 2
@@ -620,9 +637,7 @@ def decode_best_box(
         if keep.numel() == 0:
             low_conf[b] = True
         else:
-            kept = non_max_suppression(
-                _to_corners(boxes[b, keep]), scores[b, keep], nms_thresh=nms_iou, max_proposals=1
-            )
+            kept = nms_3d(boxes[b, keep], scores[b, keep], nms_iou, max_proposals=1)
             idx = int(keep[kept[0]])
         out_boxes[b] = boxes[b, idx]
         out_scores[b] = scores[b, idx]

@@ -259,3 +259,87 @@ def test_decode_clips_the_box_to_the_volume():
     assert low[2] and boxes[2, 5] == 0 and boxes[2, 2] == 63.5
     with pytest.raises(ValueError, match="spatial_shape"):
         decode_best_box(pred, spatial_shape=(32, 0, 64))
+
+
+# -- SimOTA on a hand-made candidate grid ----------------------------------------------------------
+def _shifted(gt: torch.Tensor, iou: float) -> torch.Tensor:
+    """A copy of a cubic GT box shifted along x so that its IoU with the GT is exactly ``iou``:
+    for two cubes of side a shifted by s on one axis, IoU = (a - s) / (a + s)."""
+    a = float(gt[3])
+    box = gt.clone()
+    box[2] += a * (1 - iou) / (1 + iou)
+    return box
+
+
+def test_simota_picks_the_dynamic_k_lowest_cost_candidates():
+    gt = torch.tensor([20.0, 20.0, 20.0, 16.0, 16.0, 16.0])  # spans 12..28 on every axis
+    # stride-8 cells: c0-c4 inside the box and the centre radius (2.5 * 8 = 20 voxels);
+    # c5 only inside the centre radius (x = 36 is 16 from the centre, outside the box);
+    # c6 far away: not a candidate at all
+    centres = [(20, 20, 20), (20, 20, 24), (20, 24, 20), (24, 20, 20), (16, 16, 16), (20, 20, 36), (20, 20, 80)]
+    cells = torch.tensor([[*c, 8.0] for c in centres])
+    ious = [0.9, 0.8, 0.6, 0.3, 0.1, 0.95, 0.99]
+    pred = torch.zeros(7, 8)
+    pred[:, :6] = torch.stack([_shifted(gt, v) for v in ious])
+    positive, iou_out = simota_assign(pred, cells, gt)
+    torch.testing.assert_close(iou_out[:6], torch.tensor(ious[:6]), atol=1e-5, rtol=0)
+    assert iou_out[6] == 0  # not a candidate: no IoU target
+    # equal class scores -> cost order = IoU order; dynamic k = int(0.95 + 0.9 + 0.8 + 0.6 + 0.3 + 0.1)
+    # = int(3.65) = 3; c5 has the best IoU but is not in both box and centre region (+1e5 cost)
+    assert positive.nonzero().flatten().tolist() == [0, 1, 2]
+
+    # c1 now has a poor class score: cls cost = -log sigmoid(-6) = 6.0025, so its cost
+    # 6.0025 + 3 * -log 0.8 = 6.67 exceeds c3's log 2 + 3 * -log 0.3 = 4.30; k is still 3
+    pred[1, 6:8] = -6.0
+    positive, _ = simota_assign(pred, cells, gt)
+    assert positive.nonzero().flatten().tolist() == [0, 2, 3]
+
+
+# -- IoU and GIoU against voxel counting --------------------------------------------------------
+def _raster(box_q: np.ndarray, size: int) -> np.ndarray:
+    """Boolean occupancy of a corner box given in quarter-voxel units on a (size,)*3 grid of quarters."""
+    occ = np.zeros((size,) * 3, dtype=bool)
+    occ[box_q[0]:box_q[3], box_q[1]:box_q[4], box_q[2]:box_q[5]] = True
+    return occ
+
+
+def test_iou_and_giou_match_brute_force_voxel_counts():
+    from shared_models.detector import _GIOU, _to_corners
+
+    rng = np.random.default_rng(7)
+    size = 48  # quarter-voxel cells: a 12-voxel cube
+    for _ in range(25):
+        corners = []
+        for _box in range(2):
+            lo = rng.integers(0, size - 4, 3)
+            hi = np.array([rng.integers(lo_i + 1, size + 1) for lo_i in lo])
+            corners.append(np.concatenate([lo, hi]))
+        a, b = (_raster(c, size) for c in corners)
+        inter, union = np.logical_and(a, b).sum(), np.logical_or(a, b).sum()
+        lo = np.minimum(corners[0][:3], corners[1][:3])
+        hi = np.maximum(corners[0][3:], corners[1][3:])
+        hull = np.prod(hi - lo)
+        iou_ref = inter / union
+        giou_ref = iou_ref - (hull - union) / hull
+        # corner boxes in quarters -> (cz, cy, cx, d, h, w) in voxels
+        boxes = torch.tensor(np.array([np.concatenate([(c[:3] + c[3:]) / 2, c[3:] - c[:3]]) / 4.0 for c in corners]))
+        assert float(box_iou_3d(boxes[:1], boxes[1:])[0, 0]) == pytest.approx(iou_ref, abs=1e-6)  # MONAI: float32
+        giou = 1.0 - float(_GIOU(_to_corners(boxes[:1]), _to_corners(boxes[1:])))
+        assert giou == pytest.approx(giou_ref, abs=1e-6)
+
+
+# -- NMS ---------------------------------------------------------------------------------------
+def test_nms_drops_overlapping_lower_scores_only():
+    from shared_models.detector import nms_3d
+
+    boxes = torch.tensor([
+        [10.0, 10.0, 10.0, 8.0, 8.0, 8.0],   # A, best score
+        [10.0, 10.0, 12.0, 8.0, 8.0, 8.0],   # B: A shifted by 2 -> IoU 6/10 = 0.6
+        [40.0, 40.0, 40.0, 8.0, 8.0, 8.0],   # C: disjoint
+        [10.0, 10.0, 17.0, 8.0, 8.0, 8.0],   # D: A shifted by 7 -> IoU 1/15
+    ])
+    scores = torch.tensor([0.9, 0.95, 0.7, 0.8])
+    assert nms_3d(boxes, scores, 0.5).tolist() == [1, 3, 2]  # B beats A (0.95 > 0.9, IoU 0.6 > 0.5)
+    assert nms_3d(boxes, scores, 0.7).tolist() == [1, 0, 3, 2]  # IoU 0.6 is under 0.7: all kept
+    assert nms_3d(boxes, scores, 0.5, max_proposals=1).tolist() == [1]
+    assert nms_3d(boxes[:0], scores[:0], 0.5).numel() == 0

@@ -311,3 +311,34 @@ def test_real_prostatex_hemi_both_sides():
     # The two sides mirror each other around the midline: their W=0 planes are adjacent.
     left, right = hemi_grid(image, "L", SPEC), hemi_grid(image, "R", SPEC)
     assert left.origin_lps_mm[0] - right.origin_lps_mm[0] == pytest.approx(2.5)
+
+
+def test_box_decoding_to_lps_and_back_on_an_oblique_study():
+    """An oblique acquisition (rotated 12° about S and 8° about L): a ball placed at a known LPS
+    point shows up in the LPS-aligned hemi-volume where the voxel -> LPS decoding says it is."""
+    a, b = np.deg2rad(12.0), np.deg2rad(8.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    direction = rz @ rx
+    size, spacing = np.array([160, 120, 40]), np.array([1.5, 1.5, 4.0])  # (i, j, k)
+    origin = -direction @ (spacing * (size - 1) / 2)  # image centre at the LPS origin
+    centre_lps, radius = np.array([62.0, 10.0, -6.0]), 9.0  # patient left of the midline
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), axis=-1).reshape(-1, 3)
+    pts = origin + (ijk * spacing) @ direction.T
+    inside = np.linalg.norm(pts - centre_lps, axis=1) <= radius
+    array = np.where(inside, 1500.0, 0.0).reshape(*size).transpose(2, 1, 0).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(tuple(origin))
+    image.SetSpacing(tuple(spacing))
+    image.SetDirection(tuple(direction.ravel()))
+
+    hemi, grid = resample_hemi(orient_lps(image), "L", SPEC)
+    found = centroid(hemi, window(np.zeros(1), SPEC)[0])  # (d, h, w) voxel centre of the ball
+    voxel_box = np.concatenate([found, [6.0, 8.0, 6.0]]).astype(np.float32)
+    lps = box_voxel_to_lps(voxel_box, grid)
+    # the decoded box is centred on the ball (within one hemi voxel, 4 x 2 x 2.5 mm) ...
+    np.testing.assert_allclose((lps[:3] + lps[3:]) / 2, centre_lps, atol=2.5)
+    # ... has the voxel size times the hemi spacing in mm (x: W, y: H, z: D) ...
+    np.testing.assert_allclose(lps[3:] - lps[:3], [6.0 * 2.5, 8.0 * 2.0, 6.0 * 4.0], atol=1e-6)
+    # ... and goes back to the same voxel box exactly (the hemi grid is LPS-aligned)
+    np.testing.assert_allclose(box_lps_to_voxel(lps, grid), voxel_box, atol=1e-4)
