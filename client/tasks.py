@@ -85,7 +85,7 @@ def detector_train(site: SiteData, cfg: RunConfig, state: StateDict, *, proximal
         model, volumes, boxes,
         steps=cfg.detector_local_steps, batch_size=cfg.detector_batch_size, lr=cfg.detector_lr,
         weight_decay=cfg.weight_decay, device=select_device(cfg.device), amp=cfg.amp,
-        proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round,
+        proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round, l1_weight=cfg.detector_l1_weight(server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(heads), **metrics}
 

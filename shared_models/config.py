@@ -107,6 +107,7 @@ class RunConfig:
     detector_local_steps: int
     detector_batch_size: int
     detector_lr: float
+    detector_l1_rounds: int
     detector: DetectorConfig
     stager_rounds: int
     stager_local_steps: int
@@ -144,6 +145,12 @@ class RunConfig:
             value = get(key, kind)
             if value <= 0:
                 raise ValueError(f"run config {key!r}: must be > 0, got {value!r}")
+            return value
+
+        def non_negative(key: str, kind: type) -> Any:
+            value = get(key, kind)
+            if value < 0:
+                raise ValueError(f"run config {key!r}: must be >= 0, got {value!r}")
             return value
 
         def choice(key: str, options: tuple[str, ...]) -> str:
@@ -201,6 +208,7 @@ class RunConfig:
             detector_local_steps=positive("detector-local-steps", int),
             detector_batch_size=positive("detector-batch-size", int),
             detector_lr=positive("detector-lr", float),
+            detector_l1_rounds=non_negative("detector-l1-rounds", int),
             detector=detector,
             stager_rounds=positive("stager-rounds", int),
             stager_local_steps=positive("stager-local-steps", int),
@@ -215,6 +223,12 @@ class RunConfig:
             device=choice("device", DEVICES),
             amp=get("amp", bool),
         )
+
+    def detector_l1_weight(self, server_round: int) -> float:
+        """Weight of the L1 box loss in detector round ``server_round`` (1-based): 1 in the last
+        ``detector_l1_rounds`` rounds, else 0 (YOLOX adds L1 for its last 15 epochs,
+        arXiv:2107.08430, section 2.2)."""
+        return 1.0 if server_round > self.detector_rounds - self.detector_l1_rounds else 0.0
 
     def site_for_partition(self, partition_id: int) -> str:
         """Map a simulation ``partition-id`` to its site id (the order of ``site-ids``).

@@ -25,6 +25,7 @@ def test_pyproject_defaults_build_a_valid_config():
         ("amp", "yes", "'amp'"),
         ("crop-shape", "32,32", "'crop-shape'"),
         ("crop-margin-mm", -1.0, "'crop-margin-mm'"),
+        ("detector-l1-rounds", -1, "'detector-l1-rounds'"),
     ],
 )
 def test_bad_values_name_the_key(key, value, fragment):
@@ -67,3 +68,10 @@ def test_crop_settings_reach_the_preprocessing_spec():
     cfg = RunConfig.from_run_config(tiny_run_config(**{"crop-shape": "48,40,32", "crop-margin-mm": 4}))
     assert cfg.spec.crop_shape == (48, 40, 32) and cfg.spec.crop_margin_mm == 4.0
     assert cfg.spec.hemi_shape == (32, 112, 64)  # the paper's detector input is fixed
+
+
+@pytest.mark.parametrize("l1_rounds, expected", [(0, [0, 0, 0, 0, 0]), (1, [0, 0, 0, 0, 1]), (2, [0, 0, 0, 1, 1]),
+                                                 (9, [1, 1, 1, 1, 1])])
+def test_l1_box_loss_is_on_in_the_last_detector_rounds(l1_rounds, expected):
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"detector-rounds": 5, "detector-l1-rounds": l1_rounds}))
+    assert [cfg.detector_l1_weight(r) for r in range(1, 6)] == expected
