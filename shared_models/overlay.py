@@ -50,27 +50,28 @@ import numpy as np
 import SimpleITK as sitk
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Normalize
 from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from shared_models.pipeline import GRADCAM_VOLUME_THRESHOLD, HeadResult
+from shared_models.preprocessing import midline_x_mm
 
 __all__ = [
     "PLANES",
-    "SliceGrid",
     "Panel",
-    "image_bounds_lps",
-    "sample_slice",
-    "display_window",
+    "SliceGrid",
     "cam_rgba",
-    "overview_panels",
+    "display_window",
+    "image_bounds_lps",
     "montage_panels",
-    "write_overview_png",
+    "overview_panels",
+    "sample_slice",
     "write_gradcam_montage",
     "write_infer_figures",
+    "write_overview_png",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,9 @@ def image_bounds_lps(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 def _box(box_lps_mm: Sequence[float]) -> np.ndarray:
     box = np.asarray(box_lps_mm, dtype=np.float64).reshape(-1)
     if box.shape != (6,) or not np.all(np.isfinite(box)) or np.any(box[3:] <= box[:3]):
-        raise ValueError(f"box must be 6 finite numbers (x0, y0, z0, x1, y1, z1) with x0<x1, y0<y1, z0<z1, got {box_lps_mm!r}")
+        raise ValueError(
+            f"box must be 6 finite numbers (x0, y0, z0, x1, y1, z1) with x0<x1, y0<y1, z0<z1, got {box_lps_mm!r}"
+        )
     return box
 
 
@@ -161,7 +164,7 @@ class SliceGrid:
     def covering(
         cls, plane: str, low_xyz: Sequence[float], high_xyz: Sequence[float], through_lps_mm: Sequence[float],
         spacing_mm: float,
-    ) -> "SliceGrid":
+    ) -> SliceGrid:
         """The grid of ``plane`` covering the LPS box ``[low, high]`` in-plane, through a point.
 
         Args:
@@ -185,7 +188,7 @@ class SliceGrid:
         start = np.asarray(through_lps_mm, float) * np.abs(normal)  # keeps only the normal component
         for d in (col_dir, row_dir):
             axis = int(np.argmax(np.abs(d)))
-            n = max(1, int(math.ceil((high[axis] - low[axis]) / spacing_mm)))
+            n = max(1, math.ceil((high[axis] - low[axis]) / spacing_mm))
             first_edge = low[axis] if d[axis] > 0 else high[axis]
             start = start + (first_edge + d[axis] * spacing_mm / 2.0) * np.abs(d)
             # centre the n pixels on the requested extent
@@ -207,7 +210,7 @@ class SliceGrid:
         """A one-voxel-thick float32 3D image whose array ``[0]`` is this panel (a resampling target)."""
         col_dir, row_dir, normal = self.directions
         ref = sitk.Image([self.shape[1], self.shape[0], 1], sitk.sitkFloat32)
-        ref.SetSpacing((self.spacing_mm, 2 * self.spacing_mm, self.spacing_mm))
+        ref.SetSpacing((self.spacing_mm,) * 3)
         ref.SetOrigin(self.origin_lps_mm)
         ref.SetDirection(tuple(np.column_stack([col_dir, row_dir, normal]).ravel()))
         return ref
@@ -303,7 +306,15 @@ def _cam_image(result: HeadResult) -> sitk.Image:
 
 @dataclass
 class BoxOverlay:
-    """A rectangle to draw: ``rect_px`` = ``(col0, row0, col1, row1)``."""
+    """A rectangle to draw on a :class:`Panel`.
+
+    Attributes:
+        label: text drawn at its top-left corner (e.g. ``"R"``, ``"L box"``, ``"crop"``).
+        rect_px: ``(col0, row0, col1, row1)`` in continuous pixel coordinates of the panel.
+        colour: matplotlib colour.
+        dashed: dashed outline (a low-confidence detection).
+        dotted: thin dotted outline (the stager's crop region).
+    """
 
     label: str
     rect_px: tuple[float, float, float, float]
@@ -370,8 +381,7 @@ def overview_panels(
     _check_image(image)
     low, high = _overview_bounds(image, results)
     spacing = max(min(image.GetSpacing()), float(np.max(high - low)) / OVERVIEW_MAX_PX)
-    scan_low, scan_high = image_bounds_lps(image)
-    mid_x = float((scan_low[0] + scan_high[0]) / 2.0)  # the detector's midline split (preprocessing.midline_x_mm)
+    mid_x = midline_x_mm(image)  # where the detector splits the study (physical extent: orientation-independent)
     rows = []
     for r in results:
         centre = _box_centre(_box(r.box_lps_mm))
@@ -403,8 +413,9 @@ def montage_panels(image: sitk.Image, result: HeadResult, margin_mm: float | Non
     ``sitk.Resample`` onto the same pixels as the MRI.
 
     Returns:
-        Three :class:`Panel` with ``cam`` set; boxes: the head box, and the stager's crop region
-        (dashed) when the crop grid is known.
+        Three :class:`Panel` with ``cam`` set; boxes: the head box (dashed when low-confidence),
+        and the stager's crop region (dotted) when the crop grid is known. Pixel size: half the
+        study's finest spacing, coarsened so no side exceeds 320 pixels.
 
     Raises:
         ValueError: not a 3D scalar image or a malformed box.
@@ -428,7 +439,8 @@ def montage_panels(image: sitk.Image, result: HeadResult, margin_mm: float | Non
     for plane in PLANES:
         grid = SliceGrid.covering(plane, low, high, centre, spacing)
         panel = Panel(grid, sample_slice(image, grid), cam=sample_slice(cam_image, grid, outside=0.0))
-        panel.boxes.append(BoxOverlay(f"{result.side} box", grid.box_rect_px(box), "white", dashed=result.low_confidence))
+        head_rect = grid.box_rect_px(box)  # never None: the plane passes through the box centre
+        panel.boxes.append(BoxOverlay(f"{result.side} box", head_rect, "white", dashed=result.low_confidence))
         if crop_box is not None and (rect := grid.box_rect_px(crop_box)) is not None:
             panel.boxes.append(BoxOverlay("crop", rect, "#b0b0b0", dotted=True))
         panel.title = f"{plane}, {_AXIS_NAMES[plane][2]} = {grid.position_mm:.1f} mm"
@@ -488,7 +500,8 @@ def _save(fig: Figure, path: Path, dpi: int) -> Path:
 def _head_caption(r: HeadResult) -> str:
     flag = "  LOW CONFIDENCE (no box passed the detector threshold; best box shown, dashed)" if r.low_confidence else ""
     box = " ".join(f"{v:.0f}" for v in r.box_lps_mm)
-    return f"{r.side} ({SIDE_NAMES.get(r.side, r.side)} head): detector score {r.detector_score:.2f}{flag};  box LPS mm [{box}]"
+    name = SIDE_NAMES.get(r.side, r.side)
+    return f"{r.side} ({name} head): detector score {r.detector_score:.2f}{flag};  box LPS mm [{box}]"
 
 
 def write_overview_png(image: sitk.Image, results: Sequence[HeadResult], path: Path, *, dpi: int = 110) -> Path:

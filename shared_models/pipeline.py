@@ -22,6 +22,7 @@ from shared_models.preprocessing import (
     GridGeometry,
     PreprocessingSpec,
     box_voxel_to_lps,
+    field_of_view_mask,
     orient_lps,
     resample_crop,
     resample_hemi,
@@ -93,7 +94,7 @@ def analyse_study(
     stager: MulDenseNet3D,
     spec: PreprocessingSpec,
     *,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     gradcam_layer: str | None = None,
 ) -> list[HeadResult]:
     """Run the two-stage pipeline on one hip study.
@@ -101,6 +102,7 @@ def analyse_study(
     Args:
         image: the study as read (any orientation; intensities in scanner units after
             rescale), 3D.
+        device: where the networks run; default CPU.
         gradcam_layer: stager module to explain; default ``stager.gradcam_layer``.
 
     Returns:
@@ -111,6 +113,7 @@ def analyse_study(
     """
     if image.GetDimension() != 3:
         raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
+    device = torch.device("cpu") if device is None else device
     oriented = orient_lps(sitk.Cast(image, sitk.sitkFloat32))
     detector = detector.to(device).eval()
     stager = stager.to(device).eval()
@@ -118,13 +121,17 @@ def analyse_study(
     for side in SIDES:
         hemi, grid = resample_hemi(oriented, side, spec)
         with torch.no_grad():
-            boxes, scores, low = decode_best_box(detector(torch.from_numpy(hemi)[None, None].float().to(device)))
+            boxes, scores, low = decode_best_box(detector(torch.from_numpy(hemi)[None, None].float().to(device)),
+                                                 spatial_shape=hemi.shape)
         box_lps = box_voxel_to_lps(boxes[0].float().cpu().numpy(), grid)
         crop, crop_grid = resample_crop(oriented, box_lps, side, spec)
         x = torch.from_numpy(crop)[None, None].float().to(device)
         with torch.no_grad():
             probs = torch.softmax(stager(x).float(), dim=1)[0].cpu().numpy()
         cam = stage_gradcam(stager, x, target_layer=gradcam_layer, class_index=int(probs.argmax()))
+        # Evidence outside the scanned volume (the zero-filled part of a crop at the edge of the
+        # field of view) is not anatomy: the map is 0 there and not counted in the volume.
+        cam = cam * field_of_view_mask(oriented, crop_grid)
         results.append(HeadResult(
             side=side,
             box_lps_mm=tuple(float(v) for v in box_lps),

@@ -409,6 +409,21 @@ def crop_grid(box_lps_mm: Sequence[float], side: str, spec: PreprocessingSpec) -
     return _side_grid(corners.min(axis=0) - margin, corners.max(axis=0) + margin, side, spec.crop_shape)
 
 
+def field_of_view_mask(image: sitk.Image, grid: GridGeometry) -> np.ndarray:
+    """Which voxels of ``grid`` lie inside the scanned volume of ``image``.
+
+    A voxel counts as inside when its centre falls within the image's voxel extent
+    (nearest-neighbour lookup, SimpleITK ``Resample`` with default value 0).
+
+    Returns:
+        bool array of ``grid.size_dhw``.
+    """
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    mask = sitk.Resample(ones, grid._image(sitk.sitkUInt8), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(mask).astype(bool)
+
+
 def resample_crop(
     image: sitk.Image, box_lps_mm: Sequence[float], side: str, spec: PreprocessingSpec
 ) -> tuple[np.ndarray, GridGeometry]:

@@ -183,6 +183,7 @@ def cmd_infer(args) -> int:
     from client.dicom_series import SeriesError, choose_largest_mr_series, read_study
     from client.training import select_device
     from shared_models.bundle import load_bundle
+    from shared_models.overlay import write_infer_figures
     from shared_models.pipeline import analyse_study
 
     bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
@@ -202,6 +203,7 @@ def cmd_infer(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
         sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
+    pngs = write_infer_figures(image, results, out)
     payload = {"bundle_trusted": bundle.trusted, "series": series_note, "heads": [r.summary() for r in results],
                "seconds": round(elapsed, 2)}
     (out / "result.json").write_text(json.dumps(payload, indent=2))
@@ -214,7 +216,8 @@ def cmd_infer(args) -> int:
                       f"{r.detector_score:.2f}" + (" (low)" if r.low_confidence else ""),
                       f"{p['0']:.2f}", f"{p['I']:.2f}", f"{p['II']:.2f}", r.predicted_stage)
     console.print(table)
-    console.print(f"wrote {out / 'result.json'} and gradcam_R/L.nii.gz (input geometry)")
+    console.print(f"wrote {out / 'result.json'}, gradcam_R/L.nii.gz (input geometry) and "
+                  f"{', '.join(p.name for p in pngs)} (boxes and Grad-CAM over the MRI)")
     return 0
 
 

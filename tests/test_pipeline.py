@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 from shared_models.bundle import generate_signing_key, write_bundle
 from shared_models.detector import YOLOX3D, DetectorConfig
 from shared_models.pipeline import analyse_study
-from shared_models.preprocessing import PreprocessingSpec, midline_x_mm, orient_lps
+from shared_models.preprocessing import PreprocessingSpec, field_of_view_mask, midline_x_mm, orient_lps
 from shared_models.stager import MulDenseNet3D, StagerConfig
 from sim.cli import main
 from tests.conftest import real_data_or_skip
@@ -56,6 +57,33 @@ def test_analyse_study_returns_both_heads_in_input_geometry():
     assert centre_x[0] < mid < centre_x[1]
 
 
+def test_head_result_keeps_the_crop_grid_map_that_the_volume_measures():
+    spec = PreprocessingSpec()
+    image = _oblique_image()
+    results = analyse_study(image, YOLOX3D(DCFG), MulDenseNet3D(SCFG), spec)
+    for r in results:
+        grid, cam = r.crop_grid, r.gradcam_crop
+        assert grid.size_dhw == spec.crop_shape and cam.shape == spec.crop_shape and cam.dtype == np.float32
+        # the crop grid's voxel edges are the box plus the margin on every side (LPS mm)
+        ref = grid.reference_image()
+        corners = np.array([ref.TransformContinuousIndexToPhysicalPoint(c)
+                            for c in itertools.product(*[(-0.5, n - 0.5) for n in ref.GetSize()])])
+        box = np.asarray(r.box_lps_mm)
+        np.testing.assert_allclose(corners.min(axis=0), box[:3] - spec.crop_margin_mm, atol=1e-6)
+        np.testing.assert_allclose(corners.max(axis=0), box[3:] + spec.crop_margin_mm, atol=1e-6)
+        # mirrored like the hemi grid: W runs medial -> lateral (-x for R, +x for L)
+        assert np.sign(grid.direction[0]) == (-1.0 if r.side == "R" else 1.0)
+        # no evidence outside the scanned volume (the crop's zero-filled part at the edge of the FOV)
+        outside = ~field_of_view_mask(orient_lps(sitk.Cast(image, sitk.sitkFloat32)), grid)
+        assert not cam[outside].any()
+        voxel_mm3 = float(np.prod(grid.spacing_dhw_mm))
+        assert r.gradcam_volume_mm3 == pytest.approx(np.count_nonzero(cam >= 0.5) * voxel_mm3)
+        # the map in the study's geometry is this map resampled linearly, so it cannot exceed its maximum
+        assert float(sitk.GetArrayViewFromImage(r.gradcam).max()) <= float(cam.max()) + 1e-6
+        assert set(r.summary()) == {"side", "box_lps_mm", "detector_score", "low_confidence", "stage_probabilities",
+                                    "predicted_stage", "gradcam_volume_mm3"}
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
@@ -71,6 +99,8 @@ def _check_infer_output(out, study_image: sitk.Image):
     assert result["bundle_trusted"] is True
     for side in ("R", "L"):
         _same_geometry(sitk.ReadImage(str(out / f"gradcam_{side}.nii.gz")), study_image)
+    for name in ("overview.png", "gradcam_R.png", "gradcam_L.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     return result
 
 

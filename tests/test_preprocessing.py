@@ -15,6 +15,7 @@ from shared_models.preprocessing import (
     box_lps_to_voxel,
     box_voxel_to_lps,
     crop_grid,
+    field_of_view_mask,
     hemi_grid,
     midline_x_mm,
     orient_lps,
@@ -342,3 +343,12 @@ def test_box_decoding_to_lps_and_back_on_an_oblique_study():
     np.testing.assert_allclose(lps[3:] - lps[:3], [6.0 * 2.5, 8.0 * 2.0, 6.0 * 4.0], atol=1e-6)
     # ... and goes back to the same voxel box exactly (the hemi grid is LPS-aligned)
     np.testing.assert_allclose(box_lps_to_voxel(lps, grid), voxel_box, atol=1e-4)
+
+
+def test_field_of_view_mask_marks_voxels_inside_the_scan():
+    # the phantom's voxel centres run x = -112 .. 126 mm (edges -113 .. 127); this grid's x
+    # centres are 120, 122, ... 138 mm: the first four (120 .. 126) are inside
+    grid = GridGeometry((3, 4, 10), (120.0, 0.0, 0.0), (3.0, 2.0, 2.0), tuple(np.eye(3).ravel()))
+    mask = field_of_view_mask(phantom(), grid)
+    assert mask.shape == (3, 4, 10) and mask.dtype == bool
+    assert mask[..., :4].all() and not mask[..., 4:].any()
