@@ -42,7 +42,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-__all__ = ["augment_intensity", "augment_detector_batch", "intensity_transform"]
+__all__ = ["augment_detector_batch", "augment_intensity", "intensity_transform"]
 
 #: Box modes of ``monai.data.box_utils`` for our array axes (D, H, W) fed as MONAI's (x, y, z); the
 #: same reading as ``shared_models.detector``: ``(cz, cy, cx, d, h, w)`` is "cccwhd" and corners
@@ -214,6 +214,8 @@ def augment_detector_batch(
         raise ValueError(f"max_translate_voxels: must be >= 0, got {max_translate_voxels}")
 
     n, size = x.shape[0], tuple(int(s) for s in x.shape[2:])
+    if n == 0:
+        return x.to(torch.float32).clone(), boxes.to(torch.float32).clone()
     draw = np.random.default_rng(_draw_seed(rng))
     flips = draw.random((n, 3)) < flip_prob
     do_affine = draw.random(n) < affine_prob
@@ -234,7 +236,7 @@ def augment_detector_batch(
         if do_affine[b]:
             forward = _zoom_shift(zooms[b], shifts[b])
             # MONAI Affine maps output positions (relative to the centre) to input positions.
-            img = Affine(affine=np.linalg.inv(forward), padding_mode="zeros", image_only=True)(img)
+            img = Affine(affine=np.linalg.inv(forward), padding_mode="zeros", image_only=True, device=x.device)(img)
             box = apply_affine_to_boxes(box, _about(forward, centre_monai))
         out_x.append(convert_to_tensor(img, track_meta=False))
         out_b.append(box)

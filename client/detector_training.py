@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from client.augmentation import augment_intensity
+from client.augmentation import augment_detector_batch
 from client.training import LocalRun, autocast, batches
 from shared_models.detector import YOLOX3D, decode_best_box, detector_loss
 
@@ -27,6 +27,7 @@ def train_detector(
     amp: bool = True,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    l1_weight: float = 0.0,
 ) -> dict[str, float]:
     """Train 3DC-YOLOX for ``steps`` optimiser steps on hemi-volumes.
 
@@ -35,33 +36,36 @@ def train_detector(
         boxes_voxel: (N, 6) float32 ground-truth boxes ``(cz, cy, cx, d, h, w)`` in voxels.
         proximal_mu: FedProx ``mu``; 0 disables the proximal term. The reference
             weights are the model's weights on entry (the received global model).
+        seed: seeds batch order (``LocalRun.rng``) and augmentation (``LocalRun.gen``);
+            the same seed, weights and data give the same result on CPU.
+        l1_weight: weight of the L1 box loss in :func:`detector_loss` (``>= 0``); YOLOX
+            (arXiv:2107.08430, section 2.2) turns it on for the last epochs only.
 
-    Augmentation: random flip along H (anterior-posterior; the box centre is mirrored
-    consistently), random brightness/contrast and Gaussian noise.
+    Augmentation (paper section 2.5 plus YOLOX's random affine), per batch by
+    :func:`client.augmentation.augment_detector_batch`: random flips along D, H and W,
+    a random isotropic zoom (+/- 10 %) and shift (+/- 3 voxels) moving image and box together,
+    random brightness/contrast and Gaussian noise. It runs on ``device`` (on CUDA the
+    resampling is on the GPU; the noise is drawn on the CPU by MONAI and copied).
 
     Returns:
         ``{"train-loss": mean loss over the steps}``.
 
     Raises:
-        ValueError: if there are no training volumes.
+        ValueError: if there are no training volumes, or ``l1_weight < 0``.
     """
     n = len(volumes)
     if n == 0:
         raise ValueError("train_detector: no training volumes")
+    if not l1_weight >= 0:
+        raise ValueError(f"train_detector: l1_weight must be >= 0, got {l1_weight}")
     run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
-    h_size = volumes.shape[3]
     losses = []
     for idx in batches(n, batch_size, steps, run.rng):
-        x = torch.from_numpy(volumes[idx]).float()
-        y = torch.from_numpy(boxes_voxel[idx]).float().clone()
-        flip = torch.rand(len(idx), generator=run.gen) < 0.5
-        if flip.any():
-            x[flip] = torch.flip(x[flip], dims=[3])
-            y[flip, 1] = (h_size - 1) - y[flip, 1]
-        x = augment_intensity(x, run.gen).to(device)
-        y = y.to(device)
+        x = torch.from_numpy(volumes[idx]).float().to(device)
+        y = torch.from_numpy(boxes_voxel[idx]).float().to(device)
+        x, y = augment_detector_batch(x, y, run.gen)  # on the training device
         with autocast(device, amp):
-            loss, _ = detector_loss(model(x), y, model.cells)
+            loss, _ = detector_loss(model(x), y, model.cells, l1_weight=l1_weight)
         losses.append(run.step(loss))
     return {"train-loss": float(np.mean(losses))}
 

@@ -190,6 +190,11 @@ def test_detector_augmentation_rejects_bad_input(boxes, kwargs):
         augment_detector_batch(torch.zeros((1, 1) + SHAPE), boxes, np.random.default_rng(0), **kwargs)
 
 
+def test_empty_batch_passes_through():
+    out, new = augment_detector_batch(torch.zeros((0, 1) + SHAPE), torch.zeros(0, 6), np.random.default_rng(0))
+    assert out.shape == (0, 1) + SHAPE and new.shape == (0, 6)
+
+
 def test_bad_inputs_of_intensity_and_rng():
     with pytest.raises(ValueError):
         augment_intensity(torch.zeros(1, 8, 8, 8), torch.Generator())

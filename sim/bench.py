@@ -1,0 +1,336 @@
+"""Benchmarks of the costly parts of ONFH-FL, one *section* per concern.
+
+A section is a function that returns a list of flat, JSON-serialisable row dicts (one row per
+configuration measured); it is registered under a name with :func:`section`. :func:`run_benchmarks`
+runs the requested sections and returns ``{"environment": ..., "sections": {name: rows}}``, ready
+for ``json.dump`` (``onfh sim bench`` writes it as ``bench.json``); :func:`print_table` renders any
+section's rows with rich.
+
+Sections:
+
+* ``detector``: :func:`detector_benchmark`, 3DC-YOLOX training throughput (with the training
+  augmentation) and single-volume inference latency for the ``default`` and ``paper`` model sizes.
+
+Timing: ``time.perf_counter`` wall-clock after warm-up, with ``torch.cuda.synchronize`` around
+timed regions on CUDA. CPU numbers depend on ``torch.get_num_threads()``, recorded in every row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.augmentation import augment_detector_batch
+from client.detector_training import train_detector
+from client.training import select_device
+from shared_models.config import MODEL_SIZES, RunConfig, default_run_config
+from shared_models.detector import YOLOX3D, DetectorConfig, decode_best_box
+from shared_models.preprocessing import PreprocessingSpec
+
+__all__ = [
+    "SECTIONS",
+    "BenchSection",
+    "detector_benchmark",
+    "detector_config",
+    "environment",
+    "print_table",
+    "run_benchmarks",
+    "section",
+]
+
+logger = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BenchSection:
+    """A named benchmark: ``run(**options) -> list[Row]``; ``title`` heads its table."""
+
+    name: str
+    title: str
+    run: Callable[..., list[Row]]
+
+
+#: Registered sections by name, in registration order.
+SECTIONS: dict[str, BenchSection] = {}
+
+
+def section(name: str, title: str) -> Callable[[Callable[..., list[Row]]], Callable[..., list[Row]]]:
+    """Decorator registering a benchmark function as section ``name``.
+
+    Raises:
+        ValueError: if ``name`` is already registered.
+    """
+
+    def register(fn: Callable[..., list[Row]]) -> Callable[..., list[Row]]:
+        if name in SECTIONS:
+            raise ValueError(f"benchmark section {name!r} is already registered")
+        SECTIONS[name] = BenchSection(name=name, title=title, run=fn)
+        return fn
+
+    return register
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """What the numbers depend on: library versions, CPU threads and load, device name."""
+    import monai
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # CPU timings on a shared machine depend on what else runs (OpenMP threads wait for each other).
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device is not None:
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def detector_config(model_size: str) -> DetectorConfig:
+    """The :class:`DetectorConfig` that ``RunConfig`` builds for ``model-size`` with the pyproject
+    defaults (``default``: ``detector-widths``/``-depths``/``-head-width``; ``paper``:
+    ``DetectorConfig.PAPER``).
+
+    Raises:
+        ValueError: if ``model_size`` is not one of ``shared_models.config.MODEL_SIZES``.
+    """
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size: expected one of {MODEL_SIZES}, got {model_size!r}")
+    return RunConfig.from_run_config({**default_run_config(), "model-size": model_size}).detector
+
+
+def _random_hemi_batch(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random ``(1, D, H, W)`` float32 volumes in [0, 1] and plausible voxel boxes
+    (femoral-head-sized, about 1/3 of D and H, 1/3 of W, inside the volume)."""
+    rng = np.random.default_rng(seed)
+    volumes = rng.random((n, 1) + shape, dtype=np.float32)
+    size = np.asarray(shape, np.float64)
+    sides = size / 3.0 * rng.uniform(0.8, 1.2, (n, 3))
+    centres = rng.uniform(sides / 2, size - 1 - sides / 2)
+    return volumes, np.concatenate([centres, sides], axis=1).astype(np.float32)
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+@section("detector", "3DC-YOLOX: training throughput and inference latency")
+def detector_benchmark(
+    model_sizes: Sequence[str] = ("default", "paper"),
+    *,
+    steps: int = 10,
+    warmup_steps: int = 2,
+    batch_size: int = 4,
+    latency_repeats: int = 10,
+    latency_warmup: int = 3,
+    augment_repeats: int = 5,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    seed: int = 0,
+) -> list[Row]:
+    """Training throughput and inference latency of 3DC-YOLOX on random hemi-volumes.
+
+    For each model size the detector is built as ``RunConfig`` builds it (:func:`detector_config`)
+    and measured on random volumes of the real hemi shape ``PreprocessingSpec().hemi_shape``
+    (``(1, 32, 112, 64)``) with femoral-head-sized boxes:
+
+    * **training**: ``warmup_steps`` untimed steps, then ``steps`` timed optimiser steps of
+      :func:`client.detector_training.train_detector` (the real loop: batch sampling, the
+      box-aware augmentation, forward, YOLOX loss with SimOTA, backward, Adam) at ``batch_size``;
+    * **augmentation alone**: median time of :func:`client.augmentation.augment_detector_batch`
+      on one batch of ``batch_size`` on ``device`` (as in training), and its share of a step
+      (the step time includes it);
+    * **inference**: median over ``latency_repeats`` (after ``latency_warmup``) of
+      ``decode_best_box(model(x))`` on one hemi-volume, eval mode, no autograd.
+
+    Args:
+        model_sizes: values of the ``model-size`` run-config key.
+        steps: timed training steps (>= 1).
+        warmup_steps: untimed training steps before them (>= 0).
+        batch_size: training batch size (>= 1).
+        latency_repeats: timed inference repeats (>= 1).
+        latency_warmup: untimed inference calls (>= 0).
+        augment_repeats: timed augmentation calls (>= 1).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
+        amp: mixed precision in training (CUDA only, as in training).
+        seed: seeds weights, data and the training loop.
+
+    Returns:
+        One row per model size: ``section, model_size, widths, depths, head_width, params,
+        batch_size, steps, train_volumes_per_s, train_step_ms, augment_ms_per_batch,
+        augment_share_of_step, infer_ms_per_volume, device, torch_threads``
+        (times in ms, throughput in volumes/s).
+
+    Raises:
+        ValueError: unknown model size or a count out of range.
+    """
+    for name, value, low in (("steps", steps, 1), ("warmup_steps", warmup_steps, 0), ("batch_size", batch_size, 1),
+                             ("latency_repeats", latency_repeats, 1), ("latency_warmup", latency_warmup, 0),
+                             ("augment_repeats", augment_repeats, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    dev = device if isinstance(device, torch.device) else select_device(device)
+    shape = tuple(PreprocessingSpec().hemi_shape)
+    volumes, boxes = _random_hemi_batch(max(4 * batch_size, 8), shape, seed)
+    timing = {"steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size,
+              "latency_repeats": latency_repeats, "latency_warmup": latency_warmup,
+              "augment_repeats": augment_repeats, "amp": amp, "seed": seed}
+    return [_detector_row(size, volumes, boxes, dev, **timing) for size in model_sizes]
+
+
+def _detector_row(size: str, volumes: np.ndarray, boxes: np.ndarray, dev: torch.device, *, steps: int,
+                  warmup_steps: int, batch_size: int, latency_repeats: int, latency_warmup: int,
+                  augment_repeats: int, amp: bool, seed: int) -> Row:
+    """One :func:`detector_benchmark` row for model size ``size``."""
+    config = detector_config(size)
+    torch.manual_seed(seed)
+    model = YOLOX3D(config)
+    params = sum(p.numel() for p in model.parameters())
+    logger.info("detector benchmark: %s (%d parameters) on %s", size, params, dev)
+
+    gen = torch.Generator().manual_seed(seed)
+    xb, yb = torch.from_numpy(volumes[:batch_size]).to(dev), torch.from_numpy(boxes[:batch_size]).to(dev)
+    augment_ms = _median_ms(lambda: augment_detector_batch(xb, yb, gen), augment_repeats, 1, dev)
+
+    train = {"batch_size": batch_size, "lr": 2e-3, "weight_decay": 1e-4, "device": dev, "amp": amp, "seed": seed}
+    if warmup_steps:
+        train_detector(model, volumes, boxes, steps=warmup_steps, **train)
+    _sync(dev)
+    t0 = time.perf_counter()
+    train_detector(model, volumes, boxes, steps=steps, **train)
+    _sync(dev)
+    train_s = time.perf_counter() - t0
+
+    model.eval()
+    x1 = torch.from_numpy(volumes[:1]).to(dev)
+
+    @torch.no_grad()
+    def infer() -> None:
+        decode_best_box(model(x1))
+
+    infer_ms = _median_ms(infer, latency_repeats, latency_warmup, dev)
+    step_ms = 1e3 * train_s / steps
+    return {
+        "section": "detector",
+        "model_size": size,
+        "widths": ",".join(map(str, config.widths)),
+        "depths": ",".join(map(str, config.depths)),
+        "head_width": config.head_width,
+        "params": params,
+        "batch_size": batch_size,
+        "steps": steps,
+        "train_volumes_per_s": steps * batch_size / train_s,
+        "train_step_ms": step_ms,
+        "augment_ms_per_batch": augment_ms,
+        "augment_share_of_step": augment_ms / step_ms,
+        "infer_ms_per_volume": infer_ms,
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_benchmarks(names: Iterable[str] | None = None, **options: dict[str, Any]) -> dict[str, Any]:
+    """Run the named sections (all registered ones when ``None``).
+
+    Args:
+        names: section names, see :data:`SECTIONS`.
+        **options: per-section keyword arguments, keyed by section name, e.g.
+            ``detector={"steps": 3}``.
+
+    Returns:
+        ``{"environment": environment(), "sections": {name: rows}}`` (JSON-serialisable).
+
+    Raises:
+        ValueError: for an unknown section name or options for a section that is not run.
+    """
+    names = list(SECTIONS) if names is None else list(names)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown benchmark section(s) {unknown}; known: {list(SECTIONS)}")
+    stray = [n for n in options if n not in names]
+    if stray:
+        raise ValueError(f"options given for section(s) {stray} that are not run ({names})")
+    return {
+        "environment": environment(),
+        "sections": {name: SECTIONS[name].run(**options.get(name, {})) for name in names},
+    }
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(rows: Sequence[Row], title: str | None = None, console=None, transpose: bool | None = None) -> None:
+    """Print benchmark rows as a rich table.
+
+    Keys with the same value in every row (of two or more) go to the caption. The other keys
+    become columns (one line per row), or, transposed, lines (one column per row): the default
+    transposes when there are more keys than rows, which keeps a few wide rows readable.
+
+    Args:
+        rows: row dicts of one section, e.g. from :func:`detector_benchmark`.
+        title: table title; defaults to the registered title of the rows' ``section``.
+        console: a ``rich.console.Console``; a 140-column one by default.
+        transpose: force (``True``) or forbid (``False``) the transposed layout.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=140)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys and k != "section"]
+    shared = [k for k in keys if len(rows) > 1 and all(k in r and r[k] == rows[0][k] for r in rows)]
+    keys = [k for k in keys if k not in shared]
+    if title is None and rows and rows[0].get("section") in SECTIONS:
+        title = SECTIONS[rows[0]["section"]].title
+    caption = ", ".join(f"{k.replace('_', ' ')}: {_cell(rows[0][k])}" for k in shared) or None
+    table = Table(title=title, caption=caption)
+    if transpose if transpose is not None else len(keys) > len(rows):
+        table.add_column("")
+        for _ in rows:
+            table.add_column("", justify="right")
+        table.show_header = False
+        for key in keys:
+            table.add_row(key.replace("_", " "), *(_cell(r[key]) if key in r else "–" for r in rows))
+    else:
+        for key in keys:
+            numeric = all(isinstance(r.get(key), (int, float)) for r in rows if key in r)
+            table.add_column(key.replace("_", " "), justify="right" if numeric else "left")
+        for row in rows:
+            table.add_row(*(_cell(row[k]) if k in row else "–" for k in keys))
+    console.print(table)
