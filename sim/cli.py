@@ -156,6 +156,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Benchmarks that print measured figures and write ``bench.json``."""
+    from sim.bench import SECTIONS, print_table, run_benchmarks
+
+    names = args.only.split(",") if args.only else None
+    options = {}
+    if args.quick:
+        options = {"detector": {"steps": 2, "warmup_steps": 1, "latency_repeats": 3, "latency_warmup": 1,
+                                "augment_repeats": 2, "model_sizes": ("default",)}}
+        options = {k: v for k, v in options.items() if names is None or k in names}
+    result = run_benchmarks(names, **options)
+    for name, rows in result["sections"].items():
+        print_table(rows, title=SECTIONS[name].title, console=console)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    console.print(f"{out / 'bench.json'} (load average {result['environment'].get('load_avg_1min', '?')}: "
+                  "figures taken under load are not comparable)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Phantoms -> simulation -> report -> inference on the real pelvic MRI."""
     out = Path(args.out)
@@ -297,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "gt-crops:crop-source=ground-truth, plain-transition:stager-transition=plain")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); mean ± sd over seeds")
     p.set_defaults(func=cmd_compare)
+    p = sim.add_parser("bench", help="benchmarks: measured throughput and latency, written to OUT/bench.json")
+    p.add_argument("--out", default="runs/bench", help="output folder for bench.json (default runs/bench)")
+    p.add_argument("--only", help="comma-separated sections (default: all; known: detector)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: few steps, default widths only")
+    p.set_defaults(func=cmd_bench)
     p = sim.add_parser("demo", help="phantoms + simulation + report + inference on the real pelvic MRI")
     run_args(p, data_required=False)
     p.set_defaults(func=cmd_demo)
