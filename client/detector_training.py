@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from client.augmentation import augment_detector_batch
-from client.training import LocalRun, autocast, batches
+from client.training import LocalRun, autocast, batches, make_lr_scheduler
 from shared_models.detector import YOLOX3D, decode_best_box, detector_loss
 
 
@@ -28,6 +28,9 @@ def train_detector(
     proximal_mu: float = 0.0,
     seed: int = 0,
     l1_weight: float = 0.0,
+    step_offset: int = 0,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
 ) -> dict[str, float]:
     """Train 3DC-YOLOX for ``steps`` optimiser steps on hemi-volumes.
 
@@ -40,6 +43,10 @@ def train_detector(
             the same seed, weights and data give the same result on CPU.
         l1_weight: weight of the L1 box loss in :func:`detector_loss` (``>= 0``); YOLOX
             (arXiv:2107.08430, section 2.2) turns it on for the last epochs only.
+        step_offset, total_steps, warmup_steps: the learning-rate schedule over the global
+            step count (linear warm-up, then cosine decay to 0 at ``total_steps``; ``None``:
+            constant), continued across federated rounds; see
+            :func:`client.training.lr_factor`.
 
     Augmentation (paper section 2.5 plus YOLOX's random affine), per batch by
     :func:`client.augmentation.augment_detector_batch`: random flips along D, H and W,
@@ -59,6 +66,7 @@ def train_detector(
     if not l1_weight >= 0:
         raise ValueError(f"train_detector: l1_weight must be >= 0, got {l1_weight}")
     run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
+    scheduler = make_lr_scheduler(run.opt, step_offset=step_offset, warmup_steps=warmup_steps, total_steps=total_steps)
     losses = []
     for idx in batches(n, batch_size, steps, run.rng):
         x = torch.from_numpy(volumes[idx]).float().to(device)
@@ -67,6 +75,7 @@ def train_detector(
         with autocast(device, amp):
             loss, _ = detector_loss(model(x), y, model.cells, l1_weight=l1_weight)
         losses.append(run.step(loss))
+        scheduler.step()
     return {"train-loss": float(np.mean(losses))}
 
 

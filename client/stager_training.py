@@ -36,7 +36,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from client.augmentation import augment_intensity
-from client.training import LocalRun, autocast, batches
+from client.training import LocalRun, autocast, batches, lr_factor, make_lr_scheduler  # noqa: F401 (re-exported)
 from shared_models.losses import stage_focal_loss
 from shared_models.stages import NUM_STAGES
 
@@ -54,53 +54,6 @@ __all__ = [
     "predict_stages",
     "fit_stager_central",
 ]
-
-
-# ----------------------------------------------------------------------------- schedule
-
-
-def lr_factor(global_step: int, *, warmup_steps: int = 0, total_steps: int | None = None) -> float:
-    """Multiplier of the base learning rate at optimiser step ``global_step`` (0-based).
-
-    * warm-up, ``global_step < warmup_steps``: ``(global_step + 1) / warmup_steps``
-      (linear, reaching 1 at the last warm-up step; Goyal et al. 2017, arXiv:1706.02677);
-    * then, if ``total_steps`` is given: ``0.5 * (1 + cos(pi * t))`` with
-      ``t = min(1, (global_step - warmup_steps) / max(1, total_steps - warmup_steps))``
-      (cosine decay to 0, SGDR eq. 5 without restarts, arXiv:1608.03983);
-    * otherwise 1 (constant learning rate; the default, as before the schedule existed).
-
-    Steps past ``total_steps`` stay at 0 (``t`` is clipped to 1).
-
-    Raises:
-        ValueError: negative ``global_step``/``warmup_steps``, or ``total_steps`` < ``warmup_steps``.
-    """
-    if global_step < 0 or warmup_steps < 0:
-        raise ValueError(f"lr_factor: global_step ({global_step}) and warmup_steps ({warmup_steps}) must be >= 0")
-    if total_steps is not None and total_steps < warmup_steps:
-        raise ValueError(f"lr_factor: total_steps ({total_steps}) must be >= warmup_steps ({warmup_steps})")
-    if global_step < warmup_steps:
-        return (global_step + 1) / warmup_steps
-    if total_steps is None:
-        return 1.0
-    t = min(1.0, (global_step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, *, step_offset: int = 0, warmup_steps: int = 0, total_steps: int | None = None
-) -> LambdaLR:
-    """A ``torch.optim.lr_scheduler.LambdaLR`` following :func:`lr_factor` from global step ``step_offset``.
-
-    Call ``scheduler.step()`` after every ``optimizer.step()``. The optimiser's learning
-    rate is ``base_lr * lr_factor(step_offset + k)`` during its ``k``-th local step.
-
-    Raises:
-        ValueError: as :func:`lr_factor`, or a negative ``step_offset``.
-    """
-    if step_offset < 0:
-        raise ValueError(f"step_offset must be >= 0, got {step_offset}")
-    lr_factor(step_offset, warmup_steps=warmup_steps, total_steps=total_steps)  # validate now, not at first step
-    return LambdaLR(optimizer, lambda k: lr_factor(step_offset + k, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
 # ----------------------------------------------------------------------------- helpers

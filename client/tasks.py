@@ -86,6 +86,7 @@ def detector_train(site: SiteData, cfg: RunConfig, state: StateDict, *, proximal
         steps=cfg.detector_local_steps, batch_size=cfg.detector_batch_size, lr=cfg.detector_lr,
         weight_decay=cfg.weight_decay, device=select_device(cfg.device), amp=cfg.amp,
         proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round, l1_weight=cfg.detector_l1_weight(server_round),
+        **cfg.lr_schedule_args("detector", server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(heads), **metrics}
 
@@ -217,6 +218,7 @@ def stager_train(site: SiteData, cfg: RunConfig, state: StateDict, key: str, *, 
         steps=cfg.stager_local_steps, batch_size=cfg.stager_batch_size, lr=cfg.stager_lr,
         weight_decay=cfg.weight_decay, focal_gamma=cfg.focal_gamma, device=select_device(cfg.device),
         amp=cfg.amp, proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round,
+        **cfg.lr_schedule_args("stager", server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(crops), **metrics}
 

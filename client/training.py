@@ -7,6 +7,12 @@ unpack a message, call them, and pack the reply; the simulation baselines call t
 directly. Local work is counted in optimiser steps, not epochs, so sites of different
 size do comparable work (FLamby convention).
 
+The learning-rate schedule runs over the *global* step count: linear warm-up, then
+cosine decay (Goyal et al. 2017, arXiv:1706.02677, section 2.2; Loshchilov & Hutter
+2017, arXiv:1608.03983, eq. 5 without restarts). A federated round ``r`` (1-based) with
+``L`` local steps passes ``step_offset=(r - 1) * L`` and ``total_steps=rounds * L``, so
+the schedule continues across rounds although each round builds a fresh optimiser.
+
 FedProx adds ``(mu/2)·||w − w_global||²`` against a detached copy of the global
 weights (Li et al. 2020, arXiv:1812.06127, eq. 2).
 """
@@ -14,11 +20,13 @@ weights (Li et al. 2020, arXiv:1812.06127, eq. 2).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from shared_models.losses import fedprox_proximal_term, snapshot_params
 
@@ -97,3 +105,47 @@ def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator, weigh
             order, pos = rng.permutation(n), 0
         yield order[pos : pos + batch_size]
         pos += batch_size
+
+
+def lr_factor(global_step: int, *, warmup_steps: int = 0, total_steps: int | None = None) -> float:
+    """Multiplier of the base learning rate at optimiser step ``global_step`` (0-based).
+
+    * warm-up, ``global_step < warmup_steps``: ``(global_step + 1) / warmup_steps``
+      (linear, reaching 1 at the last warm-up step; Goyal et al. 2017, arXiv:1706.02677);
+    * then, if ``total_steps`` is given: ``0.5 * (1 + cos(pi * t))`` with
+      ``t = min(1, (global_step - warmup_steps) / max(1, total_steps - warmup_steps))``
+      (cosine decay to 0, SGDR eq. 5 without restarts, arXiv:1608.03983);
+    * otherwise 1 (constant learning rate; the default, as before the schedule existed).
+
+    Steps past ``total_steps`` stay at 0 (``t`` is clipped to 1).
+
+    Raises:
+        ValueError: negative ``global_step``/``warmup_steps``, or ``total_steps`` < ``warmup_steps``.
+    """
+    if global_step < 0 or warmup_steps < 0:
+        raise ValueError(f"lr_factor: global_step ({global_step}) and warmup_steps ({warmup_steps}) must be >= 0")
+    if total_steps is not None and total_steps < warmup_steps:
+        raise ValueError(f"lr_factor: total_steps ({total_steps}) must be >= warmup_steps ({warmup_steps})")
+    if global_step < warmup_steps:
+        return (global_step + 1) / warmup_steps
+    if total_steps is None:
+        return 1.0
+    t = min(1.0, (global_step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, *, step_offset: int = 0, warmup_steps: int = 0, total_steps: int | None = None
+) -> LambdaLR:
+    """A ``torch.optim.lr_scheduler.LambdaLR`` following :func:`lr_factor` from global step ``step_offset``.
+
+    Call ``scheduler.step()`` after every ``optimizer.step()``. The optimiser's learning
+    rate is ``base_lr * lr_factor(step_offset + k)`` during its ``k``-th local step.
+
+    Raises:
+        ValueError: as :func:`lr_factor`, or a negative ``step_offset``.
+    """
+    if step_offset < 0:
+        raise ValueError(f"step_offset must be >= 0, got {step_offset}")
+    lr_factor(step_offset, warmup_steps=warmup_steps, total_steps=total_steps)  # validate now, not at first step
+    return LambdaLR(optimizer, lambda k: lr_factor(step_offset + k, warmup_steps=warmup_steps, total_steps=total_steps))

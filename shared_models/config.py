@@ -21,6 +21,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedbn")
 CROP_SOURCES = ("detector", "ground-truth")
 MODEL_SIZES = ("default", "paper")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("cosine", "constant")
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -108,15 +109,18 @@ class RunConfig:
     detector_batch_size: int
     detector_lr: float
     detector_l1_rounds: int
+    detector_warmup_steps: int
     detector: DetectorConfig
     stager_rounds: int
     stager_local_steps: int
     stager_batch_size: int
     stager_lr: float
+    stager_warmup_steps: int
     stager: StagerConfig
     crop_source: str
     spec: PreprocessingSpec
     weight_decay: float
+    lr_schedule: str
     focal_gamma: float
     model_size: str
     device: str
@@ -209,15 +213,18 @@ class RunConfig:
             detector_batch_size=positive("detector-batch-size", int),
             detector_lr=positive("detector-lr", float),
             detector_l1_rounds=non_negative("detector-l1-rounds", int),
+            detector_warmup_steps=non_negative("detector-warmup-steps", int),
             detector=detector,
             stager_rounds=positive("stager-rounds", int),
             stager_local_steps=positive("stager-local-steps", int),
             stager_batch_size=positive("stager-batch-size", int),
             stager_lr=positive("stager-lr", float),
+            stager_warmup_steps=non_negative("stager-warmup-steps", int),
             stager=stager,
             crop_source=choice("crop-source", CROP_SOURCES),
             spec=_spec(get("crop-shape", str), get("crop-margin-mm", float)),
             weight_decay=get("weight-decay", float),
+            lr_schedule=choice("lr-schedule", LR_SCHEDULES),
             focal_gamma=get("focal-gamma", float),
             model_size=model_size,
             device=choice("device", DEVICES),
@@ -229,6 +236,24 @@ class RunConfig:
         ``detector_l1_rounds`` rounds, else 0 (YOLOX adds L1 for its last 15 epochs,
         arXiv:2107.08430, section 2.2)."""
         return 1.0 if server_round > self.detector_rounds - self.detector_l1_rounds else 0.0
+
+    def lr_schedule_args(self, phase: str, server_round: int) -> dict[str, int | None]:
+        """``step_offset``, ``total_steps`` and ``warmup_steps`` of the learning-rate schedule for
+        local training in round ``server_round`` (1-based) of ``phase`` (see
+        :func:`client.training.lr_factor`): the schedule runs over all rounds of the phase.
+
+        Raises:
+            ValueError: for a phase other than ``"detector"`` or ``"stager"``.
+        """
+        if phase not in ("detector", "stager"):
+            raise ValueError(f"phase must be 'detector' or 'stager', got {phase!r}")
+        rounds, steps, warmup = (
+            (self.detector_rounds, self.detector_local_steps, self.detector_warmup_steps) if phase == "detector"
+            else (self.stager_rounds, self.stager_local_steps, self.stager_warmup_steps))
+        total = rounds * steps
+        return {"step_offset": (server_round - 1) * steps,
+                "total_steps": total if self.lr_schedule == "cosine" else None,
+                "warmup_steps": min(warmup, total)}
 
     def site_for_partition(self, partition_id: int) -> str:
         """Map a simulation ``partition-id`` to its site id (the order of ``site-ids``).

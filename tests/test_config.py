@@ -75,3 +75,17 @@ def test_crop_settings_reach_the_preprocessing_spec():
 def test_l1_box_loss_is_on_in_the_last_detector_rounds(l1_rounds, expected):
     cfg = RunConfig.from_run_config(tiny_run_config(**{"detector-rounds": 5, "detector-l1-rounds": l1_rounds}))
     assert [cfg.detector_l1_weight(r) for r in range(1, 6)] == expected
+
+
+def test_lr_schedule_runs_over_all_rounds_of_a_phase():
+    cfg = RunConfig.from_run_config(tiny_run_config(**{
+        "detector-rounds": 4, "detector-local-steps": 30, "detector-warmup-steps": 10,
+        "stager-rounds": 2, "stager-local-steps": 7, "stager-warmup-steps": 100, "lr-schedule": "cosine"}))
+    assert cfg.lr_schedule_args("detector", 3) == {"step_offset": 60, "total_steps": 120, "warmup_steps": 10}
+    assert cfg.lr_schedule_args("stager", 1) == {"step_offset": 0, "total_steps": 14, "warmup_steps": 14}
+    constant = RunConfig.from_run_config(tiny_run_config(**{"lr-schedule": "constant"}))
+    assert constant.lr_schedule_args("stager", 2)["total_steps"] is None
+    with pytest.raises(ValueError, match="phase"):
+        cfg.lr_schedule_args("crops", 1)
+    with pytest.raises(ValueError, match="'lr-schedule'"):
+        RunConfig.from_run_config(tiny_run_config(**{"lr-schedule": "step"}))
