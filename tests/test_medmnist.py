@@ -62,6 +62,12 @@ def test_quick_central_rows(tmp_path):
     _check_rows(rows, 28, {0, 1})
     written = json.loads((tmp_path / "out" / "medmnist.json").read_text())
     assert [{k: r[k] for k in ROW_KEYS} for r in written] == [{k: r[k] for k in ROW_KEYS} for r in rows]
+    # a second call into the same folder replaces its own key's row and keeps the others
+    again = run_medmnist(npz, 28, tmp_path / "out", seeds=(1,), settings=("central",), quick=True)
+    merged = json.loads((tmp_path / "out" / "medmnist.json").read_text())
+    assert len(again) == 1 and len(merged) == 4
+    assert sorted((r["setting"], r["seed"]) for r in merged) == sorted((r["setting"], r["seed"]) for r in rows)
+    assert merged[-1]["wall_s"] == again[0]["wall_s"]
 
 
 @pytest.mark.slow
