@@ -68,6 +68,9 @@ def test_cam_is_high_where_the_class_evidence_is(method):
     assert cam1.min() >= 0.0 and cam1.max() == pytest.approx(1.0)
     inside, outside = _inside_outside(cam1)
     assert inside > 0.6 and outside < 0.3  # lesion evidence sits in the bright region
+    # a 3D map, not a 2D one broadcast along depth: the depth profile peaks at the region's slices 4..7
+    profile = cam1.mean(axis=(1, 2))
+    assert profile[4:8].min() > 2 * profile[np.r_[0:3, 9:16]].max()
     cam0 = stage_gradcam(model, x, class_index=0, method=method)
     inside0, outside0 = _inside_outside(cam0)
     assert outside0 > inside0  # "normal" evidence sits outside it

@@ -57,6 +57,19 @@ def test_mulpoolfusion_halves_spatial_size(fusion, scales, spatial, expected):
     assert (module.fuse is not None) == (fusion == "concat")
 
 
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_every_mulpoolfusion_branch_receives_gradient(fusion):
+    torch.manual_seed(0)
+    model = MulDenseNet3D(StagerConfig(**TINY, pool_scales=(1, 2, 4), fusion=fusion))
+    model(torch.rand(2, 1, 16, 16, 16)).sum().backward()
+    transitions = [m for m in model.modules() if isinstance(m, MulPoolFusion)]
+    assert len(transitions) == len(TINY["block_config"]) - 1
+    for t in transitions:
+        for name, branch in t.branches.items():  # max and average pooling at every scale
+            grad = branch.conv.weight.grad
+            assert grad is not None and grad.abs().sum() > 0, name
+
+
 def test_mulpoolfusion_average_branch_excludes_padding():
     # constant input: every average-pool window must average to the constant (no zero padding
     # leaking in), also for an input smaller than the kernel (scale 4 -> kernel 9 on 3 voxels)
