@@ -284,7 +284,7 @@ def fit_stager_central(
     focal_gamma: float = 2.0,
     warmup_steps: int = 0,
     cosine: bool = True,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     amp: bool = True,
     class_balanced: bool = True,
     flip_dims: tuple[int, ...] = (2, 3, 4),
@@ -318,7 +318,7 @@ def fit_stager_central(
         eval_every: steps between validation evaluations.
         patience: non-improving evaluations tolerated before stopping (>= 1).
         batch_size, lr, weight_decay, focal_gamma, class_balanced, flip_dims, intensity_aug, amp,
-            device: as in :func:`train_stager`.
+            device: as in :func:`train_stager` (``device`` defaults to the CPU).
         warmup_steps: linear warm-up steps of the schedule.
         cosine: cosine decay to 0 at ``max_steps``; False keeps the learning rate constant.
         seed: seed of everything random here.
@@ -344,6 +344,7 @@ def fit_stager_central(
     val_labels = _check_labels(val_labels, k, "fit_stager_central (val)")
     if len(np.unique(val_labels)) < 2:
         raise ValueError("fit_stager_central: the validation set needs at least two classes for an AUC")
+    device = device or torch.device("cpu")
     if deterministic:
         set_determinism(seed=seed)
     _prepare_model(model, device)

@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated sections (default: all; known: detector)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, default widths only")
     p.set_defaults(func=cmd_bench)
+    from sim.medmnist import add_medmnist_parser
+
+    add_medmnist_parser(sim)
     p = sim.add_parser("demo", help="phantoms + simulation + report + inference on the real pelvic MRI")
     run_args(p, data_required=False)
     p.set_defaults(func=cmd_demo)

@@ -44,13 +44,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, str]:
-    """Environment for every Flower process of a run (see module docstring)."""
-    env = dict(os.environ)
-    # The SuperLink starts flower-superexec (and Ray its workers) by name: put this
-    # environment's scripts first on PATH even when it was not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update({
+def flower_variables(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+    """The variables every Flower process of a run needs (``FLOWER-1.42-NOTES.md``): a
+    project-local ``FLWR_HOME``, no update check, telemetry or runtime dependency
+    installation, and a project-local ``RAY_TMPDIR``."""
+    return {
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -58,9 +56,17 @@ def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, st
         "RAY_TMPDIR": str(ray_tmp),
         "RAY_DEDUP_LOGS": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        "OMP_NUM_THREADS": str(threads),
-        "PYTHONUNBUFFERED": "1",
-    })
+    }
+
+
+def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, str]:
+    """Environment for every Flower process of a run (see module docstring)."""
+    env = dict(os.environ)
+    # The SuperLink starts flower-superexec (and Ray its workers) by name: put this
+    # environment's scripts first on PATH even when it was not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(flower_variables(flwr_home, ray_tmp))
+    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     return env
 

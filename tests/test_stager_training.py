@@ -170,7 +170,7 @@ def test_class_balanced_sampling_on_90_10():
 
 
 def test_n_classes_from_model_width():
-    x, y = blobs(6, seed=0)
+    x, _ = blobs(6, seed=0)
     binary = tiny(2)
     assert predict_stages(binary, x, device=CPU).shape == (6, 2)
     assert predict_stages(binary, x[:0], device=CPU).shape == (0, 2)
