@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from monai.transforms import Flip
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -135,11 +136,13 @@ def _release_model(model: nn.Module) -> None:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, flip_dims: tuple[int, ...], intensity: bool) -> torch.Tensor:
-    """Random flips (each sample, each axis in ``flip_dims``, p = 0.5) then random brightness/noise."""
+    """Random flips (each sample, each axis in ``flip_dims``, p = 0.5; MONAI ``Flip``) then random
+    brightness/noise."""
     for dim in flip_dims:
         flip = torch.rand(len(x), generator=gen) < 0.5
-        if flip.any():
-            x[flip] = torch.flip(x[flip], dims=[dim])
+        flipper = Flip(spatial_axis=dim - 2)  # (C, D, H, W) per sample: spatial axis = tensor dim - 2
+        for i in flip.nonzero().flatten().tolist():
+            x[i] = torch.as_tensor(flipper(x[i]))
     return augment_intensity(x, gen) if intensity else x
 
 

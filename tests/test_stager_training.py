@@ -192,3 +192,14 @@ def test_macro_auc_binary_and_multiclass():
     perfect = np.eye(3)[y3] * 0.8 + 0.1 / 1.0 * (1 - np.eye(3)[y3])
     assert macro_auc(y3, perfect) == pytest.approx(1.0)
     assert math.isnan(macro_auc(np.zeros(3, int), np.full((3, 2), 0.5)))
+
+
+def test_flip_augmentation_mirrors_some_samples_along_each_axis_and_leaves_the_rest():
+    from client.stager_training import _augment
+
+    x = torch.rand(32, 1, 6, 5, 4)
+    out = _augment(x.clone(), torch.Generator().manual_seed(0), (4,), intensity=False)
+    flipped = [torch.equal(o, torch.flip(v, dims=[3])) for o, v in zip(out, x)]
+    same = [torch.equal(o, v) for o, v in zip(out, x)]
+    assert all(f or s for f, s in zip(flipped, same))  # each sample is either mirrored along W or untouched
+    assert 4 <= sum(flipped) <= 28 and 4 <= sum(same) <= 28  # p = 0.5 over 32 samples
