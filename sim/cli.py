@@ -4,6 +4,7 @@
 * ``onfh site ...``         hospital sites: check a data folder
 * ``onfh coordinator ...``  coordinators: the bundle signing key
 * ``onfh infer ...``        anyone: the two-stage pipeline on one study
+* ``onfh report ...``       researchers: the model against reader diagnoses (McNemar)
 
 Library code raises; this module maps errors to exit codes (1: bad input or failed
 run, 2: usage) and prints human-readable tables with rich.
@@ -337,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-key", help="coordinator's Ed25519 public key (PEM) to verify the bundle against")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_infer)
+
+    report = groups.add_parser("report", help="statistics on a finished run's predictions").add_subparsers(dest="cmd", required=True)
+    from sim.readers import add_readers_parser
+
+    add_readers_parser(report)
 
     site = groups.add_parser("site", help="hospital sites").add_subparsers(dest="cmd", required=True)
     p = site.add_parser("check", help="check a site data folder: one verdict per study")
