@@ -211,7 +211,9 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     histogram counts as ``sample_weight``: binning only merges scores that fall in the same bin
     into ties, so the result equals the per-case AUC when no positive and negative share a bin
     (exactly when scores already sit on bin centres); otherwise the error is at most half the
-    fraction of positive-negative pairs sharing a bin.
+    fraction of positive-negative pairs sharing a bin. That bound is returned per stage under
+    ``auc_bin_error_bound`` (:func:`shared_models.clinical_stats.auc_bin_error_bound`); the macro
+    AUC's error is at most the mean of the three.
 
     Raises:
         ValueError: malformed counts.
@@ -220,14 +222,18 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     n = int(conf.sum())
     if n == 0:
         return _nan_report(0)
+    from shared_models.clinical_stats import auc_bin_error_bound  # it imports this module's input checks
+
     centres = (np.arange(n_bins, dtype=np.float64) + 0.5) / n_bins
     per_stage: dict[str, dict[str, float]] = {}
+    auc_bounds: dict[str, float] = {}
     for k, label in enumerate(STAGE_LABELS):
         tp = int(conf[k, k])
         fn = int(conf[k, :].sum()) - tp
         fp = int(conf[:, k].sum()) - tp
         tn = n - tp - fn - fp
         pos_w, neg_w = hp[k], hn[k]
+        auc_bound = auc_bin_error_bound(pos_w, neg_w)
         if pos_w.sum() > 0 and neg_w.sum() > 0:
             ip, ineg = np.nonzero(pos_w)[0], np.nonzero(neg_w)[0]
             labels = np.concatenate([np.ones(ip.size), np.zeros(ineg.size)])
@@ -243,9 +249,10 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
             "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn > 0 else math.nan,
             "auc": auc,
         }
+        auc_bounds[label] = auc_bound
     support = conf.sum(axis=1)
     macro, weighted = _average(per_stage, support)
-    return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": n}
+    return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": n, "auc_bin_error_bound": auc_bounds}
 
 
 def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> float:

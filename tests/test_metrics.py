@@ -118,6 +118,8 @@ def test_counts_reproduce_stage_metrics(seed):
         diff = abs(pooled["per_stage"][stage]["auc"] - direct["per_stage"][stage]["auc"])
         assert diff <= 0.5 * shared + 1e-12
         assert diff < 0.01
+        # the report states that bound with the pooled metrics
+        assert pooled["auc_bin_error_bound"][stage] == pytest.approx(0.5 * shared)
 
 
 def test_counts_auc_exact_when_scores_on_bin_centres():
