@@ -213,7 +213,9 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     (exactly when scores already sit on bin centres); otherwise the error is at most half the
     fraction of positive-negative pairs sharing a bin. That bound is returned per stage under
     ``auc_bin_error_bound`` (:func:`shared_models.clinical_stats.auc_bin_error_bound`); the macro
-    AUC's error is at most the mean of the three.
+    AUC's error is at most the mean of the three. Also exact from the confusion matrix: the
+    quadratic-weighted Cohen's kappa (``quadratic_kappa``, stages are ordinal) and early ONFH
+    (stage I or II, predicted as either) against stage 0 (``early_onfh``: sensitivity, specificity).
 
     Raises:
         ValueError: malformed counts.
@@ -222,7 +224,7 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     n = int(conf.sum())
     if n == 0:
         return _nan_report(0)
-    from shared_models.clinical_stats import auc_bin_error_bound  # it imports this module's input checks
+    from shared_models.clinical_stats import auc_bin_error_bound, quadratic_weighted_kappa  # they import this module
 
     centres = (np.arange(n_bins, dtype=np.float64) + 0.5) / n_bins
     per_stage: dict[str, dict[str, float]] = {}
@@ -252,7 +254,16 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
         auc_bounds[label] = auc_bound
     support = conf.sum(axis=1)
     macro, weighted = _average(per_stage, support)
-    return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": n, "auc_bin_error_bound": auc_bounds}
+    # Exact from the confusion matrix too: the ordinal agreement and early ONFH (stage I or II) vs stage 0.
+    true_idx, pred_idx = np.nonzero(conf)
+    reps = conf[true_idx, pred_idx].astype(int)
+    kappa = quadratic_weighted_kappa(np.repeat(true_idx, reps), np.repeat(pred_idx, reps))
+    early_tp, early_fn = int(conf[1:, 1:].sum()), int(conf[1:, 0].sum())
+    early_tn, early_fp = int(conf[0, 0]), int(conf[0, 1:].sum())
+    early = {"sensitivity": early_tp / (early_tp + early_fn) if early_tp + early_fn else math.nan,
+             "specificity": early_tn / (early_tn + early_fp) if early_tn + early_fp else math.nan}
+    return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": n, "auc_bin_error_bound": auc_bounds,
+            "quadratic_kappa": kappa, "early_onfh": early}
 
 
 def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> float:

@@ -74,16 +74,17 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
     """Print the per-site report (and the intensity baseline) as tables."""
     rounds = ", ".join(f"{k} {v}" for k, v in report["rounds"].items())
     table = Table(title=f"Ficat-Arlet staging — {report['strategy']}, rounds: {rounds}, trained at {', '.join(report['train_sites'])}")
-    for col in ("site", "n", "accuracy", "sensitivity", "specificity", "F1", "AUC", "weighted AUC", "baseline AUC"):
+    for col in ("site", "n", "accuracy", "sensitivity", "specificity", "F1", "AUC", "weighted AUC", "kappa (quadratic)",
+                "baseline AUC"):
         table.add_column(col, justify="right" if col != "site" else "left")
     for name, m in report["sites"].items():
         if not m.get("n"):
-            table.add_row(name, "0", *["–"] * 7)
+            table.add_row(name, "0", *["–"] * 8)
             continue
         macro = m["macro"]
         base = (baseline or {}).get(name, {}).get("macro", {}).get("auc")
         table.add_row(name, str(m["n"]), *(_fmt(macro[k]) for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")),
-                      _fmt(m["weighted"]["auc"]), _fmt(base))
+                      _fmt(m["weighted"]["auc"]), _fmt(m.get("quadratic_kappa")), _fmt(base))
     console.print(table)
     det = Table(title="3DC-YOLOX femoral head detection (test heads)")
     for col in ("site", "n", "IoU mean", "centre error mm (median)", "recall@0.3", "recall@0.5", "AP50", "low confidence"):

@@ -120,6 +120,14 @@ def test_counts_reproduce_stage_metrics(seed):
         assert diff < 0.01
         # the report states that bound with the pooled metrics
         assert pooled["auc_bin_error_bound"][stage] == pytest.approx(0.5 * shared)
+    # kappa and early ONFH come out of the confusion matrix exactly as from the per-case data
+    from sklearn.metrics import cohen_kappa_score
+
+    pred = p.argmax(axis=1)
+    assert pooled["quadratic_kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    early, early_pred = y > 0, pred > 0
+    assert pooled["early_onfh"]["sensitivity"] == pytest.approx(np.mean(early_pred[early]))
+    assert pooled["early_onfh"]["specificity"] == pytest.approx(np.mean(~early_pred[~early]))
 
 
 def test_counts_auc_exact_when_scores_on_bin_centres():
