@@ -50,7 +50,8 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
         groups: ``{group name: (site ids)}``.
 
     Returns:
-        ``{group: {"n", "per_stage", "macro", "weighted", "sites"}}``; a group whose
+        ``{group: {"n", "per_stage", "macro", "weighted", "sites", "counts", ...}}`` (``counts``: the
+        pooled confusion matrix and score histograms, see :func:`shared_models.metrics.stage_counts`); a group whose
         sites all failed or hold no test heads gets ``n = 0`` and no metrics.
     """
     out: dict[str, dict] = {}
@@ -63,6 +64,7 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
         metrics = metrics_from_counts(pooled)
         out[name] = {"sites": present, **metrics}
         out[name]["n"] = int(np.asarray(pooled["confusion"]).sum())
+        out[name]["counts"] = pooled  # confusion matrix and score histograms: aggregates only, for ROC figures
     return out
 
 
