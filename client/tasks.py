@@ -27,7 +27,7 @@ from client.stager_training import predict_stages, train_stager
 from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
-from shared_models.metrics import detection_metrics, stage_counts, stage_metrics
+from shared_models.metrics import IOU_HIST_BINS, detection_metrics, stage_counts, stage_metrics
 from shared_models.preprocessing import box_voxel_to_lps
 from shared_models.stager import MulDenseNet3D
 from shared_models.weights import state_dict_sha256
@@ -96,12 +96,13 @@ def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: s
 
     Returns:
         ``num-examples``, ``iou-mean``, ``center-error-mm`` (median), ``recall30``,
-        ``recall50``, ``ap50`` (COCO 101-point AP at 3D IoU 0.5), ``low-confidence`` (count).
-        Zeros when the split is empty.
+        ``recall50``, ``ap50`` (COCO 101-point AP at 3D IoU 0.5), ``low-confidence`` (count),
+        ``iou-hist`` (counts of heads per IoU bin, ``IOU_HIST_BINS`` equal bins on [0, 1]: an
+        aggregate, for the report's IoU distribution). Zeros when the split is empty.
     """
     heads = _boxed(site.heads_in(split))
     out = {"num-examples": len(heads), "iou-mean": 0.0, "center-error-mm": 0.0,
-           "recall30": 0.0, "recall50": 0.0, "ap50": 0.0, "low-confidence": 0}
+           "recall30": 0.0, "recall50": 0.0, "ap50": 0.0, "low-confidence": 0, "iou-hist": [0] * IOU_HIST_BINS}
     if not heads:
         return out
     model = YOLOX3D(cfg.detector)
@@ -111,7 +112,8 @@ def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: s
     m = detection_metrics(pred, gt, site.spec.hemi_spacing_mm, scores=scores)
     out.update({"iou-mean": float(m["iou_mean"]), "center-error-mm": float(m["center_error_mm"]),
                 "recall30": float(m["recall30"]), "recall50": float(m["recall50"]), "ap50": float(m["ap50"]),
-                "low-confidence": int(low.sum())})
+                "low-confidence": int(low.sum()),
+                "iou-hist": m["iou_hist"]})
     return out
 
 

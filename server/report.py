@@ -69,7 +69,8 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
 
 
 def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
-    """Per-site detector figures: ``iou_mean``, ``center_error_mm`` (median), ``recall30``, ``recall50``, ``ap50``, ``n``."""
+    """Per-site detector figures: ``iou_mean``, ``center_error_mm`` (median), ``recall30``, ``recall50``, ``ap50``, ``n``,
+    ``iou_hist`` (heads per IoU bin, equal bins on [0, 1])."""
     out = {}
     for site, m in sorted(site_metrics.items()):
         n = int(m.get("num-examples", 0))
@@ -81,6 +82,7 @@ def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
             "recall50": float(m["recall50"]) if n else None,
             "ap50": float(m["ap50"]) if n and "ap50" in m else None,
             "low_confidence": int(m.get("low-confidence", 0)),
+            "iou_hist": [int(v) for v in m.get("iou-hist", [])],
         }
     return out
 

@@ -297,6 +297,9 @@ def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> f
     return float(np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0).mean())
 
 
+IOU_HIST_BINS = 20  # equal IoU bins on [0, 1] for the per-site IoU distribution
+
+
 def detection_metrics(
     pred_boxes: np.ndarray, gt_boxes: np.ndarray, spacing_dhw_mm: Sequence[float] | np.ndarray,
     scores: np.ndarray | None = None,
@@ -329,7 +332,8 @@ def detection_metrics(
     if spacing.shape not in ((3,), (n, 3)) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ValueError(f"spacing_dhw_mm: expected (3,) or ({n}, 3) positive mm values, got shape {spacing.shape}")
     if n == 0:
-        empty = {"n": 0, "iou_mean": math.nan, "center_error_mm": math.nan, "recall30": math.nan, "recall50": math.nan}
+        empty = {"n": 0, "iou_mean": math.nan, "center_error_mm": math.nan, "recall30": math.nan, "recall50": math.nan,
+                 "iou_hist": [0] * IOU_HIST_BINS}
         return empty if scores is None else {**empty, "ap50": math.nan}
     ious = np.diagonal(box_iou_3d(pred, gt)).astype(np.float64)
     err = np.linalg.norm((pred[:, :3] - gt[:, :3]) * spacing, axis=1)
@@ -339,6 +343,7 @@ def detection_metrics(
         "center_error_mm": float(np.median(err)),
         "recall30": float(np.mean(ious >= 0.3)),
         "recall50": float(np.mean(ious >= 0.5)),
+        "iou_hist": [int(v) for v in np.histogram(ious, bins=IOU_HIST_BINS, range=(0.0, 1.0))[0]],
     }
     if scores is not None:
         out["ap50"] = average_precision_101(np.asarray(scores).reshape(-1)[:n], ious >= 0.5, n)

@@ -171,10 +171,12 @@ def test_detection_metrics_hand_example():
     assert out["center_error_mm"] == pytest.approx(2.5)  # median of {2.5, 0, 14.42}
     assert out["recall30"] == pytest.approx(2 / 3)
     assert out["recall50"] == pytest.approx(1 / 3)
+    # 20 IoU bins of 0.05: IoU 0 -> bin 0, 1/3 -> bin 6 (0.30-0.35), 1 -> the last bin (closed on the right)
+    assert out["iou_hist"] == [1, 0, 0, 0, 0, 0, 1] + [0] * 12 + [1]
     per_case = detection_metrics(pred, gt, np.array([spacing, spacing, (1.0, 1.0, 1.0)]))
     assert per_case["center_error_mm"] == pytest.approx(2.5)
     empty = detection_metrics(np.zeros((0, 6)), np.zeros((0, 6)), spacing)
-    assert empty["n"] == 0 and math.isnan(empty["iou_mean"])
+    assert empty["n"] == 0 and math.isnan(empty["iou_mean"]) and empty["iou_hist"] == [0] * 20
     with pytest.raises(ValueError, match="spacing"):
         detection_metrics(pred, gt, (1.0, -1.0, 1.0))
     with pytest.raises(ValueError):

@@ -51,7 +51,8 @@ def test_group_without_data_is_reported_empty():
 def test_report_is_json_safe_and_uses_last_round():
     y, p = _cases(12, 4)
     payload = _site_payload(y, p)
-    det = {"num-examples": 3, "iou-mean": 0.61, "center-error-mm": 2.5, "recall30": 1.0, "recall50": 0.66, "low-confidence": 0}
+    det = {"num-examples": 3, "iou-mean": 0.61, "center-error-mm": 2.5, "recall30": 1.0, "recall50": 0.66, "low-confidence": 0,
+           "iou-hist": [0] * 12 + [1, 0, 0, 0, 2, 0, 0, 0]}
     report = build_report(
         strategy="fedavg", proximal_mu=0.1, rounds={"detector": 2, "stager": 2},
         stager_history={1: {"A": {**payload, "confusion": [0] * 9}}, 2: {"A": payload}},
@@ -65,7 +66,8 @@ def test_report_is_json_safe_and_uses_last_round():
     assert report["proximal_mu"] is None  # mu only reported for FedProx
     assert report["sites"]["A-test"]["n"] == 12
     assert report["detector"]["A"] == {"n": 3, "iou_mean": 0.61, "center_error_mm": 2.5, "recall30": 1.0,
-                                       "recall50": 0.66, "ap50": None, "low_confidence": 0}
+                                       "recall50": 0.66, "ap50": None, "low_confidence": 0,
+                                       "iou_hist": [0] * 12 + [1, 0, 0, 0, 2, 0, 0, 0]}
 
 
 def test_report_uses_the_selected_round_not_the_last():
