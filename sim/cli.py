@@ -102,7 +102,8 @@ def cmd_phantoms(args) -> int:
     from sim.phantoms import generate_phantoms
 
     t0 = time.monotonic()
-    summary = generate_phantoms(Path(args.out), args.profile, seed=args.seed, progress=True)
+    summary = generate_phantoms(Path(args.out), args.profile, seed=args.seed, progress=True,
+                                replace=getattr(args, "replace", False))
     table = Table(title=f"phantoms ({args.profile}, seed {args.seed}) in {args.out} [{time.monotonic() - t0:.1f} s]")
     for col in ("site", "scanner", "heads 0/I/II", "CNR I oedema", "CNR II bright band", "CNR II dark band"):
         table.add_column(col)
@@ -140,7 +141,7 @@ def cmd_run(args) -> int:
         console.print(f"training curves: {out / 'training_curves.png'}")
         console.print(f"wall time {sim_stats['wall_time_s']:.0f} s, peak memory of the simulation "
                       f"{sim_stats['peak_rss_bytes'] / 2**30:.2f} GiB")
-    console.print(f"report: {out / 'report.json'}\nsigned bundle: {out / 'bundle'}")
+    console.print(f"report: {out / 'report.json'} and {out / 'report.html'}\nsigned bundle: {out / 'bundle'}")
     return 0
 
 
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--profile", choices=("quick", "paper"), default="quick", help="quick: tiny, for tests; paper: 209 patients / 381 heads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite phantoms of another profile or seed in --out (and their splits and site caches)")
     p.set_defaults(func=cmd_phantoms)
 
     def run_args(p, data_required=True, seed=True):

@@ -42,7 +42,8 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
         console: where progress goes (default: a new rich console).
 
     Returns:
-        The ``report.json`` dict, with ``baseline_intensity_logreg`` (the intensity
+        The ``report.json`` dict (also rendered as ``report.html`` with PNG figures), with
+        ``baseline_intensity_logreg`` (the intensity
         baseline on the same splits) and ``simulation`` (wall time in s, peak RSS in bytes).
 
     Raises:
@@ -56,6 +57,7 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     from shared_models.config import RunConfig, default_run_config
     from sim.baseline import intensity_baseline
     from sim.plots import plot_training_curves
+    from sim.report_html import write_report_html
     from sim.runner import run_simulation
     from sim.splits import write_splits
 
@@ -107,4 +109,5 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
                             "peak_rss_bytes": stats["peak_rss_bytes"]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_training_curves(report, out / "training_curves.png")
+    write_report_html(report, out)
     return report

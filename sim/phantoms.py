@@ -1472,6 +1472,19 @@ def _existing_summary(out_dir: Path, profile: PhantomProfile, seed: int) -> dict
     return summary
 
 
+def _refuse_other_phantoms(out_dir: Path, profile: PhantomProfile, seed: int) -> None:
+    """Refuse to overwrite phantoms of another profile or seed (their splits and site caches with them)."""
+    try:
+        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if summary.get("profile_fingerprint") != profile.fingerprint() or summary.get("seed") != seed:
+        raise FileExistsError(
+            f"{out_dir} holds phantoms of profile {summary.get('profile')!r}, seed {summary.get('seed')}; "
+            f"not overwriting them with profile {profile.name!r}, seed {seed}: use another output folder "
+            "(or `onfh sim phantoms --replace`)")
+
+
 def _clear_previous(out_dir: Path, sites: set[str]) -> None:
     """Remove site folders a previous run wrote; refuse to touch anything else."""
     ours = (out_dir / _MARKER_FILE).is_file()
@@ -1515,6 +1528,7 @@ def generate_phantoms(
     progress: bool = False,
     *,
     workers: int | None = None,
+    replace: bool = False,
 ) -> dict:
     """Generate the phantom centers as DICOM site folders.
 
@@ -1528,6 +1542,9 @@ def generate_phantoms(
             depend on it. Uses ``concurrent.futures`` with the platform's default start method,
             so scripts that call this must guard their entry point with
             ``if __name__ == "__main__":``.
+        replace: overwrite phantoms of another profile or seed in ``out_dir`` (with their
+            splits and site caches); otherwise that is refused. Phantoms of the same profile
+            and seed from an older generator version are always regenerated.
 
     Returns:
         The JSON-able summary also written to ``phantoms.json``: profile, seed, per-site
@@ -1537,7 +1554,8 @@ def generate_phantoms(
 
     Raises:
         ValueError: unknown profile name.
-        FileExistsError: a site folder to be written exists and is not ours.
+        FileExistsError: a site folder to be written exists and is not ours, or ``out_dir``
+            holds phantoms of another profile or seed and ``replace`` is False.
     """
     out_dir = Path(out_dir)
     prof = _resolve_profile(profile)
@@ -1546,6 +1564,8 @@ def generate_phantoms(
     if existing is not None:
         logger.info("phantoms already generated (profile %s, seed %d); reusing", prof.name, seed)
         return existing
+    if not replace:
+        _refuse_other_phantoms(out_dir, prof, seed)
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)

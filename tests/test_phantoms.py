@@ -393,8 +393,12 @@ def test_determinism_and_reuse(tmp_path):
     assert again == json.loads((first / "phantoms.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamp
 
-    # another seed in the same folder regenerates it, leaving no stale studies behind
-    generate_phantoms(first, profile, seed=4, workers=1)
+    # another seed in the same folder is refused (its splits and caches would go with it) ...
+    with pytest.raises(FileExistsError, match="seed 3"):
+        generate_phantoms(first, profile, seed=4, workers=1)
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamp
+    # ... unless asked: then it is regenerated, leaving no stale studies behind
+    generate_phantoms(first, profile, seed=4, workers=1, replace=True)
     assert _tree_digest(first) == _tree_digest(other)
 
 

@@ -47,6 +47,8 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert main(argv) == 0
 
     report = json.loads((out / "report.json").read_text())
+    html = (out / "report.html").read_text()
+    assert "A-test" in html and "external-1" in html and (out / "figures").is_dir()
     assert report["strategy"] == "fedprox" and report["rounds"] == {"detector": 1, "stager": 1}
     assert set(report["sites"]) == {"A-test", "external-1"}
     ext = report["sites"]["external-1"]
