@@ -186,15 +186,23 @@ class RunConfig:
                 depths=_ints("detector-depths", get("detector-depths", str)),
                 head_width=positive("detector-head-width", int),
             )
-            stager = StagerConfig(
-                init_features=positive("stager-init-features", int),
-                growth_rate=positive("stager-growth-rate", int),
-                block_config=_ints("stager-block-config", get("stager-block-config", str)),
-                pool_scales=_ints("stager-pool-scales", get("stager-pool-scales", str)),
-                fusion=get("stager-fusion", str),
-                transition=get("stager-transition", str),
-                dropout_prob=get("stager-dropout", float),
-            )
+            try:
+                stager = StagerConfig(
+                    init_features=positive("stager-init-features", int),
+                    growth_rate=positive("stager-growth-rate", int),
+                    block_config=_ints("stager-block-config", get("stager-block-config", str)),
+                    pool_scales=_ints("stager-pool-scales", get("stager-pool-scales", str)),
+                    fusion=get("stager-fusion", str),
+                    transition=get("stager-transition", str),
+                    dropout_prob=get("stager-dropout", float),
+                )
+            except ValueError as err:
+                if str(err).startswith("run config"):
+                    raise
+                field = str(err).split(":", 1)[0]
+                key = {"fusion": "stager-fusion", "transition": "stager-transition",
+                       "dropout_prob": "stager-dropout"}.get(field, "stager-*")
+                raise ValueError(f"run config {key!r}: {str(err).split(':', 1)[-1].strip()}") from None
         return cls(
             data_root=get("data-root", str),
             site_ids=site_ids,

@@ -52,7 +52,11 @@ def _parse_set(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in defaults:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(defaults)}")
+            import difflib
+
+            close = difflib.get_close_matches(key, list(defaults), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; the keys are in [tool.flwr.app.config] of pyproject.toml"
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with a run-config KEY{hint}")
         kind = type(defaults[key])
         if kind is bool:
             if value.lower() not in BOOLEANS:
@@ -149,7 +153,10 @@ def cmd_compare(args) -> int:
     """A grid of variants x seeds on the same data; resumable; ``compare.json`` + ``compare.md``."""
     from sim.compare import DEFAULT_VARIANTS, parse_variant, print_summary, run_compare
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     variants = [parse_variant(v, _parse_set) for v in args.variant] if args.variant else list(DEFAULT_VARIANTS)
     args.seed = seeds[0] if seeds else 0
     base = {k: v for k, v in _run_config_for(args).items() if k not in ("out-dir", "seed")}
@@ -317,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sim.add_parser("compare", help="a grid of variants x seeds (default: the detector-crop and MulPoolFusion "
                        "ablations), resumable, one table")
     run_args(p, seed=False)
+    for action in p._actions:
+        if action.dest == "out":
+            action.help = "grid folder: OUT/<variant>/seed-<n> per run, compare.json, compare.md (re-run to resume)"
     p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A)")
     p.add_argument("--variant", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="a named set of run-config overrides (repeatable); default: default, "

@@ -26,6 +26,9 @@ def test_pyproject_defaults_build_a_valid_config():
         ("crop-shape", "32,32", "'crop-shape'"),
         ("crop-margin-mm", -1.0, "'crop-margin-mm'"),
         ("detector-l1-rounds", -1, "'detector-l1-rounds'"),
+        ("stager-fusion", "bogus", "'stager-fusion'"),
+        ("stager-transition", "bogus", "'stager-transition'"),
+        ("stager-dropout", 2.0, "'stager-dropout'"),
     ],
 )
 def test_bad_values_name_the_key(key, value, fragment):
