@@ -506,26 +506,19 @@ def add_medmnist_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_medmnist(args) -> int:
-    """CLI handler: run, write ``medmnist.json``, print the table. Returns 0, or 1 on bad input."""
-    try:
-        rows = run_medmnist(Path(args.data), args.size, Path(args.out), seeds=args.seeds, settings=args.settings,
-                            quick=args.quick)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
+    """CLI handler: run, write ``medmnist.json``, print the table. Returns 0; bad input raises
+    ``ValueError``/``FileNotFoundError``, which ``onfh`` prints as a one-line error (exit 1)."""
+    rows = run_medmnist(Path(args.data), args.size, Path(args.out), seeds=args.seeds, settings=args.settings,
+                        quick=args.quick)
     print_table(json.loads((Path(args.out) / "medmnist.json").read_text()) if rows else rows)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sim.medmnist --data ... --out ...``: the same as ``onfh sim medmnist`` until the CLI hooks it up."""
-    parser = argparse.ArgumentParser(prog="python -m sim.medmnist")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_medmnist_parser(sub)
-    args = parser.parse_args(["medmnist", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    return args.func(args)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sim.medmnist ...`` is ``onfh sim medmnist ...``."""
+    from sim.cli import main as onfh_main
+
+    return onfh_main(["sim", "medmnist", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
