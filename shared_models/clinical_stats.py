@@ -305,7 +305,12 @@ def mcnemar_test(
 # --------------------------------------------------------------------------- histogram AUC
 
 
-def _check_hists(pos_hist: Any, neg_hist: Any) -> tuple[np.ndarray, np.ndarray]:
+def check_histograms(pos_hist: Any, neg_hist: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-class score histograms on the same bins as float64 arrays.
+
+    Raises:
+        ValueError: shapes differ or are empty, or counts are negative or non-finite.
+    """
     hp = np.asarray(pos_hist, dtype=np.float64)
     hn = np.asarray(neg_hist, dtype=np.float64)
     if hp.ndim != 1 or hp.shape != hn.shape or hp.size == 0:
@@ -334,7 +339,7 @@ def auc_from_histograms(pos_hist: Sequence[int] | np.ndarray, neg_hist: Sequence
     Raises:
         ValueError: shapes differ, empty, negative or non-finite counts.
     """
-    hp, hn = _check_hists(pos_hist, neg_hist)
+    hp, hn = check_histograms(pos_hist, neg_hist)
     total = hp.sum() * hn.sum()
     if total == 0:
         return math.nan
@@ -361,7 +366,7 @@ def auc_bin_error_bound(pos_hist: Sequence[int] | np.ndarray, neg_hist: Sequence
     Raises:
         ValueError: as :func:`auc_from_histograms`.
     """
-    hp, hn = _check_hists(pos_hist, neg_hist)
+    hp, hn = check_histograms(pos_hist, neg_hist)
     total = hp.sum() * hn.sum()
     if total == 0:
         return math.nan

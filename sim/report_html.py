@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from shared_models.clinical_stats import check_histograms
 from shared_models.metrics import METRIC_NAMES
 from shared_models.stages import STAGE_LABELS
 
@@ -82,12 +83,7 @@ def roc_from_histograms(pos_hist: Sequence[int] | np.ndarray,
         ValueError: shapes differ or are empty, counts negative or non-finite, or no positive or no
             negative case (the ROC curve is undefined).
     """
-    hp = np.asarray(pos_hist, dtype=np.float64)
-    hn = np.asarray(neg_hist, dtype=np.float64)
-    if hp.ndim != 1 or hp.shape != hn.shape or hp.size == 0:
-        raise ValueError(f"pos_hist/neg_hist: expected two non-empty (B,) arrays, got {hp.shape} and {hn.shape}")
-    if not (np.all(np.isfinite(hp)) and np.all(np.isfinite(hn))) or (hp < 0).any() or (hn < 0).any():
-        raise ValueError("pos_hist/neg_hist: counts must be finite and non-negative")
+    hp, hn = check_histograms(pos_hist, neg_hist)
     n_pos, n_neg = hp.sum(), hn.sum()
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"ROC undefined: {int(n_pos)} positive and {int(n_neg)} negative cases")
