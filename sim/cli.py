@@ -235,8 +235,12 @@ def cmd_infer(args) -> int:
     for r in results:
         sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
     pngs = write_infer_figures(image, results, out)
+    warnings = []
+    if results and all(r.low_confidence for r in results):
+        warnings.append("no femoral head passed the detector's score threshold on either side: the study may not "
+                        "show the hips, or differ too much from the training data; boxes and stages are unreliable")
     payload = {"bundle_trusted": bundle.trusted, "series": series_note, "heads": [r.summary() for r in results],
-               "seconds": round(elapsed, 2)}
+               "warnings": warnings, "seconds": round(elapsed, 2)}
     (out / "result.json").write_text(json.dumps(payload, indent=2))
     table = Table(title=f"{Path(args.study).name}: two-stage result ({elapsed:.1f} s)")
     for col in ("side", "box LPS mm (x0 y0 z0 x1 y1 z1)", "det. score", "P(0)", "P(I)", "P(II)", "stage"):
@@ -247,6 +251,8 @@ def cmd_infer(args) -> int:
                       f"{r.detector_score:.2f}" + (" (low)" if r.low_confidence else ""),
                       f"{p['0']:.2f}", f"{p['I']:.2f}", f"{p['II']:.2f}", r.predicted_stage)
     console.print(table)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"wrote {out / 'result.json'}, gradcam_R/L.nii.gz (input geometry) and "
                   f"{', '.join(p.name for p in pngs)} (boxes and Grad-CAM over the MRI)")
     return 0

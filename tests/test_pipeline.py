@@ -120,6 +120,9 @@ def test_infer_on_real_siemens_dicom_falls_back_from_missing_t2(tiny_bundle, tmp
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     result = _check_infer_output(tmp_path, reader.Execute())
     assert "no T2 series" in result["series"]
+    # an untrained detector on a brain MRI: nothing passes the threshold, and the result says so
+    assert all(h["low_confidence"] for h in result["heads"])
+    assert result["warnings"] and "unreliable" in result["warnings"][0]
 
 
 def test_infer_refuses_a_tampered_bundle(tiny_bundle, tmp_path):
