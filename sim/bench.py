@@ -334,3 +334,39 @@ def print_table(rows: Sequence[Row], title: str | None = None, console=None, tra
         for row in rows:
             table.add_row(*(_cell(row[k]) if k in row else "–" for k in keys))
     console.print(table)
+
+
+@section("transfer", "Model transfer: what one client sends per round and direction (issue 8, bytes per round)")
+def transfer_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, repeats: int = 3) -> list[Row]:
+    """Size and cost of packing each model's state dict into Flower's ``ArrayRecord``.
+
+    ``fp32_bytes`` is the state dict's size with every floating tensor at 4 bytes an element
+    (integer buffers at their own size): the baseline of issue 8. ``arrayrecord_bytes`` is the sum
+    of the serialised array payloads Flower sends (``Array.data``), without the message and gRPC
+    framing; ``ratio`` is the two over each other (target ≤ 1.02). Flower's cost is per tensor as
+    well as per byte (``FLOWER-1.42-NOTES.md``), hence ``tensors``. ``pack_ms`` / ``unpack_ms``:
+    median of ``repeats`` conversions state dict -> ArrayRecord -> state dict.
+
+    Raises:
+        ValueError: for an unknown model size.
+    """
+    from flwr.app import ArrayRecord
+
+    from shared_models.detector import YOLOX3D
+    from shared_models.stager import MulDenseNet3D
+
+    rows: list[Row] = []
+    for size in model_sizes:
+        cfg = RunConfig.from_run_config({**default_run_config(), "model-size": size})
+        for name, model in (("detector", YOLOX3D(cfg.detector)), ("stager", MulDenseNet3D(cfg.stager))):
+            state = model.state_dict()
+            fp32 = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in state.values())
+            cpu = torch.device("cpu")
+            pack_ms = _median_ms(lambda: ArrayRecord(state), repeats, 1, cpu)
+            record = ArrayRecord(state)
+            unpack_ms = _median_ms(lambda: record.to_torch_state_dict(), repeats, 1, cpu)
+            sent = sum(len(record[key].data) for key in record)
+            rows.append({"section": "transfer", "model": name, "model_size": size, "tensors": len(state),
+                         "fp32_bytes": int(fp32), "arrayrecord_bytes": int(sent), "ratio": sent / fp32,
+                         "pack_ms": pack_ms, "unpack_ms": unpack_ms})
+    return rows

@@ -174,7 +174,8 @@ def cmd_bench(args) -> int:
     options = {}
     if args.quick:
         options = {"detector": {"steps": 2, "warmup_steps": 1, "latency_repeats": 3, "latency_warmup": 1,
-                                "augment_repeats": 2, "model_sizes": ("default",)}}
+                                "augment_repeats": 2, "model_sizes": ("default",)},
+                   "transfer": {"model_sizes": ("default",), "repeats": 1}}
         options = {k: v for k, v in options.items() if names is None or k in names}
     result = run_benchmarks(names, **options)
     for name, rows in result["sections"].items():
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p = sim.add_parser("bench", help="benchmarks: measured throughput and latency, written to OUT/bench.json")
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (default runs/bench)")
-    p.add_argument("--only", help="comma-separated sections (default: all; known: detector)")
+    p.add_argument("--only", help="comma-separated sections (default: all; known: detector, transfer)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, default widths only")
     p.set_defaults(func=cmd_bench)
     from sim.medmnist import add_medmnist_parser

@@ -22,5 +22,15 @@ def test_bench_quick_writes_every_key(tmp_path):
         assert math.isfinite(rows[0][key]) and rows[0][key] > 0, key
 
 
+def test_bench_quick_transfer_section_counts_what_flower_sends(tmp_path):
+    assert main(["sim", "bench", "--quick", "--only", "transfer", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["sections"]["transfer"]
+    assert [r["model"] for r in rows] == ["detector", "stager"]
+    for r in rows:
+        # Flower's serialised arrays hold at least the raw fp32 payload, plus a small header per tensor
+        assert r["fp32_bytes"] <= r["arrayrecord_bytes"] <= r["fp32_bytes"] + 1024 * r["tensors"]
+        assert r["ratio"] == r["arrayrecord_bytes"] / r["fp32_bytes"]
+
+
 def test_bench_refuses_an_unknown_section(tmp_path):
     assert main(["sim", "bench", "--only", "nosuch", "--out", str(tmp_path)]) == 1
