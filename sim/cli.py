@@ -151,13 +151,18 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     """A grid of variants x seeds on the same data; resumable; ``compare.json`` + ``compare.md``."""
-    from sim.compare import DEFAULT_VARIANTS, parse_variant, print_summary, run_compare
+    from shared_models.config import default_run_config
+    from sim.compare import grid_variants, parse_variant, print_summary, run_compare
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    variants = [parse_variant(v, _parse_set) for v in args.variant] if args.variant else list(DEFAULT_VARIANTS)
+    if args.variant:
+        variants = [parse_variant(v, _parse_set) for v in args.variant]
+    else:
+        sites = str(_parse_set(args.set or []).get("site-ids", default_run_config()["site-ids"])).split(",")
+        variants = grid_variants(args.grid, [s.strip() for s in sites if s.strip()])
     args.seed = seeds[0] if seeds else 0
     base = {k: v for k, v in _run_config_for(args).items() if k not in ("out-dir", "seed")}
     summary = run_compare(base, Path(args.out), variants, seeds, console=console)
@@ -338,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="a named set of run-config overrides (repeatable); default: default, "
                         "gt-crops:crop-source=ground-truth, plain-transition:stager-transition=plain")
+    p.add_argument("--grid", choices=("ablations", "strategies", "leave-one-site-out"), default="ablations",
+                   help="named grid when no --variant is given: ablations (default run, gt-crops, plain-transition), "
+                        "strategies (FedAvg, FedProx mu 0.001/0.01/0.1, FedBN) or leave-one-site-out")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); mean ± sd over seeds")
     p.set_defaults(func=cmd_compare)
     p = sim.add_parser("bench", help="benchmarks: measured throughput and latency, written to OUT/bench.json")

@@ -6,7 +6,9 @@ cells are only re-read and the interrupted one continues after its last round. A
 cells use the same data and splits (``split.csv`` depends on the seed only), so the
 variants differ only in what their overrides change.
 
-The default grid is the paper's two ablations on top of the default run:
+Named grids (``--grid``): ``strategies`` (FedAvg, FedProx over a ``mu`` grid, FedBN),
+``leave-one-site-out`` (issue 6's site-held-out evaluation) and, the default, the paper's two
+ablations on top of the default run:
 
 * ``gt-crops``: phase 2 trains and tests on crops from the ground-truth boxes instead
   of the phase-1 detector's boxes (what the detector costs the stager; issue 4);
@@ -45,6 +47,55 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
 )
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
+
+PROXIMAL_MU_GRID = (0.001, 0.01, 0.1)
+
+
+def strategy_variants(mu_grid: Sequence[float] = PROXIMAL_MU_GRID) -> list[Variant]:
+    """FedAvg, FedProx over a grid of proximal terms ``mu`` and FedBN, on the same splits."""
+    return [Variant("fedavg", {"strategy": "fedavg"}),
+            *(Variant(f"fedprox-mu{mu:g}", {"strategy": "fedprox", "proximal-mu": float(mu)}) for mu in mu_grid),
+            Variant("fedbn", {"strategy": "fedbn"})]
+
+
+def leave_one_site_out_variants(site_ids: Sequence[str]) -> list[Variant]:
+    """Site-held-out evaluation: for each site ``h``, federate over the others and test on ``h``.
+
+    Variant ``hold-out-<h>`` trains at every other site (each split 8:1:1 by patient) and reports
+    ``held-out`` (all of ``h``'s heads, never trained on) and ``internal-test`` (the test split of
+    the training sites).
+
+    Raises:
+        ValueError: fewer than two sites.
+    """
+    if len(site_ids) < 2:
+        raise ValueError(f"leave-one-site-out needs at least two sites, got {list(site_ids)}")
+    out = []
+    for held in site_ids:
+        train = [s for s in site_ids if s != held]
+        out.append(Variant(f"hold-out-{held}", {
+            "train-sites": ",".join(train),
+            "report-groups": f"held-out={held};internal-test={','.join(train)}",
+        }))
+    return out
+
+
+GRIDS = ("ablations", "strategies", "leave-one-site-out")
+
+
+def grid_variants(grid: str, site_ids: Sequence[str]) -> list[Variant]:
+    """The named grid: ``ablations`` (:data:`DEFAULT_VARIANTS`), ``strategies`` or ``leave-one-site-out``.
+
+    Raises:
+        ValueError: unknown grid name.
+    """
+    if grid == "ablations":
+        return list(DEFAULT_VARIANTS)
+    if grid == "strategies":
+        return strategy_variants()
+    if grid == "leave-one-site-out":
+        return leave_one_site_out_variants(site_ids)
+    raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
 
 
 def parse_variant(text: str, parse_set) -> Variant:

@@ -80,3 +80,23 @@ def test_grid_refuses_duplicate_names_and_no_seeds(tmp_path):
         compare.run_compare({}, tmp_path, [compare.Variant("a"), compare.Variant("a")], [0])
     with pytest.raises(ValueError, match="seed"):
         compare.run_compare({}, tmp_path, [compare.Variant("a")], [])
+
+
+def test_named_grids():
+    from shared_models.config import RunConfig
+    from tests.conftest import tiny_run_config
+
+    loso = compare.grid_variants("leave-one-site-out", ["A", "B", "C", "D"])
+    assert [v.name for v in loso] == ["hold-out-A", "hold-out-B", "hold-out-C", "hold-out-D"]
+    for v, held in zip(loso, "ABCD"):
+        cfg = RunConfig.from_run_config(tiny_run_config(**v.overrides))  # a valid run config
+        assert held not in cfg.train_sites and set(cfg.train_sites) | {held} == {"A", "B", "C", "D"}
+        assert cfg.report_groups["held-out"] == (held,) and set(cfg.report_groups["internal-test"]) == set(cfg.train_sites)
+    strategies = compare.grid_variants("strategies", ["A"])
+    assert [v.overrides["strategy"] for v in strategies] == ["fedavg", "fedprox", "fedprox", "fedprox", "fedbn"]
+    assert [v.overrides.get("proximal-mu") for v in strategies[1:4]] == [0.001, 0.01, 0.1]
+    assert compare.grid_variants("ablations", ["A"]) == list(compare.DEFAULT_VARIANTS)
+    with pytest.raises(ValueError, match="grid"):
+        compare.grid_variants("nosuch", ["A"])
+    with pytest.raises(ValueError, match="two sites"):
+        compare.leave_one_site_out_variants(["A"])
