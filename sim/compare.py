@@ -120,7 +120,8 @@ def rows_from_report(variant: str, seed: int, report: Mapping) -> list[dict]:
         row = {"variant": variant, "seed": seed, "group": group, "n": m.get("n", 0)}
         for key in METRICS:
             row[f"macro_{key}"] = m.get("macro", {}).get(key, math.nan) if m.get("n") else math.nan
-        ious = [report["detector"][s]["iou_mean"] for s in m.get("sites", []) if s in report.get("detector", {})]
+        ious = [report["detector"][s]["iou_mean"] for s in m.get("sites", [])
+                if report.get("detector", {}).get(s, {}).get("iou_mean") is not None]  # None: no test heads
         row["detector_iou_mean"] = statistics.fmean(ious) if ious else math.nan
         row["wall_time_s"] = report.get("simulation", {}).get("wall_time_s", math.nan)
         rows.append(row)

@@ -20,7 +20,8 @@ def _report(auc_a: float, auc_ext: float, iou: float = 0.8) -> dict:
     return {
         "sites": {"A-test": group(["A"], auc_a, 10), "external-2": group(["C", "D"], auc_ext, 8),
                   "empty": {"sites": ["E"], "n": 0}},
-        "detector": {"A": {"iou_mean": iou}, "C": {"iou_mean": iou - 0.1}, "D": {"iou_mean": iou - 0.2}},
+        "detector": {"A": {"iou_mean": iou}, "C": {"iou_mean": iou - 0.1}, "D": {"iou_mean": iou - 0.2},
+                     "E": {"n": 0, "iou_mean": None}},  # a site without test heads
         "simulation": {"wall_time_s": 12.5},
     }
 
