@@ -57,7 +57,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from shared_models.pipeline import GRADCAM_VOLUME_THRESHOLD, HeadResult
-from shared_models.preprocessing import midline_x_mm
+from shared_models.preprocessing import image_bounds_lps, midline_x_mm
 
 __all__ = [
     "PLANES",
@@ -106,27 +106,6 @@ MONTAGE_MAX_PX = 320
 def _check_image(image: sitk.Image) -> None:
     if not isinstance(image, sitk.Image) or image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("expected a 3D scalar SimpleITK image")
-
-
-def image_bounds_lps(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned LPS hull of a 3D image's voxel extent.
-
-    Args:
-        image: 3D image, any direction.
-
-    Returns:
-        ``(low_xyz, high_xyz)``, float64 ``(3,)`` each, mm: min/max over the 8 corners of the
-        voxel *edges* (continuous index -0.5 .. n-0.5), so oblique images are covered.
-
-    Raises:
-        ValueError: if the image is not 3D and scalar.
-    """
-    _check_image(image)
-    corners = np.array([
-        image.TransformContinuousIndexToPhysicalPoint(c)
-        for c in itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
-    ])
-    return corners.min(axis=0), corners.max(axis=0)
 
 
 def _box(box_lps_mm: Sequence[float]) -> np.ndarray:

@@ -22,6 +22,7 @@ from shared_models.preprocessing import (
     GridGeometry,
     PreprocessingSpec,
     box_voxel_to_lps,
+    clip_box_to_image,
     field_of_view_mask,
     orient_lps,
     resample_crop,
@@ -123,7 +124,8 @@ def analyse_study(
         with torch.no_grad():
             boxes, scores, low = decode_best_box(detector(torch.from_numpy(hemi)[None, None].float().to(device)),
                                                  spatial_shape=hemi.shape)
-        box_lps = box_voxel_to_lps(boxes[0].float().cpu().numpy(), grid)
+        # the hemi grid can reach past the scan (a head at the edge of the field of view)
+        box_lps = clip_box_to_image(box_voxel_to_lps(boxes[0].float().cpu().numpy(), grid), oriented)
         crop, crop_grid = resample_crop(oriented, box_lps, side, spec)
         x = torch.from_numpy(crop)[None, None].float().to(device)
         with torch.no_grad():

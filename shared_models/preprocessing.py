@@ -409,6 +409,43 @@ def crop_grid(box_lps_mm: Sequence[float], side: str, spec: PreprocessingSpec) -
     return _side_grid(corners.min(axis=0) - margin, corners.max(axis=0) + margin, side, spec.crop_shape)
 
 
+def image_bounds_lps(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned LPS hull of a 3D image's voxel extent.
+
+    Args:
+        image: 3D image, any direction.
+
+    Returns:
+        ``(low_xyz, high_xyz)``, float64 ``(3,)`` each, mm: min/max over the 8 corners of the
+        voxel *edges* (continuous index -0.5 .. n-0.5), so oblique images are covered.
+
+    Raises:
+        ValueError: if the image is not 3D.
+    """
+    if image.GetDimension() != 3:
+        raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
+    corners = np.array([
+        image.TransformContinuousIndexToPhysicalPoint(c)
+        for c in itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
+    ])
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def clip_box_to_image(box_lps_mm: Sequence[float], image: sitk.Image) -> np.ndarray:
+    """Clip an LPS box ``(x0, y0, z0, x1, y1, z1)`` mm to the image's LPS hull (:func:`image_bounds_lps`).
+
+    A box wholly outside collapses onto the nearest face (zero size along that axis).
+
+    Returns:
+        float64 ``(6,)`` box in mm.
+    """
+    low, high = image_bounds_lps(image)
+    box = np.asarray(box_lps_mm, dtype=np.float64).reshape(6)
+    lo = np.clip(box[:3], low, high)
+    hi = np.clip(box[3:], low, high)
+    return np.concatenate([lo, np.maximum(hi, lo)])
+
+
 def field_of_view_mask(image: sitk.Image, grid: GridGeometry) -> np.ndarray:
     """Which voxels of ``grid`` lie inside the scanned volume of ``image``.
 

@@ -51,6 +51,11 @@ def test_analyse_study_returns_both_heads_in_input_geometry():
         assert r.predicted_stage == max(r.stage_probabilities, key=r.stage_probabilities.get)
         x0, y0, z0, x1, y1, z1 = r.box_lps_mm
         assert x0 < x1 and y0 < y1 and z0 < z1
+        # inside the scanned volume's LPS hull (corners of the voxel edges, computed here with ITK)
+        corners = np.array([image.TransformContinuousIndexToPhysicalPoint(c)
+                            for c in itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])])
+        assert np.all(np.array([x0, y0, z0]) >= corners.min(axis=0) - 1e-6)
+        assert np.all(np.array([x1, y1, z1]) <= corners.max(axis=0) + 1e-6)
     # each box lies on its own side of the midline: patient right is -x in LPS
     mid = midline_x_mm(orient_lps(image))
     centre_x = [(r.box_lps_mm[0] + r.box_lps_mm[3]) / 2 for r in results]
