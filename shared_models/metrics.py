@@ -119,6 +119,25 @@ def stage_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict
     return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": int(y.size)}
 
 
+def score_histograms(is_positive: np.ndarray, scores: np.ndarray, n_bins: int = 100) -> tuple[list[int], list[int]]:
+    """Counts of ``scores`` (clipped to [0, 1]) in ``n_bins`` equal bins on [0, 1] (the last bin
+    includes 1.0), for the positive and for the negative cases: what a site sends instead of its
+    per-case scores.
+
+    Args:
+        is_positive: ``(N,)`` bool.
+        scores: ``(N,)`` float scores.
+
+    Returns:
+        ``(pos, neg)``, two lists of ``n_bins`` ints.
+    """
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    mask = np.asarray(is_positive, dtype=bool)
+    return ([int(c) for c in np.histogram(s[mask], bins=edges)[0]],
+            [int(c) for c in np.histogram(s[~mask], bins=edges)[0]])
+
+
 def stage_counts(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 100) -> dict[str, Any]:
     """Poolable counts of one site: confusion matrix and binned score histograms.
 
@@ -141,16 +160,15 @@ def stage_counts(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: 
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins: expected a positive integer, got {n_bins!r}")
     y, p = _check_inputs(y_true, probs)
-    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
     if y.size:
         conf = confusion_matrix(y, p.argmax(axis=1), labels=_LABELS)
     else:
         conf = np.zeros((NUM_STAGES, NUM_STAGES), dtype=np.int64)
-    clipped = np.clip(p, 0.0, 1.0)
     hist_pos, hist_neg = [], []
     for k in range(NUM_STAGES):
-        hist_pos.append([int(c) for c in np.histogram(clipped[y == k, k], bins=edges)[0]])
-        hist_neg.append([int(c) for c in np.histogram(clipped[y != k, k], bins=edges)[0]])
+        pos, neg = score_histograms(y == k, p[:, k], int(n_bins))
+        hist_pos.append(pos)
+        hist_neg.append(neg)
     return {
         "n": int(y.size),
         "n_bins": int(n_bins),
@@ -207,9 +225,9 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
 
     Accuracy, sensitivity, specificity and F1 are exact: they depend only on the confusion matrix
     (one-vs-rest ``tp, fp, fn, tn`` of each stage, same formulas and NaN rules as scikit-learn with
-    ``zero_division=nan``). AUC is scikit-learn's ``roc_auc_score`` on the bin centres with the
-    histogram counts as ``sample_weight``: binning only merges scores that fall in the same bin
-    into ties, so the result equals the per-case AUC when no positive and negative share a bin
+    ``zero_division=nan``). AUC is :func:`shared_models.clinical_stats.auc_from_histograms` (equal to
+    scikit-learn's ``roc_auc_score`` on the bin centres with the counts as weights): binning only
+    merges scores that fall in the same bin into ties, so the result equals the per-case AUC when no positive and negative share a bin
     (exactly when scores already sit on bin centres); otherwise the error is at most half the
     fraction of positive-negative pairs sharing a bin. That bound is returned per stage under
     ``auc_bin_error_bound`` (:func:`shared_models.clinical_stats.auc_bin_error_bound`); the macro
@@ -220,13 +238,16 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: malformed counts.
     """
-    conf, hp, hn, n_bins = _check_counts(counts)
+    conf, hp, hn, _ = _check_counts(counts)
     n = int(conf.sum())
     if n == 0:
         return _nan_report(0)
-    from shared_models.clinical_stats import auc_bin_error_bound, quadratic_weighted_kappa  # they import this module
+    from shared_models.clinical_stats import (  # it imports this module's input checks
+        auc_bin_error_bound,
+        auc_from_histograms,
+        quadratic_weighted_kappa,
+    )
 
-    centres = (np.arange(n_bins, dtype=np.float64) + 0.5) / n_bins
     per_stage: dict[str, dict[str, float]] = {}
     auc_bounds: dict[str, float] = {}
     for k, label in enumerate(STAGE_LABELS):
@@ -234,16 +255,7 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
         fn = int(conf[k, :].sum()) - tp
         fp = int(conf[:, k].sum()) - tp
         tn = n - tp - fn - fp
-        pos_w, neg_w = hp[k], hn[k]
-        auc_bound = auc_bin_error_bound(pos_w, neg_w)
-        if pos_w.sum() > 0 and neg_w.sum() > 0:
-            ip, ineg = np.nonzero(pos_w)[0], np.nonzero(neg_w)[0]
-            labels = np.concatenate([np.ones(ip.size), np.zeros(ineg.size)])
-            scores = np.concatenate([centres[ip], centres[ineg]])
-            weights = np.concatenate([pos_w[ip], neg_w[ineg]]).astype(np.float64)
-            auc = float(roc_auc_score(labels, scores, sample_weight=weights))
-        else:
-            auc = math.nan
+        auc = auc_from_histograms(hp[k], hn[k])  # NaN when stage k or the rest is absent
         per_stage[label] = {
             "accuracy": (tp + tn) / n,
             "sensitivity": tp / (tp + fn) if tp + fn > 0 else math.nan,
@@ -251,7 +263,7 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
             "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn > 0 else math.nan,
             "auc": auc,
         }
-        auc_bounds[label] = auc_bound
+        auc_bounds[label] = auc_bin_error_bound(hp[k], hn[k])
     support = conf.sum(axis=1)
     macro, weighted = _average(per_stage, support)
     # Exact from the confusion matrix too: the ordinal agreement and early ONFH (stage I or II) vs stage 0.

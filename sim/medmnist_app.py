@@ -43,9 +43,10 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
-from sklearn.metrics import roc_auc_score
 
 from client.stager_training import predict_stages, train_stager
+from shared_models.clinical_stats import auc_from_histograms
+from shared_models.metrics import score_histograms
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 log = logging.getLogger(__name__)
@@ -113,28 +114,6 @@ def _site_arrays(spec: FedSpec, split: str, partition_id: int) -> tuple[np.ndarr
     return np.ascontiguousarray(x[idx]), y[idx]
 
 
-def score_histograms(labels: np.ndarray, p_pos: np.ndarray, bins: int = HIST_BINS) -> tuple[list[int], list[int]]:
-    """Counts of P(class 1) in ``bins`` equal bins over [0, 1], for positive and for negative cases."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    pos, _ = np.histogram(p_pos[labels == 1], bins=edges)
-    neg, _ = np.histogram(p_pos[labels == 0], bins=edges)
-    return [int(v) for v in pos], [int(v) for v in neg]
-
-
-def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Pooled ROC AUC from summed score histograms (scikit-learn, bin centres as scores, counts as
-    sample weights; cases in one bin count as ties). NaN when one class is absent."""
-    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    if pos.sum() == 0 or neg.sum() == 0:
-        return math.nan
-    centres = (np.arange(len(pos)) + 0.5) / len(pos)
-    keep_p, keep_n = pos > 0, neg > 0
-    scores = np.concatenate([centres[keep_p], centres[keep_n]])
-    labels = np.concatenate([np.ones(keep_p.sum()), np.zeros(keep_n.sum())])
-    weights = np.concatenate([pos[keep_p], neg[keep_n]])
-    return float(roc_auc_score(labels, scores, sample_weight=weights))
-
-
 def make_client_app(spec: FedSpec) -> ClientApp:
     """The benchmark's ClientApp: thin ``train``/``evaluate`` handlers over the stager loops."""
     app = ClientApp()
@@ -171,7 +150,7 @@ def make_client_app(spec: FedSpec) -> ClientApp:
         model = MulDenseNet3D(spec.stager)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         p_pos = predict_stages(model, x, device=torch.device("cpu"), batch_size=64)[:, 1] if len(x) else np.zeros(0)
-        pos, neg = score_histograms(y, p_pos)
+        pos, neg = score_histograms(y == 1, p_pos, HIST_BINS)
         content = RecordDict({"metrics": MetricRecord({"num-examples": len(x), "val-hist-pos": pos, "val-hist-neg": neg})})
         return Message(content=content, reply_to=msg)
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from shared_models.clinical_stats import auc_from_histograms
+from shared_models.metrics import score_histograms
 from sim.medmnist import (
     ROW_KEYS,
     add_medmnist_parser,
@@ -19,7 +21,6 @@ from sim.medmnist import (
     prepare_arrays,
     run_medmnist,
 )
-from sim.medmnist_app import auc_from_histograms, score_histograms
 
 REAL_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medmnist" / "adrenalmnist3d_64.npz"
 VALID = {("central", "none", "none"), ("central-plain-densenet", "none", "none")} | {
@@ -159,7 +160,7 @@ def test_pooled_histogram_auc_matches_sklearn_on_raw_scores():
     halves = [slice(0, 150), slice(150, 300)]
     sums = [np.zeros(1000, np.int64), np.zeros(1000, np.int64)]
     for s in halves:  # two sites, summed like the server does
-        pos, neg = score_histograms(labels[s], scores[s])
+        pos, neg = score_histograms(labels[s] == 1, scores[s], 1000)
         sums[0] += pos
         sums[1] += neg
     assert sums[0].sum() == labels.sum() and sums[1].sum() == (1 - labels).sum()
