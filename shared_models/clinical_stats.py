@@ -34,7 +34,7 @@ import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score, recall_score, roc_auc_score
 
-from shared_models.metrics import _check_inputs
+from shared_models.metrics import _check_inputs, score_histograms
 from shared_models.stages import NUM_STAGES
 
 __all__ = [
@@ -397,13 +397,10 @@ def histogram_auc_bound(
         raise ValueError("scores: values must be finite")
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins: expected a positive integer, got {n_bins!r}")
-    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
-    s = np.clip(s, 0.0, 1.0)
-    hp = np.histogram(s[lab], bins=edges)[0]
-    hn = np.histogram(s[~lab], bins=edges)[0]
+    hp, hn = score_histograms(lab, s, int(n_bins))
     return {
         "auc_hist": auc_from_histograms(hp, hn),
         "bound": auc_bin_error_bound(hp, hn),
-        "pos_hist": [int(v) for v in hp],
-        "neg_hist": [int(v) for v in hn],
+        "pos_hist": hp,
+        "neg_hist": hn,
     }
