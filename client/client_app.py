@@ -12,6 +12,9 @@ Messages:
   ``arrays`` (phase 1's global model) and cache the crops at the site.
 * ``train`` / ``evaluate`` with ``config["phase"]`` ``"detector"`` or ``"stager"``.
 
+Every reply (and every error) that leaves the site is first recorded in the site's
+append-only audit log (:mod:`client.audit`, :func:`audit_log_path`).
+
 The site's identity and data path come from the node config: ``site-id`` and
 ``data-path`` in deployment; in simulation only ``partition-id`` exists and is
 mapped through the run config (``site-ids``, ``data-root``).
@@ -25,12 +28,15 @@ import time
 import traceback
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import tasks
+from client.audit import AUDIT_NAME, audited
 from client.site_data import SiteData
 from shared_models.config import RunConfig
+from shared_models.transfer import from_transfer, to_transfer
 from shared_models.weights import norm_state_keys
 
 log = logging.getLogger(__name__)
@@ -69,13 +75,36 @@ def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: str):
         which case the site's own normalisation entries (from ``context.state``) replace
         the global ones.
     """
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = _unpack(msg.content["arrays"], cfg, phase)
     norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
     local_key = f"fedbn-{phase}"
     if norm_keys and local_key in context.state:
         local = context.state[local_key].to_torch_state_dict()
         state.update({k: v for k, v in local.items() if k in norm_keys})
     return state, norm_keys
+
+
+@functools.lru_cache(maxsize=4)
+def _template(phase: str, model_config) -> dict:
+    """A state dict of the phase's model on the ``meta`` device: names, shapes, dtypes, no memory."""
+    from shared_models.detector import YOLOX3D
+    from shared_models.stager import MulDenseNet3D
+
+    with torch.device("meta"):
+        model = YOLOX3D(model_config) if phase == "detector" else MulDenseNet3D(model_config)
+    return model.state_dict()
+
+
+def _unpack(record: ArrayRecord, cfg: RunConfig, phase: str) -> dict:
+    """The state dict in a received record, packed or one array per tensor (``shared_models.transfer``)."""
+    template = _template(phase, cfg.detector if phase == "detector" else cfg.stager)
+    return from_transfer({k: record[k].numpy() for k in record.keys()}, template)
+
+
+def _pack(state: dict, cfg: RunConfig) -> ArrayRecord:
+    """Weights to send, packed into one flat array per dtype unless ``transfer-packing`` is off."""
+    arrays = to_transfer(state, packed=cfg.transfer_packing, float_dtype=cfg.transfer_dtype)
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
 def _keep_local_norms(context: Context, state, model_keys: set[str], phase: str, cfg: RunConfig) -> None:
@@ -124,6 +153,16 @@ def _contained(handler):
     return wrapper
 
 
+def audit_log_path(context: Context) -> Path:
+    """The site's audit log (``client/audit.py``): node config ``audit-log`` if set, else
+    ``audit.jsonl`` in the site's cache folder. Every reply leaving the site is recorded there."""
+    if "audit-log" in context.node_config:
+        return Path(str(context.node_config["audit-log"]))
+    cfg = RunConfig.from_run_config(context.run_config)
+    site_id, site_root = resolve_site(context, cfg)
+    return tasks.site_cache_dir(cfg, site_id, site_root) / AUDIT_NAME
+
+
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
@@ -132,6 +171,7 @@ def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict) -> Message:
 
 
 @app.query()
+@audited(audit_log_path)
 @_contained
 def query(msg: Message, context: Context) -> Message:
     """``hello`` (site id and counts) or ``crops`` (make the phase-2 crops at the site)."""
@@ -145,7 +185,7 @@ def query(msg: Message, context: Context) -> Message:
         content = RecordDict({"site": ConfigRecord({"site-id": site.site_id}), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
     if action == "crops":
-        detector = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+        detector = _unpack(msg.content["arrays"], cfg, "detector") if "arrays" in msg.content else None
         key, metrics = tasks.make_crops(site, cfg, detector)
         content = RecordDict({"site": ConfigRecord({"crops-key": key}), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
@@ -153,6 +193,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@audited(audit_log_path)
 @_contained
 def train(msg: Message, context: Context) -> Message:
     """Local training for the phase named in the round's config."""
@@ -175,10 +216,11 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"unknown phase {phase!r}")
     _keep_local_norms(context, new_state, norm_keys, phase, cfg)
     # 4. reply: weights with dtypes intact, aggregate metrics only
-    return _reply(msg, ArrayRecord(new_state), metrics)
+    return _reply(msg, _pack(new_state, cfg), metrics)
 
 
 @app.evaluate()
+@audited(audit_log_path)
 @_contained
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out (``test``) heads."""

@@ -178,7 +178,7 @@ def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None)
         tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npz")
         np.savez(tmp, crops=crops.astype(np.float32),
                  stages=np.array([h.stage for h in heads], np.int64),
-                 splits=np.array([h.split for h in heads]), low_confidence=np.int64(low_count))
+                 low_confidence=np.int64(low_count))
         tmp.replace(path)
     with np.load(path) as data:
         low_count = int(data["low_confidence"])
@@ -194,8 +194,15 @@ def load_crops(site: SiteData, key: str) -> CropSet:
     path = site.cache_dir / "crops" / f"{key}.npz"
     if not path.exists():
         raise FileNotFoundError(f"site {site.site_id}: no crops for key {key}; the server must send a crops query first")
+    heads = _staged(site.heads)
     with np.load(path) as data:
-        return CropSet(data["crops"], data["stages"], data["splits"])
+        crops, stages = data["crops"], data["stages"]
+    if len(crops) != len(heads):
+        raise ValueError(f"site {site.site_id}: crop set {key} holds {len(crops)} crops for {len(heads)} staged heads; "
+                         "the site's manifest changed since the crops were made")
+    # The split comes from today's split.csv, never from the cache: a crop set is reused by every
+    # run with the same key (ground-truth crops: every seed and variant), and runs differ in splits.
+    return CropSet(crops, stages, np.array([h.split for h in heads]))
 
 
 # ----------------------------------------------------------------------------- phase 2

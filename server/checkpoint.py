@@ -5,6 +5,13 @@ every round: the round reached, the global state dict, the per-site metrics of
 every round so far, and a fingerprint of the run config. A run restarted on the
 same ``out-dir`` with the same config continues from the last finished round; a
 different config is refused rather than silently mixed.
+
+Every save also appends to a **hash chain**, ``<out>/checkpoints/chain.json``: one entry per
+checkpoint written, ``{phase, round, sha256, chain, saved_at}``, where ``sha256`` is the file's
+digest, ``chain = sha256(previous chain + sha256 + phase + round)`` and ``saved_at`` the Unix
+time in seconds (not chained; it gives the wall time of every round). The final bundle records
+the chain (signed, in ``MANIFEST.json``), so the model can be traced to the exact sequence
+of round checkpoints that produced it (:func:`verify_chain`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +50,8 @@ class PhaseCheckpoint:
     best_score: float = float("-inf")
     best_state_dict: dict[str, torch.Tensor] | None = None
     fingerprint: str = ""
+    missing_sites: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    rejected_updates: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
     @property
     def selected_state_dict(self) -> dict[str, torch.Tensor]:
@@ -88,5 +98,47 @@ class CheckpointStore:
         tmp = self.path(phase).with_suffix(".tmp")
         torch.save(ckpt.__dict__, tmp)
         os.replace(tmp, self.path(phase))
+        self._extend_chain(phase, ckpt.round)
         progress = {"phase": phase, "round": ckpt.round}
         (self.folder / "progress.json").write_text(json.dumps(progress))
+
+    def chain(self) -> list[dict]:
+        """The hash chain of every checkpoint written so far (see module docstring); [] if none."""
+        path = self.folder / "chain.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def _extend_chain(self, phase: str, round_: int) -> None:
+        entries = self.chain()
+        digest = hashlib.sha256(self.path(phase).read_bytes()).hexdigest()
+        previous = entries[-1]["chain"] if entries else ""
+        entries.append({"phase": phase, "round": round_, "sha256": digest,
+                        "chain": chain_link(previous, digest, phase, round_), "saved_at": round(time.time(), 3)})
+        tmp = self.folder / "chain.json.tmp"
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, self.folder / "chain.json")
+
+
+def chain_link(previous: str, digest: str, phase: str, round_: int) -> str:
+    """One link of the checkpoint hash chain: SHA-256 (hex) of ``previous|digest|phase|round``."""
+    return hashlib.sha256(f"{previous}|{digest}|{phase}|{round_}".encode()).hexdigest()
+
+
+def verify_chain(entries: list[dict], folder: Path | None = None) -> None:
+    """Check that every link follows from the one before; with ``folder``, also that each phase's
+    last entry matches the checkpoint file there (earlier files were overwritten by later rounds).
+
+    Raises:
+        ValueError: naming the first entry (phase, round) that does not verify.
+    """
+    previous = ""
+    last: dict[str, dict] = {}
+    for entry in entries:
+        if chain_link(previous, entry["sha256"], entry["phase"], entry["round"]) != entry["chain"]:
+            raise ValueError(f"checkpoint chain broken at {entry['phase']} round {entry['round']}")
+        previous = entry["chain"]
+        last[entry["phase"]] = entry
+    if folder is not None:
+        for phase, entry in last.items():
+            path = Path(folder) / f"{phase}.pt"
+            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+                raise ValueError(f"{path}: does not match the last {phase} entry (round {entry['round']}) of the chain")

@@ -87,6 +87,18 @@ def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def transfer_summary(states: dict[str, dict], *, n_sites: int, n_train: int) -> dict[str, dict]:
+    """Model payload per phase and per round: every training site gets the global arrays and sends its
+    update (2 x ``n_train`` transfers), every site gets the arrays to evaluate (``n_sites``); replies to
+    evaluate carry metrics only. Bytes are the tensors' own (``numel x itemsize``), without framing."""
+    out = {}
+    for phase, state in states.items():
+        nbytes = int(sum(v.numel() * v.element_size() for v in state.values()))
+        out[phase] = {"model_bytes": nbytes, "arrays": len(state), "transfers_per_round": 2 * n_train + n_sites,
+                      "bytes_per_round": nbytes * (2 * n_train + n_sites)}
+    return out
+
+
 def build_report(
     *,
     strategy: str,
@@ -102,6 +114,7 @@ def build_report(
     crop_source: str,
     wall_time_s: float,
     site_data: dict[str, dict] | None = None,
+    transfer: dict[str, dict] | None = None,
 ) -> dict:
     """Assemble ``report.json`` from the per-round per-site metrics of both phases.
 
@@ -129,7 +142,12 @@ def build_report(
         "crop_source": crop_source,
         "site_data": {s: {k.replace("-", "_"): v for k, v in m.items()} for s, m in sorted((site_data or {}).items())},
         "sites": group_stage_metrics(last_stager, groups),
+        # each site on its own (the cross-site matrix of `onfh sim compare`): sites without test heads are left out
+        "per_site": {s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa") if k in m}
+                     for s, m in group_stage_metrics(last_stager, {s: (s,) for s in sorted(last_stager)}).items()
+                     if m["n"]},
         "detector": detector_site_metrics(last_detector),
         "history": history,
         "wall_time_s": wall_time_s,
+        "transfer": transfer or {},
     })

@@ -23,15 +23,16 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
-from server.report import build_report
+from server.report import build_report, transfer_summary
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
 from shared_models.stager import MulDenseNet3D
+from shared_models.transfer import from_transfer, to_transfer
 from strategies.site_aware import build_strategy
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
     """
     content = RecordDict({"config": ConfigRecord({"action": "crops"})})
     if cfg.crop_source == "detector" and detector_state is not None:
-        content["arrays"] = ArrayRecord(detector_state)
+        content["arrays"] = _pack(detector_state, cfg)
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_sites]
     keys = set()
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
@@ -104,6 +105,18 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
     if len(keys) != 1:
         raise RuntimeError(f"crop preparation failed: sites returned keys {sorted(keys)}")
     return keys.pop()
+
+
+def _pack(state: dict, cfg: RunConfig) -> ArrayRecord:
+    """Weights to send, packed into one flat array per dtype unless ``transfer-packing`` is off
+    (``shared_models.transfer``: Flower's transfer cost is per tensor)."""
+    arrays = to_transfer(state, packed=cfg.transfer_packing, float_dtype=cfg.transfer_dtype)
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _unpack(record: ArrayRecord, template: dict) -> dict:
+    """The state dict in a (possibly aggregated) record, packed or not, in ``template``'s dtypes."""
+    return from_transfer({k: record[k].numpy() for k in record.keys()}, template)
 
 
 def validation_score(site_metrics: dict[str, dict]) -> float | None:
@@ -140,18 +153,22 @@ def run_phase(
     strategy = build_strategy(
         cfg.strategy, proximal_mu=cfg.proximal_mu, node_sites=node_sites,
         train_sites=cfg.train_sites, round_offset=ckpt.round,
+        min_fraction=cfg.min_site_fraction, node_wait_timeout_s=cfg.node_wait_timeout_s,
     )
+    strategy.missing_sites.update(ckpt.missing_sites)
+    strategy.rejected_updates.update(ckpt.rejected_updates)
     strategy.site_metrics.update(ckpt.site_metrics)
     strategy.train_metrics.update(ckpt.train_metrics)
     config = ConfigRecord({"phase": phase, **(extra_config or {})})
 
+    template = model.state_dict()  # names, shapes and dtypes to unpack the packed global arrays
     best = {"round": ckpt.best_round, "score": ckpt.best_score, "state": ckpt.best_state_dict}
 
     def checkpoint_hook(server_round: int, arrays: ArrayRecord):
         if server_round == 0:
             return None
         reached = server_round + ckpt.round
-        state = arrays.to_torch_state_dict()
+        state = _unpack(arrays, template)
         score = validation_score(strategy.site_metrics.get(reached, {}))
         if score is not None and score > best["score"]:
             best.update(round=reached, score=score, state=state)
@@ -159,6 +176,7 @@ def run_phase(
             round=reached, state_dict=state,
             site_metrics=dict(strategy.site_metrics), train_metrics=dict(strategy.train_metrics),
             best_round=best["round"], best_score=best["score"], best_state_dict=best["state"],
+            missing_sites=dict(strategy.missing_sites), rejected_updates=dict(strategy.rejected_updates),
         ))
         summary = {s: round(float(m.get("iou-mean" if phase == "detector" else "macro-auc", 0.0)), 3)
                    for s, m in sorted(strategy.site_metrics.get(reached, {}).items())}
@@ -168,14 +186,14 @@ def run_phase(
         return None
 
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(ckpt.state_dict), num_rounds=rounds - ckpt.round,
+        grid=grid, initial_arrays=_pack(ckpt.state_dict, cfg), num_rounds=rounds - ckpt.round,
         timeout=cfg.round_timeout_s, train_config=config, evaluate_config=ConfigRecord(dict(config)),
         evaluate_fn=checkpoint_hook,
     )
     final = store.load(phase)
     if final is None or final.round < rounds:
         # No round completed a checkpoint (e.g. every site failed): keep what Flower returned.
-        final = PhaseCheckpoint(round=rounds, state_dict=result.arrays.to_torch_state_dict(),
+        final = PhaseCheckpoint(round=rounds, state_dict=_unpack(result.arrays, template),
                                 site_metrics=dict(strategy.site_metrics), train_metrics=dict(strategy.train_metrics))
     return final
 
@@ -240,11 +258,17 @@ def main(grid: Grid, context: Context) -> None:
         stager_train=stager.train_metrics, detector_train=detector.train_metrics,
         groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source, site_data=site_data,
         wall_time_s=time.monotonic() - t0,
+        transfer=transfer_summary({"detector": detector.state_dict, "stager": stager.state_dict},
+                                  n_sites=len(node_sites),
+                                  n_train=sum(s in cfg.train_sites for s in node_sites.values())),
     )
+    # sites missing from rounds (deployment: a node died or was late) and rejected updates, by phase and round
+    report["missing_sites"] = {"detector": detector.missing_sites, "stager": stager.missing_sites}
+    report["rejected_updates"] = {"detector": detector.rejected_updates, "stager": stager.rejected_updates}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_bundle(
         out / "bundle", detector_state=detector.selected_state_dict, stager_state=stager.selected_state_dict,
         detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,
-        run_config=run_config, signing_key=_signing_key(cfg, out),
+        run_config=run_config, signing_key=_signing_key(cfg, out), checkpoint_chain=store.chain(),
     )
     log.info("report and signed bundle written to the run's out-dir")

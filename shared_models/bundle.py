@@ -8,7 +8,7 @@ Layout of a bundle folder::
     models.json        DetectorConfig and StagerConfig (to rebuild the networks exactly)
     metrics.json       the run report (aggregate metrics only)
     run_config.json    the run configuration
-    MANIFEST.json      sha256 of every file above
+    MANIFEST.json      sha256 of every file above, and the hash chain of the run's round checkpoints
     MANIFEST.sig       Ed25519 signature of MANIFEST.json (raw 64 bytes)
     signer.pub         the signer's Ed25519 public key (PEM), for convenience only
 
@@ -85,8 +85,13 @@ def write_bundle(
     metrics: dict,
     run_config: dict,
     signing_key: Ed25519PrivateKey,
+    checkpoint_chain: list[dict] | None = None,
 ) -> Path:
-    """Write and sign a bundle folder; returns ``out``."""
+    """Write and sign a bundle folder; returns ``out``.
+
+    ``checkpoint_chain`` (``server/checkpoint.py``: ``[{phase, round, sha256, chain}, ...]``) is
+    recorded under ``"checkpoint_chain"`` in ``MANIFEST.json``, so the signature covers it.
+    """
     out.mkdir(parents=True, exist_ok=True)
     torch.save(detector_state, out / "detector.pt")
     torch.save(stager_state, out / "stager.pt")
@@ -95,6 +100,8 @@ def write_bundle(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False, default=str))
     (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
     manifest = {"format_version": FORMAT_VERSION, "files": {name: _sha256(out / name) for name in PAYLOAD}}
+    if checkpoint_chain:
+        manifest["checkpoint_chain"] = checkpoint_chain
     manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
     (out / "MANIFEST.json").write_bytes(manifest_bytes)
     (out / "MANIFEST.sig").write_bytes(signing_key.sign(manifest_bytes))

@@ -16,8 +16,9 @@ from typing import Any
 from shared_models.detector import DetectorConfig
 from shared_models.preprocessing import PreprocessingSpec
 from shared_models.stager import StagerConfig
+from shared_models.transfer import TRANSFER_DTYPES
 
-STRATEGIES = ("fedavg", "fedprox", "fedbn")
+STRATEGIES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")  # the last three: robust (issue 7)
 CROP_SOURCES = ("detector", "ground-truth")
 MODEL_SIZES = ("default", "paper")
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,6 +64,12 @@ def _spec(crop_shape: str, margin_mm: float) -> PreprocessingSpec:
     return PreprocessingSpec(crop_shape=shape, crop_margin_mm=margin_mm)
 
 
+def _fraction(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"run config 'min-site-fraction': must be in (0, 1], got {value}")
+    return value
+
+
 def parse_report_groups(text: str) -> dict[str, tuple[str, ...]]:
     """Parse ``"A-test=A;external-1=B;external-2=C,D"`` into ``{group: (site, ...)}``.
 
@@ -95,6 +102,8 @@ class RunConfig:
     data_root: str
     site_ids: tuple[str, ...]
     train_sites: tuple[str, ...]
+    split_sites: tuple[str, ...]
+    pooled_sites: tuple[str, ...]
     report_groups: dict[str, tuple[str, ...]]
     cache_dir: str
     out_dir: str
@@ -125,6 +134,9 @@ class RunConfig:
     model_size: str
     device: str
     amp: bool
+    transfer_packing: bool
+    transfer_dtype: str
+    min_site_fraction: float = 1.0  # issue 7: fraction (0, 1] of training sites a round needs
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -168,6 +180,12 @@ class RunConfig:
         unknown = [s for s in train_sites if s not in site_ids]
         if unknown:
             raise ValueError(f"run config 'train-sites': {unknown} not in site-ids {list(site_ids)}")
+        split_sites = _names("split-sites", get("split-sites", str)) if get("split-sites", str).strip() else train_sites
+        pooled_sites = _names("pooled-sites", get("pooled-sites", str)) if get("pooled-sites", str).strip() else ()
+        for key, names in (("split-sites", split_sites), ("pooled-sites", pooled_sites)):
+            unknown = [s for s in names if s not in site_ids]
+            if unknown:
+                raise ValueError(f"run config {key!r}: {unknown} not in site-ids {list(site_ids)}")
         groups = parse_report_groups(get("report-groups", str))
         for name, members in groups.items():
             bad = [s for s in members if s not in site_ids]
@@ -207,6 +225,8 @@ class RunConfig:
             data_root=get("data-root", str),
             site_ids=site_ids,
             train_sites=train_sites,
+            split_sites=split_sites,
+            pooled_sites=pooled_sites,
             report_groups=groups,
             cache_dir=get("cache-dir", str),
             out_dir=get("out-dir", str),
@@ -237,6 +257,9 @@ class RunConfig:
             model_size=model_size,
             device=choice("device", DEVICES),
             amp=get("amp", bool),
+            transfer_packing=get("transfer-packing", bool),
+            transfer_dtype=choice("transfer-dtype", TRANSFER_DTYPES),
+            min_site_fraction=_fraction(get("min-site-fraction", float)),
         )
 
     def detector_l1_weight(self, server_round: int) -> float:

@@ -6,10 +6,18 @@ runs the requested sections and returns ``{"environment": ..., "sections": {name
 for ``json.dump`` (``onfh sim bench`` writes it as ``bench.json``); :func:`print_table` renders any
 section's rows with rich.
 
-Sections:
+Sections (issue 8; each figure a ratio against a baseline run in the same call, with absolute
+figures beside it):
 
 * ``detector``: :func:`detector_benchmark`, 3DC-YOLOX training throughput (with the training
-  augmentation) and single-volume inference latency for the ``default`` and ``paper`` model sizes.
+  augmentation) and single-volume inference latency for the ``default`` and ``paper`` model sizes;
+* ``transfer``: :func:`transfer_benchmark`, bytes and Flower objects per round and direction,
+  one array per tensor vs packed (default) vs packed float16;
+* ``ingestion``, ``input_pipeline``, ``inference`` (:mod:`sim.bench_data`): DICOM reading against
+  MONAI, training throughput against in-memory tensors, one study end to end;
+* ``federated``, ``scaling``, ``deployment`` (:mod:`sim.bench_federation`): the Flower simulation
+  against the same work in a plain loop, with memory and the float16 accuracy cost; 4/8/16
+  sites and 1x/2x/4x data; deployment against simulation (pending issue 7).
 
 Timing: ``time.perf_counter`` wall-clock after warm-up, with ``torch.cuda.synchronize`` around
 timed regions on CUDA. CPU numbers depend on ``torch.get_num_threads()``, recorded in every row.
@@ -24,6 +32,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -259,11 +268,30 @@ def _detector_row(size: str, volumes: np.ndarray, boxes: np.ndarray, dev: torch.
     }
 
 
-def run_benchmarks(names: Iterable[str] | None = None, **options: dict[str, Any]) -> dict[str, Any]:
+#: ``onfh sim bench --quick``: a smoke run (default widths, a few steps, one round, the smallest
+#: scaling cell); its figures mean nothing, it only shows that every section runs and writes every key.
+QUICK_OPTIONS: dict[str, dict[str, Any]] = {
+    "detector": {"steps": 2, "warmup_steps": 1, "latency_repeats": 3, "latency_warmup": 1, "augment_repeats": 2,
+                 "model_sizes": ("default",)},
+    "transfer": {"model_sizes": ("default",), "repeats": 1},
+    "ingestion": {"studies": 2, "repeats": 1},
+    "input_pipeline": {"steps": 3, "repeats": 1},
+    "inference": {"model_sizes": ("default",), "repeats": 1},
+    "federated": {"rounds": 1, "local_steps": 2},
+    "scaling": {"site_counts": (4,), "data_copies": (1,), "rounds": 5, "local_steps": 1},
+    "deployment": {"rounds": 1, "local_steps": 1},
+}
+
+
+def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False, work: Path | None = None,
+                   **options: dict[str, Any]) -> dict[str, Any]:
     """Run the named sections (all registered ones when ``None``).
 
     Args:
         names: section names, see :data:`SECTIONS`.
+        quick: start from :data:`QUICK_OPTIONS` (explicit ``options`` still win).
+        work: folder for the sections' data (phantom DICOM, site caches, Flower runs), passed to
+            every section that takes ``work``; default ``runs/bench/work``.
         **options: per-section keyword arguments, keyed by section name, e.g.
             ``detector={"steps": 3}``.
 
@@ -273,6 +301,8 @@ def run_benchmarks(names: Iterable[str] | None = None, **options: dict[str, Any]
     Raises:
         ValueError: for an unknown section name or options for a section that is not run.
     """
+    import inspect
+
     names = list(SECTIONS) if names is None else list(names)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
@@ -280,13 +310,23 @@ def run_benchmarks(names: Iterable[str] | None = None, **options: dict[str, Any]
     stray = [n for n in options if n not in names]
     if stray:
         raise ValueError(f"options given for section(s) {stray} that are not run ({names})")
-    return {
-        "environment": environment(),
-        "sections": {name: SECTIONS[name].run(**options.get(name, {})) for name in names},
-    }
+    env = environment()
+    results = {}
+    for name in names:
+        kwargs = {**(QUICK_OPTIONS.get(name, {}) if quick else {}), **options.get(name, {})}
+        if work is not None and "work" in inspect.signature(SECTIONS[name].run).parameters:
+            kwargs.setdefault("work", Path(work))
+        logger.info("benchmark section %s …", name)
+        t0 = time.perf_counter()
+        results[name] = SECTIONS[name].run(**kwargs)
+        logger.info("benchmark section %s: %.0f s", name, time.perf_counter() - t0)
+    env["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"environment": env, "quick": quick, "sections": results}
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -337,36 +377,100 @@ def print_table(rows: Sequence[Row], title: str | None = None, console=None, tra
 
 
 @section("transfer", "Model transfer: what one client sends per round and direction (issue 8, bytes per round)")
-def transfer_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, repeats: int = 3) -> list[Row]:
-    """Size and cost of packing each model's state dict into Flower's ``ArrayRecord``.
+def transfer_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, repeats: int = 3,
+                       seed: int = 0) -> list[Row]:
+    """Size and cost of each model's state dict as Flower sends it: one array per tensor, packed
+    (the default, ``transfer-packing = true``) and packed in float16 (``transfer-dtype``).
 
-    ``fp32_bytes`` is the state dict's size with every floating tensor at 4 bytes an element
-    (integer buffers at their own size): the baseline of issue 8. ``arrayrecord_bytes`` is the sum
-    of the serialised array payloads Flower sends (``Array.data``), without the message and gRPC
-    framing; ``ratio`` is the two over each other (target ≤ 1.02). Flower's cost is per tensor as
-    well as per byte (``FLOWER-1.42-NOTES.md``), hence ``tensors``. ``pack_ms`` / ``unpack_ms``:
-    median of ``repeats`` conversions state dict -> ArrayRecord -> state dict.
+    * ``fp32_bytes``: the state dict with every floating tensor at 4 bytes an element (integer
+      buffers at their own size), the baseline of issue 8;
+    * ``*_bytes``: the serialised array payloads Flower sends (``Array.data``), without message and
+      gRPC framing; ``arrayrecord_bytes``/``ratio`` are the default (packed float32) path
+      (target ratio <= 1.02); ``fp16_ratio`` the float16 path (target about 0.5);
+    * ``*_objects``: Flower objects a message carries for the record (record, arrays, chunks of
+      <= 5 MB): Flower pushes and pulls them one by one, so this count drives its per-round cost
+      (``FLOWER-1.42-NOTES.md``); ``*_serialise_ms``: median time to deflate all of them, object
+      ids (sha256) included, the sender's share of that cost;
+    * ``pack_ms`` / ``unpack_ms``: :func:`shared_models.transfer.pack_state_dict` /
+      ``unpack_state_dict`` (median of ``repeats``);
+    * float16 accuracy cost on the outputs: ``fp16_weight_max_rel_err`` (largest relative rounding
+      error of a weight above 1e-3 in magnitude) and ``fp16_output_max_abs_diff`` (largest change of
+      the stager's stage probabilities / the detector's cell scores, objectness x class, on random inputs).
+      The cost after federated training is in the ``federated`` section.
 
     Raises:
         ValueError: for an unknown model size.
     """
-    from flwr.app import ArrayRecord
+    from flwr.app import Array, ArrayRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from shared_models.detector import YOLOX3D
     from shared_models.stager import MulDenseNet3D
+    from shared_models.transfer import pack_state_dict, to_transfer, unpack_state_dict
+
+    cpu = torch.device("cpu")
+
+    def record(arrays: dict) -> ArrayRecord:
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+    def measure(rec: ArrayRecord) -> tuple[int, int, float]:
+        objects = get_all_nested_objects(rec)
+        ms = _median_ms(lambda: [o.deflate() for o in get_all_nested_objects(record(
+            {k: rec[k].numpy() for k in rec.keys()})).values()], repeats, 1, cpu)
+        return sum(len(rec[k].data) for k in rec.keys()), len(objects), ms
 
     rows: list[Row] = []
     for size in model_sizes:
         cfg = RunConfig.from_run_config({**default_run_config(), "model-size": size})
+        torch.manual_seed(seed)
         for name, model in (("detector", YOLOX3D(cfg.detector)), ("stager", MulDenseNet3D(cfg.stager))):
             state = model.state_dict()
             fp32 = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in state.values())
-            cpu = torch.device("cpu")
-            pack_ms = _median_ms(lambda: ArrayRecord(state), repeats, 1, cpu)
-            record = ArrayRecord(state)
-            unpack_ms = _median_ms(lambda: record.to_torch_state_dict(), repeats, 1, cpu)
-            sent = sum(len(record[key].data) for key in record)
+            plain_bytes, plain_objects, plain_ms = measure(record(to_transfer(state, packed=False)))
+            packed_bytes, packed_objects, packed_ms = measure(record(pack_state_dict(state)))
+            half = pack_state_dict(state, float_dtype="float16")
+            half_bytes, _, _ = measure(record(half))
+            pack_ms = _median_ms(lambda: pack_state_dict(state), repeats, 1, cpu)
+            packed = pack_state_dict(state)
+            unpack_ms = _median_ms(lambda: unpack_state_dict(packed, state), repeats, 1, cpu)
+            rel, out_diff = _fp16_cost(model, unpack_state_dict(half, state), name, cfg, seed)
             rows.append({"section": "transfer", "model": name, "model_size": size, "tensors": len(state),
-                         "fp32_bytes": int(fp32), "arrayrecord_bytes": int(sent), "ratio": sent / fp32,
-                         "pack_ms": pack_ms, "unpack_ms": unpack_ms})
+                         "fp32_bytes": int(fp32), "unpacked_bytes": int(plain_bytes),
+                         "unpacked_ratio": plain_bytes / fp32,
+                         "unpacked_objects": plain_objects, "unpacked_serialise_ms": plain_ms,
+                         "arrayrecord_bytes": int(packed_bytes), "ratio": packed_bytes / fp32,
+                         "packed_arrays": len(packed), "packed_objects": packed_objects,
+                         "packed_serialise_ms": packed_ms, "fp16_bytes": int(half_bytes),
+                         "fp16_ratio": half_bytes / fp32,
+                         "pack_ms": pack_ms, "unpack_ms": unpack_ms, "fp16_weight_max_rel_err": rel,
+                         "fp16_output_max_abs_diff": out_diff})
     return rows
+
+
+@torch.no_grad()
+def _fp16_cost(model: torch.nn.Module, half_state: dict, name: str, cfg: RunConfig, seed: int) -> tuple[float, float]:
+    """Largest relative weight error (|w| > 1e-3) and largest output change from fp16-rounded weights."""
+    state = model.state_dict()
+    rel = max(float(((half_state[k] - v).abs() / v.abs()).masked_fill(v.abs() <= 1e-3, 0).max())
+              for k, v in state.items() if v.is_floating_point() and v.numel())
+    gen = torch.Generator().manual_seed(seed)
+    shape = cfg.spec.hemi_shape if name == "detector" else cfg.spec.crop_shape
+    x = torch.rand((2, 1, *shape), generator=gen)
+
+    def outputs(weights: dict) -> torch.Tensor:
+        model.load_state_dict(weights)
+        model.eval()
+        out = model(x)
+        if name == "stager":
+            return torch.softmax(out.float(), dim=1)
+        return torch.sigmoid(out[..., 6]) * torch.sigmoid(out[..., 7])  # (B, cells): objectness x class score
+
+    before, after = outputs(state), outputs(half_state)
+    model.load_state_dict(state)
+    return rel, float((after - before).abs().max())
+
+
+# Sections defined in their own modules register themselves on import.
+from sim import (  # noqa: E402,F401,I001
+    bench_data,  # ingestion, input_pipeline, inference
+    bench_federation,  # federated, scaling, deployment
+)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -151,20 +152,27 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     """A grid of variants x seeds on the same data; resumable; ``compare.json`` + ``compare.md``."""
-    from shared_models.config import default_run_config
-    from sim.compare import grid_variants, parse_variant, print_summary, run_compare
+    from shared_models.config import default_run_config, parse_report_groups
+    from sim.compare import grid_variants, parse_variant, print_summary, report_groups_for, run_compare
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    args.seed = seeds[0] if seeds else 0
+    base = {k: v for k, v in _run_config_for(args).items() if k not in ("out-dir", "seed")}
+    full = {**default_run_config(), **base}
+    if args.train_sites:  # every training site split 8:1:1 in every cell; its test split reported on its own
+        train = [s.strip() for s in args.train_sites.split(",") if s.strip()]
+        base.setdefault("split-sites", ",".join(train))
+        if "report-groups" not in base:
+            base["report-groups"] = report_groups_for(train, parse_report_groups(str(full["report-groups"])))
+        full = {**default_run_config(), **base}
     if args.variant:
         variants = [parse_variant(v, _parse_set) for v in args.variant]
     else:
-        sites = str(_parse_set(args.set or []).get("site-ids", default_run_config()["site-ids"])).split(",")
-        variants = grid_variants(args.grid, [s.strip() for s in sites if s.strip()])
-    args.seed = seeds[0] if seeds else 0
-    base = {k: v for k, v in _run_config_for(args).items() if k not in ("out-dir", "seed")}
+        sites = [s.strip() for s in str(full["site-ids"]).split(",") if s.strip()]
+        variants = grid_variants(args.grid, sites, full)
     summary = run_compare(base, Path(args.out), variants, seeds, console=console)
     print_summary(summary, console)
     console.print(f"grid: {Path(args.out) / 'compare.json'} and compare.md")
@@ -176,13 +184,7 @@ def cmd_bench(args) -> int:
     from sim.bench import SECTIONS, print_table, run_benchmarks
 
     names = args.only.split(",") if args.only else None
-    options = {}
-    if args.quick:
-        options = {"detector": {"steps": 2, "warmup_steps": 1, "latency_repeats": 3, "latency_warmup": 1,
-                                "augment_repeats": 2, "model_sizes": ("default",)},
-                   "transfer": {"model_sizes": ("default",), "repeats": 1}}
-        options = {k: v for k, v in options.items() if names is None or k in names}
-    result = run_benchmarks(names, **options)
+    result = run_benchmarks(names, quick=args.quick, work=Path(args.out) / "work")
     for name, rows in result["sections"].items():
         print_table(rows, title=SECTIONS[name].title, console=console)
     out = Path(args.out)
@@ -223,6 +225,9 @@ def cmd_infer(args) -> int:
     from shared_models.overlay import write_infer_figures
     from shared_models.pipeline import analyse_study
 
+    if not args.public_key and not getattr(args, "allow_unsigned", False):
+        raise ValueError(f"{args.bundle}: refusing to run a bundle without verifying its signature; pass the "
+                         "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)")
     bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
     series_note = "T2 series (site rule)"
     try:
@@ -288,7 +293,18 @@ def cmd_site_check(args) -> int:
         Path(args.json).write_text(json.dumps([v.to_dict() for v in site.verdicts], indent=2))
     bad = sum(v.status != "ok" for v in site.verdicts)
     console.print(f"{len(site.verdicts) - bad} studies ok, {bad} refused, {len(site.heads)} femoral heads usable")
-    return 1 if bad else 0
+    from client.site_daemon import Check, check_ca_certificate, check_cache_space, check_device, check_superlink
+
+    checks = [Check("manifest and studies", bad == 0 and bool(site.heads),
+                    f"{len(site.verdicts) - bad} ok, {bad} refused, {len(site.heads)} heads"),
+              check_cache_space(cache, args.min_free_gb), check_device()]
+    if args.ca_cert:
+        checks.append(check_ca_certificate(Path(args.ca_cert)))
+        if args.superlink:
+            checks.append(check_superlink(args.superlink, Path(args.ca_cert)))
+    elif args.superlink:
+        checks.append(Check("SuperLink reachable", False, "--superlink needs --ca-cert to check the TLS certificate"))
+    return 0 if _print_checks(checks, f"site {site_id}: preflight") else 1
 
 
 def cmd_signing_key(args) -> int:
@@ -299,6 +315,217 @@ def cmd_signing_key(args) -> int:
         raise ValueError(f"{path} exists; refusing to overwrite a signing key")
     generate_signing_key(path)
     console.print(f"Ed25519 signing key: {path} (keep private); public key: {path}.pub")
+    return 0
+
+
+def _print_checks(checks, title: str) -> bool:
+    table = Table(title=title)
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, "[green]ok[/green]" if c.ok else "[red]FAILED[/red]", c.detail)
+    console.print(table)
+    return all(c.ok for c in checks)
+
+
+def cmd_site_split(args) -> int:
+    """Write DATA/split.csv: 8:1:1 train/val/test by patient, or all test for an evaluate-only site."""
+    from sim.splits import write_splits
+
+    data = Path(args.data).resolve()
+    if not (data / "manifest.csv").is_file():
+        raise FileNotFoundError(f"{data / 'manifest.csv'} does not exist")
+    counts = write_splits(data.parent, [data.name], [] if args.evaluate_only else [data.name], seed=args.seed)
+    console.print(f"{data / 'split.csv'}: {counts.get(data.name, counts)}")
+    return 0
+
+
+def cmd_site_keys(args) -> int:
+    from client.site_daemon import make_site_keys
+
+    private, public, text = make_site_keys(Path(args.out))
+    console.print(f"SuperNode private key: {private} (stays at the site)\npublic key (send to the coordinator): {public}")
+    print(text)
+    return 0
+
+
+def cmd_site_daemon(args) -> int:
+    """Preflight, then flower-supernode with TLS and the site key, restarted with backoff."""
+    from client.site_daemon import preflight, run_daemon, supernode_command, supernode_env
+    from client.site_data import SITE_CACHE_NAME
+
+    data = Path(args.data).resolve()
+    site_id = args.site_id or data.name
+    cache = Path(args.cache) if args.cache else data / SITE_CACHE_NAME
+    if not args.skip_checks:
+        checks, _ = preflight(data, site_id, cache=cache, ca_cert=Path(args.ca_cert), superlink=args.superlink)
+        if not _print_checks(checks, f"site {site_id}: preflight"):
+            raise RuntimeError("preflight failed; fix the checks above (or --skip-checks to connect anyway)")
+    cmd = supernode_command(superlink=args.superlink, ca_cert=Path(args.ca_cert), private_key=Path(args.key),
+                            site_id=site_id, data=data, port=args.port, max_retries=args.max_retries)
+    home = Path(args.flwr_home) if args.flwr_home else cache / "flwr-home"
+    log_file = Path(args.log) if args.log else cache / "supernode.log"
+    console.print(f"site {site_id}: SuperNode connecting to {args.superlink} (log: {log_file}; Ctrl-C stops it)")
+    code = run_daemon(cmd, env=supernode_env(home, args.threads), log_file=log_file, max_restarts=args.max_restarts)
+    return 0 if code == 0 else 1
+
+
+def cmd_site_verify(args) -> int:
+    from shared_models.bundle import load_bundle
+
+    bundle = load_bundle(Path(args.bundle), Path(args.public_key))
+    console.print(f"[green]bundle {args.bundle} verifies[/green] against {args.public_key} "
+                  f"(detector + stager, trusted={bundle.trusted})")
+    return 0
+
+
+def _coordinator_paths(args):
+    from server.coordinator import REGISTRY_NAME, CertPaths
+
+    home = Path(args.home).resolve()
+    return home, CertPaths.in_folder(home / "certs"), home / "flwr-home", home / REGISTRY_NAME
+
+
+def cmd_coordinator_certs(args) -> int:
+    from server.coordinator import make_certs
+
+    from server.coordinator import SERVER_SANS
+
+    home, _, _, _ = _coordinator_paths(args)
+    hosts = tuple(dict.fromkeys([*SERVER_SANS, *(args.host or [])]))
+    paths = make_certs(Path(args.out) if args.out else home / "certs", hosts=hosts, days=args.days)
+    console.print(f"CA: {paths.ca_cert} (send to every site; keep {paths.ca_key.name} private)\n"
+                  f"SuperLink TLS: {paths.server_cert}, {paths.server_key} (SANs: {', '.join(hosts)})\n"
+                  f"bundle signing key: {paths.signing_key} (private); public key for sites: {paths.signing_public_key}")
+    return 0
+
+
+def cmd_coordinator_start_superlink(args) -> int:
+    """Start flower-superlink (TLS, SuperNode auth, database) and keep it in the foreground."""
+    from server.coordinator import start_superlink, stop_process_tree
+
+    home, certs, flwr_home, _ = _coordinator_paths(args)
+    database = Path(args.database) if args.database else home / "superlink.db"
+    log_file = home / "superlink.log"
+    proc = start_superlink(certs, flwr_home=flwr_home, database=database, log_file=log_file, host=args.host,
+                           port=args.port)
+    console.print(f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state in {database}); "
+                  f"log: {log_file}; Ctrl-C stops it")
+    try:
+        return 0 if proc.wait() == 0 else 1
+    finally:
+        stop_process_tree(proc.pid)
+
+
+def cmd_coordinator_enroll(args) -> int:
+    from server.coordinator import enroll
+
+    _, _, flwr_home, registry = _coordinator_paths(args)
+    if not (flwr_home / "config.toml").exists():
+        raise RuntimeError(f"no SuperLink connection in {flwr_home}: run `onfh coordinator start-superlink` first")
+    entry = enroll(args.site, Path(args.public_key), flwr_home=flwr_home, registry=registry)
+    console.print(f"site {args.site} enrolled: node {entry['node_id']}, key {entry['fingerprint']} (registry: {registry})")
+    return 0
+
+
+def cmd_coordinator_launch(args) -> int:
+    from server.coordinator import launch, resume, wait_for_run
+
+    home, certs, flwr_home, registry = _coordinator_paths(args)
+    if args.resume:
+        out = Path(args.resume)
+        run_id = resume(out, flwr_home=flwr_home)
+    else:
+        if not args.out:
+            raise ValueError("launch needs --out RUN_OUT (or --resume RUN_OUT)")
+        out = Path(args.out)
+        from server.coordinator import load_registry
+
+        sites = args.sites or ",".join(sorted(load_registry(registry)))
+        if not sites:
+            raise ValueError(f"no --sites given and no site enrolled in {registry}")
+        rc: dict[str, object] = {**SCHEDULES[args.profile], "site-ids": sites, "strategy": args.strategy,
+                                 "seed": args.seed, "min-site-fraction": args.min_site_fraction}
+        rc["train-sites"] = args.train_sites or sites
+        rc["report-groups"] = ";".join(f"{s}={s}" for s in sites.split(","))  # one report group per site
+        rc.update(_parse_set(args.set or []))
+        run_id = launch(rc, out=out, flwr_home=flwr_home, signing_key=certs.signing_key)
+    console.print(f"run {run_id} started; checkpoints, report and bundle in {out}")
+    if args.wait:
+        status = wait_for_run(run_id, flwr_home=flwr_home, timeout_s=args.timeout)
+        console.print(f"run {run_id}: {status}")
+        if status != "finished:completed":
+            from server.coordinator import run_error
+
+            console.print(f"[red]{run_error(run_id, flwr_home=flwr_home) or 'see `flwr log`'}[/red]")
+            return 1
+        return 0
+    return 0
+
+
+def _status_tables(progress: dict, nodes: dict[int, str] | None, registry: dict) -> None:
+    if nodes is not None:
+        table = Table(title="sites")
+        for col in ("site", "node id", "key fingerprint", "status"):
+            table.add_column(col)
+        for site, entry in sorted(registry.items()):
+            table.add_row(site, str(entry["node_id"]), entry["fingerprint"], nodes.get(int(entry["node_id"]), "unknown"))
+        console.print(table)
+    for phase, latest in progress["latest"].items():
+        if not latest:
+            continue
+        table = Table(title=f"{phase}: latest per-site metrics (round {latest['round']})")
+        key = "iou-mean" if phase == "detector" else "macro-auc"
+        for col in ("site", "n", key):
+            table.add_column(col)
+        for site, m in sorted(latest["sites"].items()):
+            table.add_row(site, str(m.get("num-examples", "")), _fmt(m.get(key)))
+        console.print(table)
+    for phase, rounds in progress["missing_sites"].items():
+        for rnd, kinds in sorted(rounds.items()):
+            for kind, sites in sorted(kinds.items()):
+                console.print(f"[yellow]{phase} round {rnd} ({kind}): missing {', '.join(sites)}[/yellow]")
+
+
+def cmd_coordinator_status(args) -> int:
+    """Rounds (progress bars), connected sites and the latest per-site metrics of a run."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from server.coordinator import CoordinatorError, connected_nodes, load_registry, run_progress
+
+    _, _, flwr_home, registry_path = _coordinator_paths(args)
+    out = Path(args.out)
+
+    def snapshot():
+        try:
+            nodes = connected_nodes(flwr_home=flwr_home)
+        except (CoordinatorError, OSError) as err:
+            console.print(f"[yellow]SuperLink not reachable: {err}[/yellow]")
+            nodes = None
+        return run_progress(out), nodes
+
+    progress, nodes = snapshot()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                  console=console) as bar:
+        tasks = {phase: bar.add_task(phase, total=r["total"], completed=r["done"]) for phase, r in progress["rounds"].items()}
+        while args.watch and not progress["finished"]:
+            time.sleep(args.interval)
+            progress, nodes = snapshot()
+            for phase, r in progress["rounds"].items():
+                bar.update(tasks[phase], completed=r["done"])
+    _status_tables(progress, nodes, load_registry(registry_path))
+    console.print(f"run ids {progress['run_ids']}; " + ("finished: signed bundle ready (`onfh coordinator pull`)"
+                                                       if progress["finished"] else "not finished"))
+    return 0
+
+
+def cmd_coordinator_pull(args) -> int:
+    from server.coordinator import pull
+
+    _, certs, _, _ = _coordinator_paths(args)
+    key = Path(args.public_key) if args.public_key else certs.signing_public_key
+    dest = pull(Path(args.out), Path(args.dest), key)
+    console.print(f"[green]signed bundle copied to {dest} and verified[/green] against {key}")
     return 0
 
 
@@ -339,18 +566,21 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest == "out":
             action.help = "grid folder: OUT/<variant>/seed-<n> per run, compare.json, compare.md (re-run to resume)"
-    p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A)")
+    p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A); each is split "
+                   "8:1:1 by patient in every cell and its test split reported as <site>-test")
     p.add_argument("--variant", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="a named set of run-config overrides (repeatable); default: default, "
                         "gt-crops:crop-source=ground-truth, plain-transition:stager-transition=plain")
-    p.add_argument("--grid", choices=("ablations", "strategies", "leave-one-site-out"), default="ablations",
-                   help="named grid when no --variant is given: ablations (default run, gt-crops, plain-transition), "
-                        "strategies (FedAvg, FedProx mu 0.001/0.01/0.1, FedBN) or leave-one-site-out")
+    p.add_argument("--grid", default="ablations", metavar="NAME[,NAME]",
+                   help="named grid(s) when no --variant is given: ablations (default run, gt-crops, plain-transition), "
+                        "strategies (FedAvg, FedProx mu 0.001/0.01/0.1, FedBN), leave-one-site-out, or baselines "
+                        "(federated vs local-only per site vs pooled; needs --train-sites with two or more sites)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); mean ± sd over seeds")
     p.set_defaults(func=cmd_compare)
     p = sim.add_parser("bench", help="benchmarks: measured throughput and latency, written to OUT/bench.json")
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (default runs/bench)")
-    p.add_argument("--only", help="comma-separated sections (default: all; known: detector, transfer)")
+    p.add_argument("--only", help="comma-separated sections (default: all; known: detector, transfer, ingestion, "
+                   "input_pipeline, inference, federated, scaling, deployment)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, default widths only")
     p.set_defaults(func=cmd_bench)
     from sim.medmnist import add_medmnist_parser
@@ -364,7 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="signed model bundle folder")
     p.add_argument("--study", required=True, help="DICOM folder or .nii/.nii.gz file")
     p.add_argument("--out", required=True, help="output folder: result.json, gradcam_<side>.nii.gz")
-    p.add_argument("--public-key", help="coordinator's Ed25519 public key (PEM) to verify the bundle against")
+    p.add_argument("--public-key", help="coordinator's Ed25519 public key (PEM) to verify the bundle against "
+                   "(required unless --allow-unsigned)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="run without the coordinator's key: the bundle is checked only against its embedded signer "
+                        "key and marked untrusted (a tampered bundle is still refused)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_infer)
 
@@ -379,12 +613,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-id", help="site id (default: folder name)")
     p.add_argument("--cache", help="preprocessing cache folder (default: DATA/.onfh-cache)")
     p.add_argument("--json", help="also write the verdicts as JSON to this file")
+    p.add_argument("--ca-cert", help="also check the coordinator's CA certificate (present, a CA, valid now)")
+    p.add_argument("--superlink", metavar="HOST:PORT", help="also check that the SuperLink answers TLS with a "
+                   "certificate signed by --ca-cert")
+    p.add_argument("--min-free-gb", type=float, default=1.0, help="free space needed for the cache, GB (default 1)")
     p.set_defaults(func=cmd_site_check)
+    p = site.add_parser("split", help="write the site's split.csv (8:1:1 by patient; --evaluate-only: all test)")
+    p.add_argument("--data", required=True, help="site folder with manifest.csv")
+    p.add_argument("--evaluate-only", action="store_true", help="the site only evaluates (every patient in test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_site_split)
+    p = site.add_parser("keys", help="make the SuperNode key pair (EC P-384, OpenSSH) and print the public key")
+    p.add_argument("--out", default="site-keys", help="folder for supernode-key and supernode-key.pub (default site-keys)")
+    p.set_defaults(func=cmd_site_keys)
+    p = site.add_parser("daemon", help="check the site, then run flower-supernode (TLS, site key) and restart it "
+                        "with backoff if it dies")
+    p.add_argument("--data", required=True, help="site folder with manifest.csv and split.csv")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
+    p.add_argument("--ca-cert", required=True, help="the coordinator's CA certificate (ca.crt)")
+    p.add_argument("--key", default="site-keys/supernode-key", help="SuperNode private key (default site-keys/supernode-key)")
+    p.add_argument("--site-id", help="site id as enrolled by the coordinator (default: folder name)")
+    p.add_argument("--cache", help="preprocessing cache folder (default: DATA/.onfh-cache; the audit log is kept there)")
+    p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (default 9094; one per node on a host)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="OMP_NUM_THREADS for the ClientApps (default: half the cores)")
+    p.add_argument("--max-retries", type=int, default=10, help="SuperNode reconnection attempts before it exits (default 10)")
+    p.add_argument("--max-restarts", type=int, default=20, help="restarts of a dead SuperNode before giving up (default 20)")
+    p.add_argument("--flwr-home", help="FLWR_HOME of the SuperNode (default: CACHE/flwr-home)")
+    p.add_argument("--log", help="SuperNode log file (default: CACHE/supernode.log)")
+    p.add_argument("--skip-checks", action="store_true", help="connect without the preflight checks")
+    p.set_defaults(func=cmd_site_daemon)
+    p = site.add_parser("verify", help="check a model bundle's signature against the coordinator's public key")
+    p.add_argument("--bundle", required=True, help="bundle folder")
+    p.add_argument("--public-key", required=True, help="coordinator's Ed25519 public key (bundle-signing-key.pem.pub)")
+    p.set_defaults(func=cmd_site_verify)
 
     coord = groups.add_parser("coordinator", help="federation coordinators").add_subparsers(dest="cmd", required=True)
     p = coord.add_parser("signing-key", help="create the Ed25519 key that signs model bundles")
     p.add_argument("--out", required=True, help="private key file (PEM); the public key goes to FILE.pub")
     p.set_defaults(func=cmd_signing_key)
+
+    def home_arg(p):
+        p.add_argument("--home", default="coordinator",
+                       help="coordinator folder: certs/, flwr-home/, enrolled-sites.json, superlink.db (default ./coordinator)")
+
+    p = coord.add_parser("certs", help="create the CA, the SuperLink TLS certificate and the bundle signing key")
+    home_arg(p)
+    p.add_argument("--out", help="certificate folder (default HOME/certs)")
+    p.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",
+                   help="extra SAN of the SuperLink certificate, e.g. its public host name (repeatable; "
+                        "localhost, 127.0.0.1 and ::1 are always included)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.set_defaults(func=cmd_coordinator_certs)
+    p = coord.add_parser("start-superlink", help="run flower-superlink: TLS, SuperNode authentication, --database, "
+                         "no runtime installs (foreground)")
+    home_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9093, help="the SuperLink's one port (default 9093)")
+    p.add_argument("--database", help="SuperLink state file (default HOME/superlink.db); a restart keeps runs and keys")
+    p.set_defaults(func=cmd_coordinator_start_superlink)
+    p = coord.add_parser("enroll", help="register a site's SuperNode public key (flwr supernode register)")
+    home_arg(p)
+    p.add_argument("--site", required=True, help="site id, as the site passes it to `onfh site daemon`")
+    p.add_argument("--public-key", required=True, help="the site's supernode-key.pub (EC P-384, OpenSSH)")
+    p.set_defaults(func=cmd_coordinator_enroll)
+    p = coord.add_parser("launch", help="start a federated run on the enrolled sites (flwr run), or resume one")
+    home_arg(p)
+    p.add_argument("--out", help="run folder on this machine: checkpoints, report.json, bundle/")
+    p.add_argument("--resume", metavar="RUN_OUT", help="start the run in RUN_OUT again, after its last checkpointed round")
+    p.add_argument("--sites", help="comma-separated site ids (default: every enrolled site)")
+    p.add_argument("--train-sites", help="comma-separated training sites (default: all --sites)")
+    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum"),
+                   default="fedavg")
+    p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule (rounds, steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-site-fraction", type=float, default=0.5,
+                   help="a round completes if at least this fraction of training sites trained (default 0.5)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
+    p.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it completed")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="with --wait: limit in seconds")
+    p.set_defaults(func=cmd_coordinator_launch)
+    p = coord.add_parser("status", help="rounds, connected sites and latest per-site metrics of a run")
+    home_arg(p)
+    p.add_argument("--out", required=True, help="the run folder given to launch")
+    p.add_argument("--watch", action="store_true", help="keep the progress bars updating until the run finishes")
+    p.add_argument("--interval", type=float, default=5.0, help="with --watch: seconds between updates")
+    p.set_defaults(func=cmd_coordinator_status)
+    p = coord.add_parser("pull", help="copy the run's final signed bundle and verify the copy")
+    home_arg(p)
+    p.add_argument("--out", required=True, help="the run folder given to launch")
+    p.add_argument("--dest", required=True, help="new folder for the bundle")
+    p.add_argument("--public-key", help="Ed25519 public key to verify against (default HOME/certs/bundle-signing-key.pem.pub)")
+    p.set_defaults(func=cmd_coordinator_pull)
     return parser
 
 

@@ -80,22 +80,68 @@ def leave_one_site_out_variants(site_ids: Sequence[str]) -> list[Variant]:
     return out
 
 
-GRIDS = ("ablations", "strategies", "leave-one-site-out")
+def baseline_variants(base: Mapping[str, object]) -> list[Variant]:
+    """Federated against local-only against pooled, on the same splits and the same compute.
 
+    With training sites ``T`` (``train-sites`` of ``base``; every one split 8:1:1 by patient):
 
-def grid_variants(grid: str, site_ids: Sequence[str]) -> list[Variant]:
-    """The named grid: ``ablations`` (:data:`DEFAULT_VARIANTS`), ``strategies`` or ``leave-one-site-out``.
+    * ``federated``: the strategy of ``base`` over all of ``T``;
+    * ``local-<s>`` for each ``s`` in ``T``: site ``s`` alone, the same optimiser steps per round
+      as in the federated run; the other sites only evaluate its model, so these rows with
+      ``federated`` and ``pooled`` make the cross-site matrix;
+    * ``pooled``: every site's train and val heads in one place (:mod:`sim.pooled`), with
+      ``len(T)`` times the local steps per round, i.e. the federation's total.
 
     Raises:
-        ValueError: unknown grid name.
+        ValueError: fewer than two training sites (then all three arms are one model).
     """
-    if grid == "ablations":
-        return list(DEFAULT_VARIANTS)
-    if grid == "strategies":
-        return strategy_variants()
-    if grid == "leave-one-site-out":
-        return leave_one_site_out_variants(site_ids)
-    raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
+    from sim.pooled import pooled_overrides
+
+    train = [s.strip() for s in str(base["train-sites"]).split(",") if s.strip()]
+    if len(train) < 2:
+        raise ValueError(f"the baselines grid needs at least two training sites (--train-sites A,B), got {train}: "
+                         "with one, federated, local-only and pooled are the same model")
+    split = {"split-sites": ",".join(train)}
+    return [Variant("federated", {**split, "train-sites": ",".join(train)}),
+            *(Variant(f"local-{s}", {**split, "train-sites": s}) for s in train),
+            Variant("pooled", pooled_overrides(base, train))]
+
+
+def report_groups_for(train_sites: Sequence[str], groups: Mapping[str, Sequence[str]]) -> str:
+    """Report groups when ``train_sites`` train: ``<site>-test`` per training site (its internal test split),
+    then each of ``groups`` restricted to the sites that do not train (external), e.g. A,B training
+    with the paper's groups gives ``A-test=A;B-test=B;external-2=C,D``."""
+    parts = [f"{s}-test={s}" for s in train_sites]
+    for name, members in groups.items():
+        external = [m for m in members if m not in train_sites]
+        if external and name not in {f"{s}-test" for s in train_sites}:
+            parts.append(f"{name}={','.join(external)}")
+    return ";".join(parts)
+
+
+GRIDS = ("ablations", "strategies", "leave-one-site-out", "baselines")
+
+
+def grid_variants(grid: str, site_ids: Sequence[str], base: Mapping[str, object] | None = None) -> list[Variant]:
+    """The named grid(s), comma-separated: ``ablations`` (:data:`DEFAULT_VARIANTS`), ``strategies``,
+    ``leave-one-site-out`` or ``baselines`` (:func:`baseline_variants`, which needs ``base``).
+
+    Raises:
+        ValueError: unknown grid name, or a variant name in two of the grids.
+    """
+    out: list[Variant] = []
+    for name in [g.strip() for g in grid.split(",") if g.strip()]:
+        if name == "ablations":
+            out += DEFAULT_VARIANTS
+        elif name == "strategies":
+            out += strategy_variants()
+        elif name == "leave-one-site-out":
+            out += leave_one_site_out_variants(site_ids)
+        elif name == "baselines":
+            out += baseline_variants(base or {})
+        else:
+            raise ValueError(f"unknown grid {name!r}; expected one of {GRIDS}")
+    return out
 
 
 def parse_variant(text: str, parse_set) -> Variant:
@@ -113,13 +159,18 @@ def parse_variant(text: str, parse_set) -> Variant:
     return Variant(name, parse_set([s for s in sets.split(",") if s.strip()]))
 
 
+def _num(value) -> float:
+    """A report value as float; ``None`` (an undefined metric, NaN in report.json) -> NaN."""
+    return math.nan if value is None else float(value)
+
+
 def rows_from_report(variant: str, seed: int, report: Mapping) -> list[dict]:
     """One row per report group: macro metrics, detector IoU over the group's sites, wall time in s."""
     rows = []
     for group, m in report["sites"].items():
         row = {"variant": variant, "seed": seed, "group": group, "n": m.get("n", 0)}
         for key in METRICS:
-            row[f"macro_{key}"] = m.get("macro", {}).get(key, math.nan) if m.get("n") else math.nan
+            row[f"macro_{key}"] = _num(m.get("macro", {}).get(key)) if m.get("n") else math.nan
         ious = [report["detector"][s]["iou_mean"] for s in m.get("sites", [])
                 if report.get("detector", {}).get(s, {}).get("iou_mean") is not None]  # None: no test heads
         row["detector_iou_mean"] = statistics.fmean(ious) if ious else math.nan
@@ -128,8 +179,41 @@ def rows_from_report(variant: str, seed: int, report: Mapping) -> list[dict]:
     return rows
 
 
+def cross_site_rows(variant: str, seed: int, report: Mapping) -> list[dict]:
+    """One row per site that evaluated the run's model on its own test heads (``per_site`` of the report):
+    the cross-site matrix, the model of ``variant`` (a row) against every site's test data (a column).
+    Evaluation ran at the sites through Flower evaluate messages; only counts came back."""
+    return [{"variant": variant, "seed": seed, "site": site, "n": m.get("n", 0),
+             "macro_auc": _num(m.get("macro", {}).get("auc")), "macro_accuracy": _num(m.get("macro", {}).get("accuracy"))}
+            for site, m in sorted(report.get("per_site", {}).items())]
+
+
+def cross_site_matrix(rows: Sequence[Mapping], key: str = "macro_auc") -> dict[str, dict[str, float]]:
+    """``{variant: {site: mean over seeds of key}}`` from :func:`cross_site_rows` rows (NaN-free means)."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        value = r.get(key)
+        if value is not None and not math.isnan(float(value)):
+            cells.setdefault(r["variant"], {}).setdefault(r["site"], []).append(float(value))
+    return {v: {site: statistics.fmean(vals) for site, vals in sites.items()} for v, sites in cells.items()}
+
+
+def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean over seeds (scipy.stats.t); ``(nan, nan)`` for fewer than 2."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, sem = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    if sem == 0:
+        return mean, mean
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
+    return float(low), float(high)
+
+
 def summarise(rows: Sequence[Mapping]) -> list[dict]:
-    """Mean and sample standard deviation (n-1; 0 for one seed) per (variant, group) over seeds."""
+    """Per (variant, group) over seeds: mean, sample standard deviation (n-1; 0 for one seed) and the
+    95 % Student-t interval of the mean (``*_ci``; NaN for one seed)."""
     cells: dict[tuple[str, str], list[Mapping]] = {}
     for r in rows:
         cells.setdefault((r["variant"], r["group"]), []).append(r)
@@ -140,6 +224,7 @@ def summarise(rows: Sequence[Mapping]) -> list[dict]:
             values = [float(r[key]) for r in rs if not math.isnan(float(r[key]))]
             s[key] = statistics.fmean(values) if values else math.nan
             s[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            s[f"{key}_ci"] = list(seed_interval(values))
         out.append(s)
     return out
 
@@ -186,17 +271,32 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    site_rows: list[dict] = []
+    cells: dict[str, str] = {}
     total = len(variants) * len(seeds)
+
+    def write() -> dict:
+        result = {"rows": rows, "summary": summarise(rows), "cross_site": {"rows": site_rows,
+                  "macro_auc": cross_site_matrix(site_rows)}, "cells": cells, "seeds": list(seeds),
+                  "variants": {v.name: dict(v.overrides) for v in variants}}
+        (out / "compare.json").write_text(json.dumps(json_safe(result), indent=2))
+        return result
+
     for i, (variant, seed) in enumerate(((v, s) for v in variants for s in seeds), start=1):
         cell = out / variant.name / f"seed-{seed}"
         console.rule(f"[bold]{i}/{total}[/bold] {variant.name}, seed {seed}")
         overrides = {**base, **variant.overrides, "seed": seed, "out-dir": str(cell.resolve())}
-        rows.extend(rows_from_report(variant.name, seed, run_experiment(overrides, console=console)))
-        (out / "compare.json").write_text(json.dumps(json_safe({"rows": rows, "summary": summarise(rows)}), indent=2))
-    summary = summarise(rows)
-    (out / "compare.json").write_text(json.dumps(json_safe({"rows": rows, "summary": summary}), indent=2))
-    (out / "compare.md").write_text(markdown_table(summary))
-    return summary
+        report = run_experiment(overrides, console=console)
+        rows.extend(rows_from_report(variant.name, seed, report))
+        site_rows.extend(cross_site_rows(variant.name, seed, report))
+        cells[f"{variant.name}/seed-{seed}"] = f"{variant.name}/seed-{seed}"
+        write()
+    result = write()
+    (out / "compare.md").write_text(markdown_table(result["summary"]))
+    from sim.report_html import write_compare_html
+
+    write_compare_html(result, out)
+    return result["summary"]
 
 
 def print_summary(summary: Sequence[Mapping], console: Console) -> None:

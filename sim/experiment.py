@@ -33,6 +33,31 @@ def run_complete(out: Path, run_config: dict, cfg) -> bool:
     )
 
 
+def prepare_splits(cfg) -> None:
+    """Write every site's ``split.csv`` for this run, and the pooled site when ``pooled-sites`` is set.
+
+    ``split-sites`` are split 8:1:1 by patient, the other real sites are all test; the pooled
+    baseline's site (:mod:`sim.pooled`) then takes the pooled sites' train and val patients.
+
+    Raises:
+        ValueError: a training site without a train split, or ``pooled-sites`` without the
+            pooled site among ``site-ids``.
+    """
+    from sim.pooled import POOLED_SITE, write_pooled_site
+    from sim.splits import write_splits
+
+    real = [s for s in cfg.site_ids if not (cfg.pooled_sites and s == POOLED_SITE)]
+    if cfg.pooled_sites and POOLED_SITE not in cfg.site_ids:
+        raise ValueError(f"run config 'pooled-sites' is set but site-ids {list(cfg.site_ids)} lacks {POOLED_SITE}")
+    unsplit = [s for s in cfg.train_sites if s in real and s not in cfg.split_sites]
+    if unsplit:
+        raise ValueError(f"training sites {unsplit} are not in 'split-sites' {list(cfg.split_sites)}: "
+                         "they would have no train split")
+    write_splits(Path(cfg.data_root), real, cfg.split_sites, seed=cfg.seed)
+    if cfg.pooled_sites:
+        write_pooled_site(Path(cfg.data_root), cfg.pooled_sites)
+
+
 def run_experiment(overrides: dict[str, object], *, console: Console | None = None) -> dict:
     """Run (or resume, or just re-read) one federated simulation and return its report.
 
@@ -43,8 +68,9 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
 
     Returns:
         The ``report.json`` dict (also rendered as ``report.html`` with PNG figures), with
-        ``baseline_intensity_logreg`` (the intensity
-        baseline on the same splits) and ``simulation`` (wall time in s, peak RSS in bytes).
+        ``baseline_intensity_logreg`` (the intensity baseline on the same splits), ``simulation``
+        (wall time in s, peak RSS in bytes) and ``exact_check`` (:func:`sim.exact_check.exact_check`:
+        exact against histogram AUC, patient-bootstrap CIs).
 
     Raises:
         ValueError: a bad run config, or ``out-dir`` holding checkpoints of another config.
@@ -56,10 +82,10 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     from server.report import json_safe
     from shared_models.config import RunConfig, default_run_config
     from sim.baseline import intensity_baseline
+    from sim.exact_check import exact_check
     from sim.plots import plot_training_curves
     from sim.report_html import write_report_html
     from sim.runner import run_simulation
-    from sim.splits import write_splits
 
     console = console or Console()
     full = {**default_run_config(), **overrides}
@@ -72,10 +98,17 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     if run_complete(out, full, cfg):
         console.print(f"run in {out} is already complete for this configuration: re-reading its report "
                       "(use a new output folder to train again)")
-        return json.loads((out / "report.json").read_text())
+        report = json.loads((out / "report.json").read_text())
+        if "exact_check" not in report:  # a run finished before the check existed
+            prepare_splits(cfg)
+            sites = {s: tasks.open_site(cfg, s, Path(cfg.data_root) / s) for s in cfg.site_ids}
+            report["exact_check"] = json_safe(exact_check(cfg, out, sites, report))
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+            write_report_html(report, out)
+        return report
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    write_splits(Path(cfg.data_root), cfg.site_ids, cfg.train_sites, seed=cfg.seed)
+    prepare_splits(cfg)
     console.print(f"[bold]preparing site caches[/bold] for {', '.join(cfg.site_ids)} …")
     sites = {s: tasks.open_site(cfg, s, Path(cfg.data_root) / s) for s in cfg.site_ids}
     refused = sum(v.status != "ok" for site in sites.values() for v in site.verdicts)
@@ -107,6 +140,7 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
         {g: {"n": m["n"], "macro": m["macro"], "weighted": m["weighted"]} for g, m in baseline.items()})
     report["simulation"] = {"wall_time_s": round(time.monotonic() - t0, 1), "flower_wall_time_s": stats["wall_time_s"],
                             "peak_rss_bytes": stats["peak_rss_bytes"]}
+    report["exact_check"] = json_safe(exact_check(cfg, out, sites, report))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_training_curves(report, out / "training_curves.png")
     write_report_html(report, out)

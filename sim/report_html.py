@@ -34,7 +34,7 @@ from shared_models.clinical_stats import check_histograms
 from shared_models.metrics import METRIC_NAMES
 from shared_models.stages import STAGE_LABELS
 
-__all__ = ["format_percent", "roc_from_histograms", "write_report_html"]
+__all__ = ["format_percent", "roc_from_histograms", "write_compare_html", "write_report_html"]
 
 _METRIC_TITLES = {"accuracy": "Accuracy", "sensitivity": "Sensitivity", "specificity": "Specificity",
                   "f1": "F1", "auc": "AUC"}
@@ -329,9 +329,42 @@ def _compute_section(report: Mapping[str, Any]) -> str:
             ("Flower simulation wall time", _fmt_seconds(sim.get("flower_wall_time_s"))),
             ("Server wall time (both phases)", _fmt_seconds(report.get("wall_time_s"))),
             ("Rounds", ", ".join(f"{k}: {v}" for k, v in rounds.items()) or "n/a"),
+            *((f"Sent per {phase} round (model {_fmt(t.get('model_bytes', 0) / 2**20, '.2f', ' MiB')} x "
+               f"{t.get('transfers_per_round', 'n/a')} transfers)", _fmt(t.get("bytes_per_round", 0) / 2**20, ".1f", " MiB"))
+              for phase, t in (report.get("transfer") or {}).items()),
             ("Peak resident memory (RSS)", _fmt_bytes(sim.get("peak_rss_bytes")))]
     return "<table><tbody>" + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows) \
         + "</tbody></table>"
+
+
+def _exact_section(exact: Mapping[str, Any]) -> str:
+    groups = {g: r for g, r in exact.items() if isinstance(r, Mapping) and "auc" in r}
+    if not groups:
+        return ""
+    names = {"macro_auc": "Macro AUC", "macro_accuracy": "Macro accuracy", "quadratic_kappa": "Quadratic kappa",
+             "early_onfh_auc": "Early ONFH AUC (I or II vs 0)"}
+    rows = []
+    for g, r in groups.items():
+        for name, title in names.items():
+            c = (r.get("ci") or {}).get(name) or {}
+            rows.append(f"<tr><td>{_esc(g)}</td><td>{_esc(title)}</td><td>{_fmt(c.get('point'), '.3f')}</td>"
+                        f"<td>{_fmt(c.get('low'), '.3f')} to {_fmt(c.get('high'), '.3f')}</td>"
+                        f"<td>{_esc(c.get('n_patients', 'n/a'))}</td></tr>")
+    ci_table = ("<table><thead><tr><th>test group</th><th>metric</th><th>point</th><th>95 % CI (bootstrap over "
+                "patients)</th><th>patients</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    rows = []
+    for g, r in groups.items():
+        for stage, a in (r.get("auc") or {}).items():
+            ok = a.get("within_bound")
+            rows.append(f"<tr><td>{_esc(g)}</td><td>{_esc(stage)}</td><td>{_fmt(a.get('exact'), '.4f')}</td>"
+                        f"<td>{_fmt(a.get('histogram'), '.4f')}</td><td>{_fmt(a.get('abs_error'), '.4f')}</td>"
+                        f"<td>{_fmt(a.get('bound'), '.4f')}</td><td>{'yes' if ok else 'n/a' if ok is None else 'NO'}</td></tr>")
+    auc_table = ("<table><thead><tr><th>test group</th><th>stage</th><th>exact AUC</th><th>histogram AUC</th>"
+                 "<th>|difference|</th><th>stated bound</th><th>within bound</th></tr></thead><tbody>"
+                 + "".join(rows) + "</tbody></table>")
+    return ('<p class="note">Simulation only: the harness holds every site\'s data, so it re-predicts each test '
+            "head with the bundle's models. A federation sees only the counts above.</p>" + ci_table
+            + "<h3>Histogram AUC against the exact AUC</h3>" + auc_table)
 
 
 # --------------------------------------------------------------------------- page
@@ -363,6 +396,9 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
                 "(stage absent or only stage present).</p>")]
     for i, (group, g) in enumerate((report.get("sites") or {}).items()):
         sections.append(_group_section(i, str(group), g or {}, baselines.get(group), fig_dir, out_dir))
+    exact = _exact_section(report.get("exact_check") or {})
+    if exact:
+        sections += ["<h2>Confidence intervals and the exact AUC</h2>", exact]
     sections += ["<h2>Femoral-head detector per site</h2>",
                  _detector_section(report.get("detector") or {}, fig_dir, out_dir)]
     curves = out_dir / "training_curves.png"
@@ -373,6 +409,127 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>ONFH-FL report ({_esc(report.get('strategy', 'n/a'))})</title>\n<style>{_CSS}</style>\n"
             "</head>\n<body>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- grid page (onfh sim compare)
+
+
+def _pm_ci(s: Mapping[str, Any], key: str) -> str:
+    mean, sd, ci = s.get(key), s.get(f"{key}_sd"), s.get(f"{key}_ci") or [None, None]
+    if not _finite(mean):
+        return "n/a"
+    text = f"{float(mean):.3f}"
+    if int(s.get("seeds", 1)) > 1:
+        text += f" ± {float(sd):.3f}"
+        if _finite(ci[0]) and _finite(ci[1]):
+            text += f" [{float(ci[0]):.3f}, {float(ci[1]):.3f}]"
+    return text
+
+
+def _grid_bar_figure(summary: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    groups = list(dict.fromkeys(str(s["group"]) for s in summary))
+    variants = list(dict.fromkeys(str(s["variant"]) for s in summary))
+    if not groups or not variants:
+        return None
+    by = {(str(s["variant"]), str(s["group"])): s for s in summary}
+    fig = Figure(figsize=(max(5.0, 1.4 * len(groups) * max(1, len(variants)) / 2), 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / len(variants)
+    x = np.arange(len(groups))
+    for i, v in enumerate(variants):
+        means = [float(by[(v, g)]["macro_auc"]) if (v, g) in by and _finite(by[(v, g)]["macro_auc"]) else np.nan
+                 for g in groups]
+        errs = [[], []]
+        for g, m in zip(groups, means):
+            ci = (by.get((v, g)) or {}).get("macro_auc_ci") or [None, None]
+            ok = _finite(ci[0]) and _finite(ci[1]) and _finite(m)
+            errs[0].append(m - float(ci[0]) if ok else 0.0)
+            errs[1].append(float(ci[1]) - m if ok else 0.0)
+        ax.bar(x + (i - (len(variants) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=v)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("macro AUC")
+    ax.set_ylim(0.0, 1.05)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=7, ncols=min(4, len(variants)), loc="lower right")
+    ax.set_title("Macro AUC per test group (mean over seeds, 95 % CI)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _cross_site_figure(matrix: Mapping[str, Mapping[str, float]], path: Path) -> Path | None:
+    variants = list(matrix)
+    sites = sorted({s for row in matrix.values() for s in row})
+    if not variants or not sites:
+        return None
+    values = np.array([[matrix[v].get(s, np.nan) for s in sites] for v in variants], dtype=np.float64)
+    fig = Figure(figsize=(1.2 + 0.9 * len(sites), 1.0 + 0.45 * len(variants)))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(sites)), [f"{s} test" for s in sites])
+    ax.set_yticks(range(len(variants)), variants)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.8 else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, label="macro AUC")
+    ax.set_title("Cross-site matrix: model (row) on site's test heads (column)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_compare_html(result: Mapping[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` for an ``onfh sim compare`` grid (``compare.json``'s dict).
+
+    Holds: the variants and their run-config overrides; per (variant, test group) the macro AUC,
+    accuracy and F1 as mean ± sd over seeds with the 95 % Student-t interval of the mean; a bar chart of
+    macro AUC with those intervals; the cross-site matrix (every variant's model evaluated at every
+    site, mean macro AUC over seeds) as a heatmap; links to every cell's own ``report.html``.
+
+    Returns:
+        The path of the page.
+    """
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    summary = result.get("summary") or []
+    seeds = result.get("seeds") or []
+    sections = ["<h1>ONFH-FL comparison: Ficat-Arlet staging across variants and seeds</h1>",
+                f'<p class="note">Seeds: {_esc(", ".join(map(str, seeds)) or "n/a")}. Mean ± sample sd over seeds '
+                "[95 % Student-t interval of the mean]. Every variant uses the same patient splits per seed.</p>",
+                "<h2>Variants</h2><table><thead><tr><th>variant</th><th>run-config overrides</th></tr></thead><tbody>"]
+    for name, overrides in (result.get("variants") or {}).items():
+        text = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(the base configuration)"
+        sections.append(f"<tr><td>{_esc(name)}</td><td>{_esc(text)}</td></tr>")
+    sections.append("</tbody></table>")
+    sections += ["<h2>Macro metrics per test group</h2>",
+                 "<table><thead><tr><th>variant</th><th>test group</th><th>seeds</th><th>macro AUC</th>"
+                 "<th>macro accuracy</th><th>macro F1</th><th>detector IoU</th></tr></thead><tbody>"]
+    for s in summary:
+        sections.append(f"<tr><td>{_esc(s['variant'])}</td><td>{_esc(s['group'])}</td><td>{_esc(s['seeds'])}</td>"
+                        + "".join(f"<td>{_esc(_pm_ci(s, k))}</td>" for k in
+                                  ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean")) + "</tr>")
+    sections.append("</tbody></table>")
+    bar = _grid_bar_figure(summary, fig_dir / "grid_macro_auc.png")
+    if bar is not None:
+        sections.append(_img(bar, out_dir, "macro AUC per test group and variant"))
+    matrix = (result.get("cross_site") or {}).get("macro_auc") or {}
+    heat = _cross_site_figure(matrix, fig_dir / "cross_site_macro_auc.png")
+    if heat is not None:
+        sections += ["<h2>Cross-site matrix</h2>",
+                     '<p class="note">Each row is one variant\'s selected model (for local-&lt;site&gt;, that site\'s '
+                     "own model), evaluated at every site on its test heads through Flower evaluate messages; only "
+                     "counts and histograms came back. Mean macro AUC over seeds.</p>",
+                     _img(heat, out_dir, "cross-site matrix of macro AUC")]
+    cells = result.get("cells") or {}
+    if cells:
+        links = "".join(f'<li><a href="{_esc(Path(p, "report.html").as_posix())}">{_esc(name)}</a></li>'
+                        for name, p in cells.items())
+        sections += ["<h2>Runs</h2>", f"<ul>{links}</ul>"]
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>ONFH-FL comparison</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(sections) + "\n</body>\n</html>\n")
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -11,7 +11,19 @@ and this module adds as one mixin:
   each entry arrived with, rounding integers;
 * **per-site metric capture** — each evaluate reply is kept under its site id, so the
   report can show per-site and pooled figures (AUC cannot be averaged);
-* **round offset** — a resumed run continues its round numbering.
+* **round offset** — a resumed run continues its round numbering;
+* **update checks** — a train reply whose arrays do not match the global model's entries,
+  shapes and dtypes, or hold non-finite values, is rejected and logged before aggregation
+  (``strategies/update_checks.py``); the round goes on with the others;
+* **minimum fraction of sites** — a round completes with the sites that replied when at
+  least ``ceil(min_fraction * training sites)`` trained, and names the missing ones
+  (``missing_sites``, for training and evaluation); otherwise it fails with
+  :class:`RoundIncompleteError`. The wait for nodes before a round is
+  bounded by ``node_wait_timeout_s`` (Flower's own wait has no limit).
+
+Robust aggregation: Flower's FedMedian (Yin et al. 2018, arXiv:1803.01498), FedTrimmedAvg
+(same paper; ``beta`` = fraction cut at each end) and Krum (Blanchard et al. 2017,
+NeurIPS) with the same mixin.
 
 FedBN (Li et al. 2021, arXiv:2102.07623) aggregates like FedAvg on the server; the
 sites keep their normalisation layers local (``client/client_app.py``).
@@ -20,12 +32,16 @@ sites keep their normalisation layers local (``client/client_app.py``).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+
+from strategies.update_checks import reply_problems
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +64,10 @@ def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayReco
     return ArrayRecord(out)
 
 
+class RoundIncompleteError(RuntimeError):
+    """Fewer sites than the configured minimum fraction took part in a round; names the missing sites."""
+
+
 class SiteAwareMixin:
     """Adds site awareness to a Flower Message-API strategy (see module docstring).
 
@@ -57,40 +77,119 @@ class SiteAwareMixin:
         round_offset: added to Flower's round counter (resume).
         site_metrics: ``{round: {site_id: metrics dict}}`` from evaluate replies.
         train_metrics: ``{round: {site_id: metrics dict}}`` from train replies.
+        min_fraction: fraction (0, 1] of sites a round needs (train: of the training sites).
+        node_wait_timeout_s: bound, in seconds, on the wait for nodes before a round (None: Flower's unbounded wait).
+        missing_sites: ``{round: {"train": [site, ...], "evaluate": [...]}}`` for rounds where sites did not take part.
+        rejected_updates: ``{round: {site_id: [problem, ...]}}`` for train replies rejected by the update checks.
     """
 
-    def __init__(self, *args, node_sites: dict[int, str], train_sites: Iterable[str], round_offset: int = 0, **kwargs):
+    def __init__(self, *args, node_sites: dict[int, str], train_sites: Iterable[str], round_offset: int = 0,
+                 min_fraction: float = 1.0, node_wait_timeout_s: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if not 0.0 < min_fraction <= 1.0:
+            raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
         self.node_sites = dict(node_sites)
         self.train_sites = set(train_sites)
         self.round_offset = round_offset
+        self.min_fraction = min_fraction
+        self.node_wait_timeout_s = node_wait_timeout_s
         self.site_metrics: dict[int, dict[str, dict]] = {}
         self.train_metrics: dict[int, dict[str, dict]] = {}
+        self.missing_sites: dict[int, dict[str, list[str]]] = {}
+        self.rejected_updates: dict[int, dict[str, list[str]]] = {}
+        self._sent: ArrayRecord | None = None
+
+    def _required(self, n: int) -> int:
+        return max(1, math.ceil(self.min_fraction * n - 1e-9)) if n else 0
+
+    def _expected(self, phase: str) -> set[str]:
+        sites = set(self.node_sites.values())
+        return sites & self.train_sites if phase == "train" else sites
+
+    def _wait_for_sites(self, grid: Grid, server_round: int, phase: str) -> None:
+        """Wait (bounded) until enough of the expected sites' nodes are connected.
+
+        Raises:
+            RoundIncompleteError: the minimum was not reached within ``node_wait_timeout_s``.
+        """
+        if self.node_wait_timeout_s is None:
+            return
+        expected = self._expected(phase)
+        needed = self._required(len(expected))
+        deadline = time.monotonic() + self.node_wait_timeout_s
+        while True:
+            nodes = list(grid.get_node_ids())
+            online = {self.node_sites.get(n) for n in nodes} & expected
+            # Flower's sampling then waits, unbounded, for min_available_nodes of any site
+            if len(online) >= needed and len(nodes) >= getattr(self, "min_available_nodes", 0):
+                return
+            if time.monotonic() > deadline:
+                raise RoundIncompleteError(
+                    f"round {server_round} ({phase}): only {len(online)} of {len(expected)} sites connected after "
+                    f"{self.node_wait_timeout_s:.0f} s (minimum {needed}); missing: {sorted(expected - online)}")
+            time.sleep(1.0)
+
+    def _record_missing(self, server_round: int, phase: str, replied: set[str]) -> None:
+        """Record the expected sites that did not reply; in training, fail below the minimum.
+
+        Raises:
+            RoundIncompleteError: fewer training sites replied than ``ceil(min_fraction * training sites)``.
+        """
+        expected = self._expected(phase)
+        missing = sorted(expected - replied)
+        if missing:
+            self.missing_sites.setdefault(server_round, {})[phase] = missing
+            log.warning("round %d: %s completed without sites %s", server_round, phase, missing)
+        needed = self._required(len(expected))
+        if phase == "train" and len(expected & replied) < needed:
+            raise RoundIncompleteError(
+                f"round {server_round} ({phase}): {len(expected & replied)} of {len(expected)} sites replied, "
+                f"fewer than the minimum {needed} (min-site-fraction {self.min_fraction:g}); missing: {missing}")
 
     def _site(self, msg: Message) -> str:
         return self.node_sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._wait_for_sites(grid, server_round + self.round_offset, "train")
+        self._sent = arrays
         messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
         kept = [m for m in messages if self.node_sites.get(m.metadata.dst_node_id) in self.train_sites]
         log.info("round %d: training at %d site(s)", server_round + self.round_offset, len(kept))
         return kept
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._wait_for_sites(grid, server_round + self.round_offset, "evaluate")
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
+    def check_updates(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Drop (and log) train replies that fail :func:`~strategies.update_checks.reply_problems`
+        against the arrays sent this round; error replies pass through unchanged."""
+        if self._sent is None:
+            return replies
+        kept = []
+        for r in replies:
+            problems = [] if r.has_error() else reply_problems(r, self._sent, self.arrayrecord_key)
+            if problems:
+                self.rejected_updates.setdefault(server_round, {})[self._site(r)] = problems
+                log.warning("round %d: rejected the update of site %s: %s", server_round, self._site(r), "; ".join(problems))
+                continue
+            kept.append(r)
+        return kept
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        reached = server_round + self.round_offset
+        replies = self.check_updates(reached, list(replies))
         ok = [r for r in replies if not r.has_error()]
-        self.train_metrics[server_round + self.round_offset] = {
-            self._site(r): dict(r.content["metrics"]) for r in ok
-        }
         for r in replies:
             if r.has_error():
-                log.warning("round %d: site %s failed to train: %s", server_round + self.round_offset, self._site(r), r.error.reason)
-        if arrays is not None and ok:
-            arrays = restore_dtypes(arrays, ok[0].content["arrays"])
+                log.warning("round %d: site %s failed to train: %s", reached, self._site(r), r.error.reason)
+        self._record_missing(reached, "train", {self._site(r) for r in ok})
+        # dtype reference taken before aggregating: FedMedian and FedTrimmedAvg pop the replies' arrays
+        reference = ArrayRecord(dict(ok[0].content["arrays"].items())) if ok else None
+        self.train_metrics[reached] = {self._site(r): dict(r.content["metrics"]) for r in ok}
+        arrays, metrics = super().aggregate_train(server_round, ok)
+        if arrays is not None and reference is not None:
+            arrays = restore_dtypes(arrays, reference)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -102,6 +201,7 @@ class SiteAwareMixin:
                 continue
             per_site[self._site(r)] = dict(r.content["metrics"])
         self.site_metrics[server_round + self.round_offset] = per_site
+        self._record_missing(server_round + self.round_offset, "evaluate", set(per_site))
         total = sum(int(m.get("num-examples", 0)) for m in per_site.values())
         if total == 0:
             return None
@@ -119,24 +219,55 @@ class SiteFedProx(SiteAwareMixin, FedProx):
     """FedProx (Li et al. 2020, arXiv:1812.06127) with site awareness; sends ``proximal-mu``."""
 
 
-def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str], train_sites: Iterable[str], round_offset: int = 0):
+class SiteFedMedian(SiteAwareMixin, FedMedian):
+    """Coordinate-wise median (Yin et al. 2018, arXiv:1803.01498; Flower's FedMedian) with site awareness."""
+
+
+class SiteFedTrimmedAvg(SiteAwareMixin, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Yin et al. 2018; Flower's FedTrimmedAvg, ``beta`` cut at each end)."""
+
+
+class SiteKrum(SiteAwareMixin, Krum):
+    """Krum (Blanchard et al. 2017; Flower's Krum): keeps the update closest to its neighbours."""
+
+
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")
+
+
+def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str], train_sites: Iterable[str],
+                   round_offset: int = 0, min_fraction: float = 1.0, node_wait_timeout_s: float | None = None,
+                   trimmed_beta: float = 0.2, krum_malicious: int = 0):
     """Build the strategy named in the run config.
 
     Args:
-        name: ``fedavg``, ``fedprox`` or ``fedbn`` (FedAvg on the server, local norms at sites).
+        name: ``fedavg``, ``fedprox``, ``fedbn`` (FedAvg on the server, local norms at sites),
+            or a robust one: ``fedmedian``, ``fedtrimmedavg``, ``krum``.
+        min_fraction: fraction (0, 1] of sites a round needs; the node minimums Flower waits
+            for are ``ceil(min_fraction * sites)``.
+        node_wait_timeout_s: bound on the wait for nodes before each round, in seconds.
+        trimmed_beta: FedTrimmedAvg's fraction cut at each end, in [0, 0.5).
+        krum_malicious: Krum's assumed number of malicious nodes.
 
     Raises:
-        ValueError: for an unknown name.
+        ValueError: for an unknown name or a bad fraction.
     """
     n_nodes = len(node_sites)
     n_train = sum(1 for s in node_sites.values() if s in set(train_sites))
+    need = lambda n: max(1, math.ceil(min_fraction * n - 1e-9))  # noqa: E731
     common = dict(
-        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=max(1, n_train),
-        min_evaluate_nodes=n_nodes, min_available_nodes=n_nodes,
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=need(n_train),
+        min_evaluate_nodes=need(n_nodes), min_available_nodes=need(n_nodes),
         node_sites=node_sites, train_sites=train_sites, round_offset=round_offset,
+        min_fraction=min_fraction, node_wait_timeout_s=node_wait_timeout_s,
     )
     if name in ("fedavg", "fedbn"):
         return SiteFedAvg(**common)
     if name == "fedprox":
         return SiteFedProx(proximal_mu=proximal_mu, **common)
-    raise ValueError(f"unknown strategy {name!r}; expected fedavg, fedprox or fedbn")
+    if name == "fedmedian":
+        return SiteFedMedian(**common)
+    if name == "fedtrimmedavg":
+        return SiteFedTrimmedAvg(beta=trimmed_beta, **common)
+    if name == "krum":
+        return SiteKrum(num_malicious_nodes=krum_malicious, **common)
+    raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGY_NAMES)}")

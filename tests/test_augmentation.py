@@ -200,3 +200,40 @@ def test_bad_inputs_of_intensity_and_rng():
         augment_intensity(torch.zeros(1, 8, 8, 8), torch.Generator())
     with pytest.raises(TypeError):
         augment_intensity(torch.zeros(1, 1, 8, 8, 8), 42)
+
+
+# ---------------------------------------------------------------- the fast paths equal MONAI's transforms
+
+
+@pytest.mark.parametrize("zoom, shift", [(1.0, (0.0, 0.0, 0.0)), (0.9, (2.5, -3.0, 1.25)), (1.1, (-1.7, 0.4, -3.0)),
+                                         (1.05, (40.0, 0.0, 0.0))])
+def test_separable_resampling_equals_monai_affine(zoom, shift):
+    from monai.transforms import Affine
+
+    from client.augmentation import _zoom_shift, resample_zoom_shift
+
+    img = torch.rand((1,) + SHAPE, generator=torch.Generator().manual_seed(0))
+    forward = _zoom_shift(zoom, np.asarray(shift))
+    ref = Affine(affine=np.linalg.inv(forward), padding_mode="zeros", image_only=True)(img)
+    ours = resample_zoom_shift(img, zoom, shift)
+    torch.testing.assert_close(ours, torch.as_tensor(ref).as_tensor(), atol=2e-5, rtol=0)
+    if shift[0] > 32:  # moved entirely out of the volume: zero padding, nothing mirrored in
+        assert float(ours.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("factor, offset, gamma", [(0.07, -0.03, 1.0), (-0.09, 0.04, 0.83), (0.0, 0.0, 1.21)])
+def test_intensity_arithmetic_equals_monai_transforms(factor, offset, gamma):
+    from monai.transforms import AdjustContrast, ScaleIntensity, ShiftIntensity
+
+    from client.augmentation import _apply_intensity
+
+    img = torch.rand((1, 8, 16, 16), generator=torch.Generator().manual_seed(1))
+    ref = ShiftIntensity(offset)(ScaleIntensity(minv=None, maxv=None, factor=factor)(img))
+    if gamma != 1.0:
+        ref = AdjustContrast(gamma)(ref)
+    torch.testing.assert_close(_apply_intensity(img, factor, offset, gamma), torch.as_tensor(ref).as_tensor(),
+                               atol=1e-6, rtol=1e-5)
+    # the noise: N(0, std) in float32, seeded
+    a = _apply_intensity(img, 0.0, 0.0, 1.0, noise_std=0.02, noise_seed=5) - img
+    b = _apply_intensity(img, 0.0, 0.0, 1.0, noise_std=0.02, noise_seed=5) - img
+    assert torch.equal(a, b) and abs(float(a.mean())) < 0.002 and abs(float(a.std()) - 0.02) < 0.002

@@ -175,3 +175,21 @@ def test_single_stage_group_shows_na_without_crashing(tmp_path):
     assert "n/a" in _group_block(page, "A-test")  # AUC undefined with stage 0 only
     assert "No detector results" in page
     assert not (tmp_path / "figures" / "detector_iou.png").exists()
+
+
+def test_page_renders_in_headless_chromium_with_every_image_loaded(run, tmp_path):
+    from sim.render_check import find_chromium, render_check
+
+    if find_chromium() is None:  # .ci/run installs Debian's chromium; a bare dev machine may lack it
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    n_img = len(re.findall(r"<img ", run["html"]))
+    result = render_check(run["path"], screenshot=tmp_path / "page.png")
+    assert result.images == n_img >= 5
+    assert result.broken == ()
+    assert "Femoral-head detector per site" in result.headings and "Compute used" in result.headings
+    assert (tmp_path / "page.png").read_bytes()[:8] == PNG_MAGIC
+
+    # a page with a missing figure is caught
+    broken = run["out"] / "broken.html"
+    broken.write_text(run["html"].replace('src="figures/', 'src="missing/', 1), encoding="utf-8")
+    assert len(render_check(broken).broken) == 1

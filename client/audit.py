@@ -1,0 +1,160 @@
+"""The site's audit log: one JSON line for every message that leaves the site.
+
+A hospital must be able to show what its node sent. Every reply the ClientApp returns (and
+every error reply, whose text :func:`client.client_app._contained` already strips to the step
+and exception type) is described in an append-only JSON-lines file at the site:
+
+``{"time", "run_id", "message_type", "round", "phase", "action", "arrays": [{"record", "name",
+"shape", "dtype"}], "metrics": [{"record", "names"}], "configs": [{"record", "names"}],
+"bytes", "error", "prev_sha256"}``
+
+* ``bytes`` is the size of the reply's content serialised by Flower (protobuf), in bytes;
+* metric and config **names** only, never their values; array **names, shapes and dtypes**,
+  never their values; no site path, study, patient id or DICOM tag ever enters an entry;
+* ``prev_sha256`` is the SHA-256 of the previous line, so a deleted or edited line breaks the
+  chain (:func:`verify_audit_log`); lines are appended under an exclusive ``flock``, because
+  each message runs in its own ``flwr-clientapp`` process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message
+
+log = logging.getLogger(__name__)
+
+AUDIT_NAME = "audit.jsonl"
+
+
+def _header(request: Message) -> dict:
+    config = request.content.config_records.get("config", {}) if request.has_content() else {}
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_id": int(request.metadata.run_id),
+        "message_type": str(request.metadata.message_type),
+        "round": int(config["server-round"]) if "server-round" in config else None,
+        "phase": str(config["phase"]) if "phase" in config else None,
+        "action": str(config["action"]) if "action" in config else None,
+        "arrays": [], "metrics": [], "configs": [], "bytes": 0, "error": None,
+    }
+
+
+def describe_message(reply: Message, request: Message) -> dict:
+    """What a reply carries, without any values: arrays (names, shapes, dtypes), metric and config names, bytes.
+
+    Args:
+        reply: the message leaving the site.
+        request: the message it answers (for the round, phase or action).
+    """
+    from flwr.common.serde import recorddict_to_proto
+
+    entry = _header(request)
+    if reply.has_error():
+        entry["error"] = reply.error.reason
+        return entry
+    content = reply.content
+    for rname, record in content.array_records.items():
+        for name, array in record.items():
+            entry["arrays"].append({"record": rname, "name": name, "shape": list(array.shape), "dtype": str(array.dtype)})
+    entry["metrics"] = [{"record": r, "names": sorted(rec.keys())} for r, rec in content.metric_records.items()]
+    entry["configs"] = [{"record": r, "names": sorted(rec.keys())} for r, rec in content.config_records.items()]
+    entry["bytes"] = int(recorddict_to_proto(content).ByteSize())
+    return entry
+
+
+def append_entry(path: Path, entry: dict) -> dict:
+    """Append ``entry`` as one JSON line, chained to the previous line by ``prev_sha256``.
+
+    Returns:
+        The entry as written.
+
+    Raises:
+        OSError: the log cannot be written (the caller decides whether the reply may still go).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+    with os.fdopen(fd, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            tail = fh.read().splitlines()
+            entry = {**entry, "prev_sha256": hashlib.sha256(tail[-1]).hexdigest() if tail else None}
+            fh.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return entry
+
+
+def read_audit_log(path: Path) -> list[dict]:
+    """All entries of an audit log, oldest first.
+
+    Raises:
+        ValueError: a line is not JSON (names the file and line number).
+    """
+    entries = []
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"{path}: line {number} is not a JSON audit entry") from None
+    return entries
+
+
+def verify_audit_log(path: Path) -> int:
+    """Check the ``prev_sha256`` chain of an audit log; return the number of entries.
+
+    Raises:
+        ValueError: naming the first line whose predecessor was removed or changed.
+    """
+    previous = None
+    lines = Path(path).read_bytes().splitlines()
+    for number, line in enumerate(lines, start=1):
+        entry = json.loads(line)
+        expected = hashlib.sha256(previous).hexdigest() if previous is not None else None
+        if entry.get("prev_sha256") != expected:
+            raise ValueError(f"{path}: line {number} does not follow line {number - 1} (edited or removed lines)")
+        previous = line
+    return len(lines)
+
+
+def audited(log_path: Callable[[Context], Path]):
+    """Decorate a ClientApp handler so that its reply (or its error) is recorded before it leaves.
+
+    Args:
+        log_path: ``context -> Path`` of the site's audit log.
+
+    A handler that raises is recorded as an error entry holding only the exception's type
+    and the (already stripped) message, then the exception is re-raised for Flower to send.
+    If the audit log cannot be written, the reply is not sent (the exception propagates):
+    nothing leaves the site unrecorded.
+    """
+
+    def decorate(handler):
+        @functools.wraps(handler)
+        def wrapper(msg: Message, context: Context) -> Message:
+            path = log_path(context)
+            try:
+                reply = handler(msg, context)
+            except Exception as exc:
+                append_entry(path, {**_header(msg), "error": f"{type(exc).__name__}: {exc}"})
+                raise
+            append_entry(path, describe_message(reply, msg))
+            return reply
+
+        return wrapper
+
+    return decorate

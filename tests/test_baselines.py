@@ -1,0 +1,190 @@
+"""Issue 6 baselines: split-sites, the pooled site, the baselines grid, the cross-site matrix, intervals over seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from shared_models.config import RunConfig, default_run_config
+from sim import compare
+from sim.pooled import POOLED_SITE, pooled_overrides, write_pooled_site
+from tests.conftest import tiny_run_config
+
+MANIFEST_HEADER = "patient_id,study,side,ficat_stage,box_lps_mm,scanner\n"
+
+
+def _site(root, site, patients, splits):
+    """A site folder with one study per patient (two heads) and a split.csv."""
+    folder = root / site
+    folder.mkdir(parents=True)
+    lines = [MANIFEST_HEADER]
+    for i, p in enumerate(patients):
+        (folder / f"study-{i}").mkdir()
+        (folder / f"study-{i}" / "x.dcm").write_bytes(b"")
+        lines += [f"{p},study-{i},L,0,,S\n", f"{p},study-{i},R,I,,S\n"]
+    (folder / "manifest.csv").write_text("".join(lines))
+    (folder / "split.csv").write_text("patient_id,split\n" + "".join(f"{p},{s}\n" for p, s in zip(patients, splits)))
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_pooled_site_holds_train_and_val_of_every_pooled_site_and_no_test_head(tmp_path):
+    from client.site_data import read_manifest
+
+    _site(tmp_path, "A", ["A-1", "A-2", "A-3"], ["train", "val", "test"])
+    _site(tmp_path, "B", ["B-1", "B-2"], ["train", "test"])
+    _site(tmp_path, "C", ["C-1"], ["train"])  # not pooled
+    counts = write_pooled_site(tmp_path, ["A", "B"])
+    assert counts == {"train": 2, "val": 1}
+    pooled = tmp_path / POOLED_SITE
+    manifest = _rows(pooled / "manifest.csv")
+    assert sorted({r["patient_id"] for r in manifest}) == ["A-1", "A-2", "B-1"]
+    assert len(manifest) == 6  # both heads of each pooled patient
+    assert {r["patient_id"]: r["split"] for r in _rows(pooled / "split.csv")} == {"A-1": "train", "A-2": "val",
+                                                                                "B-1": "train"}
+    for r in manifest:  # every study is a link to the original folder, not a copy
+        link = pooled / r["study"]
+        assert link.is_symlink() and link.resolve() == (tmp_path / r["study"][:1] / r["study"][2:]).resolve()
+    heads = read_manifest(pooled, POOLED_SITE)  # a valid site for the ClientApp
+    assert {h.split for h in heads} == {"train", "val"}
+
+    # rebuilt for another seed's splits: the old rows go, the preprocessing cache stays
+    (pooled / ".onfh-cache").mkdir()
+    (pooled / ".onfh-cache" / "kept").write_text("x")
+    (tmp_path / "A" / "split.csv").write_text("patient_id,split\nA-1,test\nA-2,train\nA-3,val\n")
+    write_pooled_site(tmp_path, ["A", "B"])
+    assert {r["patient_id"] for r in _rows(pooled / "manifest.csv")} == {"A-2", "A-3", "B-1"}
+    assert (pooled / ".onfh-cache" / "kept").exists()
+
+
+def test_pooled_site_refuses_clashing_patients_and_missing_files(tmp_path):
+    _site(tmp_path, "A", ["P-1"], ["train"])
+    _site(tmp_path, "B", ["P-1"], ["train"])
+    with pytest.raises(ValueError, match="P-1"):
+        write_pooled_site(tmp_path, ["A", "B"])
+    (tmp_path / "B" / "split.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="split.csv"):
+        write_pooled_site(tmp_path, ["B"])
+    with pytest.raises(ValueError):
+        write_pooled_site(tmp_path, [POOLED_SITE])
+
+
+def test_pooled_overrides_match_the_federations_total_steps():
+    base = {**default_run_config(), "detector-local-steps": 30, "stager-local-steps": 40}
+    o = pooled_overrides(base, ["A", "B", "C"])
+    assert o["detector-local-steps"] == 90 and o["stager-local-steps"] == 120
+    assert o["site-ids"].split(",") == ["A", "B", "C", "D", POOLED_SITE]
+    cfg = RunConfig.from_run_config({**tiny_run_config(), **o})
+    assert cfg.train_sites == (POOLED_SITE,) and cfg.split_sites == ("A", "B", "C") and cfg.pooled_sites == ("A", "B", "C")
+
+
+def test_split_sites_default_to_train_sites_and_must_be_known():
+    assert RunConfig.from_run_config(tiny_run_config(**{"train-sites": "A,C"})).split_sites == ("A", "C")
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"train-sites": "A", "split-sites": "A,B"}))
+    assert cfg.split_sites == ("A", "B") and cfg.pooled_sites == ()
+    with pytest.raises(ValueError, match="split-sites"):
+        RunConfig.from_run_config(tiny_run_config(**{"split-sites": "A,Z"}))
+
+
+def test_prepare_splits_keeps_splits_fixed_across_local_and_federated_cells(tmp_path):
+    """local-A trains only at A, yet B keeps its 8:1:1 split, the same as in the federated cell."""
+    from sim.experiment import prepare_splits
+
+    for site in "ABCD":
+        _site(tmp_path, site, [f"{site}-{i}" for i in range(20)], ["test"] * 20)
+    common = {"data-root": str(tmp_path), "split-sites": "A,B", "seed": 4}
+    splits = {}
+    for name, train in (("federated", "A,B"), ("local-A", "A")):
+        prepare_splits(RunConfig.from_run_config(tiny_run_config(**common, **{"train-sites": train})))
+        splits[name] = {s: (tmp_path / s / "split.csv").read_text() for s in "ABCD"}
+    assert splits["federated"] == splits["local-A"]
+    b = {r["split"] for r in _rows(tmp_path / "B" / "split.csv")}
+    assert b == {"train", "val", "test"}
+    assert {r["split"] for r in _rows(tmp_path / "C" / "split.csv")} == {"test"}
+    with pytest.raises(ValueError, match="split-sites"):
+        prepare_splits(RunConfig.from_run_config(tiny_run_config(**{"data-root": str(tmp_path), "train-sites": "A,C",
+                                                                    "split-sites": "A,B"})))
+
+
+def test_baselines_grid_is_federated_local_per_site_and_pooled():
+    base = {**default_run_config(), "train-sites": "A,B", "detector-local-steps": 10, "stager-local-steps": 20}
+    variants = {v.name: v.overrides for v in compare.grid_variants("baselines", ["A", "B", "C", "D"], base)}
+    assert list(variants) == ["federated", "local-A", "local-B", "pooled"]
+    assert variants["federated"]["train-sites"] == "A,B"
+    assert variants["local-B"] == {"split-sites": "A,B", "train-sites": "B"}
+    assert variants["pooled"]["stager-local-steps"] == 40
+    for overrides in variants.values():  # every cell is a valid run config with the same split
+        cfg = RunConfig.from_run_config({**tiny_run_config(), **base, **overrides})
+        assert set(cfg.split_sites) == {"A", "B"}
+    with pytest.raises(ValueError, match="two training sites"):
+        compare.grid_variants("baselines", ["A"], {**base, "train-sites": "A"})
+    both = compare.grid_variants("baselines,strategies", ["A", "B"], base)
+    assert len(both) == 4 + 5
+
+
+def test_report_groups_for_training_sites():
+    groups = {"A-test": ("A",), "external-1": ("B",), "external-2": ("C", "D")}
+    assert compare.report_groups_for(["A", "B"], groups) == "A-test=A;B-test=B;external-2=C,D"
+    assert compare.report_groups_for(["A", "C"], groups) == "A-test=A;C-test=C;external-1=B;external-2=D"
+
+
+def test_cross_site_matrix_is_the_mean_over_seeds_per_model_and_site():
+    def report(auc_a, auc_b):
+        return {"per_site": {"A": {"n": 5, "macro": {"auc": auc_a, "accuracy": 0.5}},
+                             "B": {"n": 4, "macro": {"auc": auc_b, "accuracy": 0.5}}}}
+
+    rows = (compare.cross_site_rows("local-A", 0, report(0.9, 0.6)) + compare.cross_site_rows("local-A", 1, report(0.8, 0.7))
+            + compare.cross_site_rows("federated", 0, report(0.85, None)))  # undefined AUC: null in report.json
+    matrix = compare.cross_site_matrix(rows)
+    assert matrix["local-A"] == pytest.approx({"A": 0.85, "B": 0.65})
+    assert matrix["federated"] == {"A": 0.85}  # an undefined AUC is left out, not averaged as 0
+
+
+def test_seed_interval_is_the_student_t_interval():
+    values = [0.80, 0.86, 0.83]
+    low, high = compare.seed_interval(values)
+    t_975_2 = 4.302652729749464  # Student t quantile, 2 degrees of freedom (tables)
+    half = t_975_2 * np.std(values, ddof=1) / math.sqrt(3)
+    assert (low, high) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
+    assert all(math.isnan(v) for v in compare.seed_interval([0.8]))
+
+
+def test_load_crops_takes_todays_split_not_the_one_at_crop_time(tmp_path):
+    from client import tasks
+
+    heads = [SimpleNamespace(stage=s, split=sp) for s, sp in ((0, "train"), (None, "test"), (1, "test"), (2, "val"))]
+    site = SimpleNamespace(site_id="A", cache_dir=tmp_path, heads=heads)
+    (tmp_path / "crops").mkdir()
+    np.savez(tmp_path / "crops" / "k.npz", crops=np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1, 1),
+             stages=np.array([0, 1, 2]), splits=np.array(["test", "test", "test"]), low_confidence=np.int64(0))
+    crops, stages = tasks.load_crops(site, "k").select("test")
+    assert crops.ravel().tolist() == [1.0] and stages.tolist() == [1]  # the staged head 3, test today
+    heads.append(SimpleNamespace(stage=0, split="train"))  # manifest changed since cropping
+    with pytest.raises(ValueError, match="manifest changed"):
+        tasks.load_crops(site, "k")
+
+
+def test_compare_grid_writes_the_cross_site_matrix_and_a_page(tmp_path, monkeypatch):
+    def fake_experiment(overrides, console=None):
+        auc = 0.9 if overrides.get("train-sites") == "A" else 0.7
+        return {"sites": {"A-test": {"sites": ["A"], "n": 4, "macro": {"auc": auc}}}, "detector": {},
+                "per_site": {"A": {"n": 4, "macro": {"auc": auc}}, "B": {"n": 3, "macro": {"auc": auc - 0.1}}}}
+
+    monkeypatch.setattr("sim.experiment.run_experiment", fake_experiment)
+    variants = [compare.Variant("local-A", {"train-sites": "A"}), compare.Variant("local-B", {"train-sites": "B"})]
+    compare.run_compare({}, tmp_path, variants, [0, 1])
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    matrix = saved["cross_site"]["macro_auc"]
+    assert matrix["local-A"] == pytest.approx({"A": 0.9, "B": 0.8})
+    assert matrix["local-B"] == pytest.approx({"A": 0.7, "B": 0.6})
+    page = (tmp_path / "report.html").read_text()
+    assert "Cross-site matrix" in page and 'href="local-B/seed-1/report.html"' in page
+    assert (tmp_path / "figures" / "cross_site_macro_auc.png").stat().st_size > 1000

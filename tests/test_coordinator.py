@@ -1,0 +1,199 @@
+"""Coordinator and site building blocks of a deployment, without Flower processes (issue 7)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import ssl
+import sys
+import threading
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from client import site_daemon as sd
+from server import coordinator as co
+from server.checkpoint import CheckpointStore, PhaseCheckpoint, verify_chain
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return co.make_certs(tmp_path_factory.mktemp("certs") / "certs")
+
+
+def test_certs_ca_signs_a_server_certificate_with_the_sans_flower_needs(certs):
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert set(sans.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    assert isinstance(serialization.load_pem_private_key(certs.signing_key.read_bytes(), None), ed25519.Ed25519PrivateKey)
+    assert certs.ca_key.stat().st_mode & 0o077 == 0 and certs.server_key.stat().st_mode & 0o077 == 0
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        co.make_certs(certs.ca_cert.parent)
+
+
+def test_tls_handshake_with_the_server_certificate_is_checked_by_the_site(certs):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            context.wrap_socket(conn, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    check = sd.check_superlink(f"127.0.0.1:{port}", certs.ca_cert)
+    thread.join(5)
+    listener.close()
+    assert check.ok, check.detail
+    closed = sd.check_superlink(f"127.0.0.1:{port}", certs.ca_cert, timeout_s=1)
+    assert not closed.ok and "127.0.0.1" in closed.detail
+
+
+def test_ca_certificate_check(certs, tmp_path):
+    assert sd.check_ca_certificate(certs.ca_cert).ok
+    assert not sd.check_ca_certificate(tmp_path / "missing.crt").ok
+    assert "not a CA" in sd.check_ca_certificate(certs.server_cert).detail
+    (tmp_path / "junk.crt").write_text("hello")
+    assert "not a PEM certificate" in sd.check_ca_certificate(tmp_path / "junk.crt").detail
+
+
+def test_site_keys_are_p384_openssh_and_fingerprinted_like_ssh_keygen(tmp_path):
+    private, public, text = sd.make_site_keys(tmp_path / "keys")
+    key = serialization.load_ssh_private_key(private.read_bytes(), password=None)  # what flower-supernode loads
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert text.startswith("ecdsa-sha2-nistp384 ") and public.read_text().strip() == text
+    assert private.stat().st_mode & 0o077 == 0
+    fp = co.key_fingerprint(public)
+    assert fp.startswith("SHA256:") and len(fp) == 7 + 43
+    with pytest.raises(FileExistsError):
+        sd.make_site_keys(tmp_path / "keys")
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (tmp_path / "p256.pub").write_bytes(other.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    with pytest.raises(ValueError, match="P-384"):
+        co.key_fingerprint(tmp_path / "p256.pub")
+    (tmp_path / "junk.pub").write_text("not a key")
+    with pytest.raises(ValueError, match="junk.pub"):
+        co.key_fingerprint(tmp_path / "junk.pub")
+
+
+def test_enroll_refuses_a_reused_key_or_site_before_calling_flower(tmp_path):
+    _, pub_a, _ = sd.make_site_keys(tmp_path / "a")
+    _, pub_b, _ = sd.make_site_keys(tmp_path / "b")
+    registry = tmp_path / co.REGISTRY_NAME
+    registry.write_text(json.dumps({"A": {"fingerprint": co.key_fingerprint(pub_a), "node_id": 1, "enrolled_at": ""}}))
+    with pytest.raises(ValueError, match="already enrolled as site 'A'"):
+        co.enroll("B", pub_a, flwr_home=tmp_path / "home", registry=registry)
+    with pytest.raises(ValueError, match="already enrolled with another key"):
+        co.enroll("A", pub_b, flwr_home=tmp_path / "home", registry=registry)
+    with pytest.raises(ValueError, match="site name"):
+        co.enroll("A B", pub_b, flwr_home=tmp_path / "home", registry=registry)
+    registry.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=co.REGISTRY_NAME):
+        co.load_registry(registry)
+
+
+def test_superlink_and_supernode_command_lines(certs, tmp_path):
+    cmd = co.superlink_command(certs, port=19199, database=tmp_path / "state.db")
+    assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd and "--disable-runtime-dependency-installation" in cmd
+    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "state.db")
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    key, _, _ = sd.make_site_keys(tmp_path / "keys")
+    node = sd.supernode_command(superlink="127.0.0.1:19199", ca_cert=certs.ca_cert, private_key=key, site_id="A",
+                                data=tmp_path / "site A", port=19198, max_retries=3)
+    assert node[node.index("--node-config") + 1] == f"site-id='A' data-path='{(tmp_path / 'site A').resolve()}'"
+    assert node[node.index("--max-retries") + 1] == "3" and "--insecure" not in node
+    with pytest.raises(FileNotFoundError, match="private key"):
+        sd.supernode_command(superlink="x:1", ca_cert=certs.ca_cert, private_key=tmp_path / "nope", site_id="A", data=tmp_path)
+    env = sd.supernode_env(tmp_path / "home", 2)
+    assert env["OMP_NUM_THREADS"] == "2" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+
+
+def test_connection_file_points_at_the_ca(certs, tmp_path):
+    path = co.write_connection(tmp_path / "home", "127.0.0.1:19199", certs.ca_cert)
+    text = path.read_text()
+    assert 'address = "127.0.0.1:19199"' in text and f'root-certificates = "{certs.ca_cert}"' in text
+    assert "insecure" not in text
+
+
+def test_daemon_restarts_a_dying_supernode_with_backoff(tmp_path):
+    starts = []
+    cmd = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    code = sd.run_daemon(cmd, env={}, log_file=tmp_path / "sn.log", max_restarts=2, backoff_s=0.05,
+                         on_start=lambda attempt, pid: starts.append(attempt))
+    assert code == 3 and starts == [1, 2, 3]
+
+
+def test_daemon_gives_up_when_the_first_start_is_refused_but_retries_after_a_crash(tmp_path):
+    refused = [sys.executable, "-c", "print('[code: 2004] Failed to activate SuperNode.'); raise SystemExit(1)"]
+    starts = []
+    assert sd.run_daemon(refused, env={}, log_file=tmp_path / "a.log", max_restarts=5, backoff_s=0.05,
+                         on_start=lambda a, p: starts.append(a)) == 1
+    assert starts == [1]
+    # a node that ran, died, then is refused while its old session is held: keeps retrying
+    flag = tmp_path / "ran"
+    script = (f"import pathlib, sys; f = pathlib.Path({str(flag)!r})\n"
+              "if not f.exists(): f.write_text('1'); sys.exit(9)\n"
+              "print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)")
+    starts.clear()
+    assert sd.run_daemon([sys.executable, "-c", script], env={}, log_file=tmp_path / "b.log", max_restarts=2,
+                         backoff_s=0.05, held_retry_s=0.05, on_start=lambda a, p: starts.append(a)) == 1
+    assert starts == [1, 2, 3]
+
+
+def test_checkpoint_hash_chain_detects_a_replaced_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints", "fp")
+    for phase, rnd in (("detector", 1), ("detector", 2), ("stager", 1)):
+        store.save(phase, PhaseCheckpoint(round=rnd, state_dict={"w": torch.full((2,), float(rnd))}))
+    chain = store.chain()
+    assert [(e["phase"], e["round"]) for e in chain] == [("detector", 1), ("detector", 2), ("stager", 1)]
+    verify_chain(chain, store.folder)
+    forged = [dict(e) for e in chain]
+    forged[1]["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="detector round 2"):
+        verify_chain(forged)
+    store2 = CheckpointStore(tmp_path / "checkpoints", "fp")
+    torch.save({"round": 2, "state_dict": {"w": torch.zeros(2)}}, store2.path("detector"))
+    with pytest.raises(ValueError, match="detector.pt"):
+        verify_chain(chain, store.folder)
+
+
+def test_run_progress_reads_rounds_metrics_and_missing_sites(tmp_path):
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / co.LAUNCH_NAME).write_text(json.dumps({"run_config": {"detector-rounds": 3, "stager-rounds": 2}, "run_ids": [5]}))
+    store = CheckpointStore(out / "checkpoints", "fp")
+    store.save("detector", PhaseCheckpoint(round=2, state_dict={}, site_metrics={2: {"A": {"iou-mean": 0.5}}},
+                                           missing_sites={1: {"evaluate": ["C"]}}))
+    progress = co.run_progress(out)
+    assert progress["rounds"] == {"detector": {"done": 2, "total": 3}, "stager": {"done": 0, "total": 2}}
+    assert progress["latest"]["detector"] == {"round": 2, "sites": {"A": {"iou-mean": 0.5}}}
+    assert progress["missing_sites"]["detector"] == {1: {"evaluate": ["C"]}} and not progress["finished"]
+    assert progress["run_ids"] == [5]
+
+
+def test_pull_refuses_a_run_without_bundle(tmp_path, certs):
+    with pytest.raises(FileNotFoundError, match="no signed bundle"):
+        co.pull(tmp_path, tmp_path / "dest", certs.signing_public_key)
+
+
+def test_launch_checks_the_run_config_before_flower(tmp_path):
+    with pytest.raises(ValueError, match="min-site-fraction"):
+        co.launch({"min-site-fraction": 1.5}, out=tmp_path / "run", flwr_home=tmp_path / "home")
+    with pytest.raises(FileNotFoundError, match="launch.json"):
+        co.resume(tmp_path / "nothing")

@@ -1,0 +1,318 @@
+"""Real Flower deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, three
+authenticated SuperNodes (``onfh site daemon``) on phantom sites, two-phase runs started with
+``onfh coordinator launch``.
+
+One module fixture runs the federation; two runs carry every check:
+
+* run 1 (``faults``): site C's SuperNode is killed while it evaluates round 1 of the detector.
+  The round completes with A and B and the report names C; C's daemon restarts the node,
+  which takes part in round 2. Its signed bundle verifies (``onfh site verify``, ``pull``),
+  a tampered copy and an unverified use are refused by ``onfh infer``, and every site's audit
+  log describes what left the site.
+* run 2 (``resume``): the ServerApp is killed after detector round 1; ``launch --resume``
+  continues from the checkpoint, and the final weights equal run 1's exactly (C only
+  evaluates, so its fault does not touch the weights; local training is seeded per round
+  and FedAvg of two updates is order-independent).
+
+An unenrolled SuperNode is refused (Flower code 2004) and its daemon gives up.
+Needs about 10 minutes on 2 CPU cores. Ports 19140-19199 on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from client.audit import read_audit_log, verify_audit_log
+from server import coordinator as co
+from server.checkpoint import verify_chain
+from shared_models.bundle import BundleError, load_bundle
+from sim.cli import main
+from sim.phantoms import PROFILES, generate_phantoms
+from sim.splits import write_splits
+from tests.conftest import TINY
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
+SITES = ("A", "B", "C")
+TRAIN = ("A", "B")
+RUN_SETTINGS = {
+    **TINY, "site-ids": ",".join(SITES), "train-sites": ",".join(TRAIN),
+    "report-groups": "A-test=A;B-test=B;external-1=C", "detector-rounds": 2, "stager-rounds": 2,
+    "detector-local-steps": 2, "stager-local-steps": 2, "stager-batch-size": 4, "detector-l1-rounds": 0,
+    "round-timeout-s": 75.0, "node-wait-timeout-s": 240.0, "min-site-fraction": 0.5, "device": "cpu", "amp": False,
+}
+
+
+def _free_port(lo: int, hi: int) -> int:
+    for port in range(lo, hi):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                try:
+                    sock2 = socket.socket()
+                    sock2.bind(("127.0.0.1", port))
+                    sock2.close()
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError(f"no free port in {lo}-{hi}")
+
+
+def _onfh(*args: str, log: Path) -> subprocess.Popen:
+    fh = open(log, "ab")
+    return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=co.APP_DIR)
+
+
+def _supernode_pid(daemon: subprocess.Popen) -> int | None:
+    try:
+        for child in psutil.Process(daemon.pid).children():
+            if "flower-supernode" in " ".join(child.cmdline()):
+                return child.pid
+    except psutil.NoSuchProcess:
+        return None
+    return None
+
+
+def _has_clientapp(supernode_pid: int) -> bool:
+    try:
+        return any("flwr-clientapp" in " ".join(p.cmdline()) for p in psutil.Process(supernode_pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _progress(out: Path) -> dict:
+    try:
+        return json.loads((out / "checkpoints" / "progress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _launch_argv(home: Path, out: Path) -> list[str]:
+    argv = ["coordinator", "launch", "--home", str(home), "--out", str(out), "--sites", ",".join(SITES),
+            "--train-sites", ",".join(TRAIN), "--seed", "3"]
+    for k, v in RUN_SETTINGS.items():
+        argv += ["--set", f"{k}={v}"]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """Phantom sites, certificates, a SuperLink, three enrolled SuperNodes (daemons), and run 1 with a node fault."""
+    root = tmp_path_factory.mktemp("deployment")
+    data = root / "data"
+    quick = PROFILES["quick"]
+    profile = dataclasses.replace(
+        quick, name="micro3", heads_per_site={"A": 10, "B": 8, "C": 3}, patients_per_site={"A": 6, "B": 5, "C": 2},
+        scanners={s: quick.scanners[s] for s in SITES}, external_groups={"external-1": ("C",)},
+    )
+    generate_phantoms(data, profile, seed=2)
+    write_splits(data, SITES, TRAIN, seed=3)
+    home = root / "coordinator"
+    assert main(["coordinator", "certs", "--home", str(home)]) == 0
+    certs = co.CertPaths.in_folder(home / "certs")
+    flwr_home = home / "flwr-home"
+    port = _free_port(19140, 19150)
+    superlink = co.start_superlink(certs, flwr_home=flwr_home, database=home / "superlink.db",
+                                   log_file=home / "superlink.log", port=port)
+    address = f"127.0.0.1:{port}"
+    daemons: dict[str, subprocess.Popen] = {}
+    state = {"root": root, "data": data, "home": home, "certs": certs, "flwr_home": flwr_home, "address": address,
+             "daemons": daemons, "superlink": superlink}
+    try:
+        for i, site in enumerate(SITES):
+            keys = root / f"keys-{site}"
+            assert main(["site", "keys", "--out", str(keys)]) == 0
+            assert main(["coordinator", "enroll", "--home", str(home), "--site", site,
+                         "--public-key", str(keys / "supernode-key.pub")]) == 0
+            daemons[site] = _onfh("site", "daemon", "--data", str(data / site), "--superlink", address,
+                                  "--ca-cert", str(certs.ca_cert), "--key", str(keys / "supernode-key"),
+                                  "--port", str(_free_port(19150 + 3 * i, 19153 + 3 * i)), "--threads", "1",
+                                  "--max-retries", "5", "--max-restarts", "12", log=root / f"daemon-{site}.log")
+        # every node online (the daemons ran their preflight, building the site caches, first)
+        registry = co.load_registry(home / co.REGISTRY_NAME)
+        _wait(lambda: all(co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online"
+                          for s in SITES), 300, "three SuperNodes online", poll_s=3)
+
+        # run 1: launch, then kill C's SuperNode while it evaluates round 1
+        out = root / "run-faults"
+        t0 = time.monotonic()
+        assert main(_launch_argv(home, out)) == 0
+        run_id = json.loads((out / co.LAUNCH_NAME).read_text())["run_ids"][-1]
+        def trained_round_1(site):
+            path = data / site / ".onfh-cache" / "audit.jsonl"
+            return path.exists() and any(e["message_type"] == "train" and e["round"] == 1 for e in read_audit_log(path))
+
+        # A and B have sent their round-1 updates: C's next ClientApp is its round-1 evaluation
+        _wait(lambda: all(trained_round_1(s) for s in TRAIN), 600, "round-1 updates of A and B", poll_s=0.5)
+        victim = _wait(lambda: _supernode_pid(daemons["C"]), 30, "C's SuperNode process")
+        _wait(lambda: _has_clientapp(victim), 300, "C's round-1 evaluate ClientApp", poll_s=0.2)
+        killed_at = _progress(out)
+        psutil.Process(victim).kill()
+        for child in psutil.Process(daemons["C"].pid).children(recursive=True):
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        state["killed_at"] = killed_at
+        state["victim"] = victim
+        status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=1500)
+        state["faults"] = {"out": out, "status": status, "wall_s": time.monotonic() - t0}
+        yield state
+    finally:
+        for proc in daemons.values():
+            co.stop_process_tree(proc.pid)
+        co.stop_process_tree(superlink.pid)
+
+
+def test_run_with_killed_supernode_completes_and_names_the_missing_site(federation):
+    run = federation["faults"]
+    out = run["out"]
+    assert run["status"] == "finished:completed", (out / "report.json").exists()
+    assert federation["killed_at"] == {}  # C died in detector round 1, before any checkpoint
+    report = json.loads((out / "report.json").read_text())
+    # round 1 of the detector completed without C (its evaluate reply never came) ...
+    assert report["missing_sites"]["detector"]["1"] == {"evaluate": ["C"]}
+    # ... and the restarted node took part in round 2: C has detector metrics for round 2
+    ckpt = torch.load(out / "checkpoints" / "detector.pt", weights_only=False)
+    assert "C" in ckpt["site_metrics"][2] and "C" not in ckpt["site_metrics"][1]
+    assert set(ckpt["train_metrics"][1]) == set(TRAIN) == set(ckpt["train_metrics"][2])
+    assert report["rounds"] == {"detector": 2, "stager": 2}
+    # the daemon restarted the SuperNode (a new process)
+    assert _supernode_pid(federation["daemons"]["C"]) not in (None, federation["victim"])
+
+
+def test_signed_bundle_verifies_and_records_the_checkpoint_chain(federation, tmp_path):
+    out, certs = federation["faults"]["out"], federation["certs"]
+    assert main(["site", "verify", "--bundle", str(out / "bundle"), "--public-key", str(certs.signing_public_key)]) == 0
+    dest = tmp_path / "pulled"
+    assert main(["coordinator", "pull", "--home", str(federation["home"]), "--out", str(out), "--dest", str(dest)]) == 0
+    assert load_bundle(dest, certs.signing_public_key).trusted
+    manifest = json.loads((dest / "MANIFEST.json").read_text())
+    chain = manifest["checkpoint_chain"]
+    assert [(e["phase"], e["round"]) for e in chain] == [("detector", 1), ("detector", 2), ("stager", 1), ("stager", 2)]
+    verify_chain(chain, out / "checkpoints")
+    # a key that did not sign it is refused
+    other = tmp_path / "other.pem"
+    assert main(["coordinator", "signing-key", "--out", str(other)]) == 0
+    assert main(["site", "verify", "--bundle", str(dest), "--public-key", f"{other}.pub"]) == 1
+
+
+def test_infer_refuses_tampered_or_unverified_bundles(federation, tmp_path):
+    out, certs = federation["faults"]["out"], federation["certs"]
+    study = next(p for p in (federation["data"] / "A").iterdir() if p.is_dir() and not p.name.startswith("."))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out / "bundle", tampered)
+    state = torch.load(tampered / "stager.pt", weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 0.01
+    torch.save(state, tampered / "stager.pt")
+    with pytest.raises(BundleError, match="stager.pt"):
+        load_bundle(tampered, certs.signing_public_key)
+    common = ["infer", "--study", str(study), "--out", str(tmp_path / "infer")]
+    assert main([*common, "--bundle", str(tampered), "--public-key", str(certs.signing_public_key)]) == 1
+    assert main([*common, "--bundle", str(tampered), "--allow-unsigned"]) == 1  # still refused: hash mismatch
+    assert main([*common, "--bundle", str(out / "bundle")]) == 1  # no key and no --allow-unsigned
+    assert not (tmp_path / "infer" / "result.json").exists()
+
+
+def test_audit_logs_describe_every_reply_without_patient_data(federation):
+    data = federation["data"]
+    for site in SITES:
+        path = data / site / ".onfh-cache" / "audit.jsonl"
+        assert verify_audit_log(path) > 0
+        entries = read_audit_log(path)
+        text = path.read_text()
+        assert str(data) not in text and "study-" not in text and f"{site}-0" not in text  # no paths, studies, patients
+        kinds = {(e["message_type"], e["phase"] or e["action"]) for e in entries}
+        assert ("query", "hello") in kinds and ("evaluate", "detector") in kinds
+        if site in TRAIN:
+            train = [e for e in entries if e["message_type"] == "train"]
+            assert {e["round"] for e in train if e["phase"] == "detector"} >= {1, 2}
+            assert all(e["arrays"] and e["bytes"] > sum(1 for _ in e["arrays"]) for e in train)
+            assert any("num-examples" in m["names"] for m in train[0]["metrics"])
+        else:
+            assert not any(e["message_type"] == "train" for e in entries)
+
+
+def test_status_shows_rounds_sites_and_metrics(federation, capsys):
+    out = federation["faults"]["out"]
+    progress = co.run_progress(out)
+    assert progress["rounds"] == {"detector": {"done": 2, "total": 2}, "stager": {"done": 2, "total": 2}}
+    assert progress["finished"] and set(progress["latest"]["stager"]["sites"]) == set(SITES)
+    assert main(["coordinator", "status", "--home", str(federation["home"]), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "online" in text and "detector round 1 (evaluate): missing C" in text
+
+
+def test_unenrolled_supernode_is_refused(federation, tmp_path):
+    keys = tmp_path / "keys-X"
+    assert main(["site", "keys", "--out", str(keys)]) == 0
+    daemon = _onfh("site", "daemon", "--data", str(federation["data"] / "A"), "--site-id", "X", "--skip-checks",
+                   "--superlink", federation["address"], "--ca-cert", str(federation["certs"].ca_cert),
+                   "--key", str(keys / "supernode-key"), "--port", str(_free_port(19170, 19180)),
+                   "--max-retries", "1", "--max-restarts", "3", "--log", str(tmp_path / "sn.log"), log=tmp_path / "daemon.log")
+    try:
+        assert daemon.wait(timeout=120) == 1
+    finally:
+        co.stop_process_tree(daemon.pid)
+    assert "[code: 2004]" in (tmp_path / "sn.log").read_text()
+    assert (tmp_path / "sn.log").read_text().count("Starting Flower SuperNode") == 1  # refused: not restarted
+    assert "not restarting" in (tmp_path / "daemon.log").read_text()
+
+
+def test_resume_after_serverapp_killed_gives_the_same_weights(federation):
+    home, flwr_home = federation["home"], federation["flwr_home"]
+    out = federation["root"] / "run-resume"
+    assert main(_launch_argv(home, out)) == 0
+    first = json.loads((out / co.LAUNCH_NAME).read_text())["run_ids"][-1]
+    _wait(lambda: _progress(out).get("round", 0) >= 1, 900, "detector round 1 checkpoint", poll_s=0.5)
+    serverapps = [p for p in psutil.process_iter(["cmdline"])
+                  if "flwr-serverapp" in " ".join(p.info["cmdline"] or []) and _env(p).get("FLWR_HOME") == str(flwr_home)]
+    assert serverapps, "no ServerApp process found"
+    for p in serverapps:
+        p.kill()
+    try:  # what an operator would do; the SuperLink may already have marked the run failed
+        co._flwr(["stop", str(first), co.CONNECTION], flwr_home)
+    except co.CoordinatorError:
+        pass
+    assert _progress(out) == {"phase": "detector", "round": 1}
+    assert main(["coordinator", "launch", "--home", str(home), "--resume", str(out), "--wait", "--timeout", "1500"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounds"] == {"detector": 2, "stager": 2}
+    chain = json.loads((out / "bundle" / "MANIFEST.json").read_text())["checkpoint_chain"]
+    assert [(e["phase"], e["round"]) for e in chain][:2] == [("detector", 1), ("detector", 2)]
+    reference = federation["faults"]["out"] / "bundle"
+    for name in ("detector.pt", "stager.pt"):
+        a = torch.load(out / "bundle" / name, weights_only=True)
+        b = torch.load(reference / name, weights_only=True)
+        assert a.keys() == b.keys()
+        diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        assert diff == 0.0, f"{name}: resumed run differs from the uninterrupted weights by up to {diff}"
+
+
+def _env(proc: psutil.Process) -> dict:
+    try:
+        return proc.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {}
