@@ -282,7 +282,8 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
         (out / "compare.json").write_text(json.dumps(json_safe(result), indent=2))
         return result
 
-    for i, (variant, seed) in enumerate(((v, s) for v in variants for s in seeds), start=1):
+    # seed-major: a grid stopped early has every variant for the seeds it finished
+    for i, (seed, variant) in enumerate(((s, v) for s in seeds for v in variants), start=1):
         cell = out / variant.name / f"seed-{seed}"
         console.rule(f"[bold]{i}/{total}[/bold] {variant.name}, seed {seed}")
         overrides = {**base, **variant.overrides, "seed": seed, "out-dir": str(cell.resolve())}

@@ -362,9 +362,21 @@ def _exact_section(exact: Mapping[str, Any]) -> str:
     auc_table = ("<table><thead><tr><th>test group</th><th>stage</th><th>exact AUC</th><th>histogram AUC</th>"
                  "<th>|difference|</th><th>stated bound</th><th>within bound</th></tr></thead><tbody>"
                  + "".join(rows) + "</tbody></table>")
+    readers = ""
+    if exact.get("readers"):
+        rows = "".join(
+            f"<tr><td>{_esc(r.get('reader'))}</td><td>{_esc(r.get('n'))}</td><td>{format_percent(r.get('reader_accuracy'))}</td>"
+            f"<td>{format_percent(r.get('model_accuracy'))}</td><td>{_esc(r.get('b'))}</td><td>{_esc(r.get('c'))}</td>"
+            f"<td>{_fmt(r.get('p_value'), '.4f')}</td><td>{_esc(r.get('method'))}</td></tr>" for r in exact["readers"])
+        readers = ("<h3>The model against readers (layout of Table 3; simulated readers)</h3>"
+                   '<p class="note">All test heads. b: model right, reader wrong; c: model wrong, reader right; '
+                   "McNemar's test (exact binomial when b + c &lt; 25). The readers are simulated with a fixed "
+                   "accuracy to exercise the path; use <code>onfh report readers</code> with real reader calls.</p>"
+                   "<table><thead><tr><th>reader</th><th>heads</th><th>reader accuracy (%)</th><th>model accuracy (%)"
+                   "</th><th>b</th><th>c</th><th>p</th><th>test</th></tr></thead><tbody>" + rows + "</tbody></table>")
     return ('<p class="note">Simulation only: the harness holds every site\'s data, so it re-predicts each test '
             "head with the bundle's models. A federation sees only the counts above.</p>" + ci_table
-            + "<h3>Histogram AUC against the exact AUC</h3>" + auc_table)
+            + "<h3>Histogram AUC against the exact AUC</h3>" + auc_table + readers)
 
 
 # --------------------------------------------------------------------------- page

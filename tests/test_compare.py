@@ -68,9 +68,9 @@ def test_grid_runs_each_cell_in_its_own_folder_and_writes_the_table(tmp_path, mo
     variants = [compare.Variant("default"), compare.Variant("gt", {"crop-source": "ground-truth", "stager-rounds": 2})]
     summary = compare.run_compare({"data-root": "/d", "stager-rounds": 5}, tmp_path / "grid", variants, [0, 1])
     assert [(o["out-dir"].split("/")[-2:], o["seed"]) for o in seen] == [
-        (["default", "seed-0"], 0), (["default", "seed-1"], 1), (["gt", "seed-0"], 0), (["gt", "seed-1"], 1)]
-    assert seen[0]["stager-rounds"] == 5 and seen[2]["stager-rounds"] == 2  # the variant wins over the base
-    assert seen[2]["crop-source"] == "ground-truth" and "crop-source" not in seen[0]
+        (["default", "seed-0"], 0), (["gt", "seed-0"], 0), (["default", "seed-1"], 1), (["gt", "seed-1"], 1)]
+    assert seen[0]["stager-rounds"] == 5 and seen[1]["stager-rounds"] == 2  # the variant wins over the base
+    assert seen[1]["crop-source"] == "ground-truth" and "crop-source" not in seen[0]
     saved = json.loads((tmp_path / "grid" / "compare.json").read_text())
     assert len(saved["rows"]) == 4 * 3 and len(saved["summary"]) == len(summary) == 2 * 3
     assert "| gt | A-test | 2 |" in (tmp_path / "grid" / "compare.md").read_text()
