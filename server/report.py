@@ -143,7 +143,7 @@ def build_report(
         "site_data": {s: {k.replace("-", "_"): v for k, v in m.items()} for s, m in sorted((site_data or {}).items())},
         "sites": group_stage_metrics(last_stager, groups),
         # each site on its own (the cross-site matrix of `onfh sim compare`): sites without test heads are left out
-        "per_site": {s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa") if k in m}
+        "per_site": {s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa", "counts") if k in m}
                      for s, m in group_stage_metrics(last_stager, {s: (s,) for s in sorted(last_stager)}).items()
                      if m["n"]},
         "detector": detector_site_metrics(last_detector),

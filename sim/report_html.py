@@ -408,6 +408,14 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
                 "(stage absent or only stage present).</p>")]
     for i, (group, g) in enumerate((report.get("sites") or {}).items()):
         sections.append(_group_section(i, str(group), g or {}, baselines.get(group), fig_dir, out_dir))
+    per_site = {s: m for s, m in (report.get("per_site") or {}).items() if (m or {}).get("counts")}
+    site_rocs = [_roc_figure(f"site {s}", m["counts"], fig_dir / f"roc_site_{_slug(i, str(s))}.png")
+                 for i, (s, m) in enumerate(per_site.items())]
+    site_rocs = [_img(f, out_dir, f"ROC per stage, site {s}") for f, s in zip(site_rocs, per_site) if f is not None]
+    if site_rocs:
+        sections += ["<h2>ROC per Ficat-Arlet stage and site</h2>",
+                     '<p class="note">Each site\'s own test heads, from its own score histograms.</p>',
+                     '<div class="figs">' + "\n".join(site_rocs) + "</div>"]
     exact = _exact_section(report.get("exact_check") or {})
     if exact:
         sections += ["<h2>Confidence intervals and the exact AUC</h2>", exact]

@@ -68,8 +68,8 @@ def test_page_written_with_valid_relative_pngs(run):
     out, page = run["out"], run["html"]
     assert run["path"] == out / "report.html" and run["path"].is_file()
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    # 2 groups with heads x (ROC + confusion) + detector bar chart + training curves
-    assert len(srcs) == 6
+    # 2 groups with heads x (ROC + confusion) + 3 sites' ROC + detector bar chart + training curves
+    assert len(srcs) == 9
     assert "training_curves.png" in srcs
     for src in srcs:
         assert not src.startswith("/") and "://" not in src
@@ -78,7 +78,7 @@ def test_page_written_with_valid_relative_pngs(run):
         blob = f.read_bytes()
         assert blob[:8] == PNG_MAGIC, src
         assert len(blob) > 3000, (src, len(blob))
-    assert sum(s.startswith("figures/roc_") for s in srcs) == 2
+    assert sum(s.startswith("figures/roc_") and not s.startswith("figures/roc_site_") for s in srcs) == 2
     assert sum(s.startswith("figures/confusion_") for s in srcs) == 2
 
 
@@ -193,3 +193,15 @@ def test_page_renders_in_headless_chromium_with_every_image_loaded(run, tmp_path
     broken = run["out"] / "broken.html"
     broken.write_text(run["html"].replace('src="figures/', 'src="missing/', 1), encoding="utf-8")
     assert len(render_check(broken).broken) == 1
+
+
+def test_roc_per_site_from_each_sites_own_histograms(run):
+    per_site = run["report"]["per_site"]
+    assert set(per_site) == {"A", "B", EVIL}
+    y, p = run["data"]["B"]
+    counts = stage_counts(y, p)  # B alone, not pooled with the other member of its group
+    assert per_site["B"]["macro"]["auc"] == pytest.approx(
+        np.mean([auc_from_histograms(counts["hist_pos"][k], counts["hist_neg"][k]) for k in range(3)]))
+    figures = sorted(p.name for p in (run["out"] / "figures").glob("roc_site_*.png"))
+    assert len(figures) == 3 and all((run["out"] / "figures" / f).read_bytes()[:8] == PNG_MAGIC for f in figures)
+    assert "ROC per Ficat-Arlet stage and site" in run["html"] and "site B" in run["html"]
