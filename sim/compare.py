@@ -237,12 +237,15 @@ def _pm(mean: float, sd: float, seeds: int) -> str:
 
 def markdown_table(summary: Sequence[Mapping]) -> str:
     """The summary as a Markdown table (macro AUC, accuracy, F1, detector IoU)."""
-    lines = ["| variant | report group | seeds | macro AUC | macro accuracy | macro F1 | detector IoU |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | report group | seeds | macro AUC | macro AUC 95 % CI (seeds) | macro accuracy | macro F1 "
+             "| detector IoU |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['variant']} | {s['group']} | {s['seeds']} | "
+        low, high = s.get("macro_auc_ci") or (math.nan, math.nan)
+        ci = "–" if low is None or math.isnan(low) else f"{low:.3f} to {high:.3f}"
+        lines.append(f"| {s['variant']} | {s['group']} | {s['seeds']} | {_pm(s['macro_auc'], s['macro_auc_sd'], s['seeds'])}"
+                     f" | {ci} | "
                      + " | ".join(_pm(s[k], s[f"{k}_sd"], s["seeds"])
-                                  for k in ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean")) + " |")
+                                  for k in ("macro_accuracy", "macro_f1", "detector_iou_mean")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +265,7 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
     """
     from server.report import json_safe
     from sim.experiment import run_experiment
+    from sim.report_html import write_compare_html
 
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -280,6 +284,8 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
                   "macro_auc": cross_site_matrix(site_rows)}, "cells": cells, "seeds": list(seeds),
                   "variants": {v.name: dict(v.overrides) for v in variants}}
         (out / "compare.json").write_text(json.dumps(json_safe(result), indent=2))
+        (out / "compare.md").write_text(markdown_table(result["summary"]))
+        write_compare_html(json_safe(result), out)  # after every cell: a stopped grid still has its page
         return result
 
     # seed-major: a grid stopped early has every variant for the seeds it finished
@@ -292,12 +298,7 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
         site_rows.extend(cross_site_rows(variant.name, seed, report))
         cells[f"{variant.name}/seed-{seed}"] = f"{variant.name}/seed-{seed}"
         write()
-    result = write()
-    (out / "compare.md").write_text(markdown_table(result["summary"]))
-    from sim.report_html import write_compare_html
-
-    write_compare_html(result, out)
-    return result["summary"]
+    return write()["summary"]
 
 
 def print_summary(summary: Sequence[Mapping], console: Console) -> None:

@@ -55,6 +55,8 @@ def test_summary_is_mean_and_sample_sd_over_seeds():
     assert summary["external-2"]["macro_auc_sd"] == pytest.approx(0.0)
     table = compare.markdown_table(compare.summarise(rows))
     assert f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}" in table
+    half = 4.302652729749464 * np.std(aucs, ddof=1) / np.sqrt(3)  # t(0.975, 2 df) x standard error
+    assert f"{np.mean(aucs) - half:.3f} to {np.mean(aucs) + half:.3f}" in table
 
 
 def test_grid_runs_each_cell_in_its_own_folder_and_writes_the_table(tmp_path, monkeypatch):
