@@ -52,6 +52,7 @@ __all__ = [
     "detector_config",
     "environment",
     "print_table",
+    "parse_option",
     "run_benchmarks",
     "section",
 ]
@@ -284,6 +285,7 @@ QUICK_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False, work: Path | None = None,
+                   on_section: Callable[[dict[str, Any]], None] | None = None,
                    **options: dict[str, Any]) -> dict[str, Any]:
     """Run the named sections (all registered ones when ``None``).
 
@@ -292,6 +294,8 @@ def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False, w
         quick: start from :data:`QUICK_OPTIONS` (explicit ``options`` still win).
         work: folder for the sections' data (phantom DICOM, site caches, Flower runs), passed to
             every section that takes ``work``; default ``runs/bench/work``.
+        on_section: called with the result so far after every section (e.g. to write a partial
+            ``bench.json``, so that a long run interrupted late keeps what it measured).
         **options: per-section keyword arguments, keyed by section name, e.g.
             ``detector={"steps": 3}``.
 
@@ -311,7 +315,10 @@ def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False, w
     if stray:
         raise ValueError(f"options given for section(s) {stray} that are not run ({names})")
     env = environment()
-    results = {}
+    results: dict[str, list[Row]] = {}
+    out = {"environment": env, "quick": quick, "options": {n: {k: (list(v) if isinstance(v, tuple) else v)
+                                                              for k, v in o.items()} for n, o in options.items()},
+           "sections": results}
     for name in names:
         kwargs = {**(QUICK_OPTIONS.get(name, {}) if quick else {}), **options.get(name, {})}
         if work is not None and "work" in inspect.signature(SECTIONS[name].run).parameters:
@@ -320,8 +327,30 @@ def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False, w
         t0 = time.perf_counter()
         results[name] = SECTIONS[name].run(**kwargs)
         logger.info("benchmark section %s: %.0f s", name, time.perf_counter() - t0)
-    env["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"environment": env, "quick": quick, "sections": results}
+        env["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        if on_section is not None:
+            on_section(out)
+    return out
+
+
+def parse_option(text: str) -> tuple[str, str, Any]:
+    """``"federated.local_steps=10"`` -> ``("federated", "local_steps", 10)``; the value is read as JSON
+    (``10``, ``0.5``, ``true``, ``[4, 8]``; lists become tuples), else kept as a string.
+
+    Raises:
+        ValueError: without ``SECTION.KEY=VALUE`` form.
+    """
+    import json
+
+    key, sep, value = text.partition("=")
+    name, dot, option = key.strip().partition(".")
+    if not sep or not dot or not name or not option:
+        raise ValueError(f"--option {text!r}: expected SECTION.KEY=VALUE, e.g. federated.local_steps=10")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return name, option, tuple(parsed) if isinstance(parsed, list) else parsed
 
 
 def _cell(value: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -199,14 +200,36 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def _wait(env: dict[str, str], run_id: int, timeout_s: float, on_poll, pid: int, peak: dict) -> str:
-    """Poll the run's status until it finishes, tracking the peak RSS of the process tree in ``peak``."""
+STATUS_EVERY_S = 30.0  # `flwr list` costs about 1.2 CPU-s a call: ask only when the executor is gone, or this often
+
+
+def _simulation_alive(address: str) -> bool:
+    """True while a ``flwr-simulation`` executor serves the SuperLink at ``address`` (psutil)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any(part.endswith("flwr-simulation") for part in cmd[:2]) and address in " ".join(cmd):
+            return True
+    return False
+
+
+def _wait(env: dict[str, str], run_id: int, timeout_s: float, on_poll, pid: int, peak: dict, address: str) -> str:
+    """Wait until the run finishes, tracking the peak RSS of the process tree in ``peak``.
+
+    The status comes from ``flwr list`` (a fresh CLI process, about 1.2 CPU-s), asked when the run's
+    ``flwr-simulation`` executor is not (or no longer) running and otherwise every
+    :data:`STATUS_EVERY_S` seconds, so that polling does not eat into the clients' cores.
+    """
     deadline = time.monotonic() + timeout_s
+    asked = -math.inf
     while time.monotonic() < deadline:
         peak["rss_bytes"] = max(peak.get("rss_bytes", 0), tree_rss_bytes(pid) + tree_rss_bytes(os.getpid()))
-        status = _run_status(env, run_id)
-        if status.startswith(("finished", "stopped")):
-            return status
+        if not _simulation_alive(address) or time.monotonic() - asked >= STATUS_EVERY_S:
+            asked = time.monotonic()
+            status = _run_status(env, run_id)
+            if status.startswith(("finished", "stopped")):
+                return status
         if on_poll:
             on_poll()
         time.sleep(2.0)
@@ -274,7 +297,7 @@ def run_simulation(
                 streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env,
                                             stdout=fh, stderr=subprocess.STDOUT, cwd=APP_DIR, start_new_session=True)
             try:
-                status = _wait(env, run_id, timeout_s, on_poll, pid, peak)
+                status = _wait(env, run_id, timeout_s, on_poll, pid, peak, address)
             except KeyboardInterrupt:
                 log.warning("interrupted: stopping run %d (re-run the same command to resume)", run_id)
                 try:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """Cast every aggregated entry back to the dtype it has in ``reference``.
+    """Cast every aggregated entry back to the dtype and shape it has in ``reference``.
 
     Integer entries are rounded to the nearest integer first.
 
@@ -57,10 +57,11 @@ def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayReco
     out = {}
     for key, ref in reference.items():
         value = aggregated[key].numpy()
-        ref_dtype = ref.numpy().dtype
-        if np.issubdtype(ref_dtype, np.integer):
+        ref_array = ref.numpy()
+        if np.issubdtype(ref_array.dtype, np.integer):
             value = np.rint(value)
-        out[key] = Array(np.ascontiguousarray(value.astype(ref_dtype)))
+        # and the shape: np.ascontiguousarray would make a 0-d entry (num_batches_tracked) shape (1,)
+        out[key] = Array(np.array(value, dtype=ref_array.dtype, order="C").reshape(ref_array.shape))
     return ArrayRecord(out)
 
 

@@ -54,10 +54,11 @@ def test_arrayrecord_round_trip_keeps_every_entry_and_dtype(model):
 
 def test_restore_dtypes_rounds_integer_buffers():
     ref = ArrayRecord({"w": torch.zeros(2), "n": torch.tensor(3, dtype=torch.int64)})
-    agg = ArrayRecord({"w": torch.tensor([0.5, 1.5], dtype=torch.float64), "n": torch.tensor(4.6, dtype=torch.float64)})
+    agg = ArrayRecord({"w": torch.tensor([0.5, 1.5], dtype=torch.float64), "n": torch.tensor([4.6], dtype=torch.float64)})
     out = restore_dtypes(agg, ref).to_torch_state_dict()
     assert out["w"].dtype == torch.float32 and out["n"].dtype == torch.int64
     assert int(out["n"]) == 5
+    assert out["n"].shape == () and out["w"].shape == (2,)  # the weighted mean's (1,) is back to 0-d
 
 
 def _state(w: float, n: int):
