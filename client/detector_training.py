@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from client.augmentation import augment_detector_batch
-from client.training import LocalRun, autocast, batches, make_lr_scheduler
+from client.training import LocalRun, autocast, batches, make_lr_scheduler, to_device
 from shared_models.detector import YOLOX3D, decode_best_box, detector_loss
 
 
@@ -69,8 +69,8 @@ def train_detector(
     scheduler = make_lr_scheduler(run.opt, step_offset=step_offset, warmup_steps=warmup_steps, total_steps=total_steps)
     losses = []
     for idx in batches(n, batch_size, steps, run.rng):
-        x = torch.from_numpy(volumes[idx]).float().to(device)
-        y = torch.from_numpy(boxes_voxel[idx]).float().to(device)
+        x = to_device(torch.from_numpy(volumes[idx]).float(), device)
+        y = to_device(torch.from_numpy(boxes_voxel[idx]).float(), device)
         x, y = augment_detector_batch(x, y, run.gen)  # on the training device
         with autocast(device, amp):
             loss, _ = detector_loss(model(x), y, model.cells, l1_weight=l1_weight)
@@ -95,7 +95,7 @@ def predict_boxes(
     model.to(device).eval()
     out_b, out_s, out_l = [], [], []
     for start in range(0, len(volumes), batch_size):
-        x = torch.from_numpy(volumes[start : start + batch_size]).float().to(device)
+        x = to_device(torch.from_numpy(volumes[start : start + batch_size]).float(), device)
         boxes, scores, low = decode_best_box(model(x))
         out_b.append(boxes.float().cpu().numpy())
         out_s.append(scores.float().cpu().numpy())

@@ -37,7 +37,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from client.augmentation import augment_intensity
-from client.training import LocalRun, autocast, batches, lr_factor, make_lr_scheduler  # noqa: F401 (re-exported)
+from client.training import LocalRun, autocast, batches, lr_factor, make_lr_scheduler, to_device  # noqa: F401 (re-exported)
 from shared_models.losses import stage_focal_loss
 from shared_models.stages import NUM_STAGES
 
@@ -119,7 +119,7 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a (B, C, D, H, W) batch to ``device``; channels-last 3D on CUDA only."""
     if device.type == "cuda":
-        return x.to(device, memory_format=torch.channels_last_3d, non_blocking=True)
+        return to_device(x, device, memory_format=torch.channels_last_3d)
     return x.to(device)
 
 
@@ -163,7 +163,7 @@ def _train_steps(
     for idx in index_batches:
         x = _augment(torch.from_numpy(np.asarray(crops[idx], np.float32)), run.gen, flip_dims, intensity_aug)
         x = _to_device(x, device)
-        y = torch.from_numpy(labels[idx]).long().to(device)
+        y = to_device(torch.from_numpy(labels[idx]).long(), device)
         with autocast(device, amp):
             logits = run.model(x)
         loss = criterion(logits.float(), y)
@@ -209,7 +209,7 @@ def train_stager(
         weight_decay: Adam weight decay (L2, paper section 2.5).
         focal_gamma: focal loss gamma (arXiv:1708.02002; MONAI ``FocalLoss``).
         device: where to train; on CUDA the model and inputs use ``torch.channels_last_3d``
-            and ``amp`` enables float16 autocast.
+            and ``amp`` enables autocast (bfloat16 where supported, else float16).
         proximal_mu: FedProx ``mu`` (``(mu/2)·||w − w_global||²``, arXiv:1812.06127 eq. 2) with
             the weights ``model`` holds on entry as ``w_global``.
         class_balanced: sample volumes with probability inversely proportional to their class

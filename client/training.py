@@ -44,11 +44,28 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on ``device``: bfloat16 where the GPU supports it (Ampere and later: float32's
+    range, no loss scaling), else float16; None on CPU, where autocast is off."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast(device: torch.device, amp: bool):
-    """Mixed precision on CUDA only (bf16/fp16 autocast); a no-op context on CPU."""
+    """Mixed precision on CUDA only (:func:`amp_dtype`); a no-op context on CPU."""
     if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return torch.autocast(device_type="cuda", dtype=amp_dtype(device))
     return contextlib.nullcontext()
+
+
+def to_device(x: torch.Tensor, device: torch.device, **kwargs) -> torch.Tensor:
+    """Copy a CPU batch to ``device``: through pinned memory with a non-blocking copy on CUDA, so the
+    copy overlaps the previous step's kernels; a no-op move on CPU. ``kwargs`` go to ``Tensor.to``
+    (e.g. ``memory_format``)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True, **kwargs)
+    return x.to(device, **kwargs)
 
 
 @dataclass
@@ -72,7 +89,8 @@ class LocalRun:
         return cls(
             model=model,
             opt=torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay),
-            scaler=torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda"),
+            # loss scaling only for float16: bfloat16 has float32's exponent range
+            scaler=torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(device) == torch.float16),
             global_params=snapshot_params(model) if proximal_mu > 0 else None,
             proximal_mu=proximal_mu,
             rng=np.random.default_rng(seed),

@@ -203,3 +203,23 @@ def test_flip_augmentation_mirrors_some_samples_along_each_axis_and_leaves_the_r
     same = [torch.equal(o, v) for o, v in zip(out, x)]
     assert all(f or s for f, s in zip(flipped, same))  # each sample is either mirrored along W or untouched
     assert 4 <= sum(flipped) <= 28 and 4 <= sum(same) <= 28  # p = 0.5 over 32 samples
+
+
+def test_amp_uses_bfloat16_where_supported_and_scales_loss_only_for_float16(monkeypatch):
+    import torch
+
+    from client.training import LocalRun, amp_dtype, autocast, to_device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(cpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype(cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp_dtype(cuda) == torch.float16
+    # on CPU: no autocast, no loss scaling, and the copy is a plain move (no pinned memory without CUDA)
+    with autocast(cpu, amp=True):
+        assert torch.matmul(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    run = LocalRun.start(torch.nn.Linear(2, 2), lr=1e-3, weight_decay=0.0, device=cpu, amp=True, proximal_mu=0.0, seed=0)
+    assert not run.scaler.is_enabled()
+    x = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(to_device(x, cpu), x)
