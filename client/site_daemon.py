@@ -230,8 +230,9 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
                held_retry_s: float = 10.0, on_start=None) -> int:
     """Run ``cmd`` (a SuperNode) and restart it with exponential backoff whenever it exits.
 
-    The backoff doubles after each quick death (``backoff_s`` up to ``max_backoff_s`` seconds)
-    and resets after a run that lasted ``healthy_after_s`` seconds. A SuperNode that exits 0
+    The backoff doubles after each quick death (``backoff_s`` up to ``max_backoff_s`` seconds);
+    it and the count of restarts (at most ``max_restarts`` in a row) reset after a run that
+    lasted ``healthy_after_s`` seconds. A SuperNode that exits 0
     (the SuperLink ended it) is not restarted, nor one refused (code 2004) on its very first
     start (its key is not enrolled). A refusal after a crash is retried every ``held_retry_s``
     seconds: the SuperLink keeps the dead session until its heartbeat expires (about a minute).
@@ -248,6 +249,7 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     delay = backoff_s
     attempt = 0
+    restarts = 0  # since the last healthy run
     while True:
         attempt += 1
         started = time.monotonic()
@@ -263,6 +265,7 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
             _stop_tree(proc.pid)
             raise
         lasted = time.monotonic() - started
+        restarts = 0 if lasted >= healthy_after_s else restarts + 1
         if code == 0:
             log.info("SuperNode ended cleanly")
             return 0
@@ -275,12 +278,12 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
             # After a crash the SuperLink still holds the old session until its heartbeat expires
             # (Flower: about 2 x 30 s) and refuses the same key with the same code: keep backing off.
             log.warning("the SuperLink still holds this node's previous session; retrying in %.0f s", held_retry_s)
-            if attempt > max_restarts:
+            if restarts > max_restarts:
                 return code
             time.sleep(held_retry_s)
             continue
-        if attempt > max_restarts:
-            log.error("SuperNode exited with code %d; %d restarts used up, giving up (log: %s)", code, max_restarts, log_file)
+        if restarts > max_restarts:
+            log.error("SuperNode exited with code %d; %d restarts in a row used up, giving up (log: %s)", code, max_restarts, log_file)
             return code
         delay = backoff_s if lasted >= healthy_after_s else min(max_backoff_s, delay * (2 if attempt > 1 else 1))
         log.warning("SuperNode exited with code %d after %.0f s; restarting in %.0f s", code, lasted, delay)

@@ -183,13 +183,23 @@ def cmd_bench(args) -> int:
     """Benchmarks that print measured figures and write ``bench.json``."""
     from sim.bench import SECTIONS, print_table, run_benchmarks
 
+    from sim.bench import parse_option
+
     names = args.only.split(",") if args.only else None
-    result = run_benchmarks(names, quick=args.quick, work=Path(args.out) / "work")
-    for name, rows in result["sections"].items():
-        print_table(rows, title=SECTIONS[name].title, console=console)
+    options: dict = {}
+    for text in args.option or []:
+        name, key, value = parse_option(text)
+        options.setdefault(name, {})[key] = value
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
+
+    def write(result: dict) -> None:  # after every section: a late interruption keeps what was measured
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+
+    result = run_benchmarks(names, quick=args.quick, work=out / "work", on_section=write, **options)
+    for name, rows in result["sections"].items():
+        print_table(rows, title=SECTIONS[name].title, console=console)
+    write(result)
     console.print(f"{out / 'bench.json'} (load average {result['environment'].get('load_avg_1min', '?')}: "
                   "figures taken under load are not comparable)")
     return 0
@@ -582,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated sections (default: all; known: detector, transfer, ingestion, "
                    "input_pipeline, inference, federated, scaling, deployment)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, default widths only")
+    p.add_argument("--option", action="append", metavar="SECTION.KEY=VALUE",
+                   help="a section's keyword argument, e.g. federated.local_steps=10 (repeatable; JSON values)")
     p.set_defaults(func=cmd_bench)
     from sim.medmnist import add_medmnist_parser
 

@@ -7,11 +7,26 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message.message import make_message
 from flwr.common.serde import recorddict_to_proto
 
-from client.audit import append_entry, audited, describe_message, read_audit_log, verify_audit_log
+from client.audit import (
+    append_entry,
+    audited,
+    describe_message,
+    read_audit_log,
+    verify_audit_log,
+)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

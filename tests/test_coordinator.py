@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import ssl
 import sys
 import threading
-import socket
-from pathlib import Path
 
 import pytest
 import torch

@@ -9,13 +9,15 @@ One module fixture runs the federation; two runs carry every check:
   which takes part in round 2. Its signed bundle verifies (``onfh site verify``, ``pull``),
   a tampered copy and an unverified use are refused by ``onfh infer``, and every site's audit
   log describes what left the site.
-* run 2 (``resume``): the ServerApp is killed after detector round 1; ``launch --resume``
-  continues from the checkpoint, and the final weights equal run 1's exactly (C only
+* run 2 (``resume``): the ServerApp is killed after detector round 1, then the SuperLink is
+  restarted on its database (runs and keys survive; the daemons reconnect their nodes);
+  ``launch --resume`` continues from the checkpoint, and the final weights equal run 1's exactly (C only
   evaluates, so its fault does not touch the weights; local training is seeded per round
   and FedAvg of two updates is order-independent).
 
-An unenrolled SuperNode is refused (Flower code 2004) and its daemon gives up.
-Needs about 10 minutes on 2 CPU cores. Ports 19140-19199 on 127.0.0.1.
+An unenrolled SuperNode is refused (Flower code 2004) and its daemon gives up; a run whose
+configured site never connects fails after ``node-wait-timeout-s``, naming the site.
+Needs about 15 minutes on 2 CPU cores. Ports 19140-19199 on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def federation(tmp_path_factory):
     finally:
         for proc in daemons.values():
             co.stop_process_tree(proc.pid)
-        co.stop_process_tree(superlink.pid)
+        co.stop_process_tree(state["superlink"].pid)
 
 
 def test_run_with_killed_supernode_completes_and_names_the_missing_site(federation):
@@ -281,6 +283,20 @@ def test_unenrolled_supernode_is_refused(federation, tmp_path):
     assert "not restarting" in (tmp_path / "daemon.log").read_text()
 
 
+def test_a_site_that_never_connects_fails_the_run_fast_naming_it(federation, capsys):
+    out = federation["root"] / "run-missing"
+    argv = _launch_argv(federation["home"], out)
+    argv[argv.index("--sites") + 1] = "A,B,C,D"  # D was never enrolled
+    argv += ["--set", "site-ids=A,B,C,D", "--set", "report-groups=A-test=A;B-test=B;external-1=C,D",
+             "--set", "node-wait-timeout-s=60", "--wait"]
+    t0 = time.monotonic()
+    assert main(argv) == 1
+    text = capsys.readouterr().out
+    assert "finished:failed" in text and "SitesMissingError" in text and "['D']" in text
+    assert time.monotonic() - t0 < 240
+    assert not (out / "checkpoints").exists()
+
+
 def test_resume_after_serverapp_killed_gives_the_same_weights(federation):
     home, flwr_home = federation["home"], federation["flwr_home"]
     out = federation["root"] / "run-resume"
@@ -297,6 +313,17 @@ def test_resume_after_serverapp_killed_gives_the_same_weights(federation):
     except co.CoordinatorError:
         pass
     assert _progress(out) == {"phase": "detector", "round": 1}
+    # the SuperLink goes down too and comes back on its database: runs and enrolled keys survive,
+    # and the daemons bring their nodes back without a new enrolment
+    co.stop_process_tree(federation["superlink"].pid)
+    certs = federation["certs"]
+    federation["superlink"] = co.start_superlink(
+        certs, flwr_home=flwr_home, database=home / "superlink.db", log_file=home / "superlink.log",
+        port=int(federation["address"].rsplit(":", 1)[1]))
+    assert co.run_status(first, flwr_home=flwr_home) != ""  # the interrupted run is still listed
+    registry = co.load_registry(home / co.REGISTRY_NAME)
+    _wait(lambda: all(co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online"
+                      for s in SITES), 400, "three SuperNodes back online after the SuperLink restart", poll_s=3)
     assert main(["coordinator", "launch", "--home", str(home), "--resume", str(out), "--wait", "--timeout", "1500"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["rounds"] == {"detector": 2, "stager": 2}
