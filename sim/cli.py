@@ -39,6 +39,9 @@ SCHEDULES: dict[str, dict[str, object]] = {
 }
 
 
+# shared_models.config.STRATEGIES, spelled out so that `onfh -h` does not import torch (a test keeps them equal)
+STRATEGY_CHOICES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")
+
 # --------------------------------------------------------------------------- helpers
 
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -560,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
         if data_required:
             p.add_argument("--data", required=True, help="folder holding one sub-folder per site (A, B, C, D)")
         p.add_argument("--out", required=True, help="output folder: report.json, bundle/, checkpoints/ (re-run to resume)")
-        p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedbn"), default="fedavg")
+        p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fedavg",
+                       help="aggregation (fedmedian, fedtrimmedavg and krum are Flower's robust strategies)")
         p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule matching the phantom profile")
         if seed:
             p.add_argument("--seed", type=int, default=0)
@@ -695,8 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_OUT", help="start the run in RUN_OUT again, after its last checkpointed round")
     p.add_argument("--sites", help="comma-separated site ids (default: every enrolled site)")
     p.add_argument("--train-sites", help="comma-separated training sites (default: all --sites)")
-    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum"),
-                   default="fedavg")
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fedavg")
     p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule (rounds, steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-site-fraction", type=float, default=0.5,

@@ -92,3 +92,10 @@ def test_lr_schedule_runs_over_all_rounds_of_a_phase():
         cfg.lr_schedule_args("crops", 1)
     with pytest.raises(ValueError, match="'lr-schedule'"):
         RunConfig.from_run_config(tiny_run_config(**{"lr-schedule": "step"}))
+
+
+def test_cli_strategy_choices_are_the_run_configs():
+    from shared_models.config import STRATEGIES
+    from sim.cli import STRATEGY_CHOICES
+
+    assert STRATEGY_CHOICES == STRATEGIES
