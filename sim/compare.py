@@ -198,8 +198,10 @@ def cross_site_matrix(rows: Sequence[Mapping], key: str = "macro_auc") -> dict[s
     return {v: {site: statistics.fmean(vals) for site, vals in sites.items()} for v, sites in cells.items()}
 
 
-def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t confidence interval of the mean over seeds (scipy.stats.t); ``(nan, nan)`` for fewer than 2."""
+def seed_interval(values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
+                  ) -> tuple[float, float]:
+    """Student-t confidence interval of the mean over seeds (scipy.stats.t), clipped to ``bounds`` (every
+    metric here is a proportion or an AUC); ``(nan, nan)`` for fewer than 2 values."""
     from scipy import stats
 
     if len(values) < 2:
@@ -208,7 +210,7 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     if sem == 0:
         return mean, mean
     low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
-    return float(low), float(high)
+    return max(float(low), bounds[0]), min(float(high), bounds[1])
 
 
 def summarise(rows: Sequence[Mapping]) -> list[dict]:

@@ -155,6 +155,7 @@ def test_seed_interval_is_the_student_t_interval():
     half = t_975_2 * np.std(values, ddof=1) / math.sqrt(3)
     assert (low, high) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
     assert all(math.isnan(v) for v in compare.seed_interval([0.8]))
+    assert compare.seed_interval([0.7, 1.0, 1.0])[1] == 1.0  # an AUC interval never passes 1
 
 
 def test_load_crops_takes_todays_split_not_the_one_at_crop_time(tmp_path):
