@@ -33,6 +33,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shared_models.processes import stop_process_tree
+
 log = logging.getLogger(__name__)
 
 PRIVATE_KEY_NAME = "supernode-key"
@@ -262,7 +264,7 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
         try:
             code = proc.wait()
         except KeyboardInterrupt:
-            _stop_tree(proc.pid)
+            stop_process_tree(proc.pid, timeout_s=10.0)
             raise
         lasted = time.monotonic() - started
         restarts = 0 if lasted >= healthy_after_s else restarts + 1
@@ -301,22 +303,3 @@ def _refused_activation(log_file: Path, offset: int = 0) -> bool:
         return False
 
 
-def _stop_tree(pid: int, timeout_s: float = 10.0) -> None:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass

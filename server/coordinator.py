@@ -47,6 +47,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared_models.processes import stop_process_tree, toml_value
+
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -361,39 +363,7 @@ def start_superlink(certs: CertPaths, *, flwr_home: Path, database: Path, log_fi
     return proc
 
 
-def stop_process_tree(pid: int, timeout_s: float = 15.0) -> None:
-    """SIGTERM a process and its descendants, SIGKILL what is left after ``timeout_s`` seconds."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 # --------------------------------------------------------------------------- runs
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    raise TypeError(f"run-config values must be str, int, float or bool, got {type(value).__name__}")
 
 
 def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, connection: str = CONNECTION,
@@ -418,7 +388,7 @@ def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, conn
     RunConfig.from_run_config({**default_run_config(), **rc})  # fail here, not in the ServerApp's log
     out.mkdir(parents=True, exist_ok=True)
     overrides = out / "run-config.toml"
-    overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in rc.items()))
+    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in rc.items()))
     text = _flwr(["run", str(APP_DIR), connection, "--run-config", str(overrides), "--format", "json"], flwr_home, timeout=300)
     run_id = int(_json_tail(text)["run-id"])
     record = json.loads((out / LAUNCH_NAME).read_text()) if (out / LAUNCH_NAME).exists() else {"run_ids": []}

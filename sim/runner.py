@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from shared_models.processes import toml_value
+
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -70,21 +72,6 @@ def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, st
     env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     return env
-
-
-def toml_value(value) -> str:
-    """A run-config value as TOML (str, int, float or bool only).
-
-    Raises:
-        TypeError: for any other type.
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    raise TypeError(f"run-config values must be str, int, float or bool, got {type(value).__name__}")
 
 
 def _bin(name: str) -> str:
