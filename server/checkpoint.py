@@ -38,6 +38,32 @@ def config_fingerprint(run_config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def config_changes(stored: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """What keeps a checkpoint's run from resuming under ``current``; [] when it may resume.
+
+    A key in both must hold the same value; a key only in ``current`` (added by a later release)
+    must hold its ``pyproject.toml`` default; a key only in ``stored`` (removed since) blocks.
+    :data:`RESUMABLE_KEYS` are ignored.
+
+    Returns:
+        One ``"KEY: OLD -> NEW"`` (or ``"KEY: removed"`` / ``"KEY: new, not its default"``) per blocking key.
+    """
+    if defaults is None:
+        from shared_models.config import default_run_config
+
+        defaults = default_run_config()
+    out = []
+    for key in sorted((set(stored) | set(current)) - RESUMABLE_KEYS):
+        if key in stored and key in current:
+            if stored[key] != current[key]:
+                out.append(f"{key}: {stored[key]!r} -> {current[key]!r}")
+        elif key in stored:
+            out.append(f"{key}: removed")
+        elif key not in defaults or current[key] != defaults[key]:
+            out.append(f"{key}: new, not its default")
+    return out
+
+
 @dataclass
 class PhaseCheckpoint:
     """State of one phase after ``round`` finished rounds, and the best round so far."""
@@ -50,6 +76,7 @@ class PhaseCheckpoint:
     best_score: float = float("-inf")
     best_state_dict: dict[str, torch.Tensor] | None = None
     fingerprint: str = ""
+    run_config: dict = field(default_factory=dict)  # without RESUMABLE_KEYS; to resume across releases
     missing_sites: dict[int, dict[str, list[str]]] = field(default_factory=dict)
     rejected_updates: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
@@ -66,9 +93,17 @@ class PhaseCheckpoint:
 class CheckpointStore:
     """Reads and atomically writes phase checkpoints under ``folder``."""
 
-    def __init__(self, folder: Path, fingerprint: str):
+    def __init__(self, folder: Path, fingerprint: str, run_config: dict | None = None):
+        """
+        Args:
+            folder: the run's ``checkpoints`` folder.
+            fingerprint: :func:`config_fingerprint` of the run config.
+            run_config: the run config itself; stored in every checkpoint so that a later release,
+                which may add run-config keys, can still resume the run (see :func:`config_changes`).
+        """
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.run_config = {k: v for k, v in (run_config or {}).items() if k not in RESUMABLE_KEYS}
 
     def path(self, phase: str) -> Path:
         return self.folder / f"{phase}.pt"
@@ -85,16 +120,21 @@ class CheckpointStore:
         data = torch.load(path, weights_only=False, map_location="cpu")
         ckpt = PhaseCheckpoint(**data)
         if ckpt.fingerprint != self.fingerprint:
-            raise ValueError(
-                f"{path}: checkpoint belongs to a run with a different configuration; "
-                "use a new out-dir or delete the checkpoints folder to start over"
-            )
+            changes = config_changes(ckpt.run_config, self.run_config) if ckpt.run_config and self.run_config else None
+            if changes != []:
+                detail = f" ({', '.join(changes)})" if changes else ""
+                raise ValueError(
+                    f"{path}: checkpoint belongs to a run with a different configuration{detail}; "
+                    "use a new out-dir or delete the checkpoints folder to start over"
+                )
+            log.info("resuming a run of an earlier release: its config matches, new keys are at their defaults")
         return ckpt
 
     def save(self, phase: str, ckpt: PhaseCheckpoint) -> None:
         """Write atomically (temp file + rename), so a crash never leaves half a checkpoint."""
         self.folder.mkdir(parents=True, exist_ok=True)
         ckpt.fingerprint = self.fingerprint
+        ckpt.run_config = dict(self.run_config)
         tmp = self.path(phase).with_suffix(".tmp")
         torch.save(ckpt.__dict__, tmp)
         os.replace(tmp, self.path(phase))

@@ -232,7 +232,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_config = dict(context.run_config)
-    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config))
+    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
     torch.manual_seed(cfg.seed)
 
     # 2. sites

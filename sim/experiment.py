@@ -24,7 +24,7 @@ def run_complete(out: Path, run_config: dict, cfg) -> bool:
     """
     from server.checkpoint import CheckpointStore, config_fingerprint
 
-    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config))
+    store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
     detector, stager = store.load("detector"), store.load("stager")
     return bool(
         detector and stager and detector.round >= cfg.detector_rounds and stager.round >= cfg.stager_rounds
