@@ -29,7 +29,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without invalidating it.
-RESUMABLE_KEYS = frozenset({"detector-rounds", "stager-rounds", "node-wait-timeout-s", "round-timeout-s", "device", "amp"})
+# out-dir: a run folder that was moved or copied resumes from its new place.
+RESUMABLE_KEYS = frozenset({"detector-rounds", "stager-rounds", "node-wait-timeout-s", "round-timeout-s", "device", "amp",
+                            "out-dir"})
 
 
 def config_fingerprint(run_config: dict) -> str:

@@ -178,7 +178,7 @@ def cmd_compare(args) -> int:
         variants = grid_variants(args.grid, sites, full)
     summary = run_compare(base, Path(args.out), variants, seeds, console=console)
     print_summary(summary, console)
-    console.print(f"grid: {Path(args.out) / 'compare.json'} and compare.md")
+    console.print(f"grid: {Path(args.out) / 'report.html'} (open in a browser), compare.json and compare.md")
     return 0
 
 
@@ -579,14 +579,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_args(p, seed=False)
     for action in p._actions:
         if action.dest == "out":
-            action.help = "grid folder: OUT/<variant>/seed-<n> per run, compare.json, compare.md (re-run to resume)"
+            action.help = ("grid folder: OUT/<variant>/seed-<n> per run, report.html, compare.json, compare.md "
+                           "(re-run to resume)")
     p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A); each is split "
                    "8:1:1 by patient in every cell and its test split reported as <site>-test")
     p.add_argument("--variant", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="a named set of run-config overrides (repeatable); default: default, "
                         "gt-crops:crop-source=ground-truth, plain-transition:stager-transition=plain")
     p.add_argument("--grid", default="ablations", metavar="NAME[,NAME]",
-                   help="named grid(s) when no --variant is given: ablations (default run, gt-crops, plain-transition), "
+                   help="named grid(s) when no --variant is given; default ablations (default run, gt-crops, plain-transition), "
                         "strategies (FedAvg, FedProx mu 0.001/0.01/0.1, FedBN), leave-one-site-out, or baselines "
                         "(federated vs local-only per site vs pooled; needs --train-sites with two or more sites)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); mean ± sd over seeds")

@@ -270,10 +270,20 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
     from sim.report_html import write_compare_html
 
     names = [v.name for v in variants]
+    if not variants:
+        raise ValueError("the grid has no variants (check --grid / --variant)")
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be distinct, got {names}")
     if not seeds:
         raise ValueError("at least one seed is needed")
+    if "data-root" in base:  # a real grid: every cell's config is checked before the first one runs
+        from shared_models.config import RunConfig, default_run_config
+
+        for variant in variants:
+            try:
+                RunConfig.from_run_config({**default_run_config(), **base, **variant.overrides, "seed": seeds[0]})
+            except ValueError as err:
+                raise ValueError(f"variant {variant.name}: {err}") from None
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -120,8 +120,9 @@ def group_check(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, reported
     ci = {}
     for name, fn in CI_METRICS.items():
         result = bootstrap_ci(patients, y, probs, fn, n_boot=n_boot, seed=seed)
-        ci[name] = {"point": result.point, "low": result.low, "high": result.high,
-                    "n_patients": result.n_patients, "n_skipped": result.n_skipped}
+        real = result.n_patients >= 2  # one patient resamples to itself: no interval
+        ci[name] = {"point": result.point, "low": result.low if real else None, "high": result.high if real else None,
+                    "n_patients": result.n_patients, "n_skipped": result.n_skipped}  # n_skipped: resamples
     return {"n": int(y.size), "confusion_matches": bool(confusion.shape == reported_confusion.shape
                                                          and np.array_equal(confusion, reported_confusion)),
             "auc": auc, "ci": ci}

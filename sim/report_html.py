@@ -474,7 +474,8 @@ def _grid_bar_figure(summary: Sequence[Mapping[str, Any]], path: Path) -> Path |
     ax.set_ylim(0.0, 1.05)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=7, ncols=min(4, len(variants)), loc="lower right")
-    ax.set_title("Macro AUC per test group (mean over seeds, 95 % CI)")
+    seeds = max(int(s.get("seeds", 1)) for s in summary)
+    ax.set_title("Macro AUC per test group" + (f" (mean over {seeds} seeds, 95 % CI)" if seeds > 1 else " (one seed)"))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -485,16 +486,16 @@ def _cross_site_figure(matrix: Mapping[str, Mapping[str, float]], path: Path) ->
     if not variants or not sites:
         return None
     values = np.array([[matrix[v].get(s, np.nan) for s in sites] for v in variants], dtype=np.float64)
-    fig = Figure(figsize=(1.2 + 0.9 * len(sites), 1.0 + 0.45 * len(variants)))
+    fig = Figure(figsize=(max(5.5, 1.6 + 0.9 * len(sites)), 1.4 + 0.45 * len(variants)))
     ax = fig.add_subplot()
-    image = ax.imshow(values, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(sites)), [f"{s} test" for s in sites])
     ax.set_yticks(range(len(variants)), variants)
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.8 else "black", fontsize=8)
     fig.colorbar(image, ax=ax, label="macro AUC")
-    ax.set_title("Cross-site matrix: model (row) on site's test heads (column)")
+    ax.set_title("Cross-site matrix: model (row) at site (column)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -189,3 +189,15 @@ def test_compare_grid_writes_the_cross_site_matrix_and_a_page(tmp_path, monkeypa
     page = (tmp_path / "report.html").read_text()
     assert "Cross-site matrix" in page and 'href="local-B/seed-1/report.html"' in page
     assert (tmp_path / "figures" / "cross_site_macro_auc.png").stat().st_size > 1000
+
+
+def test_grid_checks_every_cell_before_the_first_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("sim.experiment.run_experiment", lambda overrides, console=None: calls.append(overrides))
+    base = {"data-root": str(tmp_path), "train-sites": "A,B"}
+    variants = [compare.Variant("ok"), compare.Variant("bad", {"train-sites": "A,Q"})]
+    with pytest.raises(ValueError, match=r"variant bad: .*Q"):
+        compare.run_compare(base, tmp_path / "grid", variants, [0])
+    assert calls == []  # nothing ran
+    with pytest.raises(ValueError, match="no variants"):
+        compare.run_compare(base, tmp_path / "grid", [], [0])

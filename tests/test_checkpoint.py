@@ -37,3 +37,9 @@ def test_config_changes_rules():
     assert config_changes({"a": 1}, {"a": 1, "b": "y"}, defaults) == ["b: new, not its default"]
     assert config_changes({"a": 1, "z": 0}, {"a": 1}, defaults) == ["z: removed"]
     assert config_changes({"a": 1}, {"a": 3}, defaults) == ["a: 1 -> 3"]
+
+
+def test_a_moved_run_folder_resumes(tmp_path):
+    rc = tiny_run_config(**{"out-dir": str(tmp_path / "old")})
+    _store(tmp_path, rc).save("detector", PhaseCheckpoint(round=3, state_dict={}))
+    assert _store(tmp_path, {**rc, "out-dir": str(tmp_path / "moved")}).load("detector").round == 3
