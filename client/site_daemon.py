@@ -38,6 +38,8 @@ from shared_models.processes import stop_process_tree
 log = logging.getLogger(__name__)
 
 PRIVATE_KEY_NAME = "supernode-key"
+#: How a SuperNode starts its ClientApp processes (:func:`supernode_command`).
+LAUNCHERS = ("fork", "subprocess")
 PUBLIC_KEY_NAME = "supernode-key.pub"
 
 
@@ -194,12 +196,21 @@ def _quote(value: str) -> str:
 
 
 def supernode_command(*, superlink: str, ca_cert: Path, private_key: Path, site_id: str, data: Path,
-                      port: int = 9094, max_retries: int | None = 10, max_wait_s: float | None = None) -> list[str]:
+                      port: int = 9094, max_retries: int | None = 10, max_wait_s: float | None = None,
+                      launcher: str = "fork", threads: int = 1) -> list[str]:
     """The ``flower-supernode`` command line (TLS, SuperNode authentication, node config).
+
+    ``launcher`` says how each ClientApp process starts: ``"fork"`` (default) wraps the SuperNode
+    in :mod:`client.clientapp_forkserver`, which forks every ClientApp from a process that has
+    imported torch and MONAI once (``threads`` torch threads each); ``"subprocess"`` is Flower's
+    own, a fresh ``flwr-clientapp`` interpreter per message (about 10 CPU-seconds of imports each).
 
     Raises:
         FileNotFoundError: the CA certificate or the private key is missing (names the file).
+        ValueError: an unknown ``launcher``.
     """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {launcher!r}")
     for path, what in ((ca_cert, "CA certificate"), (private_key, "SuperNode private key")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
@@ -213,6 +224,9 @@ def supernode_command(*, superlink: str, ca_cert: Path, private_key: Path, site_
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", str(max_wait_s)]
+    if launcher == "fork":
+        cmd = [sys.executable, "-m", "client.clientapp_forkserver", "--threads", str(threads), "--",
+               *cmd, "--isolation", "process"]
     return cmd
 
 

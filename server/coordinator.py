@@ -424,19 +424,37 @@ def run_status(run_id: int, *, flwr_home: Path, connection: str = CONNECTION) ->
 
 
 def wait_for_run(run_id: int, *, flwr_home: Path, connection: str = CONNECTION, timeout_s: float = 3600,
-                 poll_s: float = 3.0, on_poll=None) -> str:
+                 poll_s: float = 3.0, on_poll=None, out: Path | None = None, status_every_s: float = 30.0) -> str:
     """Poll :func:`run_status` until the run finishes or stops; return the final status.
+
+    Each :func:`run_status` is a ``flwr list`` process (about 1.2 CPU-seconds of imports), which on
+    a small coordinator competes with the run itself. With ``out`` (the run's out-dir), the loop
+    checks every ``poll_s`` seconds for the run's signed bundle (``out/bundle/MANIFEST.sig``,
+    written last, newer than this call) and asks Flower only when it appears, or every
+    ``status_every_s`` seconds (a run that fails writes no bundle). Without ``out``, it asks every
+    ``poll_s`` seconds.
 
     Raises:
         CoordinatorError: the run did not finish within ``timeout_s`` seconds.
     """
-    deadline = time.monotonic() + timeout_s
+    start, deadline = time.time(), time.monotonic() + timeout_s
+    sig = Path(out) / "bundle" / "MANIFEST.sig" if out is not None else None
+    asked = -float("inf")
+
+    def bundle_written() -> bool:
+        try:
+            return sig.stat().st_mtime >= start - 1.0
+        except OSError:
+            return False
+
     while time.monotonic() < deadline:
-        status = run_status(run_id, flwr_home=flwr_home, connection=connection)
-        if status.startswith(("finished", "stopped")):
-            return status
-        if on_poll:
-            on_poll(status)
+        if sig is None or bundle_written() or time.monotonic() - asked >= status_every_s:
+            asked = time.monotonic()
+            status = run_status(run_id, flwr_home=flwr_home, connection=connection)
+            if status.startswith(("finished", "stopped")):
+                return status
+            if on_poll:
+                on_poll(status)
         time.sleep(poll_s)
     raise CoordinatorError(f"run {run_id} did not finish within {timeout_s:.0f} s")
 

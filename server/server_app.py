@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
+from server.reply_polling import with_reply_polling
 from server.report import build_report, transfer_summary
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
 from shared_models.config import RunConfig
@@ -225,6 +226,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run both phases, then write ``report.json`` and the signed bundle to ``out-dir``."""
     t0 = time.monotonic()
     _enable_project_logging()
+    grid = with_reply_polling(grid)  # deployment: replies asked for every 0.05-0.5 s, not every 3 s
     # 1. config and checkpoints
     cfg = RunConfig.from_run_config(context.run_config)
     if not cfg.out_dir:

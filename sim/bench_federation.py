@@ -439,7 +439,7 @@ def scaling_benchmark(*, work: Path = DEFAULT_WORK, site_counts: Sequence[int] =
 
 @section("deployment", "Deployment overhead: real SuperLink/SuperNodes on 127.0.0.1 vs the simulation (issue 7)")
 def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_steps: int | None = None,
-                         seed: int = 0, timeout_s: float = 3600.0) -> list[Row]:
+                         seed: int = 0, timeout_s: float = 3600.0, launcher: str = "fork") -> list[Row]:
     """The same run in Flower's simulation and in a real deployment on this machine, side by side.
 
     Both: 4 phantom sites that all train, ``rounds`` rounds of each phase, ``local_steps`` steps
@@ -448,12 +448,13 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
     * ``simulation_s``: :func:`sim.runner.run_simulation`, from SuperLink start to the run's end;
     * ``deployment_s``: the issue-7 deployment (``onfh coordinator certs``/``enroll``,
       :func:`server.coordinator.start_superlink` with TLS and SuperNode authentication on
-      127.0.0.1, ports 19200-19299, one ``onfh site daemon`` per site with one thread each), from
-      ``coordinator launch`` to the run's end; the SuperLink and SuperNodes are long-lived in a
-      deployment and started before the clock;
+      127.0.0.1, ports 19200-19299, one ``onfh site daemon --launcher LAUNCHER`` per site with one
+      thread each), from ``coordinator launch`` to the run's end; the SuperLink and SuperNodes are
+      long-lived in a deployment and started before the clock;
     * ``overhead_ratio`` = deployment / simulation (target <= 1.10). Every deployment message
-      starts a fresh ``flwr-clientapp`` process (``FLOWER-1.42-NOTES.md``), which the simulation's
-      Ray actors do not.
+      runs in a process of its own (``FLOWER-1.42-NOTES.md``), which the simulation's Ray actors
+      do not: ``launcher="fork"`` (the daemon's default, :mod:`client.clientapp_forkserver`) forks
+      it with torch and MONAI imported; ``"subprocess"`` is Flower's fresh ``flwr-clientapp``.
 
     Returns:
         One row; ``status`` is ``"pending: ..."`` with the figures ``None`` when the deployment
@@ -507,6 +508,7 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
                     [sys.executable, "-m", "sim.cli", "site", "daemon", "--data", str(root / site), "--superlink",
                      f"127.0.0.1:{port}", "--ca-cert", str(certs.ca_cert), "--key", str(keys / "supernode-key"),
                      "--cache", str(dep / "cache-dep" / site), "--port", str(next(ports)), "--threads", "1",
+                     "--launcher", launcher,
                      "--max-retries", "5", "--max-restarts", "3"],
                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=co.APP_DIR))
         registry = co.load_registry(home / co.REGISTRY_NAME)
@@ -519,7 +521,8 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
         rc = {k: v for k, v in dep_over.items() if k != "out-dir"}
         t0 = time.monotonic()
         run_id = co.launch(rc, out=dep / "dep-out", flwr_home=flwr_home, signing_key=certs.signing_key)
-        status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=timeout_s, poll_s=1.0)
+        status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=timeout_s, poll_s=0.5,
+                                  out=dep / "dep-out")
         deployment_s = time.monotonic() - t0
     finally:
         for proc in daemons:
@@ -527,7 +530,8 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
         co.stop_process_tree(superlink.pid)
     if status != "finished:completed":
         raise RuntimeError(f"deployment benchmark: run ended {status!r} (logs in {dep})")
-    return [{"section": "deployment", "status": status, "sites": len(site_ids), "rounds_per_phase": rounds,
+    return [{"section": "deployment", "status": status, "launcher": launcher, "sites": len(site_ids),
+             "rounds_per_phase": rounds,
              "simulation_s": simulation_s, "deployment_s": deployment_s, "overhead_ratio": deployment_s / simulation_s}]
 
 

@@ -375,7 +375,8 @@ def cmd_site_daemon(args) -> int:
         if not _print_checks(checks, f"site {site_id}: preflight"):
             raise RuntimeError("preflight failed; fix the checks above (or --skip-checks to connect anyway)")
     cmd = supernode_command(superlink=args.superlink, ca_cert=Path(args.ca_cert), private_key=Path(args.key),
-                            site_id=site_id, data=data, port=args.port, max_retries=args.max_retries)
+                            site_id=site_id, data=data, port=args.port, max_retries=args.max_retries,
+                            launcher=args.launcher, threads=args.threads)
     home = Path(args.flwr_home) if args.flwr_home else cache / "flwr-home"
     log_file = Path(args.log) if args.log else cache / "supernode.log"
     console.print(f"site {site_id}: SuperNode connecting to {args.superlink} (log: {log_file}; Ctrl-C stops it)")
@@ -465,7 +466,7 @@ def cmd_coordinator_launch(args) -> int:
         run_id = launch(rc, out=out, flwr_home=flwr_home, signing_key=certs.signing_key)
     console.print(f"run {run_id} started; checkpoints, report and bundle in {out}")
     if args.wait:
-        status = wait_for_run(run_id, flwr_home=flwr_home, timeout_s=args.timeout)
+        status = wait_for_run(run_id, flwr_home=flwr_home, timeout_s=args.timeout, out=out)
         console.print(f"run {run_id}: {status}")
         if status != "finished:completed":
             from server.coordinator import run_error
@@ -654,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (default 9094; one per node on a host)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="OMP_NUM_THREADS for the ClientApps (default: half the cores)")
+    p.add_argument("--launcher", choices=("fork", "subprocess"), default="fork",
+                   help="how each ClientApp process starts: fork (default) from a process with torch and MONAI "
+                        "already imported; subprocess: Flower's own fresh flwr-clientapp per message (slower)")
     p.add_argument("--max-retries", type=int, default=10, help="SuperNode reconnection attempts before it exits (default 10)")
     p.add_argument("--max-restarts", type=int, default=20, help="restarts of a dead SuperNode before giving up (default 20)")
     p.add_argument("--flwr-home", help="FLWR_HOME of the SuperNode (default: CACHE/flwr-home)")

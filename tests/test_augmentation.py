@@ -221,6 +221,20 @@ def test_separable_resampling_equals_monai_affine(zoom, shift):
         assert float(ours.abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("axes", [(0,), (1, 2), (0, 1, 2)])
+def test_flips_folded_into_the_resampling_equal_monai_flip_then_affine(axes):
+    from monai.transforms import Affine, Flip
+
+    from client.augmentation import _zoom_shift, resample_zoom_shift
+
+    img = torch.rand((1,) + SHAPE, generator=torch.Generator().manual_seed(2))
+    zoom, shift = 0.93, (1.5, -2.25, 0.75)
+    flipped = torch.as_tensor(Flip(spatial_axis=axes)(img)).as_tensor()
+    ref = Affine(affine=np.linalg.inv(_zoom_shift(zoom, np.asarray(shift))), padding_mode="zeros", image_only=True)(flipped)
+    ours = resample_zoom_shift(img, zoom, shift, flip_axes=axes)
+    torch.testing.assert_close(ours, torch.as_tensor(ref).as_tensor(), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("factor, offset, gamma", [(0.07, -0.03, 1.0), (-0.09, 0.04, 0.83), (0.0, 0.0, 1.21)])
 def test_intensity_arithmetic_equals_monai_transforms(factor, offset, gamma):
     from monai.transforms import AdjustContrast, ScaleIntensity, ShiftIntensity

@@ -8,6 +8,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -196,3 +197,30 @@ def test_launch_checks_the_run_config_before_flower(tmp_path):
         co.launch({"min-site-fraction": 1.5}, out=tmp_path / "run", flwr_home=tmp_path / "home")
     with pytest.raises(FileNotFoundError, match="launch.json"):
         co.resume(tmp_path / "nothing")
+
+
+def test_wait_for_run_asks_flower_only_when_the_bundle_appears(tmp_path, monkeypatch):
+    import threading
+
+    calls = []
+    sig = tmp_path / "bundle" / "MANIFEST.sig"
+
+    def fake_status(run_id, *, flwr_home, connection=co.CONNECTION):
+        calls.append(time.monotonic())
+        return "finished:completed" if sig.exists() else "running"
+
+    monkeypatch.setattr(co, "run_status", fake_status)
+    (tmp_path / "bundle").mkdir()
+    threading.Timer(0.5, lambda: sig.write_text("sig")).start()
+    t0 = time.monotonic()
+    assert co.wait_for_run(7, flwr_home=tmp_path, poll_s=0.02, out=tmp_path, status_every_s=30) == "finished:completed"
+    # one ask at the start, one when the bundle appeared: not one per poll (about 25)
+    assert len(calls) == 2 and calls[1] - t0 >= 0.5
+    # without out: one ask per poll
+    calls.clear()
+    assert co.wait_for_run(7, flwr_home=tmp_path, poll_s=0.01) == "finished:completed" and len(calls) == 1
+    # a run that fails writes no bundle: still found by the periodic ask
+    sig.unlink()
+    monkeypatch.setattr(co, "run_status", lambda *a, **k: calls.append(1) or "finished:failed")
+    calls.clear()
+    assert co.wait_for_run(7, flwr_home=tmp_path, poll_s=0.01, out=tmp_path) == "finished:failed" and calls == [1]

@@ -87,8 +87,11 @@ def _supernode_pid(daemon: subprocess.Popen) -> int | None:
 
 
 def _has_clientapp(supernode_pid: int) -> bool:
+    """A ClientApp runs under the node: Flower's `flwr-clientapp` process, or one forked by
+    client.clientapp_forkserver (the daemon's default), which names itself so."""
     try:
-        return any("flwr-clientapp" in " ".join(p.cmdline()) for p in psutil.Process(supernode_pid).children(recursive=True))
+        return any("flwr-clientapp" in p.name() or "flwr-clientapp" in " ".join(p.cmdline())
+                   for p in psutil.Process(supernode_pid).children(recursive=True))
     except psutil.NoSuchProcess:
         return False
 
@@ -178,7 +181,7 @@ def federation(tmp_path_factory):
                 pass
         state["killed_at"] = killed_at
         state["victim"] = victim
-        status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=1500)
+        status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=1500, out=out)
         state["faults"] = {"out": out, "status": status, "wall_s": time.monotonic() - t0}
         yield state
     finally:

@@ -1,0 +1,157 @@
+"""The fork launcher of site daemons (client/clientapp_forkserver.py): warm imports, one child per task."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import clientapp_forkserver as fs
+from client import site_daemon as sd
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc are Linux")
+
+
+def _spec(task_id: int = 1, token: str = "ab" * 8):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec
+
+    return ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1", token=token,
+                         insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+                         parent_pid=os.getpid(), suppress_output=False, task_id=task_id)
+
+
+def _wait_children(executor: fs.ForkExecutor, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while executor.children and time.monotonic() < deadline:
+        executor.reconcile()
+        time.sleep(0.05)
+    assert not executor.children, "ClientApp children still running"
+
+
+def test_fork_launcher_wraps_the_supernode_in_process_isolation(tmp_path):
+    key, _, _ = sd.make_site_keys(tmp_path / "keys")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    common = dict(superlink="127.0.0.1:19199", ca_cert=ca, private_key=key, site_id="A", data=tmp_path, port=19198)
+    fork = sd.supernode_command(**common, threads=2)  # the default launcher
+    assert fork[:6] == [sys.executable, "-m", "client.clientapp_forkserver", "--threads", "2", "--"]
+    node = fork[6:]
+    assert Path(node[0]).name == "flower-supernode" and node[-2:] == ["--isolation", "process"]
+    plain = sd.supernode_command(**common, launcher="subprocess")
+    assert Path(plain[0]).name == "flower-supernode" and "--isolation" not in plain
+    assert node[:-2] == plain
+    assert fs._runtime_address(node) == "127.0.0.1:19198"
+    with pytest.raises(ValueError, match="launcher"):
+        sd.supernode_command(**common, launcher="thread")
+
+
+def test_warm_imports_keep_torch_and_monai_but_the_clientapp_comes_from_the_fab(tmp_path):
+    # a stand-in FAB: the same package name with different code, as `flwr` installs it under FLWR_HOME
+    fab = tmp_path / "fab"
+    (fab / "client").mkdir(parents=True)
+    (fab / "client" / "__init__.py").write_text("")
+    (fab / "client" / "client_app.py").write_text("WHERE = 'fab'\n")
+    script = textwrap.dedent(f"""
+        import json, sys
+        from client.clientapp_forkserver import PROJECT_PACKAGES, warm_imports
+        warm_imports()
+        left = sorted(n for n in sys.modules if n.split('.')[0] in PROJECT_PACKAGES)
+        warm = all(m in sys.modules for m in ('torch', 'monai', 'flwr', 'SimpleITK', 'pydicom'))
+        sys.path.insert(0, {str(fab)!r})  # what flwr's load_app does with the FAB's project dir
+        import client.client_app as app
+        print(json.dumps({{"left": left, "warm": warm, "where": getattr(app, 'WHERE', 'repo')}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(fs.__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"left": [], "warm": True, "where": "fab"}
+
+
+def test_each_task_runs_flowers_clientapp_in_its_own_named_child(tmp_path, monkeypatch):
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    def fake_run_clientapp(*, runtime_api_address, token, insecure, certificates, parent_pid,
+                           runtime_dependency_install):
+        record = {"pid": os.getpid(), "comm": Path("/proc/self/comm").read_text().strip(),
+                  "threads": torch.get_num_threads(), "token": token, "parent": parent_pid,
+                  "insecure": insecure, "install": runtime_dependency_install}
+        (tmp_path / f"{os.getpid()}.json").write_text(json.dumps(record))
+        raise SystemExit(5 if token.startswith("ee") else 0)  # Flower ends every task with flwr_exit
+
+    monkeypatch.setattr(rc, "run_clientapp", fake_run_clientapp)
+    executor = fs.ForkExecutor(threads=2, max_parallel=4)
+    for task_id in (1, 2):
+        assert str(executor.launch(_spec(task_id)).status) == "accepted"
+    _wait_children(executor)
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert len(records) == 2 and len({r["pid"] for r in records}) == 2 and os.getpid() not in {r["pid"] for r in records}
+    for r in records:
+        assert r == {**r, "comm": "flwr-clientapp", "threads": 2, "token": "ab" * 8, "parent": os.getpid(),
+                     "insecure": True, "install": False}
+    assert executor.failures == 0
+    executor.launch(_spec(3, token="ee" * 8))
+    _wait_children(executor)
+    assert executor.failures == 1
+
+
+def test_capacity_is_held_while_max_parallel_clientapps_run(tmp_path, monkeypatch):
+    from flwr.supercore.constant import TaskType
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    go = tmp_path / "go"
+
+    def slow(**_):
+        while not go.exists():
+            time.sleep(0.02)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(rc, "run_clientapp", slow)
+    executor = fs.ForkExecutor(threads=1, max_parallel=1)
+    every = set(TaskType)
+    assert executor.get_eligible_capacity(every) == ({TaskType.CLIENT_APP}, set())
+    executor.launch(_spec())
+    assert executor.get_eligible_capacity(every) == (set(), set())
+    go.write_text("1")
+    _wait_children(executor)
+    assert executor.get_eligible_capacity(every) == ({TaskType.CLIENT_APP}, set())
+
+
+def test_serve_polls_a_real_supernode_runtime_api(tmp_path):
+    """Flower's SuperNode in process isolation answers our AcquireTask calls (no SuperLink: no tasks)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).parent / "flower-supernode"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0"}
+    node = subprocess.Popen([str(exe), "--insecure", "--superlink", "127.0.0.1:9", "--isolation", "process",
+                             "--host", "127.0.0.1", "--port", str(port), "--max-retries", "1000"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.monotonic() < deadline and node.poll() is None, "SuperNode Runtime API did not start"
+            time.sleep(0.2)
+        loops = iter(range(5))
+        executor = fs.ForkExecutor()
+        answered = fs.serve(f"127.0.0.1:{port}", executor=executor, min_poll_s=0.01, max_poll_s=0.02,
+                            should_stop=lambda: next(loops, None) is None)
+        assert answered == 5 and not executor.children
+        # nothing listens: every call fails, none is counted, and serve still returns
+        node.kill()
+        node.wait()
+        loops = iter(range(3))
+        assert fs.serve(f"127.0.0.1:{port}", executor=executor, min_poll_s=0.01, max_poll_s=0.02,
+                        should_stop=lambda: next(loops, None) is None) == 0
+    finally:
+        node.kill()
