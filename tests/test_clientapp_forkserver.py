@@ -53,27 +53,59 @@ def test_fork_launcher_wraps_the_supernode_in_process_isolation(tmp_path):
         sd.supernode_command(**common, launcher="thread")
 
 
-def test_warm_imports_keep_torch_and_monai_but_the_clientapp_comes_from_the_fab(tmp_path):
-    # a stand-in FAB: the same package name with different code, as `flwr` installs it under FLWR_HOME
-    fab = tmp_path / "fab"
-    (fab / "client").mkdir(parents=True)
-    (fab / "client" / "__init__.py").write_text("")
-    (fab / "client" / "client_app.py").write_text("WHERE = 'fab'\n")
+def _import_from_fab(fab: Path) -> dict:
+    """In a fresh interpreter: warm up, then import the ClientApp as Flower does from a FAB folder."""
     script = textwrap.dedent(f"""
-        import json, sys
+        import json, sys, time
         from client.clientapp_forkserver import PROJECT_PACKAGES, warm_imports
         warm_imports()
         left = sorted(n for n in sys.modules if n.split('.')[0] in PROJECT_PACKAGES)
         warm = all(m in sys.modules for m in ('torch', 'monai', 'flwr', 'SimpleITK', 'pydicom'))
+        finder = sys.meta_path[0]
         sys.path.insert(0, {str(fab)!r})  # what flwr's load_app does with the FAB's project dir
+        t0 = time.perf_counter()
         import client.client_app as app
-        print(json.dumps({{"left": left, "warm": warm, "where": getattr(app, 'WHERE', 'repo')}}))
+        from client import tasks
+        print(json.dumps({{"left": left, "warm": warm, "where": getattr(app, 'WHERE', 'repo'),
+                          "reused": app is finder.modules['client.client_app'][0],
+                          "file": app.__file__, "tasks_file": tasks.__file__,
+                          "import_s": time.perf_counter() - t0}}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=Path(fs.__file__).parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"left": [], "warm": True, "where": "fab"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_warm_imports_keep_torch_and_monai_but_the_clientapp_comes_from_the_fab(tmp_path):
+    import shutil
+
+    repo = Path(fs.__file__).parents[1]
+    # a FAB as `flwr` installs it under FLWR_HOME: byte-identical copies of the project's packages
+    same = tmp_path / "same"
+    for pkg in fs.PROJECT_PACKAGES:
+        shutil.copytree(repo / pkg, same / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    got = _import_from_fab(same)
+    assert got["left"] == [] and got["warm"] and got["where"] == "repo"
+    # identical bytes: the warm module objects are served, located in the FAB
+    assert got["reused"] and got["file"] == str(same / "client" / "client_app.py")
+    assert got["tasks_file"] == str(same / "client" / "tasks.py")
+
+    # one module differs (a comment): the FAB's code is imported afresh, all of it
+    changed = tmp_path / "changed"
+    shutil.copytree(same, changed)
+    with open(changed / "shared_models" / "config.py", "a") as fh:
+        fh.write("# a later release\n")
+    got = _import_from_fab(changed)
+    assert not got["reused"] and got["file"] == str(changed / "client" / "client_app.py")
+
+    # a FAB with other code altogether
+    other = tmp_path / "other"
+    (other / "client").mkdir(parents=True)
+    (other / "client" / "__init__.py").write_text("")
+    (other / "client" / "client_app.py").write_text("WHERE = 'fab'\n")
+    got = _import_from_fab(other)
+    assert got["where"] == "fab" and not got["reused"]
 
 
 def test_each_task_runs_flowers_clientapp_in_its_own_named_child(tmp_path, monkeypatch):
