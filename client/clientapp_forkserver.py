@@ -54,8 +54,12 @@ log = logging.getLogger("onfh.forkserver")
 
 #: The ClientApp reference of ``pyproject.toml`` (``[tool.flwr.app.components]``).
 CLIENTAPP_MODULE = "client.client_app"
-#: This project's top-level packages: imported for the warm-up, then forgotten (the FAB's copy runs).
+#: This project's top-level packages (served to tasks only when the FAB's files are identical).
 PROJECT_PACKAGES = ("client", "server", "shared_models", "strategies", "sim")
+#: Imported lazily by torch on first use, so not by the ClientApp's import: ``torch._dynamo`` on the
+#: first model built on the ``meta`` device (the ClientApp's state-dict templates), 1.4 CPU-seconds
+#: a task when it is not warm (found with ``py-spy record --subprocesses`` on a site daemon).
+ALSO_WARM = ("torch._dynamo",)
 #: Wait between ``AcquireTask`` calls: ``MIN_POLL_S`` after a task started or a ClientApp ended (the
 #: next message of a round follows within a second or two), doubling while nothing comes, up to
 #: ``MAX_POLL_S`` (``flower-superexec`` polls every 1 s).
@@ -150,7 +154,8 @@ def warm_imports(module: str = CLIENTAPP_MODULE, project_packages: tuple[str, ..
     Raises:
         ImportError: ``module`` cannot be imported (the site's install is broken; names the module).
     """
-    importlib.import_module(module)
+    for name in (module, *ALSO_WARM):
+        importlib.import_module(name)
     project = {}
     for name in [n for n in sys.modules if n.split(".")[0] in project_packages]:
         mod = sys.modules.pop(name)

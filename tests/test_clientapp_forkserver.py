@@ -60,7 +60,7 @@ def _import_from_fab(fab: Path) -> dict:
         from client.clientapp_forkserver import PROJECT_PACKAGES, warm_imports
         warm_imports()
         left = sorted(n for n in sys.modules if n.split('.')[0] in PROJECT_PACKAGES)
-        warm = all(m in sys.modules for m in ('torch', 'monai', 'flwr', 'SimpleITK', 'pydicom'))
+        warm = all(m in sys.modules for m in ('torch', 'monai', 'flwr', 'SimpleITK', 'pydicom', 'torch._dynamo'))
         finder = sys.meta_path[0]
         sys.path.insert(0, {str(fab)!r})  # what flwr's load_app does with the FAB's project dir
         t0 = time.perf_counter()
