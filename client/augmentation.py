@@ -216,9 +216,10 @@ def resample_zoom_shift(img: torch.Tensor, zoom: float, shift: Sequence[float],
     (:func:`_interpolation_matrix`). Trilinear interpolation of a scaled and shifted grid *is* the
     product of three 1D interpolations, so this is exact up to float32 rounding, not an
     approximation. It builds no dense 3D grid: for a 32 x 112 x 64 hemi-volume it is about 10x
-    faster on CPU than sampling one, and the three matrix products are about 3x faster than
-    gathering neighbours with ``index_select`` (``onfh sim bench --only detector`` reports the
-    augmentation's share of a training step).
+    faster on CPU than sampling one, and the three matrix products take 1.2 ms against 2.3 ms for
+    gathering the neighbours with ``index_select`` at 2 threads (1.8 against 2.1 ms at one; side
+    by side on this 2-core machine). ``onfh sim bench --only detector`` reports the augmentation's
+    share of a training step.
 
     Args:
         img: ``(C, D, H, W)`` float tensor.
