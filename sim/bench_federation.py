@@ -241,17 +241,12 @@ def _simulate(overrides: dict, n_sites: int, work: Path) -> tuple[dict, RunSampl
     flower = work / "flower"
     shutil.rmtree(flower, ignore_errors=True)
     sampler = RunSampler(flower / "flwr-home", out / "checkpoints" / "progress.json")
-    polls = [0]
-
-    def count() -> None:
-        polls[0] += 1
-
     sampler.start()
     try:
-        stats = run_simulation(overrides, num_sites=n_sites, work_dir=flower, cpus_per_client=1, on_poll=count)
+        stats = run_simulation(overrides, num_sites=n_sites, work_dir=flower, cpus_per_client=1)
     finally:
         sampler.stop()
-    return {**stats, "status_polls": polls[0] + 1}, sampler
+    return stats, sampler
 
 
 def flwr_cli_cpu_s(repeats: int = 2) -> float:
@@ -324,16 +319,17 @@ def federated_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_ste
     stats, sampler = _simulate(sim_over, len(site_ids), fed)
     flower_s = float(stats["wall_time_s"])
 
-    poll_cpu = stats["status_polls"] * flwr_cli_cpu_s()
+    poll_cpu = stats["status_asks"] * flwr_cli_cpu_s()
     row: Row = {
         "section": "federated", "sites": len(site_ids), "rounds_per_phase": rounds,
         "local_steps": cfg.detector_local_steps, "baseline_s": baseline_s, "flower_s": flower_s,
         "overhead_ratio": flower_s / baseline_s, "roundtrip_s_per_round": (flower_s - baseline_s) / (2 * rounds),
         "peak_rss_gib": sampler.peak_total_bytes / GIB, "peak_client_rss_gib": sampler.peak_client_bytes / GIB,
         "baseline_process_rss_gib": base_rss / GIB,
-        # sim.runner polls the run's status with a `flwr list` subprocess about every 2 s; each pays
-        # the flwr CLI's imports. Their CPU, as a share of the machine's CPU time during the run:
-        "status_polls": stats["status_polls"], "status_poll_cpu_s": poll_cpu,
+        # sim.runner asks for the run's status with a `flwr list` subprocess (when the executor has
+        # exited, or every 30 s); each pays the flwr CLI's imports. Their CPU, as a share of the
+        # machine's CPU time during the run:
+        "status_polls": stats["status_asks"], "status_poll_cpu_s": poll_cpu,
         "status_poll_cpu_share": poll_cpu / (flower_s * (os.cpu_count() or 1)),
         "fp32_iou_mean": exact["detector"]["iou-mean"], "fp32_macro_auc": exact["stager"]["macro-auc"],
         "fp32_accuracy": exact["stager"]["accuracy"],

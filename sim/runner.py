@@ -214,6 +214,7 @@ def _wait(env: dict[str, str], run_id: int, timeout_s: float, on_poll, pid: int,
         peak["rss_bytes"] = max(peak.get("rss_bytes", 0), tree_rss_bytes(pid) + tree_rss_bytes(os.getpid()))
         if not _simulation_alive(address) or time.monotonic() - asked >= STATUS_EVERY_S:
             asked = time.monotonic()
+            peak["status_asks"] = peak.get("status_asks", 0) + 1
             status = _run_status(env, run_id)
             if status.startswith(("finished", "stopped")):
                 return status
@@ -256,8 +257,9 @@ def run_simulation(
         on_poll: optional callable invoked about every 2 s while the run is going.
 
     Returns:
-        ``{"run_id", "wall_time_s", "peak_rss_bytes"}``; the peak is the largest sampled
-        (every ~2 s) resident memory of this process plus the SuperLink's process tree.
+        ``{"run_id", "wall_time_s", "peak_rss_bytes", "status_asks"}``; the peak is the largest
+        sampled (every ~2 s) resident memory of this process plus the SuperLink's process tree;
+        ``status_asks`` counts the ``flwr list`` calls made to learn the run's status.
 
     Raises:
         SimulationError: if the run ends ``finished:failed``/``stopped`` or times out; the
@@ -297,6 +299,7 @@ def run_simulation(
                 streamer.wait(timeout=30)
             if status != "finished:completed":
                 raise SimulationError(f"run {run_id} ended {status!r}: {_last_error(run_log)}\nfull log: {run_log}")
-        return {"run_id": run_id, "wall_time_s": round(time.monotonic() - t0, 1), "peak_rss_bytes": peak.get("rss_bytes", 0)}
+        return {"run_id": run_id, "wall_time_s": round(time.monotonic() - t0, 1), "peak_rss_bytes": peak.get("rss_bytes", 0),
+                "status_asks": peak.get("status_asks", 0)}
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
