@@ -742,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # MONAI warns on every PydicomReader it makes that NVIDIA's GPU JPEG decoder is absent (irrelevant on CPU)
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError, SeriesError, BundleError) as err:
