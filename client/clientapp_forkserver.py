@@ -64,6 +64,8 @@ ALSO_WARM = ("torch._dynamo",)
 #: next message of a round follows within a second or two), doubling while nothing comes, up to
 #: ``MAX_POLL_S`` (``flower-superexec`` polls every 1 s).
 MIN_POLL_S, MAX_POLL_S = 0.05, 0.5
+#: Log line format (the SuperNode log; ``sim.bench_federation.message_waves`` parses the task lines).
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 class WarmProjectFinder(importlib.abc.MetaPathFinder):
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the flower-supernode command after --")
     if "--isolation" not in cmd:
         cmd += ["--isolation", "process"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
     supernode = subprocess.Popen(cmd)  # same process group: the daemon's stop_process_tree ends both
 

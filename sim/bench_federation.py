@@ -23,6 +23,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -450,7 +451,9 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
     * ``overhead_ratio`` = deployment / simulation (target <= 1.10). Every deployment message
       runs in a process of its own (``FLOWER-1.42-NOTES.md``), which the simulation's Ray actors
       do not: ``launcher="fork"`` (the daemon's default, :mod:`client.clientapp_forkserver`) forks
-      it with torch and MONAI imported; ``"subprocess"`` is Flower's fresh ``flwr-clientapp``.
+      it with torch and MONAI imported; ``"subprocess"`` is Flower's fresh ``flwr-clientapp``;
+    * where the deployment's time went (:func:`message_waves`, fork launcher only): the gaps
+      between message waves (Flower's pacing), the waves' spans and the ClientApps' CPU time.
 
     Returns:
         One row; ``status`` is ``"pending: ..."`` with the figures ``None`` when the deployment
@@ -526,9 +529,53 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
         co.stop_process_tree(superlink.pid)
     if status != "finished:completed":
         raise RuntimeError(f"deployment benchmark: run ended {status!r} (logs in {dep})")
+    waves = message_waves({s: dep / "cache-dep" / s / "supernode.log" for s in site_ids})
     return [{"section": "deployment", "status": status, "launcher": launcher, "sites": len(site_ids),
-             "rounds_per_phase": rounds,
+             "rounds_per_phase": rounds, **waves,
              "simulation_s": simulation_s, "deployment_s": deployment_s, "overhead_ratio": deployment_s / simulation_s}]
+
+
+_TASK_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*ClientApp task \d+ ended with code -?\d+: "
+                        r"([\d.]+) s, ([\d.]+) CPU-s")
+
+
+def message_waves(logs: dict[str, Path]) -> dict[str, float | int]:
+    """Where a deployment run's time went, from the fork launcher's per-task lines in each site's log.
+
+    The ``k``-th ClientApp task of every site belongs to wave ``k`` (all sites get every message
+    of a run: query, train, evaluate). Per wave: the *gap* from the end of the previous wave's
+    last task to the first start of this one (Flower's message passing: an idle SuperNode asks
+    the SuperLink for work every 3 s, the ServerApp aggregates) and the *span* from its first
+    start to its last end.
+
+    Returns:
+        ``message_waves``, ``wave_gaps_s`` (sum), ``wave_spans_s`` (sum), ``clientapp_cpu_s`` (all
+        tasks), ``clientapp_wall_s`` (all tasks); zeros when no log has task lines
+        (``--launcher subprocess`` writes none).
+    """
+    import datetime
+
+    tasks: dict[str, list[tuple[float, float, float]]] = {}
+    for site, path in logs.items():
+        rows = []
+        for line in Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []:
+            m = _TASK_LINE.match(line)
+            if m:
+                end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1e3
+                rows.append((end - float(m.group(3)), end, float(m.group(4))))
+        tasks[site] = rows
+    n = min((len(r) for r in tasks.values()), default=0)
+    gaps = spans = 0.0
+    prev_end = None
+    for k in range(n):
+        start, end = min(tasks[s][k][0] for s in tasks), max(tasks[s][k][1] for s in tasks)
+        gaps += 0.0 if prev_end is None else max(0.0, start - prev_end)
+        spans += end - start
+        prev_end = end
+    every = [t for rows in tasks.values() for t in rows]
+    return {"message_waves": n, "wave_gaps_s": round(gaps, 2), "wave_spans_s": round(spans, 2),
+            "clientapp_cpu_s": round(sum(t[2] for t in every), 1),
+            "clientapp_wall_s": round(sum(t[1] - t[0] for t in every), 1)}
 
 
 def _free_ports(lo: int, hi: int, n: int) -> list[int]:

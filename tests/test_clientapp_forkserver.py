@@ -187,3 +187,33 @@ def test_serve_polls_a_real_supernode_runtime_api(tmp_path):
                         should_stop=lambda: next(loops, None) is None) == 0
     finally:
         node.kill()
+
+
+def test_task_lines_give_the_deployment_benchmark_its_message_waves(tmp_path):
+    """The per-task log line, as the fork server writes it, parsed into waves by the benchmark."""
+    import logging
+
+    from sim.bench_federation import message_waves
+
+    formatter = logging.Formatter(fs.LOG_FORMAT)
+    t0 = 1_780_000_000.0  # seconds since the epoch; the log keeps milliseconds
+
+    def line(end: float, wall: float, cpu: float) -> str:
+        record = logging.LogRecord("onfh.forkserver", logging.INFO, __file__, 1,
+                                   "ClientApp task %d ended with code %s: %.1f s, %.1f CPU-s", (7, 0, wall, cpu), None)
+        record.created, record.msecs = end, (end % 1) * 1000
+        return formatter.format(record)
+
+    # wave 1: A 0-2 s, B 1-4 s; wave 2: A 7-8 s, B 6-9 s (gap 4-6 s = 2 s); B has one extra, unmatched line
+    logs = {"A": [line(t0 + 2, 2.0, 1.5), line(t0 + 8, 1.0, 0.5)],
+            "B": [line(t0 + 4, 3.0, 2.0), line(t0 + 9, 3.0, 2.5), line(t0 + 20, 1.0, 1.0)]}
+    paths = {}
+    for site, lines in logs.items():
+        paths[site] = tmp_path / f"{site}.log"
+        paths[site].write_text("noise\n" + "\n".join(lines) + "\n")
+    got = message_waves(paths)
+    assert got["message_waves"] == 2
+    assert got["wave_gaps_s"] == pytest.approx(2.0, abs=0.01)
+    assert got["wave_spans_s"] == pytest.approx(4.0 + 3.0, abs=0.01)
+    assert got["clientapp_cpu_s"] == pytest.approx(1.5 + 0.5 + 2.0 + 2.5 + 1.0)
+    assert message_waves({"A": tmp_path / "missing.log"})["message_waves"] == 0
