@@ -359,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     supernode = subprocess.Popen(cmd)  # same process group: the daemon's stop_process_tree ends both
 
     def _stop(signum, _frame):
-        supernode.terminate()
-        raise SystemExit(128 + signum)
+        raise SystemExit(128 + signum)  # the finally below ends the SuperNode
 
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -373,13 +372,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:  # whatever ends this process ends its SuperNode too: the daemon restarts both
-        if supernode.poll() is None:
-            supernode.terminate()
-            try:
-                supernode.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                supernode.kill()
+        end_supernode(supernode)
     return supernode.wait()
+
+
+def end_supernode(proc: subprocess.Popen, *, grace_s: float = 5.0, timeout_s: float = 10.0) -> None:
+    """Let the SuperNode leave the SuperLink cleanly, then make sure it is gone.
+
+    A daemon stops the whole process tree with one SIGTERM each, so the SuperNode usually has its
+    own signal already and is deregistering: it gets ``grace_s`` seconds to exit before it is sent
+    one SIGTERM (a second signal during Flower's shutdown would cut it short, and the SuperLink
+    would then hold the node's session, refusing a restart for about a minute with code 2004),
+    then ``timeout_s`` seconds before SIGKILL.
+    """
+    for signal_it, wait_s in ((None, grace_s), (proc.terminate, timeout_s), (proc.kill, None)):
+        if proc.poll() is not None:
+            return
+        if signal_it is not None:
+            signal_it()
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 if __name__ == "__main__":

@@ -287,8 +287,10 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
             return 0
         refused = _refused_activation(log_file, offset)
         if refused and attempt == 1:
-            log.error("the SuperLink refused this SuperNode's key (code 2004): ask the coordinator to enrol "
-                      "supernode-key.pub (`onfh coordinator enroll`); not restarting")
+            log.error("the SuperLink refused this SuperNode (code 2004): either its key is not enrolled (ask the "
+                      "coordinator to enrol supernode-key.pub with `onfh coordinator enroll`), or the SuperLink still "
+                      "holds this node's previous session after an unclean stop (start again in about a minute); "
+                      "not restarting")
             return code
         if refused:
             # After a crash the SuperLink still holds the old session until its heartbeat expires

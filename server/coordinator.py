@@ -390,7 +390,10 @@ def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, conn
     overrides = out / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in rc.items()))
     text = _flwr(["run", str(APP_DIR), connection, "--run-config", str(overrides), "--format", "json"], flwr_home, timeout=300)
-    run_id = int(_json_tail(text)["run-id"])
+    reply = _json_tail(text)
+    if "run-id" not in reply:  # e.g. {"success": false, "error-message": "... app does not meet ..."}
+        raise CoordinatorError(f"flwr run did not start the run: {reply.get('error-message') or text.strip()[-800:]}")
+    run_id = int(reply["run-id"])
     record = json.loads((out / LAUNCH_NAME).read_text()) if (out / LAUNCH_NAME).exists() else {"run_ids": []}
     record.update({"run_config": rc, "connection": connection, "flwr_home": str(Path(flwr_home).resolve())})
     record["run_ids"].append(run_id)

@@ -217,3 +217,31 @@ def test_task_lines_give_the_deployment_benchmark_its_message_waves(tmp_path):
     assert got["wave_spans_s"] == pytest.approx(4.0 + 3.0, abs=0.01)
     assert got["clientapp_cpu_s"] == pytest.approx(1.5 + 0.5 + 2.0 + 2.5 + 1.0)
     assert message_waves({"A": tmp_path / "missing.log"})["message_waves"] == 0
+
+
+@pytest.mark.parametrize("behaviour, expect", [("exits", "no signal"), ("waits", "one SIGTERM"), ("ignores", "SIGKILL")])
+def test_the_supernode_gets_at_most_one_sigterm_then_a_kill(tmp_path, behaviour, expect):
+    """A SuperNode already stopping on its own is left alone; one that is not gets one SIGTERM; a stuck one is killed."""
+    got = tmp_path / "sigterms"
+    script = textwrap.dedent(f"""
+        import pathlib, signal, sys, time
+        f = pathlib.Path({str(got)!r})
+        def on_term(*_):
+            f.write_text(f.read_text() + "x" if f.exists() else "x")
+            if {behaviour!r} == "waits":
+                sys.exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        print("ready", flush=True)
+        time.sleep(0.3 if {behaviour!r} == "exits" else 60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    fs.end_supernode(proc, grace_s=1.0, timeout_s=1.0)
+    sigterms = got.read_text() if got.exists() else ""
+    if expect == "no signal":
+        assert proc.returncode == 0 and sigterms == "" and time.monotonic() - t0 < 1.0
+    elif expect == "one SIGTERM":
+        assert proc.returncode == 0 and sigterms == "x"
+    else:
+        assert proc.returncode == -9 and sigterms == "x"

@@ -224,3 +224,13 @@ def test_wait_for_run_asks_flower_only_when_the_bundle_appears(tmp_path, monkeyp
     monkeypatch.setattr(co, "run_status", lambda *a, **k: calls.append(1) or "finished:failed")
     calls.clear()
     assert co.wait_for_run(7, flwr_home=tmp_path, poll_s=0.01, out=tmp_path) == "finished:failed" and calls == [1]
+
+
+def test_launch_names_flowers_reason_when_flwr_run_starts_nothing(tmp_path, monkeypatch):
+    reply = ('{"success": false, "error-message": "The Flower App does not meet the project structure requirements: '
+             'exceeds the maximum directory depth of 10"}')
+    monkeypatch.setattr(co, "_flwr", lambda *a, **k: "Loading project configuration...\n" + reply)
+    with pytest.raises(co.CoordinatorError, match="maximum directory depth of 10"):
+        co.launch({"site-ids": "A", "train-sites": "A", "report-groups": "A=A"}, out=tmp_path / "run",
+                  flwr_home=tmp_path / "home")
+    assert not (tmp_path / "run" / co.LAUNCH_NAME).exists()  # nothing recorded for a run that never started

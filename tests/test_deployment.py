@@ -17,6 +17,13 @@ One module fixture runs the federation; two runs carry every check:
 
 An unenrolled SuperNode is refused (Flower code 2004) and its daemon gives up; a run whose
 configured site never connects fails after ``node-wait-timeout-s``, naming the site.
+
+The daemons use Flower's stock ``--launcher subprocess`` here. The fault timeline needs detector
+round 2 to outlast C's restart, which the SuperLink holds back for about a minute (its dead
+session's heartbeat); with the default fork launcher the tiny rounds of this test finish first and
+C comes back only after the crops were made. The fork launcher's own end-to-end run (TLS
+SuperLink, authenticated SuperNodes, 4 sites) is the deployment section of
+``tests/test_bench.py``; its parts are tested in ``tests/test_clientapp_forkserver.py``.
 Needs about 15 minutes on 2 CPU cores. Ports 19140-19199 on 127.0.0.1.
 """
 
@@ -153,6 +160,7 @@ def federation(tmp_path_factory):
             daemons[site] = _onfh("site", "daemon", "--data", str(data / site), "--superlink", address,
                                   "--ca-cert", str(certs.ca_cert), "--key", str(keys / "supernode-key"),
                                   "--port", str(_free_port(19150 + 3 * i, 19153 + 3 * i)), "--threads", "1",
+                                  "--launcher", "subprocess",
                                   "--max-retries", "5", "--max-restarts", "12", log=root / f"daemon-{site}.log")
         # every node online (the daemons ran their preflight, building the site caches, first)
         registry = co.load_registry(home / co.REGISTRY_NAME)
