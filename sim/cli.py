@@ -138,7 +138,7 @@ def cmd_run(args) -> int:
     """Splits -> Flower simulation -> report (+ intensity baseline)."""
     from sim.experiment import run_experiment
 
-    report = run_experiment(_run_config_for(args), console=console)
+    report = run_experiment(_run_config_for(args), console=console, gpus_per_site=getattr(args, "gpus_per_site", None))
     print_report(report, report.get("baseline_intensity_logreg"))
     if args.profile == "quick":
         console.print("[yellow]quick profile: a smoke test of the whole pipeline; its figures are not meaningful "
@@ -215,7 +215,7 @@ def cmd_demo(args) -> int:
     args_ph = argparse.Namespace(out=str(data), profile=args.profile, seed=args.seed)
     cmd_phantoms(args_ph)
     args_run = argparse.Namespace(data=str(data), out=str(out / "run"), profile=args.profile, strategy=args.strategy,
-                                  seed=args.seed, train_sites=None, set=args.set)
+                                  seed=args.seed, train_sites=None, set=args.set, gpus_per_site=args.gpus_per_site)
     cmd_run(args_run)
     if REAL_NIFTI.exists():
         key = out / "run" / "keys" / "bundle-signing-key.pem.pub"
@@ -571,9 +571,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
 
+    def gpus_arg(p):
+        p.add_argument("--gpus-per-site", type=float, metavar="SHARE",
+                       help="GPU share of each site's ClientApp when CUDA is present (Ray schedules 1/SHARE sites per "
+                            "GPU); default 0.25, more on GPUs under 32 GiB (8 GiB a site); ignored without CUDA")
+
     p = sim.add_parser("run", help="federated simulation (Flower, one SuperNode per site) ending with a report")
     run_args(p)
     p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A)")
+    gpus_arg(p)
     p.set_defaults(func=cmd_run)
     p = sim.add_parser("compare", help="a grid of variants x seeds (default: the detector-crop and MulPoolFusion "
                        "ablations), resumable, one table")
@@ -606,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_medmnist_parser(sim)
     p = sim.add_parser("demo", help="phantoms + simulation + report + inference on the real pelvic MRI")
     run_args(p, data_required=False)
+    gpus_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = groups.add_parser("infer", help="two-stage pipeline on one study (DICOM folder or NIfTI)")

@@ -58,13 +58,16 @@ def prepare_splits(cfg) -> None:
         write_pooled_site(Path(cfg.data_root), cfg.pooled_sites)
 
 
-def run_experiment(overrides: dict[str, object], *, console: Console | None = None) -> dict:
+def run_experiment(overrides: dict[str, object], *, console: Console | None = None,
+                   gpus_per_site: float | None = None) -> dict:
     """Run (or resume, or just re-read) one federated simulation and return its report.
 
     Args:
         overrides: run-config keys over the ``pyproject.toml`` defaults; must include
             ``data-root`` (the phantom or site folders) and ``out-dir``.
         console: where progress goes (default: a new rich console).
+        gpus_per_site: GPU share of each site's ClientApp (:func:`sim.runner.gpus_per_site`;
+            ``None``: the default share when CUDA is present, 0 on CPU).
 
     Returns:
         The ``report.json`` dict (also rendered as ``report.html`` with PNG figures), with
@@ -85,9 +88,10 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     from sim.exact_check import exact_check
     from sim.plots import plot_training_curves
     from sim.report_html import write_report_html
-    from sim.runner import run_simulation
+    from sim.runner import gpus_per_site as resolve_gpus, run_simulation
 
     console = console or Console()
+    gpu_share = resolve_gpus(gpus_per_site)  # a bad share fails here, before any work
     full = {**default_run_config(), **overrides}
     cfg = RunConfig.from_run_config(full)
     if not Path(cfg.data_root).is_dir():
@@ -109,6 +113,8 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     prepare_splits(cfg)
+    if gpu_share:
+        console.print(f"each site's ClientApp gets {gpu_share:g} of a GPU (--gpus-per-site)")
     console.print(f"[bold]preparing site caches[/bold] for {', '.join(cfg.site_ids)} …")
     sites = {s: tasks.open_site(cfg, s, Path(cfg.data_root) / s) for s in cfg.site_ids}
     refused = sum(v.status != "ok" for site in sites.values() for v in site.verdicts)
@@ -131,7 +137,7 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
                 bar.update(task, completed=done, description=f"({p['phase']} round {p['round']})")
 
         stats = run_simulation(overrides, num_sites=len(cfg.site_ids), work_dir=out / "flower", cpus_per_client=1,
-                               on_poll=poll)
+                               gpus_per_client=gpu_share, on_poll=poll)
         poll()
 
     report = json.loads((out / "report.json").read_text())

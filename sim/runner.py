@@ -74,6 +74,52 @@ def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, st
     return env
 
 
+#: GPU share of one simulated site's ClientApp when CUDA is present and ``--gpus-per-site`` is not
+#: given: Ray schedules at most ``1 / share`` ClientApps per GPU (Flower's ``client-resources-num-gpus``),
+#: so four sites train at once on one GPU. It is raised on small cards by :data:`SITE_GPU_MEMORY_GIB`.
+DEFAULT_GPUS_PER_SITE = 0.25
+#: Upper estimate of one paper-size ClientApp's GPU memory (GiB): weights, Adam state, activations at the
+#: default batches and the site's resident training volumes (a few hundred MB). Not yet measured on a GPU
+#: (``onfh sim bench --only gpu`` reports the peak per model size and batch as ``peak_mem_gib``).
+SITE_GPU_MEMORY_GIB = 8.0
+
+
+def gpus_per_site(requested: float | None = None) -> float:
+    """The GPU share (Ray ``num_gpus``) each simulated ClientApp asks for.
+
+    Without CUDA this is 0: the run is the CPU run it always was (a share given anyway is ignored with
+    a warning, since Ray would then find no GPU and start no ClientApp at all). With CUDA, ``requested``
+    when given, else ``max(DEFAULT_GPUS_PER_SITE, SITE_GPU_MEMORY_GIB / memory of GPU 0)``, so that
+    the ClientApps Ray places on one GPU together stay within its memory (a 16 GiB card gets 0.5: two
+    sites at once; an 80 GiB card 0.25: four).
+
+    Raises:
+        ValueError: ``requested`` outside ``[0, 1]``.
+    """
+    import torch
+
+    if requested is not None and not 0.0 <= float(requested) <= 1.0:
+        raise ValueError(f"--gpus-per-site: expected a GPU share in [0, 1], got {requested}")
+    if not torch.cuda.is_available():
+        if requested:
+            log.warning("--gpus-per-site %g ignored: no CUDA device, the sites train on the CPU", requested)
+        return 0.0
+    if requested is not None:
+        return float(requested)
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return round(min(1.0, max(DEFAULT_GPUS_PER_SITE, SITE_GPU_MEMORY_GIB / total_gib)), 3)
+
+
+def federation_config(num_sites: int, cpus_per_client: int, gpus_per_client: float = 0.0) -> str:
+    """The ``flwr run --federation-config`` value: one virtual SuperNode per site and each ClientApp's
+    Ray resources. ``client-resources-num-gpus`` is passed only when positive; Flower's Ray backend
+    then runs ``min(CPUs / cpus_per_client, GPUs / gpus_per_client)`` ClientApps at once
+    (``flwr.simulation.ray_transport.ray_actor.pool_size_from_resources``) and Ray hands each one its
+    GPU through ``CUDA_VISIBLE_DEVICES``."""
+    text = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_client}"
+    return text + (f" client-resources-num-gpus={gpus_per_client:g}" if gpus_per_client > 0 else "")
+
+
 def _bin(name: str) -> str:
     """A console script of this interpreter's environment (falls back to PATH)."""
     candidate = Path(sys.executable).parent / name
@@ -241,6 +287,7 @@ def run_simulation(
     num_sites: int,
     work_dir: Path,
     cpus_per_client: int = 1,
+    gpus_per_client: float | None = None,
     timeout_s: float = 3 * 3600,
     on_poll=None,
 ) -> dict:
@@ -253,6 +300,8 @@ def run_simulation(
         work_dir: folder for FLWR_HOME and the SuperLink log.
         cpus_per_client: Ray ``client-resources-num-cpus``; on 2 cores, 1 runs two
             sites at once with one thread each.
+        gpus_per_client: Ray ``client-resources-num-gpus``, resolved by :func:`gpus_per_site`
+            (``None``: the default share when CUDA is present, 0 on CPU).
         timeout_s: wall-clock limit for the whole run, in seconds.
         on_poll: optional callable invoked about every 2 s while the run is going.
 
@@ -270,6 +319,7 @@ def run_simulation(
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
     env = flower_env(flwr_home, ray_tmp, threads=cpus_per_client)
+    federation = federation_config(num_sites, cpus_per_client, gpus_per_site(gpus_per_client))
     overrides = work_dir / "run-config.toml"
     run_log = work_dir / "run.log"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
@@ -279,9 +329,9 @@ def run_simulation(
         with simulation_superlink(work_dir, env) as (address, pid):
             write_connection(flwr_home, address)
             out = _flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--federation-config",
-                         f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_client}", "--format", "json"], env)
+                         federation, "--format", "json"], env)
             run_id = int(json.loads(out[out.index("{"):])["run-id"])
-            log.info("simulation run %d submitted; logs stream to %s", run_id, run_log)
+            log.info("simulation run %d submitted (%s); logs stream to %s", run_id, federation, run_log)
             with open(run_log, "ab") as fh:
                 streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env,
                                             stdout=fh, stderr=subprocess.STDOUT, cwd=APP_DIR, start_new_session=True)
