@@ -134,11 +134,14 @@ def check_superlink(address: str, ca_cert: Path, timeout_s: float = 5.0) -> Chec
 
 
 def check_device() -> Check:
-    import torch
+    """The training device: the GPU's name, memory, driver, CUDA and torch versions and bf16 support
+    (:func:`client.gpu.gpu_summary`), or "no CUDA device" and the CPU cores; never fails."""
+    from client.gpu import describe_gpu, gpu_summary
 
-    if torch.cuda.is_available():
-        return Check("GPU or CPU", True, f"CUDA: {torch.cuda.get_device_name(0)}")
-    return Check("GPU or CPU", True, f"CPU only ({os.cpu_count()} cores); training is slower")
+    info = describe_gpu()
+    if info["cuda"]:
+        return Check("GPU or CPU", True, f"CUDA: {gpu_summary(info)}")
+    return Check("GPU or CPU", True, f"{gpu_summary(info)}: CPU only ({os.cpu_count()} cores); training is slower")
 
 
 def check_cache_space(cache: Path, min_free_gb: float) -> Check:
