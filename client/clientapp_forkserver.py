@@ -153,11 +153,19 @@ def warm_imports(module: str = CLIENTAPP_MODULE, project_packages: tuple[str, ..
     Returns:
         The number of modules kept imported (third-party and project, for the log line).
 
+    CUDA stays untouched: a parent that has initialised CUDA cannot fork a child that uses it, so
+    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` makes any ``torch.cuda.is_available()`` during the imports ask
+    NVML (fork-safe) instead of the CUDA driver, and :func:`assert_cuda_untouched` checks afterwards.
+    Each forked ClientApp initialises CUDA itself, on first use.
+
     Raises:
         ImportError: ``module`` cannot be imported (the site's install is broken; names the module).
+        RuntimeError: an import initialised CUDA (every child would fail on the GPU).
     """
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     for name in (module, *ALSO_WARM):
         importlib.import_module(name)
+    assert_cuda_untouched()
     project = {}
     for name in [n for n in sys.modules if n.split(".")[0] in project_packages]:
         mod = sys.modules.pop(name)
@@ -174,6 +182,19 @@ def warm_imports(module: str = CLIENTAPP_MODULE, project_packages: tuple[str, ..
     gc.collect()
     gc.freeze()
     return len(sys.modules) + len(project)
+
+
+def assert_cuda_untouched() -> None:
+    """Raise unless this process is still free to fork ClientApps that use CUDA.
+
+    Raises:
+        RuntimeError: ``torch.cuda.is_initialized()`` (CUDA's state does not survive ``fork``; PyTorch
+            refuses CUDA in such a child: "Cannot re-initialize CUDA in forked subprocess").
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised in the fork launcher's warm parent, so no forked ClientApp "
+                           "could use the GPU; use --launcher subprocess, or find the import that touches CUDA")
 
 
 def _name_process(name: str) -> None:
