@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared_models.config import RunConfig, default_run_config
 
@@ -19,6 +20,14 @@ TINY = {
     "stager-block-config": "1,1",
     "stager-pool-scales": "1,2",
 }
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip without a CUDA device (``scripts/gpu_check.sh`` runs them on a GPU)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_tests and not torch.cuda.is_available():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 def tiny_run_config(**overrides) -> dict:

@@ -1,0 +1,226 @@
+"""GPU use (issue 19): the simulation's GPU share, the preflight's GPU report, the fork launcher's CUDA
+hygiene. The CPU tests fake a GPU where they need one; the ``gpu`` tests run only where CUDA is present
+(``scripts/gpu_check.sh`` runs them with the GPU benchmark)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sim import runner
+
+REPO = runner.APP_DIR
+
+
+def _fake_gpu(monkeypatch, memory_gib: float = 80.0, major: int = 9, name: str = "NVIDIA Fake"):
+    props = SimpleNamespace(name=name, total_memory=int(memory_gib * 2**30), major=major, minor=0,
+                            multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: props)
+
+
+def _no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def test_without_cuda_the_simulation_asks_for_no_gpu(monkeypatch, caplog):
+    _no_gpu(monkeypatch)
+    assert runner.gpus_per_site() == 0.0
+    assert runner.gpus_per_site(0.5) == 0.0  # would leave Ray without a single ClientApp slot
+    assert "ignored" in caplog.text
+    assert runner.federation_config(4, 1, 0.0) == "num-supernodes=4 client-resources-num-cpus=1"
+
+
+@pytest.mark.parametrize("memory_gib, expected", [(80.0, 0.25), (141.0, 0.25), (16.0, 0.5), (24.0, 1 / 3), (4.0, 1.0)])
+def test_with_cuda_each_site_gets_a_share_that_fits_the_memory(monkeypatch, memory_gib, expected):
+    _fake_gpu(monkeypatch, memory_gib)
+    # the share is max(0.25, 8 GiB / memory), at most the whole GPU
+    assert runner.gpus_per_site() == pytest.approx(expected, abs=1e-3)
+    assert runner.gpus_per_site(0.5) == 0.5
+    with pytest.raises(ValueError, match="gpus-per-site"):
+        runner.gpus_per_site(1.5)
+
+
+def _flower_pool_size(federation: str, monkeypatch, cpus: int, gpus: int) -> tuple[dict, int]:
+    """Flower's own reading of a ``--federation-config`` value and the actor count its Ray backend takes
+    from it on one node with ``cpus`` CPUs and ``gpus`` GPUs."""
+    from flwr.common.config import parse_config_args
+    from flwr.simulation import app as sim_app
+    from flwr.simulation.ray_transport import ray_actor
+    from flwr.supercore.utils import simulation_config_from_json
+
+    parsed = {k.replace("-", "_"): v for k, v in parse_config_args([federation]).items()}  # as `flwr run` does
+    _, _, backend_config, _, _ = sim_app._run_simulation_settings(simulation_config_from_json(parsed))
+    resources = backend_config["client_resources"]
+    monkeypatch.setattr(ray_actor.ray, "nodes", lambda: [{"Resources": {"CPU": cpus, "GPU": gpus}}])
+    return resources, ray_actor.pool_size_from_resources(resources)
+
+
+def test_flower_runs_one_site_per_share_of_the_gpu(monkeypatch):
+    _fake_gpu(monkeypatch, 80.0)
+    text = runner.federation_config(4, 1, runner.gpus_per_site())
+    resources, actors = _flower_pool_size(text, monkeypatch, cpus=16, gpus=1)
+    assert resources == {"num_cpus": 1, "num_gpus": pytest.approx(0.25)}
+    assert actors == 4  # min(16 CPUs / 1, 1 GPU / 0.25)
+    resources, actors = _flower_pool_size(runner.federation_config(4, 1, 0.5), monkeypatch, cpus=16, gpus=2)
+    assert actors == 4  # min(16, 2 / 0.5)
+    _no_gpu(monkeypatch)
+    resources, actors = _flower_pool_size(runner.federation_config(4, 1, runner.gpus_per_site()), monkeypatch,
+                                          cpus=16, gpus=1)
+    assert "num_gpus" not in resources and actors == 16  # CPU runs unchanged: one ClientApp per core
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_run_simulation_hands_flower_the_gpu_share(monkeypatch, tmp_path, gpu):
+    (_fake_gpu if gpu else _no_gpu)(monkeypatch)
+    seen = {}
+
+    @contextmanager
+    def no_superlink(work, env):
+        yield "127.0.0.1:1", 0
+
+    def fake_flwr(args, env, timeout=300):
+        seen["args"] = args
+        raise runner.SimulationError("stop here")
+
+    monkeypatch.setattr(runner, "simulation_superlink", no_superlink)
+    monkeypatch.setattr(runner, "_flwr", fake_flwr)
+    with pytest.raises(runner.SimulationError, match="stop here"):
+        runner.run_simulation({}, num_sites=3, work_dir=tmp_path, cpus_per_client=2)
+    federation = seen["args"][seen["args"].index("--federation-config") + 1]
+    expected = "num-supernodes=3 client-resources-num-cpus=2"
+    assert federation == (expected + " client-resources-num-gpus=0.25" if gpu else expected)
+
+
+def test_cli_takes_gpus_per_site_on_run_and_demo():
+    from sim.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["sim", "run", "--data", "d", "--out", "o", "--gpus-per-site", "0.5"])
+    assert args.gpus_per_site == 0.5
+    assert parser.parse_args(["sim", "demo", "--out", "o"]).gpus_per_site is None
+
+
+# --------------------------------------------------------------------------- deployment preflight
+
+
+def test_preflight_reports_the_gpu(monkeypatch):
+    from client import gpu, site_daemon
+
+    _fake_gpu(monkeypatch, 139.8, name="NVIDIA H200")
+    monkeypatch.setattr(gpu, "nvidia_driver_version", lambda: "580.159.04")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    check = site_daemon.check_device()
+    assert check.ok
+    for part in ("NVIDIA H200", "139.8 GiB", "sm 9.0", "driver 580.159.04", "CUDA 13.0", f"torch {torch.__version__}",
+                 "bf16 yes"):
+        assert part in check.detail
+    _fake_gpu(monkeypatch, 16.0, major=7, name="Tesla V100")  # Volta: no native bfloat16
+    assert "bf16 no" in site_daemon.check_device().detail
+
+
+def test_preflight_says_when_there_is_no_cuda_device(monkeypatch):
+    from client import site_daemon
+
+    _no_gpu(monkeypatch)
+    check = site_daemon.check_device()
+    assert check.ok and check.detail.startswith("no CUDA device") and "CPU only" in check.detail
+
+
+# --------------------------------------------------------------------------- fork launcher
+
+#: In a fresh interpreter: record every torch.cuda query, warm up as the fork launcher does, report.
+_WARM_SPY = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    calls = []
+    for name in ("is_available", "device_count", "get_device_properties", "current_device", "_lazy_init", "init",
+                 "is_bf16_supported", "get_device_name", "get_device_capability", "set_device", "synchronize",
+                 "mem_get_info", "memory_allocated"):
+        original = getattr(torch.cuda, name)
+        def spy(*a, _name=name, _original=original, **k):
+            calls.append([_name, os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")])
+            return _original(*a, **k)
+        setattr(torch.cuda, name, spy)
+    from client.clientapp_forkserver import assert_cuda_untouched, warm_imports
+    warm_imports(sys.argv[1])
+    result = {"initialized": torch.cuda.is_initialized(), "calls": calls,
+              "nvml_check": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")}
+    torch.cuda.is_initialized = lambda: True  # what the guard must catch
+    try:
+        assert_cuda_untouched()
+        result["guard"] = "silent"
+    except RuntimeError as err:
+        result["guard"] = str(err)
+    print(json.dumps(result))
+""")
+
+
+def _warm_module() -> str:
+    """The ClientApp module where Flower is installed, else the training modules it imports (the GPU machine
+    of ``scripts/gpu_check.sh`` has no Flower)."""
+    try:
+        import flwr  # noqa: F401
+
+        return "client.client_app"
+    except ImportError:
+        return "client.stager_training"
+
+
+def test_fork_launcher_warm_up_leaves_cuda_uninitialised():
+    proc = subprocess.run([sys.executable, "-c", _WARM_SPY, _warm_module()], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["initialized"] is False
+    assert result["nvml_check"] == "1"
+    # nothing but a fork-safe availability check (NVML) may ask about CUDA while warming up
+    assert all(name == "is_available" and nvml == "1" for name, nvml in result["calls"]), result["calls"]
+    assert "forked ClientApp" in result["guard"]
+
+
+#: In a fresh interpreter: warm up, fork, train the stager on CUDA in the child; the parent never touches CUDA.
+_FORK_TRAIN = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from client.clientapp_forkserver import warm_imports
+    warm_imports(sys.argv[1])
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import numpy as np
+            from client.stager_training import train_stager
+            from shared_models.stager import MulDenseNet3D, StagerConfig
+            model = MulDenseNet3D(StagerConfig(init_features=8, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2)))
+            rng = np.random.default_rng(0)
+            crops = rng.random((8, 1, 32, 32, 32), dtype=np.float32)
+            out = train_stager(model, crops, np.arange(8) % 3, steps=3, batch_size=4, lr=1e-3, weight_decay=0.0,
+                               focal_gamma=2.0, device=torch.device("cuda"), seed=0)
+            on_cuda = next(model.parameters()).is_cuda
+            code = 0 if on_cuda and np.isfinite(out["train-loss"]) and torch.cuda.is_initialized() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"child_exit": os.waitstatus_to_exitcode(status), "parent_initialized": torch.cuda.is_initialized()}))
+""")
+
+
+@pytest.mark.gpu
+def test_a_forked_clientapp_trains_on_cuda():
+    proc = subprocess.run([sys.executable, "-c", _FORK_TRAIN, _warm_module()], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"child_exit": 0, "parent_initialized": False}, proc.stderr[-3000:]
