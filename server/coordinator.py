@@ -489,8 +489,12 @@ def run_progress(out: Path) -> dict:
     Returns:
         ``{"rounds": {phase: {"done", "total"}}, "latest": {phase: {"round", "sites": {site: metrics}}},
         "missing_sites": {phase: {round: [site, ...]}}, "finished": bool}``.
+
+    Raises:
+        server.checkpoint.CheckpointError: a phase has checkpoints but none verifies against
+            the chain (nothing is unpickled unless it does).
     """
-    import torch
+    from server.checkpoint import read_checkpoint
 
     out = Path(out)
     record = json.loads((out / LAUNCH_NAME).read_text()) if (out / LAUNCH_NAME).exists() else {}
@@ -502,16 +506,15 @@ def run_progress(out: Path) -> dict:
                     "finished": (out / "bundle" / "MANIFEST.sig").exists()}
     for phase in ("detector", "stager"):
         total = int(rc.get(f"{phase}-rounds", defaults[f"{phase}-rounds"]))
-        path = out / "checkpoints" / f"{phase}.pt"
         done, latest, missing = 0, {}, {}
-        if path.exists():
-            data = torch.load(path, weights_only=False, map_location="cpu")
-            done = int(data["round"])
-            history = data.get("site_metrics", {})
+        ckpt = read_checkpoint(out / "checkpoints", phase)  # verified against the chain, weights_only
+        if ckpt is not None:
+            done = ckpt.round
+            history = ckpt.site_metrics
             if history:
                 last = max(history)
                 latest = {"round": last, "sites": history[last]}
-            missing = data.get("missing_sites", {})
+            missing = ckpt.missing_sites
         result["rounds"][phase] = {"done": done, "total": total}
         result["latest"][phase] = latest
         result["missing_sites"][phase] = missing

@@ -7,10 +7,15 @@ Layout of a bundle folder::
     spec.json          PreprocessingSpec
     models.json        DetectorConfig and StagerConfig (to rebuild the networks exactly)
     metrics.json       the run report (aggregate metrics only)
-    run_config.json    the run configuration
+    run_config.json    the run configuration, without local paths (``safe_files.redact_paths``)
     MANIFEST.json      sha256 of every file above, and the hash chain of the run's round checkpoints
     MANIFEST.sig       Ed25519 signature of MANIFEST.json (raw 64 bytes)
     signer.pub         the signer's Ed25519 public key (PEM), for convenience only
+
+Loading treats the folder as hostile: only the names above are read, each one a regular file
+inside the folder (no symlink, device or FIFO), size-capped before reading, read **once**,
+hashed, and deserialised from those same bytes (``torch.load(weights_only=True)`` for the
+weights), so a file swapped after its hash was checked is never the one loaded.
 
 Signatures use Ed25519 (RFC 8032) from the ``cryptography`` package. Trust comes
 from the coordinator's public key passed to :func:`load_bundle`; the embedded
@@ -20,6 +25,7 @@ from the coordinator's public key passed to :func:`load_bundle`; the embedded
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -32,12 +38,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared_models.detector import YOLOX3D, DetectorConfig
 from shared_models.preprocessing import PreprocessingSpec
+from shared_models.safe_files import UnsafeFileError, load_tensors, read_regular_file, redact_paths
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PAYLOAD = ("detector.pt", "stager.pt", "spec.json", "models.json", "metrics.json", "run_config.json")
+# Size caps, checked before a file is read: weights of the paper-size models are a few MB.
+MAX_WEIGHTS_BYTES = 1 << 30
+MAX_JSON_BYTES = 64 << 20  # MANIFEST.json holds the checkpoint chain: ~250 bytes a round
+MAX_KEY_BYTES = 64 << 10
 
 
 class BundleError(Exception):
@@ -70,8 +81,8 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _max_bytes(name: str) -> int:
+    return MAX_WEIGHTS_BYTES if name.endswith(".pt") else MAX_JSON_BYTES if name.endswith(".json") else MAX_KEY_BYTES
 
 
 def write_bundle(
@@ -93,13 +104,17 @@ def write_bundle(
     recorded under ``"checkpoint_chain"`` in ``MANIFEST.json``, so the signature covers it.
     """
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(detector_state, out / "detector.pt")
-    torch.save(stager_state, out / "stager.pt")
-    (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
-    (out / "models.json").write_text(json.dumps({"detector": detector_config.to_dict(), "stager": stager_config.to_dict()}, indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False, default=str))
-    (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-    manifest = {"format_version": FORMAT_VERSION, "files": {name: _sha256(out / name) for name in PAYLOAD}}
+    payload = {
+        "detector.pt": _torch_bytes(detector_state),
+        "stager.pt": _torch_bytes(stager_state),
+        "spec.json": json.dumps(spec.to_dict(), indent=2).encode(),
+        "models.json": json.dumps({"detector": detector_config.to_dict(), "stager": stager_config.to_dict()}, indent=2).encode(),
+        "metrics.json": json.dumps(metrics, indent=2, allow_nan=False, default=str).encode(),
+        "run_config.json": json.dumps(redact_paths(run_config), indent=2, default=str).encode(),
+    }
+    for name, data in payload.items():
+        (out / name).write_bytes(data)
+    manifest = {"format_version": FORMAT_VERSION, "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()}}
     if checkpoint_chain:
         manifest["checkpoint_chain"] = checkpoint_chain
     manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -107,6 +122,12 @@ def write_bundle(
     (out / "MANIFEST.sig").write_bytes(signing_key.sign(manifest_bytes))
     (out / "signer.pub").write_bytes(public_pem(signing_key.public_key()))
     return out
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 @dataclass
@@ -124,43 +145,95 @@ class Bundle:
 def load_bundle(path: Path, public_key: Path | None = None) -> Bundle:
     """Verify and load a bundle.
 
+    Every file is read once (a regular file inside ``path``, under its size cap), checked, and
+    loaded from the bytes that were checked. ``MANIFEST.json`` must list exactly the names in
+    :data:`PAYLOAD`: an unknown name (``../../etc/passwd``, ``/dev/zero``) is refused before
+    anything is read, also when the bundle is checked only against its embedded key.
+
     Args:
         path: the bundle folder.
         public_key: the coordinator's Ed25519 public key (PEM). Without it the
             embedded ``signer.pub`` is used and the bundle is marked untrusted.
 
     Raises:
-        BundleError: missing file, hash mismatch, or bad signature (names the file).
+        BundleError: missing, oversized or non-regular file, unknown manifest entry, hash
+            mismatch, bad signature, or weights that are not plain tensors (names the file).
     """
     path = Path(path)
-    for name in (*PAYLOAD, "MANIFEST.json", "MANIFEST.sig"):
-        if not (path / name).is_file():
+
+    def read(name: str) -> bytes:
+        if not (path / name).exists() and not (path / name).is_symlink():
             raise BundleError(f"{path}: bundle file {name} is missing")
-    manifest_bytes = (path / "MANIFEST.json").read_bytes()
-    key_path = Path(public_key) if public_key else path / "signer.pub"
-    key = serialization.load_pem_public_key(key_path.read_bytes())
+        try:
+            return read_regular_file(path / name, _max_bytes(name), root=path)
+        except (UnsafeFileError, OSError) as err:
+            raise BundleError(f"{path}: bundle file {name} refused: {err}") from None
+
+    for name in (*PAYLOAD, "MANIFEST.json", "MANIFEST.sig"):
+        if not (path / name).exists() and not (path / name).is_symlink():
+            raise BundleError(f"{path}: bundle file {name} is missing")
+    manifest_bytes = read("MANIFEST.json")
+    if public_key:
+        key_path = Path(public_key)
+        key_bytes = read_regular_file(key_path, MAX_KEY_BYTES)
+    else:
+        key_path = path / "signer.pub"
+        key_bytes = read("signer.pub")
+    try:
+        key = serialization.load_pem_public_key(key_bytes)
+    except ValueError:
+        raise BundleError(f"{key_path}: not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise BundleError(f"{key_path}: not an Ed25519 public key")
     try:
-        key.verify((path / "MANIFEST.sig").read_bytes(), manifest_bytes)
+        key.verify(read("MANIFEST.sig"), manifest_bytes)
     except InvalidSignature:
         raise BundleError(f"{path}: MANIFEST.sig does not verify against {key_path.name}") from None
-    manifest = json.loads(manifest_bytes)
-    for name, digest in manifest["files"].items():
-        if _sha256(path / name) != digest:
+    try:
+        files = json.loads(manifest_bytes)["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise BundleError(f"{path}: MANIFEST.json has no valid 'files' table") from None
+    unknown = sorted(set(files) - set(PAYLOAD))
+    if unknown:
+        raise BundleError(f"{path}: MANIFEST.json names files that are not part of a bundle: {unknown!r}; refused")
+    uncovered = sorted(set(PAYLOAD) - set(files))
+    if uncovered:
+        raise BundleError(f"{path}: MANIFEST.json does not cover {uncovered!r}; refused")
+    data: dict[str, bytes] = {}
+    for name in PAYLOAD:
+        data[name] = read(name)
+        if hashlib.sha256(data[name]).hexdigest() != files[name]:
             raise BundleError(f"{path}: {name} does not match its MANIFEST.json hash (modified after signing)")
-    models = json.loads((path / "models.json").read_text())
+
+    def parse(name: str):
+        try:
+            return json.loads(data[name])
+        except ValueError as err:
+            raise BundleError(f"{path}: {name} is not valid JSON ({err})") from None
+
+    def weights(name: str):
+        try:
+            state = load_tensors(data[name], path / name)
+        except UnsafeFileError as err:
+            raise BundleError(str(err)) from None
+        if not isinstance(state, dict):
+            raise BundleError(f"{path}: {name} holds no state dict")
+        return state
+
+    models = parse("models.json")
     detector = YOLOX3D(DetectorConfig.from_dict(models["detector"]))
-    detector.load_state_dict(torch.load(path / "detector.pt", weights_only=True, map_location="cpu"))
+    detector.load_state_dict(weights("detector.pt"))
     stager = MulDenseNet3D(StagerConfig.from_dict(models["stager"]))
-    stager.load_state_dict(torch.load(path / "stager.pt", weights_only=True, map_location="cpu"))
+    stager.load_state_dict(weights("stager.pt"))
     if public_key is None:
         log.warning("bundle verified against its embedded signer key only; pass the coordinator's public key to trust it")
     return Bundle(
         detector=detector.eval(),
         stager=stager.eval(),
-        spec=PreprocessingSpec.from_dict(json.loads((path / "spec.json").read_text())),
-        metrics=json.loads((path / "metrics.json").read_text()),
-        run_config=json.loads((path / "run_config.json").read_text()),
+        spec=PreprocessingSpec.from_dict(parse("spec.json")),
+        metrics=parse("metrics.json"),
+        run_config=parse("run_config.json"),
         trusted=public_key is not None,
     )

@@ -207,7 +207,7 @@ def test_run_with_killed_supernode_completes_and_names_the_missing_site(federati
     # round 1 of the detector completed without C (its evaluate reply never came) ...
     assert report["missing_sites"]["detector"]["1"] == {"evaluate": ["C"]}
     # ... and the restarted node took part in round 2: C has detector metrics for round 2
-    ckpt = torch.load(out / "checkpoints" / "detector.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "detector.pt", weights_only=True)
     assert "C" in ckpt["site_metrics"][2] and "C" not in ckpt["site_metrics"][1]
     assert set(ckpt["train_metrics"][1]) == set(TRAIN) == set(ckpt["train_metrics"][2])
     assert report["rounds"] == {"detector": 2, "stager": 2}
