@@ -128,6 +128,17 @@ def validation_score(site_metrics: dict[str, dict]) -> float | None:
     return sum(float(m["val-score"]) * int(m["val-num-examples"]) for m in site_metrics.values()) / n
 
 
+def influence_bounds(cfg: RunConfig, phase: str, declared: dict[str, dict] | None) -> dict:
+    """The strategy's bounds on one site's influence (issue 16) from the run config: robust-strategy
+    parameters, the norm rule's factors, the declared counts, and how far an integer buffer may move
+    in a round (one per local step; FedBN keeps norms local, so over all rounds of the phase)."""
+    steps = cfg.detector_local_steps if phase == "detector" else cfg.stager_local_steps
+    rounds = cfg.detector_rounds if phase == "detector" else cfg.stager_rounds
+    return dict(trimmed_beta=cfg.trimmed_beta, krum_byzantine=cfg.krum_byzantine, declared=declared,
+                max_int_delta=steps * (rounds if cfg.strategy == "fedbn" else 1),
+                clip_factor=cfg.update_clip_factor, reject_factor=cfg.update_reject_factor)
+
+
 def run_phase(
     grid: Grid,
     cfg: RunConfig,
@@ -138,8 +149,12 @@ def run_phase(
     model: torch.nn.Module,
     rounds: int,
     extra_config: dict | None = None,
+    declared: dict[str, dict] | None = None,
 ) -> PhaseCheckpoint:
     """Federate one model for ``rounds`` rounds, resuming from its checkpoint.
+
+    ``declared`` (site id -> heads per split from :func:`discover_sites`) caps the counts each
+    site reports (issue 16, ``strategies/update_checks.py``).
 
     Returns:
         The final checkpoint: the last and the best-validated global state dicts and the
@@ -155,6 +170,7 @@ def run_phase(
         cfg.strategy, proximal_mu=cfg.proximal_mu, node_sites=node_sites,
         train_sites=cfg.train_sites, round_offset=ckpt.round,
         min_fraction=cfg.min_site_fraction, node_wait_timeout_s=cfg.node_wait_timeout_s,
+        **influence_bounds(cfg, phase, declared),
     )
     strategy.missing_sites.update(ckpt.missing_sites)
     strategy.rejected_updates.update(ckpt.rejected_updates)
@@ -242,14 +258,14 @@ def main(grid: Grid, context: Context) -> None:
 
     # 3. phase 1: detector
     detector = run_phase(grid, cfg, store, node_sites, phase="detector", model=YOLOX3D(cfg.detector),
-                         rounds=cfg.detector_rounds)
+                         rounds=cfg.detector_rounds, declared=site_data)
 
     # 4. site-local crops with the phase-1 global detector
     key = prepare_crops(grid, node_sites, detector.selected_state_dict, cfg)
 
     # 5. phase 2: stager
     stager = run_phase(grid, cfg, store, node_sites, phase="stager", model=MulDenseNet3D(cfg.stager),
-                       rounds=cfg.stager_rounds, extra_config={"crops-key": key})
+                       rounds=cfg.stager_rounds, extra_config={"crops-key": key}, declared=site_data)
 
     # 6. report and signed bundle
     report = build_report(

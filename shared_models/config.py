@@ -64,6 +64,33 @@ def _spec(crop_shape: str, margin_mm: float) -> PreprocessingSpec:
     return PreprocessingSpec(crop_shape=shape, crop_margin_mm=margin_mm)
 
 
+def robust_strategy_problem(strategy: str, n_train: int, trimmed_beta: float, krum_byzantine: int) -> str | None:
+    """Why a robust strategy cannot keep its promise with ``n_train`` training sites; None when it can.
+
+    * ``fedtrimmedavg`` cuts ``int(beta * n)`` updates at each end (Flower's ``trim_mean``); with
+      ``beta * n < 1`` it cuts nothing and is a plain mean. ``beta`` must be in [0, 0.5).
+    * ``krum`` (Blanchard et al. 2017, NeurIPS) tolerates ``f`` Byzantine sites only when ``n > 2f + 2``.
+    * ``fedmedian`` (Yin et al. 2018) is the mean of both updates at 2 sites: needs ``n >= 3``.
+
+    Other strategies: always None.
+    """
+    if strategy == "fedtrimmedavg":
+        if not 0.0 <= trimmed_beta < 0.5:
+            return f"'trimmed-beta' must be in [0, 0.5), got {trimmed_beta}"
+        if int(trimmed_beta * n_train) < 1:
+            return (f"fedtrimmedavg with trimmed-beta {trimmed_beta:g} trims int({trimmed_beta:g} x {n_train}) = 0 "
+                    f"updates at {n_train} training site(s): it would be a plain mean; needs trimmed-beta x sites >= 1")
+    if strategy == "krum":
+        if krum_byzantine < 0:
+            return f"'krum-byzantine' must be >= 0, got {krum_byzantine}"
+        if n_train <= 2 * krum_byzantine + 2:
+            return (f"krum tolerates krum-byzantine = {krum_byzantine} malicious site(s) only with more than "
+                    f"{2 * krum_byzantine + 2} training sites (n > 2f + 2), got {n_train}")
+    if strategy == "fedmedian" and n_train < 3:
+        return f"fedmedian needs at least 3 training sites to outvote one (the median of 2 is their mean), got {n_train}"
+    return None
+
+
 def _fraction(value: float) -> float:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"run config 'min-site-fraction': must be in (0, 1], got {value}")
@@ -137,6 +164,12 @@ class RunConfig:
     transfer_packing: bool
     transfer_dtype: str
     min_site_fraction: float = 1.0  # issue 7: fraction (0, 1] of training sites a round needs
+    # issue 16: robust-strategy parameters and the bounds on one site's influence
+    trimmed_beta: float = 0.25  # FedTrimmedAvg: fraction cut at each end, [0, 0.5)
+    krum_byzantine: int = 1  # Krum: malicious sites tolerated (needs training sites > 2f + 2)
+    update_clip_factor: float = 2.0  # update norms clipped at this x the round's median norm
+    update_reject_factor: float = 4.0  # ... and rejected above this x the median norm
+    min_cell_heads: int = 5  # a site with fewer heads in a split sends only the count ("suppressed")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -194,6 +227,14 @@ class RunConfig:
         mu = get("proximal-mu", float)
         if mu < 0:
             raise ValueError(f"run config 'proximal-mu': must be >= 0, got {mu}")
+        strategy = choice("strategy", STRATEGIES)
+        trimmed_beta, krum_byzantine = get("trimmed-beta", float), non_negative("krum-byzantine", int)
+        problem = robust_strategy_problem(strategy, len(train_sites), trimmed_beta, krum_byzantine)
+        if problem:
+            raise ValueError(f"run config 'strategy': {problem}")
+        clip_factor, reject_factor = positive("update-clip-factor", float), positive("update-reject-factor", float)
+        if reject_factor < clip_factor:
+            raise ValueError(f"run config 'update-reject-factor': must be >= update-clip-factor {clip_factor}, got {reject_factor}")
         model_size = choice("model-size", MODEL_SIZES)
         if model_size == "paper":
             detector = DetectorConfig.PAPER
@@ -232,7 +273,7 @@ class RunConfig:
             out_dir=get("out-dir", str),
             signing_key=get("signing-key", str),
             seed=get("seed", int),
-            strategy=choice("strategy", STRATEGIES),
+            strategy=strategy,
             proximal_mu=mu,
             node_wait_timeout_s=positive("node-wait-timeout-s", float),
             round_timeout_s=positive("round-timeout-s", float),
@@ -260,6 +301,11 @@ class RunConfig:
             transfer_packing=get("transfer-packing", bool),
             transfer_dtype=choice("transfer-dtype", TRANSFER_DTYPES),
             min_site_fraction=_fraction(get("min-site-fraction", float)),
+            trimmed_beta=trimmed_beta,
+            krum_byzantine=krum_byzantine,
+            update_clip_factor=clip_factor,
+            update_reject_factor=reject_factor,
+            min_cell_heads=positive("min-cell-heads", int),
         )
 
     def detector_l1_weight(self, server_round: int) -> float:

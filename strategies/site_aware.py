@@ -13,8 +13,12 @@ and this module adds as one mixin:
   report can show per-site and pooled figures (AUC cannot be averaged);
 * **round offset** — a resumed run continues its round numbering;
 * **update checks** — a train reply whose arrays do not match the global model's entries,
-  shapes and dtypes, or hold non-finite values, is rejected and logged before aggregation
+  shapes and dtypes, or hold non-finite or absurd values, is rejected and logged before aggregation
   (``strategies/update_checks.py``); the round goes on with the others;
+* **bounded influence** (issue 16, rule and sources in ``strategies/update_checks.py``) — update
+  norms against the round's global model are clipped at ``clip_factor`` x the round's median
+  and rejected above ``reject_factor`` x it; ``num-examples`` and validation counts are capped
+  at the heads each site declared (``declared``); scores outside [0, 1] reject the reply;
 * **minimum fraction of sites** — a round completes with the sites that replied when at
   least ``ceil(min_fraction * training sites)`` trained, and names the missing ones
   (``missing_sites``, for training and evaluation); otherwise it fails with
@@ -41,7 +45,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
-from strategies.update_checks import reply_problems
+from shared_models.config import robust_strategy_problem
+from strategies.update_checks import bound_update_norms, cap_counts, clip_update, metrics_problems, reply_problems, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +86,24 @@ class SiteAwareMixin:
         min_fraction: fraction (0, 1] of sites a round needs (train: of the training sites).
         node_wait_timeout_s: bound, in seconds, on the wait for nodes before a round (None: Flower's unbounded wait).
         missing_sites: ``{round: {"train": [site, ...], "evaluate": [...]}}`` for rounds where sites did not take part.
-        rejected_updates: ``{round: {site_id: [problem, ...]}}`` for train replies rejected by the update checks.
+        rejected_updates: ``{round: {site_id: [problem, ...]}}`` for train replies rejected by the update
+            checks, and evaluate replies rejected by the metric checks (problems prefixed ``evaluate:``).
+        declared: site id -> the counts it declared at the start of the run (``heads-train``,
+            ``heads-val``, ``heads-test``); its replies' counts are capped at them (absent: not capped).
+        max_int_delta: largest move of an integer entry in one round (``None``: not checked).
+        clip_factor, reject_factor: the norm rule's multiples of the round's median update norm.
     """
 
     def __init__(self, *args, node_sites: dict[int, str], train_sites: Iterable[str], round_offset: int = 0,
-                 min_fraction: float = 1.0, node_wait_timeout_s: float | None = None, **kwargs):
+                 min_fraction: float = 1.0, node_wait_timeout_s: float | None = None,
+                 declared: dict[str, dict] | None = None, max_int_delta: int | None = None,
+                 clip_factor: float = 2.0, reject_factor: float = 4.0, **kwargs):
         super().__init__(*args, **kwargs)
+        bound_update_norms([], clip_factor=clip_factor, reject_factor=reject_factor)  # validates the factors
+        self.declared = dict(declared or {})
+        self.max_int_delta = max_int_delta
+        self.clip_factor = clip_factor
+        self.reject_factor = reject_factor
         if not 0.0 < min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
         self.node_sites = dict(node_sites)
@@ -162,20 +179,74 @@ class SiteAwareMixin:
         self._wait_for_sites(grid, server_round + self.round_offset, "evaluate")
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
+    def _reject(self, server_round: int, site: str, problems: list[str], phase: str = "train") -> None:
+        prefix = "" if phase == "train" else f"{phase}: "
+        self.rejected_updates.setdefault(server_round, {}).setdefault(site, []).extend(prefix + p for p in problems)
+        what = "update" if phase == "train" else f"{phase} reply"
+        log.warning("round %d: rejected the %s of site %s: %s", server_round, what, site, "; ".join(problems))
+
+    def _caps(self, site: str, phase: str) -> dict[str, int]:
+        heads = self.declared.get(site)
+        if heads is None:
+            return {}
+        if phase == "train":
+            return {"num-examples": int(heads.get("heads-train", 0))}
+        return {"num-examples": int(heads.get("heads-test", 0)), "val-num-examples": int(heads.get("heads-val", 0))}
+
+    def _checked_metrics(self, server_round: int, reply: Message, phase: str) -> dict | None:
+        """The reply's metrics, counts capped at the site's declaration; None (logged) when out of range."""
+        site = self._site(reply)
+        if "metrics" not in reply.content.metric_records:
+            self._reject(server_round, site, ["no metrics"], phase)
+            return None
+        metrics = dict(reply.content["metrics"])
+        problems = metrics_problems(metrics)
+        if not problems:
+            notes = cap_counts(metrics, self._caps(site, phase))
+            if notes:
+                log.warning("round %d: site %s reported more heads than it declared: %s", server_round, site, "; ".join(notes))
+                problems = [f"{p} (after {'; '.join(notes)})" for p in metrics_problems(metrics)]
+        if problems:
+            self._reject(server_round, site, problems, phase)
+            return None
+        return metrics
+
     def check_updates(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Drop (and log) train replies that fail :func:`~strategies.update_checks.reply_problems`
-        against the arrays sent this round; error replies pass through unchanged."""
+        against the arrays sent this round or the metric checks; cap their ``num-examples`` at the
+        declared training heads; then apply the norm rule (clip or reject); error replies pass
+        through unchanged."""
         if self._sent is None:
             return replies
         kept = []
         for r in replies:
-            problems = [] if r.has_error() else reply_problems(r, self._sent, self.arrayrecord_key)
-            if problems:
-                self.rejected_updates.setdefault(server_round, {})[self._site(r)] = problems
-                log.warning("round %d: rejected the update of site %s: %s", server_round, self._site(r), "; ".join(problems))
+            if r.has_error():
+                kept.append(r)
                 continue
+            problems = reply_problems(r, self._sent, self.arrayrecord_key, max_int_delta=self.max_int_delta)
+            if problems:
+                self._reject(server_round, self._site(r), problems)
+                continue
+            metrics = self._checked_metrics(server_round, r, "train")
+            if metrics is None:
+                continue
+            r.content["metrics"] = MetricRecord(metrics)
             kept.append(r)
-        return kept
+        ok = [r for r in kept if not r.has_error()]
+        norms = [update_norm(r.content[self.arrayrecord_key], self._sent) for r in ok]
+        actions = bound_update_norms(norms, clip_factor=self.clip_factor, reject_factor=self.reject_factor)
+        median = float(np.median(norms)) if norms else 0.0
+        dropped = set()
+        for r, norm, (action, scale) in zip(ok, norms, actions):
+            site = self._site(r)
+            if action == "reject":
+                self._reject(server_round, site, [f"update norm {norm:.4g} above {self.reject_factor:g} x the round's median {median:.4g}"])
+                dropped.add(id(r))
+            elif action == "clip":
+                log.warning("round %d: clipped the update of site %s from norm %.4g to %.4g (%g x the round's median)",
+                            server_round, site, norm, norm * scale, self.clip_factor)
+                r.content[self.arrayrecord_key] = clip_update(r.content[self.arrayrecord_key], self._sent, scale)
+        return [r for r in kept if id(r) not in dropped]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         reached = server_round + self.round_offset
@@ -196,20 +267,24 @@ class SiteAwareMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep each site's metrics; return the example-weighted mean of scalar metrics."""
         per_site: dict[str, dict] = {}
+        reached = server_round + self.round_offset
         for r in replies:
             if r.has_error():
-                log.warning("round %d: site %s failed to evaluate: %s", server_round + self.round_offset, self._site(r), r.error.reason)
+                log.warning("round %d: site %s failed to evaluate: %s", reached, self._site(r), r.error.reason)
                 continue
-            per_site[self._site(r)] = dict(r.content["metrics"])
-        self.site_metrics[server_round + self.round_offset] = per_site
-        self._record_missing(server_round + self.round_offset, "evaluate", set(per_site))
-        total = sum(int(m.get("num-examples", 0)) for m in per_site.values())
-        if total == 0:
-            return None
+            metrics = self._checked_metrics(reached, r, "evaluate")
+            if metrics is not None:
+                per_site[self._site(r)] = metrics
+        self.site_metrics[reached] = per_site
+        self._record_missing(reached, "evaluate", set(per_site))
         scalars = {k for m in per_site.values() for k, v in m.items() if isinstance(v, float)}
-        return MetricRecord(
-            {k: sum(float(m.get(k, 0.0)) * int(m["num-examples"]) for m in per_site.values()) / total for k in sorted(scalars)}
-        )
+        out = {}
+        for k in sorted(scalars):  # weighted over the sites that sent the metric (a suppressed site sends none)
+            having = [m for m in per_site.values() if isinstance(m.get(k), float)]
+            total = sum(int(m.get("num-examples", 0)) for m in having)
+            if total:
+                out[k] = sum(float(m[k]) * int(m["num-examples"]) for m in having) / total
+        return MetricRecord(out) if out else None
 
 
 class SiteFedAvg(SiteAwareMixin, FedAvg):
@@ -237,7 +312,8 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "k
 
 def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str], train_sites: Iterable[str],
                    round_offset: int = 0, min_fraction: float = 1.0, node_wait_timeout_s: float | None = None,
-                   trimmed_beta: float = 0.2, krum_malicious: int = 0):
+                   trimmed_beta: float = 0.25, krum_byzantine: int = 1, declared: dict[str, dict] | None = None,
+                   max_int_delta: int | None = None, clip_factor: float = 2.0, reject_factor: float = 4.0):
     """Build the strategy named in the run config.
 
     Args:
@@ -246,20 +322,30 @@ def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str],
         min_fraction: fraction (0, 1] of sites a round needs; the node minimums Flower waits
             for are ``ceil(min_fraction * sites)``.
         node_wait_timeout_s: bound on the wait for nodes before each round, in seconds.
-        trimmed_beta: FedTrimmedAvg's fraction cut at each end, in [0, 0.5).
-        krum_malicious: Krum's assumed number of malicious nodes.
+        trimmed_beta: FedTrimmedAvg's fraction cut at each end, in [0, 0.5) (run config ``trimmed-beta``).
+        krum_byzantine: Krum's assumed number of malicious sites ``f`` (run config ``krum-byzantine``).
+        declared: site id -> counts declared at the start (``heads-train``/``-val``/``-test``); caps.
+        max_int_delta: largest move of an integer entry per round (the local steps).
+        clip_factor, reject_factor: the norm rule (``strategies/update_checks.py``).
 
     Raises:
-        ValueError: for an unknown name or a bad fraction.
+        ValueError: for an unknown name, a bad fraction, or a robust strategy that cannot keep its
+            promise with this many training sites
+            (:func:`shared_models.config.robust_strategy_problem`).
     """
+    train_sites = set(train_sites)
     n_nodes = len(node_sites)
-    n_train = sum(1 for s in node_sites.values() if s in set(train_sites))
+    n_train = sum(1 for s in node_sites.values() if s in train_sites)
+    problem = robust_strategy_problem(name, n_train, trimmed_beta, krum_byzantine)
+    if problem:
+        raise ValueError(problem)
     need = lambda n: max(1, math.ceil(min_fraction * n - 1e-9))  # noqa: E731
     common = dict(
         fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=need(n_train),
         min_evaluate_nodes=need(n_nodes), min_available_nodes=need(n_nodes),
         node_sites=node_sites, train_sites=train_sites, round_offset=round_offset,
-        min_fraction=min_fraction, node_wait_timeout_s=node_wait_timeout_s,
+        min_fraction=min_fraction, node_wait_timeout_s=node_wait_timeout_s, declared=declared,
+        max_int_delta=max_int_delta, clip_factor=clip_factor, reject_factor=reject_factor,
     )
     if name in ("fedavg", "fedbn"):
         return SiteFedAvg(**common)
@@ -270,5 +356,5 @@ def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str],
     if name == "fedtrimmedavg":
         return SiteFedTrimmedAvg(beta=trimmed_beta, **common)
     if name == "krum":
-        return SiteKrum(num_malicious_nodes=krum_malicious, **common)
+        return SiteKrum(num_malicious_nodes=krum_byzantine, **common)
     raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGY_NAMES)}")

@@ -5,6 +5,29 @@ global model that was sent, each with the same shape and dtype, and every floati
 value is finite. A rejected reply is dropped from the round (logged with its reasons, which
 name array entries, never data); the round goes on with the other sites.
 
+Bounded influence of one site (issue 16). A site's reply is hostile until checked:
+
+* **Absurd values** — a floating value above :data:`MAX_ABS_WEIGHT` in magnitude (finite but
+  huge, e.g. 1e30) rejects the update; so does an integer entry (BatchNorm's
+  ``num_batches_tracked``) that moved from the global value by more than ``max_int_delta``
+  (the local optimiser steps of a round: one forward pass in training mode adds one).
+* **Norm bound against the round's global model** (:func:`bound_update_norms`). The update of
+  site *i* is ``delta_i = w_i - w_global`` over every floating entry, its size the L2 norm
+  ``||delta_i||`` (float64). With ``m`` the median of the round's norms (accepted updates only),
+  an update with ``||delta_i|| > reject_factor * m`` is rejected, and one with
+  ``||delta_i|| > clip_factor * m`` is scaled back to ``clip_factor * m`` (same direction).
+  Norm clipping is the defence of Sun et al. 2019, "Can you really backdoor federated
+  learning?" (arXiv:1911.07963); the round's median norm as the bound is FLAME's
+  (Nguyen et al. 2022, USENIX Security, arXiv:2101.02281), which makes the rule scale-free.
+  The median is only robust with at least 3 training sites: with 2, it is their mean and one
+  site can still double its influence (use 3 sites or more, or a robust strategy).
+* **Counts and scores** (:func:`metrics_problems`, :func:`cap_counts`): ``num-examples`` and every
+  validation count are capped by the heads the site declared for that split when the run started
+  (the ``hello`` query); scores (AUC, IoU, accuracy, recall, AP, ``val-score``) must lie in
+  [0, 1]; count vectors (confusion matrix, histograms) must be non-negative integers that add up
+  to no more than the reported count. A reply that breaks a range is rejected with a logged
+  reason that names the site, never a patient.
+
 Robust aggregation (FedMedian, FedTrimmedAvg, Krum) protects against updates that pass these
 checks but are still off; these checks catch the updates that would break aggregation or
 silently poison every weight (one NaN makes a FedAvg mean NaN).
@@ -12,11 +35,24 @@ silently poison every weight (one NaN makes a FedAvg mean NaN).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
+
+#: Largest magnitude a floating weight or buffer may have (no weight of these networks comes near;
+#: float16 transfer cannot even hold more than 65504). Above it the update is rejected.
+MAX_ABS_WEIGHT = 1e6
+
+#: Metrics that are fractions (AUC, IoU, accuracy, recall, AP, the validation score): [0, 1].
+UNIT_SCORES = ("val-score", "macro-auc", "accuracy", "iou-mean", "recall30", "recall50", "ap50")
+#: Metrics that are non-negative (millimetres, losses).
+NON_NEGATIVE = ("center-error-mm", "train-loss")
 
 
-def update_problems(arrays: ArrayRecord, reference: ArrayRecord, max_listed: int = 5) -> list[str]:
+def update_problems(arrays: ArrayRecord, reference: ArrayRecord, max_listed: int = 5,
+                    max_int_delta: int | None = None) -> list[str]:
     """Why ``arrays`` cannot be aggregated against the global ``reference``; empty when it can.
 
     Args:
@@ -24,9 +60,12 @@ def update_problems(arrays: ArrayRecord, reference: ArrayRecord, max_listed: int
         reference: the global weights sent to the site this round.
         max_listed: at most this many entry names are listed per kind of problem.
 
+        max_int_delta: largest allowed ``|update - global|`` of an integer entry (``None``: not checked).
+
     Returns:
         One string per kind of problem: missing or unexpected entries, shape or dtype
-        mismatches, non-finite values (each names up to ``max_listed`` entries).
+        mismatches, non-finite values, values above :data:`MAX_ABS_WEIGHT`, integer entries
+        moved by more than ``max_int_delta`` (each names up to ``max_listed`` entries).
     """
     problems: list[str] = []
     got, want = set(arrays.keys()), set(reference.keys())
@@ -40,7 +79,7 @@ def update_problems(arrays: ArrayRecord, reference: ArrayRecord, max_listed: int
         problems.append(f"missing entries: {listed(want - got)}")
     if got - want:
         problems.append(f"unexpected entries: {listed(got - want)}")
-    shape_bad, dtype_bad, nonfinite = [], [], []
+    shape_bad, dtype_bad, nonfinite, huge, int_moved = [], [], [], [], []
     for key in sorted(got & want):
         a, r = arrays[key], reference[key]
         if tuple(a.shape) != tuple(r.shape):
@@ -50,24 +89,37 @@ def update_problems(arrays: ArrayRecord, reference: ArrayRecord, max_listed: int
             dtype_bad.append(f"{key} {a.dtype} != {r.dtype}")
             continue
         value = a.numpy()
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            nonfinite.append(key)
+        if np.issubdtype(value.dtype, np.floating):
+            if not np.isfinite(value).all():
+                nonfinite.append(key)
+            elif value.size and float(np.abs(value).max()) > MAX_ABS_WEIGHT:
+                huge.append(key)
+        elif max_int_delta is not None and np.issubdtype(value.dtype, np.integer) and value.size:
+            # Python ints: no int64 overflow in the difference (2**62 - (-2**62))
+            moved = max(abs(int(a) - int(b)) for a, b in zip(value.ravel().tolist(), r.numpy().ravel().tolist()))
+            if moved > max_int_delta:
+                int_moved.append(f"{key} (moved {moved})")
     if shape_bad:
         problems.append(f"wrong shapes: {listed(shape_bad)}")
     if dtype_bad:
         problems.append(f"wrong dtypes: {listed(dtype_bad)}")
     if nonfinite:
         problems.append(f"non-finite values in: {listed(nonfinite)}")
+    if huge:
+        problems.append(f"values above {MAX_ABS_WEIGHT:g} in: {listed(huge)}")
+    if int_moved:
+        problems.append(f"integer entries moved by more than {max_int_delta}: {listed(int_moved)}")
     return problems
 
 
-def reply_problems(reply: Message, reference: ArrayRecord, arrays_key: str = "arrays") -> list[str]:
+def reply_problems(reply: Message, reference: ArrayRecord, arrays_key: str = "arrays",
+                   max_int_delta: int | None = None) -> list[str]:
     """:func:`update_problems` for a train reply; also rejects a reply without exactly one ArrayRecord
     under ``arrays_key`` or with a non-finite metric."""
     content = reply.content
     if arrays_key not in content.array_records or len(content.array_records) != 1:
         return [f"expected one ArrayRecord named {arrays_key!r}, got {sorted(content.array_records)}"]
-    problems = update_problems(content.array_records[arrays_key], reference)
+    problems = update_problems(content.array_records[arrays_key], reference, max_int_delta=max_int_delta)
     bad_metrics = []
     for record in content.metric_records.values():
         for key, value in record.items():
@@ -77,3 +129,114 @@ def reply_problems(reply: Message, reference: ArrayRecord, arrays_key: str = "ar
     if bad_metrics:
         problems.append(f"non-finite metrics: {', '.join(sorted(bad_metrics))}")
     return problems
+
+
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``arrays - reference`` over every floating entry, computed in float64 (no overflow
+    for values up to :data:`MAX_ABS_WEIGHT`). Integer entries are left out (checked by delta)."""
+    total = 0.0
+    for key in reference.keys():
+        ref = reference[key].numpy()
+        if np.issubdtype(ref.dtype, np.floating):
+            delta = arrays[key].numpy().astype(np.float64) - ref.astype(np.float64)
+            total += float(np.dot(delta.ravel(), delta.ravel()))
+    return math.sqrt(total)
+
+
+def clip_update(arrays: ArrayRecord, reference: ArrayRecord, scale: float) -> ArrayRecord:
+    """``reference + scale * (arrays - reference)`` for floating entries (in float64, cast back to
+    each entry's dtype); integer entries unchanged."""
+    out = {}
+    for key in reference.keys():
+        ref, value = reference[key].numpy(), arrays[key].numpy()
+        if np.issubdtype(ref.dtype, np.floating):
+            ref64 = ref.astype(np.float64)
+            value = (ref64 + scale * (value.astype(np.float64) - ref64)).astype(ref.dtype)
+        out[key] = Array(np.ascontiguousarray(value))
+    return ArrayRecord(out)
+
+
+def bound_update_norms(norms: Sequence[float], *, clip_factor: float, reject_factor: float) -> list[tuple[str, float]]:
+    """The norm rule (module notes): what to do with each update of a round, given the norms.
+
+    Args:
+        norms: ``||w_i - w_global||`` of the round's accepted updates.
+        clip_factor: updates above ``clip_factor`` x the median norm are scaled back to it (> 0).
+        reject_factor: updates above ``reject_factor`` x the median norm are rejected (>= clip_factor).
+
+    Returns:
+        One ``(action, scale)`` per update: ``("keep", 1.0)``, ``("clip", bound / norm)`` or
+        ``("reject", 0.0)``. With a median of 0 (no site moved) every update is kept.
+
+    Raises:
+        ValueError: for ``clip_factor <= 0`` or ``reject_factor < clip_factor``.
+    """
+    if clip_factor <= 0 or reject_factor < clip_factor:
+        raise ValueError(f"need 0 < clip_factor <= reject_factor, got {clip_factor} and {reject_factor}")
+    if not norms:
+        return []
+    median = float(np.median(np.asarray(norms, np.float64)))
+    out = []
+    for norm in norms:
+        if median <= 0 or norm <= clip_factor * median:
+            out.append(("keep", 1.0))
+        elif norm > reject_factor * median:
+            out.append(("reject", 0.0))
+        else:
+            out.append(("clip", clip_factor * median / norm))
+    return out
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def metrics_problems(metrics: Mapping, *, count_key: str = "num-examples") -> list[str]:
+    """Range checks of a reply's metrics (module notes); empty when they hold.
+
+    Scores in :data:`UNIT_SCORES` must be in [0, 1], :data:`NON_NEGATIVE` ones >= 0; ``count_key``,
+    ``val-num-examples`` and ``low-confidence`` non-negative integers; every list metric
+    (confusion matrix, histograms) non-negative integers; the confusion matrix adds up to
+    ``count_key``, each histogram family (``hist-pos-*``, ``hist-neg-*``, ``iou-hist``) to at most it.
+    """
+    problems = []
+    for key in UNIT_SCORES:
+        if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
+            problems.append(f"{key} = {float(metrics[key]):g} outside [0, 1]")
+    for key in NON_NEGATIVE:
+        if key in metrics and not float(metrics[key]) >= 0.0:
+            problems.append(f"{key} = {float(metrics[key]):g} is negative")
+    for key in (count_key, "val-num-examples", "low-confidence"):
+        if key in metrics and not _is_count(metrics[key]):
+            problems.append(f"{key} = {metrics[key]!r} is not a count")
+    if problems:
+        return problems
+    n = int(metrics.get(count_key, 0))
+    lists = {k: v for k, v in metrics.items() if isinstance(v, list)}
+    bad = sorted(k for k, v in lists.items() if not all(_is_count(x) for x in v))
+    if bad:
+        return [f"count lists with negative or non-integer values: {', '.join(bad)}"]
+    if "confusion" in lists and sum(lists["confusion"]) != n:
+        problems.append(f"confusion matrix holds {sum(lists['confusion'])} heads, {count_key} says {n}")
+    for family in ("hist-pos-", "hist-neg-", "iou-hist"):
+        total = sum(sum(v) for k, v in lists.items() if k.startswith(family))
+        if total > n:
+            problems.append(f"{family.rstrip('-')} histograms hold {total} heads, more than {count_key} {n}")
+    if int(metrics.get("low-confidence", 0)) > n:
+        problems.append(f"low-confidence {metrics['low-confidence']} is more than {count_key} {n}")
+    return problems
+
+
+def cap_counts(metrics: dict, caps: Mapping[str, int]) -> list[str]:
+    """Cap count metrics in place at what the site declared; return a note per capped count.
+
+    Args:
+        metrics: a reply's metrics (modified in place).
+        caps: metric name -> largest allowed value (e.g. ``{"num-examples": heads-train}``).
+    """
+    notes = []
+    for key, cap in caps.items():
+        if key in metrics and _is_count(metrics[key]) and metrics[key] > cap:
+            notes.append(f"{key} {metrics[key]} capped at the declared {cap}")
+            metrics[key] = int(cap)
+    return notes

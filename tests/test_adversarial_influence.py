@@ -1,0 +1,259 @@
+"""Issue 16: one site cannot move the federation beyond a stated bound (rows 3, 4, 5, 6 and 9).
+
+Each test plays the attack of its row against the real strategy classes (or the real site
+functions for row 9) and derives the expected result independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+
+from server.server_app import validation_score
+from shared_models.config import RunConfig
+from shared_models.transfer import pack_state_dict
+from strategies.site_aware import SiteFedAvg, SiteFedMedian, SiteFedTrimmedAvg, SiteKrum, build_strategy
+from strategies.update_checks import MAX_ABS_WEIGHT, bound_update_norms
+from tests.conftest import tiny_run_config
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+SITES = {1: "A", 2: "B", 3: "C", 4: "D"}
+RNG = np.random.default_rng(0)
+GLOBAL_W = RNG.normal(0, 0.1, 200).astype(np.float32)
+GLOBAL_N = np.array([7, 7], np.int64)  # two BatchNorm num_batches_tracked, packed
+STEPS = 10  # local steps per round: the most an integer buffer can move
+U = RNG.normal(0, 0.01, 200).astype(np.float32)  # the honest direction of this round
+
+
+def _record(w: np.ndarray, n: np.ndarray = GLOBAL_N + STEPS) -> ArrayRecord:
+    return ArrayRecord({"packed:float": Array(np.ascontiguousarray(w, np.float32)),
+                        "packed:int64": Array(np.ascontiguousarray(n, np.int64))})
+
+
+def _honest(i: int) -> np.ndarray:
+    return GLOBAL_W + U * (1.0 + 0.1 * i) + np.random.default_rng(i).normal(0, 0.001, 200).astype(np.float32)
+
+
+def _reply(src: int, arrays: ArrayRecord | None, metrics: dict, kind: str = "train") -> Message:
+    metadata = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="q",
+                        group_id="", created_at=time.time(), ttl=60.0, message_type=kind)
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return make_message(metadata=metadata, content=content)
+
+
+DECLARED = {s: {"heads-train": 20, "heads-val": 6, "heads-test": 6} for s in SITES.values()}
+
+
+def _strategy(cls=SiteFedAvg, **kwargs):
+    kwargs.setdefault("max_int_delta", STEPS)
+    strategy = cls(node_sites=SITES, train_sites=set(SITES.values()), min_train_nodes=1, min_available_nodes=1,
+                   min_evaluate_nodes=1, min_fraction=0.5, declared=DECLARED, **kwargs)
+    strategy._sent = _record(GLOBAL_W, GLOBAL_N)
+    return strategy
+
+
+def _round(strategy, attack: ArrayRecord | None, attack_metrics: dict | None = None):
+    replies = [_reply(i + 1, _record(_honest(i)), {"num-examples": 20, "train-loss": 0.5}) for i in range(3)]
+    if attack is not None:
+        replies.append(_reply(4, attack, attack_metrics or {"num-examples": 20, "train-loss": 0.5}))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays["packed:float"].numpy(), arrays["packed:int64"].numpy()
+
+
+def _honest_mean() -> np.ndarray:
+    return np.mean([_honest(i) for i in range(3)], axis=0)
+
+
+# ----------------------------------------------------------------------------- row 3: poisoned updates
+
+ATTACKS = {
+    "huge-1e30": lambda: _record(np.full(200, 1e30, np.float32)),
+    "sign-flip-x10": lambda: _record(GLOBAL_W - 10 * (_honest(3) - GLOBAL_W)),
+    "random-weights": lambda: _record(np.random.default_rng(9).normal(0, 1, 200).astype(np.float32)),
+    "int-buffer-2^62": lambda: _record(_honest(3), np.array([2**62, 7 + STEPS], np.int64)),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("cls", [SiteFedAvg, SiteFedMedian, SiteFedTrimmedAvg], ids=["fedavg", "fedmedian", "trimmed"])
+def test_row3_poisoned_update_is_rejected_and_the_model_is_the_honest_mean(attack, cls, caplog):
+    kwargs = {"beta": 0.25} if cls is SiteFedTrimmedAvg else {}
+    strategy = _strategy(cls, **kwargs)
+    with caplog.at_level("WARNING", logger="strategies.site_aware"):
+        w, n = _round(strategy, ATTACKS[attack]())
+    assert list(strategy.rejected_updates[1]) == ["D"]
+    assert "rejected the update of site D" in caplog.text
+    honest = np.stack([_honest(i) for i in range(3)])
+    expected = {SiteFedAvg: honest.mean(0), SiteFedMedian: np.median(honest, 0),
+                SiteFedTrimmedAvg: honest.mean(0)}[cls]  # 3 left: int(0.25 x 3) = 0 trimmed
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(n, GLOBAL_N + STEPS)
+
+
+def test_row3_each_attack_names_its_reason():
+    reasons = {}
+    for name, make in ATTACKS.items():
+        strategy = _strategy()
+        _round(strategy, make())
+        reasons[name] = " ".join(strategy.rejected_updates[1]["D"])
+    assert f"values above {MAX_ABS_WEIGHT:g} in: packed:float" in reasons["huge-1e30"]
+    assert "integer entries moved by more than 10: packed:int64 (moved 4611686018427387897)" in reasons["int-buffer-2^62"]
+    for name in ("sign-flip-x10", "random-weights"):
+        assert "update norm" in reasons[name] and "x the round's median" in reasons[name]
+
+
+def test_row3_update_between_clip_and_reject_is_clipped_to_the_bound():
+    attack = GLOBAL_W + 3.0 * (_honest(3) - GLOBAL_W)  # 3x an honest update: above 2x, below 4x the median
+    norms = [float(np.linalg.norm((_honest(i) - GLOBAL_W).astype(np.float64))) for i in range(3)]
+    attack_norm = float(np.linalg.norm((attack - GLOBAL_W).astype(np.float64)))
+    bound = 2.0 * float(np.median(norms + [attack_norm]))
+    assert 2.0 * bound / 2.0 < attack_norm < 4.0 * bound / 2.0
+    clipped = GLOBAL_W.astype(np.float64) + (attack - GLOBAL_W).astype(np.float64) * (bound / attack_norm)
+    expected = (sum(_honest(i).astype(np.float64) for i in range(3)) + clipped) / 4
+    strategy = _strategy()
+    w, _ = _round(strategy, _record(attack))
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
+    assert strategy.rejected_updates == {}
+
+
+def test_norm_rule_keeps_clips_and_rejects_by_the_median():
+    # median of (1, 1, 3, 10) = 2: bound 4 (clip), 8 (reject)
+    assert bound_update_norms([1, 1, 3, 10], clip_factor=2, reject_factor=4) == [
+        ("keep", 1.0), ("keep", 1.0), ("keep", 1.0), ("reject", 0.0)]
+    assert bound_update_norms([1, 1, 3, 1], clip_factor=2, reject_factor=4) == [  # median 1
+        ("keep", 1.0), ("keep", 1.0), ("clip", 2 / 3), ("keep", 1.0)]
+    assert bound_update_norms([0, 0, 0], clip_factor=2, reject_factor=4) == [("keep", 1.0)] * 3
+    with pytest.raises(ValueError, match="clip_factor <= reject_factor"):
+        bound_update_norms([1], clip_factor=3, reject_factor=2)
+
+
+def test_row3_real_model_int_buffer_is_bounded_by_the_local_steps():
+    from shared_models.stager import MulDenseNet3D, StagerConfig
+
+    model = MulDenseNet3D(StagerConfig(init_features=4, growth_rate=2, block_config=(1, 1), pool_scales=(1,)))
+    state = model.state_dict()
+    sent = {k: Array(v) for k, v in pack_state_dict(state).items()}
+    strategy = _strategy(max_int_delta=STEPS)
+    strategy._sent = ArrayRecord(sent)
+    honest = {k: (v + STEPS if not v.is_floating_point() else v + 0.01) for k, v in state.items()}
+    poisoned = dict(honest)
+    key = next(k for k in state if k.endswith("num_batches_tracked"))
+    poisoned[key] = torch.tensor(2**62)
+    replies = [_reply(i + 1, ArrayRecord({k: Array(v) for k, v in pack_state_dict(honest).items()}),
+                      {"num-examples": 20}) for i in range(3)]
+    replies.append(_reply(4, ArrayRecord({k: Array(v) for k, v in pack_state_dict(poisoned).items()}), {"num-examples": 20}))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert "integer entries moved" in strategy.rejected_updates[1]["D"][0]
+    assert int(arrays["packed:int64"].numpy().max()) == STEPS
+
+
+# ----------------------------------------------------------------------------- row 4: num-examples
+
+
+def test_row4_num_examples_is_capped_at_the_declared_training_heads(caplog):
+    # D's update is honest-sized (3x U would be clipped, so use an honest one) but it claims 1e9 examples
+    other = GLOBAL_W + U * 1.2
+    with caplog.at_level("WARNING", logger="strategies.site_aware"):
+        w, _ = _round(_strategy(), _record(other), {"num-examples": 10**9, "train-loss": 0.5})
+    # capped at heads-train = 20: an equal-weight mean of the four
+    expected = (sum(_honest(i).astype(np.float64) for i in range(3)) + other) / 4
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
+    assert "site D reported more heads than it declared: num-examples 1000000000 capped at the declared 20" in caplog.text
+
+
+def test_row4_non_integer_or_negative_counts_are_rejected():
+    for bad in (1e9, -5):
+        strategy = _strategy()
+        _round(strategy, _record(GLOBAL_W + U), {"num-examples": bad})
+        assert "num-examples" in strategy.rejected_updates[1]["D"][0] and "is not a count" in strategy.rejected_updates[1]["D"][0]
+
+
+# ----------------------------------------------------------------------------- row 5: scores
+
+
+def _eval(src: int, **m) -> Message:
+    base = {"num-examples": 6, "iou-mean": 0.5, "val-num-examples": 6, "val-score": 0.5}
+    return _reply(src, None, {**base, **m}, kind="evaluate")
+
+
+def test_row5_out_of_range_val_score_is_rejected_and_cannot_pick_the_round(caplog):
+    strategy = _strategy()
+    with caplog.at_level("WARNING", logger="strategies.site_aware"):
+        strategy.aggregate_evaluate(1, [_eval(1, **{"val-score": 0.4}), _eval(2, **{"val-score": 0.6}),
+                                        _eval(4, **{"val-score": 1e6})])
+    assert set(strategy.site_metrics[1]) == {"A", "B"}
+    assert "rejected the evaluate reply of site D: val-score = 1e+06 outside [0, 1]" in caplog.text
+    assert strategy.rejected_updates[1]["D"] == ["evaluate: val-score = 1e+06 outside [0, 1]"]
+    assert validation_score(strategy.site_metrics[1]) == pytest.approx(0.5)
+
+
+def test_row5_validation_count_is_capped_so_one_site_cannot_outweigh_the_others():
+    strategy = _strategy()
+    strategy.aggregate_evaluate(1, [_eval(1, **{"val-score": 0.2}), _eval(2, **{"val-score": 0.2}),
+                                    _eval(4, **{"val-score": 0.9, "val-num-examples": 10**9})])
+    assert strategy.site_metrics[1]["D"]["val-num-examples"] == 6  # heads-val declared
+    assert validation_score(strategy.site_metrics[1]) == pytest.approx((0.2 + 0.2 + 0.9) / 3)
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ({"iou-mean": 1.5}, "iou-mean = 1.5 outside [0, 1]"),
+    ({"macro-auc": -0.1}, "macro-auc = -0.1 outside [0, 1]"),
+    ({"center-error-mm": -3.0}, "center-error-mm = -3 is negative"),
+    ({"num-examples": 10**9, "confusion": [10**9, 0, 0, 0, 0, 0, 0, 0, 0]},
+     "confusion matrix holds 1000000000 heads, num-examples says 6"),
+    ({"confusion": [6, 0, 0, 0, 0, 0, 0, 0, 0], "hist-pos-0": [-1, 7]}, "negative or non-integer values: hist-pos-0"),
+    ({"iou-hist": [5, 5]}, "iou-hist histograms hold 10 heads, more than num-examples 6"),
+], ids=["iou", "auc", "mm", "count-vs-declared", "negative-hist", "hist-sum"])
+def test_row5_metrics_out_of_range_reject_the_reply(metrics, reason):
+    strategy = _strategy()
+    strategy.aggregate_evaluate(1, [_eval(1), _eval(4, **metrics)])
+    assert "D" not in strategy.site_metrics[1]
+    assert reason in " ".join(strategy.rejected_updates[1]["D"])
+
+
+# ----------------------------------------------------------------------------- row 6: robust strategies
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.2, "train-sites": "A,B,C,D"}, "trims int(0.2 x 4) = 0"),
+    ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.5, "train-sites": "A,B,C,D"}, "must be in [0, 0.5)"),
+    ({"strategy": "krum", "krum-byzantine": 1, "train-sites": "A,B,C,D"}, r"only with more than 4 training sites"),
+    ({"strategy": "fedmedian", "train-sites": "A,B"}, "fedmedian needs at least 3 training sites"),
+    ({"strategy": "krum", "krum-byzantine": 0, "train-sites": "A,B"}, r"more than 2 training sites"),
+], ids=["trimmed-4", "trimmed-beta", "krum-4", "median-2", "krum-2"])
+def test_row6_too_small_federation_is_refused_before_the_run(overrides, message):
+    with pytest.raises(ValueError, match=r"run config 'strategy': .*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        RunConfig.from_run_config(tiny_run_config(**overrides))
+
+
+def test_row6_parameters_come_from_the_run_config():
+    from server.server_app import influence_bounds
+
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"strategy": "fedtrimmedavg", "trimmed-beta": 0.3,
+                                                       "train-sites": "A,B,C,D", "detector-local-steps": 7}))
+    strategy = build_strategy(cfg.strategy, proximal_mu=0.0, node_sites=SITES, train_sites=cfg.train_sites,
+                              **influence_bounds(cfg, "detector", DECLARED))
+    assert isinstance(strategy, SiteFedTrimmedAvg) and strategy.beta == 0.3 and strategy.max_int_delta == 7
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"strategy": "krum", "krum-byzantine": 1, "site-ids": "A,B,C,D,E",
+                                                       "train-sites": "A,B,C,D,E"}))
+    strategy = build_strategy(cfg.strategy, proximal_mu=0.0, node_sites={**SITES, 5: "E"},
+                              train_sites=cfg.train_sites, **influence_bounds(cfg, "stager", None))
+    assert isinstance(strategy, SiteKrum) and strategy.num_malicious_nodes == 1
+    with pytest.raises(ValueError, match="fedmedian needs at least 3"):
+        build_strategy("fedmedian", proximal_mu=0.0, node_sites={1: "A", 2: "B"}, train_sites=["A", "B"])
+
+
+def test_row6_trimmed_mean_at_four_sites_trims_the_outlier_coordinate():
+    strategy = _strategy(SiteFedTrimmedAvg, beta=0.25, clip_factor=1e9, reject_factor=1e9)  # aggregation alone
+    attack = GLOBAL_W + 1.5 * U  # passes the norm rule anyway; trimmed mean drops the extremes per coordinate
+    w, _ = _round(strategy, _record(attack))
+    stack = np.sort(np.stack([_honest(i) for i in range(3)] + [attack]), axis=0)
+    np.testing.assert_allclose(w, stack[1:3].mean(0), rtol=1e-6)
