@@ -229,4 +229,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     phase = str(config["phase"])
     state, _ = _receive_state(msg, context, cfg, phase)
     metrics = tasks.evaluate(site, cfg, phase, state, str(config.get("crops-key", "")))
-    return _reply(msg, None, metrics)
+    # small cells: a split with fewer than min-cell-heads heads sends only its count (issue 16)
+    return _reply(msg, None, tasks.suppress_small_cells(metrics, cfg.min_cell_heads))

@@ -285,3 +285,39 @@ def evaluate(site: SiteData, cfg: RunConfig, phase: str, state: StateDict, key: 
     else:
         raise ValueError(f"unknown phase {phase!r}")
     return {**metrics, "val-num-examples": int(val["num-examples"]), "val-score": float(score)}
+
+
+# ----------------------------------------------------------------------------- small-cell suppression
+
+#: Set to 1 in a reply whose test-split metrics were suppressed (fewer heads than ``min-cell-heads``).
+SUPPRESSED = "suppressed"
+#: Set to 1 when the validation score was suppressed the same way.
+VAL_SUPPRESSED = "val-suppressed"
+
+
+def suppress_small_cells(metrics: dict, min_heads: int) -> dict:
+    """Small-cell suppression of an evaluate reply (statistical disclosure control's threshold rule).
+
+    A split with at least 1 and fewer than ``min_heads`` heads would let the server read single
+    patients' stages and scores from its confusion matrix, histograms and metrics. For such a test
+    split the reply keeps only ``num-examples`` and ``suppressed = 1``; for such a validation split it
+    keeps ``val-num-examples`` and ``val-suppressed = 1`` and drops ``val-score``. Every other key is
+    dropped too (an allow-list: metrics added later, e.g. calibration statistics, are suppressed
+    without being named here).
+
+    Args:
+        metrics: what :func:`evaluate` returns (not modified).
+        min_heads: run config ``min-cell-heads`` (>= 1; 1 suppresses nothing).
+
+    Returns:
+        The metrics to send.
+    """
+    out = dict(metrics)
+    n, n_val = int(metrics.get("num-examples", 0)), int(metrics.get("val-num-examples", 0))
+    if 0 < n < min_heads:
+        out = {"num-examples": n, SUPPRESSED: 1,
+               **{k: v for k, v in metrics.items() if k in ("val-num-examples", "val-score")}}
+    if 0 < n_val < min_heads:
+        out.pop("val-score", None)
+        out[VAL_SUPPRESSED] = 1
+    return out

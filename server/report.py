@@ -18,6 +18,10 @@ import numpy as np
 from shared_models.metrics import merge_counts, metrics_from_counts
 from shared_models.stages import NUM_STAGES
 
+#: The flag a site sets in an evaluate reply whose figures it suppressed as a small cell
+#: (``client.tasks.SUPPRESSED``; the server does not import the client package).
+SUPPRESSED = "suppressed"
+
 
 def counts_from_site_metrics(m: dict) -> dict:
     """Rebuild the ``stage_counts`` structure from a site's evaluate MetricRecord."""
@@ -52,28 +56,41 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
     Returns:
         ``{group: {"n", "per_stage", "macro", "weighted", "sites", "counts", ...}}`` (``counts``: the
         pooled confusion matrix and score histograms, see :func:`shared_models.metrics.stage_counts`); a group whose
-        sites all failed or hold no test heads gets ``n = 0`` and no metrics.
+        sites all failed or hold no test heads gets ``n = 0`` and no metrics. Sites that suppressed their
+        counts as a small cell (``client.tasks.suppress_small_cells``) are listed under ``suppressed``
+        with their head count only; the pooled figures are exact for the sites that sent counts.
     """
     out: dict[str, dict] = {}
     for name, members in groups.items():
-        present = [s for s in members if s in site_metrics and int(site_metrics[s].get("num-examples", 0)) > 0]
+        suppressed = {s: int(site_metrics[s].get("num-examples", 0)) for s in members
+                      if s in site_metrics and site_metrics[s].get(SUPPRESSED)}
+        present = [s for s in members if s in site_metrics and int(site_metrics[s].get("num-examples", 0)) > 0
+                   and s not in suppressed]
         if not present:
             out[name] = {"n": 0, "sites": list(members), "missing": [s for s in members if s not in site_metrics]}
+            if suppressed:
+                out[name]["suppressed"] = suppressed
             continue
         pooled = merge_counts([counts_from_site_metrics(site_metrics[s]) for s in present])
         metrics = metrics_from_counts(pooled)
         out[name] = {"sites": present, **metrics}
         out[name]["n"] = int(np.asarray(pooled["confusion"]).sum())
         out[name]["counts"] = pooled  # confusion matrix and score histograms: aggregates only, for ROC figures
+        if suppressed:
+            out[name]["suppressed"] = suppressed
     return out
 
 
 def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
     """Per-site detector figures: ``iou_mean``, ``center_error_mm`` (median), ``recall30``, ``recall50``, ``ap50``, ``n``,
-    ``iou_hist`` (heads per IoU bin, equal bins on [0, 1])."""
+    ``iou_hist`` (heads per IoU bin, equal bins on [0, 1]); a site that suppressed its figures as a
+    small cell gets ``n`` and ``suppressed: True`` only."""
     out = {}
     for site, m in sorted(site_metrics.items()):
         n = int(m.get("num-examples", 0))
+        if m.get(SUPPRESSED):
+            out[site] = {"n": n, "suppressed": True}
+            continue
         out[site] = {
             "n": n,
             "iou_mean": float(m["iou-mean"]) if n else None,
@@ -115,11 +132,13 @@ def build_report(
     wall_time_s: float,
     site_data: dict[str, dict] | None = None,
     transfer: dict[str, dict] | None = None,
+    min_cell_heads: int = 5,
 ) -> dict:
     """Assemble ``report.json`` from the per-round per-site metrics of both phases.
 
     The per-site figures are those of each phase's selected round (best validation score;
-    the bundle holds that round's weights).
+    the bundle holds that round's weights). ``min_cell_heads`` is the run's small-cell threshold,
+    recorded so the report can say why a site's figures are absent.
     """
     last_stager = stager_history.get(selected_rounds["stager"], {})
     last_detector = detector_history.get(selected_rounds["detector"], {})
@@ -146,6 +165,7 @@ def build_report(
         "per_site": {s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa", "counts") if k in m}
                      for s, m in group_stage_metrics(last_stager, {s: (s,) for s in sorted(last_stager)}).items()
                      if m["n"]},
+        "min_cell_heads": min_cell_heads,
         "detector": detector_site_metrics(last_detector),
         "history": history,
         "wall_time_s": wall_time_s,

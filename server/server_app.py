@@ -121,11 +121,13 @@ def _unpack(record: ArrayRecord, template: dict) -> dict:
 
 
 def validation_score(site_metrics: dict[str, dict]) -> float | None:
-    """Validation-example-weighted mean of the sites' ``val-score``; None when no site has validation heads."""
-    n = sum(int(m.get("val-num-examples", 0)) for m in site_metrics.values())
+    """Validation-example-weighted mean of the sites' ``val-score``; None when no site has validation heads
+    (or every site's validation score was suppressed as a small cell)."""
+    scored = [m for m in site_metrics.values() if "val-score" in m]
+    n = sum(int(m.get("val-num-examples", 0)) for m in scored)
     if n == 0:
         return None
-    return sum(float(m["val-score"]) * int(m["val-num-examples"]) for m in site_metrics.values()) / n
+    return sum(float(m["val-score"]) * int(m["val-num-examples"]) for m in scored) / n
 
 
 def influence_bounds(cfg: RunConfig, phase: str, declared: dict[str, dict] | None) -> dict:
@@ -275,6 +277,7 @@ def main(grid: Grid, context: Context) -> None:
         selected_rounds={"detector": detector.selected_round, "stager": stager.selected_round},
         stager_train=stager.train_metrics, detector_train=detector.train_metrics,
         groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source, site_data=site_data,
+        min_cell_heads=cfg.min_cell_heads,
         wall_time_s=time.monotonic() - t0,
         transfer=transfer_summary({"detector": detector.state_dict, "stager": stager.state_dict},
                                   n_sites=len(node_sites),

@@ -247,18 +247,27 @@ def _metric_row(name: str, metrics: Mapping[str, Any], css: str = "") -> str:
     return f"<tr{cls}><td>{_esc(name)}</td>{cells}</tr>"
 
 
+def suppressed_text(min_heads: Any) -> str:
+    """How the report names figures a site withheld as a small cell (``client.tasks.suppress_small_cells``)."""
+    return f"suppressed (< {min_heads} heads)"
+
+
 def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mapping[str, Any] | None,
-                   fig_dir: Path, out_dir: Path) -> str:
+                   fig_dir: Path, out_dir: Path, min_heads: Any = 5) -> str:
     n = int(g.get("n") or 0)
     sites = ", ".join(map(str, g.get("sites") or []))
+    suppressed = g.get("suppressed") or {}
+    withheld = ("; ".join(f"site {s}: {suppressed_text(min_heads)}, {k} heads not pooled" for s, k in suppressed.items())
+                if suppressed else "")
     head = "".join(f"<th>{_METRIC_TITLES[m]} (%)</th>" for m in METRIC_NAMES)
     parts = ['<section class="group">', f"<h3>{_esc(group)} (sites: {_esc(sites or 'none')}; n = {n} femoral heads)</h3>",
              f"<table>\n<thead><tr><th>Ficat-Arlet stage</th>{head}</tr></thead>\n<tbody>"]
     if n == 0:
         missing = g.get("missing") or []
         why = f" (no result from: {', '.join(map(str, missing))})" if missing else ""
+        text = withheld if suppressed else f"no test heads{why}"
         parts.append(f'<tr><td class="empty" colspan="{len(METRIC_NAMES) + 1}">'
-                     f"no test heads{_esc(why)}</td></tr>\n</tbody></table>\n</section>")
+                     f"{_esc(text)}</td></tr>\n</tbody></table>\n</section>")
         return "\n".join(parts)
     per_stage = g.get("per_stage") or {}
     for label in STAGE_LABELS:
@@ -266,6 +275,8 @@ def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mappi
     parts.append(_metric_row("Macro average", g.get("macro") or {}, "avg"))
     parts.append(_metric_row("Weighted average", g.get("weighted") or {}, "avg"))
     parts.append("</tbody></table>")
+    if withheld:
+        parts.append(f'<p class="note">{_esc(withheld)}; the figures above are exact for the other sites.</p>')
 
     early = g.get("early_onfh") or {}
     facts = [f"Quadratic-weighted kappa: {_fmt(g.get('quadratic_kappa'), '.3f')}",
@@ -304,13 +315,17 @@ def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mappi
     return "\n".join(parts)
 
 
-def _detector_section(detector: Mapping[str, Mapping[str, Any]], fig_dir: Path, out_dir: Path) -> str:
+def _detector_section(detector: Mapping[str, Mapping[str, Any]], fig_dir: Path, out_dir: Path, min_heads: Any = 5) -> str:
     if not detector:
         return "<p>No detector results in this report.</p>"
     head = ("<tr><th>Site</th><th>n</th><th>Mean IoU</th><th>Centre error (mm, median)</th><th>AP50</th>"
             "<th>Recall IoU&ge;0.3</th><th>Recall IoU&ge;0.5</th><th>Low-confidence boxes</th></tr>")
     rows = []
     for site, m in detector.items():
+        if m.get("suppressed"):
+            rows.append(f"<tr><td>{_esc(site)}</td><td>{_esc(m.get('n', 0))}</td>"
+                        f'<td class="empty" colspan="6">{_esc(suppressed_text(min_heads))}</td></tr>')
+            continue
         rows.append(f"<tr><td>{_esc(site)}</td><td>{_esc(m.get('n', 0))}</td>"
                     f"<td>{_fmt(m.get('iou_mean'), '.3f')}</td><td>{_fmt(m.get('center_error_mm'), '.2f')}</td>"
                     f"<td>{_fmt(m.get('ap50'), '.3f')}</td><td>{format_percent(m.get('recall30'))} %</td>"
@@ -389,7 +404,8 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
         report: the ``report.json`` dict (:func:`server.report.build_report`, plus
             ``baseline_intensity_logreg`` and ``simulation`` from :func:`sim.experiment.run_experiment`
             when present; both optional). Undefined metrics (``None``/NaN) show as ``n/a``; a report
-            group with ``n = 0`` shows a "no test heads" row.
+            group with ``n = 0`` shows a "no test heads" row; a site that withheld its figures as a
+            small cell shows "suppressed (< min-cell-heads heads)".
         out_dir: the run's folder; ``training_curves.png`` there is embedded when it exists.
 
     Returns:
@@ -407,7 +423,8 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
                 "AUC is computed from the pooled score histograms (bound below). n/a: undefined "
                 "(stage absent or only stage present).</p>")]
     for i, (group, g) in enumerate((report.get("sites") or {}).items()):
-        sections.append(_group_section(i, str(group), g or {}, baselines.get(group), fig_dir, out_dir))
+        sections.append(_group_section(i, str(group), g or {}, baselines.get(group), fig_dir, out_dir,
+                                       min_heads=report.get("min_cell_heads", 5)))
     per_site = {s: m for s, m in (report.get("per_site") or {}).items() if (m or {}).get("counts")}
     site_rocs = [_roc_figure(f"site {s}", m["counts"], fig_dir / f"roc_site_{_slug(i, str(s))}.png")
                  for i, (s, m) in enumerate(per_site.items())]
@@ -420,7 +437,7 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
     if exact:
         sections += ["<h2>Confidence intervals and the exact AUC</h2>", exact]
     sections += ["<h2>Femoral-head detector per site</h2>",
-                 _detector_section(report.get("detector") or {}, fig_dir, out_dir)]
+                 _detector_section(report.get("detector") or {}, fig_dir, out_dir, report.get("min_cell_heads", 5))]
     curves = out_dir / "training_curves.png"
     if curves.is_file():
         sections += ["<h2>Learning curves per round and site</h2>", _img(curves, out_dir, "training curves")]

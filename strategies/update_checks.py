@@ -197,7 +197,7 @@ def metrics_problems(metrics: Mapping, *, count_key: str = "num-examples") -> li
     Scores in :data:`UNIT_SCORES` must be in [0, 1], :data:`NON_NEGATIVE` ones >= 0; ``count_key``,
     ``val-num-examples`` and ``low-confidence`` non-negative integers; every list metric
     (confusion matrix, histograms) non-negative integers; the confusion matrix adds up to
-    ``count_key``, each histogram family (``hist-pos-*``, ``hist-neg-*``, ``iou-hist``) to at most it.
+    ``count_key``, every other list to at most it, and ``hist-pos-k`` + ``hist-neg-k`` to exactly it.
     """
     problems = []
     for key in UNIT_SCORES:
@@ -218,10 +218,13 @@ def metrics_problems(metrics: Mapping, *, count_key: str = "num-examples") -> li
         return [f"count lists with negative or non-integer values: {', '.join(bad)}"]
     if "confusion" in lists and sum(lists["confusion"]) != n:
         problems.append(f"confusion matrix holds {sum(lists['confusion'])} heads, {count_key} says {n}")
-    for family in ("hist-pos-", "hist-neg-", "iou-hist"):
-        total = sum(sum(v) for k, v in lists.items() if k.startswith(family))
-        if total > n:
-            problems.append(f"{family.rstrip('-')} histograms hold {total} heads, more than {count_key} {n}")
+    for key in sorted(k for k in lists if k != "confusion"):
+        if sum(lists[key]) > n:
+            problems.append(f"{key} holds {sum(lists[key])} heads, more than {count_key} {n}")
+    for key in sorted(k for k in lists if k.startswith("hist-pos-")):
+        neg = "hist-neg-" + key.removeprefix("hist-pos-")
+        if neg in lists and sum(lists[key]) + sum(lists[neg]) != n:  # every head is positive or negative for a stage
+            problems.append(f"{key} and {neg} hold {sum(lists[key]) + sum(lists[neg])} heads, {count_key} says {n}")
     if int(metrics.get("low-confidence", 0)) > n:
         problems.append(f"low-confidence {metrics['low-confidence']} is more than {count_key} {n}")
     return problems

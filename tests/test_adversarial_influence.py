@@ -210,8 +210,9 @@ def test_row5_validation_count_is_capped_so_one_site_cannot_outweigh_the_others(
     ({"num-examples": 10**9, "confusion": [10**9, 0, 0, 0, 0, 0, 0, 0, 0]},
      "confusion matrix holds 1000000000 heads, num-examples says 6"),
     ({"confusion": [6, 0, 0, 0, 0, 0, 0, 0, 0], "hist-pos-0": [-1, 7]}, "negative or non-integer values: hist-pos-0"),
-    ({"iou-hist": [5, 5]}, "iou-hist histograms hold 10 heads, more than num-examples 6"),
-], ids=["iou", "auc", "mm", "count-vs-declared", "negative-hist", "hist-sum"])
+    ({"iou-hist": [5, 5]}, "iou-hist holds 10 heads, more than num-examples 6"),
+    ({"hist-pos-0": [1, 1], "hist-neg-0": [1, 1]}, "hist-pos-0 and hist-neg-0 hold 4 heads, num-examples says 6"),
+], ids=["iou", "auc", "mm", "count-vs-declared", "negative-hist", "hist-sum", "pos-neg"])
 def test_row5_metrics_out_of_range_reject_the_reply(metrics, reason):
     strategy = _strategy()
     strategy.aggregate_evaluate(1, [_eval(1), _eval(4, **metrics)])
@@ -257,3 +258,120 @@ def test_row6_trimmed_mean_at_four_sites_trims_the_outlier_coordinate():
     w, _ = _round(strategy, _record(attack))
     stack = np.sort(np.stack([_honest(i) for i in range(3)] + [attack]), axis=0)
     np.testing.assert_allclose(w, stack[1:3].mean(0), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- row 9: small cells
+
+
+@pytest.fixture(scope="module")
+def one_patient_test_split(tmp_path_factory):
+    """Phantom sites A (a test split of exactly one patient) and B (6 test heads), ground-truth crops."""
+    import csv
+    import dataclasses
+
+    from sim.phantoms import PROFILES, generate_phantoms
+
+    quick = PROFILES["quick"]
+    profile = dataclasses.replace(quick, name="micro-cell", heads_per_site={"A": 6, "B": 6},
+                                  patients_per_site={"A": 4, "B": 4},
+                                  scanners={s: quick.scanners[s] for s in ("A", "B")},
+                                  external_groups={"external-1": ("B",)})
+    root = tmp_path_factory.mktemp("cells")
+    generate_phantoms(root, profile, seed=5, workers=1)
+    with open(root / "A" / "manifest.csv") as fh:
+        patients = sorted({row["patient_id"] for row in csv.DictReader(fh)})
+    with open(root / "A" / "split.csv", "w", newline="") as fh:  # one patient each in test and val
+        fh.write("patient_id,split\n")
+        for i, p in enumerate(patients):
+            fh.write(f"{p},{'test' if i == 0 else 'val' if i == 1 else 'train'}\n")
+    return root, patients[0]
+
+
+def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or_bundle(one_patient_test_split, tmp_path):
+    import json
+
+    from client import tasks
+    from client.site_data import SiteData
+    from server.report import build_report
+    from shared_models.bundle import generate_signing_key, write_bundle
+    from shared_models.detector import YOLOX3D
+    from shared_models.stager import MulDenseNet3D
+    from sim.report_html import write_report_html
+
+    root, patient = one_patient_test_split
+    cfg = RunConfig.from_run_config(tiny_run_config(**{
+        "data-root": str(root), "site-ids": "A,B", "train-sites": "A", "report-groups": "A-test=A;all=A,B",
+        "cache-dir": str(tmp_path / "cache"), "crop-source": "ground-truth", "min-cell-heads": 5}))
+    assert cfg.min_cell_heads == 5
+    sites = {s: tasks.open_site(cfg, s, root / s) for s in ("A", "B")}
+    a_test = sites["A"].heads_in("test")
+    assert 1 <= len(a_test) <= 2 and {h.patient_id for h in a_test} == {patient}  # the precondition: one patient
+    torch.manual_seed(0)
+    detector, stager = YOLOX3D(cfg.detector).state_dict(), MulDenseNet3D(cfg.stager).state_dict()
+    key = {tasks.make_crops(site, cfg, None)[0] for site in sites.values()}.pop()
+
+    # what each site sends (client side), through the real strategy (server side)
+    sent, raw = {}, {}
+    for phase, state in (("detector", detector), ("stager", stager)):
+        raw[phase] = {s: tasks.evaluate(site, cfg, phase, state, key) for s, site in sites.items()}
+        sent[phase] = {s: tasks.suppress_small_cells(m, cfg.min_cell_heads) for s, m in raw[phase].items()}
+    assert sent["stager"]["A"] == {"num-examples": len(a_test), "suppressed": 1, "val-num-examples": raw["stager"]["A"]["val-num-examples"],
+                                   "val-suppressed": 1}
+    assert sent["stager"]["B"] == raw["stager"]["B"]  # 6 heads: sent whole
+    history = {}
+    for phase in ("detector", "stager"):
+        strategy = _strategy()
+        strategy.node_sites = {1: "A", 2: "B"}
+        strategy.declared = {}
+        strategy.aggregate_evaluate(1, [_reply(i + 1, None, sent[phase][s], kind="evaluate") for i, s in enumerate("AB")])
+        history[phase] = strategy.site_metrics
+    assert set(history["detector"][1]) == set(history["stager"][1]) == {"A", "B"}  # real replies pass the checks
+    assert validation_score(history["stager"][1]) is None  # A's validation score was withheld as well
+    report = build_report(strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 1},
+                          stager_history=history["stager"], detector_history=history["detector"],
+                          selected_rounds={"detector": 1, "stager": 1}, stager_train={}, detector_train={},
+                          groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source,
+                          wall_time_s=1.0, min_cell_heads=cfg.min_cell_heads)
+    bundle = write_bundle(tmp_path / "bundle", detector_state=detector, stager_state=stager,
+                          detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,
+                          run_config={}, signing_key=generate_signing_key(tmp_path / "key.pem"))
+    html = write_report_html(report, tmp_path / "html").read_text()
+
+    # nothing of A's test patient: no confusion matrix, histogram, score or figure for A
+    assert report["sites"]["A-test"] == {"n": 0, "sites": ["A"], "missing": [], "suppressed": {"A": len(a_test)}}
+    assert "A" not in report["per_site"]
+    assert report["detector"]["A"] == {"n": len(a_test), "suppressed": True}
+    for phase in ("detector", "stager"):
+        for name in ("detector_iou_mean", "stager_macro_auc", "detector_val_iou", "stager_val_macro_auc"):
+            assert report["history"][name].get(1, {}).get("A") is None
+    assert bundle == tmp_path / "bundle"
+    metrics_json = json.loads((tmp_path / "bundle" / "metrics.json").read_text())
+    assert metrics_json["sites"]["A-test"]["suppressed"] == {"A": len(a_test)}
+    assert "counts" not in metrics_json["sites"]["A-test"] and "A" not in metrics_json["per_site"]
+    assert "suppressed (&lt; 5 heads)" in html or "suppressed (< 5 heads)" in html
+
+    # the pooled group "all" = A (suppressed) + B is exactly B's own figures: exact for what was sent
+    from server.report import group_stage_metrics
+
+    b_alone = group_stage_metrics(history["stager"][1], {"b": ("B",)})["b"]
+    pooled = report["sites"]["all"]
+    assert pooled["n"] == raw["stager"]["B"]["num-examples"] == b_alone["n"]
+    assert pooled["suppressed"] == {"A": len(a_test)}
+    assert pooled["counts"]["confusion"] == [list(map(int, r)) for r in np.asarray(b_alone["counts"]["confusion"])]
+    assert pooled["macro"] == pytest.approx(json.loads(json.dumps(b_alone["macro"], default=float)), nan_ok=True)
+
+
+def test_row9_suppression_is_an_allow_list():
+    metrics = {"num-examples": 3, "confusion": [1, 0, 0, 0, 1, 0, 0, 0, 1], "macro-auc": 0.9, "ece": 0.1,
+               "calibration-bins": [1, 2], "val-num-examples": 8, "val-score": 0.7}
+    assert tasks_suppress(metrics, 5) == {"num-examples": 3, "suppressed": 1, "val-num-examples": 8, "val-score": 0.7}
+    assert tasks_suppress(metrics, 3) == metrics  # 3 heads >= 3: sent whole
+    assert tasks_suppress({**metrics, "num-examples": 0, "confusion": [0] * 9}, 5)["confusion"] == [0] * 9  # no heads: nothing to hide
+    assert tasks_suppress({"num-examples": 9, "val-num-examples": 2, "val-score": 0.5}, 5) == {
+        "num-examples": 9, "val-num-examples": 2, "val-suppressed": 1}
+
+
+def tasks_suppress(metrics, min_heads):
+    from client.tasks import suppress_small_cells
+
+    return suppress_small_cells(metrics, min_heads)
