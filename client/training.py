@@ -61,11 +61,26 @@ def autocast(device: torch.device, amp: bool):
 
 def to_device(x: torch.Tensor, device: torch.device, **kwargs) -> torch.Tensor:
     """Copy a CPU batch to ``device``: through pinned memory with a non-blocking copy on CUDA, so the
-    copy overlaps the previous step's kernels; a no-op move on CPU. ``kwargs`` go to ``Tensor.to``
-    (e.g. ``memory_format``)."""
-    if device.type == "cuda":
+    copy overlaps the previous step's kernels (and the host does not wait for the GPU); a plain move
+    on CPU or for a tensor already on a GPU. ``kwargs`` go to ``Tensor.to`` (e.g. ``memory_format``)."""
+    if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True, **kwargs)
     return x.to(device, **kwargs)
+
+
+def resident(array: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A site's whole training array on ``device`` for the round: copied once, so each step only
+    gathers its batch there (:func:`take`). On CPU it shares the array's memory when the dtype matches.
+
+    Args:
+        array: ``(N, ...)`` numpy array (e.g. ``(N, 1, D, H, W)`` float32 volumes or ``(N,)`` labels).
+    """
+    return to_device(torch.as_tensor(np.ascontiguousarray(array)), device, dtype=dtype)
+
+
+def take(data: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """The rows ``idx`` (numpy integer indices) of ``data``, gathered on ``data``'s device (a new tensor)."""
+    return data.index_select(0, to_device(torch.from_numpy(np.asarray(idx, np.int64)), data.device))
 
 
 @dataclass
@@ -97,15 +112,22 @@ class LocalRun:
             gen=torch.Generator().manual_seed(seed),
         )
 
-    def step(self, loss: torch.Tensor) -> float:
-        """Add the FedProx term (when mu > 0), take one optimiser step; returns the total loss."""
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Add the FedProx term (when mu > 0), take one optimiser step; returns the total loss, detached,
+        as a 0-d tensor on the training device (no ``float()`` here: reading it would make the host wait
+        for the GPU every step; :func:`mean_loss` reads them once at the end)."""
         if self.global_params is not None:
             loss = loss + fedprox_proximal_term(self.model, self.global_params, self.proximal_mu)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
-        return float(loss.detach())
+        return loss.detach()
+
+
+def mean_loss(losses: list[torch.Tensor]) -> float:
+    """Mean of per-step losses (0-d tensors from :meth:`LocalRun.step`) in float64; 0.0 for none."""
+    return float(torch.stack([v.reshape(()) for v in losses]).double().mean()) if losses else 0.0
 
 
 def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator, weights=None):
