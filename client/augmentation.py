@@ -135,7 +135,9 @@ def _apply_intensity(x: torch.Tensor, factor: float, offset: float, gamma: float
     ``(C, D, H, W)``, float32, not clipped, written into ``out`` when given (``tests/test_augmentation.py``
     checks it against MONAI). The noise is drawn in float32 by torch's CPU generator seeded with
     ``noise_seed`` (MONAI's ``RandGaussianNoise`` draws float64 with numpy: 4x the work for noise
-    whose scale, <= 0.03, is far above float32 resolution)."""
+    whose scale, <= 0.03, is far above float32 resolution), on ``x``'s device with a generator there:
+    on a GPU neither the noise nor its copy goes through the host (the same seed gives the same noise
+    on the same kind of device; the CPU and CUDA generators give different streams)."""
     out = torch.mul(x, 1.0 + float(factor), out=out) if out is not None else x.to(torch.float32) * (1.0 + float(factor))
     out.add_(float(offset))
     if gamma != 1.0:  # AdjustContrast: ((x - min) / (range + 1e-7)) ** gamma * range + min
@@ -143,9 +145,9 @@ def _apply_intensity(x: torch.Tensor, factor: float, offset: float, gamma: float
         rng = hi - lo
         out.sub_(lo).div_(rng + 1e-7).pow_(float(gamma)).mul_(rng).add_(lo)
     if noise_std > 0.0:
-        gen = torch.Generator().manual_seed(int(noise_seed))
-        noise = torch.randn(out.shape, generator=gen, dtype=torch.float32)
-        out.add_(noise.mul_(float(noise_std)).to(out.device, non_blocking=True))
+        gen = torch.Generator(device=out.device).manual_seed(int(noise_seed))
+        noise = torch.randn(out.shape, generator=gen, dtype=torch.float32, device=out.device)
+        out.add_(noise.mul_(float(noise_std)))
     return out
 
 
@@ -233,8 +235,10 @@ def resample_zoom_shift(img: torch.Tensor, zoom: float, shift: Sequence[float],
     """
     out = img.to(torch.float32)
     c, d, h, w = out.shape
-    mats = [_interpolation_matrix(n, float(zoom), float(t), axis in flip_axes).to(out.device)
+    mats = [_interpolation_matrix(n, float(zoom), float(t), axis in flip_axes)
             for axis, (n, t) in enumerate(zip((d, h, w), shift))]
+    if out.device.type == "cuda":  # pinned, non-blocking: the host queues the copy without waiting for the GPU
+        mats = [m.pin_memory().to(out.device, non_blocking=True) for m in mats]
     out = out @ mats[2].T  # W: (C, D, H, W) x (W, W)
     out = mats[1] @ out  # H: (H, H) x (C, D, H, W), batched over C and D
     return (mats[0] @ out.reshape(c, d, h * w)).reshape(c, d, h, w)  # D
