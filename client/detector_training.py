@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from client.augmentation import augment_detector_batch
-from client.training import LocalRun, autocast, batches, make_lr_scheduler, to_device
+from client.training import LocalRun, autocast, batches, make_lr_scheduler, mean_loss, resident, take, to_device
 from shared_models.detector import YOLOX3D, decode_best_box, detector_loss
 
 
@@ -51,8 +51,11 @@ def train_detector(
     Augmentation (paper section 2.5 plus YOLOX's random affine), per batch by
     :func:`client.augmentation.augment_detector_batch`: random flips along D, H and W,
     a random isotropic zoom (+/- 10 %) and shift (+/- 3 voxels) moving image and box together,
-    random brightness/contrast and Gaussian noise. It runs on ``device`` (on CUDA the
-    resampling is on the GPU; the noise is drawn on the CPU by MONAI and copied).
+    random brightness/contrast and Gaussian noise. It runs on ``device``: the site's volumes are
+    copied there once for the round (:func:`client.training.resident`), each batch is gathered,
+    resampled and noised there (noise from a seeded generator on the device); only the boxes (six
+    numbers a volume) are augmented on the host and copied without waiting. The loss is read once, at
+    the end (:func:`client.training.mean_loss`), not every step.
 
     Returns:
         ``{"train-loss": mean loss over the steps}``.
@@ -67,16 +70,17 @@ def train_detector(
         raise ValueError(f"train_detector: l1_weight must be >= 0, got {l1_weight}")
     run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
     scheduler = make_lr_scheduler(run.opt, step_offset=step_offset, warmup_steps=warmup_steps, total_steps=total_steps)
+    data = resident(volumes, device)
+    boxes = torch.as_tensor(np.asarray(boxes_voxel, np.float32))  # host: MONAI's box ops are cheap there
     losses = []
     for idx in batches(n, batch_size, steps, run.rng):
-        x = to_device(torch.from_numpy(volumes[idx]).float(), device)
-        y = to_device(torch.from_numpy(boxes_voxel[idx]).float(), device)
-        x, y = augment_detector_batch(x, y, run.gen)  # on the training device
+        x, y = augment_detector_batch(take(data, idx), boxes[torch.from_numpy(np.asarray(idx, np.int64))], run.gen)
+        y = to_device(y, device)
         with autocast(device, amp):
             loss, _ = detector_loss(model(x), y, model.cells, l1_weight=l1_weight)
         losses.append(run.step(loss))
         scheduler.step()
-    return {"train-loss": float(np.mean(losses))}
+    return {"train-loss": mean_loss(losses)}
 
 
 @torch.no_grad()

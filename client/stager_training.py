@@ -30,14 +30,23 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from monai.transforms import Flip
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from client.augmentation import augment_intensity
-from client.training import LocalRun, autocast, batches, lr_factor, make_lr_scheduler, to_device  # noqa: F401 (re-exported)
+from client.training import (  # noqa: F401 (lr_factor re-exported)
+    LocalRun,
+    autocast,
+    batches,
+    lr_factor,
+    make_lr_scheduler,
+    mean_loss,
+    resident,
+    take,
+    to_device,
+)
 from shared_models.losses import stage_focal_loss
 from shared_models.stages import NUM_STAGES
 
@@ -117,9 +126,9 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a (B, C, D, H, W) batch to ``device``; channels-last 3D on CUDA only."""
+    """Move a (B, C, D, H, W) batch to ``device`` (if not there yet); channels-last 3D on CUDA only."""
     if device.type == "cuda":
-        return to_device(x, device, memory_format=torch.channels_last_3d)
+        return to_device(x, device).contiguous(memory_format=torch.channels_last_3d)
     return x.to(device)
 
 
@@ -136,13 +145,14 @@ def _release_model(model: nn.Module) -> None:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, flip_dims: tuple[int, ...], intensity: bool) -> torch.Tensor:
-    """Random flips (each sample, each axis in ``flip_dims``, p = 0.5; MONAI ``Flip``) then random
-    brightness/noise."""
+    """Random flips (each sample, each axis in ``flip_dims``, p = 0.5) then random brightness/noise, on
+    ``x``'s device, in place where it can. The flips are drawn from ``gen`` on the host and applied to
+    the chosen samples at once with ``torch.flip`` (what MONAI ``Flip`` does to each sample)."""
     for dim in flip_dims:
-        flip = torch.rand(len(x), generator=gen) < 0.5
-        flipper = Flip(spatial_axis=dim - 2)  # (C, D, H, W) per sample: spatial axis = tensor dim - 2
-        for i in flip.nonzero().flatten().tolist():
-            x[i] = torch.as_tensor(flipper(x[i]))
+        chosen = (torch.rand(len(x), generator=gen) < 0.5).nonzero().flatten()
+        if len(chosen):
+            chosen = to_device(chosen, x.device)
+            x[chosen] = x[chosen].flip(dim)
     return augment_intensity(x, gen) if intensity else x
 
 
@@ -159,11 +169,13 @@ def _train_steps(
     flip_dims: tuple[int, ...],
     intensity_aug: bool,
 ) -> Iterator[float]:
-    """One optimiser step per index batch; yields the step's total loss (focal + proximal)."""
+    """One optimiser step per index batch; yields the step's total loss (focal + proximal) as a 0-d
+    tensor on ``device``. The crops and labels are copied to ``device`` once (:func:`resident`); each
+    batch is gathered and augmented there."""
+    data, targets = resident(crops, device), resident(labels, device, torch.long)
     for idx in index_batches:
-        x = _augment(torch.from_numpy(np.asarray(crops[idx], np.float32)), run.gen, flip_dims, intensity_aug)
-        x = _to_device(x, device)
-        y = to_device(torch.from_numpy(labels[idx]).long(), device)
+        x = _to_device(_augment(take(data, idx), run.gen, flip_dims, intensity_aug), device)
+        y = take(targets, idx)
         with autocast(device, amp):
             logits = run.model(x)
         loss = criterion(logits.float(), y)
@@ -245,7 +257,7 @@ def train_stager(
         intensity_aug=intensity_aug,
     ))
     _release_model(model)
-    return {"train-loss": float(np.mean(losses)) if losses else 0.0}
+    return {"train-loss": mean_loss(losses)}
 
 
 @torch.no_grad()
@@ -375,9 +387,9 @@ def fit_stager_central(
             best_state = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()}
         else:
             stale += 1
-        history.append({"step": step, "train_loss": float(np.mean(window)), "val_auc": float(auc), "lr": lr_now,
-                        "best": improved})
-        log.info("step %d: train loss %.4f, val AUC %.4f%s", step, np.mean(window), auc, " (best)" if improved else "")
+        train_loss = mean_loss(window)
+        history.append({"step": step, "train_loss": train_loss, "val_auc": float(auc), "lr": lr_now, "best": improved})
+        log.info("step %d: train loss %.4f, val AUC %.4f%s", step, train_loss, auc, " (best)" if improved else "")
         window = []
         if stale >= patience:
             log.info("early stop at step %d: %d evaluations without improvement", step, patience)
