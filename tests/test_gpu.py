@@ -224,3 +224,92 @@ def test_a_forked_clientapp_trains_on_cuda():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"child_exit": 0, "parent_initialized": False}, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- training loops on the device
+
+
+def _tiny_stager():
+    from shared_models.stager import MulDenseNet3D, StagerConfig
+
+    torch.manual_seed(0)
+    return MulDenseNet3D(StagerConfig(init_features=8, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2)))
+
+
+def test_batched_flips_are_monais_per_sample_flips():
+    from monai.transforms import Flip
+
+    from client.stager_training import _augment
+
+    x = torch.rand(6, 1, 4, 5, 6, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(7)
+    got = _augment(x.clone(), gen, (2, 3, 4), intensity=False)
+    replay = torch.Generator().manual_seed(7)  # the same draws, applied one sample at a time with MONAI
+    expected = x.clone()
+    for dim in (2, 3, 4):
+        for i in (torch.rand(len(x), generator=replay) < 0.5).nonzero().flatten().tolist():
+            expected[i] = torch.as_tensor(Flip(spatial_axis=dim - 2)(expected[i]))
+    assert torch.equal(got, expected) and not torch.equal(got, x)
+
+
+def test_local_steps_return_device_losses_read_once(monkeypatch):
+    from client import training
+
+    run = training.LocalRun.start(torch.nn.Linear(3, 1), lr=1e-2, weight_decay=0.0, device=torch.device("cpu"),
+                                  amp=False, proximal_mu=0.0, seed=0)
+    x = torch.ones(2, 3)
+    losses = [run.step(run.model(x).pow(2).mean()) for _ in range(3)]
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in losses)
+    assert training.mean_loss(losses) == pytest.approx(sum(float(v) for v in losses) / 3)
+    assert training.mean_loss([]) == 0.0
+
+
+def _sync_warnings_per_step(train, steps_a: int = 2, steps_b: int = 6) -> float:
+    """Host synchronisations a training step adds, counted by CUDA's sync debug mode (a warning for each
+    ``.item()``, ``nonzero``, pageable copy, ...): the difference between two runs of different length."""
+    import warnings
+
+    counts = []
+    for steps in (steps_a, steps_b):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(steps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    return (counts[1] - counts[0]) / (steps_b - steps_a)
+
+
+@pytest.mark.gpu
+def test_stager_steps_do_not_wait_for_the_gpu():
+    import numpy as np
+
+    from client.stager_training import train_stager
+
+    crops = np.random.default_rng(0).random((16, 1, 32, 32, 32), dtype=np.float32)
+    cuda = torch.device("cuda")
+
+    def train(steps):
+        train_stager(_tiny_stager(), crops, np.arange(16) % 3, steps=steps, batch_size=4, lr=1e-3, weight_decay=0.0,
+                     focal_gamma=2.0, device=cuda, seed=0, flip_dims=(2, 3, 4))
+
+    train(1)  # warm-up: cuDNN, allocator
+    assert _sync_warnings_per_step(train) == 0
+
+
+@pytest.mark.gpu
+def test_detector_augmentation_runs_on_the_gpu_and_matches_the_cpu():
+    from client.augmentation import augment_detector_batch
+
+    x = torch.rand(4, 1, 16, 24, 16, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[8.0, 12.0, 8.0, 6.0, 8.0, 6.0]] * 4)
+    cpu_x, cpu_b = augment_detector_batch(x, boxes, torch.Generator().manual_seed(3), intensity=False)
+    gpu_x, gpu_b = augment_detector_batch(x.cuda(), boxes, torch.Generator().manual_seed(3), intensity=False)
+    assert gpu_x.is_cuda and torch.allclose(gpu_x.cpu(), cpu_x, atol=1e-5) and torch.equal(gpu_b, cpu_b)
+    # noise drawn on the GPU from the seed: the same seed gives the same batch, another seed another
+    a, _ = augment_detector_batch(x.cuda(), boxes, torch.Generator().manual_seed(4))
+    b, _ = augment_detector_batch(x.cuda(), boxes, torch.Generator().manual_seed(4))
+    c, _ = augment_detector_batch(x.cuda(), boxes, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not torch.equal(a, c)
