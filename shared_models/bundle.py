@@ -8,6 +8,8 @@ Layout of a bundle folder::
     models.json        DetectorConfig and StagerConfig (to rebuild the networks exactly)
     metrics.json       the run report (aggregate metrics only)
     run_config.json    the run configuration, without local paths (``safe_files.redact_paths``)
+    calibration.json   validation-chosen thresholds and temperature (``shared_models.calibration``);
+                       optional (:data:`OPTIONAL`): a bundle without it runs without those gates, with a warning
     MANIFEST.json      sha256 of every file above, and the hash chain of the run's round checkpoints
     MANIFEST.sig       Ed25519 signature of MANIFEST.json (raw 64 bytes)
     signer.pub         the signer's Ed25519 public key (PEM), for convenience only
@@ -36,6 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared_models.calibration import Calibration
 from shared_models.detector import YOLOX3D, DetectorConfig
 from shared_models.preprocessing import PreprocessingSpec
 from shared_models.safe_files import UnsafeFileError, load_tensors, read_regular_file, redact_paths
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PAYLOAD = ("detector.pt", "stager.pt", "spec.json", "models.json", "metrics.json", "run_config.json")
+OPTIONAL = ("calibration.json",)  # signed when present; older bundles lack it
 # Size caps, checked before a file is read: weights of the paper-size models are a few MB.
 MAX_WEIGHTS_BYTES = 1 << 30
 MAX_JSON_BYTES = 64 << 20  # MANIFEST.json holds the checkpoint chain: ~250 bytes a round
@@ -97,6 +101,7 @@ def write_bundle(
     run_config: dict,
     signing_key: Ed25519PrivateKey,
     checkpoint_chain: list[dict] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write and sign a bundle folder; returns ``out``.
 
@@ -112,6 +117,8 @@ def write_bundle(
         "metrics.json": json.dumps(metrics, indent=2, allow_nan=False, default=str).encode(),
         "run_config.json": json.dumps(redact_paths(run_config), indent=2, default=str).encode(),
     }
+    if calibration is not None:
+        payload["calibration.json"] = json.dumps(calibration.to_dict(), indent=2).encode()
     for name, data in payload.items():
         (out / name).write_bytes(data)
     manifest = {"format_version": FORMAT_VERSION, "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()}}
@@ -140,6 +147,7 @@ class Bundle:
     metrics: dict
     run_config: dict
     trusted: bool  # True when verified against a coordinator key given by the caller
+    calibration: Calibration | None = None  # None: the bundle carries no calibration.json
 
 
 def load_bundle(path: Path, public_key: Path | None = None) -> Bundle:
@@ -195,14 +203,14 @@ def load_bundle(path: Path, public_key: Path | None = None) -> Bundle:
             raise TypeError
     except (ValueError, KeyError, TypeError):
         raise BundleError(f"{path}: MANIFEST.json has no valid 'files' table") from None
-    unknown = sorted(set(files) - set(PAYLOAD))
+    unknown = sorted(set(files) - set(PAYLOAD) - set(OPTIONAL))
     if unknown:
         raise BundleError(f"{path}: MANIFEST.json names files that are not part of a bundle: {unknown!r}; refused")
     uncovered = sorted(set(PAYLOAD) - set(files))
     if uncovered:
         raise BundleError(f"{path}: MANIFEST.json does not cover {uncovered!r}; refused")
     data: dict[str, bytes] = {}
-    for name in PAYLOAD:
+    for name in (*PAYLOAD, *(n for n in OPTIONAL if n in files)):
         data[name] = read(name)
         if hashlib.sha256(data[name]).hexdigest() != files[name]:
             raise BundleError(f"{path}: {name} does not match its MANIFEST.json hash (modified after signing)")
@@ -236,4 +244,12 @@ def load_bundle(path: Path, public_key: Path | None = None) -> Bundle:
         metrics=parse("metrics.json"),
         run_config=parse("run_config.json"),
         trusted=public_key is not None,
+        calibration=_calibration(parse("calibration.json"), path) if "calibration.json" in data else None,
     )
+
+
+def _calibration(d, path: Path) -> Calibration:
+    try:
+        return Calibration.from_dict(d)
+    except (ValueError, TypeError) as err:
+        raise BundleError(f"{path}: calibration.json is invalid ({err})") from None
