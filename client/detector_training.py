@@ -94,7 +94,8 @@ def predict_boxes(
 
     Returns:
         ``boxes`` (N, 6) float32 voxels ``(cz, cy, cx, d, h, w)``, ``scores`` (N,) float32,
-        ``low_confidence`` (N,) bool (nothing passed the score threshold).
+        ``low_confidence`` (N,) bool: False here (``decode_best_box`` without a score threshold or
+        clipping); the validation-calibrated detector threshold is applied at inference.
     """
     model.to(device).eval()
     out_b, out_s, out_l = [], [], []

@@ -45,8 +45,9 @@ strides and log-size). GIoU is MONAI ``BoxGIoULoss`` on corner boxes.
 
 Post-processing (``decode_best_box``): ``score = sigmoid(obj) * sigmoid(cls)``, score threshold,
 3D NMS (MONAI ``non_max_suppression``), and exactly one box per hemi-volume (each half holds one
-femoral head): the top box; when nothing passes the threshold the best box is returned anyway and
-flagged ``low_confidence``. Non-finite predictions (e.g. from a NaN input) are sanitised rather
+femoral head): the top box; when nothing passes the threshold (default 0: only the validation-
+calibrated threshold of ``shared_models.calibration`` means anything) the best box is returned
+anyway and flagged ``low_confidence``. Non-finite predictions (e.g. from a NaN input) are sanitised rather
 than raised: such a box sits at the origin with sizes 1e-3 and is flagged ``low_confidence``.
 
 Initialisation: objectness and class biases at YOLOX's prior ``-log((1 - 0.01) / 0.01)``; the
@@ -586,7 +587,7 @@ def detector_loss(
 @torch.no_grad()
 def decode_best_box(
     pred: torch.Tensor,
-    score_threshold: float = 0.05,
+    score_threshold: float = 0.0,
     nms_iou: float = 0.5,
     spatial_shape: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -598,6 +599,11 @@ def decode_best_box(
     serves a multi-box variant.) If no cell passes the threshold the highest-scoring cell is
     returned anyway with ``low_confidence = True``. NaN/Inf predictions are sanitised (score 0,
     positive sizes), so this never raises for an input of the right shape.
+
+    The default ``score_threshold`` of 0 flags only collapsed boxes: a fixed score cut-off
+    (formerly 0.05) means nothing for a trained model. The decision threshold is chosen on the
+    validation split (``shared_models.calibration``), shipped in the bundle and applied by
+    ``shared_models.pipeline.analyse_study``.
 
     Args:
         pred: ``(B, N, 8)`` output of :class:`YOLOX3D`.

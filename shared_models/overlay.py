@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,11 +477,18 @@ def _save(fig: Figure, path: Path, dpi: int) -> Path:
     return path
 
 
+def not_assessed_text(r: HeadResult) -> str | None:
+    """``"not assessed: <reasons>"`` for a head whose stage was withheld (refused study or a flag), else None."""
+    reasons = getattr(r, "not_assessed", ())
+    return f"not assessed: {'; '.join(reasons)}" if reasons else None
+
+
 def _head_caption(r: HeadResult) -> str:
-    flag = "  LOW CONFIDENCE (no box passed the detector threshold; best box shown, dashed)" if r.low_confidence else ""
+    flag = "  LOW CONFIDENCE (score below the validation threshold or no box; dashed)" if r.low_confidence else ""
     box = " ".join(f"{v:.0f}" for v in r.box_lps_mm)
     name = SIDE_NAMES.get(r.side, r.side)
-    return f"{r.side} ({name} head): detector score {r.detector_score:.2f}{flag};  box LPS mm [{box}]"
+    stage = not_assessed_text(r) or f"predicted Ficat-Arlet stage {r.predicted_stage}"
+    return f"{r.side} ({name} head): {stage};  detector score {r.detector_score:.2f}{flag};  box LPS mm [{box}]"
 
 
 def write_overview_png(image: sitk.Image, results: Sequence[HeadResult], path: Path, *, dpi: int = 110) -> Path:
@@ -550,9 +558,11 @@ def write_gradcam_montage(image: sitk.Image, result: HeadResult, path: Path, *, 
     bar.ax.tick_params(labelsize=7)
     probs = "  ".join(f"P({k}) = {v:.2f}" for k, v in result.stage_probabilities.items())
     flag = "  [LOW-CONFIDENCE DETECTION]" if result.low_confidence else ""
+    withheld = not_assessed_text(result)
+    verdict = withheld if withheld else f"predicted Ficat-Arlet stage {result.predicted_stage}   ({probs})"
     fig.suptitle(
         f"{SIDE_NAMES.get(result.side, result.side).capitalize()} femoral head ({result.side}): "
-        f"predicted Ficat-Arlet stage {result.predicted_stage}   ({probs})\n"
+        f"{textwrap.shorten(verdict, 160)}\n"
         f"Grad-CAM >= {GRADCAM_VOLUME_THRESHOLD:g} (white contour): {result.gradcam_volume_mm3:,.0f} mm³;  "
         f"detector score {result.detector_score:.2f}{flag}",
         fontsize=10,
@@ -561,7 +571,9 @@ def write_gradcam_montage(image: sitk.Image, result: HeadResult, path: Path, *, 
     note = ("top: MRI; bottom: Grad-CAM over MRI. White box: femoral-head box (dashed = low-confidence detection); "
             "grey dotted: stager crop (box + margin), where the map is defined; brown: outside the scan.\n"
             "Grey window: 1st-99.5th intensity percentile. Research prototype, not a diagnosis.")
-    if cam_max <= 0.0:
+    if withheld:
+        note = "No Grad-CAM: the head was not assessed (no stage is given). " + note
+    elif cam_max <= 0.0:
         note = "Grad-CAM is zero on these slices (no positive evidence for the predicted stage). " + note
     fig.supxlabel(note, fontsize=7.5)
     return _save(fig, path, dpi)

@@ -223,7 +223,7 @@ def cmd_demo(args) -> int:
     if REAL_NIFTI.exists():
         key = out / "run" / "keys" / "bundle-signing-key.pem.pub"
         cmd_infer(argparse.Namespace(bundle=str(out / "run" / "bundle"), study=str(REAL_NIFTI), out=str(out / "infer-prostatex"),
-                                     public_key=str(key) if key.exists() else None, device="auto"))
+                                     public_key=str(key) if key.exists() else None, device="auto", allow_refused=True))
     else:
         console.print(f"[yellow]real pelvic MRI not found at {REAL_NIFTI}: skipping the inference step[/yellow]")
     return 0
@@ -233,56 +233,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    import SimpleITK as sitk
+    from sim.infer import run_infer
 
-    from client.dicom_series import SeriesError, choose_largest_mr_series, read_study
-    from client.training import select_device
-    from shared_models.bundle import load_bundle
-    from shared_models.overlay import write_infer_figures
-    from shared_models.pipeline import analyse_study
-
-    if not args.public_key and not getattr(args, "allow_unsigned", False):
-        raise ValueError(f"{args.bundle}: refusing to run a bundle without verifying its signature; pass the "
-                         "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)")
-    bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
-    series_note = "T2 series (site rule)"
-    try:
-        image = read_study(Path(args.study))
-    except SeriesError as err:
-        if "no T2 series" not in err.reason:
-            raise
-        image = read_study(Path(args.study), choose=choose_largest_mr_series)
-        series_note = f"no T2 series ({err.reason}); used the largest MR series instead: interpret with care"
-        console.print(f"[yellow]warning:[/yellow] {series_note}")
-    t0 = time.monotonic()
-    results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=select_device(args.device))
-    elapsed = time.monotonic() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
-    pngs = write_infer_figures(image, results, out)
-    warnings = []
-    if results and all(r.low_confidence for r in results):
-        warnings.append("no femoral head passed the detector's score threshold on either side: the study may not "
-                        "show the hips, or differ too much from the training data; boxes and stages are unreliable")
-    payload = {"bundle_trusted": bundle.trusted, "series": series_note, "heads": [r.summary() for r in results],
-               "warnings": warnings, "seconds": round(elapsed, 2)}
-    (out / "result.json").write_text(json.dumps(payload, indent=2))
-    table = Table(title=f"{Path(args.study).name}: two-stage result ({elapsed:.1f} s)")
-    for col in ("side", "box LPS mm (x0 y0 z0 x1 y1 z1)", "det. score", "P(0)", "P(I)", "P(II)", "stage"):
-        table.add_column(col)
-    for r in results:
-        p = r.stage_probabilities
-        table.add_row(r.side, " ".join(f"{v:.0f}" for v in r.box_lps_mm),
-                      f"{r.detector_score:.2f}" + (" (low)" if r.low_confidence else ""),
-                      f"{p['0']:.2f}", f"{p['I']:.2f}", f"{p['II']:.2f}", r.predicted_stage)
-    console.print(table)
-    for warning in warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"wrote {out / 'result.json'}, gradcam_R/L.nii.gz (input geometry) and "
-                  f"{', '.join(p.name for p in pngs)} (boxes and Grad-CAM over the MRI)")
-    return 0
+    return run_infer(args, console)
 
 
 # --------------------------------------------------------------------------- site / coordinator
@@ -628,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run without the coordinator's key: the bundle is checked only against its embedded signer "
                         "key and marked untrusted (a tampered bundle is still refused)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--allow-refused", action="store_true",
+                   help="exit 0 when the study is refused (wrong body part, field of view or anatomy); without it a "
+                        "refused study exits 3. A refused study is never staged either way")
     p.set_defaults(func=cmd_infer)
 
     report = groups.add_parser("report", help="statistics on a finished run's predictions").add_subparsers(dest="cmd", required=True)

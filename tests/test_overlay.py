@@ -254,3 +254,19 @@ def test_figures_on_the_real_oblique_pelvic_mri(tmp_path):
     # isotropic 0.5 mm display of a ~192 mm field of view
     assert axial.grid.spacing_mm == pytest.approx(0.5)
     assert 350 <= axial.grid.shape[1] <= 512
+
+
+def test_not_assessed_head_titles_say_why_instead_of_a_stage(study, tmp_path):
+    zero = _image(np.zeros(CENTRES.shape[:3]))
+    r = HeadResult(side="R", box_lps_mm=tuple(float(v) for v in BOXES["R"]), detector_score=0.2, low_confidence=True,
+                   stage_probabilities={}, predicted_stage=None, gradcam=zero, gradcam_volume_mm3=0.0,
+                   not_assessed=("detector score 0.20 is below the validation threshold 0.35",),
+                   flags=("low_detector_score",))
+    from shared_models.overlay import _head_caption, not_assessed_text
+
+    text = not_assessed_text(r)
+    assert text == "not assessed: detector score 0.20 is below the validation threshold 0.35"
+    assert text in _head_caption(r) and "stage" not in _head_caption(r).split(";")[0].replace("not assessed", "")
+    assert not_assessed_text(_result("L", BOXES["L"], zero)) is None
+    paths = write_infer_figures(study, [r], tmp_path)
+    assert all(p.is_file() for p in paths)

@@ -41,7 +41,8 @@ def _same_geometry(a: sitk.Image, b: sitk.Image) -> None:
 
 def test_analyse_study_returns_both_heads_in_input_geometry():
     image = _oblique_image()
-    results = analyse_study(image, YOLOX3D(DCFG), MulDenseNet3D(SCFG), PreprocessingSpec())
+    # gates off: an untrained detector's boxes are no femoral heads (the gates are tested in test_gates.py)
+    results = analyse_study(image, YOLOX3D(DCFG), MulDenseNet3D(SCFG), PreprocessingSpec(), gates=False)
     assert [r.side for r in results] == ["R", "L"]
     for r in results:
         _same_geometry(r.gradcam, image)
@@ -65,7 +66,7 @@ def test_analyse_study_returns_both_heads_in_input_geometry():
 def test_head_result_keeps_the_crop_grid_map_that_the_volume_measures():
     spec = PreprocessingSpec()
     image = _oblique_image()
-    results = analyse_study(image, YOLOX3D(DCFG), MulDenseNet3D(SCFG), spec)
+    results = analyse_study(image, YOLOX3D(DCFG), MulDenseNet3D(SCFG), spec, gates=False)
     for r in results:
         grid, cam = r.crop_grid, r.gradcam_crop
         assert grid.size_dhw == spec.crop_shape and cam.shape == spec.crop_shape and cam.dtype == np.float32
@@ -86,7 +87,8 @@ def test_head_result_keeps_the_crop_grid_map_that_the_volume_measures():
         # the map in the study's geometry is this map resampled linearly, so it cannot exceed its maximum
         assert float(sitk.GetArrayViewFromImage(r.gradcam).max()) <= float(cam.max()) + 1e-6
         assert set(r.summary()) == {"side", "box_lps_mm", "detector_score", "low_confidence", "stage_probabilities",
-                                    "predicted_stage", "gradcam_volume_mm3"}
+                                    "predicted_stage", "gradcam_volume_mm3", "assessed", "not_assessed", "flags",
+                                    "early_onfh_probability", "energy"}
 
 
 @pytest.fixture(scope="module")
@@ -109,25 +111,33 @@ def _check_infer_output(out, study_image: sitk.Image):
     return result
 
 
-def test_infer_on_real_pelvic_nifti(tiny_bundle, tmp_path):
+def test_infer_on_real_pelvic_nifti_is_refused_for_its_narrow_field_of_view(tiny_bundle, tmp_path):
     nifti = real_data_or_skip("prostatex-0000-pelvis-t2-axial.nii.gz")
     bundle, pub = tiny_bundle
-    assert main(["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(nifti), "--out", str(tmp_path)]) == 0
+    args = ["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(nifti), "--out", str(tmp_path)]
+    assert main(args) == 3
     result = _check_infer_output(tmp_path, sitk.ReadImage(str(nifti)))
-    assert result["series"].startswith("T2")
+    assert result["series"]["source"] == "NIfTI file" and result["series"]["n_slices"] == 19
+    # ProstateX: 384 x 0.5 mm = 192 mm left-right, narrower than two femoral heads need
+    assert result["verdict"] == "refused" and "192 mm left-right" in result["reasons"][0]
+    assert all(h["predicted_stage"] is None and h["stage_probabilities"] == {} for h in result["heads"])
+    assert main([*args, "--allow-refused"]) == 0
 
 
-def test_infer_on_real_siemens_dicom_falls_back_from_missing_t2(tiny_bundle, tmp_path):
+def test_infer_refuses_a_brain_dicom(tiny_bundle, tmp_path):
     folder = real_data_or_skip("siemens-brain-t1-sag-hfs")
     bundle, pub = tiny_bundle
-    assert main(["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(folder), "--out", str(tmp_path)]) == 0
+    assert main(["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(folder), "--out", str(tmp_path)]) == 3
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     result = _check_infer_output(tmp_path, reader.Execute())
-    assert "no T2 series" in result["series"]
-    # an untrained detector on a brain MRI: nothing passes the threshold, and the result says so
-    assert all(h["low_confidence"] for h in result["heads"])
-    assert result["warnings"] and "unreliable" in result["warnings"][0]
+    assert "no T2 series" in result["series"]["why"]
+    assert result["series"]["description"] == "t1_fl2d_sag" and result["series"]["n_slices"] == 35
+    assert result["verdict"] == "refused" and result["body_part_examined"] == "BRAIN"
+    assert any("BRAIN" in r for r in result["reasons"]) and any("left-right" in r for r in result["reasons"])
+    assert all(not h["assessed"] and h["predicted_stage"] is None for h in result["heads"])
+    # the tiny bundle has no calibration, and the result says so
+    assert any("no validation calibration" in w for w in result["warnings"])
 
 
 def test_infer_refuses_a_tampered_bundle(tiny_bundle, tmp_path):

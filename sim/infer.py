@@ -1,0 +1,145 @@
+"""``onfh infer``: one study through the gated two-stage pipeline; result.json, Grad-CAM maps, figures.
+
+Exit codes: 0 assessed or flagged (a flagged head has no stage, and says why); 3 refused
+(a study gate failed: wrong body part, field of view, or the two boxes are not a pair of
+femoral heads), unless ``--allow-refused`` (then 0). Errors (bad bundle, unreadable study)
+are raised and mapped to 1 by the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+log = logging.getLogger(__name__)
+
+EXIT_REFUSED = 3
+
+
+def _orientation_code(image: sitk.Image) -> str:
+    """Three-letter ITK orientation code of the image axes, e.g. ``"LPS"`` (from SimpleITK)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def read_for_inference(study: Path) -> tuple[sitk.Image, dict[str, Any], str | None]:
+    """Read a study for inference and say which series was used and why.
+
+    DICOM folder: the site's T2 rule (``client.dicom_series.choose_t2_series``); when no
+    series qualifies, the MR series with most slices, with a warning in ``why``.
+
+    Returns:
+        ``(image, series, body_part)``: ``series`` has ``source``, ``description``,
+        ``n_slices``, ``spacing_mm`` (x, y, z of the image axes), ``orientation`` (plane for
+        DICOM, plus the image axes' code), ``candidates`` and ``why``; ``body_part`` is the
+        series' DICOM ``BodyPartExamined`` (None for NIfTI or when absent).
+
+    Raises:
+        SeriesError: the study cannot be read (names the study and the reason).
+    """
+    import pydicom
+
+    from client.dicom_series import (
+        SeriesError,
+        _t2_by_description,
+        _t2_by_timing,
+        choose_largest_mr_series,
+        choose_t2_series,
+        find_series,
+        read_study,
+    )
+
+    study = Path(study)
+    if not study.is_dir():
+        image = read_study(study)
+        return image, {
+            "source": "NIfTI file", "description": "", "n_slices": int(image.GetSize()[2]),
+            "spacing_mm": [round(float(v), 4) for v in image.GetSpacing()], "orientation": _orientation_code(image),
+            "candidates": 1, "why": "a NIfTI file holds one volume",
+        }, None
+    series = find_series(study)
+    try:
+        chosen = choose_t2_series(series)
+        desc, timing = _t2_by_description(chosen), _t2_by_timing(chosen)
+        why = ("T2 series by the site rule: " + ("its description names T2" if desc else
+               f"TE {chosen.echo_time_ms:g} ms and TR {chosen.repetition_time_ms:g} ms say T2" if timing else "T2"))
+    except SeriesError as err:
+        if "no T2 series" not in err.reason:
+            raise
+        chosen = choose_largest_mr_series(series)
+        why = f"no T2 series ({err.reason}); used the MR series with most slices instead: interpret with care"
+    image = read_study(study, choose=lambda _: chosen)
+    try:
+        header = pydicom.dcmread(chosen.files[0], stop_before_pixels=True)
+        body_part = str(header.get("BodyPartExamined", "") or "") or None
+    except Exception:  # noqa: BLE001 - the series was just read; a header we cannot re-read gives no body part
+        body_part = None
+    return image, {
+        "source": "DICOM", "description": chosen.description, "n_slices": chosen.n_slices,
+        "spacing_mm": [round(float(v), 4) for v in image.GetSpacing()],
+        "orientation": f"{chosen.orientation or '?'} (image axes {_orientation_code(image)})",
+        "candidates": len(series), "why": why,
+    }, body_part
+
+
+def run_infer(args, console) -> int:
+    """The ``onfh infer`` command (see the module docstring for exit codes)."""
+    from rich.table import Table
+
+    from client.training import select_device
+    from shared_models.bundle import load_bundle
+    from shared_models.overlay import write_infer_figures
+    from shared_models.pipeline import analyse_study, study_verdict
+
+    if not args.public_key and not getattr(args, "allow_unsigned", False):
+        raise ValueError(f"{args.bundle}: refusing to run a bundle without verifying its signature; pass the "
+                         "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)")
+    bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
+    image, series, body_part = read_for_inference(Path(args.study))
+    warnings = []
+    if series["why"].startswith("no T2"):
+        warnings.append(series["why"])
+    if bundle.calibration is None:
+        warnings.append("the bundle carries no validation calibration: no detector-score or out-of-distribution "
+                        "gate, uncalibrated probabilities, arg-max stage")
+    t0 = time.monotonic()
+    results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=select_device(args.device),
+                            calibration=bundle.calibration, body_part=body_part)
+    elapsed = time.monotonic() - t0
+    verdict, reasons = study_verdict(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
+    pngs = write_infer_figures(image, results, out)
+    payload = {"bundle_trusted": bundle.trusted, "verdict": verdict, "reasons": reasons, "series": series,
+               "body_part_examined": body_part,
+               "calibration": bundle.calibration.to_dict() if bundle.calibration else None,
+               "heads": [r.summary() for r in results], "warnings": warnings, "seconds": round(elapsed, 2)}
+    (out / "result.json").write_text(json.dumps(payload, indent=2))
+    table = Table(title=f"{Path(args.study).name}: {verdict} ({elapsed:.1f} s)")
+    for col in ("side", "box LPS mm (x0 y0 z0 x1 y1 z1)", "det. score", "P(0)", "P(I)", "P(II)", "stage"):
+        table.add_column(col)
+    for r in results:
+        p = r.stage_probabilities
+        cells = [f"{p[k]:.2f}" for k in ("0", "I", "II")] if p else ["-"] * 3
+        table.add_row(r.side, " ".join(f"{v:.0f}" for v in r.box_lps_mm),
+                      f"{r.detector_score:.2f}" + (" (low)" if r.low_confidence else ""),
+                      *cells, r.predicted_stage or "not assessed")
+    console.print(table)
+    console.print(f"series: {series['description'] or series['source']}, {series['n_slices']} slices, "
+                  f"{series['orientation']}: {series['why']}")
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    for reason in reasons:
+        console.print(f"[red]{'refused' if verdict == 'refused' else 'not assessed'}:[/red] {reason}")
+    console.print(f"wrote {out / 'result.json'}, gradcam_R/L.nii.gz (input geometry) and "
+                  f"{', '.join(p.name for p in pngs)} (boxes and Grad-CAM over the MRI)")
+    if verdict == "refused" and not getattr(args, "allow_refused", False):
+        console.print(f"[red]study refused[/red] (exit code {EXIT_REFUSED}; --allow-refused exits 0)")
+        return EXIT_REFUSED
+    return 0
