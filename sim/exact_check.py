@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared_models.safe_csv import SafeDictWriter
 from shared_models.stages import STAGE_LABELS
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def exact_check(cfg, out: Path, sites: Mapping, report: Mapping, *, n_boot: int 
     folder = out / "exact"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "predictions.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["patient_id", "side", "stage", "predicted_stage", "site", "group"])
+        writer = SafeDictWriter(fh, fieldnames=["patient_id", "side", "stage", "predicted_stage", "site", "group"])
         writer.writeheader()
         writer.writerows(predictions)
     return result

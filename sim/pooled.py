@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from client.site_data import MANIFEST_NAME, SPLIT_NAME
+from shared_models.safe_csv import SafeDictWriter, SafeWriter, neutralise, restore
 
 POOLED_SITE = "POOLED"
 
@@ -62,7 +63,7 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
             if not path.exists():
                 raise FileNotFoundError(f"{path}: missing; pooled site {name} needs every pooled site's manifest and split")
         with open(split_file, newline="") as fh:
-            site_split = {r["patient_id"]: r["split"] for r in csv.DictReader(fh)}
+            site_split = {restore(r["patient_id"]): r["split"] for r in csv.DictReader(fh)}  # written neutralised
         with open(manifest, newline="") as fh:
             reader = csv.DictReader(fh)
             header = header or list(reader.fieldnames or [])
@@ -77,13 +78,13 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
                 if not (target / link).is_symlink():
                     os.symlink(Path("..") / site / row["study"], target / link)
                 manifest_rows.append({**row, "study": link})
-                splits[patient] = site_split[patient]
+                splits[neutralise(patient)] = site_split[patient]  # as the pooled manifest spells it
     with open(target / MANIFEST_NAME, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header or ["patient_id", "study"])
+        writer = SafeDictWriter(fh, fieldnames=header or ["patient_id", "study"])
         writer.writeheader()
         writer.writerows(manifest_rows)
     with open(target / SPLIT_NAME, "w", newline="") as fh:
-        writer = csv.writer(fh)
+        writer = SafeWriter(fh)
         writer.writerow(["patient_id", "split"])
         writer.writerows(sorted(splits.items()))
     return {s: sum(v == s for v in splits.values()) for s in ("train", "val")}

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from shared_models.safe_csv import restore
 from shared_models.stages import NUM_STAGES, FicatArletStage
 from shared_models.clinical_stats import mcnemar_test
 
@@ -134,6 +135,7 @@ def load_predictions_csv(path: str | Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     seen: dict[tuple[str, str], str] = {}
     for where, raw in _read_rows(path, PREDICTION_COLUMNS):
+        raw["patient_id"] = restore(raw["patient_id"])  # the project writes it neutralised (shared_models.safe_csv)
         if not raw["patient_id"]:
             raise ValueError(f"{where}: empty patient_id")
         side = _parse_side(raw["side"], where)
