@@ -31,6 +31,7 @@ Failed studies are not cached: they are retried on the next construction.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -39,9 +40,9 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,6 +63,7 @@ from shared_models.preprocessing import (
     resample_crop,
     resample_hemi,
 )
+from shared_models.safe_csv import restore
 from shared_models.stages import FicatArletStage
 
 logger = logging.getLogger(__name__)
@@ -146,6 +148,24 @@ class StudyVerdict:
         }
 
 
+# Caps on a site CSV (manifest.csv, split.csv), checked on the raw bytes before any CSV parsing,
+# so a hostile file can neither exhaust memory nor reach the csv module's own 128 KiB field limit
+# (a raw ``_csv.Error``): a line longer than MAX_LINE_BYTES, or a field longer than
+# MAX_FIELD_CHARS, refuses that row only. Real manifest lines are under 200 bytes.
+MAX_CSV_BYTES = 64 << 20
+MAX_LINE_BYTES = 16 << 10
+MAX_FIELD_CHARS = 4096
+
+# Plausible size of a femoral-head core-area box, per axis, in mm. Adult femoral head diameters
+# are about 40-55 mm (the phantoms draw 44-52 mm, sim/phantoms.py), and the project's box is the
+# head's bounding box (docs/CONVENTIONS.md). Smallest: half the smallest head (a box tighter than
+# that is not a head box); largest: the largest head plus 15 mm of annotation margin on each side.
+BOX_SIDE_MM: tuple[float, float] = (20.0, 85.0)
+# Largest |coordinate| of a box corner (mm): scanner coordinates lie within about 1 m of the
+# isocentre; 2 m leaves room for table offsets.
+BOX_MAX_ABS_MM: float = 2000.0
+
+
 def _parse_box(text: str) -> tuple[float, ...] | None:
     text = text.strip()
     if not text:
@@ -161,6 +181,16 @@ def _parse_box(text: str) -> tuple[float, ...] | None:
         raise ValueError("box_lps_mm must be finite")
     if not (box[0] < box[3] and box[1] < box[4] and box[2] < box[5]):
         raise ValueError("box_lps_mm must satisfy x0<x1, y0<y1, z0<z1")
+    if max(abs(v) for v in box) > BOX_MAX_ABS_MM:
+        raise ValueError(f"box_lps_mm has a coordinate beyond +-{BOX_MAX_ABS_MM:g} mm of the scanner origin")
+    sides = [box[i + 3] - box[i] for i in range(3)]
+    lo, hi = BOX_SIDE_MM
+    if not all(lo <= s <= hi for s in sides):
+        have = " x ".join(f"{s:.3g}" for s in sides)
+        raise ValueError(
+            f"box_lps_mm is {have} mm; a femoral head core-area box is {lo:g}-{hi:g} mm along each axis "
+            "(box in another unit or frame?)"
+        )
     return box
 
 
@@ -171,78 +201,201 @@ def _parse_study(text: str) -> str:
     path = PurePosixPath(study)
     if path.is_absolute() or ".." in path.parts or (len(study) > 1 and study[1] == ":"):
         raise ValueError("study must be a path relative to the site root, inside it")
+    if any(ord(c) < 32 for c in study):
+        raise ValueError("study path has control characters")
     return str(path)
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield ``(line number, row)`` of a CSV with the required columns; blank rows skipped."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            raise ValueError(f"{path}: empty file, expected columns {','.join(required)}")
-        header = [(f or "").strip() for f in reader.fieldnames]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(required)}")
-        reader.fieldnames = header
-        for row in reader:
-            values = {k: (v or "").strip() for k, v in row.items() if k is not None}
-            if not any(values.values()):
+@dataclass(frozen=True)
+class RowRefusal:
+    """A row of a site CSV that was skipped, and why; the rest of the file goes on.
+
+    Attributes:
+        file: the file name (``manifest.csv`` or ``split.csv``).
+        line: the row's line number in the file (the header is line 1).
+        reason: why, without any value of the row (no patient id, no path).
+        study: the row's study path when it was valid, else None.
+        patient_id: the row's patient id when it was valid (for the split; never logged or shown).
+    """
+
+    file: str
+    line: int
+    reason: str
+    study: str | None = None
+    patient_id: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.file} row {self.line}: {self.reason}"
+
+
+def _refuse_row(
+    path: Path, line: int, reason: str, refusals: list[RowRefusal] | None,
+    study: str | None = None, patient: str | None = None,
+) -> None:
+    """Record a refused row, or raise it as a ValueError naming the file and row when ``refusals`` is None."""
+    if refusals is None:
+        raise ValueError(f"{path}: row {line}: {reason}")
+    refusals.append(RowRefusal(path.name, line, reason, study, patient))
+
+
+def _capped_lines(handle: IO[bytes]) -> Iterator[bytes | None]:
+    """Raw lines of ``handle``; None for a line over ``MAX_LINE_BYTES`` (read past, never kept)."""
+    while True:
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            while raw and not raw.endswith(b"\n"):
+                raw = handle.readline(1 << 16)
+            yield None
+        else:
+            yield raw
+
+
+def _parse_line(raw: bytes | None, first: bool) -> list[str]:
+    """One capped raw line as CSV fields; ValueError (never ``csv.Error``) naming the problem."""
+    if raw is None:
+        raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
+    if first and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError("NUL character in the line")
+    try:
+        rows = list(csv.reader([text], strict=True))
+    except csv.Error as exc:
+        raise ValueError(f"malformed CSV ({exc}; a quoted field may not span lines)") from None
+    return rows[0] if rows else []
+
+
+def _read_csv(
+    path: Path, required: Sequence[str], refusals: list[RowRefusal] | None = None
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, row)`` of a site CSV with the required columns; blank rows skipped.
+
+    Each line is capped (``MAX_LINE_BYTES``) and decoded as UTF-8 on its own, then parsed by
+    the csv module; a field is capped at ``MAX_FIELD_CHARS``. A row that fails any of these,
+    or has more non-empty fields than columns, is refused on its own (see :func:`_refuse_row`).
+
+    Raises:
+        ValueError: the file is over ``MAX_CSV_BYTES``, empty, or its header is unreadable or
+            lacks a required column (the whole file is refused: no row can be trusted).
+    """
+    size = path.stat().st_size
+    if size > MAX_CSV_BYTES:
+        raise ValueError(f"{path}: {size} bytes, more than the {MAX_CSV_BYTES >> 20} MiB a site CSV may have")
+    header: list[str] | None = None
+    with open(path, "rb") as handle:
+        for line, raw in enumerate(_capped_lines(handle), start=1):
+            try:
+                fields = [f.strip() for f in _parse_line(raw, line == 1)]
+            except ValueError as exc:
+                if header is None:
+                    raise ValueError(f"{path}: header (row {line}): {exc}") from None
+                _refuse_row(path, line, str(exc), refusals)
                 continue
-            if None in row:
-                raise ValueError(f"{path}: row {reader.line_num}: more fields than columns")
-            yield reader.line_num, values
+            if header is None:
+                header = fields
+                missing = [c for c in required if c not in header]
+                if missing:
+                    raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(required)}")
+                continue
+            if not any(fields):
+                continue
+            if any(fields[len(header):]):
+                _refuse_row(path, line, "more fields than columns", refusals)
+                continue
+            long = [header[i] if header[i] in required else f"column {i + 1}"
+                    for i, f in enumerate(fields) if len(f) > MAX_FIELD_CHARS]
+            if long:
+                _refuse_row(path, line, f"field {long[0]} longer than {MAX_FIELD_CHARS} characters", refusals)
+                continue
+            row = dict(zip(header, fields + [""] * (len(header) - len(fields))))
+            yield line, row
+    if header is None:
+        raise ValueError(f"{path}: empty file, expected columns {','.join(required)}")
 
 
-def _read_split(site_root: Path) -> dict[str, str] | None:
+def _read_split(
+    site_root: Path, refusals: list[RowRefusal] | None = None
+) -> tuple[dict[str, str], set[str]] | None:
+    """``(patient -> split, patients with conflicting rows)`` from ``split.csv``; None without one.
+
+    Patient ids are read with :func:`shared_models.safe_csv.restore` (the project writes this
+    file with formulas neutralised).
+    """
     path = site_root / SPLIT_NAME
     if not path.is_file():
         return None
     split: dict[str, str] = {}
-    for line, row in _read_csv(path, SPLIT_COLUMNS):
-        patient, value = row["patient_id"], row["split"].lower()
+    first: dict[str, int] = {}
+    conflicts: set[str] = set()
+    for line, row in _read_csv(path, SPLIT_COLUMNS, refusals):
+        patient, value = restore(row["patient_id"]), row["split"].lower()
         if not patient:
-            raise ValueError(f"{path}: row {line}: patient_id is empty")
-        if value not in SPLITS:
-            raise ValueError(f"{path}: row {line}: split must be one of {', '.join(SPLITS)}, got {row['split']!r}")
-        if split.get(patient, value) != value:
-            raise ValueError(f"{path}: row {line}: patient already assigned to another split")
-        split[patient] = value
-    return split
+            _refuse_row(path, line, "patient_id is empty", refusals)
+        elif value not in SPLITS:
+            _refuse_row(path, line, f"split must be one of {', '.join(SPLITS)}", refusals)
+        elif split.get(patient, value) != value:
+            _refuse_row(path, line, f"patient already assigned to another split in row {first[patient]}; "
+                                    "the patient's heads are refused", refusals)
+            conflicts.add(patient)
+        else:
+            split[patient] = value
+            first.setdefault(patient, line)
+    return split, conflicts
 
 
 class HeadRefused(ValueError):
     """A manifest row whose head cannot be used (its label or box), while the rest of the manifest is fine."""
 
 
-def _manifest_rows(
-    site_root: Path, site_id: str, refusals: list[tuple[int, str, str]] | None = None
-) -> list[tuple[int, HeadRecord]]:
-    """Parse the manifest; with ``refusals`` given, label/box problems refuse only that head.
+def _parse_stage(text: str) -> int | None:
+    if not text:
+        return None
+    try:
+        return int(FicatArletStage.parse(text))
+    except ValueError as exc:
+        if "out of scope" in str(exc):
+            raise
+        raise ValueError("unreadable Ficat-Arlet stage; expected 0, I or II") from None
 
-    ``refusals`` collects ``(line, study, reason)`` for rows refused on their own (a
-    Ficat-Arlet stage out of scope or unreadable, a malformed box); without it those rows
-    raise like any structural error.
+
+def _manifest_rows(
+    site_root: Path, site_id: str, refusals: list[RowRefusal] | None = None, use_split: bool = True
+) -> list[tuple[int, HeadRecord]]:
+    """Parse the manifest (and ``split.csv`` when ``use_split``); with ``refusals`` given, a bad row refuses only itself.
+
+    ``refusals`` collects a :class:`RowRefusal` for every row skipped: unreadable (too long,
+    not UTF-8, malformed CSV, a field over the cap), invalid (empty patient id, a study path
+    outside the site root, a side other than L/R, a duplicate head, a study shared by two
+    patients, no or conflicting split) or with an unusable label or box (Ficat-Arlet stage
+    out of scope or unreadable, a malformed or implausible box). Without it the first such
+    row raises.
     """
     site_root = Path(site_root)
     path = site_root / MANIFEST_NAME
     if not path.is_file():
         raise ValueError(f"{path}: manifest not found")
-    split = _read_split(site_root)
+    split = _read_split(site_root, refusals) if use_split else None
     out: list[tuple[int, HeadRecord]] = []
     seen_heads: dict[tuple[str, str], int] = {}
     study_patient: dict[str, tuple[str, int]] = {}
-    for line, row in _read_csv(path, MANIFEST_COLUMNS):
+    n_refused = len(refusals) if refusals is not None else 0
+    for line, row in _read_csv(path, MANIFEST_COLUMNS, refusals):
+        patient, study, side = row["patient_id"], None, ""
         try:
-            patient = row["patient_id"]
             if not patient:
                 raise ValueError("patient_id is empty")
             study = _parse_study(row["study"])
             side = row["side"].upper()
             if side not in SIDES:
-                raise ValueError(f"side must be L or R, got {row['side']!r}")
+                raise ValueError("side must be L or R")
             try:
-                stage = None if not row["ficat_stage"] else int(FicatArletStage.parse(row["ficat_stage"]))
+                stage = _parse_stage(row["ficat_stage"])
                 box = _parse_box(row["box_lps_mm"])
             except ValueError as exc:
                 raise HeadRefused(str(exc)) from None
@@ -252,18 +405,19 @@ def _manifest_rows(
                 raise ValueError(f"study also belongs to another patient in row {study_patient[study][1]}")
             if split is None:
                 head_split = DEFAULT_SPLIT
-            elif patient in split:
-                head_split = split[patient]
+            elif patient in split[1]:
+                raise ValueError(f"patient has conflicting rows in {SPLIT_NAME}")
+            elif patient in split[0]:
+                head_split = split[0][patient]
             else:
                 raise ValueError(f"patient has no row in {SPLIT_NAME}")
         except HeadRefused as exc:
-            if refusals is None:
-                raise ValueError(f"{path}: row {line}: {exc}") from None
-            refusals.append((line, study, f"head {side} refused: manifest row {line}: {exc}"))
+            _refuse_row(path, line, f"{exc} (the {side} head is refused)", refusals, study, patient)
             seen_heads[(patient, side)] = line
             continue
         except ValueError as exc:
-            raise ValueError(f"{path}: row {line}: {exc}") from None
+            _refuse_row(path, line, str(exc), refusals, study)
+            continue
         seen_heads[(patient, side)] = line
         study_patient.setdefault(study, (patient, line))
         out.append(
@@ -281,20 +435,23 @@ def _manifest_rows(
                 ),
             )
         )
-    if not out and not refusals:
+    if not out and (refusals is None or len(refusals) == n_refused):
         raise ValueError(f"{path}: manifest has no rows")
     return out
 
 
 def read_manifest(site_root: Path, site_id: str) -> list[HeadRecord]:
-    """Read and validate ``manifest.csv`` (and ``split.csv`` if present) of a site.
+    """Read and validate ``manifest.csv`` (and ``split.csv`` if present) of a site, strictly.
 
-    Checks: the six columns exist (extra columns are ignored); ``patient_id`` and
+    Checks: the six columns exist (extra columns are ignored); every line is at most
+    ``MAX_LINE_BYTES`` of UTF-8 and every field at most ``MAX_FIELD_CHARS``; ``patient_id`` and
     ``study`` are non-empty and ``study`` is relative, inside the site root; ``side`` is
     L/R; ``ficat_stage`` is blank, 0, I or II (III/IV are refused as out of scope);
-    ``box_lps_mm`` is blank or six space-separated numbers with ``x0<x1, y0<y1, z0<z1``;
+    ``box_lps_mm`` is blank or six space-separated numbers with ``x0<x1, y0<y1, z0<z1``,
+    each side ``BOX_SIDE_MM`` long and every corner within ``BOX_MAX_ABS_MM``;
     no patient/side appears twice; a study belongs to one patient; with a split file, every
-    patient has a split in ``train|val|test``.
+    patient has one split in ``train|val|test``. :class:`SiteData` and :func:`check_manifest`
+    skip bad rows instead.
 
     Returns:
         One :class:`HeadRecord` per manifest row, in file order.
@@ -304,6 +461,26 @@ def read_manifest(site_root: Path, site_id: str) -> list[HeadRecord]:
             patient id.
     """
     return [record for _, record in _manifest_rows(site_root, site_id)]
+
+
+def check_manifest(
+    site_root: Path, site_id: str, use_split: bool = True
+) -> tuple[list[HeadRecord], list[RowRefusal]]:
+    """Read a site's manifest (and ``split.csv`` when ``use_split``), skipping bad rows.
+
+    Same checks as :func:`read_manifest`, but a bad row refuses only itself.
+
+    Returns:
+        ``(heads, refused rows)``: one :class:`HeadRecord` per good row in file order, and
+        one :class:`RowRefusal` per skipped row of either file.
+
+    Raises:
+        ValueError: the manifest is missing, over ``MAX_CSV_BYTES``, has an unreadable header
+            or lacks a column, or has no rows at all (and likewise for ``split.csv``).
+    """
+    refusals: list[RowRefusal] = []
+    rows = _manifest_rows(Path(site_root), site_id, refusals, use_split=use_split)
+    return [record for _, record in rows], refusals
 
 
 def _source_files(path: Path) -> list[Path]:
@@ -398,7 +575,9 @@ class SiteData:
         site_id: the site.
         spec: the preprocessing spec used for the hemi volumes and crops.
         heads: heads whose study loaded, in manifest order.
-        verdicts: one :class:`StudyVerdict` per study of the manifest, in manifest order.
+        verdicts: one :class:`StudyVerdict` per study of the manifest, in manifest order, then
+            one per skipped manifest or split row.
+        row_refusals: the skipped rows of ``manifest.csv`` and ``split.csv`` (:class:`RowRefusal`).
         decoders: compressed transfer syntax name -> decoder available, checked at start-up
             (:func:`client.dicom_series.check_decoders`).
 
@@ -410,9 +589,9 @@ class SiteData:
         progress: show a rich progress bar while loading.
 
     Raises:
-        ValueError: the manifest or split file is invalid (see :func:`read_manifest`).
-            Exception: a row whose Ficat-Arlet stage is out of scope (III/IV) or unreadable,
-            or whose box is malformed, refuses only that head, with a verdict naming the
+        ValueError: the manifest or split file as a whole is unusable (missing, over its
+            size cap, unreadable header, missing column, no rows). A bad *row* (see
+            :func:`check_manifest`) refuses only that row, with a verdict naming the file and
             row; the study's other head and every other study go on.
 
     A study is refused when its LPS field of view is smaller than ``MIN_STUDY_EXTENT_MM``
@@ -433,8 +612,10 @@ class SiteData:
         self.site_id = site_id
         self.cache_dir = Path(cache_dir)
         self.spec = spec
-        refused_rows: list[tuple[int, str, str]] = []
-        rows = _manifest_rows(self.site_root, site_id, refused_rows)
+        self.row_refusals: list[RowRefusal] = []
+        rows = _manifest_rows(self.site_root, site_id, self.row_refusals)
+        for refusal in self.row_refusals:
+            logger.warning("site %s: %s (row skipped)", site_id, refusal)
         self.decoders = check_decoders()
         studies = list(dict.fromkeys(record.study for _, record in rows))
         self._entries: dict[str, Path] = {}
@@ -449,9 +630,11 @@ class SiteData:
             self.verdicts.append(verdict)
         ok = {v.study for v in self.verdicts if v.status == "ok"}
         self.heads: list[HeadRecord] = [r for _, r in rows if r.study in ok]
-        # Heads refused for their label (e.g. stage III) get a verdict of their own; the
-        # study's other head and every other study go on.
-        self.verdicts += [StudyVerdict(study, "refused", reason, None, None) for _, study, reason in refused_rows]
+        # A skipped row (e.g. stage III, a path outside the site) gets a verdict of its own,
+        # under its study when that was valid; the study's other head and every other study go on.
+        self.verdicts += [
+            StudyVerdict(r.study or f"{r.file} row {r.line}", "refused", str(r), None, None) for r in self.row_refusals
+        ]
         logger.info(
             "site %s: %d of %d studies loaded (%d from cache), %d refused; %d heads",
             site_id, len(ok), len(studies), n_cached, len(studies) - len(ok), len(self.heads),

@@ -644,7 +644,7 @@ def test_out_of_scope_stage_refuses_only_that_head(tmp_path):
     assert [(h.study, h.side) for h in data.heads] == [("s1", "R")]
     reasons = [v.reason for v in data.verdicts if v.status == "refused"]
     assert len(reasons) == 3
-    assert any("manifest row 2" in r and "out of scope" in r for r in reasons)
-    assert any("manifest row 4" in r and "unreadable Ficat-Arlet stage" in r for r in reasons)
-    assert any("manifest row 5" in r for r in reasons)
+    assert any("manifest.csv row 2" in r and "out of scope" in r for r in reasons)
+    assert any("manifest.csv row 4" in r and "unreadable Ficat-Arlet stage" in r for r in reasons)
+    assert any("manifest.csv row 5" in r for r in reasons)
     assert all("P1" not in r and "P2" not in r for r in reasons)  # no patient ids in verdict reasons
