@@ -262,6 +262,7 @@ def cmd_site_check(args) -> int:
         Path(args.json).write_text(json.dumps([v.to_dict() for v in site.verdicts], indent=2))
     bad = sum(v.status != "ok" for v in site.verdicts)
     console.print(f"{len(site.verdicts) - bad} studies ok, {bad} refused, {len(site.heads)} femoral heads usable")
+    _print_skipped_rows(site.row_refusals)
     from client.site_daemon import Check, check_ca_certificate, check_cache_space, check_device, check_superlink
 
     checks = [Check("manifest and studies", bad == 0 and bool(site.heads),
@@ -287,6 +288,19 @@ def cmd_signing_key(args) -> int:
     return 0
 
 
+def _print_skipped_rows(refusals) -> None:
+    """A summary of the manifest/split rows a site skipped (file, row, reason; never a value of the row)."""
+    if not refusals:
+        console.print("every manifest row was read")
+        return
+    table = Table(title=f"{len(refusals)} row(s) skipped; the site goes on without them")
+    for col in ("file", "row", "reason"):
+        table.add_column(col)
+    for r in refusals:
+        table.add_row(r.file, str(r.line), r.reason)
+    console.print(table)
+
+
 def _print_checks(checks, title: str) -> bool:
     table = Table(title=title)
     for col in ("check", "result", "detail"):
@@ -304,8 +318,11 @@ def cmd_site_split(args) -> int:
     data = Path(args.data).resolve()
     if not (data / "manifest.csv").is_file():
         raise FileNotFoundError(f"{data / 'manifest.csv'} does not exist")
-    counts = write_splits(data.parent, [data.name], [] if args.evaluate_only else [data.name], seed=args.seed)
-    console.print(f"{data / 'split.csv'}: {counts.get(data.name, counts)}")
+    skipped: dict[str, list] = {}
+    counts = write_splits(data.parent, [data.name], [] if args.evaluate_only else [data.name], seed=args.seed,
+                          refusals=skipped)
+    console.print(f"{data / 'split.csv'}: patients per split {counts.get(data.name, counts)}")
+    _print_skipped_rows(skipped.get(data.name, []))
     return 0
 
 

@@ -10,7 +10,6 @@ by the patient's highest Ficat-Arlet stage when every stratum is large enough.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -19,22 +18,31 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from shared_models.stages import FicatArletStage
+from shared_models.safe_csv import SafeWriter
 
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.8, 0.1, 0.1)
 
 
-def _patient_strata(manifest: Path) -> dict[str, int]:
+def _patient_strata(manifest: Path, refusals: list | None = None) -> dict[str, int]:
+    """Patient id -> highest Ficat-Arlet stage of the patient's heads, from the manifest's good rows.
+
+    Rows are read as the site reads them (:func:`client.site_data.check_manifest`); a row refused
+    only for its label or box (e.g. stage III) still gives its patient a split (stratum 0), any
+    other bad row is skipped and appended to ``refusals``.
+    """
+    from client.site_data import check_manifest
+
+    heads, skipped = check_manifest(manifest.parent, manifest.parent.name, use_split=False)
     worst: dict[str, int] = defaultdict(int)
-    with open(manifest, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                value = int(FicatArletStage.parse(row.get("ficat_stage", "").strip() or "0"))
-            except ValueError:  # out of scope or unreadable: the site refuses that head; the patient still gets a split
-                value = 0
-            worst[row["patient_id"]] = max(worst[row["patient_id"]], value)
+    for head in heads:
+        worst[head.patient_id] = max(worst[head.patient_id], head.stage or 0)
+    for row in skipped:
+        if row.patient_id is not None:  # label or box refused: the site refuses the head, the patient keeps a split
+            worst[row.patient_id] = max(worst[row.patient_id], 0)
+    if refusals is not None:
+        refusals.extend(skipped)
     return dict(worst)
 
 
@@ -65,11 +73,20 @@ def assign_splits(patient_strata: dict[str, int], train_site: bool, seed: int) -
     return {**{p: "train" for p in train}, **{p: "val" for p in val}, **{p: "test" for p in test}}
 
 
-def write_splits(data_root: Path, site_ids: Iterable[str], train_sites: Iterable[str], seed: int = 0) -> dict[str, dict[str, int]]:
+def write_splits(
+    data_root: Path, site_ids: Iterable[str], train_sites: Iterable[str], seed: int = 0,
+    refusals: dict[str, list] | None = None,
+) -> dict[str, dict[str, int]]:
     """Write ``<data_root>/<site>/split.csv`` for every site; return head-free counts per site and split.
+
+    Patient ids are written with spreadsheet formulas neutralised (:mod:`shared_models.safe_csv`;
+    the site reads them back with ``restore``). Bad manifest rows are skipped as the site skips
+    them; with ``refusals`` given, ``refusals[site]`` receives their
+    :class:`client.site_data.RowRefusal` (file, row, reason), and a warning names each.
 
     Raises:
         FileNotFoundError: if a site has no ``manifest.csv``.
+        ValueError: a manifest as a whole is unusable (see :func:`client.site_data.check_manifest`).
     """
     train_sites = set(train_sites)
     summary: dict[str, dict[str, int]] = {}
@@ -77,9 +94,14 @@ def write_splits(data_root: Path, site_ids: Iterable[str], train_sites: Iterable
         manifest = Path(data_root) / site / "manifest.csv"
         if not manifest.exists():
             raise FileNotFoundError(f"{manifest}: site {site} has no manifest.csv")
-        splits = assign_splits(_patient_strata(manifest), site in train_sites, seed)
+        skipped: list = []
+        splits = assign_splits(_patient_strata(manifest, skipped), site in train_sites, seed)
+        for row in skipped:
+            log.warning("site %s: %s (row skipped)", site, row)
+        if refusals is not None:
+            refusals[site] = skipped
         with open(manifest.parent / "split.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
+            writer = SafeWriter(fh)
             writer.writerow(["patient_id", "split"])
             writer.writerows(sorted(splits.items()))
         summary[site] = {s: sum(v == s for v in splits.values()) for s in ("train", "val", "test")}
