@@ -54,6 +54,16 @@ Reading rules (:func:`read_series`):
 * ``PatientPosition`` (HFS, HFP, FFS, decubitus...) is *not* used: DICOM positions and
   orientations are already in the patient-based LPS frame.
 
+Decoded size caps, checked on headers before any pixel is decoded or allocated: a study may
+declare at most ``max_voxels`` voxels (default ``MAX_STUDY_VOXELS``, 512 x 512 x 256). For
+DICOM, every file's ``Rows x Columns x NumberOfFrames`` (:func:`find_series`) and the chosen
+series' total (:func:`read_series`) are checked from ``stop_before_pixels`` headers; a file in
+the Deflated Explicit VR Little Endian syntax (the whole dataset zlib-compressed, so pydicom
+inflates it all even to read the header) is first inflated as a stream, keeping nothing, and
+refused when it inflates beyond ``2 x max_voxels`` bytes (16-bit pixels) plus 16 MiB of
+header. For NIfTI, the header's dimensions are checked before nibabel loads a voxel. A study
+over the cap is refused with a :class:`SeriesError` that gives the declared and allowed sizes.
+
 NIfTI (:func:`read_study` on ``.nii``/``.nii.gz``): nibabel's rule decides the geometry,
 the sform when ``sform_code > 0``, else the qform when ``qform_code > 0``, else the base
 affine. When qform and sform are both set and disagree (by more than 1e-3 in direction or
@@ -68,6 +78,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +113,12 @@ INTENSITY_CONVENTION: str = (
     "displayed values: DICOM RescaleSlope/RescaleIntercept per image; "
     "vendor private scale factors (Philips MR Scale Slope) not applied; MONOCHROME1 inverted"
 )
+
+# Largest volume a site decodes (voxels): 512 x 512 x 256 = 2^26, about 67 M voxels (268 MB as
+# float32). Hip MRI series are about 512 x 512 x 20-60 (2D) and up to 512 x 512 x 200 (3D).
+MAX_STUDY_VOXELS: int = 512 * 512 * 256
+# Header allowance of a deflated DICOM file on top of its pixel bytes.
+_DEFLATED_HEADER_BYTES = 16 << 20
 
 _PHILIPS_CREATOR = "Philips MR Imaging DD 001"
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -353,7 +370,57 @@ def _orientation_clusters(images: list[_Image]) -> list[int]:
     return [names[c] for c in labels]  # type: ignore[misc]
 
 
-def find_series(study_dir: Path) -> list[SeriesInfo]:
+def _declared_voxels(ds: pydicom.Dataset) -> int:
+    """``Rows x Columns x NumberOfFrames`` from a header (0 when absent or unreadable)."""
+    try:
+        return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * _n_frames(ds)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _over_cap(what: str, declared: int, max_voxels: int) -> str:
+    return (f"{what} declares {declared:,} voxels, more than the {max_voxels:,} a study may have "
+            "(max-study-voxels); refused before decoding")
+
+
+def _check_deflated(path: Path, max_voxels: int) -> None:
+    """Refuse a Deflated Explicit VR file that inflates beyond ``2 * max_voxels`` bytes + 16 MiB.
+
+    pydicom inflates a deflated dataset whole, even for ``stop_before_pixels``, so the size is
+    measured first by inflating it as a stream (64 KiB at a time, nothing kept). Files that are
+    not DICOM, or not deflated, are left to ``dcmread``.
+
+    Raises:
+        SeriesError: the file inflates beyond the cap, or its deflate stream is corrupt.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    cap = 2 * max_voxels + _DEFLATED_HEADER_BYTES
+    with open(path, "rb") as fh:
+        try:
+            if read_preamble(fh, False) is None:
+                return
+            meta = _read_file_meta_info(fh)
+        except Exception:  # noqa: BLE001 - not DICOM or a broken header: dcmread decides
+            return
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while chunk := fh.read(1 << 16):
+                while chunk:
+                    total += len(inflater.decompress(chunk, 1 << 20))
+                    chunk = inflater.unconsumed_tail
+                    if total > cap:
+                        raise SeriesError(path.parent, f"a deflated DICOM file inflates to more than {cap:,} bytes "
+                                                       f"(max-study-voxels {max_voxels:,} at 16 bits); refused")
+        except zlib.error as exc:
+            raise SeriesError(path.parent, f"a deflated DICOM file is corrupt ({exc})") from None
+
+
+def find_series(study_dir: Path, max_voxels: int = MAX_STUDY_VOXELS) -> list[SeriesInfo]:
     """Find the candidate volumes of a study folder, from headers only (see the module rules).
 
     Walks the folder recursively; every file is tried with
@@ -364,14 +431,16 @@ def find_series(study_dir: Path) -> list[SeriesInfo]:
 
     Args:
         study_dir: the study folder.
+        max_voxels: the decoded size cap (see the module notes): a file that declares more,
+            or a deflated file that inflates beyond it, refuses the study.
 
     Returns:
         One :class:`SeriesInfo` per group, sorted by series UID and group label.
 
     Raises:
-        SeriesError: the folder does not exist, a file cannot be opened, or a file starts
+        SeriesError: the folder does not exist, a file cannot be opened, a file starts
             like DICOM but its header cannot be parsed (a corrupt export must not be
-            half-read).
+            half-read), or a file is over the size cap.
     """
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
@@ -380,6 +449,7 @@ def find_series(study_dir: Path) -> list[SeriesInfo]:
     n_junk = n_non_image = n_broken = n_unopenable = 0
     for path in _iter_files(study_dir):
         try:
+            _check_deflated(path, max_voxels)
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
         except InvalidDicomError:
             n_junk += 1
@@ -387,6 +457,8 @@ def find_series(study_dir: Path) -> list[SeriesInfo]:
         except OSError:
             n_unopenable += 1
             continue
+        except SeriesError as exc:
+            raise SeriesError(study_dir, exc.reason) from None
         except Exception:  # noqa: BLE001 - pydicom raises many types on corrupt headers
             n_broken += 1
             continue
@@ -394,6 +466,8 @@ def find_series(study_dir: Path) -> list[SeriesInfo]:
         if not uid or "Rows" not in ds or "Columns" not in ds:
             n_non_image += 1
             continue
+        if _declared_voxels(ds) > max_voxels:
+            raise SeriesError(study_dir, _over_cap("a DICOM file", _declared_voxels(ds), max_voxels))
         try:
             images = _images(path, ds)
         except Exception:  # noqa: BLE001 - malformed functional groups
@@ -617,7 +691,7 @@ def _has_philips_scale(ds: pydicom.Dataset) -> bool:
     return 0x0E in block
 
 
-def read_series(info: SeriesInfo, report: ReadReport | None = None) -> sitk.Image:
+def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: int = MAX_STUDY_VOXELS) -> sitk.Image:
     """Read one candidate volume (single-frame files or enhanced frames) into a float32 image.
 
     See the module rules for ordering, duplicates, geometry checks and intensities.
@@ -627,6 +701,8 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None) -> sitk.Imag
             image of those files is used).
         report: if given, receives the series UID and notes (dropped duplicates, vendor
             scaling not applied, MONOCHROME1 inverted).
+        max_voxels: the decoded size cap: the images' declared ``Rows x Columns`` summed
+            over the series, read from headers before any pixel is decoded.
 
     Returns:
         A 3D float32 image: index axis ``i`` along the row direction cosine, ``j`` along
@@ -638,6 +714,22 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None) -> sitk.Imag
         SeriesError: with the reason the series cannot be a volume.
     """
     study = _study_label(info.files)
+    wanted_frames: dict[Path, int] = defaultdict(int)
+    for path, _ in info.frames:
+        wanted_frames[path] += 1
+    declared = 0
+    for path in info.files:  # headers first: the declared size is capped before any decoding
+        try:
+            _check_deflated(path, max_voxels)
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=False)
+        except SeriesError as exc:
+            raise SeriesError(study, exc.reason) from None
+        except Exception as exc:  # noqa: BLE001
+            raise SeriesError(study, f"cannot read a slice file ({type(exc).__name__})") from exc
+        per_image = _declared_voxels(header) // _n_frames(header)
+        declared += per_image * (wanted_frames[path] if info.frames else _n_frames(header))
+        if declared > max_voxels or _declared_voxels(header) > max_voxels:
+            raise SeriesError(study, _over_cap("the series", max(declared, _declared_voxels(header)), max_voxels))
     datasets: dict[Path, pydicom.Dataset] = {}
     for path in info.files:
         try:
@@ -794,15 +886,23 @@ def _affine_geometry(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return direction, spacing, origin
 
 
-def _read_nifti(path: Path, report: ReadReport | None = None) -> sitk.Image:
+def _read_nifti(path: Path, report: ReadReport | None = None, max_voxels: int = MAX_STUDY_VOXELS) -> sitk.Image:
     """Read a NIfTI file: data completeness and geometry by nibabel's rule, voxels via SimpleITK.
 
     SimpleITK 2.5 silently zero-fills a truncated NIfTI (plain or gzipped); nibabel raises.
     The geometry follows nibabel's ``get_best_affine`` (sform if ``sform_code > 0``, else
-    qform, else base) and is set on the SimpleITK image, whatever ITK chose.
+    qform, else base) and is set on the SimpleITK image, whatever ITK chose. The header's
+    dimensions are checked against ``max_voxels`` before any voxel is read.
     """
     try:
-        nii = nibabel.load(str(path))
+        nii = nibabel.load(str(path))  # the header only; voxels stay on disk
+        shape = tuple(int(n) for n in nii.header.get_data_shape())
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on damaged files
+        raise SeriesError(path, f"unreadable NIfTI: {_exception_reason(exc, path)}") from exc
+    declared = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if declared > max_voxels:
+        raise SeriesError(path, _over_cap(f"the NIfTI header ({' x '.join(map(str, shape))})", declared, max_voxels))
+    try:
         np.asanyarray(nii.dataobj)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on damaged files
         raise SeriesError(path, f"unreadable NIfTI: {_exception_reason(exc, path)}") from exc
@@ -846,6 +946,7 @@ def read_study(
     path: Path,
     choose: Callable[[list[SeriesInfo]], SeriesInfo] = choose_t2_series,
     report: ReadReport | None = None,
+    max_voxels: int = MAX_STUDY_VOXELS,
 ) -> sitk.Image:
     """Read a study into a float32 3D image in its native orientation.
 
@@ -858,6 +959,7 @@ def read_study(
             default) is what sites use. Another rule (e.g. a given series UID) is for
             tools and tests; it may raise :class:`SeriesError`.
         report: if given, receives the series UID and notes for the operator.
+        max_voxels: decoded size cap, checked on headers before decoding (module notes).
 
     Raises:
         SeriesError: naming the study and the reason, e.g. ``"no DICOM files"``,
@@ -865,15 +967,15 @@ def read_study(
     """
     path = Path(path)
     if path.is_file() and path.name.lower().endswith(_NIFTI_SUFFIXES):
-        return _read_nifti(path, report)
+        return _read_nifti(path, report, max_voxels)
     if not path.exists():
         raise SeriesError(path, "study does not exist")
     if not path.is_dir():
         raise SeriesError(path, "study must be a DICOM folder or a .nii/.nii.gz file")
-    series = find_series(path)
+    series = find_series(path, max_voxels)
     if not series:
         raise SeriesError(path, "no DICOM files")
     try:
-        return sitk.Cast(read_series(choose(series), report), sitk.sitkFloat32)
+        return sitk.Cast(read_series(choose(series), report, max_voxels), sitk.sitkFloat32)
     except SeriesError as exc:
         raise SeriesError(path, exc.reason) from exc
