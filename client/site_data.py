@@ -26,7 +26,9 @@ every source file of the study: never paths, sizes or times. So a study whose fi
 that is moved or renamed keeps its entry. The key holds no patient data, so cache folder
 names are safe. Entries are written to a temporary folder
 and renamed into place, so an interrupted run leaves no half entry. A hit reads no DICOM.
-Failed studies are not cached: they are retried on the next construction.
+Failed studies are not cached: they are retried on the next construction. A study is checked
+(field of view, boxes) before its entry is put in place, so a refused study leaves no entry;
+one over the decoded size cap is refused before anything is decoded or written.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from client.dicom_series import (
     INTENSITY_CONVENTION,
+    MAX_STUDY_VOXELS,
     ReadReport,
     SeriesError,
     check_decoders,
@@ -512,8 +515,15 @@ def cache_key(study_path: Path, spec: PreprocessingSpec) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _write_entry(entry: Path, image: sitk.Image, spec: PreprocessingSpec, report: ReadReport) -> dict:
-    """Write a cache entry for an LPS-oriented study atomically; return its meta."""
+def _write_entry(
+    entry: Path, image: sitk.Image, spec: PreprocessingSpec, report: ReadReport,
+    validate: Callable[[dict, dict[str, GridGeometry]], None] | None = None,
+) -> dict:
+    """Write a cache entry for an LPS-oriented study atomically; return its meta.
+
+    ``validate(meta, grids)`` runs on the finished entry before it is put in place; if it
+    raises, nothing is left in the cache (the temporary folder is removed).
+    """
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
@@ -536,6 +546,8 @@ def _write_entry(entry: Path, image: sitk.Image, spec: PreprocessingSpec, report
             "intensity_convention": INTENSITY_CONVENTION,
         }
         (tmp / _META_FILE).write_text(json.dumps(meta))
+        if validate is not None:
+            validate(meta, {s: GridGeometry.from_dict(json.loads((tmp / f"grid_{s}.json").read_text())) for s in SIDES})
         try:
             os.replace(tmp, entry)
         except OSError:
@@ -587,6 +599,8 @@ class SiteData:
         cache_dir: preprocessing cache folder (created if missing).
         spec: preprocessing spec.
         progress: show a rich progress bar while loading.
+        max_study_voxels: decoded size cap per study, checked on headers before decoding
+            (:data:`client.dicom_series.MAX_STUDY_VOXELS`, 512 x 512 x 256, by default).
 
     Raises:
         ValueError: the manifest or split file as a whole is unusable (missing, over its
@@ -607,8 +621,10 @@ class SiteData:
         cache_dir: Path,
         spec: PreprocessingSpec,
         progress: bool = False,
+        max_study_voxels: int = MAX_STUDY_VOXELS,
     ) -> None:
         self.site_root = Path(site_root)
+        self.max_study_voxels = int(max_study_voxels)
         self.site_id = site_id
         self.cache_dir = Path(cache_dir)
         self.spec = spec
@@ -649,16 +665,22 @@ class SiteData:
                 raise SeriesError(path, "study does not exist")
             entry = self.cache_dir / cache_key(path, self.spec)
             cached = _entry_complete(entry)
+
+            def validate(meta: dict, grids: dict[str, GridGeometry]) -> None:
+                self._check_extent(path, meta)
+                for line, head in heads:
+                    self._check_box(head, line, grids[head.side])
+
             if cached:
                 meta = json.loads((entry / _META_FILE).read_text())
-            else:
+            else:  # a study refused by the size cap, or by validate, leaves nothing in the cache
                 report = ReadReport()
-                image = orient_lps(read_study(path, report=report))
-                meta = _write_entry(entry, image, self.spec, report)
-            self._check_extent(path, meta)
+                image = orient_lps(read_study(path, report=report, max_voxels=self.max_study_voxels))
+                meta = _write_entry(entry, image, self.spec, report, validate)
+                del image
             grids = {s: GridGeometry.from_dict(json.loads((entry / f"grid_{s}.json").read_text())) for s in SIDES}
-            for line, head in heads:
-                self._check_box(head, line, grids[head.side])
+            if cached:
+                validate(meta, grids)
         except SeriesError as exc:
             return self._refuse(study, exc.reason), False
         except Exception as exc:  # noqa: BLE001 - one broken study never stops the others
