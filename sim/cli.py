@@ -248,7 +248,10 @@ def cmd_site_check(args) -> int:
     root = Path(args.data)
     site_id = args.site_id or root.name
     cache = Path(args.cache) if args.cache else root / SITE_CACHE_NAME
-    site = SiteData(root, site_id, cache, PreprocessingSpec(), progress=True)
+    from client.dicom_series import MAX_STUDY_VOXELS
+
+    site = SiteData(root, site_id, cache, PreprocessingSpec(), progress=True,
+                    max_study_voxels=args.max_study_voxels or MAX_STUDY_VOXELS)
     table = Table(title=f"site {site_id}: study verdicts")
     for col in ("study", "series UID", "status", "reason", "shape", "spacing mm", "direction"):
         table.add_column(col)
@@ -618,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--superlink", metavar="HOST:PORT", help="also check that the SuperLink answers TLS with a "
                    "certificate signed by --ca-cert")
     p.add_argument("--min-free-gb", type=float, default=1.0, help="free space needed for the cache, GB (default 1)")
+    p.add_argument("--max-study-voxels", type=int, default=None, metavar="N",
+                   help="refuse a study whose headers declare more voxels, before decoding it "
+                        "(default 67108864 = 512 x 512 x 256)")
     p.set_defaults(func=cmd_site_check)
     p = site.add_parser("split", help="write the site's split.csv (8:1:1 by patient; --evaluate-only: all test)")
     p.add_argument("--data", required=True, help="site folder with manifest.csv")

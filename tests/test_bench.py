@@ -103,7 +103,7 @@ def test_scaled_sites_copy_patients_under_new_names(tmp_path):
         (src / site / "study-1").mkdir(parents=True)
         (src / site / "manifest.csv").write_text(
             "patient_id,study,side,ficat_stage,box_lps_mm,scanner\n"
-            f"{site}-1,study-1,L,0,0 0 0 1 1 1,x\n{site}-1,study-1,R,I,0 0 0 1 1 1,x\n")
+            f"{site}-1,study-1,L,0,0 0 0 40 40 40,x\n{site}-1,study-1,R,I,0 0 0 40 40 40,x\n")
     ids = make_scaled_sites(src, tmp_path / "out", n_sites=3, copies=2)
     assert ids == ["S01", "S02", "S03"]
     heads = read_manifest(tmp_path / "out" / "S03", "S03")  # S03 is built from A again
