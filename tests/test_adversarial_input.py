@@ -179,3 +179,183 @@ def test_box_bounds_hold_every_adult_femoral_head():
     """The bounds are derived from adult femoral head diameters (~40-55 mm): each such box fits."""
     lo, hi = BOX_SIDE_MM
     assert lo <= 40.0 / 2 and 55.0 + 2 * 10 <= hi < 100.0
+
+
+# -- row 14: decompression bombs, and the cache --------------------------------------------------
+
+BOMB_FRAMES, BOMB_SIDE = 6, 4096  # DICOM: 6 x 4096^2 16-bit = 201 MB of pixels in a ~0.9 MB file
+NIFTI_SHAPE = (1024, 1024, 256)  # NIfTI: 268 M int16 voxels = 537 MB in a ~2.4 MB .nii.gz
+# A reader that allocates even a quarter of the smaller payload fails this bound on the
+# child's peak-RSS growth (the refused DICOM's pixels: 6 * 4096^2 * 2 bytes).
+PEAK_GROWTH_BOUND = BOMB_FRAMES * BOMB_SIDE**2 * 2 // 4
+
+
+def _zeros(n: int, chunk: int = 1 << 22):
+    block = bytes(chunk)
+    while n > 0:
+        yield block[: min(n, chunk)]
+        n -= chunk
+
+
+def write_deflated_dicom_bomb(path: Path, frames: int = BOMB_FRAMES, side: int = BOMB_SIDE) -> None:
+    """A T2 multi-frame MR file in Deflated Explicit VR Little Endian whose zero pixels inflate ~1000:1.
+
+    Written as a stream (file meta, then the zlib-deflated dataset with a PixelData element of
+    ``frames * side**2 * 2`` zero bytes), so building it never holds the pixels in memory.
+    """
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    from tests.dicom_factory import new_mr_dataset
+
+    ds = new_mr_dataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.SeriesInstanceUID, ds.Modality, ds.SeriesDescription = generate_uid(), "MR", "t2_tse_cor"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.EchoTime, ds.RepetitionTime = 80.0, 3500.0
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.ImagePositionPatient = [-200.0, -40.0, 200.0]
+    ds.PixelSpacing = [0.1, 0.1]
+    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, side, side
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    per_frame = []
+    for k in range(frames):
+        position = Dataset()
+        position.ImagePositionPatient = [-200.0, -40.0 + 16.0 * k, 200.0]
+        item = Dataset()
+        item.PlanePositionSequence = [position]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    n_bytes = frames * side * side * 2
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)  # fast; level 9 is 4x smaller
+    with open(path, "wb") as fh:
+        fh.write(bytes(128) + b"DICM")
+        meta = DicomBytesIO()
+        write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+        fh.write(meta.getvalue())
+        fh.write(deflate.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n_bytes)))
+        for block in _zeros(n_bytes):
+            fh.write(deflate.compress(block))
+        fh.write(deflate.flush())
+
+
+def write_nifti_bomb(path: Path, shape: tuple[int, ...] = NIFTI_SHAPE) -> None:
+    """A gzipped NIfTI-1 of ``shape`` int16 zeros (0.4 x 0.4 x 0.8 mm), written as a stream."""
+    import gzip
+
+    import nibabel
+    import numpy as np
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    affine = np.diag([0.4, 0.4, 0.8, 1.0])
+    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=1)
+    header["vox_offset"] = 352
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        header.write_to(fh)
+        fh.write(bytes(4))  # no extensions
+        for block in _zeros(int(np.prod(shape)) * 2):
+            fh.write(block)
+
+
+# Run in a child process so that its peak RSS is the site's alone: load a one-study site and
+# report the verdict, the peak-RSS growth over the imported baseline, and what the cache holds.
+CHILD = """
+import json, resource, sys
+from pathlib import Path
+from client.site_data import SiteData
+from shared_models.preprocessing import PreprocessingSpec
+site, cache = Path(sys.argv[1]), Path(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+data = SiteData(site, "S", cache, PreprocessingSpec())
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
+print(json.dumps({"verdicts": [[v.study, v.status, v.reason] for v in data.verdicts],
+                  "baseline_rss": before, "peak_rss": after, "cache": left}))
+"""
+
+
+def run_site_child(site: Path, cache: Path) -> dict:
+    """Load ``site`` in a fresh interpreter; return the child's report (see ``CHILD``)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CHILD, str(site), str(cache)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bomb_sites(tmp_path_factory) -> dict[str, Path]:
+    """Two one-study sites: a deflated DICOM bomb and a NIfTI.gz bomb, each with a plausible manifest row."""
+    root = tmp_path_factory.mktemp("bombs")
+    sites = {}
+    for kind, study in (("dicom", "bomb"), ("nifti", "bomb.nii.gz")):
+        site = root / kind
+        site.mkdir()
+        if kind == "dicom":
+            (site / study).mkdir()
+            write_deflated_dicom_bomb(site / study / "IM0001")
+        else:
+            write_nifti_bomb(site / study)
+        (site / "manifest.csv").write_text(f"{HEADER}\n{A},{study},L,0,,GE\n")
+        sites[kind] = site
+    return sites
+
+
+@pytest.mark.parametrize("kind", ["dicom", "nifti"])
+def test_a_decompression_bomb_is_refused_before_decoding(bomb_sites, tmp_path, kind):
+    site = bomb_sites[kind]
+    size = sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
+    declared = BOMB_FRAMES * BOMB_SIDE**2 * 2 if kind == "dicom" else 2 * 1024 * 1024 * 256
+    assert declared > 100 * size  # the attack is small on disk
+    report = run_site_child(site, tmp_path / "cache")
+    [(study, status, reason)] = report["verdicts"]
+    assert status == "refused"
+    if kind == "dicom":
+        assert "deflated DICOM file inflates to more than" in reason
+    else:
+        assert "declares 268,435,456 voxels" in reason and "1024 x 1024 x 256" in reason
+    growth = report["peak_rss"] - report["baseline_rss"]
+    assert growth < PEAK_GROWTH_BOUND, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+    assert report["cache"] == []  # nothing cached for the refused study
+
+
+def test_declared_sizes_over_the_cap_are_refused_from_headers(tmp_path):
+    """One file over the cap, and a series whose files are each under it but together over it."""
+    from client.dicom_series import SeriesError, read_study
+
+    study = tmp_path / "s"
+    study.mkdir()
+    write_deflated_dicom_bomb(study / "IM1", frames=2, side=64)  # one file of 2 x 64^2 = 8192 voxels
+    with pytest.raises(SeriesError, match="a DICOM file declares 8,192 voxels, more than the 8,000"):
+        read_study(study, max_voxels=8000)
+    assert read_study(study, max_voxels=8192).GetSize() == (64, 64, 2)  # at the cap it reads
+    write_dicom_study(tmp_path / "t", study_volume())  # 12 single-frame files of 16 x 40 = 640 voxels
+    with pytest.raises(SeriesError, match="the series declares 7,040 voxels, more than the 7,000"):
+        read_study(tmp_path / "t", max_voxels=7000)  # refused at the 11th file's header, before decoding
+    assert read_study(tmp_path / "t", max_voxels=12 * 640).GetSize() == (40, 16, 12)
+
+
+def test_a_study_refused_after_reading_leaves_no_cache_entry(tmp_path, study_root):
+    """A study that reads fine but is refused (a box outside its hemi field of view) caches nothing."""
+    site = _site(tmp_path, study_root, b"")
+    text = (site / "manifest.csv").read_text().replace(box_text(BOX_L), "-100 -24 -24 -60 24 24")  # R box on L
+    (site / "manifest.csv").write_text(text)
+    data = SiteData(site, "site-A", tmp_path / "cache", SPEC)
+    assert [v.status for v in data.verdicts] == ["refused"] and "outside its hemi field of view" in data.verdicts[0].reason
+    assert list((tmp_path / "cache").iterdir()) == []
