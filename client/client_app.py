@@ -35,7 +35,9 @@ from flwr.clientapp import ClientApp
 from client import tasks
 from client.audit import AUDIT_NAME, audited
 from client.site_data import SiteData
+from client.training import select_device
 from shared_models.config import RunConfig
+from shared_models.determinism import configure_determinism
 from shared_models.transfer import from_transfer, to_transfer
 from shared_models.weights import norm_state_keys
 
@@ -63,6 +65,7 @@ def resolve_site(context: Context, cfg: RunConfig) -> tuple[str, Path]:
 
 def _open(context: Context) -> tuple[RunConfig, SiteData]:
     cfg = RunConfig.from_run_config(context.run_config)
+    configure_determinism(select_device(cfg.device))  # process-wide; before any CUDA work of the handler
     site_id, site_root = resolve_site(context, cfg)
     return cfg, tasks.open_site(cfg, site_id, site_root)
 

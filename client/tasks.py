@@ -27,6 +27,7 @@ from client.stager_training import predict_stages, train_stager
 from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
+from shared_models.determinism import stream_seed
 from shared_models.metrics import IOU_HIST_BINS, detection_metrics, stage_counts, stage_metrics
 from shared_models.preprocessing import box_voxel_to_lps
 from shared_models.stager import MulDenseNet3D
@@ -85,7 +86,7 @@ def detector_train(site: SiteData, cfg: RunConfig, state: StateDict, *, proximal
         model, volumes, boxes,
         steps=cfg.detector_local_steps, batch_size=cfg.detector_batch_size, lr=cfg.detector_lr,
         weight_decay=cfg.weight_decay, device=select_device(cfg.device), amp=cfg.amp,
-        proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round, l1_weight=cfg.detector_l1_weight(server_round),
+        proximal_mu=proximal_mu, seed=stream_seed(cfg.seed, site.site_id, "detector", server_round), l1_weight=cfg.detector_l1_weight(server_round),
         **cfg.lr_schedule_args("detector", server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(heads), **metrics}
@@ -226,7 +227,7 @@ def stager_train(site: SiteData, cfg: RunConfig, state: StateDict, key: str, *, 
         model, crops, stages,
         steps=cfg.stager_local_steps, batch_size=cfg.stager_batch_size, lr=cfg.stager_lr,
         weight_decay=cfg.weight_decay, focal_gamma=cfg.focal_gamma, device=select_device(cfg.device),
-        amp=cfg.amp, proximal_mu=proximal_mu, seed=cfg.seed * 1000 + server_round,
+        amp=cfg.amp, proximal_mu=proximal_mu, seed=stream_seed(cfg.seed, site.site_id, "stager", server_round),
         **cfg.lr_schedule_args("stager", server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(crops), **metrics}

@@ -12,6 +12,8 @@ and this module adds as one mixin:
 * **per-site metric capture** — each evaluate reply is kept under its site id, so the
   report can show per-site and pooled figures (AUC cannot be averaged);
 * **round offset** — a resumed run continues its round numbering;
+* **fixed aggregation order** — train and evaluate replies are aggregated in site-id order,
+  so the floating-point sums (and the weights) do not depend on which site answered first;
 * **update checks** — a train reply whose arrays do not match the global model's entries,
   shapes and dtypes, or hold non-finite or absurd values, is rejected and logged before aggregation
   (``strategies/update_checks.py``); the round goes on with the others;
@@ -164,6 +166,10 @@ class SiteAwareMixin:
                 f"round {server_round} ({phase}): {len(expected & replied)} of {len(expected)} sites replied, "
                 f"fewer than the minimum {needed} (min-site-fraction {self.min_fraction:g}); missing: {missing}")
 
+    def in_site_order(self, replies: Iterable[Message]) -> list[Message]:
+        """The replies sorted by site id (then node id), whatever order they arrived in."""
+        return sorted(replies, key=lambda r: (self._site(r), r.metadata.src_node_id))
+
     def _site(self, msg: Message) -> str:
         return self.node_sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
 
@@ -250,7 +256,8 @@ class SiteAwareMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         reached = server_round + self.round_offset
-        replies = self.check_updates(reached, list(replies))
+        # site-id order: floating-point sums then do not depend on which site answered first
+        replies = self.check_updates(reached, self.in_site_order(replies))
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
             if r.has_error():
@@ -268,7 +275,7 @@ class SiteAwareMixin:
         """Keep each site's metrics; return the example-weighted mean of scalar metrics."""
         per_site: dict[str, dict] = {}
         reached = server_round + self.round_offset
-        for r in replies:
+        for r in self.in_site_order(replies):
             if r.has_error():
                 log.warning("round %d: site %s failed to evaluate: %s", reached, self._site(r), r.error.reason)
                 continue
