@@ -46,6 +46,39 @@ def json_safe(value):
     return value
 
 
+# Small-n rule (issue 18): a figure on fewer heads than this is marked unreliable in report.json,
+# the console and report.html. An AUC on 2 heads of a stage can be anything from 0 to 1.
+MIN_GROUP_HEADS = 10
+MIN_STAGE_HEADS = 3
+
+
+def small_n(confusion) -> dict:
+    """Which figures of a group rest on too few heads.
+
+    Args:
+        confusion: the pooled 3x3 confusion matrix (rows = true Ficat-Arlet stage), ints.
+
+    Returns:
+        ``{"unreliable": bool, "reasons": [str, ...], "unreliable_stages": [label, ...]}``: the whole group
+        is unreliable below :data:`MIN_GROUP_HEADS` heads; a stage with fewer than :data:`MIN_STAGE_HEADS`
+        heads makes its own row and the macro average (which includes it) unreliable. The figures are
+        kept as computed (comparable with other runs) and only marked.
+    """
+    from shared_models.stages import STAGE_LABELS
+
+    conf = np.asarray(confusion, dtype=np.int64).reshape(NUM_STAGES, NUM_STAGES)
+    n, support = int(conf.sum()), conf.sum(axis=1)
+    reasons, stages = [], []
+    if n < MIN_GROUP_HEADS:
+        reasons.append(f"{n} heads (fewer than {MIN_GROUP_HEADS}): every figure is unreliable")
+    for label, k in zip(STAGE_LABELS, support):
+        if k < MIN_STAGE_HEADS:
+            stages.append(label)
+            reasons.append(f"stage {label}: {int(k)} heads (fewer than {MIN_STAGE_HEADS}): its row and the macro "
+                           "average are unreliable")
+    return {"unreliable": bool(reasons), "reasons": reasons, "unreliable_stages": stages}
+
+
 def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[str, ...]]) -> dict[str, dict]:
     """Pool each group's site counts and compute its stage metrics.
 
@@ -54,8 +87,9 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
         groups: ``{group name: (site ids)}``.
 
     Returns:
-        ``{group: {"n", "per_stage", "macro", "weighted", "sites", "counts", ...}}`` (``counts``: the
-        pooled confusion matrix and score histograms, see :func:`shared_models.metrics.stage_counts`); a group whose
+        ``{group: {"n", "per_stage", "macro", "weighted", "sites", "counts", "small_n", ...}}`` (``counts``: the
+        pooled confusion matrix and score histograms, see :func:`shared_models.metrics.stage_counts`; ``small_n``:
+        :func:`small_n`); a group whose
         sites all failed or hold no test heads gets ``n = 0`` and no metrics. Sites that suppressed their
         counts as a small cell (``client.tasks.suppress_small_cells``) are listed under ``suppressed``
         with their head count only; the pooled figures are exact for the sites that sent counts.
@@ -78,6 +112,7 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
         out[name]["counts"] = pooled  # confusion matrix and score histograms: aggregates only, for ROC figures
         if suppressed:
             out[name]["suppressed"] = suppressed
+        out[name]["small_n"] = small_n(pooled["confusion"])
     return out
 
 
@@ -162,7 +197,7 @@ def build_report(
         "site_data": {s: {k.replace("-", "_"): v for k, v in m.items()} for s, m in sorted((site_data or {}).items())},
         "sites": group_stage_metrics(last_stager, groups),
         # each site on its own (the cross-site matrix of `onfh sim compare`): sites without test heads are left out
-        "per_site": {s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa", "counts") if k in m}
+        "per_site": {s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa", "counts", "small_n") if k in m}
                      for s, m in group_stage_metrics(last_stager, {s: (s,) for s in sorted(last_stager)}).items()
                      if m["n"]},
         "min_cell_heads": min_cell_heads,

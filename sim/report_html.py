@@ -49,6 +49,7 @@ th:first-child, td:first-child { text-align: left; }
 thead th { background: #eef; }
 tr.avg td { font-weight: bold; background: #f6f6f6; }
 td.empty { text-align: center; font-style: italic; color: #777; }
+p.warn { color: #8a4b00; background: #fff4e0; padding: 0.3em 0.6em; }
 dl.meta { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dl.meta dt { font-weight: bold; } dl.meta dd { margin: 0; }
 .note { color: #555; font-size: 0.9em; }
@@ -270,15 +271,21 @@ def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mappi
                      f"{_esc(text)}</td></tr>\n</tbody></table>\n</section>")
         return "\n".join(parts)
     per_stage = g.get("per_stage") or {}
+    small = g.get("small_n") or {}
+    weak = set(small.get("unreliable_stages") or [])
     for label in STAGE_LABELS:
-        parts.append(_metric_row(f"Stage {label}", per_stage.get(label) or {}))
-    parts.append(_metric_row("Macro average", g.get("macro") or {}, "avg"))
+        parts.append(_metric_row(f"Stage {label}" + (" (unreliable: too few heads)" if label in weak else ""),
+                                 per_stage.get(label) or {}))
+    parts.append(_metric_row("Macro average" + (" (unreliable)" if small.get("unreliable") else ""), g.get("macro") or {}, "avg"))
     parts.append(_metric_row("Weighted average", g.get("weighted") or {}, "avg"))
     parts.append("</tbody></table>")
     if withheld:
         parts.append(f'<p class="note">{_esc(withheld)}; the figures above are exact for the other sites.</p>')
 
     early = g.get("early_onfh") or {}
+    if small.get("reasons"):
+        parts.append('<p class="warn"><strong>Unreliable, too few heads:</strong> '
+                     + "; ".join(_esc(r) for r in small["reasons"]) + ".</p>")
     facts = [f"Quadratic-weighted kappa: {_fmt(g.get('quadratic_kappa'), '.3f')}",
              (f"Early ONFH (stage I or II vs stage 0): sensitivity {format_percent(early.get('sensitivity'))} %, "
               f"specificity {format_percent(early.get('specificity'))} %")]

@@ -100,3 +100,35 @@ def test_training_curves_png_is_written(tmp_path):
                           "stager_train_loss": {"1": {"A": None}}}}
     path = plot_training_curves(report, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_small_groups_and_small_stages_are_marked_unreliable():
+    rng = np.random.default_rng(6)
+    # 30 heads, stage I only twice: the group is large enough, stage I and the macro average are not
+    y = np.array([0] * 14 + [1] * 2 + [2] * 14)
+    p = rng.dirichlet(np.ones(3), size=y.size)
+    small_stage = group_stage_metrics({"D": _site_payload(y, p)}, {"D": ("D",)})["D"]["small_n"]
+    assert small_stage["unreliable"] and small_stage["unreliable_stages"] == ["I"]
+    assert any("stage I: 2 heads" in r for r in small_stage["reasons"])
+    # 9 heads, 3 of each stage: every figure unreliable, no stage on its own
+    y9 = np.repeat([0, 1, 2], 3)
+    nine = group_stage_metrics({"B": _site_payload(y9, rng.dirichlet(np.ones(3), size=9))}, {"B": ("B",)})["B"]["small_n"]
+    assert nine["unreliable"] and nine["unreliable_stages"] == [] and "9 heads" in nine["reasons"][0]
+    # 10 heads with at least 3 of each stage: reliable
+    y10 = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    ten = group_stage_metrics({"A": _site_payload(y10, rng.dirichlet(np.ones(3), size=10))}, {"A": ("A",)})["A"]["small_n"]
+    assert ten == {"unreliable": False, "reasons": [], "unreliable_stages": []}
+
+
+def test_per_site_figures_carry_the_small_n_mark():
+    y = np.array([0] * 8 + [1] * 2 + [2] * 8)
+    rng = np.random.default_rng(7)
+    payload = _site_payload(y, rng.dirichlet(np.ones(3), size=y.size))
+    report = build_report(
+        strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 1},
+        stager_history={1: {"D": payload}}, detector_history={1: {}}, selected_rounds={"detector": 1, "stager": 1},
+        stager_train={}, detector_train={}, groups={"external-2": ("D",)}, train_sites=("A",),
+        crop_source="detector", wall_time_s=0.0,
+    )
+    assert report["per_site"]["D"]["small_n"]["unreliable_stages"] == ["I"]
+    assert report["sites"]["external-2"]["small_n"]["unreliable"]

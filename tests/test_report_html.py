@@ -205,3 +205,16 @@ def test_roc_per_site_from_each_sites_own_histograms(run):
     figures = sorted(p.name for p in (run["out"] / "figures").glob("roc_site_*.png"))
     assert len(figures) == 3 and all((run["out"] / "figures" / f).read_bytes()[:8] == PNG_MAGIC for f in figures)
     assert "ROC per Ficat-Arlet stage and site" in run["html"] and "site B" in run["html"]
+
+
+def test_small_stage_is_marked_unreliable_on_the_page(tmp_path):
+    y = np.array([0] * 12 + [1] * 2 + [2] * 12)
+    p = np.random.default_rng(3).dirichlet(np.ones(3), size=y.size)
+    report = build_report(
+        strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 1},
+        stager_history={1: {"D": _site_metrics(y, p)}}, detector_history={1: {}},
+        selected_rounds={"detector": 1, "stager": 1}, stager_train={}, detector_train={},
+        groups={"external-2": ("D",)}, train_sites=("A",), crop_source="detector", wall_time_s=1.0)
+    block = _group_block(write_report_html(report, tmp_path).read_text(encoding="utf-8"), "external-2")
+    assert "Stage I (unreliable: too few heads)" in block and "Stage II (unreliable" not in block
+    assert "Macro average (unreliable)" in block and "stage I: 2 heads" in block
