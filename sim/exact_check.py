@@ -13,7 +13,7 @@ with the stager on the same cached crops the sites used, and records
   stay together; :func:`shared_models.clinical_stats.bootstrap_ci`) of macro AUC, macro accuracy,
   quadratic-weighted kappa and early-ONFH AUC (stage I or II vs 0), per report group.
 
-It also writes ``OUT/exact/predictions.csv`` (patient_id, side, stage, predicted_stage, site,
+It also writes ``OUT/exact/predictions.csv`` (patient_id as ``<site>/<patient_id>``, side, stage, predicted_stage, site,
 group): phantom patients only, for ``onfh report readers``; and, to exercise the paper's Table 3
 path end to end, compares the model with two **simulated** readers of fixed accuracy
 (:data:`SIMULATED_READERS`, :func:`sim.readers.simulate_readers`) on the same heads with McNemar's
@@ -176,8 +176,9 @@ def exact_check(cfg, out: Path, sites: Mapping, report: Mapping, *, n_boot: int 
             test_heads = [h for h, m in zip(heads, mask) if m]
             ys.append(crop_set.stages[mask])
             ps.append(probs)
-            patients += [h.patient_id for h in test_heads]
-            predictions += [{"patient_id": h.patient_id, "side": h.side, "stage": STAGE_LABELS[int(h.stage)],
+            # patient ids are local to a hospital: (site, patient) is the patient, for the bootstrap and the readers
+            patients += [f"{site_id}/{h.patient_id}" for h in test_heads]
+            predictions += [{"patient_id": f"{site_id}/{h.patient_id}", "side": h.side, "stage": STAGE_LABELS[int(h.stage)],
                              "predicted_stage": STAGE_LABELS[int(p.argmax())], "site": site_id, "group": group}
                             for h, p in zip(test_heads, probs)]
         if not ys:

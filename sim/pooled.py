@@ -3,8 +3,8 @@
 Pooling is what federation avoids, so it exists only in the simulation harness, as one more
 site folder ``<data-root>/POOLED`` that trains while the real sites only evaluate. It holds:
 
-* ``manifest.csv`` - the rows of every pooled site's ``train`` and ``val`` patients (patient
-  ids are already site-prefixed by the phantom generator and must be unique across sites);
+* ``manifest.csv`` - the rows of every pooled site's ``train`` and ``val`` patients, each patient id
+  qualified as ``<site>/<patient_id>`` (ids are local to a hospital; two sites may share one);
 * one symbolic link per study, ``<site>-<study>`` -> ``../<site>/<study>`` (no copies);
 * ``split.csv`` - each patient's split at its own site, so the pooled model trains and
   selects its round on exactly the heads the federated sites use, and never sees a test head.
@@ -39,7 +39,7 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
 
     Raises:
         FileNotFoundError: a site lacks ``manifest.csv`` or ``split.csv``.
-        ValueError: no sites, the pooled name is among them, or a patient id occurs at two sites.
+        ValueError: no sites, or the pooled name is among them.
     """
     if not sites:
         raise ValueError("a pooled site needs at least one site to pool")
@@ -55,7 +55,6 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
     target.mkdir(parents=True, exist_ok=True)
     manifest_rows: list[dict[str, str]] = []
     splits: dict[str, str] = {}
-    owner: dict[str, str] = {}
     header: list[str] | None = None
     for site in sites:
         manifest, split_file = root / site / MANIFEST_NAME, root / site / SPLIT_NAME
@@ -68,17 +67,15 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
             reader = csv.DictReader(fh)
             header = header or list(reader.fieldnames or [])
             for row in reader:
-                patient = row["patient_id"]
-                if site_split.get(patient) not in ("train", "val"):
+                local = row["patient_id"]
+                if site_split.get(local) not in ("train", "val"):
                     continue
-                if owner.setdefault(patient, site) != site:
-                    raise ValueError(f"{manifest}: patient id {patient!r} also occurs at site {owner[patient]}; "
-                                     "pooling needs site-unique patient ids")
+                patient = f"{site}/{local}"  # patient ids are local to a hospital: (site, patient) is the key
                 link = f"{site}-{row['study']}"
                 if not (target / link).is_symlink():
                     os.symlink(Path("..") / site / row["study"], target / link)
-                manifest_rows.append({**row, "study": link})
-                splits[neutralise(patient)] = site_split[patient]  # as the pooled manifest spells it
+                manifest_rows.append({**row, "patient_id": patient, "study": link})
+                splits[neutralise(patient)] = site_split[local]  # as the pooled manifest spells it
     with open(target / MANIFEST_NAME, "w", newline="") as fh:
         writer = SafeDictWriter(fh, fieldnames=header or ["patient_id", "study"])
         writer.writeheader()

@@ -46,10 +46,11 @@ def test_pooled_site_holds_train_and_val_of_every_pooled_site_and_no_test_head(t
     assert counts == {"train": 2, "val": 1}
     pooled = tmp_path / POOLED_SITE
     manifest = _rows(pooled / "manifest.csv")
-    assert sorted({r["patient_id"] for r in manifest}) == ["A-1", "A-2", "B-1"]
+    # patient ids are local to a hospital: the pooled site keys them by (site, patient) as "<site>/<id>"
+    assert sorted({r["patient_id"] for r in manifest}) == ["A/A-1", "A/A-2", "B/B-1"]
     assert len(manifest) == 6  # both heads of each pooled patient
-    assert {r["patient_id"]: r["split"] for r in _rows(pooled / "split.csv")} == {"A-1": "train", "A-2": "val",
-                                                                                "B-1": "train"}
+    assert {r["patient_id"]: r["split"] for r in _rows(pooled / "split.csv")} == {"A/A-1": "train", "A/A-2": "val",
+                                                                                "B/B-1": "train"}
     for r in manifest:  # every study is a link to the original folder, not a copy
         link = pooled / r["study"]
         assert link.is_symlink() and link.resolve() == (tmp_path / r["study"][:1] / r["study"][2:]).resolve()
@@ -61,15 +62,14 @@ def test_pooled_site_holds_train_and_val_of_every_pooled_site_and_no_test_head(t
     (pooled / ".onfh-cache" / "kept").write_text("x")
     (tmp_path / "A" / "split.csv").write_text("patient_id,split\nA-1,test\nA-2,train\nA-3,val\n")
     write_pooled_site(tmp_path, ["A", "B"])
-    assert {r["patient_id"] for r in _rows(pooled / "manifest.csv")} == {"A-2", "A-3", "B-1"}
+    assert {r["patient_id"] for r in _rows(pooled / "manifest.csv")} == {"A/A-2", "A/A-3", "B/B-1"}
     assert (pooled / ".onfh-cache" / "kept").exists()
 
 
-def test_pooled_site_refuses_clashing_patients_and_missing_files(tmp_path):
+def test_pooled_site_keeps_two_sites_patients_with_one_id_and_refuses_missing_files(tmp_path):
     _site(tmp_path, "A", ["P-1"], ["train"])
     _site(tmp_path, "B", ["P-1"], ["train"])
-    with pytest.raises(ValueError, match="P-1"):
-        write_pooled_site(tmp_path, ["A", "B"])
+    assert write_pooled_site(tmp_path, ["A", "B"]) == {"train": 2, "val": 0}  # two patients, not one
     (tmp_path / "B" / "split.csv").unlink()
     with pytest.raises(FileNotFoundError, match="split.csv"):
         write_pooled_site(tmp_path, ["B"])
