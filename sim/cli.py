@@ -88,15 +88,21 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
     for col in ("site", "n", "accuracy", "sensitivity", "specificity", "F1", "AUC", "weighted AUC", "kappa (quadratic)",
                 "baseline AUC"):
         table.add_column(col, justify="right" if col != "site" else "left")
+    notes = []
     for name, m in report["sites"].items():
         if not m.get("n"):
             table.add_row(name, "0", *["–"] * 8)
             continue
         macro = m["macro"]
         base = (baseline or {}).get(name, {}).get("macro", {}).get("auc")
-        table.add_row(name, str(m["n"]), *(_fmt(macro[k]) for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")),
+        flag = (m.get("small_n") or {}).get("reasons") or []
+        notes += [f"{name}: {r}" for r in flag]
+        table.add_row(name + (" *" if flag else ""), str(m["n"]),
+                      *(_fmt(macro[k]) for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")),
                       _fmt(m["weighted"]["auc"]), _fmt(m.get("quadratic_kappa")), _fmt(base))
     console.print(table)
+    for note in notes:
+        console.print(f"[yellow]* unreliable, too few heads:[/yellow] {note}")
     det = Table(title="3DC-YOLOX femoral head detection (test heads)")
     for col in ("site", "n", "IoU mean", "centre error mm (median)", "recall@0.3", "recall@0.5", "AP50", "low confidence"):
         det.add_column(col, justify="right" if col != "site" else "left")
@@ -196,7 +202,7 @@ def cmd_bench(args) -> int:
     for text in args.option or []:
         name, key, value = parse_option(text)
         options.setdefault(name, {})[key] = value
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # Flower runs in the app's folder: relative paths would point there
     out.mkdir(parents=True, exist_ok=True)
 
     def write(result: dict) -> None:  # after every section: a late interruption keeps what was measured
@@ -453,6 +459,22 @@ def cmd_coordinator_launch(args) -> int:
     return 0
 
 
+def status_cell(metrics: dict, key: str) -> tuple[str, str]:
+    """A site's latest metric for ``onfh coordinator status`` and why it is missing or weak.
+
+    Returns:
+        ``(value, note)``: "–" with the reason when the site evaluated no heads (a site sends 0.0 for a
+        metric it could not compute) or sent no value; the value with a small-n note below 10 heads.
+    """
+    n = metrics.get("num-examples")
+    if n is not None and int(n) == 0:
+        return "–", "no test heads at this site (n = 0): the metric is undefined"
+    if metrics.get(key) is None:
+        return "–", f"the site sent no {key}"
+    note = f"only {int(n)} heads: unreliable" if n is not None and int(n) < 10 else ""
+    return _fmt(float(metrics[key])), note
+
+
 def _status_tables(progress: dict, nodes: dict[int, str] | None, registry: dict) -> None:
     if nodes is not None:
         table = Table(title="sites")
@@ -466,10 +488,10 @@ def _status_tables(progress: dict, nodes: dict[int, str] | None, registry: dict)
             continue
         table = Table(title=f"{phase}: latest per-site metrics (round {latest['round']})")
         key = "iou-mean" if phase == "detector" else "macro-auc"
-        for col in ("site", "n", key):
+        for col in ("site", "n", key, "note"):
             table.add_column(col)
         for site, m in sorted(latest["sites"].items()):
-            table.add_row(site, str(m.get("num-examples", "")), _fmt(m.get(key)))
+            table.add_row(site, str(m.get("num-examples", "")), *status_cell(m, key))
         console.print(table)
     for phase, rounds in progress["missing_sites"].items():
         for rnd, kinds in sorted(rounds.items()):

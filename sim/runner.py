@@ -281,6 +281,14 @@ def _last_error(path: Path) -> str:
     return hits[-1] if hits else "see the run log"
 
 
+PATH_KEYS = ("data-root", "out-dir", "cache-dir", "signing-key")
+
+
+def absolute_paths(run_config: Mapping[str, object]) -> dict[str, object]:
+    """The run config with its non-empty path keys (:data:`PATH_KEYS`) made absolute against the current folder."""
+    return {k: str(Path(str(v)).resolve()) if k in PATH_KEYS and v else v for k, v in run_config.items()}
+
+
 def run_simulation(
     run_config: Mapping[str, object],
     *,
@@ -314,7 +322,9 @@ def run_simulation(
         SimulationError: if the run ends ``finished:failed``/``stopped`` or times out; the
             message names the SuperLink log.
     """
-    work_dir = Path(work_dir)
+    # `flwr run` runs in the app's folder: every path must be absolute to mean the caller's folder
+    work_dir = Path(work_dir).resolve()
+    run_config = absolute_paths(run_config)
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))

@@ -31,9 +31,11 @@ EXPECTED_KEYS = {
 
 
 @pytest.mark.slow
-def test_bench_quick_runs_every_section_and_writes_every_key(tmp_path):
-    assert main(["sim", "bench", "--quick", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "bench.json").read_text())
+def test_bench_quick_runs_every_section_and_writes_every_key(tmp_path, monkeypatch):
+    # run from another folder with a relative --out, as the README's command is typed (issue 18)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sim", "bench", "--quick", "--out", "results"]) == 0
+    result = json.loads((tmp_path / "results" / "bench.json").read_text())
     assert result["quick"] is True
     assert {"torch", "monai", "torch_threads", "load_avg_1min", "load_avg_1min_end"} <= set(result["environment"])
     assert set(result["sections"]) == set(EXPECTED_KEYS)

@@ -234,3 +234,20 @@ def test_launch_names_flowers_reason_when_flwr_run_starts_nothing(tmp_path, monk
         co.launch({"site-ids": "A", "train-sites": "A", "report-groups": "A=A"}, out=tmp_path / "run",
                   flwr_home=tmp_path / "home")
     assert not (tmp_path / "run" / co.LAUNCH_NAME).exists()  # nothing recorded for a run that never started
+
+
+def test_status_prints_a_dash_and_the_reason_for_a_site_without_heads(tmp_path, capsys):
+    from sim.cli import main, status_cell
+
+    out = tmp_path / "run"
+    metrics = {"A": {"num-examples": 12, "macro-auc": 0.8125}, "B": {"num-examples": 0, "macro-auc": 0.0},
+               "C": {"num-examples": 4, "macro-auc": 0.75}}
+    CheckpointStore(out / "checkpoints", "f", {}).save(
+        "stager", PhaseCheckpoint(round=1, state_dict={"w": torch.zeros(1)}, site_metrics={1: metrics}))
+    assert status_cell(metrics["B"], "macro-auc") == ("–", "no test heads at this site (n = 0): the metric is undefined")
+    assert status_cell(metrics["A"], "macro-auc") == ("0.812", "")
+    assert status_cell(metrics["C"], "macro-auc")[1] == "only 4 heads: unreliable"
+    assert main(["coordinator", "status", "--home", str(tmp_path / "coord"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    row_b = next(line for line in text.splitlines() if line.strip(" │|").startswith("B "))
+    assert "–" in row_b and "0.000" not in row_b and "n = 0" in text
