@@ -26,12 +26,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from client.training import select_device
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
+from server.early_stopping import stop_round
 from server.reply_polling import with_reply_polling
 from server.report import build_report, transfer_summary
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
+from shared_models.determinism import configure_determinism
 from shared_models.stager import MulDenseNet3D
 from shared_models.transfer import from_transfer, to_transfer
 from strategies.site_aware import build_strategy
@@ -123,7 +126,7 @@ def _unpack(record: ArrayRecord, template: dict) -> dict:
 def validation_score(site_metrics: dict[str, dict]) -> float | None:
     """Validation-example-weighted mean of the sites' ``val-score``; None when no site has validation heads
     (or every site's validation score was suppressed as a small cell)."""
-    scored = [m for m in site_metrics.values() if "val-score" in m]
+    scored = [site_metrics[s] for s in sorted(site_metrics) if "val-score" in site_metrics[s]]  # fixed summation order
     n = sum(int(m.get("val-num-examples", 0)) for m in scored)
     if n == 0:
         return None
@@ -139,6 +142,23 @@ def influence_bounds(cfg: RunConfig, phase: str, declared: dict[str, dict] | Non
     return dict(trimmed_beta=cfg.trimmed_beta, krum_byzantine=cfg.krum_byzantine, declared=declared,
                 max_int_delta=steps * (rounds if cfg.strategy == "fedbn" else 1),
                 clip_factor=cfg.update_clip_factor, reject_factor=cfg.update_reject_factor)
+
+
+class PhaseConverged(Exception):
+    """Raised from the round hook to end a phase early (:mod:`server.early_stopping`); the checkpoint is saved."""
+
+
+def validation_scores(history: dict[int, dict[str, dict]]) -> dict[int, float | None]:
+    """Round -> :func:`validation_score` of that round's site metrics."""
+    return {r: validation_score(sites) for r, sites in sorted(history.items())}
+
+
+def phase_finished(ckpt: PhaseCheckpoint | None, rounds: int, cfg: RunConfig) -> bool:
+    """True when a phase's checkpoint ran all ``rounds`` or stopped early under the configured rule."""
+    if ckpt is None:
+        return False
+    return ckpt.round >= rounds or stop_round(validation_scores(ckpt.site_metrics), cfg.early_stopping_patience,
+                                              cfg.early_stopping_min_delta) is not None
 
 
 def run_phase(
@@ -160,7 +180,8 @@ def run_phase(
 
     Returns:
         The final checkpoint: the last and the best-validated global state dicts and the
-        per-site metrics of every round.
+        per-site metrics of every round. The phase ends early when the validation score stops
+        improving (:mod:`server.early_stopping`, ``early-stopping-patience``).
     """
     ckpt = store.load(phase) or PhaseCheckpoint(round=0, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
     if ckpt.round >= rounds:
@@ -189,6 +210,7 @@ def run_phase(
         reached = server_round + ckpt.round
         state = _unpack(arrays, template)
         score = validation_score(strategy.site_metrics.get(reached, {}))
+        scores[reached] = score
         if score is not None and score > best["score"]:
             best.update(round=reached, score=score, state=state)
         store.save(phase, PhaseCheckpoint(
@@ -202,13 +224,25 @@ def run_phase(
         log.info("phase %s round %d/%d: test %s %s, validation score %s (best: round %d)", phase, reached, rounds,
                  "iou-mean" if phase == "detector" else "macro-auc", summary,
                  "n/a" if score is None else f"{score:.3f}", best["round"])
+        if reached < rounds and stop_round(scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta):
+            log.info("phase %s: no validation improvement above %g for %d rounds: stopping after round %d "
+                     "(best: round %d)", phase, cfg.early_stopping_min_delta, cfg.early_stopping_patience, reached,
+                     best["round"])
+            raise PhaseConverged(reached)
         return None
 
-    result = strategy.start(
-        grid=grid, initial_arrays=_pack(ckpt.state_dict, cfg), num_rounds=rounds - ckpt.round,
-        timeout=cfg.round_timeout_s, train_config=config, evaluate_config=ConfigRecord(dict(config)),
-        evaluate_fn=checkpoint_hook,
-    )
+    scores = validation_scores(ckpt.site_metrics)
+    if stop_round(scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta):
+        log.info("phase %s: stopped early after round %d, skipping", phase, ckpt.round)
+        return ckpt
+    try:
+        result = strategy.start(
+            grid=grid, initial_arrays=_pack(ckpt.state_dict, cfg), num_rounds=rounds - ckpt.round,
+            timeout=cfg.round_timeout_s, train_config=config, evaluate_config=ConfigRecord(dict(config)),
+            evaluate_fn=checkpoint_hook,
+        )
+    except PhaseConverged:
+        return store.load(phase)
     final = store.load(phase)
     if final is None or final.round < rounds:
         # No round completed a checkpoint (e.g. every site failed): keep what Flower returned.
@@ -253,7 +287,8 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run_config = dict(context.run_config)
     store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
-    torch.manual_seed(cfg.seed)
+    configure_determinism(select_device(cfg.device))
+    torch.manual_seed(cfg.seed)  # the initial global weights
 
     # 2. sites
     node_sites, site_data = discover_sites(grid, cfg)
@@ -272,7 +307,7 @@ def main(grid: Grid, context: Context) -> None:
     # 6. report and signed bundle
     report = build_report(
         strategy=cfg.strategy, proximal_mu=cfg.proximal_mu,
-        rounds={"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
+        rounds={"detector": detector.round, "stager": stager.round},
         stager_history=stager.site_metrics, detector_history=detector.site_metrics,
         selected_rounds={"detector": detector.selected_round, "stager": stager.selected_round},
         stager_train=stager.train_metrics, detector_train=detector.train_metrics,
@@ -284,6 +319,14 @@ def main(grid: Grid, context: Context) -> None:
                                   n_train=sum(s in cfg.train_sites for s in node_sites.values())),
     )
     # sites missing from rounds (deployment: a node died or was late) and rejected updates, by phase and round
+    report["early_stopping"] = {
+        "rule": (f"stop when the pooled validation score has not improved by more than {cfg.early_stopping_min_delta:g} "
+                 f"for {cfg.early_stopping_patience} rounds; keep the best round") if cfg.early_stopping_patience else "off",
+        "max_rounds": {"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
+        "rounds_run": {"detector": detector.round, "stager": stager.round},
+        "validation_score": {"detector": validation_scores(detector.site_metrics),
+                             "stager": validation_scores(stager.site_metrics)},
+    }
     report["missing_sites"] = {"detector": detector.missing_sites, "stager": stager.missing_sites}
     report["rejected_updates"] = {"detector": detector.rejected_updates, "stager": stager.rejected_updates}
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -170,6 +170,8 @@ class RunConfig:
     update_clip_factor: float = 2.0  # update norms clipped at this x the round's median norm
     update_reject_factor: float = 4.0  # ... and rejected above this x the median norm
     min_cell_heads: int = 5  # a site with fewer heads in a split sends only the count ("suppressed")
+    early_stopping_patience: int = 0  # issue 18: rounds without validation improvement before a phase stops (0: off)
+    early_stopping_min_delta: float = 0.0  # an improvement must beat the best validation score by more than this
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -306,6 +308,8 @@ class RunConfig:
             update_clip_factor=clip_factor,
             update_reject_factor=reject_factor,
             min_cell_heads=positive("min-cell-heads", int),
+            early_stopping_patience=non_negative("early-stopping-patience", int),
+            early_stopping_min_delta=non_negative("early-stopping-min-delta", float),
         )
 
     def detector_l1_weight(self, server_round: int) -> float:

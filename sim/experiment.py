@@ -23,11 +23,12 @@ def run_complete(out: Path, run_config: dict, cfg) -> bool:
             here, before Flower starts, so the message is not buried in a run log).
     """
     from server.checkpoint import CheckpointStore, config_fingerprint
+    from server.server_app import phase_finished
 
     store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
     detector, stager = store.load("detector"), store.load("stager")
     return bool(
-        detector and stager and detector.round >= cfg.detector_rounds and stager.round >= cfg.stager_rounds
+        phase_finished(detector, cfg.detector_rounds, cfg) and phase_finished(stager, cfg.stager_rounds, cfg)
         and (out / "report.json").exists() and (out / "bundle" / "MANIFEST.sig").exists()
         and "simulation" in json.loads((out / "report.json").read_text())
     )

@@ -24,8 +24,27 @@ def _series(history: dict) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
+def _pooled_validation(ax, report: dict, phase: str) -> None:
+    """The pooled validation score the server selects on (black), the chosen round starred, and where the
+    phase stopped early (``report["early_stopping"]``, :mod:`server.early_stopping`)."""
+    stopping = report.get("early_stopping") or {}
+    scores = {int(r): v for r, v in ((stopping.get("validation_score") or {}).get(phase) or {}).items() if v is not None}
+    if not scores:
+        return
+    rounds = sorted(scores)
+    ax.plot(rounds, [scores[r] for r in rounds], color="black", lw=2, label="pooled (selection score)")
+    chosen = (report.get("selected_rounds") or {}).get(phase)
+    if chosen in scores:
+        ax.plot([chosen], [scores[chosen]], marker="*", ms=14, color="crimson", ls="none",
+                label=f"chosen round {chosen}")
+    run, most = (stopping.get("rounds_run") or {}).get(phase), (stopping.get("max_rounds") or {}).get(phase)
+    if run is not None and most is not None and run < most:
+        ax.axvline(run, color="crimson", ls=":", lw=1, label=f"stopped early after {run}/{most}")
+
+
 def plot_training_curves(report: dict, path: Path) -> Path:
-    """Per-round, per-site curves of both phases: test metric, validation score and training loss.
+    """Per-round, per-site curves of both phases: test metric, validation score and training loss; the
+    validation panels add the pooled validation score, the chosen round (star) and an early stop (dotted).
 
     Writes a 2 x 3 PNG grid to ``path`` (detector on top, stager below) and returns it.
     """
@@ -44,6 +63,8 @@ def plot_training_curves(report: dict, path: Path) -> Path:
         for site, (rounds, values) in sorted(_series(hist.get(key, {})).items()):
             ax.plot(rounds, values, marker="o", ms=3, label=site)
         phase = key.split("_")[0]
+        if key in ("detector_val_iou", "stager_val_macro_auc"):
+            _pooled_validation(ax, report, phase)
         if phase in selected:
             ax.axvline(selected[phase], color="grey", ls="--", lw=1)
         ax.set_title(title, fontsize=10)
@@ -52,7 +73,8 @@ def plot_training_curves(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{report['strategy']}: per-site metrics by round (dashed: selected round)")
+    fig.suptitle(f"{report['strategy']}: per-site metrics by round (dashed: selected round; black: pooled "
+                 "validation score the round is chosen on)")
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
