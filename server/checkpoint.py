@@ -297,7 +297,7 @@ def read_checkpoint(folder: Path, phase: str, *, set_aside_damaged: bool = False
     if not candidates:
         problems.append(f"{folder / f'{phase}.pt'}: missing, but chain.json records {phase} rounds "
                         f"{sorted(e['round'] for e in recorded.values())}")
-    elif recorded and max(e["round"] for e in recorded.values()) == 1:
+    if recorded and max(e["round"] for e in recorded.values()) == 1:
         # only round 1 was ever written: the previous verified state is the phase's start
         log.warning("%s; no earlier %s round was saved: the phase starts again from round 0", problems[0], phase)
         if set_aside_damaged:

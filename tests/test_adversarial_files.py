@@ -374,3 +374,11 @@ def test_row16_a_broken_chain_is_named(tmp_path):
     (store.folder / "chain.json").write_text('[{"phase": "detector", "round": 1')
     with pytest.raises(CheckpointError, match=r"chain\.json"):
         store.load("detector")
+
+
+def test_row16_a_missing_first_round_starts_the_phase_again(tmp_path):
+    store = _store_with_rounds(tmp_path, 1)
+    store.path("detector").unlink()
+    assert store.load("detector") is None
+    store.save("detector", PhaseCheckpoint(round=1, state_dict={"w": torch.zeros(1)}))
+    assert store.load("detector").round == 1

@@ -67,10 +67,23 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     bundle = load_bundle(out / "bundle", out / "keys" / "bundle-signing-key.pem.pub")
     assert bundle.trusted
 
+    # no local path is stored (issue 16 row 10): not the data folder, not the run folder
+    for file in [*(out / "checkpoints").iterdir(), *(out / "bundle").iterdir()]:
+        data = file.read_bytes()
+        assert str(two_site_phantoms).encode() not in data and str(out).encode() not in data, file.name
+
     # resume: the same command on the same out-dir finds both phases finished and only re-reports
     assert main(argv) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["sites"]["external-1"]["n"] == 3
+
+    # a truncated last checkpoint (issue 16 row 16): the same command starts that phase's only
+    # round again, names the damaged file, and finishes
+    stager = out / "checkpoints" / "stager.pt"
+    stager.write_bytes(stager.read_bytes()[:1000])
+    assert main(argv) == 0
+    assert (out / "checkpoints" / "stager.pt.damaged").exists()
+    assert load_bundle(out / "bundle", out / "keys" / "bundle-signing-key.pem.pub").trusted
 
 
 def test_site_check_names_the_broken_study(two_site_phantoms, tmp_path):
