@@ -10,23 +10,35 @@ MR DICOM series in the site folder layout of ``docs/CONVENTIONS.md``::
     <out_dir>/<site>/study-0042/DICOM/<random file names>   (+ junk files in some studies)
 
 Coordinates
-    Everything is physical LPS (+x patient left, +y posterior, +z superior), mm. The field of
-    view (``ScannerProfile.fov_lps_mm``, extents along x, y, z) is centred on the LPS origin
-    ``(0, 0, 0)``; along each axis it holds ``n = fov / spacing`` voxels (an integer, checked)
-    whose centres sit at ``(i - (n - 1) / 2) * spacing``. Axial series: rows run +y, columns +x,
+    Everything is physical LPS (+x patient left, +y posterior, +z superior), mm. The scanner's
+    field of view (``ScannerProfile.fov_lps_mm``, extents along x, y, z) is centred on the LPS
+    origin ``(0, 0, 0)``; along each axis it holds ``n = fov / spacing`` voxels (an integer,
+    checked) whose centres sit at ``(i - (n - 1) / 2) * spacing``. Half the studies (at random,
+    per study) are cut to a smaller field of view on the same voxel lattice, like a pelvic or
+    prostate protocol that cuts through the hips: x near-symmetric (the outermost head centre
+    at most a quarter radius outside, so a head's lateral part may be missing), anterior and
+    posterior edges independently, and a slab 54 mm thick or more near the heads (the
+    ProstateX T2 study marked in ``docs/landmarks`` is 57 mm thick with its head centres 4 and 8 mm inside
+    its lateral edges). Axial series: rows run +y, columns +x,
     slices +z (``ImageOrientationPatient = 1\\0\\0\\0\\1\\0``, spacing x = y = pixel spacing,
     z = slice thickness). Coronal series: rows run -z (first row is the most superior), columns
     +x, slices +y (``1\\0\\0\\0\\0\\-1``, normal = row x column = +y; spacing x = column
     spacing, z = row spacing, y = slice thickness). Slices are contiguous
     (``SpacingBetweenSlices == SliceThickness``). Read with SimpleITK and reoriented with
     ``DICOMOrient(image, "LPS")`` the array is ``[z, y, x]`` with
-    ``ScannerProfile.voxel_spacing_mm`` as its ``(D, H, W)`` spacing.
+    ``ScannerProfile.voxel_spacing_mm`` as its ``(D, H, W)`` spacing (``grid_shape`` voxels,
+    fewer when cropped).
 
 Anatomy (per patient, jittered so that a detector must really localise)
     * Body: rounded-rectangle cylinder (half-width 150-170 mm, half-depth 96-108 mm), a
       subcutaneous fat layer (10-38 mm, thickest posteriorly), muscle inside it, a few thin
       intermuscular fat sheets, the bladder (fluid, bright), the rectum (wall + gas), femoral
       artery and vein flow voids, sacrum and coccyx.
+    * Surroundings (since generator version 7): visceral fat filling the true pelvis, an
+      ischioanal fat pad inferomedial to each hip (bright and roughly round, like a head),
+      iliopsoas anterior to each hip and obturator internus on the inner pelvic wall
+      (muscle), and 1-5 small-bowel or sigmoid loops above the bladder whose lumen holds gas
+      (a signal void, 65 %) or fluid.
     * Pelvis per side: acetabular bone mass, iliac wing, ischium, superior and ischiopubic
       rami meeting at the pubic symphysis. Bones are a dark cortical shell around marrow.
       The acetabulum is a spherical socket carved into the pelvis (its wall is the dark
@@ -37,11 +49,21 @@ Anatomy (per patient, jittered so that a detector must really localise)
       lesser trochanters, shaft with thick cortex. Femoral head centres at +-(85-100) mm from
       the patient midline; the midline itself is within +-8 mm of the FOV x-centre, heads
       within +-9 mm (y) and -14..+2 mm (z) of the FOV centre. The whole patient is rotated by
-      up to 5 deg (yaw), 3 deg (roll) and 4 deg (pitch).
+      up to 7 deg (yaw), 6 deg (roll: one hip higher, about 5 deg on the ProstateX study)
+      and 8 deg (pitch).
     * Signal (arbitrary units before the scanner's ``intensity_scale``): air 0, fat 820,
       femoral marrow 660, pelvic marrow 560, muscle 270, cartilage 400, fluid 1000, cortex
-      45, flow voids 35; per patient a global gain (sd 5 %), per tissue (sd 4 %) and extra
-      marrow fat-fraction jitter (sd 5 %).
+      45, flow voids 35, bowel gas 25; per patient a global gain (sd 5 %), per tissue (sd
+      4 %) and extra marrow fat-fraction jitter (sd 5 %).
+    * Domain randomisation per study, so that a detector must learn the head's shape in its
+      socket rather than "a bright ball": tissue contrast (fat x 0.72-1.15, muscle x
+      0.55-1.35, fluid x 0.75-1.3, pelvic marrow and cartilage x 0.8-1.2; femoral marrow keeps
+      the per-patient jitter, since the stage signs are defined against it), a receiver gain
+      of 0.5-1.3 (log-uniform; signal and noise alike, so CNR is unchanged; real T2 marrow sits
+      near 350 on the ProstateX study, phantom marrow near 660 before it), noise x 0.85-1.3,
+      the scanner's bias-field strength x 0.4-1.8 (at most 0.6), and surface-coil brightening
+      of the anterior and posterior body wall (up to +50 %, decay 35-80 mm), which makes
+      subcutaneous fat the brightest tissue in some studies.
     * Every femoral head (all stages alike) has normal marrow heterogeneity (hypointense
       red-marrow islands, 15-80 units) and a physeal scar (a thin dark plane at the head-neck
       junction, 15-70 units): normal anatomy that mimics disease, so that texture energy alone
@@ -102,9 +124,9 @@ Scanners (paper section 2.2 names Siemens MAGNETOM Prisma 3T and Philips Ingenia
     mm, brighter. C: Ingenia 1.5T, axial, 1.875 x 1.875 x 4.8 mm, more noise, stronger bias,
     Philips-like rescale slope. D: Ingenia 1.5T, coronal, 1.8 x 1.8 x 6 mm, larger FOV, most
     noise, strongest bias, signed pixels with a non-zero rescale intercept. Noise is Rician
-    (magnitude of complex Gaussian); the bias field is a smooth random quadratic with surface
-    coil brightening. After rescale, marrow and fat fall at about 450-950, inside the
-    project window (level 300, width 1500).
+    (magnitude of complex Gaussian); the bias field is a smooth random quadratic (normalised
+    over the scanner's full field of view) times the surface-coil term above. After rescale,
+    marrow and fat fall at about 250-1200, inside the project window (level 300, width 1500).
 
 DICOM files
     One single-frame MR Image Storage series per study, explicit VR little endian,
@@ -119,8 +141,8 @@ DICOM files
     ``PHANTOM^A-0007``); study folders are numbered independently (``study-0042``).
 
 Profiles and cost
-    ``"paper"``: the counts above at full resolution (<= 1.4 M voxels per study); on 2 shared
-    CPU cores it generates in about 50 s and 540 MB. ``"quick"``: the same four scanners at
+    ``"paper"``: the counts above at full resolution (<= 1.4 M voxels per study, fewer when
+    cropped); on 2 shared CPU cores it generates in about 50 s and 540 MB. ``"quick"``: the same four scanners at
     3-3.6 mm x 6 mm voxels, 10/6/4/4 heads from 6/4/3/2 patients, about 3 s and 8 MB.
 
 Determinism
@@ -171,7 +193,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 """Bumped whenever the output for a given profile and seed changes."""
 
 FOV_CENTRE_LPS_MM: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -773,6 +795,42 @@ class _Head:
 
 
 @dataclass(frozen=True)
+class _Surroundings:
+    """What surrounds the hips on a real pelvic MRI beyond the bones (drawn from its own stream).
+
+    ``visceral_fat``: fat filling the true pelvis and the ischioanal fossae; ``muscles``:
+    iliopsoas (anterior to each hip) and obturator internus (lining the inner pelvic wall);
+    ``bowel``: (wall, lumen, lumen tissue key) of small-bowel and sigmoid loops, the lumen gas
+    (a signal void) or fluid.
+    """
+
+    visceral_fat: tuple[_Ellipsoid, ...]
+    muscles: tuple[_Ellipsoid, ...]
+    bowel: tuple[tuple[_Ellipsoid, _Ellipsoid, str], ...]
+
+
+@dataclass(frozen=True)
+class _Domain:
+    """Per-study acquisition randomisation (domain randomisation; drawn from its own stream).
+
+    ``gain`` scales signal and noise alike (so CNR is unchanged), ``noise_factor`` scales the
+    noise only, ``bias_factor`` the scanner's bias-field strength; ``coil`` adds surface-coil
+    brightening near the anterior and posterior body wall (peak gain, decay length mm);
+    ``fov_lps_mm`` is the study's field of view ``(x0, y0, z0, x1, y1, z1)`` (a crop of the
+    scanner's, or the scanner's own). ``slab`` ``(tilt deg, y mm, z mm, half-thickness mm)``:
+    an oblique slab (normal ``(0, sin tilt, cos tilt)`` through ``(., y, z)``) outside which
+    the study reads 0, as an oblique acquisition does once resampled onto LPS axes.
+    """
+
+    gain: float
+    noise_factor: float
+    bias_factor: float
+    coil: tuple[float, float]
+    fov_lps_mm: tuple[float, float, float, float, float, float] | None
+    slab: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
 class _Patient:
     sex: str
     age: int
@@ -789,6 +847,8 @@ class _Patient:
     acetabula: tuple[tuple[_Bone, _Sphere], ...]
     heads: tuple[_Head, ...]
     bias: tuple[float, ...]
+    surroundings: _Surroundings
+    domain: _Domain
 
 
 _BASE_TISSUE = {
@@ -802,18 +862,43 @@ _BASE_TISSUE = {
     "flow_void": 35.0,
     "gas": 25.0,
     "bowel_wall": 300.0,
+    "bowel_fluid": 700.0,
+}
+
+# Per-study contrast randomisation: each tissue's signal is multiplied by a factor drawn
+# uniformly from this range (on top of the per-patient jitter), so that neither "brighter
+# than fat" nor "as bright as marrow" identifies a femoral head. Femoral marrow itself is
+# left to the patient jitter: the stage signs are defined against it.
+_CONTRAST_RANGE = {
+    "fat": (0.72, 1.15),
+    "muscle": (0.55, 1.35),
+    "pelvic_marrow": (0.8, 1.2),
+    "cartilage": (0.8, 1.2),
+    "fluid": (0.75, 1.3),
+    "bowel_wall": (0.8, 1.25),
+    "bowel_fluid": (0.7, 1.3),
 }
 
 
-def _sample_patient(seed: np.random.SeedSequence, sides: dict[str, int | None]) -> _Patient:
-    """Draw one patient's anatomy in world LPS mm.
+def _sample_patient(
+    seed: np.random.SeedSequence,
+    sides: dict[str, int | None],
+    scanner_fov_lps_mm: tuple[float, float, float] = (360.0, 240.0, 144.0),
+    crop_probability: float = 0.5,
+) -> _Patient:
+    """Draw one patient's anatomy in world LPS mm, and the study's acquisition randomisation.
 
     ``sides`` maps side -> stage; a side that is absent (or None) is imaged but not labelled.
-    Anatomy comes from one stream and each side's disease parameters from its own, all drawn
+    Anatomy comes from one stream, each side's disease parameters from its own, and the
+    surroundings (visceral fat, muscles, bowel) and the per-study domain randomisation
+    (contrast, gain, noise, bias, coil, field-of-view crop) from a fourth, all drawn
     unconditionally, so the same seed with other stages gives the same anatomy.
+    ``scanner_fov_lps_mm`` is the scanner's full field of view (centred on
+    ``FOV_CENTRE_LPS_MM``); with ``crop_probability`` the study's is a random crop of it.
     """
-    anatomy_seed, *side_seeds = seed.spawn(1 + len(_SIDES))
+    anatomy_seed, *side_seeds, extra_seed = seed.spawn(2 + len(_SIDES))
     rng = np.random.default_rng(anatomy_seed)
+    extra = np.random.default_rng(extra_seed)
     sign_rngs = {side: np.random.default_rng(ss) for side, ss in zip(_SIDES, side_seeds)}
     u = rng.uniform
     mid = np.array([
@@ -821,10 +906,11 @@ def _sample_patient(seed: np.random.SeedSequence, sides: dict[str, int | None]) 
         float(np.clip(rng.normal(0, 4.0), -9, 9)),
         float(np.clip(rng.normal(-6, 4.0), -14, 2)),
     ])
+    # yaw, roll (one hip higher than the other: about 5 deg on the ProstateX study) and pitch
     rot = (
-        _rot("z", float(np.clip(rng.normal(0, 2.5), -5, 5)))
-        @ _rot("y", float(np.clip(rng.normal(0, 1.5), -3, 3)))
-        @ _rot("x", float(np.clip(rng.normal(0, 2.0), -4, 4)))
+        _rot("z", float(np.clip(rng.normal(0, 3.0), -7, 7)))
+        @ _rot("y", float(np.clip(rng.normal(0, 2.5), -6, 6)))
+        @ _rot("x", float(np.clip(rng.normal(0, 3.0), -8, 8)))
     )
 
     def world(v: Any) -> Vec:
@@ -981,6 +1067,11 @@ def _sample_patient(seed: np.random.SeedSequence, sides: dict[str, int | None]) 
 
     bias = rng.normal(size=6)
     bias[3] = abs(bias[3]) + 0.5
+    surroundings = _sample_surroundings(extra, world, rot, [np.asarray(h.centre) for h in heads])
+    for key, (lo, hi) in _CONTRAST_RANGE.items():
+        tissue[key] *= float(extra.uniform(lo, hi))
+    domain = _sample_domain(extra, [np.asarray(h.centre) for h in heads], [h.radius for h in heads],
+                            scanner_fov_lps_mm, crop_probability)
     return _Patient(
         sex=str(rng.choice(["M", "F"], p=[0.5617, 0.4383])),
         age=int(rng.integers(18, 69)),
@@ -997,7 +1088,116 @@ def _sample_patient(seed: np.random.SeedSequence, sides: dict[str, int | None]) 
         acetabula=tuple(acetabula),
         heads=tuple(heads),
         bias=tuple(float(b) for b in bias),
+        surroundings=surroundings,
+        domain=domain,
     )
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    return _rot("z", rng.uniform(-90, 90)) @ _rot("x", rng.uniform(-40, 40)) @ _rot("y", rng.uniform(-40, 40))
+
+
+def _sample_surroundings(
+    rng: np.random.Generator, world: Callable[[Any], Vec], rot: np.ndarray, centres: list[np.ndarray]
+) -> _Surroundings:
+    """Visceral fat, iliopsoas and obturator internus, bowel loops (see :class:`_Surroundings`).
+
+    Positions are in the patient frame (``world`` maps them into LPS); the muscles are placed
+    relative to each femoral head centre (``centres``, world LPS, right then left).
+    """
+    u = rng.uniform
+    inv = rot.T
+    fat = [
+        # true pelvis: perivesical / mesorectal fat between the pelvic walls
+        _ellipsoid(world((0, u(-5, 20), u(5, 35))), (u(45, 60), u(40, 55), u(55, 75)), rot),
+    ]
+    muscles = []
+    for c_world in centres:
+        c = inv @ (c_world - np.asarray(world((0, 0, 0))))  # head centre in the patient frame
+        sgn = 1.0 if c[0] > 0 else -1.0
+        # ischioanal fossa: a large fat pad inferomedial to each hip (bright, roughly round)
+        fat.append(_ellipsoid(world((sgn * u(30, 45), c[1] + u(25, 45), c[2] - u(35, 55))),
+                              (u(14, 22), u(20, 30), u(25, 40)), rot @ _rot("y", sgn * u(10, 30))))
+        # iliopsoas: anterior to the hip joint, running inferolaterally to the lesser trochanter
+        muscles.append(_ellipsoid(world((c[0] - sgn * u(8, 18), c[1] - u(34, 42), c[2] + u(5, 20))),
+                                  (u(14, 20), u(11, 15), u(55, 75)), rot @ _rot("y", -sgn * u(5, 15))))
+        # obturator internus: a sheet on the inner (medial) wall of the acetabulum
+        muscles.append(_ellipsoid(world((c[0] - sgn * u(52, 58), c[1] + u(0, 10), c[2] - u(0, 12))),
+                                  (u(6, 9), u(24, 32), u(28, 38)), rot @ _rot("z", sgn * u(-10, 10))))
+    bowel = []
+    for k in range(int(rng.integers(1, 6))):
+        # small-bowel and sigmoid loops above the bladder and rectum; the lumen holds gas or fluid
+        centre = world((u(-55, 55), u(-60, 40), u(15, 75)))
+        semi = np.array([u(10, 17), u(10, 17), u(14, 30)])
+        orient = rot @ _random_rotation(rng)
+        lumen_scale = u(0.45, 0.8)
+        content = "gas" if rng.random() < 0.65 else "bowel_fluid"
+        bowel.append((_ellipsoid(centre, semi, orient), _ellipsoid(centre, semi * lumen_scale, orient), content))
+    return _Surroundings(visceral_fat=tuple(fat), muscles=tuple(muscles), bowel=tuple(bowel))
+
+
+def _sample_domain(
+    rng: np.random.Generator,
+    centres: list[np.ndarray],
+    radii: list[float],
+    scanner_fov_lps_mm: tuple[float, float, float],
+    crop_probability: float,
+) -> _Domain:
+    """Per-study gain, noise, bias and coil randomisation, and the field-of-view crop.
+
+    A cropped field of view keeps every femoral head centre within ``0.25 x radius`` of the
+    crop (most of each head stays in the image, its lateral edge may be cut: on the ProstateX
+    study the head centres lie 4 and 8 mm inside the lateral edges) and keeps the slab at least
+    54 mm thick (18 slices of 3 mm); the x-crop is near-symmetric (the scanner centres on the
+    patient). Crop edges are in mm; the study grid keeps the scanner's voxel lattice.
+    """
+    u = rng.uniform
+    gain = float(math.exp(u(math.log(0.5), math.log(1.3))))
+    noise_factor = float(u(0.85, 1.3))
+    bias_factor = float(u(0.4, 1.8))
+    coil = (float(u(0.0, 0.5)), float(u(35.0, 80.0)))
+    crop = rng.random() < crop_probability
+    fov = np.asarray(scanner_fov_lps_mm, dtype=float)
+    half = fov / 2.0
+    cen = np.asarray(FOV_CENTRE_LPS_MM, dtype=float)
+    c = np.asarray(centres, dtype=float)
+    r = float(min(radii))
+    # always drawn (same count whatever ``crop``), so the crop does not shift later draws
+    x_half = u(0.0, 1.0)
+    x_shift = u(-8.0, 8.0)
+    y_front, y_back = u(0.0, 1.0), u(0.0, 1.0)
+    z_thick, z_shift = u(0.0, 1.0), u(-12.0, 12.0)
+    oblique = rng.random() < 0.5
+    tilt = float(rng.choice([-1.0, 1.0]) * u(8.0, 25.0))
+    slab_half = float(u(27.0, 45.0))
+    if not crop:
+        return _Domain(gain, noise_factor, bias_factor, coil, None)
+    # x: half-width between (outermost head centre - 0.25 r) and the full field
+    need_x = float(np.abs(c[:, 0] - cen[0] - x_shift).max()) - 0.25 * r
+    hx = need_x + x_half * max(half[0] - need_x, 0.0)
+    x0, x1 = max(cen[0] + x_shift - hx, cen[0] - half[0]), min(cen[0] + x_shift + hx, cen[0] + half[0])
+    # y: anterior and posterior edges independently, never closer than r to a head centre
+    y_lo_max, y_hi_min = float(c[:, 1].min()) - r, float(c[:, 1].max()) + r
+    y0 = cen[1] - half[1] + y_front * max(y_lo_max - (cen[1] - half[1]), 0.0)
+    y1 = cen[1] + half[1] - y_back * max(cen[1] + half[1] - y_hi_min, 0.0)
+    # z: a slab 54 mm .. full, centred near the heads, inside the scanner's field
+    thick = 54.0 + z_thick * max(fov[2] - 54.0, 0.0)
+    zc = float(c[:, 2].mean()) + z_shift
+    zc = float(np.clip(zc, cen[2] - half[2] + thick / 2, cen[2] + half[2] - thick / 2))
+    if not oblique:
+        return _Domain(gain, noise_factor, bias_factor, coil,
+                       (float(x0), float(y0), zc - thick / 2, float(x1), float(y1), zc + thick / 2))
+    # oblique slab through the heads (ProstateX: tilted 18.5 deg about x, 57 mm thick); its mid
+    # plane passes within 8 mm (z_shift / 1.5) of the heads' mean centre, so with a half
+    # thickness of 27 mm or more and heads at most ~10 mm from their mean, each centre is inside
+    yc = float(c[:, 1].mean())
+    zc = float(c[:, 2].mean()) + z_shift / 1.5
+    t = math.radians(tilt)
+    reach = slab_half / math.cos(t) + abs(math.tan(t)) * max(abs(y0 - yc), abs(y1 - yc))
+    z0, z1 = max(zc - reach, cen[2] - half[2]), min(zc + reach, cen[2] + half[2])
+    return _Domain(gain, noise_factor, bias_factor, coil,
+                   (float(x0), float(y0), float(z0), float(x1), float(y1), float(z1)),
+                   (tilt, yc, zc, slab_half))
 
 
 def _sigmoid(x):
@@ -1040,6 +1240,14 @@ def _render_anatomy(patient: _Patient, canvas: _Canvas) -> None:
     canvas.paint(patient.muscle, t["muscle"])
     for sheet in patient.fat_sheets:
         canvas.paint(sheet, t["fat"])
+    around = patient.surroundings
+    for fat in around.visceral_fat:
+        canvas.paint(fat, t["fat"])
+    for muscle in around.muscles:
+        canvas.paint(muscle, t["muscle"])
+    for wall, lumen, content in around.bowel:
+        canvas.paint(wall, t["bowel_wall"])
+        canvas.paint(lumen, t[content])
     canvas.paint(patient.bladder, t["fluid"])
     canvas.paint(patient.rectum_wall, t["bowel_wall"])
     canvas.paint(patient.rectum_lumen, t["gas"])
@@ -1103,17 +1311,42 @@ def _head_block(head: _Head, canvas: _Canvas, steps: Vec):
     return sl, fields, down(marrow)
 
 
-def _bias_field(patient: _Patient, canvas: _Canvas, strength: float) -> np.ndarray:
-    ux = canvas.x / max(float(np.abs(canvas.x).max()), 1e-6)
-    uy = canvas.y / max(float(np.abs(canvas.y).max()), 1e-6)
-    uz = canvas.z / max(float(np.abs(canvas.z).max()), 1e-6)
+def _bias_field(patient: _Patient, canvas: _Canvas, strength: float, fov_lps_mm: Vec | None = None) -> np.ndarray:
+    """Multiplicative receive-field gain on the canvas grid, float32 ``[z, y, x]``.
+
+    A smooth random quadratic of relative amplitude ``strength`` (normalised over the
+    scanner's full field of view ``fov_lps_mm``, so that a cropped study sees the same field
+    as the full one would there), times surface-coil brightening near the anterior and
+    posterior body wall: ``1 + peak x exp(-depth / decay)`` with depth the distance inside
+    the body surface along y (``patient.domain.coil``).
+    """
+    half = np.asarray(fov_lps_mm, dtype=float) / 2.0 if fov_lps_mm is not None else np.array(
+        [max(float(np.abs(a).max()), 1e-6) for a in (canvas.x, canvas.y, canvas.z)])
+    cen = np.asarray(FOV_CENTRE_LPS_MM, dtype=np.float32)
+    ux = (canvas.x - cen[0]) / np.float32(half[0])
+    uy = (canvas.y - cen[1]) / np.float32(half[1])
+    uz = (canvas.z - cen[2]) / np.float32(half[2])
     c = patient.bias
-    gx = c[0] * ux + c[4] * (ux * ux - 1 / 3)
-    gy = c[1] * uy + c[3] * (uy * uy - 1 / 3)
-    gz = c[2] * uz
-    f = gz[:, None, None] + gy[None, :, None] + gx[None, None, :] + c[5] * (uy[:, None] * ux[None, :])[None]
-    f *= 1.0 / max(float(np.abs(f).max()), 1e-6)
-    return (1.0 + strength * f).astype(np.float32)
+
+    def field(ux, uy, uz):
+        gx = c[0] * ux + c[4] * (ux * ux - 1 / 3)
+        gy = c[1] * uy + c[3] * (uy * uy - 1 / 3)
+        gz = c[2] * uz
+        return gz[:, None, None] + gy[None, :, None] + gx[None, None, :] + c[5] * (uy[:, None] * ux[None, :])[None]
+
+    # normalised to a peak of 1 over the scanner's full field (|u| <= 1), not over this grid
+    full = np.linspace(-1.0, 1.0, 33, dtype=np.float32)
+    f = field(ux, uy, uz)
+    f *= 1.0 / max(float(np.abs(field(full, full, full)).max()), 1e-6)
+    gain = 1.0 + strength * f
+    peak, decay = patient.domain.coil
+    if peak > 0:
+        body = patient.body
+        front = body.centre[1] - body.half_depth
+        back = body.centre[1] + body.half_depth
+        depth = np.minimum(np.abs(canvas.y - np.float32(front)), np.abs(np.float32(back) - canvas.y))
+        gain = gain * (1.0 + np.float32(peak) * np.exp(-depth / np.float32(decay)))[None, :, None]
+    return gain.astype(np.float32)
 
 
 def _stored_range(scanner: ScannerProfile) -> tuple[int, int, np.dtype]:
@@ -1151,13 +1384,33 @@ def _lps_axes(scanner: ScannerProfile) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return out[0], out[1], out[2]
 
 
+def _study_axes(scanner: ScannerProfile, domain: _Domain) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel-centre coordinates of one study: the scanner's lattice, cut to the study's crop.
+
+    Every axis keeps at least 2 voxels (and the crop is never empty: it holds the heads).
+    """
+    axes = _lps_axes(scanner)
+    if domain.fov_lps_mm is None:
+        return axes
+    lo, hi = domain.fov_lps_mm[:3], domain.fov_lps_mm[3:]
+    out = []
+    for a, low, high in zip(axes, lo, hi):
+        keep = np.flatnonzero((a >= low) & (a <= high))
+        if keep.size < 2:
+            keep = np.arange(max(0, int(np.searchsorted(a, (low + high) / 2)) - 1), len(a))[:2]
+        out.append(a[keep[0]: keep[-1] + 1])
+    return out[0], out[1], out[2]
+
+
 def _simulate(task: _StudyTask) -> tuple[np.ndarray, _Patient, list[dict[str, Any]]]:
     """Render one study. Returns (stored pixels [z, y, x], patient, per-head records)."""
-    patient = _sample_patient(
-        np.random.SeedSequence([task.seed, _site_key(task.site), 1, task.patient_number]), task.sides
-    )
     sc = task.scanner
-    x, y, z = _lps_axes(sc)
+    patient = _sample_patient(
+        np.random.SeedSequence([task.seed, _site_key(task.site), 1, task.patient_number]), task.sides,
+        scanner_fov_lps_mm=sc.fov_lps_mm,
+    )
+    dom = patient.domain
+    x, y, z = _study_axes(sc, dom)
     canvas = _Canvas(x, y, z)
     _render_anatomy(patient, canvas)
     blocks = {}
@@ -1169,16 +1422,30 @@ def _simulate(task: _StudyTask) -> tuple[np.ndarray, _Patient, list[dict[str, An
         canvas.img[sl] += sum(fields.values())
         blocks[head.side] = (sl, fields, marrow)
 
-    gain = _bias_field(patient, canvas, sc.bias_field_strength)
-    gain *= np.float32(sc.intensity_scale)
+    inside = None
+    if dom.slab is not None:
+        tilt, yc, zc, slab_half = dom.slab
+        t = math.radians(tilt)
+        across = (canvas.z[:, None] - np.float32(zc)) * np.float32(math.cos(t)) + (
+            canvas.y[None, :] - np.float32(yc)) * np.float32(math.sin(t))
+        # partial volume over about one slice thickness at the slab's faces
+        inside = np.clip(0.5 + (slab_half - np.abs(across)) / np.float32(max(sc.lps_spacing_mm[2], 1.0)), 0.0, 1.0)
+        inside = inside.astype(np.float32)[:, :, None]
+    strength = min(sc.bias_field_strength * dom.bias_factor, 0.6)
+    gain = _bias_field(patient, canvas, strength, sc.fov_lps_mm)
+    gain *= np.float32(sc.intensity_scale * dom.gain)
     clean = canvas.img
     clean *= gain
     clean_blocks = {side: clean[b[0]].copy() for side, b in blocks.items()}
-    sigma = np.float32(sc.noise_sigma * sc.intensity_scale)
+    sigma = np.float32(sc.noise_sigma * sc.intensity_scale * dom.gain * dom.noise_factor)
     noise_rng = np.random.default_rng(np.random.SeedSequence([task.seed, _site_key(task.site), 2, task.patient_number]))
     real = clean + sigma * noise_rng.standard_normal(clean.shape, dtype=np.float32)
     imag = sigma * noise_rng.standard_normal(clean.shape, dtype=np.float32)
     magnitude = np.sqrt(real * real + imag * imag)
+    if inside is not None:  # outside the oblique slab the resampled study reads 0, noise-free
+        magnitude *= inside
+        for side, (sl, _, _) in blocks.items():
+            clean_blocks[side] *= inside[sl[0], sl[1], :]
     lo, hi, dtype = _stored_range(sc)
     stored = np.clip(np.rint((magnitude - sc.rescale_intercept) / sc.rescale_slope), lo, hi).astype(dtype)
 
@@ -1263,7 +1530,7 @@ def _write_study(task: _StudyTask, stored: np.ndarray, patient: _Patient) -> tup
     sc = task.scanner
     rng = np.random.default_rng(np.random.SeedSequence([task.seed, _site_key(task.site), 3, task.patient_number]))
     style = _DICOM_STYLE.get(sc.vendor, _DICOM_STYLE["SIEMENS"])
-    x, y, z = _lps_axes(sc)
+    x, y, z = _study_axes(sc, patient.domain)
     if sc.slice_orientation == "axial":
         orientation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         slices = [(stored[k], (x[0], y[0], z[k]), float(z[k])) for k in range(len(z))]
@@ -1353,8 +1620,8 @@ def _write_study(task: _StudyTask, stored: np.ndarray, patient: _Patient) -> tup
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 1 if sc.pixel_signed else 0
-    ds.WindowCenter = _ds(round(500 * sc.intensity_scale))
-    ds.WindowWidth = _ds(round(1200 * sc.intensity_scale))
+    ds.WindowCenter = _ds(round(500 * sc.intensity_scale * patient.domain.gain))
+    ds.WindowWidth = _ds(round(1200 * sc.intensity_scale * patient.domain.gain))
     ds.RescaleIntercept = _ds(sc.rescale_intercept)
     ds.RescaleSlope = _ds(sc.rescale_slope)
     ds.RescaleType = "US"
