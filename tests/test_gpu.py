@@ -313,3 +313,56 @@ def test_detector_augmentation_runs_on_the_gpu_and_matches_the_cpu():
     b, _ = augment_detector_batch(x.cuda(), boxes, torch.Generator().manual_seed(4))
     c, _ = augment_detector_batch(x.cuda(), boxes, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- Grad-CAM without a deep copy
+
+
+def _cam_on_a_deep_copy(model, crop, method):
+    """The map as computed before issue 19: MONAI's CAM on a deep copy of the model."""
+    import copy
+
+    from monai.visualize import GradCAM, GradCAMpp
+
+    from shared_models.gradcam import minmax_normalize
+
+    work = copy.deepcopy(model)
+    cam = (GradCAM if method == "gradcam" else GradCAMpp)(nn_module=work, target_layers=model.gradcam_layer,
+                                                          postprocessing=minmax_normalize)
+    return cam(x=crop.clone().requires_grad_(True))[0, 0].detach().numpy()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_gradcam_lends_the_model_and_gives_the_deep_copys_map(method):
+    import numpy as np
+
+    from shared_models.gradcam import stage_gradcam
+
+    model = _tiny_stager().train()
+    crop = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    grads = [torch.full_like(p, 0.5) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    layer = dict(model.named_modules())[model.gradcam_layer]
+    got = stage_gradcam(model, crop, method=method)
+    np.testing.assert_allclose(got, _cam_on_a_deep_copy(model, crop, method), atol=1e-6)
+    assert model.training and not frozen.requires_grad
+    assert all(p.requires_grad for p in list(model.parameters())[1:])
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # the caller's gradients untouched
+    assert not layer._forward_hooks and not layer._backward_hooks
+
+
+@pytest.mark.gpu
+def test_gradcam_on_the_gpu_matches_the_cpu():
+    import numpy as np
+
+    from shared_models.gradcam import stage_gradcam
+
+    model = _tiny_stager().eval()
+    crop = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    on_cpu = stage_gradcam(model, crop)
+    on_gpu = stage_gradcam(model.cuda(), crop)
+    assert next(model.parameters()).is_cuda
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
