@@ -17,7 +17,9 @@ figures beside it):
   MONAI, training throughput against in-memory tensors, one study end to end;
 * ``federated``, ``scaling``, ``deployment`` (:mod:`sim.bench_federation`): the Flower simulation
   against the same work in a plain loop, with memory and the float16 accuracy cost; 4/8/16
-  sites and 1x/2x/4x data; a real SuperLink and SuperNodes on 127.0.0.1 against the simulation.
+  sites and 1x/2x/4x data; a real SuperLink and SuperNodes on 127.0.0.1 against the simulation;
+* ``gpu`` (:mod:`sim.bench_gpu`): our training loops against a plain PyTorch loop at the same batch,
+  TFLOP/s, inference and Grad-CAM per study (issue 19).
 
 Timing: ``time.perf_counter`` wall-clock after warm-up, with ``torch.cuda.synchronize`` around
 timed regions on CUDA. CPU numbers depend on ``torch.get_num_threads()``, recorded in every row.
@@ -281,6 +283,8 @@ QUICK_OPTIONS: dict[str, dict[str, Any]] = {
     "federated": {"rounds": 1, "local_steps": 2},
     "scaling": {"site_counts": (4,), "data_copies": (1,), "rounds": 5, "local_steps": 1},
     "deployment": {"rounds": 1, "local_steps": 1},
+    "gpu": {"model_sizes": ("default",), "stager_batches": (4,), "detector_batches": (2,), "steps": 2, "warmup_steps": 1,
+            "infer_repeats": 1},
 }
 
 
@@ -502,4 +506,5 @@ def _fp16_cost(model: torch.nn.Module, half_state: dict, name: str, cfg: RunConf
 from sim import (  # noqa: E402,F401,I001
     bench_data,  # ingestion, input_pipeline, inference
     bench_federation,  # federated, scaling, deployment
+    bench_gpu,  # gpu
 )
