@@ -27,6 +27,7 @@ EXPECTED_KEYS = {
     "scaling": {"sites", "data_copies", "s_per_round", "per_site_s_per_round", "peak_rss_gib",
                 "rss_round5_over_round2"},
     "deployment": {"status", "simulation_s", "deployment_s", "overhead_ratio"},
+    "gpu": {"model", "model_size"},
 }
 
 

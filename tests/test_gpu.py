@@ -366,3 +366,38 @@ def test_gradcam_on_the_gpu_matches_the_cpu():
     on_gpu = stage_gradcam(model.cuda(), crop)
     assert next(model.parameters()).is_cuda
     np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- onfh sim bench --only gpu
+
+
+def test_flop_count_of_a_convolution_is_the_textbook_count():
+    from sim.bench_gpu import flops_per_sample
+
+    conv = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 1))
+    voxels = 8**3
+    forward = 2 * (1 * 4 * 27 + 4 * 2 * 1) * voxels  # multiply-adds of both convolutions, per output voxel
+    # backward: weight gradients of both, input gradient of the second only (the input needs none)
+    backward = 2 * (1 * 4 * 27 + 4 * 2) * voxels + 2 * 4 * 2 * voxels
+    assert flops_per_sample(conv, (8, 8, 8), torch.device("cpu")) == forward + backward
+
+
+def test_gpu_bench_runs_on_cpu_at_tiny_size_and_prints_ratios(tmp_path, capsys):
+    from tests.conftest import TINY
+
+    from sim.cli import main
+
+    tiny = json.dumps(TINY)
+    assert main(["sim", "bench", "--only", "gpu", "--out", str(tmp_path), "--option", f"gpu.config_overrides={tiny}",
+                 "--option", "gpu.device=cpu", "--option", "gpu.infer_repeats=1", "--option", "gpu.steps=1",
+                 "--option", "gpu.warmup_steps=0"]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["sections"]["gpu"]
+    assert [(r["model"], r.get("batch_size")) for r in rows] == [("stager", 4), ("detector", 2), ("study", None)]
+    for row in rows[:2]:
+        assert row["device"] == "cpu" and row["peak_mem_gib"] is None and row["host_syncs_per_step"] is None
+        assert row["ours_vs_plain"] == pytest.approx(row["ours_samples_per_s"] / row["plain_samples_per_s"])
+        assert row["ours_vs_plain"] > 0 and row["gflop_per_sample"] > 0
+        assert row["ours_tflops"] == pytest.approx(row["gflop_per_sample"] * row["ours_samples_per_s"] / 1e3)
+    assert rows[2]["gradcam_ms_per_study"] > 0 and rows[2]["gradcam_speedup"] > 0
+    out = capsys.readouterr().out
+    assert "ours vs plain" in out and "gradcam speedup" in out
