@@ -775,16 +775,23 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
         raise SeriesError(study, "photometric interpretation is not one of MONOCHROME1/MONOCHROME2 for the whole series")
     monochrome1 = str(next(iter(datasets.values())).get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
 
-    # Decode every file once, and rescale each image on its own (float64 until the end).
-    decoded = {path: _decode(ds, study) for path, ds in datasets.items()}
-    values = []
-    for im in images:
-        ds = datasets[im.path]
-        pixels = decoded[im.path][max(im.frame, 0)]
-        if im.rescale is None:
-            values.append(np.asarray(apply_rescale(pixels, ds), dtype=np.float64))
-        else:
-            values.append(pixels.astype(np.float64) * im.rescale[0] + im.rescale[1])
+    # Decode every file once, and rescale each image on its own (float64 until the end). A
+    # file's raw and decoded pixels are freed as soon as its images are rescaled.
+    of_file: dict[Path, list[int]] = defaultdict(list)
+    for index, im in enumerate(images):
+        of_file[im.path].append(index)
+    values: list[np.ndarray] = [np.empty(0)] * len(images)
+    for path, ds in datasets.items():
+        decoded = _decode(ds, study)
+        for index in of_file[path]:
+            im = images[index]
+            pixels = decoded[max(im.frame, 0)]
+            if im.rescale is None:
+                values[index] = np.asarray(apply_rescale(pixels, ds), dtype=np.float64)
+            else:
+                values[index] = pixels.astype(np.float64) * im.rescale[0] + im.rescale[1]
+        del decoded
+        del ds.PixelData  # also drops pydicom's cached pixel_array
 
     positions = np.stack([im.ipp for im in images])
     along = positions @ normal
@@ -835,10 +842,17 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
             f"(gantry tilt or slice step {shear_deg:.1f} degrees off the normal; refused, not resampled)",
         )
 
-    volume = np.stack(values)
-    if monochrome1:
-        volume = volume.min() + volume.max() - volume
-    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    # Filled slice by slice into float32 (each element computed in float64, then cast: the same
+    # values as stacking in float64 and casting the stack, at a third of the peak memory).
+    volume = np.empty((len(values), *values[0].shape), dtype=np.float32)
+    low = min(float(v.min()) for v in values) if monochrome1 else 0.0
+    high = max(float(v.max()) for v in values) if monochrome1 else 0.0
+    for k in range(len(values)):
+        volume[k] = (low + high - values[k]) if monochrome1 else values[k]
+        values[k] = np.empty(0)  # free each float64 slice once copied
+    del values
+    image = sitk.GetImageFromArray(volume)
+    del volume
     step = (along[-1] - along[0]) / (len(along) - 1)
     image.SetSpacing((float(spacings[0, 1]), float(spacings[0, 0]), float(step)))
     image.SetOrigin(tuple(float(v) for v in positions[0]))
