@@ -359,3 +359,19 @@ def test_a_study_refused_after_reading_leaves_no_cache_entry(tmp_path, study_roo
     data = SiteData(site, "site-A", tmp_path / "cache", SPEC)
     assert [v.status for v in data.verdicts] == ["refused"] and "outside its hemi field of view" in data.verdicts[0].reason
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_site_split_cli_lists_skipped_rows_and_writes_the_good_patients(tmp_path, capsys):
+    site = tmp_path / "S"
+    site.mkdir()
+    rows = [f"P{i:02d},s{i},L,0,,GE".encode() for i in range(10)]
+    rows[3] = b"P03,../../etc,L,0,,GE"
+    rows[7] = b"P07,s7,L,0,,G\xffE"
+    (site / "manifest.csv").write_bytes(HEADER.encode() + b"\n" + b"\n".join(rows) + b"\n")
+    code = main(["site", "split", "--data", str(site), "--seed", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 row(s) skipped" in out and "Traceback" not in out
+    assert "study must be a path relative to the site root" in out and "not valid UTF-8" in out
+    with open(site / "split.csv", newline="") as fh:
+        patients = {r["patient_id"] for r in csv.DictReader(fh)}
+    assert patients == {f"P{i:02d}" for i in range(10)} - {"P03", "P07"}
