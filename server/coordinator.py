@@ -366,16 +366,32 @@ def start_superlink(certs: CertPaths, *, flwr_home: Path, database: Path, log_fi
 # --------------------------------------------------------------------------- runs
 
 
+def site_nodes(site_ids: list[str], registry: Path) -> str:
+    """The ``site-nodes`` run-config value ``"A=<node id>,B=<node id>"`` for ``site_ids``, from the
+    enrolment registry: the node id Flower assigned to each site's enrolled key. The ServerApp
+    refuses a node that claims a site not bound to it (``server.server_app.identity_problem``).
+
+    Raises:
+        ValueError: a site is not enrolled (names it and the registry).
+    """
+    entries = load_registry(registry)
+    missing = [s for s in site_ids if s not in entries]
+    if missing:
+        raise ValueError(f"sites {missing} are not enrolled in {registry} (enrol each with `onfh coordinator enroll`)")
+    return ",".join(f"{s}={int(entries[s]['node_id'])}" for s in site_ids)
+
+
 def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, connection: str = CONNECTION,
-           signing_key: Path | None = None) -> int:
+           signing_key: Path | None = None, registry: Path | None = None) -> int:
     """Start a run on the remote federation (``flwr run APP CONNECTION``); return its run id.
 
-    The run config (overrides of ``[tool.flwr.app.config]``) gets ``out-dir`` = ``out`` and,
-    if given, ``signing-key``; it is saved in ``out/launch.json`` with the run id, so that
+    The run config (overrides of ``[tool.flwr.app.config]``) gets ``out-dir`` = ``out``, if
+    given, ``signing-key`` and, from ``registry``, ``site-nodes`` (:func:`site_nodes`: each site
+    bound to its enrolled node); it is saved in ``out/launch.json`` with the run id, so that
     :func:`resume` can start the same run again. Checkpoints land in ``out/checkpoints``.
 
     Raises:
-        ValueError: an invalid run config (names the key).
+        ValueError: an invalid run config (names the key), or a site that is not enrolled.
         CoordinatorError: ``flwr run`` failed.
     """
     from shared_models.config import RunConfig, default_run_config
@@ -385,6 +401,9 @@ def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, conn
     rc["out-dir"] = str(out)
     if signing_key is not None:
         rc["signing-key"] = str(Path(signing_key).resolve())
+    if registry is not None:
+        ids = [s.strip() for s in str(rc.get("site-ids", default_run_config()["site-ids"])).split(",") if s.strip()]
+        rc["site-nodes"] = site_nodes(ids, registry)
     RunConfig.from_run_config({**default_run_config(), **rc})  # fail here, not in the ServerApp's log
     out.mkdir(parents=True, exist_ok=True)
     overrides = out / "run-config.toml"
@@ -414,7 +433,7 @@ def resume(out: Path, *, flwr_home: Path | None = None) -> int:
         raise FileNotFoundError(f"{path} does not exist: --resume needs the out-dir of a run started with `launch`")
     record = json.loads(path.read_text())
     return launch(record["run_config"], out=Path(out), flwr_home=Path(flwr_home or record["flwr_home"]),
-                  connection=record["connection"])
+                  connection=record["connection"])  # the saved run config keeps its site-nodes binding
 
 
 def run_status(run_id: int, *, flwr_home: Path, connection: str = CONNECTION) -> str:

@@ -48,8 +48,40 @@ class SitesMissingError(RuntimeError):
     """Not every configured site connected within ``node-wait-timeout-s``."""
 
 
-def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> tuple[dict[int, str], dict[str, dict]]:
+class SiteIdentityError(RuntimeError):
+    """A node claimed a site name that is not bound to its authenticated node id (issue 16)."""
+
+
+def identity_problem(node_id: int, claimed: str, site_nodes: dict[str, int], node_sites: dict[int, str]) -> str | None:
+    """Why a node may not be the site it claims, or None when it may.
+
+    In deployment (``site_nodes`` given, from the enrolment registry) a site is who its enrolled
+    key says it is: the SuperLink authenticates each SuperNode by its key and gives the replies
+    the node id Flower assigned to that key at ``flwr supernode register``, so the claim must
+    equal the site bound to that node id. In simulation (``site_nodes`` empty) every node is a
+    process of this run and the partition id names the site; a site claimed twice is still refused.
+    """
+    if site_nodes:
+        bound = next((site for site, node in site_nodes.items() if node == node_id), None)
+        if bound == claimed or (bound is None and claimed not in site_nodes):
+            return None  # the site's own node, or a node of no site of this run (left out, not refused)
+        if bound is None:
+            return f"node {node_id} is not enrolled for any site of this run but claims site {claimed!r}"
+        return f"node {node_id}, enrolled as site {bound!r}, claims site {claimed!r}"
+    if claimed in node_sites.values():
+        return f"node {node_id} claims site {claimed!r}, which another node already is"
+    return None
+
+
+def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0,
+                   refused: list[str] | None = None) -> tuple[dict[int, str], dict[str, dict]]:
     """Wait for one node per configured site and map node ids to site ids.
+
+    Each node's claimed ``site-id`` is checked against ``site-nodes`` (:func:`identity_problem`).
+    A node that claims a site not bound to it is refused by name, logged and listed in
+    ``refused``: it gets no further message. If it is the enrolled node of a site of this run,
+    that site cannot take part honestly and the run ends (:class:`SiteIdentityError`); a node of
+    no site of this run is left out and the run goes on.
 
     Returns:
         ``(node_sites, site_data)``: node id -> site id, and per site the counts it
@@ -58,13 +90,16 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> tuple[dic
     Raises:
         SitesMissingError: when the wait exceeds ``node-wait-timeout-s``; the message
             names the sites that did not answer.
+        SiteIdentityError: an enrolled node of this run claimed another site's name.
     """
     expected = set(cfg.site_ids)
     deadline = time.monotonic() + cfg.node_wait_timeout_s
     node_sites: dict[int, str] = {}
     site_data: dict[str, dict] = {}
+    ignored: set[int] = set()
+    refused = refused if refused is not None else []
     while True:
-        node_ids = [n for n in grid.get_node_ids() if n not in node_sites]
+        node_ids = [n for n in grid.get_node_ids() if n not in node_sites and n not in ignored]
         if node_ids:
             messages = [
                 Message(content=RecordDict({"config": ConfigRecord({"action": "hello"})}), dst_node_id=n, message_type=MessageType.QUERY)
@@ -74,16 +109,30 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0) -> tuple[dic
                 if reply.has_error():
                     log.warning("a node failed the hello query: %s", reply.error.reason)
                     continue
+                node_id = reply.metadata.src_node_id
                 site_id = str(reply.content["site"]["site-id"])
-                node_sites[reply.metadata.src_node_id] = site_id
+                problem = identity_problem(node_id, site_id, cfg.site_nodes, node_sites)
+                if problem:
+                    refused.append(f"refused: {problem}")
+                    ignored.add(node_id)
+                    log.error("refused: %s", problem)
+                    if node_id in cfg.site_nodes.values():
+                        raise SiteIdentityError(f"refused: {problem}; the run cannot go on without that site")
+                    continue
+                if cfg.site_nodes and site_id not in expected:
+                    ignored.add(node_id)
+                    continue
+                node_sites[node_id] = site_id
                 site_data[site_id] = dict(reply.content["metrics"])
         if expected <= set(node_sites.values()):
             break
         if time.monotonic() > deadline:
             missing = sorted(expected - set(node_sites.values()))
-            raise SitesMissingError(f"sites {missing} did not connect within {cfg.node_wait_timeout_s:.0f} s")
+            raise SitesMissingError(f"sites {missing} did not connect within {cfg.node_wait_timeout_s:.0f} s"
+                                    + (f" ({'; '.join(refused)})" if refused else ""))
         time.sleep(poll_s)
-    log.info("connected sites: %s", sorted(node_sites.values()))
+    log.info("connected sites: %s%s", sorted(node_sites.values()),
+             "" if cfg.site_nodes else " (simulation: sites named by partition id, not by enrolled keys)")
     return node_sites, site_data
 
 
@@ -291,7 +340,8 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)  # the initial global weights
 
     # 2. sites
-    node_sites, site_data = discover_sites(grid, cfg)
+    refused: list[str] = []
+    node_sites, site_data = discover_sites(grid, cfg, refused=refused)
 
     # 3. phase 1: detector
     detector = run_phase(grid, cfg, store, node_sites, phase="detector", model=YOLOX3D(cfg.detector),
@@ -329,6 +379,7 @@ def main(grid: Grid, context: Context) -> None:
     }
     report["missing_sites"] = {"detector": detector.missing_sites, "stager": stager.missing_sites}
     report["rejected_updates"] = {"detector": detector.rejected_updates, "stager": stager.rejected_updates}
+    report["refused_nodes"] = refused  # nodes that claimed a site not bound to their enrolled key
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_bundle(
         out / "bundle", detector_state=detector.selected_state_dict, stager_state=stager.selected_state_dict,

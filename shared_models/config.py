@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,39 @@ def parse_report_groups(text: str) -> dict[str, tuple[str, ...]]:
     return groups
 
 
+def parse_site_nodes(text: str, site_ids: tuple[str, ...]) -> dict[str, int]:
+    """Parse ``"A=5512,B=9071"`` (site -> the node id Flower assigned to its enrolled key) into a dict.
+
+    Empty text means no binding (simulation: the partition id names the site). A binding that
+    is given must cover every site of ``site_ids`` and give each node to one site only.
+
+    Raises:
+        ValueError: a malformed entry, an unknown or unbound site, or a node bound twice (names it).
+    """
+    nodes: dict[str, int] = {}
+    for entry in str(text).split(","):
+        if not entry.strip():
+            continue
+        site, sep, node = entry.partition("=")
+        site = site.strip()
+        try:
+            nodes[site] = int(node.strip())
+        except ValueError:
+            raise ValueError(f"run config 'site-nodes': malformed entry {entry!r}; expected SITE=NODE_ID") from None
+        if not sep or not site:
+            raise ValueError(f"run config 'site-nodes': malformed entry {entry!r}; expected SITE=NODE_ID")
+    if not nodes:
+        return {}
+    unknown = sorted(set(nodes) - set(site_ids))
+    unbound = [s for s in site_ids if s not in nodes]
+    if unknown or unbound:
+        raise ValueError(f"run config 'site-nodes': binds sites {unknown} that are not in site-ids"
+                         if unknown else f"run config 'site-nodes': sites {unbound} have no enrolled node")
+    if len(set(nodes.values())) != len(nodes):
+        raise ValueError("run config 'site-nodes': one node id is bound to two sites")
+    return nodes
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Validated run configuration shared by ServerApp, ClientApp and the simulation harness.
@@ -172,6 +205,7 @@ class RunConfig:
     min_cell_heads: int = 5  # a site with fewer heads in a split sends only the count ("suppressed")
     early_stopping_patience: int = 0  # issue 18: rounds without validation improvement before a phase stops (0: off)
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best validation score by more than this
+    site_nodes: dict[str, int] = field(default_factory=dict)  # issue 16: site -> enrolled node id ({}: simulation)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -310,6 +344,7 @@ class RunConfig:
             min_cell_heads=positive("min-cell-heads", int),
             early_stopping_patience=non_negative("early-stopping-patience", int),
             early_stopping_min_delta=non_negative("early-stopping-min-delta", float),
+            site_nodes=parse_site_nodes(get("site-nodes", str), site_ids),
         )
 
     def detector_l1_weight(self, server_round: int) -> float:

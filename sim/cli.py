@@ -445,7 +445,7 @@ def cmd_coordinator_launch(args) -> int:
         rc["train-sites"] = args.train_sites or sites
         rc["report-groups"] = ";".join(f"{s}={s}" for s in sites.split(","))  # one report group per site
         rc.update(_parse_set(args.set or []))
-        run_id = launch(rc, out=out, flwr_home=flwr_home, signing_key=certs.signing_key)
+        run_id = launch(rc, out=out, flwr_home=flwr_home, signing_key=certs.signing_key, registry=registry)
     console.print(f"run {run_id} started; checkpoints, report and bundle in {out}")
     if args.wait:
         status = wait_for_run(run_id, flwr_home=flwr_home, timeout_s=args.timeout, out=out)
