@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from shared_models.processes import toml_value
+from shared_models.processes import ProcessWatchdog, toml_value
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ def flower_variables(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
         "RAY_TMPDIR": str(ray_tmp),
         "RAY_DEDUP_LOGS": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        # local Ray only: its node address is 127.0.0.1, so GCS, raylet and workers listen on loopback
+        # (Ray's services.get_node_ip_address; otherwise they listen on every interface) (issue 16)
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
 
 
@@ -333,6 +336,8 @@ def run_simulation(
     overrides = work_dir / "run-config.toml"
     run_log = work_dir / "run.log"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+    watchdog = ProcessWatchdog()  # every process of the run dies with this one, kill -9 included (issue 16)
+    watchdog.start(env)
     try:
         t0 = time.monotonic()
         peak: dict = {}
@@ -362,4 +367,5 @@ def run_simulation(
         return {"run_id": run_id, "wall_time_s": round(time.monotonic() - t0, 1), "peak_rss_bytes": peak.get("rss_bytes", 0),
                 "status_asks": peak.get("status_asks", 0)}
     finally:
+        watchdog.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
