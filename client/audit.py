@@ -14,6 +14,16 @@ and exception type) is described in an append-only JSON-lines file at the site:
 * ``prev_sha256`` is the SHA-256 of the previous line, so a deleted or edited line breaks the
   chain (:func:`verify_audit_log`); lines are appended under an exclusive ``flock``, because
   each message runs in its own ``flwr-clientapp`` process.
+
+**Anchors (issue 16).** A chain alone cannot show that its *tail* is intact: the last line can be
+edited, the last lines deleted, a well-chained line appended, or the whole chain rewritten. So
+every reply carries the SHA-256 of its own log line (ConfigRecord ``audit``, key ``head-sha256``;
+the line holds names, shapes and times only, so its hash identifies no one), and the ServerApp
+keeps these anchors per site and round in the run folder (``audit-anchors.json``) and in
+``report.json`` (:mod:`server.audit_anchors`). :func:`verify_audit_anchors` (``onfh site
+verify-audit --anchors``) then finds each anchored line in the log, and refuses lines of an
+anchored run written after that run's last anchor. Because each line holds its predecessor's
+hash, one anchored line vouches for every line before it.
 """
 
 from __future__ import annotations
@@ -28,11 +38,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
 log = logging.getLogger(__name__)
 
 AUDIT_NAME = "audit.jsonl"
+ANCHOR_RECORD = "audit"  # the reply's ConfigRecord that carries the anchor
+ANCHOR_KEY = "head-sha256"
+
+
+def line_sha256(entry: dict) -> str:
+    """Hex SHA-256 of the line :func:`append_entry` writes for ``entry`` (without its newline)."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
 def _header(request: Message) -> dict:
@@ -131,6 +148,52 @@ def verify_audit_log(path: Path) -> int:
     return len(lines)
 
 
+def verify_audit_anchors(path: Path, anchors: list[dict]) -> dict:
+    """Check an audit log against the anchors the coordinator recorded for this site.
+
+    Args:
+        path: the site's ``audit.jsonl``.
+        anchors: this site's anchors, oldest first: dicts with ``sha256`` (and ``run_id``,
+            ``message_type``, ``round``, ``phase``, ``action`` to name them), as in the
+            ``audit_anchors`` of ``audit-anchors.json``, ``report.json`` or a bundle's ``metrics.json``.
+
+    Returns:
+        ``{"entries", "anchors", "runs", "unanchored_other_runs"}``: lines in the log, anchors
+        found, the anchored run ids, and lines of other (not anchored) runs, which cannot be judged.
+
+    Raises:
+        ValueError: the chain is broken; an anchored line is missing (edited, deleted or the chain
+            rewritten); or a line of an anchored run that is not an error entry follows that run's
+            last anchor (appended afterwards, or a reply the coordinator never received). The
+            message names the file and the line or the anchor.
+    """
+    count = verify_audit_log(path)
+    lines = Path(path).read_bytes().splitlines()
+    position = {hashlib.sha256(line).hexdigest(): i for i, line in enumerate(lines)}
+    last: dict[int, int] = {}
+    for anchor in anchors:
+        i = position.get(str(anchor.get("sha256")))
+        if i is None:
+            what = anchor.get("phase") or anchor.get("action") or "?"
+            raise ValueError(
+                f"{path}: no line matches the coordinator's anchor for run {anchor.get('run_id')}, "
+                f"{anchor.get('message_type')} {what} round {anchor.get('round')}: the line was edited or "
+                f"deleted, or the log was rewritten")
+        run = int(json.loads(lines[i])["run_id"])
+        last[run] = max(last.get(run, -1), i)
+    others = 0
+    for i, line in enumerate(lines):
+        entry = json.loads(line)
+        run = int(entry.get("run_id", -1))
+        if run not in last:
+            others += 1
+        elif i > last[run] and entry.get("error") is None:
+            raise ValueError(
+                f"{path}: line {i + 1} (run {run}, {entry.get('message_type')} round {entry.get('round')}) follows the "
+                f"coordinator's last anchor for that run: appended afterwards, or a reply the coordinator never received")
+    return {"entries": count, "anchors": len(anchors), "runs": sorted(last), "unanchored_other_runs": others}
+
+
 def audited(log_path: Callable[[Context], Path]):
     """Decorate a ClientApp handler so that its reply (or its error) is recorded before it leaves.
 
@@ -140,7 +203,8 @@ def audited(log_path: Callable[[Context], Path]):
     A handler that raises is recorded as an error entry holding only the exception's type
     and the (already stripped) message, then the exception is re-raised for Flower to send.
     If the audit log cannot be written, the reply is not sent (the exception propagates):
-    nothing leaves the site unrecorded.
+    nothing leaves the site unrecorded. A reply carries its entry's anchor (module docstring):
+    the entry is made with a placeholder of the same length, so its ``bytes`` stay exact.
     """
 
     def decorate(handler):
@@ -152,7 +216,9 @@ def audited(log_path: Callable[[Context], Path]):
             except Exception as exc:
                 append_entry(path, {**_header(msg), "error": f"{type(exc).__name__}: {exc}"})
                 raise
-            append_entry(path, describe_message(reply, msg))
+            reply.content[ANCHOR_RECORD] = ConfigRecord({ANCHOR_KEY: "0" * 64})
+            written = append_entry(path, describe_message(reply, msg))
+            reply.content[ANCHOR_RECORD][ANCHOR_KEY] = line_sha256(written)
             return reply
 
         return wrapper

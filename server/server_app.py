@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from client.training import select_device
+from server.audit_anchors import ANCHORS_NAME, AnchorRecordingGrid
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
 from server.early_stopping import stop_round
 from server.reply_polling import with_reply_polling
@@ -338,10 +339,12 @@ def main(grid: Grid, context: Context) -> None:
     store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
     configure_determinism(select_device(cfg.device))
     torch.manual_seed(cfg.seed)  # the initial global weights
+    grid = anchors = AnchorRecordingGrid(grid, out / ANCHORS_NAME)  # every reply's audit-log head, per site
 
     # 2. sites
     refused: list[str] = []
     node_sites, site_data = discover_sites(grid, cfg, refused=refused)
+    anchors.node_sites = node_sites
 
     # 3. phase 1: detector
     detector = run_phase(grid, cfg, store, node_sites, phase="detector", model=YOLOX3D(cfg.detector),
@@ -380,6 +383,7 @@ def main(grid: Grid, context: Context) -> None:
     report["missing_sites"] = {"detector": detector.missing_sites, "stager": stager.missing_sites}
     report["rejected_updates"] = {"detector": detector.rejected_updates, "stager": stager.rejected_updates}
     report["refused_nodes"] = refused  # nodes that claimed a site not bound to their enrolled key
+    report["audit_anchors"] = anchors.anchors()  # `onfh site verify-audit --anchors report.json`
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_bundle(
         out / "bundle", detector_state=detector.selected_state_dict, stager_state=stager.selected_state_dict,

@@ -375,6 +375,32 @@ def cmd_site_verify(args) -> int:
     return 0
 
 
+def cmd_site_verify_audit(args) -> int:
+    """The audit log's hash chain and, with --anchors, the coordinator's anchors (issue 16)."""
+    from client.audit import verify_audit_anchors, verify_audit_log
+    from client.site_data import SITE_CACHE_NAME
+    from server.audit_anchors import load_anchors
+
+    if not args.log and not args.data:
+        raise ValueError("give --log AUDIT_LOG or --data SITE_FOLDER")
+    path = Path(args.log) if args.log else Path(args.data) / SITE_CACHE_NAME / "audit.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no audit log")
+    if not args.anchors:
+        console.print(f"[green]{path}: chain intact[/green] ({verify_audit_log(path)} entries); without --anchors "
+                      "an edited, removed or appended last line cannot be seen")
+        return 0
+    site = args.site or (Path(args.data).resolve().name if args.data else None)
+    anchors = load_anchors(Path(args.anchors))
+    if not Path(args.anchors).is_file() or site not in anchors:
+        raise ValueError(f"{args.anchors}: no audit anchors for site {site!r} (sites: {sorted(anchors)}; use --site)")
+    summary = verify_audit_anchors(path, anchors[site])
+    console.print(f"[green]{path}: chain intact and every one of {summary['anchors']} anchors of site {site} found"
+                  f"[/green] (runs {summary['runs']}; {summary['entries']} entries, "
+                  f"{summary['unanchored_other_runs']} of other runs not covered by {args.anchors})")
+    return 0
+
+
 def _coordinator_paths(args):
     from server.coordinator import REGISTRY_NAME, CertPaths
 
@@ -679,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle folder")
     p.add_argument("--public-key", required=True, help="coordinator's Ed25519 public key (bundle-signing-key.pem.pub)")
     p.set_defaults(func=cmd_site_verify)
+
+    p = site.add_parser("verify-audit", help="check the site's audit log: hash chain, and with --anchors the heads the "
+                        "coordinator recorded (detects an edited, deleted or appended tail, or a rewritten log)")
+    p.add_argument("--data", help="site folder (the log is DATA/.onfh-cache/audit.jsonl; the site id is its name)")
+    p.add_argument("--log", help="audit log file (instead of --data)")
+    p.add_argument("--anchors", help="the run's audit-anchors.json or report.json, or a bundle's metrics.json")
+    p.add_argument("--site", help="site id in the anchors file (default: the --data folder's name)")
+    p.set_defaults(func=cmd_site_verify_audit)
 
     coord = groups.add_parser("coordinator", help="federation coordinators").add_subparsers(dest="cmd", required=True)
     p = coord.add_parser("signing-key", help="create the Ed25519 key that signs model bundles")

@@ -116,3 +116,95 @@ def test_client_app_audit_path_follows_the_node_config(tmp_path):
     ctx = Context(run_id=1, node_id=1, node_config={"site-id": "A", "data-path": str(tmp_path), "audit-log": str(tmp_path / "x.jsonl")},
                   state=RecordDict(), run_config=rc)
     assert audit_log_path(ctx) == tmp_path / "x.jsonl"
+
+
+# --------------------------------------------------------------------------- anchors (issue 16, row 11)
+
+
+def _anchored_log(tmp_path, rounds: int = 4):
+    """A site log written by the audited handlers, and the anchors its replies carried."""
+    from client.audit import ANCHOR_KEY, ANCHOR_RECORD
+
+    path = tmp_path / "audit.jsonl"
+    context = Context(run_id=7, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+    @audited(lambda ctx: path)
+    def train(msg, ctx):
+        return _train_reply(msg)
+
+    anchors = []
+    for r in range(1, rounds + 1):
+        reply = train(_request("train", {"phase": "detector", "server-round": r}), context)
+        anchors.append({"run_id": 7, "message_type": "train", "round": r, "phase": "detector", "action": None,
+                        "sha256": reply.content[ANCHOR_RECORD][ANCHOR_KEY]})
+    return path, anchors
+
+
+def test_reply_carries_the_hash_of_its_own_log_line_and_bytes_stay_exact(tmp_path):
+    import hashlib
+
+    from client.audit import ANCHOR_KEY, ANCHOR_RECORD
+
+    path, anchors = _anchored_log(tmp_path, rounds=2)
+    lines = path.read_bytes().splitlines()
+    assert [a["sha256"] for a in anchors] == [hashlib.sha256(line).hexdigest() for line in lines]
+    reply = _train_reply(_request("train", {"phase": "detector", "server-round": 3}))
+    reply.content[ANCHOR_RECORD] = ConfigRecord({ANCHOR_KEY: anchors[0]["sha256"]})
+    assert read_audit_log(path)[0]["bytes"] == recorddict_to_proto(reply.content).ByteSize()
+    assert {"record": "audit", "names": ["head-sha256"]} in read_audit_log(path)[0]["configs"]
+
+
+def test_untouched_log_verifies_against_its_anchors(tmp_path):
+    from client.audit import verify_audit_anchors
+
+    path, anchors = _anchored_log(tmp_path)
+    append_entry(path, {"run_id": 8, "round": 1, "error": None})  # a later run the anchors do not cover
+    summary = verify_audit_anchors(path, anchors)
+    assert summary == {"entries": 5, "anchors": 4, "runs": [7], "unanchored_other_runs": 1}
+
+
+def _rechain(lines: list[bytes]) -> list[bytes]:
+    """Recompute every prev_sha256, as an attacker who rewrites the log would."""
+    import hashlib
+
+    out, prev = [], None
+    for line in lines:
+        entry = json.loads(line)
+        entry["prev_sha256"] = hashlib.sha256(prev).hexdigest() if prev is not None else None
+        prev = json.dumps(entry, sort_keys=True).encode()
+        out.append(prev)
+    return out
+
+
+@pytest.mark.parametrize("attack", ["edit-last-line", "delete-last-lines", "append-forged-line", "rewrite-chain"])
+def test_every_tail_tampering_of_row_11_is_detected(tmp_path, attack):
+    from client.audit import verify_audit_anchors
+
+    path, anchors = _anchored_log(tmp_path)
+    lines = path.read_bytes().splitlines()
+    if attack == "edit-last-line":  # the chain stays valid: nothing follows the last line
+        entry = json.loads(lines[-1])
+        entry["bytes"] = 10
+        lines[-1] = json.dumps(entry, sort_keys=True).encode()
+    elif attack == "delete-last-lines":
+        lines = lines[:-2]
+    elif attack == "append-forged-line":  # well chained, same run, same shape as a real entry
+        forged = {**json.loads(lines[-1]), "round": 5}
+        import hashlib
+        forged["prev_sha256"] = hashlib.sha256(lines[-1]).hexdigest()
+        lines.append(json.dumps(forged, sort_keys=True).encode())
+    else:  # every line changed and re-chained
+        lines = _rechain([json.dumps({**json.loads(x), "bytes": 1}, sort_keys=True).encode() for x in lines])
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert verify_audit_log(path) == len(lines)  # the chain alone sees nothing wrong
+    expected = "line 5 .*follows the coordinator's last anchor" if attack == "append-forged-line" else "no line matches"
+    with pytest.raises(ValueError, match=expected):
+        verify_audit_anchors(path, anchors)
+
+
+def test_error_entries_after_the_last_anchor_are_allowed(tmp_path):
+    from client.audit import verify_audit_anchors
+
+    path, anchors = _anchored_log(tmp_path, rounds=1)
+    append_entry(path, {"run_id": 7, "round": 2, "error": "SiteStepError: train/detector failed"})  # no reply anchor
+    assert verify_audit_anchors(path, anchors)["entries"] == 2

@@ -42,7 +42,8 @@ import psutil
 import pytest
 import torch
 
-from client.audit import read_audit_log, verify_audit_log
+from client.audit import read_audit_log, verify_audit_anchors, verify_audit_log
+from server.audit_anchors import load_anchors
 from server import coordinator as co
 from server.checkpoint import verify_chain
 from shared_models.bundle import BundleError, load_bundle
@@ -251,9 +252,15 @@ def test_infer_refuses_tampered_or_unverified_bundles(federation, tmp_path):
 
 def test_audit_logs_describe_every_reply_without_patient_data(federation):
     data = federation["data"]
+    anchors = load_anchors(federation["faults"]["out"] / "audit-anchors.json")
+    report = json.loads((federation["faults"]["out"] / "report.json").read_text())
+    assert report["audit_anchors"] == anchors and report["refused_nodes"] == []
     for site in SITES:
         path = data / site / ".onfh-cache" / "audit.jsonl"
         assert verify_audit_log(path) > 0
+        # issue 16: every reply's anchor is in the site's log, and nothing of run 1 follows the last one
+        summary = verify_audit_anchors(path, anchors[site])
+        assert summary["anchors"] >= 4 + 4 * (site in TRAIN) and len(summary["runs"]) == 1
         entries = read_audit_log(path)
         text = path.read_text()
         assert str(data) not in text and "study-" not in text and f"{site}-0" not in text  # no paths, studies, patients
@@ -294,12 +301,20 @@ def test_unenrolled_supernode_is_refused(federation, tmp_path):
     assert "not restarting" in (tmp_path / "daemon.log").read_text()
 
 
-def test_a_site_that_never_connects_fails_the_run_fast_naming_it(federation, capsys):
+def test_a_site_that_never_connects_fails_the_run_fast_naming_it(federation, capsys, tmp_path):
     out = federation["root"] / "run-missing"
     argv = _launch_argv(federation["home"], out)
-    argv[argv.index("--sites") + 1] = "A,B,C,D"  # D was never enrolled
+    argv[argv.index("--sites") + 1] = "A,B,C,D"
     argv += ["--set", "site-ids=A,B,C,D", "--set", "report-groups=A-test=A;B-test=B;external-1=C,D",
-             "--set", "node-wait-timeout-s=60", "--wait"]
+             "--set", "node-wait-timeout-s=60"]
+    # a site that is not enrolled is refused before anything starts (issue 16: site-nodes from the registry) ...
+    assert main(argv) == 1
+    assert "['D'] are not enrolled" in capsys.readouterr().out and not (out / co.LAUNCH_NAME).exists()
+    # ... and one enrolled whose node never connects fails the run after node-wait-timeout-s
+    assert main(["site", "keys", "--out", str(tmp_path / "keys-D")]) == 0
+    assert main(["coordinator", "enroll", "--home", str(federation["home"]), "--site", "D",
+                 "--public-key", str(tmp_path / "keys-D" / "supernode-key.pub")]) == 0
+    argv += ["--wait"]
     t0 = time.monotonic()
     assert main(argv) == 1
     text = capsys.readouterr().out

@@ -1,0 +1,134 @@
+"""The coordinator's record of every site's audit-log head (issue 16, "audit log anchored").
+
+Every reply a site sends carries the SHA-256 of the audit-log line that describes it
+(:mod:`client.audit`, ConfigRecord ``audit``). :class:`AnchorRecordingGrid` wraps the ServerApp's
+grid and keeps those anchors, per site, with the run id, message type, round, phase or action
+of the request they answer, in ``audit-anchors.json`` of the run folder (rewritten after every
+exchange; a resumed run appends) and, at the end, in ``report.json``::
+
+    {"audit_anchors": {"A": [{"run_id", "message_type", "round", "phase", "action", "sha256"}, ...]}}
+
+A site checks its log against them with ``onfh site verify-audit --anchors`` (:func:`client.audit.
+verify_audit_anchors`). A reply without an anchor (an error reply, or a site on an older release)
+is simply not recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from client.audit import ANCHOR_KEY, ANCHOR_RECORD
+
+ANCHORS_NAME = "audit-anchors.json"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def load_anchors(path: Path) -> dict[str, list[dict]]:
+    """The ``audit_anchors`` of a run folder's ``audit-anchors.json``, a ``report.json`` or a
+    bundle's ``metrics.json`` ({} when ``path`` does not exist).
+
+    Raises:
+        ValueError: the file is not JSON or has no well-formed ``audit_anchors`` (names the file).
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        anchors = json.loads(path.read_text()).get("audit_anchors")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{path}: not a JSON object with 'audit_anchors'") from None
+    if not isinstance(anchors, dict) or not all(isinstance(v, list) for v in anchors.values()):
+        raise ValueError(f"{path}: 'audit_anchors' must map each site to a list of anchors")
+    return anchors
+
+
+class AnchorRecordingGrid(Grid):
+    """``grid`` whose :meth:`send_and_receive` records the audit anchor of every reply.
+
+    Args:
+        grid: the ServerApp's grid (deployment or simulation, possibly wrapped).
+        path: the run folder's ``audit-anchors.json``; anchors already there are kept.
+
+    Attributes:
+        node_sites: node id -> site id; set after site discovery. Anchors of nodes not in it
+            (e.g. a refused node) are filed under ``node-<id>``.
+    """
+
+    def __init__(self, grid: Grid, path: Path) -> None:
+        self.grid, self.path = grid, Path(path)
+        self.node_sites: dict[int, str] = {}
+        self._saved = load_anchors(self.path)
+        self._new: list[tuple[int, dict]] = []
+
+    # ------------------------------------------------------------------ delegated to the wrapped grid
+    def set_run(self, run) -> None:  # noqa: D102 - Grid's
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: D102 - Grid's
+        return self.grid.run
+
+    def create_message(self, content, message_type: str, dst_node_id: int, group_id: str,  # noqa: D102
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid's
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: D102 - Grid's
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid's
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid's
+        return self.grid.pull_messages(message_ids)
+
+    def __getattr__(self, name: str):
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
+    # ------------------------------------------------------------------ the one change
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """The wrapped grid's ``send_and_receive``; then every reply's anchor is recorded and saved."""
+        messages = list(messages)
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            request = sent.get(reply.metadata.src_node_id)
+            if reply.has_error() or request is None or ANCHOR_RECORD not in reply.content.config_records:
+                continue
+            head = str(reply.content.config_records[ANCHOR_RECORD].get(ANCHOR_KEY, ""))
+            if not _HEX64.match(head):
+                continue
+            config = request.content.config_records.get("config", {}) if request.has_content() else {}
+            self._new.append((reply.metadata.src_node_id, {
+                "run_id": int(reply.metadata.run_id), "message_type": str(request.metadata.message_type),
+                "round": int(config["server-round"]) if "server-round" in config else None,
+                "phase": str(config["phase"]) if "phase" in config else None,
+                "action": str(config["action"]) if "action" in config else None, "sha256": head}))
+        if replies:
+            self.save()
+        return replies
+
+    def anchors(self) -> dict[str, list[dict]]:
+        """Every site's anchors, oldest first (earlier runs of this folder first)."""
+        out = {site: list(entries) for site, entries in self._saved.items()}
+        for node, anchor in self._new:
+            out.setdefault(self.node_sites.get(node, f"node-{node}"), []).append(anchor)
+        return out
+
+    def save(self) -> None:
+        """Rewrite ``audit-anchors.json`` atomically (write, then rename)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"audit_anchors": self.anchors()}, indent=1))
+        os.replace(tmp, self.path)
