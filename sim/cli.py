@@ -24,6 +24,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from shared_models.processes import tied_to_this_process
+
 log = logging.getLogger("onfh")
 console = Console()
 if not console.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
@@ -362,7 +364,8 @@ def cmd_site_daemon(args) -> int:
     home = Path(args.flwr_home) if args.flwr_home else cache / "flwr-home"
     log_file = Path(args.log) if args.log else cache / "supernode.log"
     console.print(f"site {site_id}: SuperNode connecting to {args.superlink} (log: {log_file}; Ctrl-C stops it)")
-    code = run_daemon(cmd, env=supernode_env(home, args.threads), log_file=log_file, max_restarts=args.max_restarts)
+    with tied_to_this_process():  # the SuperNode and its ClientApps die with this command, kill -9 included
+        code = run_daemon(cmd, env=supernode_env(home, args.threads), log_file=log_file, max_restarts=args.max_restarts)
     return 0 if code == 0 else 1
 
 
@@ -429,14 +432,15 @@ def cmd_coordinator_start_superlink(args) -> int:
     home, certs, flwr_home, _ = _coordinator_paths(args)
     database = Path(args.database) if args.database else home / "superlink.db"
     log_file = home / "superlink.log"
-    proc = start_superlink(certs, flwr_home=flwr_home, database=database, log_file=log_file, host=args.host,
-                           port=args.port)
-    console.print(f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state in {database}); "
-                  f"log: {log_file}; Ctrl-C stops it")
-    try:
-        return 0 if proc.wait() == 0 else 1
-    finally:
-        stop_process_tree(proc.pid)
+    with tied_to_this_process():  # the SuperLink and its ServerApps die with this command, kill -9 included
+        proc = start_superlink(certs, flwr_home=flwr_home, database=database, log_file=log_file, host=args.host,
+                               port=args.port)
+        console.print(f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state in {database}); "
+                      f"log: {log_file}; Ctrl-C stops it")
+        try:
+            return 0 if proc.wait() == 0 else 1
+        finally:
+            stop_process_tree(proc.pid)
 
 
 def cmd_coordinator_enroll(args) -> int:
