@@ -375,3 +375,21 @@ def test_site_split_cli_lists_skipped_rows_and_writes_the_good_patients(tmp_path
     with open(site / "split.csv", newline="") as fh:
         patients = {r["patient_id"] for r in csv.DictReader(fh)}
     assert patients == {f"P{i:02d}" for i in range(10)} - {"P03", "P07"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"patient_id,study,side,ficat_stage,box_lps_mm,scan\xffner\n", r"header \(row 1\): not valid UTF-8"),
+        (b'"patient_id,study\n', r"header \(row 1\): malformed CSV"),
+        (b"patient_id,study,side\nP1,s,L\n", r"missing column\(s\) ficat_stage, box_lps_mm, scanner"),
+        (b"", r"empty file"),
+    ],
+)
+def test_an_unusable_manifest_header_is_one_clear_error(tmp_path, content, message):
+    """Only the file as a whole can refuse the site, with a ValueError naming it (never a csv.Error)."""
+    (tmp_path / "manifest.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        check_manifest(tmp_path, "S")
+    assert str(tmp_path / "manifest.csv") in str(err.value)
+    assert main(["site", "check", "--data", str(tmp_path), "--min-free-gb", "0"]) == 1  # an error line, no traceback
