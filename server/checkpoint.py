@@ -29,6 +29,7 @@ or run folder resumes; that the data is the same is not something a path could p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -51,8 +52,6 @@ RESUMABLE_KEYS = frozenset({"detector-rounds", "stager-rounds", "node-wait-timeo
                             *PATH_KEYS})
 MAX_CHECKPOINT_BYTES = 4 << 30  # two state dicts of the paper-size models are a few MB
 MAX_CHAIN_BYTES = 64 << 20
-_FIELDS = ("round", "state_dict", "site_metrics", "train_metrics", "best_round", "best_score", "best_state_dict",
-           "fingerprint", "run_config", "missing_sites", "rejected_updates")
 
 
 class CheckpointError(ValueError):
@@ -314,7 +313,8 @@ def _verified(path: Path, recorded: dict[str, dict]) -> PhaseCheckpoint:
     if entry is None:
         raise CheckpointError(f"{path}: damaged or modified (its SHA-256 is not in chain.json; {len(data)} bytes)")
     fields = load_tensors(data, path)
-    if not isinstance(fields, dict) or not {"round", "state_dict"} <= set(fields) or set(fields) - set(_FIELDS):
+    known = {f.name for f in dataclasses.fields(PhaseCheckpoint)}
+    if not isinstance(fields, dict) or not {"round", "state_dict"} <= set(fields) or set(fields) - known:
         raise CheckpointError(f"{path}: not a phase checkpoint (fields {sorted(fields) if isinstance(fields, dict) else type(fields).__name__})")
     ckpt = PhaseCheckpoint(**fields)
     if ckpt.round != entry["round"]:

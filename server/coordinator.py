@@ -560,7 +560,7 @@ def pull(out: Path, dest: Path, public_key: Path) -> Path:
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} exists; choose a new folder for the bundle")
-    shutil.copytree(src, dest)
+    shutil.copytree(src, dest, symlinks=True)  # a symlink stays one, and load_bundle refuses it
     try:
         load_bundle(dest, public_key)
     except Exception:

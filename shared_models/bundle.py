@@ -218,8 +218,8 @@ def load_bundle(path: Path, public_key: Path | None = None) -> Bundle:
     def parse(name: str):
         try:
             return json.loads(data[name])
-        except ValueError as err:
-            raise BundleError(f"{path}: {name} is not valid JSON ({err})") from None
+        except (ValueError, RecursionError) as err:
+            raise BundleError(f"{path}: {name} is not valid JSON ({type(err).__name__})") from None
 
     def weights(name: str):
         try:
@@ -230,11 +230,14 @@ def load_bundle(path: Path, public_key: Path | None = None) -> Bundle:
             raise BundleError(f"{path}: {name} holds no state dict")
         return state
 
-    models = parse("models.json")
-    detector = YOLOX3D(DetectorConfig.from_dict(models["detector"]))
-    detector.load_state_dict(weights("detector.pt"))
-    stager = MulDenseNet3D(StagerConfig.from_dict(models["stager"]))
-    stager.load_state_dict(weights("stager.pt"))
+    detector_config, stager_config = _model_configs(parse("models.json"), path)
+    detector, stager = YOLOX3D(detector_config), MulDenseNet3D(stager_config)
+    for name, net in (("detector.pt", detector), ("stager.pt", stager)):
+        try:
+            net.load_state_dict(weights(name))
+        except RuntimeError as err:  # names or shapes that models.json does not describe
+            raise BundleError(f"{path}: {name} does not fit the network in models.json "
+                              f"({str(err).splitlines()[0][:200]})") from None
     if public_key is None:
         log.warning("bundle verified against its embedded signer key only; pass the coordinator's public key to trust it")
     return Bundle(
@@ -253,3 +256,25 @@ def _calibration(d, path: Path) -> Calibration:
         return Calibration.from_dict(d)
     except (ValueError, TypeError) as err:
         raise BundleError(f"{path}: calibration.json is invalid ({err})") from None
+
+
+def _model_configs(models, path: Path) -> tuple[DetectorConfig, StagerConfig]:
+    """The two network configs of ``models.json``, refused when malformed or when the networks
+    they describe would be larger than :data:`MAX_WEIGHTS_BYTES` (sized on the ``meta`` device,
+    which allocates nothing, before a real network is built).
+
+    Raises:
+        BundleError: naming ``models.json`` and the problem.
+    """
+    try:
+        detector_config = DetectorConfig.from_dict(models["detector"])
+        stager_config = StagerConfig.from_dict(models["stager"])
+        with torch.device("meta"):
+            sizes = [sum(t.numel() * t.element_size() for t in net.state_dict().values())
+                     for net in (YOLOX3D(detector_config), MulDenseNet3D(stager_config))]
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise BundleError(f"{path}: models.json does not describe the networks ({type(err).__name__}: {err})") from None
+    if max(sizes) > MAX_WEIGHTS_BYTES:
+        raise BundleError(f"{path}: models.json describes a network of {max(sizes)} bytes, more than the "
+                          f"{MAX_WEIGHTS_BYTES} allowed")
+    return detector_config, stager_config

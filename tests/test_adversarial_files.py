@@ -382,3 +382,44 @@ def test_row16_a_missing_first_round_starts_the_phase_again(tmp_path):
     assert store.load("detector") is None
     store.save("detector", PhaseCheckpoint(round=1, state_dict={"w": torch.zeros(1)}))
     assert store.load("detector").round == 1
+
+
+def test_row8_models_json_describing_a_huge_network_is_refused_before_it_is_built(tiny_bundle_parts, monkeypatch):
+    path, _, key = tiny_bundle_parts
+    models = json.loads((path / "models.json").read_text())
+    models["stager"]["init_features"] = 65536  # a re-signed bundle asking for a 40 GB network
+    (path / "models.json").write_text(json.dumps(models))
+    _resign(path, key)
+    built = []
+    real_init = MulDenseNet3D.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built.append(torch.empty(0).device.type)  # the default device the network is built on
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(MulDenseNet3D, "__init__", recording_init)
+    with pytest.raises(BundleError, match="models.json describes a network of .* bytes, more than"):
+        load_bundle(path)
+    assert built == ["meta"]  # sized on the meta device only; no real allocation
+
+
+def test_row8_pull_does_not_follow_a_symlink_out_of_the_run_folder(tmp_path, tiny_bundle_parts):
+    path, pub, _ = tiny_bundle_parts
+    out = tmp_path / "run"
+    out.mkdir()
+    os.replace(path, out / "bundle")
+    (out / "bundle" / "metrics.json").unlink()
+    (out / "bundle" / "metrics.json").symlink_to("/dev/zero")  # copying its target would never end
+    with pytest.raises(BundleError, match="metrics.json refused.*(symlink|outside)"):
+        co.pull(out, tmp_path / "dest", pub)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_row8_weights_that_do_not_fit_models_json_are_refused_by_name(tiny_bundle_parts):
+    path, _, key = tiny_bundle_parts
+    models = json.loads((path / "models.json").read_text())
+    models["stager"]["init_features"] = 16
+    (path / "models.json").write_text(json.dumps(models))
+    _resign(path, key)
+    with pytest.raises(BundleError, match=r"stager\.pt does not fit the network in models\.json"):
+        load_bundle(path)
