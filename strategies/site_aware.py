@@ -183,7 +183,9 @@ class SiteAwareMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._wait_for_sites(grid, server_round + self.round_offset, "evaluate")
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        # only the run's sites: a node refused at discovery (or of another run) gets nothing (issue 16)
+        return [m for m in messages if m.metadata.dst_node_id in self.node_sites]
 
     def _reject(self, server_round: int, site: str, problems: list[str], phase: str = "train") -> None:
         prefix = "" if phase == "train" else f"{phase}: "

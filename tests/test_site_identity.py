@@ -105,3 +105,21 @@ def test_launch_binding_comes_from_the_registry_and_names_unenrolled_sites(tmp_p
     assert site_nodes(["B", "A"], registry) == "B=22,A=11"
     with pytest.raises(ValueError, match=r"\['D'\] are not enrolled"):
         site_nodes(["A", "D"], registry)
+
+
+def test_nodes_outside_the_run_get_no_evaluate_message():
+    import torch
+    from flwr.app import ArrayRecord
+
+    from strategies.site_aware import build_strategy
+
+    class Grid:  # node 9 was refused at discovery (or belongs to no site of this run)
+        def get_node_ids(self):
+            return [1, 2, 9]
+
+    strategy = build_strategy("fedavg", proximal_mu=0.0, node_sites={1: "A", 2: "B"}, train_sites=["A"])
+    config = ConfigRecord({"phase": "stager"})
+    evals = strategy.configure_evaluate(1, ArrayRecord({"w": torch.zeros(1)}), config, Grid())
+    trains = strategy.configure_train(1, ArrayRecord({"w": torch.zeros(1)}), config, Grid())
+    assert sorted(m.metadata.dst_node_id for m in evals) == [1, 2]
+    assert [m.metadata.dst_node_id for m in trains] == [1]
