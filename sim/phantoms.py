@@ -93,7 +93,7 @@ Ficat-Arlet labels (``shared_models.stages.FicatArletStage``), all T2 signs insi
       same head without the sign is about 0.5-2.5 at the noisiest (1.5T) scanner and at most
       about 4-5.5 at the 3T scanners, and amplitudes and sizes vary per head so that some cases
       are hard. Paper profile, seed 0, mean CNR per site A/B/C/D: stage I oedema 1.5/1.6/0.9/0.6;
-      stage II bright band 3.8/3.6/2.1/2.2, dark band 3.8/3.5/2.5/2.2. (An earlier setting with
+      stage II bright band 3.7/3.3/1.9/2.1, dark band 3.8/3.3/2.4/2.2. (An earlier setting with
       band CNR 1.6-1.8 at A, 2-3.5 mm bands, proved below what 231 training heads can teach the
       default stager: macro AUC about 0.75; the double-line sign is conspicuous on real T2.)
       First-order intensity statistics of the head box do not separate the stages (see the
@@ -142,8 +142,12 @@ DICOM files
 
 Profiles and cost
     ``"paper"``: the counts above at full resolution (<= 1.4 M voxels per study, fewer when
-    cropped); on 2 shared CPU cores it generates in about 50 s and 540 MB. ``"quick"``: the same four scanners at
-    3-3.6 mm x 6 mm voxels, 10/6/4/4 heads from 6/4/3/2 patients, about 3 s and 8 MB.
+    cropped); on 2 idle CPU cores generator version 6 took about 50 s (540 MB). Version 7
+    (surroundings, randomisation, crops) writes 373 MB; rendering and writing the same 24
+    studies (6 per scanner), versions interleaved on the same loaded machine, took 0.83 x
+    version 6's time (cropped studies have fewer voxels; quick profile 0.82 x). ``"quick"``:
+    the same four scanners at 3-3.6 mm x 6 mm voxels, 10/6/4/4 heads from 6/4/3/2 patients,
+    about 1-3 s and 5 MB.
 
 Determinism
     Everything derives from ``seed`` through ``numpy.random.SeedSequence`` keyed by site and
