@@ -272,7 +272,9 @@ def cmd_site_check(args) -> int:
         # One object per study: {study, series_uid, status: ok|refused, reason, shape, spacing_mm, direction}.
         Path(args.json).write_text(json.dumps([v.to_dict() for v in site.verdicts], indent=2))
     bad = sum(v.status != "ok" for v in site.verdicts)
-    console.print(f"{len(site.verdicts) - bad} studies ok, {bad} refused, {len(site.heads)} femoral heads usable")
+    rows = len(site.row_refusals)
+    console.print(f"{len(site.verdicts) - bad} studies ok, {bad - rows} refused, {rows} row(s) skipped, "
+                  f"{len(site.heads)} femoral heads usable")
     _print_skipped_rows(site.row_refusals)
     from client.site_daemon import Check, check_ca_certificate, check_cache_space, check_device, check_superlink
 
