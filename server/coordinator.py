@@ -388,12 +388,15 @@ def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, conn
     The run config (overrides of ``[tool.flwr.app.config]``) gets ``out-dir`` = ``out``, if
     given, ``signing-key`` and, from ``registry``, ``site-nodes`` (:func:`site_nodes`: each site
     bound to its enrolled node); it is saved in ``out/launch.json`` with the run id, so that
-    :func:`resume` can start the same run again. Checkpoints land in ``out/checkpoints``.
+    :func:`resume` can start the same run again. Checkpoints land in ``out/checkpoints``. What
+    Flower sends to the sites carries a reference instead of ``out-dir`` and ``signing-key``
+    (``server.run_paths``).
 
     Raises:
         ValueError: an invalid run config (names the key), or a site that is not enrolled.
         CoordinatorError: ``flwr run`` failed.
     """
+    from server.run_paths import hide_coordinator_paths
     from shared_models.config import RunConfig, default_run_config
 
     out = Path(out).resolve()
@@ -407,7 +410,8 @@ def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, conn
     RunConfig.from_run_config({**default_run_config(), **rc})  # fail here, not in the ServerApp's log
     out.mkdir(parents=True, exist_ok=True)
     overrides = out / "run-config.toml"
-    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in rc.items()))
+    sent = hide_coordinator_paths(rc, flwr_home)  # Flower sends the run config to every site: no local paths
+    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in sent.items()))
     text = _flwr(["run", str(APP_DIR), connection, "--run-config", str(overrides), "--format", "json"], flwr_home, timeout=300)
     reply = _json_tail(text)
     if "run-id" not in reply:  # e.g. {"success": false, "error-message": "... app does not meet ..."}

@@ -32,6 +32,7 @@ from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerpri
 from server.early_stopping import stop_round
 from server.reply_polling import with_reply_polling
 from server.report import build_report, transfer_summary
+from server.run_paths import resolve_coordinator_paths
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
@@ -330,12 +331,12 @@ def main(grid: Grid, context: Context) -> None:
     _enable_project_logging()
     grid = with_reply_polling(grid)  # deployment: replies asked for every 0.05-0.5 s, not every 3 s
     # 1. config and checkpoints
-    cfg = RunConfig.from_run_config(context.run_config)
+    run_config = resolve_coordinator_paths(context.run_config)  # deployment: paths not sent to sites
+    cfg = RunConfig.from_run_config(run_config)
     if not cfg.out_dir:
         raise ValueError("run config 'out-dir' is empty: the server needs a folder for checkpoints, report and bundle")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_config = dict(context.run_config)
     store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
     configure_determinism(select_device(cfg.device))
     torch.manual_seed(cfg.seed)  # the initial global weights

@@ -423,3 +423,34 @@ def test_row8_weights_that_do_not_fit_models_json_are_refused_by_name(tiny_bundl
     _resign(path, key)
     with pytest.raises(BundleError, match=r"stager\.pt does not fit the network in models\.json"):
         load_bundle(path)
+
+
+def test_row10_deployment_run_config_sent_to_sites_holds_no_coordinator_path(tmp_path, monkeypatch):
+    """`onfh coordinator launch`: what `flwr run` ships to every SuperNode names no path; the
+    ServerApp (under the SuperLink's FLWR_HOME) gets the real out-dir and signing-key back."""
+    import tomllib
+
+    from server.run_paths import resolve_coordinator_paths
+
+    sent = {}
+
+    def fake_flwr(args, flwr_home, timeout=120):
+        sent.update(tomllib.loads(Path(args[args.index("--run-config") + 1]).read_text()))
+        return '{"success": true, "run-id": 11}'
+
+    monkeypatch.setattr(co, "_flwr", fake_flwr)
+    out, key, flwr_home = tmp_path / "run-out-4d2e", tmp_path / "certs-9a1b" / "signing.pem", tmp_path / "flwr-home"
+    assert co.launch({"site-ids": "A,B", "train-sites": "A", "report-groups": "A=A;B=B"}, out=out, flwr_home=flwr_home, signing_key=key) == 11
+    assert str(tmp_path) not in json.dumps(sent) and sent["signing-key"] == ""
+    monkeypatch.setenv("FLWR_HOME", str(flwr_home))
+    resolved = resolve_coordinator_paths(sent)
+    assert resolved["out-dir"] == str(out.resolve()) and resolved["signing-key"] == str(key.resolve())
+    assert resolved["site-ids"] == "A,B"
+    # resume launches again: a new reference, the same paths
+    assert co.resume(out, flwr_home=flwr_home) == 11
+    assert resolve_coordinator_paths(sent)["out-dir"] == str(out.resolve())
+    # a forged reference names the problem instead of reading anything
+    with pytest.raises(ValueError, match="not a valid coordinator run reference"):
+        resolve_coordinator_paths({"out-dir": "coordinator-run:../../etc/passwd"})
+    # simulation: nothing to resolve
+    assert resolve_coordinator_paths({"out-dir": "/x/run"}) == {"out-dir": "/x/run"}
