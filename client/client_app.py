@@ -10,6 +10,8 @@ Messages:
   (a ConfigRecord with ``site-id``, a MetricRecord of counts).
 * ``query`` with ``action == "crops"``: crop every head with the detector in
   ``arrays`` (phase 1's global model) and cache the crops at the site.
+* ``query`` with ``action`` ``"calibrate-val"`` / ``"calibrate-eval"``: validation and test
+  aggregates for the bundle's calibration (``client/calibration_stats.py``).
 * ``train`` / ``evaluate`` with ``config["phase"]`` ``"detector"`` or ``"stager"``.
 
 Every reply (and every error) that leaves the site is first recorded in the site's
@@ -192,6 +194,12 @@ def query(msg: Message, context: Context) -> Message:
         key, metrics = tasks.make_crops(site, cfg, detector)
         content = RecordDict({"site": ConfigRecord({"crops-key": key}), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
+    if action in ("calibrate-val", "calibrate-eval"):  # issue 17: aggregates for the bundle's thresholds
+        from client.calibration_stats import run as calibration_stats
+
+        detector = _unpack(msg.content["detector"], cfg, "detector")
+        stager = _unpack(msg.content["stager"], cfg, "stager")
+        return _reply(msg, None, calibration_stats(action, site, cfg, detector, stager, dict(msg.content["config"])))
     raise ValueError(f"unknown query action {action!r}")
 
 

@@ -9,7 +9,9 @@ Reads as steps (Flower ``server_app.py`` style):
 4. send the phase-1 global detector to every site, which crops its femoral heads
    locally (``crops`` query) — or uses ground-truth boxes when ``crop-source`` says so;
 5. phase 2: federate 3D-MulDenseNet for ``stager-rounds`` rounds on those crops;
-6. write ``report.json`` and a signed model bundle.
+6. calibrate on pooled validation aggregates (``server/calibration.py``: temperature, detector
+   and out-of-distribution thresholds, early-ONFH threshold); write ``report.json`` and a
+   signed model bundle that carries the calibration.
 
 Every round ends with an evaluation at every site and a checkpoint; a restarted run
 resumes after the last finished round.
@@ -28,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.training import select_device
 from server.audit_anchors import ANCHORS_NAME, AnchorRecordingGrid
+from server.calibration import run_calibration
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
 from server.early_stopping import stop_round
 from server.reply_polling import with_reply_polling
@@ -358,7 +361,9 @@ def main(grid: Grid, context: Context) -> None:
     stager = run_phase(grid, cfg, store, node_sites, phase="stager", model=MulDenseNet3D(cfg.stager),
                        rounds=cfg.stager_rounds, extra_config={"crops-key": key}, declared=site_data)
 
-    # 6. report and signed bundle
+    # 6. calibration on pooled validation aggregates (issue 17), report and signed bundle
+    calibration, calibration_report = run_calibration(grid, node_sites, cfg, detector.selected_state_dict,
+                                                       stager.selected_state_dict, key, site_data)
     report = build_report(
         strategy=cfg.strategy, proximal_mu=cfg.proximal_mu,
         rounds={"detector": detector.round, "stager": stager.round},
@@ -385,10 +390,12 @@ def main(grid: Grid, context: Context) -> None:
     report["rejected_updates"] = {"detector": detector.rejected_updates, "stager": stager.rejected_updates}
     report["refused_nodes"] = refused  # nodes that claimed a site not bound to their enrolled key
     report["audit_anchors"] = anchors.anchors()  # `onfh site verify-audit --anchors report.json`
+    report["calibration"] = calibration_report
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_bundle(
         out / "bundle", detector_state=detector.selected_state_dict, stager_state=stager.selected_state_dict,
         detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,
         run_config=run_config, signing_key=_signing_key(cfg, out), checkpoint_chain=store.chain(),
+        calibration=calibration,
     )
     log.info("report and signed bundle written to the run's out-dir")
