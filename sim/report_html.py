@@ -344,6 +344,42 @@ def _detector_section(detector: Mapping[str, Mapping[str, Any]], fig_dir: Path, 
     return out
 
 
+def calibration_section(c: Mapping[str, Any], min_heads: Any = 5) -> str:
+    """Issue 17: the validation-chosen calibration, and per site ECE before/after temperature scaling and
+    early-ONFH sensitivity/specificity at the validation-chosen threshold (test heads)."""
+    if not c:
+        return "<p>No calibration in this report (a run from before issue 17).</p>"
+    ch = c.get("chosen") or {}
+    val = c.get("validation") or {}
+    out = (f"<p>Chosen on {_esc(ch.get('val_heads', 0))} validation heads of the training sites: temperature "
+           f"T = {_fmt(ch.get('temperature'), '.3g')}; detector threshold {_fmt(ch.get('detector_threshold'), '.2f')} "
+           f"(keeps {format_percent(1 - float(ch.get('detector_miss', 0.01)))} % of validation boxes with IoU &ge; 0.5); "
+           f"out-of-distribution energy threshold {_esc(ch.get('energy_threshold'))} "
+           f"(false-alarm rate &le; {format_percent(ch.get('ood_false_alarm', 0.05))} % on validation heads); "
+           f"early-ONFH threshold P(I)+P(II) &ge; {_fmt(ch.get('early_threshold'), '.2f')} (Youden's J on validation). "
+           f"Validation ECE {_fmt(val.get('ece_before'), '.3f')} before, {_fmt(val.get('ece_after'), '.3f')} after "
+           "temperature scaling.</p>")
+    head = ("<tr><th>Site</th><th>External</th><th>Test heads</th><th>ECE before</th><th>ECE after</th>"
+            "<th>Early-ONFH sensitivity</th><th>Early-ONFH specificity</th><th>TP / FN / TN / FP</th>"
+            "<th>Flagged out of distribution</th><th>Box below detector threshold</th></tr>")
+    rows = []
+    for site, m in (c.get("sites") or {}).items():
+        if m.get("suppressed"):
+            rows.append(f"<tr><td>{_esc(site)}</td><td>{'yes' if m.get('external') else 'no'}</td><td>n/a</td>"
+                        f'<td class="empty" colspan="7">{_esc(suppressed_text(min_heads))}</td></tr>')
+            continue
+        counts = " / ".join(_esc(m.get(k, "n/a")) for k in ("tp", "fn", "tn", "fp"))
+        rows.append(f"<tr><td>{_esc(site)}</td><td>{'yes' if m.get('external') else 'no'}</td>"
+                    f"<td>{_esc(m.get('test_heads'))}</td><td>{_fmt(m.get('ece_before'), '.3f')}</td>"
+                    f"<td>{_fmt(m.get('ece_after'), '.3f')}</td><td>{format_percent(m.get('sensitivity'))} %</td>"
+                    f"<td>{format_percent(m.get('specificity'))} %</td><td>{counts}</td>"
+                    f"<td>{format_percent(m.get('ood_flagged'))} %</td><td>{format_percent(m.get('detector_flagged'))} %</td></tr>")
+    out += f"\n<table>\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
+    if c.get("rejected"):
+        out += "\n<p>Calibration aggregates rejected: " + _esc("; ".join(f"{k}: {v}" for k, v in c["rejected"].items())) + "</p>"
+    return out
+
+
 def _compute_section(report: Mapping[str, Any]) -> str:
     sim = report.get("simulation") or {}
     rounds = report.get("rounds") or {}
@@ -445,6 +481,8 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
         sections += ["<h2>Confidence intervals and the exact AUC</h2>", exact]
     sections += ["<h2>Femoral-head detector per site</h2>",
                  _detector_section(report.get("detector") or {}, fig_dir, out_dir, report.get("min_cell_heads", 5))]
+    sections += ["<h2>Calibration on the validation split (issue 17)</h2>",
+                 calibration_section(report.get("calibration") or {}, report.get("min_cell_heads", 5))]
     curves = out_dir / "training_curves.png"
     if curves.is_file():
         sections += ["<h2>Learning curves per round and site</h2>", _img(curves, out_dir, "training curves")]

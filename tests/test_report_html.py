@@ -218,3 +218,21 @@ def test_small_stage_is_marked_unreliable_on_the_page(tmp_path):
     block = _group_block(write_report_html(report, tmp_path).read_text(encoding="utf-8"), "external-2")
     assert "Stage I (unreliable: too few heads)" in block and "Stage II (unreliable" not in block
     assert "Macro average (unreliable)" in block and "stage I: 2 heads" in block
+
+
+def test_calibration_section_shows_ece_and_early_onfh_figures_per_site():
+    from sim.report_html import calibration_section
+
+    c = {"chosen": {"temperature": 1.7, "detector_threshold": 0.31, "energy_threshold": -3.25, "early_threshold": 0.42,
+                    "detector_miss": 0.01, "ood_false_alarm": 0.05, "val_heads": 40},
+         "validation": {"heads": 40, "ece_before": 0.21, "ece_after": 0.06},
+         "sites": {"B": {"external": True, "test_heads": 17, "ece_before": 0.234, "ece_after": 0.081,
+                         "sensitivity": 0.8, "specificity": 0.5294, "tp": 8, "fn": 2, "tn": 9, "fp": 8,
+                         "ood_flagged": 0.0588, "detector_flagged": 0.0},
+                   "C": {"external": True, "test_heads": None, "suppressed": True}},
+         "rejected": {"D": "calibrate-val: nll: expected 31 sums"}}
+    html = calibration_section(c, min_heads=5)
+    assert "T = 1.7" in html and "P(I)+P(II) &ge; 0.42" in html
+    assert "<td>0.234</td><td>0.081</td><td>80.00 %</td><td>52.94 %</td><td>8 / 2 / 9 / 8</td>" in html
+    assert "suppressed" in html and "calibrate-val: nll" in html
+    assert "No calibration" in calibration_section({})

@@ -66,6 +66,12 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert (out / "checkpoints" / "detector.pt").exists() and (out / "checkpoints" / "stager.pt").exists()
     bundle = load_bundle(out / "bundle", out / "keys" / "bundle-signing-key.pem.pub")
     assert bundle.trusted
+    # issue 17: calibration chosen on pooled validation aggregates, shipped in the bundle, reported per site
+    calib = report["calibration"]
+    assert calib["rejected"] == {} and set(calib["sites"]) == {"A", "B"} and calib["sites"]["B"]["external"]
+    assert calib["sites"]["B"]["test_heads"] == 3 and 0.0 <= calib["sites"]["B"]["ece_before"] <= 1.0
+    assert bundle.calibration is not None and bundle.calibration.to_dict() == calib["chosen"]
+    assert "Calibration on the validation split" in html
 
     # no local path is stored (issue 16 row 10): not the data folder, not the run folder
     for file in [*(out / "checkpoints").iterdir(), *(out / "bundle").iterdir()]:
