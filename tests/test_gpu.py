@@ -401,3 +401,31 @@ def test_gpu_bench_runs_on_cpu_at_tiny_size_and_prints_ratios(tmp_path, capsys):
     assert rows[2]["gradcam_ms_per_study"] > 0 and rows[2]["gradcam_speedup"] > 0
     out = capsys.readouterr().out
     assert "ours vs plain" in out and "gradcam speedup" in out
+
+
+# --------------------------------------------------------------------------- the prepared GPU check
+
+
+def test_gpu_check_names_the_wheels_to_carry(tmp_path, monkeypatch):
+    from sim import gpu_check
+
+    monkeypatch.setattr(gpu_check, "NEEDED", ("torch", "monai", "onfh_no_such_module"))
+    monkeypatch.setitem(gpu_check.CARRIED, "onfh_no_such_module", "onfh-no-such-module==1.0")
+    assert gpu_check.missing_modules() == {"onfh_no_such_module": "onfh-no-such-module==1.0"}
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["missing"] == {
+        "onfh_no_such_module": "onfh-no-such-module==1.0"}
+
+
+def test_gpu_check_runs_the_gpu_tests_and_records_each(tmp_path):
+    from sim import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path), "--skip-bench"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    outcomes = report["tests"]["outcomes"]
+    gpu_tests = {"test_a_forked_clientapp_trains_on_cuda", "test_stager_steps_do_not_wait_for_the_gpu",
+                 "test_detector_augmentation_runs_on_the_gpu_and_matches_the_cpu", "test_gradcam_on_the_gpu_matches_the_cpu"}
+    assert set(outcomes) == gpu_tests
+    expected = "passed" if torch.cuda.is_available() else "skipped"
+    assert all(v.startswith(expected) for v in outcomes.values()), outcomes
+    assert report["gpu"]["cuda"] is torch.cuda.is_available() and "torch" in report["modules_used"]
