@@ -11,13 +11,20 @@ PID 1, and Linux's ``PR_SET_PDEATHSIG`` reaches only a direct child.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
 
 
 def stop_process_tree(pid: int, timeout_s: float = 15.0) -> None:
     """SIGTERM a process and its descendants, SIGKILL what is left after ``timeout_s`` seconds."""
-    import psutil
-
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -60,10 +67,6 @@ TAG_VARIABLE = "ONFH_PROCESS_TAG"
 
 def tagged_processes(tag: str) -> list:
     """The live processes whose environment holds ``ONFH_PROCESS_TAG=tag`` (psutil; this one excluded)."""
-    import os
-
-    import psutil
-
     found = []
     for proc in psutil.process_iter():
         try:
@@ -85,8 +88,6 @@ def stop_tagged(tag: str, timeout_s: float = 5.0, rounds: int = 3) -> int:
     Returns:
         The number of processes stopped.
     """
-    import psutil
-
     stopped = 0
     for _ in range(rounds):
         found = {}
@@ -123,16 +124,11 @@ def _watch(parent: int, parent_started: float, tag: str) -> int:
     forked child still holds that end), then stops every process tagged ``tag``. SIGTERM to the
     watchdog stops them too; SIGINT (a terminal's Ctrl-C) is left to the parent.
     """
-    import select
-    import signal
-    import sys
 
-    import psutil
-
-    def parent_alive() -> bool:
+    def parent_alive() -> bool:  # the same process (a reused pid has another start time), not a zombie
         try:
-            return abs(psutil.Process(parent).create_time() - parent_started) < 1e-3 and \
-                psutil.Process(parent).status() != psutil.STATUS_ZOMBIE
+            proc = psutil.Process(parent)
+            return abs(proc.create_time() - parent_started) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
 
@@ -168,13 +164,7 @@ class ProcessWatchdog:
         self._env = None
 
     def start(self, env: dict | None = None) -> str:
-        import os
-        import secrets
-        import subprocess
-        import sys
-
-        import psutil
-
+        """Tag ``env`` and start the watchdog; returns the tag."""
         self.tag = secrets.token_hex(8)
         self._env = os.environ if env is None else env
         self._env[TAG_VARIABLE] = self.tag
@@ -183,13 +173,11 @@ class ProcessWatchdog:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shared_models.processes", str(me.pid), repr(me.create_time()), self.tag],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, env=watchdog_env,
-            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+            cwd=str(Path(__file__).resolve().parents[1]))
         return self.tag
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop every tagged process now (the watchdog does it) and wait for the watchdog."""
-        import subprocess
-
         if self.proc is None:
             return
         try:
@@ -206,7 +194,6 @@ class ProcessWatchdog:
         self.proc = None
 
 
-
 @contextmanager
 def tied_to_this_process(env: dict | None = None):
     """``with tied_to_this_process(env) as tag:`` every process started with ``env`` (``os.environ``
@@ -221,6 +208,4 @@ def tied_to_this_process(env: dict | None = None):
 
 
 if __name__ == "__main__":
-    import sys
-
     raise SystemExit(_watch(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]))
