@@ -72,6 +72,10 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert calib["sites"]["B"]["test_heads"] == 3 and 0.0 <= calib["sites"]["B"]["ece_before"] <= 1.0
     assert bundle.calibration is not None and bundle.calibration.to_dict() == calib["chosen"]
     assert "Calibration on the validation split" in html
+    # issue 16: every reply's audit anchor was recorded, and each site's log verifies against them
+    assert set(report["audit_anchors"]) == {"A", "B"} and report["refused_nodes"] == []
+    for site in ("A", "B"):
+        assert main(["site", "verify-audit", "--data", str(two_site_phantoms / site), "--anchors", str(out / "report.json")]) == 0
 
     # no local path is stored (issue 16 row 10): not the data folder, not the run folder
     for file in [*(out / "checkpoints").iterdir(), *(out / "bundle").iterdir()]:
