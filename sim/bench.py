@@ -15,6 +15,8 @@ figures beside it):
   one array per tensor vs packed (default) vs packed float16;
 * ``ingestion``, ``input_pipeline``, ``inference`` (:mod:`sim.bench_data`): DICOM reading against
   MONAI, training throughput against in-memory tensors, one study end to end;
+* ``poisoning`` (:mod:`sim.bench_poisoning`): one malicious site of four, each attack of issue 16
+  rows 3-5 under FedAvg (with the update checks) and the robust strategies, against the clean run;
 * ``federated``, ``scaling``, ``deployment`` (:mod:`sim.bench_federation`): the Flower simulation
   against the same work in a plain loop, with memory and the float16 accuracy cost; 4/8/16
   sites and 1x/2x/4x data; a real SuperLink and SuperNodes on 127.0.0.1 against the simulation;
@@ -285,6 +287,7 @@ QUICK_OPTIONS: dict[str, dict[str, Any]] = {
     "deployment": {"rounds": 1, "local_steps": 1},
     "gpu": {"model_sizes": ("default",), "stager_batches": (4,), "detector_batches": (2,), "steps": 2, "warmup_steps": 1,
             "infer_repeats": 1},
+    "poisoning": {"quick": True},
 }
 
 
@@ -507,4 +510,5 @@ from sim import (  # noqa: E402,F401,I001
     bench_data,  # ingestion, input_pipeline, inference
     bench_federation,  # federated, scaling, deployment
     bench_gpu,  # gpu
+    bench_poisoning,  # poisoning (issue 16)
 )

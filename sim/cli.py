@@ -214,6 +214,11 @@ def cmd_bench(args) -> int:
     for name, rows in result["sections"].items():
         print_table(rows, title=SECTIONS[name].title, console=console)
     write(result)
+    if result["sections"].get("poisoning"):
+        from sim.bench_poisoning import poisoning_markdown
+
+        (out / "poisoning.md").write_text(poisoning_markdown(result["sections"]["poisoning"]) + "\n")
+        console.print(f"{out / 'poisoning.md'}: the poisoning table in markdown")
     console.print(f"{out / 'bench.json'} (load average {result['environment'].get('load_avg_1min', '?')}: "
                   "figures taken under load are not comparable)")
     return 0
