@@ -63,9 +63,9 @@ MALICIOUS = "D"
 SCHEDULE: dict[str, Any] = {
     "site-ids": ",".join(SITES), "train-sites": ",".join(SITES), "split-sites": ",".join(SITES),
     "report-groups": "all=" + ",".join(SITES), "device": "cpu", "amp": False,
-    "detector-rounds": 3, "detector-local-steps": 12, "detector-batch-size": 4, "detector-warmup-steps": 0,
+    "detector-rounds": 2, "detector-local-steps": 4, "detector-batch-size": 4, "detector-warmup-steps": 0,
     "detector-widths": "8,16,16,32", "detector-head-width": 16, "detector-l1-rounds": 0,
-    "stager-rounds": 4, "stager-local-steps": 15, "stager-batch-size": 8, "stager-warmup-steps": 0,
+    "stager-rounds": 3, "stager-local-steps": 12, "stager-batch-size": 8, "stager-warmup-steps": 0,
     "stager-init-features": 8, "stager-growth-rate": 4, "stager-block-config": "1,2", "stager-pool-scales": "1,2",
     "crop-source": "ground-truth", "min-cell-heads": 1, "krum-byzantine": 0,
     "node-wait-timeout-s": 30.0, "round-timeout-s": 600.0,
@@ -211,10 +211,10 @@ def attack_reply(attack: str, msg, reply, rng: np.random.Generator):
 
 def poisoning_phantoms(work: Path, heads: int = 30, seed: int = 0) -> Path:
     """Four phantom sites A-D (``quick`` scanners, ``heads`` heads each), split by patient 50/20/30
-    into train/val/test (``split.csv``); generated once under ``work/poisoning-phantoms``."""
+    into train/val/test (``split.csv``); generated once under ``work/poisoning-phantoms-<heads>``."""
     from sim.phantoms import PROFILES, generate_phantoms
 
-    root = Path(work) / "poisoning-phantoms"
+    root = Path(work) / f"poisoning-phantoms-{heads}"
     if not (root / "phantoms.json").exists():
         quick = PROFILES["quick"]
         patients = math.ceil(heads * 0.6)
@@ -255,7 +255,7 @@ def run_federation(data: Path, out: Path, *, strategy: str, attack: str, seed: i
 
     shutil.rmtree(out, ignore_errors=True)
     rc = {**default_run_config(), **SCHEDULE, **(overrides or {}), "data-root": str(data),
-          "cache-dir": str(Path(data).parent / "poisoning-cache"), "out-dir": str(out), "strategy": strategy, "seed": seed}
+          "cache-dir": str(Path(data).parent / f"{Path(data).name}-cache"), "out-dir": str(out), "strategy": strategy, "seed": seed}
     contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": len(SITES)},
                                state=RecordDict(), run_config=rc) for i in range(len(SITES))}
     bad_node = SITES.index(MALICIOUS) + 1
@@ -295,7 +295,17 @@ def run_federation(data: Path, out: Path, *, strategy: str, attack: str, seed: i
     pooled = group_stage_metrics(stg, {"honest": tuple(honest)})["honest"]
     rejected = sum(len(sites_) for phase in report.get("rejected_updates", {}).values() for sites_ in phase.values())
     return {"macro_auc": float(pooled.get("macro", {}).get("auc", float("nan"))), "iou_mean": float(iou),
-            "selected_rounds": report.get("selected_rounds"), "rejected": rejected, "wall_s": wall}
+            "selected_rounds": report.get("selected_rounds"), "rejected": rejected, "wall_s": wall,
+            "weights": {"detector": _flat(det_state), "stager": _flat(stg_state)}}
+
+
+def _flat(state: dict) -> np.ndarray:
+    """Every floating entry of a state dict, concatenated (float64): the model as one vector."""
+    return np.concatenate([v.numpy().astype(np.float64).ravel() for v in state.values() if v.is_floating_point()])
+
+
+def _shift(a: dict, b: dict) -> dict[str, float]:
+    return {phase: float(np.linalg.norm(a["weights"][phase] - b["weights"][phase])) for phase in ("detector", "stager")}
 
 
 # ----------------------------------------------------------------------------- the section
@@ -303,60 +313,78 @@ def run_federation(data: Path, out: Path, *, strategy: str, attack: str, seed: i
 
 @section("poisoning", "Poisoning: one malicious site of 4, drop in test macro AUC and detector IoU vs the clean run")
 def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies: Sequence[str] = ("fedavg",) + ROBUST,
-                        attacks: Sequence[str] = ATTACKS, heads: int = 30, quick: bool = False) -> list[Row]:
+                        attacks: Sequence[str] = ATTACKS, robust_attacks: Sequence[str] = ATTACKS[:4], heads: int = 20,
+                        quick: bool = False) -> list[Row]:
     """Every attack under every strategy, against that strategy's clean run (module notes).
 
     Args:
         work: folder for the phantoms, their cache and the runs.
         seeds: clean FedAvg runs (seeds 0..seeds-1) whose spread is the bar; attacked runs use seed 0.
         strategies: ``fedavg`` (with the update checks, as every strategy) and robust ones.
-        attacks: a subset of :data:`ATTACKS`.
+        attacks: a subset of :data:`ATTACKS`, run under FedAvg.
+        robust_attacks: the attacks run under the robust strategies (default: the update attacks of
+            row 3; rows 4-5 are stopped by the same checks under every strategy).
         heads: heads per phantom site.
         quick: a smoke run: one seed, FedAvg only, two attacks, shorter schedules.
 
     Returns:
         One row per (strategy, attack), ``attack = "none"`` for the clean runs, with ``macro_auc``,
         ``iou_mean``, their drops against the strategy's clean seed-0 run, the clean FedAvg seed
-        spread (max - min) and whether the drop is within it.
+        spread (max - min) and whether the drop is within it; ``stager_shift`` / ``detector_shift``:
+        L2 distance of the shipped weights from the strategy's clean seed-0 run, and
+        ``clean_stager_shift`` / ``clean_detector_shift``: the largest such distance between clean
+        FedAvg seeds (the model's own seed spread). Rows are also appended, as they come, to
+        ``work/poisoning-rows.jsonl`` (a run cut short keeps what it measured).
     """
+    import json
+
     overrides: dict[str, Any] = {}
     if quick:
-        seeds, strategies, attacks, heads = 1, ("fedavg",), ("sign-flip-x10", "num-examples-1e9"), 12
+        seeds, strategies, attacks, robust_attacks, heads = 1, ("fedavg",), ("sign-flip-x10", "num-examples-1e9"), (), 12
         overrides = {"detector-rounds": 1, "stager-rounds": 2, "detector-local-steps": 3, "stager-local-steps": 3}
     data = poisoning_phantoms(Path(work), heads=heads)
     runs = Path(work) / "poisoning-runs"
+    log_rows = Path(work) / "poisoning-rows.jsonl"
+    log_rows.unlink(missing_ok=True)
     rows: list[Row] = []
+    results: list[dict] = []
     clean: dict[str, dict] = {}
-    spread_auc, spread_iou = [], []
+
+    def record(strategy: str, attack: str, seed: int, result: dict) -> None:
+        logger.info("%s under %s (seed %d): macro AUC %.3f, IoU %.3f, %d replies rejected (%.0f s)", attack, strategy,
+                    seed, result["macro_auc"], result["iou_mean"], result["rejected"], result["wall_s"])
+        row = {"section": "poisoning", "strategy": strategy, "attack": attack, "seed": seed, **_figures(result)}
+        base = clean.get(strategy, result)
+        row.update(auc_drop=base["macro_auc"] - result["macro_auc"], iou_drop=base["iou_mean"] - result["iou_mean"],
+                   **{f"{p}_shift": v for p, v in _shift(result, base).items()})
+        rows.append(row)
+        results.append(result)
+        with open(log_rows, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    clean_runs = []
     for seed in range(seeds):
         result = run_federation(data, runs / f"fedavg-none-{seed}", strategy="fedavg", attack="none", seed=seed,
                                 overrides=overrides)
-        logger.info("clean fedavg seed %d: macro AUC %.3f, IoU %.3f (%.0f s)", seed, result["macro_auc"],
-                    result["iou_mean"], result["wall_s"])
-        spread_auc.append(result["macro_auc"])
-        spread_iou.append(result["iou_mean"])
-        if seed == 0:
-            clean["fedavg"] = result
-        rows.append({"section": "poisoning", "strategy": "fedavg", "attack": "none", "seed": seed, **_figures(result)})
-    auc_bar = max(spread_auc) - min(spread_auc) if len(spread_auc) > 1 else float("nan")
-    iou_bar = max(spread_iou) - min(spread_iou) if len(spread_iou) > 1 else float("nan")
+        clean.setdefault("fedavg", result)
+        clean_runs.append(result)
+        record("fedavg", "none", seed, result)
+    auc_bar = max(r["macro_auc"] for r in clean_runs) - min(r["macro_auc"] for r in clean_runs) if seeds > 1 else float("nan")
+    iou_bar = max(r["iou_mean"] for r in clean_runs) - min(r["iou_mean"] for r in clean_runs) if seeds > 1 else float("nan")
+    shift_bar = {p: max((_shift(a, b)[p] for i, a in enumerate(clean_runs) for b in clean_runs[i + 1:]), default=float("nan"))
+                 for p in ("detector", "stager")}
     for strategy in strategies:
         if strategy not in clean:
             clean[strategy] = run_federation(data, runs / f"{strategy}-none-0", strategy=strategy, attack="none", seed=0,
                                              overrides=overrides)
-            rows.append({"section": "poisoning", "strategy": strategy, "attack": "none", "seed": 0,
-                         **_figures(clean[strategy])})
-        for attack in attacks:
+            record(strategy, "none", 0, clean[strategy])
+        for attack in (attacks if strategy == "fedavg" else robust_attacks):
             result = run_federation(data, runs / f"{strategy}-{attack}-0", strategy=strategy, attack=attack, seed=0,
                                     overrides=overrides)
-            logger.info("%s under %s: macro AUC %.3f, IoU %.3f, %d replies rejected (%.0f s)", attack, strategy,
-                        result["macro_auc"], result["iou_mean"], result["rejected"], result["wall_s"])
-            rows.append({"section": "poisoning", "strategy": strategy, "attack": attack, "seed": 0, **_figures(result)})
+            record(strategy, attack, 0, result)
     for row in rows:
-        base = clean[row["strategy"]]
-        row["auc_drop"] = base["macro_auc"] - row["macro_auc"]
-        row["iou_drop"] = base["iou_mean"] - row["iou_mean"]
-        row["clean_auc_spread"], row["clean_iou_spread"] = auc_bar, iou_bar
+        row.update(clean_auc_spread=auc_bar, clean_iou_spread=iou_bar, clean_detector_shift=shift_bar["detector"],
+                   clean_stager_shift=shift_bar["stager"])
         row["within_spread"] = (bool(abs(row["auc_drop"]) <= auc_bar + 1e-9 and abs(row["iou_drop"]) <= iou_bar + 1e-9)
                                 if not math.isnan(auc_bar) else None)
     return rows
@@ -371,8 +399,9 @@ def _figures(result: dict) -> dict:
 
 def poisoning_markdown(rows: Sequence[Row]) -> str:
     """The rows as one markdown table (for the README): strategy, attack, figures, drops, verdict."""
-    lines = ["| strategy | attack | seed | test macro AUC | drop | detector IoU | drop | rejected replies | within clean spread |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | attack | seed | test macro AUC | drop | detector IoU | drop | stager shift | detector shift "
+             "| rejected replies | within clean spread |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, spec=".3f"):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -380,10 +409,15 @@ def poisoning_markdown(rows: Sequence[Row]) -> str:
     for r in rows:
         verdict = {True: "yes", False: "**no**", None: "n/a"}[r.get("within_spread")]
         lines.append(f"| {r['strategy']} | {r['attack']} | {r['seed']} | {f(r['macro_auc'])} | {f(r['auc_drop'], '+.3f')} | "
-                     f"{f(r['iou_mean'])} | {f(r['iou_drop'], '+.3f')} | {r['rejected_replies']} | {verdict} |")
+                     f"{f(r['iou_mean'])} | {f(r['iou_drop'], '+.3f')} | {f(r['stager_shift'], '.2f')} | "
+                     f"{f(r['detector_shift'], '.2f')} | {r['rejected_replies']} | {verdict} |")
     if rows:
+        r0 = rows[0]
         lines.append(f"\nClean FedAvg seed spread (max - min over {sum(r['attack'] == 'none' and r['strategy'] == 'fedavg' for r in rows)} "
-                     f"seeds): macro AUC {f(rows[0]['clean_auc_spread'])}, IoU {f(rows[0]['clean_iou_spread'])}.")
+                     f"seeds): macro AUC {f(r0['clean_auc_spread'])}, IoU {f(r0['clean_iou_spread'])}; weight distance "
+                     f"between clean seeds (L2, largest pair): stager {f(r0['clean_stager_shift'], '.2f')}, detector "
+                     f"{f(r0['clean_detector_shift'], '.2f')}. Shifts: L2 distance of the shipped weights from the "
+                     "strategy's clean seed-0 run.")
     return "\n".join(lines)
 
 

@@ -375,3 +375,32 @@ def tasks_suppress(metrics, min_heads):
     from client.tasks import suppress_small_cells
 
     return suppress_small_cells(metrics, min_heads)
+
+
+# ----------------------------------------------------------------------------- the benchmark's attacks
+
+
+def test_poisoning_benchmark_attacks_are_what_the_issue_names():
+    from flwr.app import ConfigRecord
+
+    from sim.bench_poisoning import ATTACKS, attack_reply
+
+    sent, honest = _record(GLOBAL_W, GLOBAL_N), _record(_honest(0))
+    msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord({})}), dst_node_id=4, message_type="train")
+    msg.metadata.__dict__["_message_id"] = "m"
+    reply = Message(RecordDict({"arrays": honest, "metrics": MetricRecord({"num-examples": 20})}), reply_to=msg)
+    out = {a: attack_reply(a, msg, reply, np.random.default_rng(0)) for a in ATTACKS}
+    w = {a: m.content["arrays"]["packed:float"].numpy() for a, m in out.items()}
+    assert np.all(w["huge-1e30"] == np.float32(1e30))
+    np.testing.assert_allclose(w["sign-flip-x10"], GLOBAL_W - 10 * (_honest(0) - GLOBAL_W), rtol=1e-5)
+    assert abs(float(w["random-weights"].std()) - 1.0) < 0.2 and abs(float(w["random-weights"].mean())) < 0.2
+    assert np.all(out["int-buffer-2^62"].content["arrays"]["packed:int64"].numpy() == 2**62)
+    assert out["num-examples-1e9"].content["metrics"]["num-examples"] == 10**9
+    np.testing.assert_array_equal(w["num-examples-1e9"], _honest(0))
+    assert out["val-score-1e6"] is reply  # a train reply: untouched
+    ev = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=4, message_type="evaluate")
+    ev.metadata.__dict__["_message_id"] = "e"
+    ev_reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 6, "val-score": 0.5})}), reply_to=ev)
+    assert attack_reply("val-score-1e6", ev, ev_reply, np.random.default_rng(0)).content["metrics"]["val-score"] == 1e6
+    with pytest.raises(ValueError, match="unknown attack"):
+        attack_reply("bit-flip", msg, reply, np.random.default_rng(0))
