@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 import torch
 
+from shared_models.processes import ProcessWatchdog
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK, phantom_sites
 
@@ -492,6 +493,8 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
     flwr_home = home / "flwr-home"
     ports = iter(_free_ports(19200, 19300, 1 + len(site_ids)))
     port = next(ports)
+    watchdog = ProcessWatchdog()  # the SuperLink and the daemons die with this process, kill -9 included
+    watchdog.start()
     superlink = co.start_superlink(certs, flwr_home=flwr_home, database=home / "superlink.db",
                                    log_file=home / "superlink.log", port=port)
     daemons: list[subprocess.Popen] = []
@@ -519,7 +522,8 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
             time.sleep(2.0)
         rc = {k: v for k, v in dep_over.items() if k != "out-dir"}
         t0 = time.monotonic()
-        run_id = co.launch(rc, out=dep / "dep-out", flwr_home=flwr_home, signing_key=certs.signing_key)
+        run_id = co.launch(rc, out=dep / "dep-out", flwr_home=flwr_home, signing_key=certs.signing_key,
+                           registry=home / co.REGISTRY_NAME)
         status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=timeout_s, poll_s=0.5,
                                   out=dep / "dep-out")
         deployment_s = time.monotonic() - t0
@@ -527,6 +531,7 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
         for proc in daemons:
             co.stop_process_tree(proc.pid)
         co.stop_process_tree(superlink.pid)
+        watchdog.stop()
     if status != "finished:completed":
         raise RuntimeError(f"deployment benchmark: run ended {status!r} (logs in {dep})")
     waves = message_waves({s: dep / "cache-dep" / s / "supernode.log" for s in site_ids})
