@@ -560,9 +560,9 @@ def write_gradcam_montage(image: sitk.Image, result: HeadResult, path: Path, *, 
     flag = "  [LOW-CONFIDENCE DETECTION]" if result.low_confidence else ""
     withheld = not_assessed_text(result)
     verdict = withheld if withheld else f"predicted Ficat-Arlet stage {result.predicted_stage}   ({probs})"
+    title = f"{SIDE_NAMES.get(result.side, result.side).capitalize()} femoral head ({result.side}): {verdict}"
     fig.suptitle(
-        f"{SIDE_NAMES.get(result.side, result.side).capitalize()} femoral head ({result.side}): "
-        f"{textwrap.shorten(verdict, 160)}\n"
+        f"{textwrap.fill(title, 130)}\n"
         f"Grad-CAM >= {GRADCAM_VOLUME_THRESHOLD:g} (white contour): {result.gradcam_volume_mm3:,.0f} mm³;  "
         f"detector score {result.detector_score:.2f}{flag}",
         fontsize=10,
@@ -572,7 +572,7 @@ def write_gradcam_montage(image: sitk.Image, result: HeadResult, path: Path, *, 
             "grey dotted: stager crop (box + margin), where the map is defined; brown: outside the scan.\n"
             "Grey window: 1st-99.5th intensity percentile. Research prototype, not a diagnosis.")
     if withheld:
-        note = "No Grad-CAM: the head was not assessed (no stage is given). " + note
+        note = "No Grad-CAM: the head was not assessed (no stage is given).\n" + note
     elif cam_max <= 0.0:
         note = "Grad-CAM is zero on these slices (no positive evidence for the predicted stage). " + note
     fig.supxlabel(note, fontsize=7.5)
