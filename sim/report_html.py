@@ -359,6 +359,9 @@ def calibration_section(c: Mapping[str, Any], min_heads: Any = 5) -> str:
            f"early-ONFH threshold P(I)+P(II) &ge; {_fmt(ch.get('early_threshold'), '.2f')} (Youden's J on validation). "
            f"Validation ECE {_fmt(val.get('ece_before'), '.3f')} before, {_fmt(val.get('ece_after'), '.3f')} after "
            "temperature scaling.</p>")
+    if int(ch.get("val_heads") or 0) < 30:
+        out += ("\n<p class=\"note\">Fewer than 30 validation heads: these thresholds and the temperature rest on "
+                "too few heads to be trusted.</p>")
     head = ("<tr><th>Site</th><th>External</th><th>Test heads</th><th>ECE before</th><th>ECE after</th>"
             "<th>Early-ONFH sensitivity</th><th>Early-ONFH specificity</th><th>TP / FN / TN / FP</th>"
             "<th>Flagged out of distribution</th><th>Box below detector threshold</th></tr>")

@@ -236,3 +236,4 @@ def test_calibration_section_shows_ece_and_early_onfh_figures_per_site():
     assert "<td>0.234</td><td>0.081</td><td>80.00 %</td><td>52.94 %</td><td>8 / 2 / 9 / 8</td>" in html
     assert "suppressed" in html and "calibrate-val: nll" in html
     assert "No calibration" in calibration_section({})
+    assert "too few heads" not in html and "too few heads" in calibration_section({**c, "chosen": {"val_heads": 2}})
