@@ -138,15 +138,22 @@ def _round(v: float | None, nd: int = 4) -> float | None:
 
 def choose_from_validation(stats: Sequence[dict], detector_miss: float = cal.DEFAULT_DETECTOR_MISS,
                            ood_false_alarm: float = cal.DEFAULT_OOD_FALSE_ALARM) -> cal.Calibration:
-    """Temperature, detector and energy thresholds from checked, pooled ``calibrate-val`` aggregates."""
+    """Temperature, detector and energy thresholds from checked, pooled ``calibrate-val`` aggregates.
+
+    Fails closed: when no validation box reached IoU 0.5 the detector threshold is 1.0 (every box
+    flagged). With no aggregates at all (every site suppressed or rejected) nothing is chosen: the
+    thresholds stay None and ``onfh infer`` warns that those gates are off.
+    """
     if not stats:
         return cal.Calibration(detector_miss=detector_miss, ood_false_alarm=ood_false_alarm)
     nll = np.sum([s["nll"] for s in stats], axis=0)
     score_hist = np.sum([s["score_hist"] for s in stats], axis=0)
     energy_hist = np.sum([s["energy_hist"] for s in stats], axis=0)
+    # no validation box reached IoU 0.5: no score can be trusted, so every box is flagged (1.0), not none
+    detector_threshold = cal.lower_threshold(score_hist, cal.SCORE_EDGES, detector_miss)
     return cal.Calibration(
         temperature=cal.choose_temperature(nll),
-        detector_threshold=cal.lower_threshold(score_hist, cal.SCORE_EDGES, detector_miss),
+        detector_threshold=1.0 if detector_threshold is None else detector_threshold,
         energy_threshold=cal.upper_threshold(energy_hist, cal.ENERGY_EDGES, ood_false_alarm),
         detector_miss=detector_miss, ood_false_alarm=ood_false_alarm, val_heads=int(sum(s["n"] for s in stats)),
     )

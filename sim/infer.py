@@ -106,6 +106,12 @@ def run_infer(args, console) -> int:
     if bundle.calibration is None:
         warnings.append("the bundle carries no validation calibration: no detector-score or out-of-distribution "
                         "gate, uncalibrated probabilities, arg-max stage")
+    else:
+        off = [name for name, v in (("detector-score", bundle.calibration.detector_threshold),
+                                    ("out-of-distribution", bundle.calibration.energy_threshold)) if v is None]
+        if off:
+            warnings.append(f"the bundle's calibration has no {' or '.join(off)} threshold (no validation aggregates "
+                            "reached the server): that gate is off")
     t0 = time.monotonic()
     results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=select_device(args.device),
                             calibration=bundle.calibration, body_part=body_part)

@@ -42,6 +42,15 @@ def test_server_pools_sites_like_one_site_with_all_the_heads():
     assert chosen.energy_threshold == cal.upper_threshold(cal.histogram(energy, cal.ENERGY_EDGES), cal.ENERGY_EDGES, 0.05)
 
 
+def test_no_good_validation_box_flags_every_box():
+    reply, _ = _val_stats(np.random.default_rng(3), 20)
+    reply.update({"det-good": 0, "det-score-hist": [0] * 100})
+    chosen = choose_from_validation([check_validation_stats(reply, 20)])
+    assert chosen.detector_threshold == 1.0  # fails closed: every score is below 1
+    nothing = choose_from_validation([])
+    assert nothing.detector_threshold is None and nothing.energy_threshold is None and nothing.temperature == 1.0
+
+
 @pytest.mark.parametrize("tamper, match", [
     (lambda r: r.update({"val-heads": 500}), "val-heads"),  # more than the site declared at hello
     (lambda r: r.update({"energy-hist": r["energy-hist"][:-1]}), "energy-hist"),

@@ -143,3 +143,30 @@ def test_early_threshold_decides_stage_zero_or_the_likelier_early_stage():
     assert _stage_from(probs, Calibration(early_threshold=0.6)).label == "0"
     assert _stage_from(np.array([0.1, 0.3, 0.6]), Calibration(early_threshold=0.95)).label == "0"
     assert _stage_from(np.array([0.1, 0.3, 0.6]), Calibration(early_threshold=0.5)).label == "II"
+
+
+def test_phantom_ground_truth_passes_every_gate_where_the_field_of_view_is_whole(tmp_path):
+    """The anatomy limits hold for the phantoms' true boxes (heads 44-52 mm, 170-200 mm apart)."""
+    import csv
+    import dataclasses
+
+    from client.dicom_series import read_study
+    from sim.phantoms import PROFILES, generate_phantoms
+
+    quick = PROFILES["quick"]
+    profile = dataclasses.replace(quick, name="micro-gates", heads_per_site={"A": 8}, patients_per_site={"A": 4},
+                                  scanners={"A": quick.scanners["A"]}, external_groups={})
+    generate_phantoms(tmp_path, profile, seed=3, workers=1)
+    boxes: dict[str, dict[str, tuple]] = {}
+    with open(tmp_path / "A" / "manifest.csv") as fh:
+        for row in csv.DictReader(fh):
+            boxes.setdefault(row["study"], {})[row["side"]] = tuple(float(v) for v in row["box_lps_mm"].split())
+    whole = 0
+    for study, pair in boxes.items():
+        image = orient_lps(read_study(tmp_path / "A" / study))
+        if not check_field_of_view(image).passed:  # a cut field of view (a prostate-like protocol): refused
+            continue
+        whole += 1
+        assert check_pair(pair, image).passed, study
+        assert all(check_head(b, image).passed for b in pair.values()), study
+    assert whole >= 1
