@@ -31,6 +31,7 @@ def train_detector(
     step_offset: int = 0,
     total_steps: int | None = None,
     warmup_steps: int = 0,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Train 3DC-YOLOX for ``steps`` optimiser steps on hemi-volumes.
 
@@ -47,6 +48,8 @@ def train_detector(
             step count (linear warm-up, then cosine decay to 0 at ``total_steps``; ``None``:
             constant), continued across federated rounds; see
             :func:`client.training.lr_factor`.
+        channels_last: model and batches in ``torch.channels_last_3d`` (off by default: not yet
+            measured to help the detector, issue 19); the weights return in the contiguous layout.
 
     Augmentation (paper section 2.5 plus YOLOX's random affine), per batch by
     :func:`client.augmentation.augment_detector_batch`: random flips along D, H and W,
@@ -68,6 +71,8 @@ def train_detector(
         raise ValueError("train_detector: no training volumes")
     if not l1_weight >= 0:
         raise ValueError(f"train_detector: l1_weight must be >= 0, got {l1_weight}")
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model.to(device, memory_format=layout)
     run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
     scheduler = make_lr_scheduler(run.opt, step_offset=step_offset, warmup_steps=warmup_steps, total_steps=total_steps)
     data = resident(volumes, device)
@@ -75,11 +80,13 @@ def train_detector(
     losses = []
     for idx in batches(n, batch_size, steps, run.rng):
         x, y = augment_detector_batch(take(data, idx), boxes[torch.from_numpy(np.asarray(idx, np.int64))], run.gen)
-        y = to_device(y, device)
+        x, y = x.contiguous(memory_format=layout), to_device(y, device)
         with autocast(device, amp):
             loss, _ = detector_loss(model(x), y, model.cells, l1_weight=l1_weight)
         losses.append(run.step(loss))
         scheduler.step()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     return {"train-loss": mean_loss(losses)}
 
 

@@ -125,15 +125,19 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a (B, C, D, H, W) batch to ``device`` (if not there yet); channels-last 3D on CUDA only."""
-    if device.type == "cuda":
-        return to_device(x, device).contiguous(memory_format=torch.channels_last_3d)
-    return x.to(device)
+def _channels_last(device: torch.device, channels_last: bool | None) -> bool:
+    """The stager's layout: ``channels_last`` when given, else channels-last 3D on CUDA only."""
+    return device.type == "cuda" if channels_last is None else bool(channels_last)
 
 
-def _prepare_model(model: nn.Module, device: torch.device) -> None:
-    if device.type == "cuda":
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool | None = None) -> torch.Tensor:
+    """Move a (B, C, D, H, W) batch to ``device`` (if not there yet), channels-last 3D per :func:`_channels_last`."""
+    x = to_device(x, device)
+    return x.contiguous(memory_format=torch.channels_last_3d) if _channels_last(device, channels_last) else x
+
+
+def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None = None) -> None:
+    if _channels_last(device, channels_last):
         model.to(device, memory_format=torch.channels_last_3d)
     else:
         model.to(device)
@@ -168,13 +172,14 @@ def _train_steps(
     amp: bool,
     flip_dims: tuple[int, ...],
     intensity_aug: bool,
-) -> Iterator[float]:
+    channels_last: bool | None = None,
+) -> Iterator[torch.Tensor]:
     """One optimiser step per index batch; yields the step's total loss (focal + proximal) as a 0-d
     tensor on ``device``. The crops and labels are copied to ``device`` once (:func:`resident`); each
     batch is gathered and augmented there."""
     data, targets = resident(crops, device), resident(labels, device, torch.long)
     for idx in index_batches:
-        x = _to_device(_augment(take(data, idx), run.gen, flip_dims, intensity_aug), device)
+        x = _to_device(_augment(take(data, idx), run.gen, flip_dims, intensity_aug), device, channels_last)
         y = take(targets, idx)
         with autocast(device, amp):
             logits = run.model(x)
@@ -207,6 +212,7 @@ def train_stager(
     total_steps: int | None = None,
     warmup_steps: int = 0,
     intensity_aug: bool = True,
+    channels_last: bool | None = None,
 ) -> dict[str, float]:
     """Train the stager for ``steps`` optimiser steps (one local round or one chunk of central training).
 
@@ -235,6 +241,8 @@ def train_stager(
         warmup_steps: global steps of linear warm-up (0: none).
         intensity_aug: apply :func:`client.augmentation.augment_intensity` (random brightness
             and Gaussian noise) after the flips.
+        channels_last: model and batches in ``torch.channels_last_3d``; ``None``: on CUDA only
+            (to be confirmed by ``onfh sim bench --only gpu``, issue 19).
 
     Returns:
         ``{"train-loss": mean loss over the steps}`` (focal plus proximal term).
@@ -247,14 +255,14 @@ def train_stager(
         raise ValueError("train_stager: no training crops")
     k = num_classes_of(model)
     stages = _check_labels(stages, k, "train_stager")
-    _prepare_model(model, device)
+    _prepare_model(model, device, channels_last)
     run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
     scheduler = make_lr_scheduler(run.opt, step_offset=step_offset, warmup_steps=warmup_steps, total_steps=total_steps)
     weights = class_balanced_weights(stages, k) if class_balanced else None
     losses = list(_train_steps(
         run, scheduler, crops, stages, batches(n, batch_size, steps, run.rng, weights=weights),
         criterion=stage_focal_loss(gamma=focal_gamma), device=device, amp=amp, flip_dims=flip_dims,
-        intensity_aug=intensity_aug,
+        intensity_aug=intensity_aug, channels_last=channels_last,
     ))
     _release_model(model)
     return {"train-loss": mean_loss(losses)}
