@@ -185,7 +185,8 @@ def _study_row(size: str, stager: torch.nn.Module, detector: torch.nn.Module, cr
 def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: Sequence[int] | None = None,
                   detector_batches: Sequence[int] | None = None, steps: int | None = None,
                   warmup_steps: int | None = None, device: str | torch.device = "auto", amp: bool = True,
-                  config_overrides: dict | None = None, infer_repeats: int = 5, seed: int = 0) -> list[Row]:
+                  channels_last: bool | None = None, deterministic: bool = True, config_overrides: dict | None = None,
+                  infer_repeats: int = 5, seed: int = 0) -> list[Row]:
     """Rows of ours-vs-plain training throughput per model, size and batch, and one study row per size.
 
     Args:
@@ -195,6 +196,11 @@ def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: S
         steps, warmup_steps: timed and untimed steps per loop (default 20 and 5 on CUDA, 2 and 1 without).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
         amp: autocast (bfloat16 where supported) in both loops; CUDA only, as in training.
+        channels_last: ``torch.channels_last_3d`` in both loops; ``None``: each loop's default (the stager
+            on CUDA only, the detector never).
+        deterministic: PyTorch's deterministic settings during the measurement, as a ClientApp sets them
+            (:func:`shared_models.determinism.configure_determinism`: deterministic cuDNN, no benchmark
+            mode); restored afterwards. ``False`` shows what they cost.
         config_overrides: run-config keys over the pyproject defaults (e.g. tiny widths in tests).
         infer_repeats: timed repeats of the study inference and Grad-CAM.
         seed: seeds weights and data.
@@ -203,16 +209,12 @@ def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: S
         Training rows (``model`` stager/detector): ``model_size, batch_size, params, gflop_per_sample,
         ours_samples_per_s, plain_samples_per_s, ours_vs_plain, ours_step_ms, plain_step_ms, ours_tflops,
         plain_tflops, peak_mem_gib, host_syncs_per_step`` (the last two None without CUDA), ``amp,
-        channels_last, steps, device``; study rows (``model`` "study"): ``infer_ms_per_study,
+        channels_last, deterministic, steps, device``; study rows (``model`` "study"): ``infer_ms_per_study,
         gradcam_ms_per_study, gradcam_deepcopy_ms_per_study, gradcam_speedup``.
 
     Raises:
         ValueError: a batch size or step count below 1, or an unknown model size.
     """
-    from shared_models.detector import YOLOX3D, detector_loss
-    from shared_models.losses import stage_focal_loss
-    from shared_models.stager import MulDenseNet3D
-
     dev = device if isinstance(device, torch.device) else select_device(device)
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     model_sizes = tuple(model_sizes or defaults["model_sizes"])
@@ -223,9 +225,41 @@ def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: S
     if min(*stager_batches, *detector_batches, steps) < 1 or warmup_steps < 0:
         raise ValueError("gpu benchmark: batch sizes and steps must be >= 1, warmup_steps >= 0")
     amp = bool(amp and dev.type == "cuda")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if deterministic:
+        from shared_models.determinism import configure_determinism
+
+        configure_determinism(dev)
+    try:
+        rows = _measure(model_sizes, stager_batches, detector_batches, dev, amp, channels_last, config_overrides,
+                        steps, warmup_steps, infer_repeats, seed)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    for row in rows:
+        if row["model"] != "study":
+            row["deterministic"] = deterministic
+    if dev.type == "cuda":
+        from client.gpu import gpu_summary
+
+        summary = gpu_summary()
+        for row in rows:
+            row["gpu"] = summary
+    return rows
+
+
+def _measure(model_sizes, stager_batches, detector_batches, dev, amp, channels_last, config_overrides, steps,
+             warmup_steps, infer_repeats, seed) -> list[Row]:
+    from shared_models.detector import YOLOX3D, detector_loss
+    from shared_models.losses import stage_focal_loss
+    from shared_models.stager import MulDenseNet3D
+
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
     timing = {"device": dev, "amp": amp, "steps": steps, "warmup_steps": warmup_steps}
+    stager_cl = dev.type == "cuda" if channels_last is None else bool(channels_last)
+    detector_cl = bool(channels_last)
     for size in model_sizes:
         stager_cfg, detector_cfg, crop_shape, hemi_shape = _configs(size, config_overrides)
 
@@ -243,18 +277,18 @@ def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: S
             n = 2 * batch
             crops = rng.random((n, 1, *crop_shape), dtype=np.float32)
             labels = np.arange(n) % int(stager_cfg.out_channels)
-            layout = torch.channels_last_3d if dev.type == "cuda" else torch.contiguous_format
+            layout = torch.channels_last_3d if stager_cl else torch.contiguous_format
             data = torch.from_numpy(crops).to(dev).contiguous(memory_format=layout)
 
             def ours_stager(model, k, crops=crops, labels=labels, batch=batch):
                 if k:
                     train_stager(model, crops, labels, steps=k, batch_size=batch, lr=LR, weight_decay=WEIGHT_DECAY,
-                                 focal_gamma=FOCAL_GAMMA, device=dev, amp=amp, seed=seed)
+                                 focal_gamma=FOCAL_GAMMA, device=dev, amp=amp, seed=seed, channels_last=stager_cl)
 
             rows.append(_training_row(
                 "stager", size, build_stager, crop_shape, batch, ours_stager,
                 (data, torch.from_numpy(labels).to(dev)), lambda _model, out, y: focal(out.float(), y),
-                channels_last=dev.type == "cuda", **timing))
+                channels_last=stager_cl, **timing))
         for batch in detector_batches:
             logger.info("gpu benchmark: detector %s, batch %d on %s", size, batch, dev)
             from sim.bench import _random_hemi_batch
@@ -264,17 +298,13 @@ def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: S
             def ours_detector(model, k, volumes=volumes, boxes=boxes, batch=batch):
                 if k:
                     train_detector(model, volumes, boxes, steps=k, batch_size=batch, lr=LR, weight_decay=WEIGHT_DECAY,
-                                   device=dev, amp=amp, seed=seed)
+                                   device=dev, amp=amp, seed=seed, channels_last=detector_cl)
 
             rows.append(_training_row(
                 "detector", size, build_detector, hemi_shape, batch, ours_detector,
-                (torch.from_numpy(volumes).to(dev), torch.from_numpy(boxes).to(dev)),
-                lambda model, out, y: detector_loss(out, y, model.cells)[0], channels_last=False, **timing))
+                (torch.from_numpy(volumes).to(dev).contiguous(memory_format=torch.channels_last_3d if detector_cl
+                                                               else torch.contiguous_format),
+                 torch.from_numpy(boxes).to(dev)),
+                lambda model, out, y: detector_loss(out, y, model.cells)[0], channels_last=detector_cl, **timing))
         rows.append(_study_row(size, build_stager(), build_detector(), crop_shape, hemi_shape, dev, infer_repeats, seed))
-    if dev.type == "cuda":
-        from client.gpu import gpu_summary
-
-        summary = gpu_summary()
-        for row in rows:
-            row["gpu"] = summary
     return rows

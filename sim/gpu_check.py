@@ -30,6 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 #: What the checks import beyond the standard library; ``CARRIED`` are absent from the lent GPU machines.
 NEEDED = ("torch", "numpy", "sklearn", "rich", "psutil", "pytest", "monai", "SimpleITK")
 CARRIED = {"monai": "monai==1.6.1", "SimpleITK": "SimpleITK==2.5.7"}
+#: After the two sizes as shipped (deterministic settings, stager channels-last, detector not): what the
+#: deterministic settings cost, and channels-last for the detector (the choices issue 19 leaves to measurement).
+VARIANTS = (
+    {"model_sizes": ("paper",), "stager_batches": (16, 256), "detector_batches": (4, 64), "deterministic": False},
+    {"model_sizes": ("paper",), "stager_batches": (16,), "detector_batches": (4, 64), "channels_last": True},
+)
 
 
 def missing_modules(names=None) -> dict[str, str]:
@@ -100,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         from sim.bench import print_table, run_benchmarks
 
         options = {"stager_batches": (16,), "detector_batches": (4,), "steps": 10} if args.quick else {}
-        sizes = ("default", "paper") if report["gpu"]["cuda"] else ("default",)
+        passes = [{**options, "model_sizes": (size,)}
+                  for size in (("default", "paper") if report["gpu"]["cuda"] else ("default",))]
+        if report["gpu"]["cuda"] and not args.quick:
+            passes += VARIANTS
         rows: list = []
         t0 = time.perf_counter()
-        for size in sizes:  # one size at a time, written after each: a run cut short keeps what it measured
-            result = run_benchmarks(["gpu"], gpu={**options, "model_sizes": (size,)})
+        for opts in passes:  # one pass at a time, written after each: a run cut short keeps what it measured
+            result = run_benchmarks(["gpu"], gpu=opts)
             rows += result["sections"]["gpu"]
             report["bench"] = {"environment": result["environment"], "rows": rows,
                                "seconds": round(time.perf_counter() - t0, 1)}
