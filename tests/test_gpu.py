@@ -264,6 +264,36 @@ def test_local_steps_return_device_losses_read_once(monkeypatch):
     assert training.mean_loss([]) == 0.0
 
 
+@pytest.mark.parametrize("model", ["stager", "detector"])
+def test_channels_last_is_a_layout_choice_not_a_different_result(model):
+    import numpy as np
+
+    from client.detector_training import train_detector
+    from client.stager_training import train_stager
+    from shared_models.detector import DetectorConfig, YOLOX3D
+
+    rng = np.random.default_rng(0)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        if model == "stager":
+            net = _tiny_stager()
+            out = train_stager(net, rng.random((8, 1, 32, 32, 32), dtype=np.float32), np.arange(8) % 3, steps=2,
+                               batch_size=4, lr=1e-3, weight_decay=0.0, focal_gamma=2.0, device=torch.device("cpu"),
+                               seed=3, channels_last=channels_last)
+        else:
+            net = YOLOX3D(DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8))
+            boxes = np.tile(np.array([[16, 16, 16, 8, 10, 8]], np.float32), (4, 1))
+            out = train_detector(net, rng.random((4, 1, 32, 32, 32), dtype=np.float32), boxes, steps=2, batch_size=2,
+                                 lr=1e-3, weight_decay=0.0, device=torch.device("cpu"), seed=5,
+                                 channels_last=channels_last)
+        rng = np.random.default_rng(0)
+        assert all(v.is_contiguous() for v in net.state_dict().values())  # weights travel in the plain layout
+        results.append(out["train-loss"])
+    # the same arithmetic in another memory order: equal up to float32 summation order
+    assert results[1] == pytest.approx(results[0], rel=1e-4)
+
+
 def _sync_warnings_per_step(train, steps_a: int = 2, steps_b: int = 6) -> float:
     """Host synchronisations a training step adds, counted by CUDA's sync debug mode (a warning for each
     ``.item()``, ``nonzero``, pageable copy, ...): the difference between two runs of different length."""
@@ -399,6 +429,7 @@ def test_gpu_bench_runs_on_cpu_at_tiny_size_and_prints_ratios(tmp_path, capsys):
         assert row["ours_vs_plain"] > 0 and row["gflop_per_sample"] > 0
         assert row["ours_tflops"] == pytest.approx(row["gflop_per_sample"] * row["ours_samples_per_s"] / 1e3)
     assert rows[2]["gradcam_ms_per_study"] > 0 and rows[2]["gradcam_speedup"] > 0
+    assert all(r["deterministic"] for r in rows[:2]) and not torch.are_deterministic_algorithms_enabled()  # restored
     out = capsys.readouterr().out
     assert "ours vs plain" in out and "gradcam speedup" in out
 
