@@ -149,3 +149,32 @@ def run_infer(args, console) -> int:
         console.print(f"[red]study refused[/red] (exit code {EXIT_REFUSED}; --allow-refused exits 0)")
         return EXIT_REFUSED
     return 0
+
+
+def calibration_table(report: dict):
+    """The run report's calibration (issue 17) as a rich Table, or None when the report has none."""
+    from rich.table import Table
+
+    c = report.get("calibration")
+    if not c:
+        return None
+    ch = c.get("chosen") or {}
+
+    def f(v, spec=".3f"):
+        return "–" if not isinstance(v, (int, float)) or isinstance(v, bool) else f"{v:{spec}}"
+
+    table = Table(title=f"Calibration on {ch.get('val_heads', 0)} validation heads: T = {f(ch.get('temperature'), '.3g')}, "
+                        f"detector threshold {f(ch.get('detector_threshold'), '.2f')}, energy threshold "
+                        f"{ch.get('energy_threshold')}, early-ONFH threshold {f(ch.get('early_threshold'), '.2f')}")
+    for col in ("site", "test heads", "ECE before", "ECE after", "early sens.", "early spec.", "OOD flagged",
+                "box below threshold"):
+        table.add_column(col, justify="right" if col != "site" else "left")
+    for site, m in (c.get("sites") or {}).items():
+        name = site + (" (external)" if m.get("external") else "")
+        if m.get("suppressed"):
+            table.add_row(name, "suppressed", *["–"] * 6)
+            continue
+        table.add_row(name, str(m.get("test_heads")), f(m.get("ece_before")), f(m.get("ece_after")),
+                      f(m.get("sensitivity")), f(m.get("specificity")), f(m.get("ood_flagged")),
+                      f(m.get("detector_flagged")))
+    return table

@@ -237,3 +237,12 @@ def test_calibration_section_shows_ece_and_early_onfh_figures_per_site():
     assert "suppressed" in html and "calibrate-val: nll" in html
     assert "No calibration" in calibration_section({})
     assert "too few heads" not in html and "too few heads" in calibration_section({**c, "chosen": {"val_heads": 2}})
+    from rich.console import Console
+
+    from sim.infer import calibration_table
+
+    console = Console(width=200, record=True)
+    console.print(calibration_table({"calibration": c}))
+    text = console.export_text()
+    assert "T = 1.7" in text and "B (external)" in text and "0.234" in text and "0.529" in text
+    assert "suppressed" in text and calibration_table({}) is None
