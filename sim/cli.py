@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sim.add_parser("bench", help="benchmarks: measured throughput and latency, written to OUT/bench.json")
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (default runs/bench)")
     p.add_argument("--only", help="comma-separated sections (default: all; known: detector, transfer, ingestion, "
-                   "input_pipeline, inference, federated, scaling, deployment, gpu)")
+                   "input_pipeline, inference, federated, scaling, deployment, gpu, poisoning)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, default widths only")
     p.add_argument("--option", action="append", metavar="SECTION.KEY=VALUE",
                    help="a section's keyword argument, e.g. federated.local_steps=10 (repeatable; JSON values)")
