@@ -34,6 +34,7 @@ from server.calibration import run_calibration
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
 from server.early_stopping import stop_round
 from server.reply_polling import with_reply_polling
+from server.tracking import Tracker, make_tracker, round_scalars, run_name, run_params
 from server.report import build_report, transfer_summary
 from server.run_paths import resolve_coordinator_paths
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
@@ -226,11 +227,13 @@ def run_phase(
     rounds: int,
     extra_config: dict | None = None,
     declared: dict[str, dict] | None = None,
+    tracker: Tracker | None = None,
 ) -> PhaseCheckpoint:
     """Federate one model for ``rounds`` rounds, resuming from its checkpoint.
 
     ``declared`` (site id -> heads per split from :func:`discover_sites`) caps the counts each
-    site reports (issue 16, ``strategies/update_checks.py``).
+    site reports (issue 16, ``strategies/update_checks.py``). ``tracker`` gets every finished round's
+    metrics (:mod:`server.tracking`).
 
     Returns:
         The final checkpoint: the last and the best-validated global state dicts and the
@@ -273,6 +276,9 @@ def run_phase(
             best_round=best["round"], best_score=best["score"], best_state_dict=best["state"],
             missing_sites=dict(strategy.missing_sites), rejected_updates=dict(strategy.rejected_updates),
         ))
+        (tracker or Tracker()).log_round_metrics(reached, round_scalars(
+            phase, strategy.train_metrics.get(reached, {}), strategy.site_metrics.get(reached, {}),
+            cfg.min_cell_heads, score))
         summary = {s: round(float(m.get("iou-mean" if phase == "detector" else "macro-auc", 0.0)), 3)
                    for s, m in sorted(strategy.site_metrics.get(reached, {}).items())}
         log.info("phase %s round %d/%d: test %s %s, validation score %s (best: round %d)", phase, reached, rounds,
@@ -344,6 +350,8 @@ def main(grid: Grid, context: Context) -> None:
     configure_determinism(select_device(cfg.device))
     torch.manual_seed(cfg.seed)  # the initial global weights
     grid = anchors = AnchorRecordingGrid(grid, out / ANCHORS_NAME)  # every reply's audit-log head, per site
+    tracker = make_tracker(cfg.track, out, cfg.tracking_uri)  # issue 21: MLflow / TensorBoard, never fatal
+    tracker.start_run(run_params(run_config), run_name(out))
 
     # 2. sites
     refused: list[str] = []
@@ -352,14 +360,14 @@ def main(grid: Grid, context: Context) -> None:
 
     # 3. phase 1: detector
     detector = run_phase(grid, cfg, store, node_sites, phase="detector", model=YOLOX3D(cfg.detector),
-                         rounds=cfg.detector_rounds, declared=site_data)
+                         rounds=cfg.detector_rounds, declared=site_data, tracker=tracker)
 
     # 4. site-local crops with the phase-1 global detector
     key = prepare_crops(grid, node_sites, detector.selected_state_dict, cfg)
 
     # 5. phase 2: stager
     stager = run_phase(grid, cfg, store, node_sites, phase="stager", model=MulDenseNet3D(cfg.stager),
-                       rounds=cfg.stager_rounds, extra_config={"crops-key": key}, declared=site_data)
+                       rounds=cfg.stager_rounds, extra_config={"crops-key": key}, declared=site_data, tracker=tracker)
 
     # 6. calibration on pooled validation aggregates (issue 17), report and signed bundle
     calibration, calibration_report = run_calibration(grid, node_sites, cfg, detector.selected_state_dict,
@@ -398,4 +406,6 @@ def main(grid: Grid, context: Context) -> None:
         run_config=run_config, signing_key=_signing_key(cfg, out), checkpoint_chain=store.chain(),
         calibration=calibration,
     )
+    tracker.log_artifacts([out / "report.json", out / "bundle"])
+    tracker.end()
     log.info("report and signed bundle written to the run's out-dir")

@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+import re
 from typing import Any
 
 from shared_models.detector import DetectorConfig
@@ -23,6 +24,7 @@ CROP_SOURCES = ("detector", "ground-truth")
 MODEL_SIZES = ("default", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "constant")
+TRACKERS = ("mlflow", "tensorboard", "none")  # issue 21 (server/tracking.py)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -88,6 +90,23 @@ def robust_strategy_problem(strategy: str, n_train: int, trimmed_beta: float, kr
                     f"{2 * krum_byzantine + 2} training sites (n > 2f + 2), got {n_train}")
     if strategy == "fedmedian" and n_train < 3:
         return f"fedmedian needs at least 3 training sites to outvote one (the median of 2 is their mean), got {n_train}"
+    return None
+
+
+def tracking_uri_problem(track: str, uri: str) -> str | None:
+    """Why ``tracking-uri`` ``uri`` cannot serve ``track``; None when it can.
+
+    MLflow takes a URI with a scheme (``http://127.0.0.1:5000``, ``sqlite:////abs/mlflow.db``);
+    TensorBoard takes an absolute log folder (the ServerApp does not run in the caller's folder).
+    ``""`` means the default under ``out-dir``; with ``track = "none"`` the URI is ignored.
+    """
+    if not uri or track == "none":
+        return None
+    if track == "mlflow" and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
+        return (f"'tracking-uri': MLflow needs a URI such as http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db, "
+                f"got {uri!r}")
+    if track == "tensorboard" and not Path(uri).is_absolute():
+        return f"'tracking-uri': TensorBoard needs an absolute log folder, got {uri!r}"
     return None
 
 
@@ -206,6 +225,8 @@ class RunConfig:
     early_stopping_patience: int = 0  # issue 18: rounds without validation improvement before a phase stops (0: off)
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best validation score by more than this
     site_nodes: dict[str, int] = field(default_factory=dict)  # issue 16: site -> enrolled node id ({}: simulation)
+    track: str = "none"  # issue 21: experiment tracking from the ServerApp: "mlflow", "tensorboard" or "none"
+    tracking_uri: str = ""  # MLflow tracking URI or absolute TensorBoard folder; "" = under out-dir
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -271,6 +292,10 @@ class RunConfig:
         clip_factor, reject_factor = positive("update-clip-factor", float), positive("update-reject-factor", float)
         if reject_factor < clip_factor:
             raise ValueError(f"run config 'update-reject-factor': must be >= update-clip-factor {clip_factor}, got {reject_factor}")
+        track, tracking_uri = choice("track", TRACKERS), get("tracking-uri", str).strip()
+        problem = tracking_uri_problem(track, tracking_uri)
+        if problem:
+            raise ValueError(f"run config {problem}")
         model_size = choice("model-size", MODEL_SIZES)
         if model_size == "paper":
             detector = DetectorConfig.PAPER
@@ -345,6 +370,8 @@ class RunConfig:
             early_stopping_patience=non_negative("early-stopping-patience", int),
             early_stopping_min_delta=non_negative("early-stopping-min-delta", float),
             site_nodes=parse_site_nodes(get("site-nodes", str), site_ids),
+            track=track,
+            tracking_uri=tracking_uri,
         )
 
     def detector_l1_weight(self, server_round: int) -> float:

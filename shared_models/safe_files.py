@@ -28,7 +28,8 @@ import torch
 
 # Run-config keys that hold a path on the machine that runs the command (``pyproject.toml``
 # [tool.flwr.app.config]). Their values never go into a checkpoint or a bundle.
-PATH_KEYS = frozenset({"data-root", "cache-dir", "out-dir", "signing-key"})
+# tracking-uri (issue 21): a SQLite store or TensorBoard folder is a local path, a server URL is local infrastructure
+PATH_KEYS = frozenset({"data-root", "cache-dir", "out-dir", "signing-key", "tracking-uri"})
 
 
 class UnsafeFileError(ValueError):

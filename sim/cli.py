@@ -141,8 +141,28 @@ def _run_config_for(args) -> dict[str, object]:
                              "strategy": args.strategy, "seed": args.seed}
     if args.train_sites:
         rc["train-sites"] = args.train_sites
+    rc.update(_tracking_config(args))
     rc.update(_parse_set(args.set or []))
     return rc
+
+
+def _tracking_config(args) -> dict[str, object]:
+    """``--track`` / ``--tracking-uri`` as run-config keys; a TensorBoard folder made absolute."""
+    track, uri = getattr(args, "track", "mlflow"), getattr(args, "tracking_uri", None)
+    rc: dict[str, object] = {"track": track}
+    if uri:
+        rc["tracking-uri"] = str(Path(uri).resolve()) if track == "tensorboard" else uri
+    return rc
+
+
+def tracking_args(p) -> None:
+    """``--track`` and ``--tracking-uri`` (issue 21; ``server/tracking.py``)."""
+    p.add_argument("--track", choices=("mlflow", "tensorboard", "none"), default="mlflow",
+                   help="experiment tracking from the server, per round and site (default mlflow: a SQLite store "
+                        "OUT/mlflow/mlflow.db, no server needed; tensorboard: OUT/tensorboard)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking server or store (http://127.0.0.1:5000, sqlite:////abs/mlflow.db), or the "
+                        "TensorBoard log folder (default: under OUT)")
 
 
 def cmd_run(args) -> int:
@@ -175,6 +195,8 @@ def cmd_compare(args) -> int:
         raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     args.seed = seeds[0] if seeds else 0
     base = {k: v for k, v in _run_config_for(args).items() if k not in ("out-dir", "seed")}
+    if base.get("track") == "mlflow" and not base.get("tracking-uri"):  # one MLflow store for the whole grid
+        base["tracking-uri"] = f"sqlite:///{(Path(args.out) / 'mlflow' / 'mlflow.db').resolve()}"
     full = {**default_run_config(), **base}
     if args.train_sites:  # every training site split 8:1:1 in every cell; its test split reported on its own
         train = [s.strip() for s in args.train_sites.split(",") if s.strip()]
@@ -231,7 +253,8 @@ def cmd_demo(args) -> int:
     args_ph = argparse.Namespace(out=str(data), profile=args.profile, seed=args.seed)
     cmd_phantoms(args_ph)
     args_run = argparse.Namespace(data=str(data), out=str(out / "run"), profile=args.profile, strategy=args.strategy,
-                                  seed=args.seed, train_sites=None, set=args.set, gpus_per_site=args.gpus_per_site)
+                                  seed=args.seed, train_sites=None, set=args.set, gpus_per_site=args.gpus_per_site,
+                                  track=args.track, tracking_uri=args.tracking_uri)
     cmd_run(args_run)
     if REAL_NIFTI.exists():
         key = out / "run" / "keys" / "bundle-signing-key.pem.pub"
@@ -481,6 +504,7 @@ def cmd_coordinator_launch(args) -> int:
                                  "seed": args.seed, "min-site-fraction": args.min_site_fraction}
         rc["train-sites"] = args.train_sites or sites
         rc["report-groups"] = ";".join(f"{s}={s}" for s in sites.split(","))  # one report group per site
+        rc.update(_tracking_config(args))
         rc.update(_parse_set(args.set or []))
         run_id = launch(rc, out=out, flwr_home=flwr_home, signing_key=certs.signing_key, registry=registry)
     console.print(f"run {run_id} started; checkpoints, report and bundle in {out}")
@@ -605,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         if seed:
             p.add_argument("--seed", type=int, default=0)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
+        tracking_args(p)
 
     def gpus_arg(p):
         p.add_argument("--gpus-per-site", type=float, metavar="SHARE",
@@ -766,6 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-site-fraction", type=float, default=0.5,
                    help="a round completes if at least this fraction of training sites trained (default 0.5)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
+    tracking_args(p)
     p.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it completed")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="with --wait: limit in seconds")
     p.set_defaults(func=cmd_coordinator_launch)

@@ -84,6 +84,7 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     """
     from client import tasks
     from server.report import json_safe
+    from server.tracking import log_run_outputs
     from shared_models.config import RunConfig, default_run_config
     from sim.baseline import intensity_baseline
     from sim.exact_check import exact_check
@@ -151,4 +152,7 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_training_curves(report, out / "training_curves.png")
     write_report_html(report, out)
+    # the ServerApp tracked the rounds, report.json and the bundle; add what the harness wrote after it (issue 21)
+    log_run_outputs(cfg.track, out, cfg.tracking_uri,
+                    [out / "report.json", out / "report.html", out / "training_curves.png", out / "figures"])
     return report

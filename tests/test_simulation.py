@@ -7,12 +7,14 @@ import json
 
 import pytest
 
+from shared_models import allow_tracking_imports
 from shared_models.bundle import load_bundle
 from sim.cli import main
 from sim.phantoms import PROFILES, generate_phantoms
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
+allow_tracking_imports()  # the test reads the run's MLflow store back
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,21 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert set(report["audit_anchors"]) == {"A", "B"} and report["refused_nodes"] == []
     for site in ("A", "B"):
         assert main(["site", "verify-audit", "--data", str(two_site_phantoms / site), "--anchors", str(out / "report.json")]) == 0
+
+    # experiment tracking (issue 21, default MLflow store under the run folder), read back through MLflow's client:
+    # each round's metrics per site as the server received them; B (3 heads < min-cell-heads) only as suppressed
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    run_id = json.loads((out / "tracking.json").read_text())["run-id"]
+    tracked = client.get_run(run_id)
+    assert tracked.info.status == "FINISHED" and tracked.data.params["strategy"] == "fedprox"
+    for phase in ("detector", "stager"):
+        losses = client.get_metric_history(run_id, f"{phase}/train/A/train-loss")
+        assert [(m.step, m.value) for m in losses] == [(1, pytest.approx(report["history"][f"{phase}_train_loss"]["1"]["A"]))]
+    assert [m.value for m in client.get_metric_history(run_id, "stager/eval/B/suppressed")] == [1.0]
+    assert not [k for k in tracked.data.metrics if k.startswith("stager/eval/B/") and not k.endswith("suppressed")]
+    assert {"report.json", "report.html", "bundle", "figures"} <= {a.path for a in client.list_artifacts(run_id)}
 
     # no local path is stored (issue 16 row 10): not the data folder, not the run folder
     for file in [*(out / "checkpoints").iterdir(), *(out / "bundle").iterdir()]:
