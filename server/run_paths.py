@@ -22,7 +22,7 @@ from pathlib import Path
 from shared_models.safe_files import read_regular_file
 
 REFERENCE_PREFIX = "coordinator-run:"
-HIDDEN_KEYS = ("out-dir", "signing-key")
+HIDDEN_KEYS = ("out-dir", "signing-key", "tracking-uri")  # tracking-uri: a local store or an internal server
 FOLDER_NAME = "onfh-runs"
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 
@@ -32,7 +32,8 @@ def hide_coordinator_paths(run_config: Mapping[str, object], flwr_home: Path) ->
     written to ``<flwr_home>/onfh-runs/<token>.json``.
 
     Returns:
-        A copy of ``run_config``: ``out-dir`` = ``"coordinator-run:<token>"``, ``signing-key`` = ``""``.
+        A copy of ``run_config``: ``out-dir`` = ``"coordinator-run:<token>"``, ``signing-key`` and
+        ``tracking-uri`` = ``""``.
     """
     token = secrets.token_hex(16)
     folder = Path(flwr_home).resolve() / FOLDER_NAME
@@ -41,7 +42,7 @@ def hide_coordinator_paths(run_config: Mapping[str, object], flwr_home: Path) ->
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump({k: str(run_config.get(k, "")) for k in HIDDEN_KEYS}, fh)
-    return {**run_config, "out-dir": REFERENCE_PREFIX + token, "signing-key": ""}
+    return {**run_config, **{k: "" for k in HIDDEN_KEYS}, "out-dir": REFERENCE_PREFIX + token}
 
 
 def resolve_coordinator_paths(run_config: Mapping[str, object]) -> dict[str, object]:

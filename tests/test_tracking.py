@@ -190,3 +190,13 @@ def test_cli_passes_tracking_to_the_run_config(tmp_path, monkeypatch):
     rc = _run_config_for(build_parser().parse_args(["sim", "run", "--data", "d", "--out", "o"]))
     assert rc["track"] == "mlflow" and "tracking-uri" not in rc
     RunConfig.from_run_config({**default_run_config(), **rc})
+
+
+def test_tracking_uri_is_not_sent_to_sites(tmp_path, monkeypatch):
+    from server.run_paths import hide_coordinator_paths, resolve_coordinator_paths
+
+    rc = {"out-dir": str(tmp_path / "run"), "signing-key": "", "track": "mlflow", "tracking-uri": "http://10.0.0.7:5000"}
+    sent = hide_coordinator_paths(rc, tmp_path / "flwr-home")
+    assert sent["tracking-uri"] == "" and sent["track"] == "mlflow" and "10.0.0.7" not in json.dumps(sent)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    assert resolve_coordinator_paths(sent)["tracking-uri"] == "http://10.0.0.7:5000"
