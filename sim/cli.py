@@ -112,6 +112,10 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
         det.add_row(site, str(m["n"]), _fmt(m["iou_mean"]), _fmt(m["center_error_mm"]), _fmt(m["recall30"]),
                     _fmt(m["recall50"]), _fmt(m.get("ap50")), str(m["low_confidence"]))
     console.print(det)
+    from sim.infer import calibration_table
+
+    if (calibration := calibration_table(report)) is not None:
+        console.print(calibration)
 
 
 # --------------------------------------------------------------------------- sim
