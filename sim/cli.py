@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -213,9 +214,22 @@ def cmd_compare(args) -> int:
     else:
         sites = [s.strip() for s in str(full["site-ids"]).split(",") if s.strip()]
         variants = grid_variants(args.grid, sites, full)
+    reference = None
+    if args.check_against:  # read first: a missing or broken reference fails before hours of runs
+        reference = json.loads(Path(args.check_against).read_text())["summary"]
     summary = run_compare(base, Path(args.out), variants, seeds, console=console)
     print_summary(summary, console)
     console.print(f"grid: {Path(args.out) / 'report.html'} (open in a browser), compare.json and compare.md")
+    if reference is not None:
+        from sim.compare import outside_interval
+
+        rows = json.loads((Path(args.out) / "compare.json").read_text())["rows"]
+        problems = outside_interval(reference, [r for r in rows if r["seed"] in seeds])
+        for line in problems:
+            console.print(f"[red]outside the stated interval:[/red] {line}")
+        if problems:
+            return 1
+        console.print(f"every figure of seeds {seeds} lies inside the 95 % one-more-seed interval of {args.check_against}")
     return 0
 
 
@@ -662,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "strategies (FedAvg, FedProx mu 0.001/0.01/0.1, FedBN), leave-one-site-out, or baselines "
                         "(federated vs local-only per site vs pooled; needs --train-sites with two or more sites)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); mean ± sd over seeds")
+    p.add_argument("--check-against", metavar="COMPARE_JSON",
+                   help="after the runs, check every figure lies inside the 95 %% interval for one more seed that this "
+                        "earlier grid's compare.json states (exit 1 if not); run it with new seeds")
     p.set_defaults(func=cmd_compare)
     p = sim.add_parser("bench", help="benchmarks: measured throughput and latency, written to OUT/bench.json")
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (default runs/bench)")
@@ -814,6 +831,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_folder(args) -> Path | None:
+    """The federated run folder of a ``sim run`` or ``sim demo`` command (None for other commands)."""
+    func = getattr(args, "func", None)
+    if func is cmd_run:
+        return Path(args.out)
+    if func is cmd_demo:
+        return Path(args.out) / "run"
+    return None
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -836,7 +863,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {err}")
         return 1
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: every process of the run was stopped; re-run the same command to resume")
+        console.print("[yellow]interrupted[/yellow]: every process of the run was stopped")
+        run_out = _run_folder(args)
+        if run_out is not None:
+            from sim.experiment import last_verified_checkpoint
+
+            console.print(last_verified_checkpoint(run_out / "checkpoints"))
+        words = sys.argv[1:] if argv is None else list(argv)
+        console.print("resume with the same command: " + shlex.join(["onfh", *words]), soft_wrap=True)
         return 130
 
 

@@ -34,6 +34,28 @@ def run_complete(out: Path, run_config: dict, cfg) -> bool:
     )
 
 
+def last_verified_checkpoint(folder: Path) -> str:
+    """One line on the last checkpoint in ``folder`` whose hash chain verifies (what a resume starts from).
+
+    A checkpoint file that does not match the chain (a save cut short) is named; the run then resumes
+    from the previous verified round (``server/checkpoint.py``).
+    """
+    from server.checkpoint import CheckpointError, read_chain, verify_chain
+
+    try:
+        entries = read_chain(Path(folder))
+    except CheckpointError as err:
+        return f"checkpoints in {folder} do not verify: {err}"
+    if not entries:
+        return f"no checkpoint yet in {folder}: a resume starts from round 1"
+    last = entries[-1]
+    try:
+        verify_chain(entries, Path(folder))
+    except ValueError as err:
+        return f"the last checkpoint does not verify ({err}); a resume falls back to the previous verified round"
+    return f"last verified checkpoint: {last['phase']} round {last['round']} ({folder})"
+
+
 def prepare_splits(cfg) -> None:
     """Write every site's ``split.csv`` for this run, and the pooled site when ``pooled-sites`` is set.
 
