@@ -321,6 +321,21 @@ def _signing_key(cfg: RunConfig, out: Path):
     return generate_signing_key(path)
 
 
+def _write_pages(report: dict, out: Path) -> None:
+    """``training_curves.png`` and ``report.html`` beside ``report.json``, in deployment as in simulation
+    (where :func:`sim.experiment.run_experiment` rewrites them with its extra sections). A figure that
+    fails is logged and does not fail the run: the weights and ``report.json`` are already written."""
+    try:
+        from sim.plots import plot_training_curves
+        from sim.report_html import write_report_html
+
+        page = json.loads(json.dumps(report))  # as a reader of report.json sees it (string keys)
+        plot_training_curves(page, out / "training_curves.png")
+        write_report_html(page, out)
+    except Exception:  # noqa: BLE001 - the report page is secondary to the trained models
+        log.exception("could not write report.html / training_curves.png")
+
+
 def _enable_project_logging() -> None:
     """Show this project's INFO logs in the ServerApp process (Flower configures only its own logger)."""
     for name in ("server", "strategies", "shared_models"):
@@ -400,6 +415,7 @@ def main(grid: Grid, context: Context) -> None:
     report["audit_anchors"] = anchors.anchors()  # `onfh site verify-audit --anchors report.json`
     report["calibration"] = calibration_report
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    _write_pages(report, out)
     write_bundle(
         out / "bundle", detector_state=detector.selected_state_dict, stager_state=stager.selected_state_dict,
         detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,

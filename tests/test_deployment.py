@@ -216,6 +216,16 @@ def test_run_with_killed_supernode_completes_and_names_the_missing_site(federati
     assert _supernode_pid(federation["daemons"]["C"]) not in (None, federation["victim"])
 
 
+def test_deployment_run_writes_report_html_like_a_simulation(federation):
+    out = federation["faults"]["out"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for group in report["sites"]:
+        assert f"<h3>{group} " in page
+    assert 'src="training_curves.png"' in page or "training_curves.png" in page
+
+
 def test_signed_bundle_verifies_and_records_the_checkpoint_chain(federation, tmp_path):
     out, certs = federation["faults"]["out"], federation["certs"]
     assert main(["site", "verify", "--bundle", str(out / "bundle"), "--public-key", str(certs.signing_public_key)]) == 0
