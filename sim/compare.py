@@ -174,6 +174,9 @@ def rows_from_report(variant: str, seed: int, report: Mapping) -> list[dict]:
         ious = [report["detector"][s]["iou_mean"] for s in m.get("sites", [])
                 if report.get("detector", {}).get(s, {}).get("iou_mean") is not None]  # None: no test heads
         row["detector_iou_mean"] = statistics.fmean(ious) if ious else math.nan
+        base = ((report.get("baseline_intensity_logreg") or {}).get(group) or {}).get("macro") or {}
+        row["baseline_auc"] = _num(base.get("auc"))
+        row["unreliable"] = bool((m.get("small_n") or {}).get("unreliable"))
         row["wall_time_s"] = report.get("simulation", {}).get("wall_time_s", math.nan)
         rows.append(row)
     return rows
@@ -213,20 +216,42 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95, bounds: tup
     return max(float(low), bounds[0]), min(float(high), bounds[1])
 
 
+def seed_prediction_interval(values: Sequence[float], confidence: float = 0.95,
+                             bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
+    """Where the figure of one more seed lands: the Student-t prediction interval
+    ``mean ± t(confidence, n - 1) · sd · sqrt(1 + 1/n)`` (normal model; e.g. Hahn & Meeker, *Statistical
+    Intervals*, 1991, section 4.5), clipped to ``bounds``; ``(nan, nan)`` for fewer than 2 values.
+    Wider than :func:`seed_interval` (the mean's interval) by ``sqrt(n + 1)``."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    n, mean, sd = len(values), statistics.fmean(values), statistics.stdev(values)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd * math.sqrt(1 + 1 / n)
+    return max(mean - half, bounds[0]), min(mean + half, bounds[1])
+
+
+SUMMARY_KEYS = (*(f"macro_{k}" for k in METRICS), "detector_iou_mean", "baseline_auc")
+
+
 def summarise(rows: Sequence[Mapping]) -> list[dict]:
-    """Per (variant, group) over seeds: mean, sample standard deviation (n-1; 0 for one seed) and the
-    95 % Student-t interval of the mean (``*_ci``; NaN for one seed)."""
+    """Per (variant, group) over seeds: mean, sample standard deviation (n-1; 0 for one seed), the
+    95 % Student-t interval of the mean (``*_ci``; NaN for one seed), the 95 % prediction interval of one
+    more seed (``*_pi``, :func:`seed_prediction_interval`), the range of ``n`` heads and whether any seed's
+    figures were marked unreliable for small n (``unreliable``)."""
     cells: dict[tuple[str, str], list[Mapping]] = {}
     for r in rows:
         cells.setdefault((r["variant"], r["group"]), []).append(r)
     out = []
     for (variant, group), rs in cells.items():
-        s = {"variant": variant, "group": group, "seeds": len(rs)}
-        for key in [f"macro_{k}" for k in METRICS] + ["detector_iou_mean"]:
-            values = [float(r[key]) for r in rs if not math.isnan(float(r[key]))]
+        s = {"variant": variant, "group": group, "seeds": len(rs), "n_heads": [min(r["n"] for r in rs), max(r["n"] for r in rs)],
+             "unreliable": any(r.get("unreliable") for r in rs)}
+        for key in SUMMARY_KEYS:
+            values = [float(r[key]) for r in rs if key in r and not math.isnan(float(r[key]))]
             s[key] = statistics.fmean(values) if values else math.nan
             s[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
             s[f"{key}_ci"] = list(seed_interval(values))
+            s[f"{key}_pi"] = list(seed_prediction_interval(values))
         out.append(s)
     return out
 
@@ -249,6 +274,51 @@ def markdown_table(summary: Sequence[Mapping]) -> str:
                      + " | ".join(_pm(s[k], s[f"{k}_sd"], s["seeds"])
                                   for k in ("macro_accuracy", "macro_f1", "detector_iou_mean")) + " |")
     return "\n".join(lines) + "\n"
+
+
+def headline_table(summary: Sequence[Mapping], variant: str = "default") -> str:
+    """The README's headline table for one variant: per report group, mean ± sd over seeds of the macro
+    figures, the 95 % prediction interval of one more seed's macro AUC, and the intensity baseline's AUC."""
+    lines = ["| report site | n heads | macro accuracy | macro sensitivity | macro specificity | macro F1 | macro AUC "
+             "| macro AUC, one more seed (95 %) | baseline AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        if s["variant"] != variant:
+            continue
+        low, high = s.get("macro_auc_pi") or (math.nan, math.nan)
+        pi = "–" if low is None or math.isnan(low) else f"{low:.2f} to {high:.2f}"
+        lo, hi = s.get("n_heads") or (0, 0)
+        group = s["group"] + (" *" if s.get("unreliable") else "")
+        lines.append(f"| {group} | {lo if lo == hi else f'{lo}-{hi}'} | "
+                     + " | ".join(_pm(s[f"macro_{k}"], s[f"macro_{k}_sd"], s["seeds"])
+                                  for k in ("accuracy", "sensitivity", "specificity", "f1", "auc"))
+                     + f" | {pi} | {_pm(s['baseline_auc'], s['baseline_auc_sd'], s['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def outside_interval(reference: Sequence[Mapping], rows: Sequence[Mapping],
+                     keys: Sequence[str] = ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean")) -> list[str]:
+    """Figures of new runs (:func:`rows_from_report` rows) outside the reference grid's 95 % prediction interval
+    of one more seed (``*_pi`` of :func:`summarise`), matched on (variant, report group); one line each.
+
+    Raises:
+        ValueError: a row whose (variant, group) the reference does not hold, or a reference without intervals
+            (fewer than 2 seeds).
+    """
+    ref = {(s["variant"], s["group"]): s for s in reference}
+    problems = []
+    for r in rows:
+        s = ref.get((r["variant"], r["group"]))
+        if s is None:
+            raise ValueError(f"the reference has no {r['variant']} / {r['group']}: run the same variants and groups")
+        for key in keys:
+            value, (low, high) = float(r[key]), s.get(f"{key}_pi") or (None, None)
+            if low is None or high is None or math.isnan(low):
+                raise ValueError(f"the reference's {r['variant']} / {r['group']} has no interval for {key} "
+                                 "(it needs at least 2 seeds)")
+            if not math.isnan(value) and not low - 1e-12 <= value <= high + 1e-12:
+                problems.append(f"{r['variant']} / {r['group']} seed {r['seed']}: {key} {value:.3f} outside "
+                                f"[{low:.3f}, {high:.3f}]")
+    return problems
 
 
 def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Variant], seeds: Sequence[int], *,
@@ -296,7 +366,9 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
                   "macro_auc": cross_site_matrix(site_rows)}, "cells": cells, "seeds": list(seeds),
                   "variants": {v.name: dict(v.overrides) for v in variants}}
         (out / "compare.json").write_text(json.dumps(json_safe(result), indent=2))
-        (out / "compare.md").write_text(markdown_table(result["summary"]))
+        variants_run = [v.name for v in variants]
+        (out / "compare.md").write_text(markdown_table(result["summary"]) + "".join(
+            f"\n{name}:\n\n{headline_table(result['summary'], name)}" for name in variants_run))
         write_compare_html(json_safe(result), out)  # after every cell: a stopped grid still has its page
         return result
 

@@ -103,3 +103,28 @@ def test_named_grids():
         compare.grid_variants("nosuch", ["A"])
     with pytest.raises(ValueError, match="two sites"):
         compare.leave_one_site_out_variants(["A"])
+
+
+def test_prediction_interval_of_one_more_seed_matches_the_textbook_formula():
+    # t(0.975, 2) = 4.3027 (tables); mean 0.6, sd 0.1, n 3: half-width 4.3027 * 0.1 * sqrt(4/3) = 0.4968
+    low, high = compare.seed_prediction_interval([0.5, 0.6, 0.7])
+    assert low == pytest.approx(0.6 - 0.49683, abs=1e-4) and high == pytest.approx(1.0)  # clipped to 1
+    low, high = compare.seed_prediction_interval([0.50, 0.52, 0.54], bounds=(-1, 2))
+    assert (low, high) == pytest.approx((0.52 - 0.099366, 0.52 + 0.099366), abs=1e-5)
+    assert all(math.isnan(v) for v in compare.seed_prediction_interval([0.5]))
+
+
+def test_headline_table_and_check_of_a_new_seed_against_the_stated_interval():
+    rows = [r for seed, auc in ((0, 0.80), (1, 0.84), (2, 0.82))
+            for r in compare.rows_from_report("default", seed, _report(auc, auc - 0.1))]
+    summary = compare.summarise(rows)
+    table = compare.headline_table(summary)
+    assert "| A-test | 10 | 0.720 ± 0.020 |" in table  # accuracy = auc - 0.1: mean 0.72, sd 0.02
+    inside = compare.rows_from_report("default", 3, _report(0.83, 0.72))
+    assert compare.outside_interval(summary, [r for r in inside if r["group"] != "empty"]) == []
+    far = compare.rows_from_report("default", 4, _report(0.99, 0.72))
+    problems = compare.outside_interval(summary, [r for r in far if r["group"] != "empty"])
+    # A-test macro AUC 0.99 > 0.82 + 4.3027 * 0.02 * sqrt(4/3) = 0.919; accuracy 0.89 > 0.819 likewise
+    assert len(problems) == 2 and all(p.startswith("default / A-test seed 4") for p in problems)
+    with pytest.raises(ValueError, match="no other"):
+        compare.outside_interval(summary, [{**far[0], "variant": "other"}])
