@@ -68,6 +68,8 @@ def resolve_site(context: Context, cfg: RunConfig) -> tuple[str, Path]:
 def _open(context: Context) -> tuple[RunConfig, SiteData]:
     cfg = RunConfig.from_run_config(context.run_config)
     configure_determinism(select_device(cfg.device))  # process-wide; before any CUDA work of the handler
+    if cfg.torch_threads:  # a last-bit perturbation for the spread measurement (README, Reproducibility)
+        torch.set_num_threads(cfg.torch_threads)
     site_id, site_root = resolve_site(context, cfg)
     return cfg, tasks.open_site(cfg, site_id, site_root)
 

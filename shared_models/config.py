@@ -227,6 +227,7 @@ class RunConfig:
     site_nodes: dict[str, int] = field(default_factory=dict)  # issue 16: site -> enrolled node id ({}: simulation)
     track: str = "none"  # issue 21: experiment tracking from the ServerApp: "mlflow", "tensorboard" or "none"
     tracking_uri: str = ""  # MLflow tracking URI or absolute TensorBoard folder; "" = under out-dir
+    torch_threads: int = 0  # issue 18: torch threads of a site's ClientApp (0: the process default)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -372,6 +373,7 @@ class RunConfig:
             site_nodes=parse_site_nodes(get("site-nodes", str), site_ids),
             track=track,
             tracking_uri=tracking_uri,
+            torch_threads=non_negative("torch-threads", int),
         )
 
     def detector_l1_weight(self, server_round: int) -> float:
