@@ -155,7 +155,15 @@ def simulation_superlink(work: Path, env: dict[str, str]):
         else:
             raise SimulationError(f"flower-superlink did not open port {port} within 60 s; see {log_path}")
         yield f"127.0.0.1:{port}", proc.pid
-    finally:
+    except KeyboardInterrupt:
+        # Ctrl-C: stop within 2 s (issue 18), SIGKILL after a short grace, no wait for the killed processes
+        # to finish dying. Checkpoints are written atomically and chained, so the last one stays whole.
+        stop_run_processes(proc.pid, env["FLWR_HOME"], timeout_s=INTERRUPT_GRACE_S)
+        raise
+    except BaseException:
+        stop_run_processes(proc.pid, env["FLWR_HOME"])
+        raise
+    else:
         stop_run_processes(proc.pid, env["FLWR_HOME"])
 
 
@@ -339,6 +347,7 @@ def run_simulation(
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
     watchdog = ProcessWatchdog()  # every process of the run dies with this one, kill -9 included (issue 16)
     watchdog.start(env)
+    interrupted = False
     try:
         t0 = time.monotonic()
         peak: dict = {}
@@ -355,17 +364,19 @@ def run_simulation(
                 status = _wait(env, run_id, timeout_s, on_poll, pid, peak, address)
             except KeyboardInterrupt:
                 # stop at once (issue 18: within 2 s): no `flwr stop` round trip (a CLI process, seconds under
-                # load), SIGKILL after a short grace. Checkpoints are written atomically, so the last one stays whole.
+                # load); simulation_superlink stops every process of the run on the way out
                 log.warning("interrupted: stopping run %d", run_id)
-                stop_run_processes(pid, env["FLWR_HOME"], timeout_s=INTERRUPT_GRACE_S)
+                streamer.kill()
+                interrupted = True
                 raise
             finally:
-                streamer.terminate()
+                if streamer.poll() is None:
+                    streamer.terminate()
                 streamer.wait(timeout=30)
             if status != "finished:completed":
                 raise SimulationError(f"run {run_id} ended {status!r}: {_last_error(run_log)}\nfull log: {run_log}")
         return {"run_id": run_id, "wall_time_s": round(time.monotonic() - t0, 1), "peak_rss_bytes": peak.get("rss_bytes", 0),
                 "status_asks": peak.get("status_asks", 0)}
     finally:
-        watchdog.stop()
+        watchdog.stop(timeout_s=INTERRUPT_GRACE_S if interrupted else 30.0)  # interrupted: the run is already killed
         shutil.rmtree(ray_tmp, ignore_errors=True)
