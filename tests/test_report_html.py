@@ -246,3 +246,15 @@ def test_calibration_section_shows_ece_and_early_onfh_figures_per_site():
     text = console.export_text()
     assert "T = 1.7" in text and "B (external)" in text and "0.234" in text and "0.529" in text
     assert "suppressed" in text and calibration_table({}) is None
+
+
+def test_the_serverapp_writes_the_page_and_curves_itself(run, tmp_path):
+    """Deployment runs have no simulation harness after them: the ServerApp writes report.html and
+    training_curves.png beside report.json (issue 18)."""
+    from server.server_app import _write_pages
+
+    report = {**run["report"], "history": {"stager_val_macro_auc": {"1": {"A": 0.7}}}}
+    _write_pages(report, tmp_path)
+    assert (tmp_path / "training_curves.png").read_bytes()[:8] == PNG_MAGIC
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<h3>A-test " in page and "training_curves.png" in page
