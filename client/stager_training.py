@@ -150,13 +150,12 @@ def _release_model(model: nn.Module) -> None:
 
 def _augment(x: torch.Tensor, gen: torch.Generator, flip_dims: tuple[int, ...], intensity: bool) -> torch.Tensor:
     """Random flips (each sample, each axis in ``flip_dims``, p = 0.5) then random brightness/noise, on
-    ``x``'s device, in place where it can. The flips are drawn from ``gen`` on the host and applied to
-    the chosen samples at once with ``torch.flip`` (what MONAI ``Flip`` does to each sample)."""
+    ``x``'s device. The flips are drawn from ``gen`` on the host and applied to the whole batch at once,
+    ``torch.where(flip, x.flip(dim), x)`` (``torch.flip`` is what MONAI ``Flip`` does to each sample): no
+    indexing that depends on the draw, so nothing waits for the GPU."""
     for dim in flip_dims:
-        chosen = (torch.rand(len(x), generator=gen) < 0.5).nonzero().flatten()
-        if len(chosen):
-            chosen = to_device(chosen, x.device)
-            x[chosen] = x[chosen].flip(dim)
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(to_device(flip.view(-1, *([1] * (x.ndim - 1))), x.device), x.flip(dim), x)
     return augment_intensity(x, gen) if intensity else x
 
 
