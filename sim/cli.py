@@ -711,6 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused study exits 3. A refused study is never staged either way")
     p.set_defaults(func=cmd_infer)
 
+    from sim.bundle_cli import add_bundle_parser
+
+    add_bundle_parser(groups)
+
     report = groups.add_parser("report", help="statistics on a finished run's predictions").add_subparsers(dest="cmd", required=True)
     from sim.readers import add_readers_parser
 

@@ -86,20 +86,36 @@ def read_for_inference(study: Path) -> tuple[sitk.Image, dict[str, Any], str | N
     }, body_part
 
 
-def run_infer(args, console) -> int:
-    """The ``onfh infer`` command (see the module docstring for exit codes)."""
-    from rich.table import Table
+def infer_to_folder(bundle, study: Path, out: Path, device=None) -> tuple[dict, list, sitk.Image, list[Path]]:
+    """Run the gated pipeline of a loaded, verified bundle on one study and write ``out``.
+
+    Writes ``result.json``, ``gradcam_<side>.nii.gz`` (input geometry) and the figures. Shared by
+    ``onfh infer`` and the exported MONAI Bundle's ``configs/inference.json``
+    (:mod:`shared_models.monai_bundle`), so both give the same result for the same study.
+
+    Args:
+        bundle: a :class:`shared_models.bundle.Bundle` (already verified by ``load_bundle``).
+        study: DICOM folder or NIfTI file.
+        out: output folder (created).
+        device: ``torch.device`` or ``"auto" | "cpu" | "cuda"``; default ``"auto"``.
+
+    Returns:
+        ``(payload, results, image, figures)``: the ``result.json`` dict, the
+        :class:`~shared_models.pipeline.HeadResult` list (right, left), the study as read and the
+        figure files written.
+
+    Raises:
+        SeriesError: the study cannot be read.
+    """
+    import torch
 
     from client.training import select_device
-    from shared_models.bundle import load_bundle
     from shared_models.overlay import write_infer_figures
     from shared_models.pipeline import analyse_study, study_verdict
 
-    if not args.public_key and not getattr(args, "allow_unsigned", False):
-        raise ValueError(f"{args.bundle}: refusing to run a bundle without verifying its signature; pass the "
-                         "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)")
-    bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
-    image, series, body_part = read_for_inference(Path(args.study))
+    if not isinstance(device, torch.device):
+        device = select_device(device or "auto")
+    image, series, body_part = read_for_inference(Path(study))
     warnings = []
     if series["why"].startswith("no T2"):
         warnings.append(series["why"])
@@ -113,11 +129,11 @@ def run_infer(args, console) -> int:
             warnings.append(f"the bundle's calibration has no {' or '.join(off)} threshold (no validation aggregates "
                             "reached the server): that gate is off")
     t0 = time.monotonic()
-    results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=select_device(args.device),
+    results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=device,
                             calibration=bundle.calibration, body_part=body_part)
     elapsed = time.monotonic() - t0
     verdict, reasons = study_verdict(results)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
         sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
@@ -127,6 +143,42 @@ def run_infer(args, console) -> int:
                "calibration": bundle.calibration.to_dict() if bundle.calibration else None,
                "heads": [r.summary() for r in results], "warnings": warnings, "seconds": round(elapsed, 2)}
     (out / "result.json").write_text(json.dumps(payload, indent=2))
+    return payload, results, image, pngs
+
+
+def run_monai_inference(bundle_root, study, output_dir, public_key=None, device="auto") -> dict:
+    """Entry point of an exported MONAI Bundle's ``configs/inference.json`` (:mod:`shared_models.monai_bundle`).
+
+    Verifies ``bundle_root/models/signed`` (against ``public_key`` when given, else its embedded
+    key) and runs :func:`infer_to_folder`, exactly like ``onfh infer``; returns the ``result.json`` dict.
+
+    Raises:
+        ValueError: no study given. BundleError, SeriesError: as ``onfh infer``.
+    """
+    from shared_models.bundle import load_bundle
+
+    if not study:
+        raise ValueError("no study: pass --study <DICOM folder or NIfTI file> to `python -m monai.bundle run`")
+    bundle = load_bundle(Path(bundle_root) / "models" / "signed", Path(public_key) if public_key else None)
+    payload, *_ = infer_to_folder(bundle, Path(study), Path(output_dir), device)
+    log.info("MONAI Bundle inference: %s; result.json in %s", payload["verdict"], output_dir)
+    return payload
+
+
+def run_infer(args, console) -> int:
+    """The ``onfh infer`` command (see the module docstring for exit codes)."""
+    from rich.table import Table
+
+    from shared_models.bundle import load_bundle
+
+    if not args.public_key and not getattr(args, "allow_unsigned", False):
+        raise ValueError(f"{args.bundle}: refusing to run a bundle without verifying its signature; pass the "
+                         "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)")
+    bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
+    out = Path(args.out)
+    payload, results, image, pngs = infer_to_folder(bundle, Path(args.study), out, args.device)
+    verdict, reasons, warnings, elapsed = payload["verdict"], payload["reasons"], payload["warnings"], payload["seconds"]
+    series = payload["series"]
     table = Table(title=f"{Path(args.study).name}: {verdict} ({elapsed:.1f} s)")
     for col in ("side", "box LPS mm (x0 y0 z0 x1 y1 z1)", "det. score", "P(0)", "P(I)", "P(II)", "stage"):
         table.add_column(col)

@@ -1,0 +1,264 @@
+"""Export a signed ONFH-FL bundle as a MONAI Bundle (issue 21).
+
+MONAI Bundle specification (docs.monai.io, "MONAI Bundle Specification"): a folder with
+``configs/metadata.json`` (mandatory keys, and ``network_data_format`` describing the network's
+inputs and outputs), ``models/model.pt`` (the weights), ``docs/README.md``, and any further
+configs; ``configs/inference.json`` is the usual inference script, run by
+``python -m monai.bundle run --config_file configs/inference.json`` (MONAI's ``ConfigParser``).
+
+Layout written by :func:`export_monai_bundle`::
+
+    configs/metadata.json         MONAI metadata; "schema" names MONAI's published schema URL
+    configs/metadata_schema.json  a JSON schema of the specification's mandatory keys (ours, see below)
+    configs/inference.json        reads one study, runs the gated two-stage pipeline, writes result.json
+    models/model.pt               {"detector": state dict, "stager": state dict} (plain tensors)
+    models/signed/                the signed ONFH-FL bundle, byte for byte (weights, spec, calibration.json,
+                                  MANIFEST.json, MANIFEST.sig, signer.pub)
+    docs/README.md                what the bundle does, how to run it, its limits
+
+Two networks and a gated pipeline do not fit MONAI's one ``network_def`` + ``inferer`` pattern, so
+``inference.json`` calls the project's own functions (``sim.infer.run_monai_inference``): the
+bundle needs ``onfh-fl`` installed. It loads ``models/signed`` with
+:func:`shared_models.bundle.load_bundle` on every run, so the signature, the file hashes and the
+optional ``calibration.json`` (temperature and gate thresholds) are checked and applied exactly as
+``onfh infer`` does; ``models/model.pt`` is there for MONAI tools that expect it.
+
+``metadata_schema.json``: ``monai.bundle verify_metadata`` downloads the schema named in
+``metadata.json`` unless the file given as ``--filepath`` already exists; offline, pass
+``--filepath configs/metadata_schema.json``. MONAI's published schema file could not be fetched
+here, so that file is written by this module from the specification's list of mandatory keys and
+tensor format specifiers; it is not MONAI's own schema file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared_models.bundle import MAX_JSON_BYTES, MAX_KEY_BYTES, MAX_WEIGHTS_BYTES, OPTIONAL, PAYLOAD, BundleError, load_bundle
+from shared_models.safe_files import UnsafeFileError, read_regular_file
+from shared_models.stages import FicatArletStage
+
+log = logging.getLogger(__name__)
+
+MONAI_SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
+SIGNED_FILES = (*PAYLOAD, *OPTIONAL, "MANIFEST.json", "MANIFEST.sig", "signer.pub")
+
+_TENSOR_KEYS = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
+                "is_patch_data", "channel_def")
+# the specification's "optional_packages_version" is "required_packages_version" since MONAI 1.4 (MONAI 1.6.1
+# warns on the old name and renames it when it parses a config)
+_MANDATORY = ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
+              "description", "authors", "copyright", "network_data_format")
+
+
+def metadata_schema() -> dict:
+    """JSON schema (draft 7) of the MONAI Bundle specification's mandatory ``metadata.json`` keys and
+    tensor format specifiers (written from the specification text, not MONAI's published file)."""
+    tensor = {"type": "object", "required": list(_TENSOR_KEYS), "properties": {
+        "type": {"type": "string"}, "format": {"type": "string"}, "modality": {"type": "string"},
+        "num_channels": {"type": "integer", "minimum": 0},
+        "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
+        "dtype": {"type": "string"}, "value_range": {"type": "array", "items": {"type": "number"}},
+        "is_patch_data": {"type": "boolean"}, "channel_def": {"type": "object"}}}
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "MONAI Bundle metadata.json (mandatory keys of the MONAI Bundle specification)",
+        "type": "object",
+        "required": ["schema", *_MANDATORY],
+        "properties": {
+            "schema": {"type": "string"}, "version": {"type": "string"}, "monai_version": {"type": "string"},
+            "pytorch_version": {"type": "string"}, "numpy_version": {"type": "string"},
+            "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
+            "task": {"type": "string"}, "description": {"type": "string"}, "authors": {"type": "string"},
+            "copyright": {"type": "string"}, "changelog": {"type": "object"},
+            "network_data_format": {"type": "object", "required": ["inputs", "outputs"], "properties": {
+                "inputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor},
+                "outputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor}}},
+        },
+    }
+
+
+def _metadata(bundle, version: str) -> dict:
+    import monai
+
+    stages = {str(int(s)): f"Ficat-Arlet stage {s.label}" for s in FicatArletStage}
+    spec = bundle.spec
+    return {
+        "schema": MONAI_SCHEMA_URL,
+        "version": version,
+        "changelog": {version: "exported from a signed ONFH-FL bundle"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"onfh-fl": _onfh_version(), "SimpleITK": _version_of("SimpleITK"),
+                                      "pydicom": _version_of("pydicom")},
+        "name": "ONFH-FL femoral head detector and Ficat-Arlet stager",
+        "task": "Early osteonecrosis of the femoral head: Ficat-Arlet stage 0/I/II of each femoral head on 3D hip MRI",
+        "description": ("Two-stage pipeline (Yang et al., Front. Surg. 2025): 3DC-YOLOX finds each femoral head in "
+                        "its hemi-volume; 3D-MulDenseNet stages the cropped head (Ficat-Arlet 0, I, II); 3D Grad-CAM "
+                        "shows the evidence. Trained by federated learning with ONFH-FL. Studies that fail the "
+                        "anatomy and field-of-view gates are refused, heads below the calibrated detector or "
+                        "out-of-distribution thresholds are flagged and not staged."),
+        "authors": "ONFH-FL contributors",
+        "copyright": "Copyright (c) ONFH-FL contributors",
+        "license": "Apache-2.0",
+        "intended_use": "Research only: not a medical device, not for diagnosis",
+        "data_type": "dicom or nifti",
+        "references": ["Yang et al. Front. Surg. 2025: 3DC-YOLOX and 3D-MulDenseNet for early ONFH on MRI"],
+        "network_data_format": {
+            "inputs": {
+                "image": {"type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
+                          "spatial_shape": list(spec.hemi_shape), "dtype": "float32", "value_range": [0, 1],
+                          "is_patch_data": True,
+                          "channel_def": {"0": f"T2 hemi-volume of one side (mirrored to medial->lateral), "
+                                               f"{list(spec.hemi_fov_mm)} mm (D, H, W), window level "
+                                               f"{spec.window_level:g} width {spec.window_width:g} scaled to [0, 1]"}},
+                "crop": {"type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
+                         "spatial_shape": list(spec.crop_shape), "dtype": "float32", "value_range": [0, 1],
+                         "is_patch_data": True,
+                         "channel_def": {"0": f"femoral head box plus {spec.crop_margin_mm:g} mm, stager input"}},
+            },
+            "outputs": {
+                "boxes": {"type": "tuples", "format": "points", "modality": "n/a", "num_channels": 8,
+                          "spatial_shape": ["*"], "dtype": "float32", "value_range": [], "is_patch_data": False,
+                          "channel_def": {"0": "cz", "1": "cy", "2": "cx", "3": "d", "4": "h", "5": "w",
+                                          "6": "objectness logit", "7": "class logit"}},
+                "pred": {"type": "probabilities", "format": "classes", "modality": "n/a", "num_channels": 3,
+                         "spatial_shape": [1], "dtype": "float32", "value_range": [], "is_patch_data": False,
+                         "channel_def": stages},
+            },
+        },
+    }
+
+
+def _version_of(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _onfh_version() -> str:
+    return _version_of("onfh-fl")
+
+
+def _inference_config() -> dict:
+    return {
+        "imports": ["$import sim.infer"],
+        "bundle_root": ".",
+        "study": None,
+        "output_dir": "$@bundle_root + '/eval'",
+        "public_key": None,
+        "device": "auto",
+        "inference": {"_target_": "sim.infer.run_monai_inference", "_mode_": "callable"},
+        "run": ["$@inference(@bundle_root, @study, @output_dir, public_key=@public_key, device=@device)"],
+    }
+
+
+def _readme(bundle, signed_by_coordinator: bool) -> str:
+    cal = bundle.calibration
+    cal_line = ("none: no detector-score or out-of-distribution gate, temperature 1, arg-max stage" if cal is None else
+                f"temperature {cal.temperature:g}, detector threshold {cal.detector_threshold}, energy threshold "
+                f"{cal.energy_threshold}, early-ONFH threshold {cal.early_threshold}")
+    return f"""# ONFH-FL: femoral head detector and Ficat-Arlet stager (MONAI Bundle)
+
+Research only: not a medical device, not for diagnosis.
+
+Two-stage pipeline on one 3D hip MRI study (DICOM folder or NIfTI): 3DC-YOLOX finds the right and the left
+femoral head, 3D-MulDenseNet gives each the probabilities of Ficat-Arlet stage 0, I and II, and 3D Grad-CAM
+shows the evidence in the study's geometry. A study of the wrong body part, too small a field of view, or two
+boxes that are not a pair of femoral heads is refused and not staged; a head below the calibrated detector
+threshold or out of distribution is flagged and not staged.
+
+## Requirements
+
+`configs/inference.json` calls the project's own code (`sim.infer.run_monai_inference`): install ONFH-FL
+(`pip install onfh-fl`, or `pip install -e .` from its repository) next to MONAI.
+
+## Run
+
+From this folder:
+
+    python -m monai.bundle run --config_file configs/inference.json --study /path/to/study --output_dir out
+
+writes `out/result.json` (verdict, reasons, per head: side, box in LPS mm, stage probabilities, stage, flags),
+`out/gradcam_R.nii.gz` and `out/gradcam_L.nii.gz` (study geometry) and figures: the same as
+`onfh infer --bundle models/signed --study /path/to/study --out out`. Add `--public_key coordinator.pub` to
+verify `models/signed` against the coordinator's Ed25519 key (without it, it is checked against its embedded
+`signer.pub` only and `result.json` says `"bundle_trusted": false`); add `--device cpu` to stay off the GPU.
+
+## Contents
+
+- `models/signed/`: the signed ONFH-FL bundle, byte for byte. Every run checks its signature and hashes.
+- `models/model.pt`: `{{"detector": state dict, "stager": state dict}}` for MONAI tools (load with
+  `torch.load(..., weights_only=True)`); network configs in `models/signed/models.json`.
+- Calibration (validation-chosen, carried from the signed bundle): {cal_line}.
+- Exported after verifying the signature {"against the coordinator's public key" if signed_by_coordinator else
+  "against the bundle's embedded signer key only (no coordinator key given)"}.
+
+## Verify the metadata
+
+Offline: `python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath
+configs/metadata_schema.json` (a schema of the specification's mandatory keys, shipped here). Online, against
+MONAI's published schema: `--filepath /tmp/meta_schema.json` (downloaded from the `schema` URL).
+"""
+
+
+def export_monai_bundle(bundle_dir: Path, out: Path, public_key: Path | None = None, version: str = "0.1.0") -> Path:
+    """Copy a signed bundle into a new MONAI Bundle folder ``out`` and verify the copy; returns ``out``.
+
+    Only the bundle's own file names are copied (each a regular file under its size cap); the
+    copy in ``out/models/signed`` is then verified with :func:`shared_models.bundle.load_bundle`,
+    so the files that ship are the ones whose signature was checked.
+
+    Args:
+        bundle_dir: the signed ONFH-FL bundle.
+        out: new folder (must not exist, or be empty).
+        public_key: the coordinator's Ed25519 public key (PEM); None checks the embedded key only
+            (logged as a warning).
+        version: the MONAI Bundle's ``version``.
+
+    Raises:
+        BundleError: the bundle is incomplete, tampered with, or signed by another key (nothing is
+            left in ``out``).
+        FileExistsError: ``out`` exists and is not empty.
+    """
+    bundle_dir, out = Path(bundle_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new folder for the MONAI Bundle")
+    signed = out / "models" / "signed"
+    signed.mkdir(parents=True)
+    try:
+        for name in SIGNED_FILES:
+            src = bundle_dir / name
+            if not src.exists() and not src.is_symlink():
+                continue  # load_bundle below names a missing mandatory file
+            cap = MAX_WEIGHTS_BYTES if name.endswith(".pt") else MAX_JSON_BYTES if name.endswith(".json") else MAX_KEY_BYTES
+            try:
+                (signed / name).write_bytes(read_regular_file(src, cap, root=bundle_dir))
+            except (UnsafeFileError, OSError) as err:
+                raise BundleError(f"{bundle_dir}: bundle file {name} refused: {err}") from None
+        bundle = load_bundle(signed, public_key)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    torch.save({"detector": bundle.detector.state_dict(), "stager": bundle.stager.state_dict()},
+               out / "models" / "model.pt")
+    configs = out / "configs"
+    configs.mkdir()
+    (configs / "metadata.json").write_text(json.dumps(_metadata(bundle, version), indent=2))
+    (configs / "metadata_schema.json").write_text(json.dumps(metadata_schema(), indent=2))
+    (configs / "inference.json").write_text(json.dumps(_inference_config(), indent=2))
+    (out / "docs").mkdir()
+    (out / "docs" / "README.md").write_text(_readme(bundle, public_key is not None))
+    log.info("MONAI Bundle written to %s (python %s)", out, platform.python_version())
+    return out
