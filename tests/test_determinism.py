@@ -102,8 +102,9 @@ def _run(data, out) -> dict:
 
 
 def _metrics(report: dict) -> dict:
-    """report.json without its timings (wall times differ from run to run by nature)."""
-    return {k: v for k, v in report.items() if k not in ("wall_time_s", "simulation")}
+    """report.json without what differs from run to run by nature: wall times, and the audit anchors
+    (the Flower run id and digests of the sites' audit logs, whose entries carry timestamps)."""
+    return {k: v for k, v in report.items() if k not in ("wall_time_s", "simulation", "audit_anchors")}
 
 
 def _differences(a, b, path: str = "") -> list[str]:
