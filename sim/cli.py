@@ -186,6 +186,10 @@ def cmd_run(args) -> int:
         console.print(f"wall time {sim_stats['wall_time_s']:.0f} s, peak memory of the simulation "
                       f"{sim_stats['peak_rss_bytes'] / 2**30:.2f} GiB")
     console.print(f"report: {out / 'report.json'} and {out / 'report.html'}\nsigned bundle: {out / 'bundle'}")
+    if args.track != "none" and not args.tracking_uri:
+        console.print("experiment tracking: " + (
+            f"mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///{out.resolve() / 'mlflow' / 'mlflow.db'}"
+            if args.track == "mlflow" else f"tensorboard --host 127.0.0.1 --logdir {out / 'tensorboard'}"))
     return 0
 
 
