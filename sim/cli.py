@@ -713,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-refused", action="store_true",
                    help="exit 0 when the study is refused (wrong body part, field of view or anatomy); without it a "
                         "refused study exits 3. A refused study is never staged either way")
+    p.add_argument("--dicom-out", help="also write a DICOM SR (TID 1500) and Grad-CAM Segmentation referencing the "
+                   "source series here (DICOM studies only)")
     p.set_defaults(func=cmd_infer)
 
     from sim.bundle_cli import add_bundle_parser

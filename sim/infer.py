@@ -26,7 +26,7 @@ def _orientation_code(image: sitk.Image) -> str:
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
 
 
-def read_for_inference(study: Path) -> tuple[sitk.Image, dict[str, Any], str | None]:
+def read_for_inference(study: Path, files_out: list | None = None) -> tuple[sitk.Image, dict[str, Any], str | None]:
     """Read a study for inference and say which series was used and why.
 
     DICOM folder: the site's T2 rule (``client.dicom_series.choose_t2_series``); when no
@@ -36,7 +36,8 @@ def read_for_inference(study: Path) -> tuple[sitk.Image, dict[str, Any], str | N
         ``(image, series, body_part)``: ``series`` has ``source``, ``description``,
         ``n_slices``, ``spacing_mm`` (x, y, z of the image axes), ``orientation`` (plane for
         DICOM, plus the image axes' code), ``candidates`` and ``why``; ``body_part`` is the
-        series' DICOM ``BodyPartExamined`` (None for NIfTI or when absent).
+        series' DICOM ``BodyPartExamined`` (None for NIfTI or when absent). ``files_out``, when
+        given, is extended with the chosen series' DICOM files (nothing for NIfTI).
 
     Raises:
         SeriesError: the study cannot be read (names the study and the reason).
@@ -73,6 +74,8 @@ def read_for_inference(study: Path) -> tuple[sitk.Image, dict[str, Any], str | N
         chosen = choose_largest_mr_series(series)
         why = f"no T2 series ({err.reason}); used the MR series with most slices instead: interpret with care"
     image = read_study(study, choose=lambda _: chosen)
+    if files_out is not None:
+        files_out.extend(chosen.files)
     try:
         header = pydicom.dcmread(chosen.files[0], stop_before_pixels=True)
         body_part = str(header.get("BodyPartExamined", "") or "") or None
@@ -86,7 +89,8 @@ def read_for_inference(study: Path) -> tuple[sitk.Image, dict[str, Any], str | N
     }, body_part
 
 
-def infer_to_folder(bundle, study: Path, out: Path, device=None) -> tuple[dict, list, sitk.Image, list[Path]]:
+def infer_to_folder(bundle, study: Path, out: Path, device=None,
+                    dicom_out: Path | None = None) -> tuple[dict, list, sitk.Image, list[Path]]:
     """Run the gated pipeline of a loaded, verified bundle on one study and write ``out``.
 
     Writes ``result.json``, ``gradcam_<side>.nii.gz`` (input geometry) and the figures. Shared by
@@ -98,6 +102,8 @@ def infer_to_folder(bundle, study: Path, out: Path, device=None) -> tuple[dict, 
         study: DICOM folder or NIfTI file.
         out: output folder (created).
         device: ``torch.device`` or ``"auto" | "cpu" | "cuda"``; default ``"auto"``.
+        dicom_out: also write a DICOM SR and Segmentation there
+            (:func:`shared_models.dicom_output.write_dicom_outputs`); DICOM studies only.
 
     Returns:
         ``(payload, results, image, figures)``: the ``result.json`` dict, the
@@ -106,6 +112,7 @@ def infer_to_folder(bundle, study: Path, out: Path, device=None) -> tuple[dict, 
 
     Raises:
         SeriesError: the study cannot be read.
+        ValueError: ``dicom_out`` for a NIfTI study (no source DICOM UIDs to reference).
     """
     import torch
 
@@ -115,7 +122,11 @@ def infer_to_folder(bundle, study: Path, out: Path, device=None) -> tuple[dict, 
 
     if not isinstance(device, torch.device):
         device = select_device(device or "auto")
-    image, series, body_part = read_for_inference(Path(study))
+    if dicom_out is not None and not Path(study).is_dir():
+        raise ValueError(f"{study}: --dicom-out needs a DICOM study folder; a NIfTI file has no source series, "
+                         "study or frame-of-reference UIDs for a DICOM SR or Segmentation to reference")
+    source_files: list[Path] = []
+    image, series, body_part = read_for_inference(Path(study), source_files)
     warnings = []
     if series["why"].startswith("no T2"):
         warnings.append(series["why"])
@@ -143,6 +154,11 @@ def infer_to_folder(bundle, study: Path, out: Path, device=None) -> tuple[dict, 
                "calibration": bundle.calibration.to_dict() if bundle.calibration else None,
                "heads": [r.summary() for r in results], "warnings": warnings, "seconds": round(elapsed, 2)}
     (out / "result.json").write_text(json.dumps(payload, indent=2))
+    if dicom_out is not None:
+        from shared_models.dicom_output import write_dicom_outputs
+
+        written = write_dicom_outputs(source_files, results, payload["heads"], verdict, Path(dicom_out))
+        log.info("DICOM output: %s", ", ".join(p.name for p in written))
     return payload, results, image, pngs
 
 
@@ -176,7 +192,9 @@ def run_infer(args, console) -> int:
                          "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)")
     bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
     out = Path(args.out)
-    payload, results, image, pngs = infer_to_folder(bundle, Path(args.study), out, args.device)
+    dicom_out = getattr(args, "dicom_out", None)
+    payload, results, image, pngs = infer_to_folder(bundle, Path(args.study), out, args.device,
+                                                    Path(dicom_out) if dicom_out else None)
     verdict, reasons, warnings, elapsed = payload["verdict"], payload["reasons"], payload["warnings"], payload["seconds"]
     series = payload["series"]
     table = Table(title=f"{Path(args.study).name}: {verdict} ({elapsed:.1f} s)")
@@ -197,6 +215,8 @@ def run_infer(args, console) -> int:
         console.print(f"[red]{'refused' if verdict == 'refused' else 'not assessed'}:[/red] {reason}")
     console.print(f"wrote {out / 'result.json'}, gradcam_R/L.nii.gz (input geometry) and "
                   f"{', '.join(p.name for p in pngs)} (boxes and Grad-CAM over the MRI)")
+    if dicom_out:
+        console.print(f"wrote the DICOM SR (and the Grad-CAM Segmentation for assessed heads) to {dicom_out}")
     if verdict == "refused" and not getattr(args, "allow_refused", False):
         console.print(f"[red]study refused[/red] (exit code {EXIT_REFUSED}; --allow-refused exits 0)")
         return EXIT_REFUSED
