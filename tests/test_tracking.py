@@ -200,3 +200,15 @@ def test_tracking_uri_is_not_sent_to_sites(tmp_path, monkeypatch):
     assert sent["tracking-uri"] == "" and sent["track"] == "mlflow" and "10.0.0.7" not in json.dumps(sent)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     assert resolve_coordinator_paths(sent)["tracking-uri"] == "http://10.0.0.7:5000"
+
+
+def test_compare_puts_every_cell_in_one_mlflow_store(tmp_path, monkeypatch):
+    from sim.cli import main
+
+    seen = {}
+    monkeypatch.setattr("sim.compare.run_compare", lambda base, out, variants, seeds, console=None: seen.update(base) or {})
+    monkeypatch.setattr("sim.compare.print_summary", lambda summary, console: None)
+    assert main(["sim", "compare", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "grid"),
+                 "--variant", "default"]) == 0
+    assert seen["track"] == "mlflow" and seen["tracking-uri"] == f"sqlite:///{tmp_path / 'grid' / 'mlflow' / 'mlflow.db'}"
+    assert run_name(tmp_path / "grid" / "default" / "seed-0") == "default/seed-0"
