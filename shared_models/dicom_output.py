@@ -5,7 +5,9 @@ Both are built with highdicom (Herrmann et al., J. Digit. Imaging 2022; DICOM PS
 study, the source images as evidence (SR) or source images (SEG, which also copies their
 FrameOfReferenceUID and is written on their exact geometry).
 
-SR, one TID 1501 measurement group per femoral head (values from ``result.json``'s heads):
+SR, one measurement group per femoral head (values from ``result.json``'s heads): TID 1411
+(volumetric ROI) whose volume surface is the box's six faces in the source series' frame of
+reference, or TID 1501 when the source has no ``FrameOfReferenceUID``:
 
 * finding site: femoral head (SCT 2812003) with laterality right (SCT 24028007) or left (SCT 7771000);
 * qualitative evaluations: the assessment (``ASSESSED``, ``NOT_ASSESSED``, ``REFUSED``), the
@@ -83,6 +85,16 @@ def _sorted_sources(files: Sequence[Path]):
     return datasets, (row_col, normal)
 
 
+def box_faces(box_lps_mm: Sequence[float]) -> list[np.ndarray]:
+    """The six faces of the box ``(x0, y0, z0, x1, y1, z1)`` (mm) as closed polygons, each ``(5, 3)`` float32
+    (first point repeated last, as DICOM POLYGON requires)."""
+    x0, y0, z0, x1, y1, z1 = (float(v) for v in box_lps_mm)
+    quads = [[(x0, y0, z0), (x0, y1, z0), (x0, y1, z1), (x0, y0, z1)], [(x1, y0, z0), (x1, y1, z0), (x1, y1, z1), (x1, y0, z1)],
+             [(x0, y0, z0), (x1, y0, z0), (x1, y0, z1), (x0, y0, z1)], [(x0, y1, z0), (x1, y1, z0), (x1, y1, z1), (x0, y1, z1)],
+             [(x0, y0, z0), (x1, y0, z0), (x1, y1, z0), (x0, y1, z0)], [(x0, y0, z1), (x1, y0, z1), (x1, y1, z1), (x0, y1, z1)]]
+    return [np.asarray([*q, q[0]], dtype=np.float32) for q in quads]
+
+
 def source_grid(datasets, row_col: np.ndarray, normal: np.ndarray) -> sitk.Image:
     """A float32 image on the sorted single-frame ``datasets``' voxel grid (LPS; zeros)."""
     first = np.asarray(datasets[0].ImagePositionPatient, dtype=np.float64)
@@ -121,7 +133,10 @@ def write_dicom_outputs(source_files: Sequence[Path], results, heads: list[dict]
         MeasurementsAndQualitativeEvaluations,
         ObservationContext,
         QualitativeEvaluation,
+        SourceSeriesForSegmentation,
         TrackingIdentifier,
+        VolumeSurface,
+        VolumetricROIMeasurementsAndQualitativeEvaluations,
     )
     from pydicom.sr.codedict import codes
 
@@ -146,11 +161,19 @@ def write_dicom_outputs(source_files: Sequence[Path], results, heads: list[dict]
             measurements.append(Measurement(code("GRADCAM_VOLUME"), float(head["gradcam_volume_mm3"]),
                                             codes.UCUM.CubicMillimeter))
         laterality = codes.SCT.Right if head["side"] == "R" else codes.SCT.Left
-        groups.append(MeasurementsAndQualitativeEvaluations(
+        common = dict(
             tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"{head['side']} femoral head"),
             finding_type=codes.SCT.FemoralHead, algorithm_id=algorithm,
             finding_sites=[FindingSite(anatomic_location=codes.SCT.FemoralHead, laterality=laterality)],
-            measurements=measurements, qualitative_evaluations=evaluations))
+            measurements=measurements, qualitative_evaluations=evaluations)
+        frame = getattr(datasets[0], "FrameOfReferenceUID", None)
+        if frame:  # TID 1411: the box as a closed surface (its six faces) in the source frame of reference
+            surface = VolumeSurface(graphic_type="POLYGON", graphic_data=box_faces(head["box_lps_mm"]),
+                                    frame_of_reference_uid=frame,
+                                    source_series=SourceSeriesForSegmentation(datasets[0].SeriesInstanceUID))
+            groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface, **common))
+        else:
+            groups.append(MeasurementsAndQualitativeEvaluations(**common))
     report = MeasurementReport(observation_context=ObservationContext(), procedure_reported=codes.SCT.ImagingProcedure,
                                imaging_measurements=groups)
     sr = Comprehensive3DSR(evidence=datasets, content=report, series_instance_uid=hd.UID(), series_number=901,

@@ -80,7 +80,7 @@ def _infer(signed, study, out, *extra):
 
 def _groups(sr_path):
     sr = hd.sr.srread(sr_path)
-    return sr, sr.content.get_image_measurement_groups()
+    return sr, sr.content.get_volumetric_roi_measurement_groups()
 
 
 def _code_value(group, name):
@@ -117,6 +117,12 @@ def test_assessed_study_sr_and_seg_match_result_json_and_source_geometry(signed,
             assert m.value == pytest.approx(p, abs=1e-9)
         box = [group.get_measurements(name=code(k))[0].value for k in ("BOX_X0", "BOX_Y0", "BOX_Z0", "BOX_X1", "BOX_Y1", "BOX_Z1")]
         np.testing.assert_allclose(box, head["box_lps_mm"], atol=1e-9)
+        # the box as a closed surface in the source series' frame of reference (TID 1411)
+        surface = group.roi
+        assert surface.frame_of_reference_uid == source[0].FrameOfReferenceUID
+        assert surface.source_series_for_segmentation.value == source[0].SeriesInstanceUID
+        corners = np.concatenate(surface.graphic_data)
+        np.testing.assert_allclose([*corners.min(axis=0), *corners.max(axis=0)], head["box_lps_mm"], atol=1e-4)
         (vol,) = group.get_measurements(name=code("GRADCAM_VOLUME"))
         assert vol.value == pytest.approx(head["gradcam_volume_mm3"]) and vol.unit.value == "mm3"
 
