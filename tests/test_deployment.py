@@ -86,11 +86,15 @@ def _onfh(*args: str, log: Path) -> subprocess.Popen:
 
 def _supernode_pid(daemon: subprocess.Popen) -> int | None:
     try:
-        for child in psutil.Process(daemon.pid).children():
-            if "flower-supernode" in " ".join(child.cmdline()):
-                return child.pid
+        children = psutil.Process(daemon.pid).children()
     except psutil.NoSuchProcess:
         return None
+    for child in children:  # the daemon's process watchdog is a child too
+        try:
+            if "flower-supernode" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.NoSuchProcess:  # gone, or a zombie
+            continue
     return None
 
 
@@ -182,8 +186,9 @@ def federation(tmp_path_factory):
         victim = _wait(lambda: _supernode_pid(daemons["C"]), 30, "C's SuperNode process")
         _wait(lambda: _has_clientapp(victim), 300, "C's round-1 evaluate ClientApp", poll_s=0.2)
         killed_at = _progress(out)
+        clientapps = psutil.Process(victim).children(recursive=True)  # a node crash: the SuperNode and its ClientApps
         psutil.Process(victim).kill()
-        for child in psutil.Process(daemons["C"].pid).children(recursive=True):
+        for child in clientapps:
             try:
                 child.kill()
             except psutil.NoSuchProcess:
