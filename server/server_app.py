@@ -213,7 +213,7 @@ def phase_finished(ckpt: PhaseCheckpoint | None, rounds: int, cfg: RunConfig) ->
     if ckpt is None:
         return False
     return ckpt.round >= rounds or stop_round(validation_scores(ckpt.site_metrics), cfg.early_stopping_patience,
-                                              cfg.early_stopping_min_delta) is not None
+                                              cfg.early_stopping_min_delta, cfg.early_stopping_min_rounds) is not None
 
 
 def run_phase(
@@ -284,7 +284,8 @@ def run_phase(
         log.info("phase %s round %d/%d: test %s %s, validation score %s (best: round %d)", phase, reached, rounds,
                  "iou-mean" if phase == "detector" else "macro-auc", summary,
                  "n/a" if score is None else f"{score:.3f}", best["round"])
-        if reached < rounds and stop_round(scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta):
+        if reached < rounds and stop_round(scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta,
+                                           cfg.early_stopping_min_rounds):
             log.info("phase %s: no validation improvement above %g for %d rounds: stopping after round %d "
                      "(best: round %d)", phase, cfg.early_stopping_min_delta, cfg.early_stopping_patience, reached,
                      best["round"])
@@ -292,7 +293,7 @@ def run_phase(
         return None
 
     scores = validation_scores(ckpt.site_metrics)
-    if stop_round(scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta):
+    if stop_round(scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.early_stopping_min_rounds):
         log.info("phase %s: stopped early after round %d, skipping", phase, ckpt.round)
         return ckpt
     try:
@@ -403,7 +404,8 @@ def main(grid: Grid, context: Context) -> None:
     # sites missing from rounds (deployment: a node died or was late) and rejected updates, by phase and round
     report["early_stopping"] = {
         "rule": (f"stop when the pooled validation score has not improved by more than {cfg.early_stopping_min_delta:g} "
-                 f"for {cfg.early_stopping_patience} rounds; keep the best round") if cfg.early_stopping_patience else "off",
+                 f"for {cfg.early_stopping_patience} rounds, not before round {cfg.early_stopping_min_rounds}; keep the "
+                 "best round") if cfg.early_stopping_patience else "off",
         "max_rounds": {"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
         "rounds_run": {"detector": detector.round, "stager": stager.round},
         "validation_score": {"detector": validation_scores(detector.site_metrics),

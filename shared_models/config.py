@@ -224,6 +224,7 @@ class RunConfig:
     min_cell_heads: int = 5  # a site with fewer heads in a split sends only the count ("suppressed")
     early_stopping_patience: int = 0  # issue 18: rounds without validation improvement before a phase stops (0: off)
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best validation score by more than this
+    early_stopping_min_rounds: int = 0  # no early stop before this round
     site_nodes: dict[str, int] = field(default_factory=dict)  # issue 16: site -> enrolled node id ({}: simulation)
     track: str = "none"  # issue 21: experiment tracking from the ServerApp: "mlflow", "tensorboard" or "none"
     tracking_uri: str = ""  # MLflow tracking URI or absolute TensorBoard folder; "" = under out-dir
@@ -370,6 +371,7 @@ class RunConfig:
             min_cell_heads=positive("min-cell-heads", int),
             early_stopping_patience=non_negative("early-stopping-patience", int),
             early_stopping_min_delta=non_negative("early-stopping-min-delta", float),
+            early_stopping_min_rounds=non_negative("early-stopping-min-rounds", int),
             site_nodes=parse_site_nodes(get("site-nodes", str), site_ids),
             track=track,
             tracking_uri=tracking_uri,

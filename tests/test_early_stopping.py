@@ -32,7 +32,7 @@ def test_phase_finished_when_all_rounds_ran_or_the_rule_stopped_it():
     from shared_models.config import RunConfig
     from tests.conftest import tiny_run_config
 
-    cfg = RunConfig.from_run_config(tiny_run_config(early_stopping_patience=2, early_stopping_min_delta=0.0))
+    cfg = RunConfig.from_run_config(tiny_run_config(early_stopping_patience=2, early_stopping_min_delta=0.0, early_stopping_min_rounds=0))
     metrics = {r: {"A": {"val-num-examples": 4, "val-score": v}} for r, v in {1: 0.5, 2: 0.8, 3: 0.7, 4: 0.8}.items()}
     ckpt = PhaseCheckpoint(round=4, state_dict={"w": torch.zeros(1)}, site_metrics=metrics)
     assert phase_finished(ckpt, rounds=20, cfg=cfg)  # best at round 2, rounds 3 and 4 without improvement
@@ -65,3 +65,11 @@ def test_training_curves_mark_the_chosen_round_and_the_early_stop(tmp_path, monk
     pooled = [d for d in drawn if d[1] == "pooled (selection score)"]
     assert pooled == [("stager: validation macro AUC", "pooled (selection score)", [[1, 2, 3, 4], [0.6, 0.7, 0.9, 0.85]])]
     assert ("stager: validation macro AUC", "chosen round 3", [[3.0], [0.9]]) in drawn
+
+
+def test_no_early_stop_before_min_rounds():
+    # issue 18's seed 2: a spike at round 3, nothing better up to round 8
+    scores = {1: 0.50, 2: 0.38, 3: 0.65, 4: 0.53, 5: 0.53, 6: 0.46, 7: 0.50, 8: 0.54}
+    assert stop_round(scores, patience=5, min_delta=0.005) == 8
+    assert stop_round(scores, patience=5, min_delta=0.005, min_rounds=10) is None
+    assert stop_round({**scores, 9: 0.6, 10: 0.6}, patience=5, min_delta=0.005, min_rounds=10) == 10
