@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from shared_models import allow_tracking_imports
 from shared_models.config import TRACKERS
 from shared_models.safe_files import PATH_KEYS, redact_paths
 
@@ -156,7 +155,6 @@ class MlflowTracker(Tracker):
     def __init__(self, out: Path, uri: str = ""):
         for key, value in MLFLOW_HTTP_ENV.items():
             os.environ.setdefault(key, value)
-        allow_tracking_imports()
         from mlflow import MlflowClient
 
         self.out = Path(out)
@@ -225,7 +223,6 @@ class TensorBoardTracker(Tracker):
 
     def _open(self):
         if self.writer is None:
-            allow_tracking_imports()
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.logdir))

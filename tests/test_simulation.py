@@ -7,14 +7,12 @@ import json
 
 import pytest
 
-from shared_models import allow_tracking_imports
 from shared_models.bundle import load_bundle
 from sim.cli import main
 from sim.phantoms import PROFILES, generate_phantoms
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
-allow_tracking_imports()  # the test reads the run's MLflow store back
 
 
 @pytest.fixture(scope="module")

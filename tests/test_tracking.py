@@ -11,13 +11,11 @@ import sys
 
 import pytest
 
-from shared_models import allow_tracking_imports
 from shared_models.config import RunConfig, default_run_config
 from server.checkpoint import config_fingerprint
 from server.tracking import (STATE_FILE, Tracker, log_run_outputs, make_tracker, round_scalars, run_name,
                              run_params, site_scalars)
 
-allow_tracking_imports()  # the tests read back through MLflow and TensorBoard themselves
 
 MIN_HEADS = 5
 
@@ -212,3 +210,13 @@ def test_compare_puts_every_cell_in_one_mlflow_store(tmp_path, monkeypatch):
                  "--variant", "default"]) == 0
     assert seen["track"] == "mlflow" and seen["tracking-uri"] == f"sqlite:///{tmp_path / 'grid' / 'mlflow' / 'mlflow.db'}"
     assert run_name(tmp_path / "grid" / "default" / "seed-0") == "default/seed-0"
+
+
+def test_monai_does_not_load_the_trackers_but_user_code_can():
+    # MONAI's optional imports are declined (shared_models/__init__.py); the same import from other code works.
+    code = ("import sys, shared_models, monai, monai.visualize, monai.handlers; "
+            "before = sorted(m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard') if sys.modules.get(m)); "
+            "import mlflow; from torch.utils.tensorboard import SummaryWriter; print(before, mlflow.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["[]", "mlflow"]
