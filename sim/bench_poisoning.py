@@ -314,7 +314,7 @@ def _shift(a: dict, b: dict) -> dict[str, float]:
 @section("poisoning", "Poisoning: one malicious site of 4, drop in test macro AUC and detector IoU vs the clean run")
 def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies: Sequence[str] = ("fedavg",) + ROBUST,
                         attacks: Sequence[str] = ATTACKS, robust_attacks: Sequence[str] = ATTACKS[:4], heads: int = 20,
-                        quick: bool = False) -> list[Row]:
+                        schedule: dict[str, Any] | None = None, quick: bool = False) -> list[Row]:
     """Every attack under every strategy, against that strategy's clean run (module notes).
 
     Args:
@@ -325,6 +325,7 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
         robust_attacks: the attacks run under the robust strategies (default: the update attacks of
             row 3; rows 4-5 are stopped by the same checks under every strategy).
         heads: heads per phantom site.
+        schedule: run-config overrides on top of :data:`SCHEDULE` (e.g. ``{"stager-rounds": 2}``).
         quick: a smoke run: one seed, FedAvg only, two attacks, shorter schedules.
 
     Returns:
@@ -342,6 +343,7 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
     if quick:
         seeds, strategies, attacks, robust_attacks, heads = 1, ("fedavg",), ("sign-flip-x10", "num-examples-1e9"), (), 12
         overrides = {"detector-rounds": 1, "stager-rounds": 2, "detector-local-steps": 3, "stager-local-steps": 3}
+    overrides.update(schedule or {})
     data = poisoning_phantoms(Path(work), heads=heads)
     runs = Path(work) / "poisoning-runs"
     log_rows = Path(work) / "poisoning-rows.jsonl"
