@@ -50,7 +50,7 @@ import numpy as np
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK
 
-__all__ = ["ATTACKS", "LocalGrid", "attack_reply", "poisoning_benchmark", "poisoning_markdown"]
+__all__ = ["ATTACKS", "LocalGrid", "attack_reply", "finish_rows", "poisoning_benchmark", "poisoning_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -331,10 +331,10 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
     Returns:
         One row per (strategy, attack), ``attack = "none"`` for the clean runs, with ``macro_auc``,
         ``iou_mean``, their drops against the strategy's clean seed-0 run, the clean FedAvg seed
-        spread (max - min) and whether the drop is within it; ``stager_shift`` / ``detector_shift``:
-        L2 distance of the shipped weights from the strategy's clean seed-0 run, and
-        ``clean_stager_shift`` / ``clean_detector_shift``: the largest such distance between clean
-        FedAvg seeds (the model's own seed spread). Rows are also appended, as they come, to
+        spread (max - min) and whether the drop is within it (:func:`finish_rows`);
+        ``stager_shift`` / ``detector_shift``: L2 distance of the shipped weights from the strategy's
+        clean seed-0 run, and ``clean_stager_shift`` / ``clean_detector_shift``: the largest such
+        distance of a clean FedAvg seed from seed 0 (the model's own seed spread). Rows are also appended, as they come, to
         ``work/poisoning-rows.jsonl`` (a run cut short keeps what it measured).
     """
     import json
@@ -349,7 +349,6 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
     log_rows = Path(work) / "poisoning-rows.jsonl"
     log_rows.unlink(missing_ok=True)
     rows: list[Row] = []
-    results: list[dict] = []
     clean: dict[str, dict] = {}
 
     def record(strategy: str, attack: str, seed: int, result: dict) -> None:
@@ -360,21 +359,14 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
         row.update(auc_drop=base["macro_auc"] - result["macro_auc"], iou_drop=base["iou_mean"] - result["iou_mean"],
                    **{f"{p}_shift": v for p, v in _shift(result, base).items()})
         rows.append(row)
-        results.append(result)
         with open(log_rows, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    clean_runs = []
     for seed in range(seeds):
         result = run_federation(data, runs / f"fedavg-none-{seed}", strategy="fedavg", attack="none", seed=seed,
                                 overrides=overrides)
         clean.setdefault("fedavg", result)
-        clean_runs.append(result)
         record("fedavg", "none", seed, result)
-    auc_bar = max(r["macro_auc"] for r in clean_runs) - min(r["macro_auc"] for r in clean_runs) if seeds > 1 else float("nan")
-    iou_bar = max(r["iou_mean"] for r in clean_runs) - min(r["iou_mean"] for r in clean_runs) if seeds > 1 else float("nan")
-    shift_bar = {p: max((_shift(a, b)[p] for i, a in enumerate(clean_runs) for b in clean_runs[i + 1:]), default=float("nan"))
-                 for p in ("detector", "stager")}
     for strategy in strategies:
         if strategy not in clean:
             clean[strategy] = run_federation(data, runs / f"{strategy}-none-0", strategy=strategy, attack="none", seed=0,
@@ -384,9 +376,30 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
             result = run_federation(data, runs / f"{strategy}-{attack}-0", strategy=strategy, attack=attack, seed=0,
                                     overrides=overrides)
             record(strategy, attack, 0, result)
+    return finish_rows(rows)
+
+
+def finish_rows(rows: Sequence[Row]) -> list[Row]:
+    """Add the clean FedAvg seed spread to every row and judge each row against it.
+
+    The spread is max - min over the clean FedAvg rows (``attack == "none"``) of ``macro_auc`` and
+    ``iou_mean``, and the largest weight distance of a clean seed from seed 0 (``*_shift``). A row is
+    ``within_spread`` when both of its drops are no larger (in magnitude) than the spread; None with
+    fewer than 2 clean seeds. Also merges rows of separate invocations (e.g. FedAvg and the robust
+    strategies run apart): pass them all.
+    """
+    rows = [dict(r) for r in rows]
+    base = [r for r in rows if r["strategy"] == "fedavg" and r["attack"] == "none"]
+
+    def spread(key: str) -> float:
+        return max(r[key] for r in base) - min(r[key] for r in base) if len(base) > 1 else float("nan")
+
+    auc_bar, iou_bar = spread("macro_auc"), spread("iou_mean")
+    shift = {p: max((r[f"{p}_shift"] for r in base), default=float("nan")) if len(base) > 1 else float("nan")
+             for p in ("detector", "stager")}
     for row in rows:
-        row.update(clean_auc_spread=auc_bar, clean_iou_spread=iou_bar, clean_detector_shift=shift_bar["detector"],
-                   clean_stager_shift=shift_bar["stager"])
+        row.update(clean_auc_spread=auc_bar, clean_iou_spread=iou_bar, clean_detector_shift=shift["detector"],
+                   clean_stager_shift=shift["stager"])
         row["within_spread"] = (bool(abs(row["auc_drop"]) <= auc_bar + 1e-9 and abs(row["iou_drop"]) <= iou_bar + 1e-9)
                                 if not math.isnan(auc_bar) else None)
     return rows
@@ -417,7 +430,7 @@ def poisoning_markdown(rows: Sequence[Row]) -> str:
         r0 = rows[0]
         lines.append(f"\nClean FedAvg seed spread (max - min over {sum(r['attack'] == 'none' and r['strategy'] == 'fedavg' for r in rows)} "
                      f"seeds): macro AUC {f(r0['clean_auc_spread'])}, IoU {f(r0['clean_iou_spread'])}; weight distance "
-                     f"between clean seeds (L2, largest pair): stager {f(r0['clean_stager_shift'], '.2f')}, detector "
+                     f"of a clean seed from seed 0 (L2, largest): stager {f(r0['clean_stager_shift'], '.2f')}, detector "
                      f"{f(r0['clean_detector_shift'], '.2f')}. Shifts: L2 distance of the shipped weights from the "
                      "strategy's clean seed-0 run.")
     return "\n".join(lines)

@@ -404,3 +404,22 @@ def test_poisoning_benchmark_attacks_are_what_the_issue_names():
     assert attack_reply("val-score-1e6", ev, ev_reply, np.random.default_rng(0)).content["metrics"]["val-score"] == 1e6
     with pytest.raises(ValueError, match="unknown attack"):
         attack_reply("bit-flip", msg, reply, np.random.default_rng(0))
+
+
+def test_poisoning_rows_are_judged_against_the_clean_seed_spread():
+    from sim.bench_poisoning import finish_rows, poisoning_markdown
+
+    def row(strategy, attack, seed, auc, iou, auc_drop, iou_drop, shift):
+        return {"strategy": strategy, "attack": attack, "seed": seed, "macro_auc": auc, "iou_mean": iou,
+                "auc_drop": auc_drop, "iou_drop": iou_drop, "stager_shift": shift, "detector_shift": shift,
+                "rejected_replies": 0}
+
+    rows = finish_rows([row("fedavg", "none", 0, 0.70, 0.30, 0.0, 0.0, 0.0), row("fedavg", "none", 1, 0.64, 0.32, 0.06, -0.02, 3.0),
+                        row("fedavg", "sign-flip-x10", 0, 0.66, 0.31, 0.04, -0.01, 2.0),
+                        row("krum", "random-weights", 0, 0.50, 0.31, 0.10, 0.0, 9.0)])
+    assert rows[0]["clean_auc_spread"] == pytest.approx(0.06) and rows[0]["clean_iou_spread"] == pytest.approx(0.02)
+    assert rows[0]["clean_stager_shift"] == 3.0
+    assert [r["within_spread"] for r in rows] == [True, True, True, False]
+    table = poisoning_markdown(rows)
+    assert "| krum | random-weights | 0 | 0.500 | +0.100 | 0.310 | +0.000 | 9.00 | 9.00 | 0 | **no** |" in table
+    assert finish_rows(rows[:1])[0]["within_spread"] is None  # one clean seed: no spread to judge by
