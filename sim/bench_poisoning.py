@@ -314,7 +314,7 @@ def _shift(a: dict, b: dict) -> dict[str, float]:
 @section("poisoning", "Poisoning: one malicious site of 4, drop in test macro AUC and detector IoU vs the clean run")
 def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies: Sequence[str] = ("fedavg",) + ROBUST,
                         attacks: Sequence[str] = ATTACKS, robust_attacks: Sequence[str] = ATTACKS[:4], heads: int = 20,
-                        schedule: dict[str, Any] | None = None, quick: bool = False) -> list[Row]:
+                        schedule: dict[str, Any] | None = None, baseline: bool = True, quick: bool = False) -> list[Row]:
     """Every attack under every strategy, against that strategy's clean run (module notes).
 
     Args:
@@ -326,6 +326,8 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
             row 3; rows 4-5 are stopped by the same checks under every strategy).
         heads: heads per phantom site.
         schedule: run-config overrides on top of :data:`SCHEDULE` (e.g. ``{"stager-rounds": 2}``).
+        baseline: run each strategy's clean run; False when those come from another invocation
+            (rows are merged by :func:`finish_rows`; the weight shifts are then left undefined).
         quick: a smoke run: one seed, FedAvg only, two attacks, shorter schedules.
 
     Returns:
@@ -355,9 +357,9 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
         logger.info("%s under %s (seed %d): macro AUC %.3f, IoU %.3f, %d replies rejected (%.0f s)", attack, strategy,
                     seed, result["macro_auc"], result["iou_mean"], result["rejected"], result["wall_s"])
         row = {"section": "poisoning", "strategy": strategy, "attack": attack, "seed": seed, **_figures(result)}
-        base = clean.get(strategy, result)
-        row.update(auc_drop=base["macro_auc"] - result["macro_auc"], iou_drop=base["iou_mean"] - result["iou_mean"],
-                   **{f"{p}_shift": v for p, v in _shift(result, base).items()})
+        base = clean.get(strategy)
+        shifts = _shift(result, base) if base else {"detector": float("nan"), "stager": float("nan")}
+        row.update(**{f"{p}_shift": v for p, v in shifts.items()})
         rows.append(row)
         with open(log_rows, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -368,7 +370,7 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
         clean.setdefault("fedavg", result)
         record("fedavg", "none", seed, result)
     for strategy in strategies:
-        if strategy not in clean:
+        if strategy not in clean and baseline:
             clean[strategy] = run_federation(data, runs / f"{strategy}-none-0", strategy=strategy, attack="none", seed=0,
                                              overrides=overrides)
             record(strategy, "none", 0, clean[strategy])
@@ -380,7 +382,7 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
 
 
 def finish_rows(rows: Sequence[Row]) -> list[Row]:
-    """Add the clean FedAvg seed spread to every row and judge each row against it.
+    """Drops against each strategy's clean seed-0 row; the clean FedAvg seed spread; the verdict.
 
     The spread is max - min over the clean FedAvg rows (``attack == "none"``) of ``macro_auc`` and
     ``iou_mean``, and the largest weight distance of a clean seed from seed 0 (``*_shift``). A row is
@@ -389,6 +391,11 @@ def finish_rows(rows: Sequence[Row]) -> list[Row]:
     strategies run apart): pass them all.
     """
     rows = [dict(r) for r in rows]
+    ref = {r["strategy"]: r for r in rows if r["attack"] == "none" and r["seed"] == 0}
+    for row in rows:  # drops against the same strategy's clean seed-0 run (NaN without one)
+        b = ref.get(row["strategy"])
+        row["auc_drop"] = b["macro_auc"] - row["macro_auc"] if b else float("nan")
+        row["iou_drop"] = b["iou_mean"] - row["iou_mean"] if b else float("nan")
     base = [r for r in rows if r["strategy"] == "fedavg" and r["attack"] == "none"]
 
     def spread(key: str) -> float:
@@ -401,7 +408,7 @@ def finish_rows(rows: Sequence[Row]) -> list[Row]:
         row.update(clean_auc_spread=auc_bar, clean_iou_spread=iou_bar, clean_detector_shift=shift["detector"],
                    clean_stager_shift=shift["stager"])
         row["within_spread"] = (bool(abs(row["auc_drop"]) <= auc_bar + 1e-9 and abs(row["iou_drop"]) <= iou_bar + 1e-9)
-                                if not math.isnan(auc_bar) else None)
+                                if not (math.isnan(auc_bar) or math.isnan(row["auc_drop"])) else None)
     return rows
 
 

@@ -414,12 +414,17 @@ def test_poisoning_rows_are_judged_against_the_clean_seed_spread():
                 "auc_drop": auc_drop, "iou_drop": iou_drop, "stager_shift": shift, "detector_shift": shift,
                 "rejected_replies": 0}
 
-    rows = finish_rows([row("fedavg", "none", 0, 0.70, 0.30, 0.0, 0.0, 0.0), row("fedavg", "none", 1, 0.64, 0.32, 0.06, -0.02, 3.0),
-                        row("fedavg", "sign-flip-x10", 0, 0.66, 0.31, 0.04, -0.01, 2.0),
-                        row("krum", "random-weights", 0, 0.50, 0.31, 0.10, 0.0, 9.0)])
+    rows = finish_rows([row("fedavg", "none", 0, 0.70, 0.30, 0.0, 0.0, 0.0), row("fedavg", "none", 1, 0.64, 0.32, 0.0, 0.0, 3.0),
+                        row("fedavg", "sign-flip-x10", 0, 0.66, 0.31, 0.0, 0.0, 2.0),
+                        row("krum", "none", 0, 0.60, 0.31, 0.0, 0.0, 0.0),
+                        row("krum", "random-weights", 0, 0.50, 0.31, 0.0, 0.0, 9.0),
+                        row("fedmedian", "sign-flip-x10", 0, 0.50, 0.31, 0.0, 0.0, float("nan"))])
+    # drops recomputed against the same strategy's clean seed-0 row
+    assert [round(r["auc_drop"], 6) for r in rows[:5]] == [0.0, 0.06, 0.04, 0.0, 0.1]
+    assert np.isnan(rows[5]["auc_drop"]) and rows[5]["within_spread"] is None  # no clean fedmedian run to compare
     assert rows[0]["clean_auc_spread"] == pytest.approx(0.06) and rows[0]["clean_iou_spread"] == pytest.approx(0.02)
     assert rows[0]["clean_stager_shift"] == 3.0
-    assert [r["within_spread"] for r in rows] == [True, True, True, False]
+    assert [r["within_spread"] for r in rows[:5]] == [True, True, True, True, False]
     table = poisoning_markdown(rows)
     assert "| krum | random-weights | 0 | 0.500 | +0.100 | 0.310 | +0.000 | 9.00 | 9.00 | 0 | **no** |" in table
     assert finish_rows(rows[:1])[0]["within_spread"] is None  # one clean seed: no spread to judge by
