@@ -187,11 +187,18 @@ def verify_audit_anchors(path: Path, anchors: list[dict]) -> dict:
         run = int(entry.get("run_id", -1))
         if run not in last:
             others += 1
-        elif i > last[run] and entry.get("error") is None:
+        elif i > last[run] and not _is_error_entry(entry):
             raise ValueError(
                 f"{path}: line {i + 1} (run {run}, {entry.get('message_type')} round {entry.get('round')}) follows the "
                 f"coordinator's last anchor for that run: appended afterwards, or a reply the coordinator never received")
     return {"entries": count, "anchors": len(anchors), "runs": sorted(last), "unanchored_other_runs": others}
+
+
+def _is_error_entry(entry: dict) -> bool:
+    """An error reply's line: a non-empty reason and nothing attached (no arrays, metrics, configs or bytes)."""
+    error = entry.get("error")
+    return (isinstance(error, str) and bool(error.strip()) and not entry.get("arrays") and not entry.get("metrics")
+            and not entry.get("configs") and not entry.get("bytes"))
 
 
 def audited(log_path: Callable[[Context], Path]):

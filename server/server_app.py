@@ -44,6 +44,7 @@ from shared_models.determinism import configure_determinism
 from shared_models.stager import MulDenseNet3D
 from shared_models.transfer import from_transfer, to_transfer
 from strategies.site_aware import build_strategy
+from strategies.update_checks import normalisation_problems
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,26 @@ def identity_problem(node_id: int, claimed: str, site_nodes: dict[str, int], nod
         return f"node {node_id}, enrolled as site {bound!r}, claims site {claimed!r}"
     if claimed in node_sites.values():
         return f"node {node_id} claims site {claimed!r}, which another node already is"
+    return None
+
+
+def hello_problem(reply: Message) -> str | None:
+    """Why a ``hello`` reply cannot be read; None when it can.
+
+    It must hold a ``site`` ConfigRecord with a string ``site-id`` and a ``metrics`` MetricRecord
+    of non-negative integer counts (heads per split, studies refused), which later cap the site's
+    reported counts.
+    """
+    content = reply.content
+    site = content.config_records.get("site")
+    if site is None or not isinstance(site.get("site-id"), str):
+        return "hello reply without a site-id"
+    metrics = content.metric_records.get("metrics")
+    if metrics is None:
+        return "hello reply without counts"
+    bad = sorted(k for k, v in metrics.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0)
+    if bad:
+        return f"hello counts that are not non-negative integers: {', '.join(bad[:5])}"
     return None
 
 
@@ -116,6 +137,12 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0,
                     log.warning("a node failed the hello query: %s", reply.error.reason)
                     continue
                 node_id = reply.metadata.src_node_id
+                malformed = hello_problem(reply)
+                if malformed:
+                    refused.append(f"refused: node {node_id}: {malformed}")
+                    ignored.add(node_id)
+                    log.error("refused: node %s: %s", node_id, malformed)
+                    continue
                 site_id = str(reply.content["site"]["site-id"])
                 problem = identity_problem(node_id, site_id, cfg.site_nodes, node_sites)
                 if problem:
@@ -246,10 +273,12 @@ def run_phase(
         return ckpt
     if ckpt.round:
         log.info("phase %s: resuming after round %d", phase, ckpt.round)
+    template = model.state_dict()  # names, shapes and dtypes to unpack the packed global arrays
     strategy = build_strategy(
         cfg.strategy, proximal_mu=cfg.proximal_mu, node_sites=node_sites,
         train_sites=cfg.train_sites, round_offset=ckpt.round,
         min_fraction=cfg.min_site_fraction, node_wait_timeout_s=cfg.node_wait_timeout_s,
+        state_problems=lambda arrays: normalisation_problems(_unpack(arrays, template)),
         **influence_bounds(cfg, phase, declared),
     )
     strategy.missing_sites.update(ckpt.missing_sites)
@@ -258,7 +287,6 @@ def run_phase(
     strategy.train_metrics.update(ckpt.train_metrics)
     config = ConfigRecord({"phase": phase, **(extra_config or {})})
 
-    template = model.state_dict()  # names, shapes and dtypes to unpack the packed global arrays
     best = {"round": ckpt.best_round, "score": ckpt.best_score, "state": ckpt.best_state_dict}
 
     def checkpoint_hook(server_round: int, arrays: ArrayRecord):

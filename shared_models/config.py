@@ -150,6 +150,8 @@ def parse_site_nodes(text: str, site_ids: tuple[str, ...]) -> dict[str, int]:
             continue
         site, sep, node = entry.partition("=")
         site = site.strip()
+        if site in nodes:
+            raise ValueError(f"run config 'site-nodes': site {site!r} is bound twice")
         try:
             nodes[site] = int(node.strip())
         except ValueError:

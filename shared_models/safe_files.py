@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -79,6 +80,28 @@ def read_regular_file(path: Path, max_bytes: int, *, root: Path | None = None) -
     return data
 
 
+def _check_archive(data: bytes, name: str | Path) -> None:
+    """Refuse a ``torch.save`` zip archive that would decode to more than it holds.
+
+    ``torch.save`` stores its entries uncompressed, so every entry must be STORED and the declared
+    sizes must add up to no more than the bytes read: a deflated entry (a zip bomb) is refused
+    before anything is inflated. Bytes that are not a zip archive are left to ``torch.load``,
+    which refuses them.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+    except zipfile.BadZipFile:
+        return
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise UnsafeFileError(f"{name}: compressed entries in a tensor file (torch.save stores them uncompressed): "
+                              f"{', '.join(sorted(packed)[:3])}")
+    declared = sum(i.file_size for i in infos)
+    if declared > len(data):
+        raise UnsafeFileError(f"{name}: entries declare {declared} bytes in a {len(data)}-byte file")
+
+
 def load_tensors(data: bytes, name: str | Path):
     """Deserialise ``torch.save`` bytes with ``weights_only=True`` onto the CPU.
 
@@ -93,6 +116,7 @@ def load_tensors(data: bytes, name: str | Path):
         UnsafeFileError: the bytes are not a readable ``torch.save`` archive, or hold anything
             other than plain tensors and containers (for example a pickle with ``__reduce__``).
     """
+    _check_archive(data, name)
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError ...

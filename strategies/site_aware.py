@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -99,8 +99,10 @@ class SiteAwareMixin:
     def __init__(self, *args, node_sites: dict[int, str], train_sites: Iterable[str], round_offset: int = 0,
                  min_fraction: float = 1.0, node_wait_timeout_s: float | None = None,
                  declared: dict[str, dict] | None = None, max_int_delta: int | None = None,
-                 clip_factor: float = 2.0, reject_factor: float = 4.0, **kwargs):
+                 clip_factor: float = 2.0, reject_factor: float = 4.0,
+                 state_problems: Callable[[ArrayRecord], list[str]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.state_problems = state_problems
         bound_update_norms([], clip_factor=clip_factor, reject_factor=reject_factor)  # validates the factors
         self.declared = dict(declared or {})
         self.max_int_delta = max_int_delta
@@ -232,15 +234,29 @@ class SiteAwareMixin:
                 kept.append(r)
                 continue
             problems = reply_problems(r, self._sent, self.arrayrecord_key, max_int_delta=self.max_int_delta)
+            if not problems and self.state_problems is not None:
+                problems = self.state_problems(r.content[self.arrayrecord_key])
             if problems:
                 self._reject(server_round, self._site(r), problems)
                 continue
             metrics = self._checked_metrics(server_round, r, "train")
             if metrics is None:
                 continue
+            if "num-examples" not in metrics:
+                self._reject(server_round, self._site(r), ["no num-examples"], "train")
+                continue
             r.content["metrics"] = MetricRecord(metrics)
             kept.append(r)
         ok = [r for r in kept if not r.has_error()]
+        # Flower's aggregation needs the same metric keys in every reply: keep the keys all sites sent
+        # (a site adding or leaving out a key cannot end the round); num-examples is required above
+        common = set.intersection(*(set(r.content["metrics"].keys()) for r in ok)) if ok else set()
+        for r in ok:
+            extra = sorted(set(r.content["metrics"].keys()) - common)
+            if extra:
+                log.warning("round %d: dropped train metrics %s of site %s (not sent by every site)",
+                            server_round, extra, self._site(r))
+                r.content["metrics"] = MetricRecord({k: v for k, v in r.content["metrics"].items() if k in common})
         norms = [update_norm(r.content[self.arrayrecord_key], self._sent) for r in ok]
         actions = bound_update_norms(norms, clip_factor=self.clip_factor, reject_factor=self.reject_factor)
         median = float(np.median(norms)) if norms else 0.0
@@ -322,7 +338,8 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "k
 def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str], train_sites: Iterable[str],
                    round_offset: int = 0, min_fraction: float = 1.0, node_wait_timeout_s: float | None = None,
                    trimmed_beta: float = 0.25, krum_byzantine: int = 1, declared: dict[str, dict] | None = None,
-                   max_int_delta: int | None = None, clip_factor: float = 2.0, reject_factor: float = 4.0):
+                   max_int_delta: int | None = None, clip_factor: float = 2.0, reject_factor: float = 4.0,
+                   state_problems: Callable[[ArrayRecord], list[str]] | None = None):
     """Build the strategy named in the run config.
 
     Args:
@@ -336,6 +353,8 @@ def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str],
         declared: site id -> counts declared at the start (``heads-train``/``-val``/``-test``); caps.
         max_int_delta: largest move of an integer entry per round (the local steps).
         clip_factor, reject_factor: the norm rule (``strategies/update_checks.py``).
+        state_problems: further checks of an update's arrays (e.g. unpacked, by entry name), each
+            problem rejecting it (``strategies.update_checks.normalisation_problems``).
 
     Raises:
         ValueError: for an unknown name, a bad fraction, or a robust strategy that cannot keep its
@@ -355,6 +374,7 @@ def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str],
         node_sites=node_sites, train_sites=train_sites, round_offset=round_offset,
         min_fraction=min_fraction, node_wait_timeout_s=node_wait_timeout_s, declared=declared,
         max_int_delta=max_int_delta, clip_factor=clip_factor, reject_factor=reject_factor,
+        state_problems=state_problems,
     )
     if name in ("fedavg", "fedbn"):
         return SiteFedAvg(**common)

@@ -112,6 +112,28 @@ def update_problems(arrays: ArrayRecord, reference: ArrayRecord, max_listed: int
     return problems
 
 
+def normalisation_problems(state: Mapping[str, object], max_listed: int = 5) -> list[str]:
+    """Entries no normalisation layer can hold: a negative ``running_var``.
+
+    A BatchNorm running variance is a mean of squares, so it is never negative; a site that sends
+    one below zero can pull the FedAvg mean of that channel below zero while every value stays finite
+    and small, and the global model then outputs NaN (``sqrt(var + eps)`` of a negative number).
+    Checked on the unpacked state dict, since packed transfer hides the entry names.
+
+    Args:
+        state: a site's state dict (name -> tensor or array), unpacked.
+
+    Returns:
+        One problem naming up to ``max_listed`` entries, or nothing.
+    """
+    negative = sorted(k for k, v in state.items()
+                      if k.endswith("running_var") and float(np.asarray(v).min(initial=0.0)) < 0.0)
+    if not negative:
+        return []
+    more = f" (+{len(negative) - max_listed} more)" if len(negative) > max_listed else ""
+    return [f"negative running variances in: {', '.join(negative[:max_listed])}{more}"]
+
+
 def reply_problems(reply: Message, reference: ArrayRecord, arrays_key: str = "arrays",
                    max_int_delta: int | None = None) -> list[str]:
     """:func:`update_problems` for a train reply; also rejects a reply without exactly one ArrayRecord
