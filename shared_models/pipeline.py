@@ -193,7 +193,9 @@ def analyse_study(
                                                  spatial_shape=hemi.shape)
         # the hemi grid can reach past the scan (a head at the edge of the field of view)
         box_lps = clip_box_to_image(box_voxel_to_lps(boxes[0].float().cpu().numpy(), grid), oriented)
-        detections[side] = (box_lps, float(scores[0]), bool(low[0]))
+        # a box wholly outside the scan clips to zero extent: nothing of it can be staged
+        outside = not all(box_lps[i + 3] > box_lps[i] for i in range(3))
+        detections[side] = (box_lps, float(scores[0]), bool(low[0]) or outside)
     if gates and not study_reasons:
         study_reasons += check_pair({s: d[0] for s, d in detections.items()}, oriented).reasons
     empty_map = None
@@ -216,7 +218,7 @@ def analyse_study(
                            f"{calibration.detector_threshold:.2f}")
             flags.append("low_detector_score")
         energy = probs = cam = crop_grid = None
-        if not study_reasons:
+        if not study_reasons and not collapsed:
             crop, crop_grid = resample_crop(oriented, box_lps, side, spec)
             x = torch.from_numpy(crop)[None, None].float().to(device)
             with torch.no_grad():

@@ -195,3 +195,23 @@ def test_a_genuine_error_entry_after_the_last_anchor_passes(tmp_path):
     anchors = [{"run_id": 7, "sha256": line_sha256(append_entry(log_path, dict(base))), "message_type": "train", "round": 1}]
     append_entry(log_path, {**base, "round": 2, "metrics": [], "bytes": 0, "error": "RuntimeError: out of memory"})
     verify_audit_anchors(log_path, anchors)
+
+
+def test_a_box_outside_the_scan_is_not_staged_even_with_the_gates_off(monkeypatch):
+    # Found by the quick benchmark: an untrained detector's box beyond the scan clipped to zero extent and
+    # the crop step raised; such a head is now "not assessed" (off target) and the study goes on.
+    import SimpleITK as sitk
+
+    import shared_models.pipeline as pipeline
+    from shared_models.detector import YOLOX3D
+    from tests.test_pipeline import DCFG
+    from shared_models.preprocessing import PreprocessingSpec
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((24, 48, 64)).astype(np.float32))
+    image.SetSpacing((6.0, 6.0, 6.0))
+    far = np.array([-1e4, -1e4, -1e4, -9e3, -9e3, -9e3])  # LPS mm, far outside the scan
+    monkeypatch.setattr(pipeline, "box_voxel_to_lps", lambda box, grid: far)
+    torch.manual_seed(0)
+    heads = pipeline.analyse_study(image, YOLOX3D(DCFG), _stager(), PreprocessingSpec(), gates=False)
+    assert [h.predicted_stage for h in heads] == [None, None]
+    assert all("off_target" in h.flags for h in heads)
