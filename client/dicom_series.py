@@ -61,8 +61,10 @@ series' total (:func:`read_series`) are checked from ``stop_before_pixels`` head
 the Deflated Explicit VR Little Endian syntax (the whole dataset zlib-compressed, so pydicom
 inflates it all even to read the header) is first inflated as a stream, keeping nothing, and
 refused when it inflates beyond ``2 x max_voxels`` bytes (16-bit pixels) plus 16 MiB of
-header. For NIfTI, the header's dimensions are checked before nibabel loads a voxel. A study
-over the cap is refused with a :class:`SeriesError` that gives the declared and allowed sizes.
+header. An encapsulated (JPEG, JPEG-LS, JPEG 2000) frame's own codestream header must declare
+the DICOM ``Rows x Columns`` before any file of the series is decoded (a decoder allocates
+what the codestream declares; :func:`_check_codestreams`). For NIfTI, the header's dimensions
+are checked before nibabel loads a voxel. A study over the cap is refused with a :class:`SeriesError` that gives the declared and allowed sizes.
 
 NIfTI (:func:`read_study` on ``.nii``/``.nii.gz``): nibabel's rule decides the geometry,
 the sform when ``sform_code > 0``, else the qform when ``qform_code > 0``, else the base
@@ -78,6 +80,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -87,6 +90,8 @@ from typing import Callable, Iterable
 import nibabel
 import numpy as np
 import pydicom
+import pydicom.encaps
+import pydicom.uid
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
@@ -658,8 +663,110 @@ def check_decoders() -> dict[str, bool]:
     return out
 
 
-def _decode(ds: pydicom.Dataset, study: str) -> np.ndarray:
-    """Pixel data of one file as ``(frames, rows, columns)``; refuses undecodable data naming the syntax."""
+# Codestream headers checked before decoding (see _check_codestreams).
+_J2K_SYNTAXES = frozenset(pydicom.uid.JPEG2000TransferSyntaxes)
+_JPEG_SYNTAXES = frozenset(pydicom.uid.JPEGTransferSyntaxes) | frozenset(pydicom.uid.JPEGLSTransferSyntaxes)
+_RLE_SYNTAXES = frozenset(pydicom.uid.RLETransferSyntaxes)
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+_J2K_SEARCH_BYTES = 4096  # a JP2 box wrapper (signature, ftyp, jp2h) precedes the codestream
+_JPEG_HEADER_BYTES = 1 << 20  # tables and APPn segments before the SOF marker
+# SOFn markers (ITU-T T.81 B.1.1.3: 0xC0-0xCF except DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55 (T.87).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_JPEG_NO_LENGTH = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: markers without a length
+
+
+def _j2k_size(head: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` from a JPEG 2000 SIZ marker segment (ISO/IEC 15444-1 A.5.1), or None."""
+    at = head.find(_J2K_SOC_SIZ, 0, _J2K_SEARCH_BYTES)
+    if at < 0 or len(head) < at + 4 + 2 + 2 + 16:
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[at + 8:at + 24])  # after Lsiz, Rsiz
+    return ysiz - yosiz, xsiz - xosiz
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` from the first SOFn (or JPEG-LS SOF55) segment of a JPEG stream, or None."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_NO_LENGTH:
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        length = struct.unpack(">H", head[i + 2:i + 4])[0]
+        if marker in _JPEG_SOF:
+            if i + 9 > len(head) or length < 8:
+                return None
+            rows, columns = struct.unpack(">HH", head[i + 5:i + 9])  # after length, precision
+            return rows, columns
+        i += 2 + length
+    return None
+
+
+def _check_codestreams(ds: pydicom.Dataset, syntax: pydicom.uid.UID, study: str) -> None:
+    """Refuse encapsulated frames whose codestream declares another size than ``Rows x Columns``.
+
+    The cap (:func:`read_series`) reads the DICOM header, but a decoder allocates what the
+    codestream itself declares: a file of a few hundred bytes can declare 65535 x 65535. So
+    before anything is decoded, every frame's codestream header is read: the JPEG 2000 SIZ
+    segment (ISO/IEC 15444-1 A.5.1; also HTJ2K, 15444-15), or the JPEG / JPEG-LS frame header
+    (T.81 B.2.2, T.87 C.2.2). Their dimensions must equal the DICOM ``Rows`` and ``Columns``.
+    RLE declares no size of its own (PS3.5 G.3: its segments fill ``Rows x Columns``). A
+    codestream that cannot be parsed, or any other encapsulated syntax, is refused as
+    unreadable rather than decoded blindly.
+
+    Raises:
+        SeriesError: naming the file's study and the mismatch.
+    """
+    if syntax in _RLE_SYNTAXES:
+        return
+    if syntax in _J2K_SYNTAXES:
+        parse, what = _j2k_size, "JPEG 2000"
+    elif syntax in _JPEG_SYNTAXES:
+        parse, what = _jpeg_size, "JPEG"
+    else:
+        raise SeriesError(study, f"pixel data in the transfer syntax {syntax.name!r} cannot be checked before decoding; refused")
+    expected = (int(ds.Rows), int(ds.Columns))
+    n_frames = _n_frames(ds)
+    seen = 0
+    try:
+        for fragments in pydicom.encaps.generate_fragmented_frames(ds.PixelData, number_of_frames=n_frames):
+            head = b""
+            for fragment in fragments:
+                head += fragment[:_JPEG_HEADER_BYTES - len(head)]
+                if len(head) >= _JPEG_HEADER_BYTES:
+                    break
+            size = parse(head)
+            if size is None:
+                raise SeriesError(study, f"a {what} frame has no readable codestream header; refused before decoding")
+            if size != expected:
+                raise SeriesError(
+                    study,
+                    f"a {what} codestream declares {size[0]} x {size[1]} pixels but the DICOM header "
+                    f"{expected[0]} x {expected[1]}; refused before decoding",
+                )
+            seen += 1
+            if seen == n_frames:
+                break
+    except SeriesError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises several types on broken encapsulation
+        raise SeriesError(study, f"unreadable encapsulated pixel data ({type(exc).__name__})") from None
+    if seen < n_frames:
+        raise SeriesError(study, f"encapsulated pixel data holds {seen} frame(s), the header declares {n_frames}")
+
+
+def _check_decodable(ds: pydicom.Dataset, study: str) -> None:
+    """Refuse, before decoding, a file without pixel data, in colour, in a syntax without a decoder,
+    or whose codestream declares another size than its header (:func:`_check_codestreams`)."""
     from pydicom.pixels import get_decoder
 
     if "PixelData" not in ds:
@@ -674,6 +781,14 @@ def _decode(ds: pydicom.Dataset, study: str) -> np.ndarray:
             available = False
         if not available:
             raise SeriesError(study, f"no decoder for the transfer syntax {syntax.name!r} (install python-gdcm, pylibjpeg and pylibjpeg-openjpeg)")
+    if syntax is not None and syntax.is_encapsulated:
+        _check_codestreams(ds, syntax, study)
+
+
+def _decode(ds: pydicom.Dataset, study: str) -> np.ndarray:
+    """Pixel data of one file as ``(frames, rows, columns)``; refuses undecodable data naming the syntax."""
+    _check_decodable(ds, study)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types
@@ -768,7 +883,7 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
     if len(shapes) != 1:
         raise SeriesError(study, f"slices have {len(shapes)} different sizes")
     spacings = np.stack([im.pixel_spacing for im in images])
-    if np.any(spacings <= 0) or np.max(np.abs(spacings - spacings[0])) > 1e-4 * np.max(spacings[0]):
+    if not np.all(spacings > 0) or np.max(np.abs(spacings - spacings[0])) > 1e-4 * np.max(spacings[0]):
         raise SeriesError(study, "slices have different or invalid pixel spacing")
     photometric = {str(datasets[p].get("PhotometricInterpretation", "MONOCHROME2")).upper() for p in datasets}
     if len(photometric) != 1 or photometric.pop() not in ("MONOCHROME1", "MONOCHROME2"):
@@ -781,6 +896,8 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
     for index, im in enumerate(images):
         of_file[im.path].append(index)
     values: list[np.ndarray] = [np.empty(0)] * len(images)
+    for ds in datasets.values():  # every file (and codestream's declared size) before any is decoded
+        _check_decodable(ds, study)
     for path, ds in datasets.items():
         decoded = _decode(ds, study)
         for index in of_file[path]:

@@ -393,3 +393,125 @@ def test_an_unusable_manifest_header_is_one_clear_error(tmp_path, content, messa
         check_manifest(tmp_path, "S")
     assert str(tmp_path / "manifest.csv") in str(err.value)
     assert main(["site", "check", "--data", str(tmp_path), "--min-free-gb", "0"]) == 1  # an error line, no traceback
+
+
+# -- codestream bombs: a compressed frame that declares more pixels than its DICOM header --------
+
+def _j2k_study(folder: Path, rows: int = 32, columns: int = 40, slices: int = 3):
+    """A JPEG 2000 Lossless study of ``slices`` files of ``rows x columns``; returns (volume, paths).
+
+    Rows of 32 or more: OpenJPEG's default six resolution levels refuse smaller images.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    volume = np.random.default_rng(3).integers(0, 4000, size=(slices, rows, columns)).astype(np.float64)
+    paths = write_dicom_study(folder, volume)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(path, enforce_file_format=True)
+    return volume, paths
+
+
+def _declare_j2k_size(path: Path, rows: int, columns: int) -> None:
+    """Rewrite the SIZ segment of ``path``'s codestream to declare ``rows x columns`` (same byte length)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\x4f\xff\x51")
+    assert at > 0
+    data[at + 8:at + 24] = struct.pack(">IIII", columns, rows, 0, 0)  # Xsiz, Ysiz, XOsiz, YOsiz
+    path.write_bytes(bytes(data))
+
+
+def _no_decoding(monkeypatch) -> None:
+    import pydicom
+
+    def refuse(self):
+        pytest.fail("pixel data was decoded")
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(refuse))
+
+
+def test_a_jpeg2000_study_reads_the_same_pixels(tmp_path):
+    """The codestream check passes a valid JPEG 2000 study, which decodes to the pixels written."""
+    import numpy as np
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.uid import JPEG2000Lossless
+
+    from client.dicom_series import read_study
+
+    volume, paths = _j2k_study(tmp_path / "s")
+    assert all(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000Lossless for p in paths)
+    image = read_study(tmp_path / "s")
+    # the writer's layout: file k at slice k along the normal, its rows along the column cosine
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume.astype(np.float32))
+
+
+@pytest.mark.parametrize("side", [20000, 65535])
+def test_a_jpeg2000_codestream_larger_than_its_header_is_refused_before_decoding(tmp_path, monkeypatch, side):
+    from client.dicom_series import SeriesError, read_study
+
+    _, paths = _j2k_study(tmp_path / "s")
+    _declare_j2k_size(paths[1], side, side)
+    assert paths[1].stat().st_size < 4000  # a few KB on disk, a 2-8 GB frame to the decoder
+    _no_decoding(monkeypatch)
+    with pytest.raises(SeriesError, match=f"JPEG 2000 codestream declares {side} x {side} pixels but the DICOM "
+                                          r"header 32 x 40; refused before decoding") as err:
+        read_study(tmp_path / "s")
+    assert err.value.study == str(tmp_path / "s")
+
+
+def test_a_jpeg2000_codestream_smaller_than_its_header_or_unreadable_is_refused(tmp_path, monkeypatch):
+    from client.dicom_series import SeriesError, read_study
+
+    _, paths = _j2k_study(tmp_path / "s")
+    _declare_j2k_size(paths[0], 32, 39)
+    _no_decoding(monkeypatch)
+    with pytest.raises(SeriesError, match="declares 32 x 39 pixels but the DICOM header 32 x 40"):
+        read_study(tmp_path / "s")
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data.replace(b"\xff\x4f\xff\x51", b"\x00\x4f\x00\x51", 1))  # no SOC+SIZ any more
+    with pytest.raises(SeriesError, match="a JPEG 2000 frame has no readable codestream header"):
+        read_study(tmp_path / "s")
+
+
+def _jpeg_header(sof: int, rows: int, columns: int) -> bytes:
+    """SOI, an APP0 segment, a DQT segment, then an SOFn frame header (ITU-T T.81 B.2.2) of one component."""
+    import struct
+
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + bytes(9)
+    dqt = b"\xff\xdb" + struct.pack(">H", 67) + bytes(65)
+    frame = b"\xff" + bytes([sof]) + struct.pack(">HBHHB", 11, 8, rows, columns, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + b"\xff\xff" + dqt + frame + b"\xff\xda"  # one fill byte before DQT
+
+
+@pytest.mark.parametrize("sof", [0xC0, 0xC1, 0xC3, 0xF7])  # baseline, extended, lossless, JPEG-LS
+def test_jpeg_frame_headers_give_their_declared_size(sof):
+    from client.dicom_series import _jpeg_size
+
+    assert _jpeg_size(_jpeg_header(sof, 300, 4097)) == (300, 4097)
+    assert _jpeg_size(_jpeg_header(0xC4, 300, 4097)) is None  # DHT is not a frame header: scan reached first
+    assert _jpeg_size(b"\x00" + _jpeg_header(sof, 3, 4)[1:]) is None  # no SOI
+
+
+def test_a_jpeg_codestream_larger_than_its_header_is_refused_before_decoding(tmp_path, monkeypatch):
+    """JPEG Lossless frames whose SOF3 declares 65535 x 65535 in files whose header says 32 x 40."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    from client.dicom_series import SeriesError, read_study
+
+    _, paths = _j2k_study(tmp_path / "s")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([_jpeg_header(0xC3, 65535, 65535) + bytes(16) + b"\xff\xd9"])
+        ds.save_as(path, enforce_file_format=True)
+    _no_decoding(monkeypatch)
+    with pytest.raises(SeriesError, match="a JPEG codestream declares 65535 x 65535 pixels but the DICOM header 32 x 40"):
+        read_study(tmp_path / "s")
