@@ -1005,10 +1005,13 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def _affine_geometry(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(direction (3x3, LPS), spacing (3,), origin (3,) LPS)`` of a NIfTI affine; None if sheared."""
+    """``(direction (3x3, LPS), spacing (3,), origin (3,) LPS)`` of a NIfTI affine; None if sheared, of zero
+    scale, or not finite (NaN or infinity anywhere in its 3 x 4 part)."""
+    if not np.all(np.isfinite(np.asarray(affine, dtype=np.float64)[:3, :4])):
+        return None
     m = _RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3, :3]
     spacing = np.linalg.norm(m, axis=0)
-    if np.any(spacing <= 0):
+    if not np.all(spacing > 0):
         return None
     direction = m / spacing
     if np.max(np.abs(direction.T @ direction - np.eye(3))) > 1e-4:
@@ -1052,7 +1055,10 @@ def _read_nifti(path: Path, report: ReadReport | None = None, max_voxels: int = 
             logger.warning("a NIfTI study has a qform and an sform that disagree; the sform is used")
             if report is not None:
                 report.notes.append("NIfTI qform and sform disagree: sform used")
-    geometry = _affine_geometry(header.get_best_affine())
+    best = header.get_best_affine()
+    if not np.all(np.isfinite(best)):
+        raise SeriesError(path, "NIfTI affine (voxel spacing, direction or origin) is not finite (NaN or infinity); refused")
+    geometry = _affine_geometry(best)
     if geometry is None:
         raise SeriesError(path, "NIfTI affine has shear or zero scale; refused")
     try:

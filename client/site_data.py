@@ -710,7 +710,7 @@ class SiteData:
         """Refuse a study whose field of view is too small to hold both hips (``MIN_STUDY_EXTENT_MM``)."""
         d, h, w = (n * s for n, s in zip(meta["shape"], meta["spacing_mm"]))
         extent = (w, h, d)  # LPS x, y, z
-        if any(e < m for e, m in zip(extent, MIN_STUDY_EXTENT_MM)):
+        if any(not (e >= m) for e, m in zip(extent, MIN_STUDY_EXTENT_MM)):  # NaN fails closed
             have = " x ".join(f"{e:.0f}" for e in extent)
             need = " x ".join(f"{m:.0f}" for m in MIN_STUDY_EXTENT_MM)
             raise SeriesError(path, f"field of view too small to hold both hips: {have} mm (LR x AP x SI), at least {need} mm")

@@ -73,10 +73,15 @@ def check_body_part(body_part: str | None) -> GateResult:
 
 
 def check_field_of_view(oriented: sitk.Image) -> GateResult:
-    """Refuse a scanned volume narrower than :data:`MIN_FOV_LR_MM` (LPS x) or shorter than :data:`MIN_FOV_SI_MM` (LPS z)."""
+    """Refuse a scanned volume narrower than :data:`MIN_FOV_LR_MM` (LPS x) or shorter than :data:`MIN_FOV_SI_MM` (LPS z),
+    or whose extent is not finite (NaN or infinite spacing, direction or origin)."""
     low, high = image_bounds_lps(oriented)
-    lr, si = float(high[0] - low[0]), float(high[2] - low[2])
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, refused below
+        lr, si = float(high[0] - low[0]), float(high[2] - low[2])
     reasons = []
+    if not np.isfinite(lr) or not np.isfinite(si):  # NaN compares False with everything: fail closed
+        return GateResult((f"field of view is not finite ({lr} mm left-right, {si} mm head-foot): "
+                           "non-finite voxel spacing, direction or origin",))
     if lr < MIN_FOV_LR_MM:
         reasons.append(f"field of view {lr:.0f} mm left-right is too narrow to hold both femoral heads "
                        f"(needs >= {MIN_FOV_LR_MM:.0f} mm)")

@@ -515,3 +515,39 @@ def test_a_jpeg_codestream_larger_than_its_header_is_refused_before_decoding(tmp
     _no_decoding(monkeypatch)
     with pytest.raises(SeriesError, match="a JPEG codestream declares 65535 x 65535 pixels but the DICOM header 32 x 40"):
         read_study(tmp_path / "s")
+
+
+# -- non-finite NIfTI geometry ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("where, value, message", [
+    ((0, 0), float("nan"), "not finite"),  # spacing (nan, 2, 2)
+    ((1, 3), float("inf"), "not finite"),  # origin
+    ((2, 1), float("nan"), "not finite"),  # direction
+    ((0, 0), 0.0, "shear or zero scale"),  # zero spacing
+])
+def test_a_nifti_with_non_finite_or_zero_geometry_is_refused_naming_the_file(tmp_path, where, value, message):
+    import nibabel
+    import numpy as np
+
+    from client.dicom_series import SeriesError, read_study
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[where] = value
+    nii = nibabel.Nifti1Image(np.ones((8, 8, 8), dtype=np.int16), None)
+    nii.header.set_sform(affine, code=1)
+    nii.header.set_qform(None, code=0)
+    path = tmp_path / "study.nii.gz"
+    nibabel.save(nii, path)
+    assert np.array_equal(np.isnan(nibabel.load(path).header.get_best_affine()), np.isnan(affine))  # as written
+    with pytest.raises(SeriesError, match=message) as err:
+        read_study(path)
+    assert err.value.study == str(path)
+
+
+def test_the_site_extent_check_fails_closed_on_nan_spacing(tmp_path):
+    from client.dicom_series import SeriesError
+
+    good = {"shape": [40, 120, 160], "spacing_mm": [2.0, 2.0, 2.0]}  # 320 x 240 x 80 mm
+    SiteData._check_extent(tmp_path / "s", good)  # passes
+    with pytest.raises(SeriesError, match="field of view too small"):
+        SiteData._check_extent(tmp_path / "s", {**good, "spacing_mm": [2.0, 2.0, float("nan")]})

@@ -49,6 +49,16 @@ def test_field_of_view_gate():
     assert not short.passed and "head-foot" in short.reasons[0]
 
 
+@pytest.mark.parametrize("spacing, origin", [((float("nan"), 10.0, 8.0), None), ((12.0, 10.0, 8.0), (float("inf"), 0.0, 0.0)),
+                                             ((12.0, 10.0, float("nan")), None)])
+def test_field_of_view_gate_fails_closed_on_non_finite_geometry(spacing, origin):
+    image = _image(spacing=spacing)
+    if origin is not None:
+        image.SetOrigin(origin)
+    gate = check_field_of_view(image)
+    assert not gate.passed and "not finite" in gate.reasons[0]
+
+
 def _box(centre, edge=48.0):
     c = np.asarray(centre, dtype=float)
     return tuple(np.concatenate([c - edge / 2, c + edge / 2]))
