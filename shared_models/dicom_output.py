@@ -12,7 +12,7 @@ reference, or TID 1501 when the source has no ``FrameOfReferenceUID``:
 * finding site: femoral head (SCT 2812003) with laterality right (SCT 24028007) or left (SCT 7771000);
 * qualitative evaluations: the assessment (``ASSESSED``, ``NOT_ASSESSED``, ``REFUSED``), the
   Ficat-Arlet stage (assessed heads only), one per flag (``low_detector_score``,
-  ``out_of_distribution``, ``off_target``, ``refused``);
+  ``out_of_distribution``, ``off_target``, ``non_finite``, ``refused``);
 * measurements: the box ``x0 y0 z0 x1 y1 z1`` (LPS mm in the source frame of reference), the
   detector score, and for assessed heads the three stage probabilities and the Grad-CAM volume (mm³).
 
@@ -49,7 +49,7 @@ PRIVATE_CODES = {
     "REFUSED": "Refused (study gate failed)",
     "FLAG": "Flag", "low_detector_score": "Detector score below the validation threshold",
     "out_of_distribution": "Out of distribution (energy score)", "off_target": "Box is not a femoral head",
-    "refused": "Study refused",
+    "refused": "Study refused", "non_finite": "Stager output not finite (NaN or infinity)",
     "P_0": "Probability of Ficat-Arlet stage 0", "P_I": "Probability of Ficat-Arlet stage I",
     "P_II": "Probability of Ficat-Arlet stage II",
     "BOX_X0": "Box x0 (LPS)", "BOX_Y0": "Box y0 (LPS)", "BOX_Z0": "Box z0 (LPS)",

@@ -8,6 +8,7 @@ Study gates, before the detector:
 * DICOM ``BodyPartExamined``, where present, must name a region that contains the hips
   (:data:`HIP_BODY_PARTS`, DICOM PS3.16 CID 4031 code meanings written as the attribute
   holds them); e.g. ``BRAIN`` is refused. Absent or empty: no decision.
+* Every voxel must be finite (no NaN or infinity).
 * The field of view must be wide enough, left to right (LPS x extent of the scanned volume),
   to hold both femoral heads: :data:`MIN_FOV_LR_MM`; and tall enough (LPS z) to hold one:
   :data:`MIN_FOV_SI_MM`.
@@ -89,6 +90,14 @@ def check_field_of_view(oriented: sitk.Image) -> GateResult:
         reasons.append(f"field of view {si:.0f} mm head-foot is too short to hold a femoral head "
                        f"(needs >= {MIN_FOV_SI_MM:.0f} mm)")
     return GateResult(tuple(reasons))
+
+
+def check_finite_voxels(oriented: sitk.Image) -> GateResult:
+    """Refuse a study with any non-finite voxel (NaN or infinity): the networks' outputs, and every
+    comparison against a gate threshold, would be meaningless (NaN compares False with everything)."""
+    if np.all(np.isfinite(sitk.GetArrayViewFromImage(oriented))):
+        return GateResult()
+    return GateResult(("the study has non-finite voxel values (NaN or infinity)",))
 
 
 def _centre(box: Sequence[float]) -> np.ndarray:

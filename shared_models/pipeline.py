@@ -18,7 +18,7 @@ import torch
 
 from shared_models.calibration import Calibration
 from shared_models.detector import YOLOX3D, decode_best_box
-from shared_models.gates import check_body_part, check_field_of_view, check_head, check_pair
+from shared_models.gates import check_body_part, check_finite_voxels, check_field_of_view, check_head, check_pair
 from shared_models.gradcam import heatmap_volume_mm3, stage_gradcam
 from shared_models.preprocessing import (
     GridGeometry,
@@ -71,7 +71,8 @@ class HeadResult:
             ``gradcam_volume_mm3`` measures. ``None`` together with ``crop_grid``.
         not_assessed: why the head's stage is withheld (empty: assessed): the study's reasons, then the head's.
         flags: machine-readable codes of those reasons: ``refused`` (a study gate failed),
-            ``off_target`` (box size or position), ``low_detector_score``, ``out_of_distribution``.
+            ``off_target`` (box size or position), ``low_detector_score``, ``out_of_distribution``,
+            ``non_finite`` (the stager's energy or probabilities are NaN or infinite).
         study_reasons: the study gates that failed (refused study; the same on both heads).
         energy: the stager's energy score ``-logsumexp(logits)`` (None when the stager did not run).
         early_probability: ``P(I) + P(II)`` after temperature scaling (None when not assessed).
@@ -128,10 +129,16 @@ def study_verdict(results: list[HeadResult]) -> tuple[str, list[str]]:
 
 
 def _stage_from(probs: np.ndarray, calibration: Calibration | None) -> FicatArletStage:
-    """Arg-max, or with a calibrated early-ONFH threshold: 0 below it, else the likelier of I and II."""
+    """Arg-max, or with a calibrated early-ONFH threshold: 0 below it, else the likelier of I and II.
+
+    Raises:
+        ValueError: if a probability is not finite (the caller withholds such a stage).
+    """
+    if not np.all(np.isfinite(probs)):
+        raise ValueError("stage probabilities are not finite")
     if calibration is None or calibration.early_threshold is None:
         return FicatArletStage(int(probs.argmax()))
-    if probs[1] + probs[2] < calibration.early_threshold:
+    if not (probs[1] + probs[2] >= calibration.early_threshold):
         return FicatArletStage(0)
     return FicatArletStage(1 if probs[1] >= probs[2] else 2)
 
@@ -150,7 +157,7 @@ def analyse_study(
 ) -> list[HeadResult]:
     """Run the two-stage pipeline on one hip study, behind the gates of :mod:`shared_models.gates`.
 
-    Steps: study gates (``body_part``, field of view); the detector on both hemi-volumes; the
+    Steps: study gates (finite voxels, ``body_part``, field of view); the detector on both hemi-volumes; the
     pair gate (midline, inter-head distance); per head, the head gates (box size, edge of the
     scanned volume) and the calibrated detector threshold; then, unless the study is refused,
     the stager on each head's crop, its energy score against the calibrated
@@ -168,7 +175,9 @@ def analyse_study(
         calibration: the bundle's validation-chosen thresholds and temperature; None = no
             detector-score or out-of-distribution gate, temperature 1, arg-max stage.
         body_part: DICOM ``BodyPartExamined`` of the series, if any.
-        gates: False skips the study and head gates (benchmarks and model tests only).
+        gates: False skips the study and head gates (benchmarks and model tests only); a study
+            with non-finite voxels is refused either way, and a head whose stager output is not
+            finite is never staged (flag ``non_finite``).
 
     Returns:
         One :class:`HeadResult` per side, right then left.
@@ -182,7 +191,7 @@ def analyse_study(
     oriented = orient_lps(sitk.Cast(image, sitk.sitkFloat32))
     detector = detector.to(device).eval()
     stager = stager.to(device).eval()
-    study_reasons: list[str] = []
+    study_reasons: list[str] = list(check_finite_voxels(oriented).reasons)  # always: NaN passes no gate
     if gates:
         study_reasons += check_body_part(body_part).reasons + check_field_of_view(oriented).reasons
     detections = {}
@@ -224,13 +233,16 @@ def analyse_study(
             with torch.no_grad():
                 logits = stager(x).float()[0].cpu().double()
             energy = float(-torch.logsumexp(logits, dim=0))
-            if calibration is not None and calibration.energy_threshold is not None \
-                    and energy >= calibration.energy_threshold:
+            temperature = calibration.temperature if calibration is not None else 1.0
+            probs = torch.softmax(logits / temperature, dim=0).numpy()
+            if not (np.isfinite(energy) and np.all(np.isfinite(probs))):  # fail closed: NaN passes no gate
+                reasons.append("the stager's output is not finite (NaN or infinity); stage withheld")
+                flags.append("non_finite")
+            elif calibration is not None and calibration.energy_threshold is not None \
+                    and not energy < calibration.energy_threshold:
                 reasons.append(f"out of distribution: energy score {energy:.2f} is at or above the validation "
                                f"threshold {calibration.energy_threshold:.2f}")
                 flags.append("out_of_distribution")
-            temperature = calibration.temperature if calibration is not None else 1.0
-            probs = torch.softmax(logits / temperature, dim=0).numpy()
         if reasons or probs is None:
             if empty_map is None:  # an all-zero map in the input study's geometry
                 empty_map = sitk.Image(image.GetSize(), sitk.sitkFloat32)

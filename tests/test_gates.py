@@ -146,6 +146,46 @@ def test_detector_threshold_and_out_of_distribution_gates(models):
         assert sorted(r.assessed for r in mixed) == [False, True]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("gates", [True, False])
+def test_a_study_with_non_finite_voxels_is_refused_whatever_the_gates(models, bad, gates):
+    detector, stager = models
+    image = _image()
+    values = sitk.GetArrayFromImage(image)
+    values[8:, 10:14, :] = bad  # a slab of the study, wherever the heads are found
+    broken = sitk.GetImageFromArray(values)
+    broken.CopyInformation(image)
+    calibration = Calibration(energy_threshold=math.inf, early_threshold=0.5)
+    results = analyse_study(broken, detector, stager, PreprocessingSpec(), calibration=calibration, gates=gates)
+    assert study_verdict(results) == ("refused", ["the study has non-finite voxel values (NaN or infinity)"])
+    for r in results:
+        assert r.predicted_stage is None and r.stage_probabilities == {} and r.energy is None
+        assert r.early_probability is None and not sitk.GetArrayViewFromImage(r.gradcam).any()
+    # the same study with the slab finite is assessed: the refusal is the non-finite voxels'
+    assert study_verdict(analyse_study(image, detector, stager, PreprocessingSpec(), calibration=calibration,
+                                       gates=False))[0] == "assessed"
+
+
+@pytest.mark.parametrize("logits", [(math.nan, math.nan, math.nan), (0.0, math.inf, 0.0), (0.0, 1.0, math.nan)])
+def test_non_finite_stager_output_withholds_the_stage(models, logits):
+    """Whatever the stager returns (here its output replaced by a forward hook), NaN passes no gate:
+    with an open energy gate and an early threshold, NaN once compared False and was staged II."""
+    detector, stager = models
+    hook = stager.register_forward_hook(lambda module, inputs, output: torch.tensor([logits], dtype=output.dtype))
+    try:
+        results = analyse_study(_image(), detector, stager, PreprocessingSpec(), gates=False,
+                                calibration=Calibration(energy_threshold=math.inf, early_threshold=0.5))
+    finally:
+        hook.remove()
+    verdict, reasons = study_verdict(results)
+    assert verdict == "flagged" and all("not finite" in reason for reason in reasons)
+    for r in results:
+        assert r.flags == ("non_finite",) and not r.assessed
+        assert r.predicted_stage is None and r.stage_probabilities == {} and r.early_probability is None
+    with pytest.raises(ValueError, match="not finite"):
+        _stage_from(np.array([math.nan, math.nan, math.nan]), Calibration(early_threshold=0.5))
+
+
 def test_early_threshold_decides_stage_zero_or_the_likelier_early_stage():
     probs = np.array([0.5, 0.3, 0.2])  # arg-max 0; P(early) = 0.5
     assert _stage_from(probs, None).label == "0"
