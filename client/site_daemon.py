@@ -9,8 +9,8 @@ Plain functions behind ``onfh site keys | check | daemon | verify`` (``sim/cli.p
   space for the preprocessing cache, GPU or CPU, the coordinator's CA certificate, and that
   the SuperLink answers a TLS handshake with a certificate that CA signed.
 * :func:`run_daemon` runs ``flower-supernode`` with TLS, the site's private key and a node
-  config holding ``site-id`` and ``data-path``; ClientApps run in this environment (no
-  runtime installs); when the SuperNode dies it is restarted with exponential backoff.
+  config holding ``site-id``, ``data-path``, ``min-cell-heads`` and ``cache-dir`` (site-local
+  settings the coordinator cannot change); ClientApps run in this environment (no runtime installs); when the SuperNode dies it is restarted with exponential backoff.
 
 Nothing here logs patient data: checks report counts, never study names or paths of studies.
 """
@@ -34,6 +34,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared_models.processes import stop_process_tree
+
+#: A deployed site's small-cell floor (``onfh site daemon --min-cell-heads``): a split with fewer heads
+#: sends only its count, whatever ``min-cell-heads`` the coordinator's run config says (it can only raise it).
+SITE_MIN_CELL_HEADS = 5
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +204,13 @@ def _quote(value: str) -> str:
 
 def supernode_command(*, superlink: str, ca_cert: Path, private_key: Path, site_id: str, data: Path,
                       port: int = 9094, max_retries: int | None = 10, max_wait_s: float | None = None,
-                      launcher: str = "fork", threads: int = 1) -> list[str]:
+                      launcher: str = "fork", threads: int = 1, min_cell_heads: int = SITE_MIN_CELL_HEADS,
+                      cache: Path | None = None) -> list[str]:
     """The ``flower-supernode`` command line (TLS, SuperNode authentication, node config).
+
+    The node config holds what the site decides, not the coordinator (``client/client_app.py``):
+    ``site-id``, ``data-path``, ``min-cell-heads`` (the site's small-cell floor) and, when ``cache``
+    is given, ``cache-dir`` (the site's cache and audit log folder; default ``DATA/.onfh-cache``).
 
     ``launcher`` says how each ClientApp process starts: ``"fork"`` (default) wraps the SuperNode
     in :mod:`client.clientapp_forkserver`, which forks every ClientApp from a process that has
@@ -210,18 +219,23 @@ def supernode_command(*, superlink: str, ca_cert: Path, private_key: Path, site_
 
     Raises:
         FileNotFoundError: the CA certificate or the private key is missing (names the file).
-        ValueError: an unknown ``launcher``.
+        ValueError: an unknown ``launcher``, or ``min_cell_heads`` < 1.
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {launcher!r}")
+    if isinstance(min_cell_heads, bool) or not isinstance(min_cell_heads, int) or min_cell_heads < 1:
+        raise ValueError(f"min-cell-heads must be an integer >= 1, not {min_cell_heads!r}")
     for path, what in ((ca_cert, "CA certificate"), (private_key, "SuperNode private key")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
+    node_config = f"site-id={_quote(site_id)} data-path={_quote(str(Path(data).resolve()))} min-cell-heads={min_cell_heads}"
+    if cache is not None:
+        node_config += f" cache-dir={_quote(str(Path(cache).resolve()))}"
     bin_dir = Path(sys.executable).parent
     exe = str(bin_dir / "flower-supernode") if (bin_dir / "flower-supernode").exists() else "flower-supernode"
     cmd = [exe, "--superlink", superlink, "--root-certificates", str(Path(ca_cert).resolve()),
            "--auth-supernode-private-key", str(Path(private_key).resolve()),
-           "--node-config", f"site-id={_quote(site_id)} data-path={_quote(str(Path(data).resolve()))}",
+           "--node-config", node_config,
            "--host", "127.0.0.1", "--port", str(port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]

@@ -412,7 +412,8 @@ def cmd_site_daemon(args) -> int:
             raise RuntimeError("preflight failed; fix the checks above (or --skip-checks to connect anyway)")
     cmd = supernode_command(superlink=args.superlink, ca_cert=Path(args.ca_cert), private_key=Path(args.key),
                             site_id=site_id, data=data, port=args.port, max_retries=args.max_retries,
-                            launcher=args.launcher, threads=args.threads)
+                            launcher=args.launcher, threads=args.threads, min_cell_heads=args.min_cell_heads,
+                            cache=cache if args.cache else None)
     home = Path(args.flwr_home) if args.flwr_home else cache / "flwr-home"
     log_file = Path(args.log) if args.log else cache / "supernode.log"
     console.print(f"site {site_id}: SuperNode connecting to {args.superlink} (log: {log_file}; Ctrl-C stops it)")
@@ -628,6 +629,8 @@ def cmd_coordinator_pull(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from client.site_daemon import SITE_MIN_CELL_HEADS  # light: stdlib and cryptography only
+
     parser = argparse.ArgumentParser(prog="onfh", description="ONFH-FL: federated early-ONFH diagnosis from 3D hip MRI.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = parser.add_subparsers(dest="group", required=True)
@@ -756,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default="site-keys/supernode-key", help="SuperNode private key (default site-keys/supernode-key)")
     p.add_argument("--site-id", help="site id as enrolled by the coordinator (default: folder name)")
     p.add_argument("--cache", help="preprocessing cache folder (default: DATA/.onfh-cache; the audit log is kept there)")
+    p.add_argument("--min-cell-heads", type=int, default=SITE_MIN_CELL_HEADS,
+                   help="this site's small-cell floor: a split with fewer heads sends only its count; the "
+                        f"coordinator's run config can raise it, never lower it (default {SITE_MIN_CELL_HEADS})")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (default 9094; one per node on a host)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="OMP_NUM_THREADS for the ClientApps (default: half the cores)")

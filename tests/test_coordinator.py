@@ -116,7 +116,19 @@ def test_superlink_and_supernode_command_lines(certs, tmp_path):
     key, _, _ = sd.make_site_keys(tmp_path / "keys")
     node = sd.supernode_command(superlink="127.0.0.1:19199", ca_cert=certs.ca_cert, private_key=key, site_id="A",
                                 data=tmp_path / "site A", port=19198, max_retries=3)
-    assert node[node.index("--node-config") + 1] == f"site-id='A' data-path='{(tmp_path / 'site A').resolve()}'"
+    assert node[node.index("--node-config") + 1] == \
+        f"site-id='A' data-path='{(tmp_path / 'site A').resolve()}' min-cell-heads=5"
+    # the site's own settings reach the ClientApp through Flower's own parser of --node-config
+    from flwr.common.config import parse_config_args
+
+    own = sd.supernode_command(superlink="127.0.0.1:19199", ca_cert=certs.ca_cert, private_key=key, site_id="A",
+                               data=tmp_path / "site A", min_cell_heads=8, cache=tmp_path / "my cache")
+    assert parse_config_args([own[own.index("--node-config") + 1]]) == {
+        "site-id": "A", "data-path": str((tmp_path / "site A").resolve()), "min-cell-heads": 8,
+        "cache-dir": str((tmp_path / "my cache").resolve())}
+    with pytest.raises(ValueError, match="min-cell-heads"):
+        sd.supernode_command(superlink="x:1", ca_cert=certs.ca_cert, private_key=key, site_id="A", data=tmp_path,
+                             min_cell_heads=0)
     assert node[node.index("--max-retries") + 1] == "3" and "--insecure" not in node
     with pytest.raises(FileNotFoundError, match="private key"):
         sd.supernode_command(superlink="x:1", ca_cert=certs.ca_cert, private_key=tmp_path / "nope", site_id="A", data=tmp_path)
