@@ -20,10 +20,25 @@ append-only audit log (:mod:`client.audit`, :func:`audit_log_path`).
 The site's identity and data path come from the node config: ``site-id`` and
 ``data-path`` in deployment; in simulation only ``partition-id`` exists and is
 mapped through the run config (``site-ids``, ``data-root``).
+
+Site-local settings: the run config comes from the coordinator (``flwr run``), the party
+small-cell suppression protects against. A deployed site (``data-path`` in its node config, set
+by ``onfh site daemon``) therefore takes from its own node config, never from the run config:
+
+* its cache folder, which holds decoded studies, crops, ``site-errors.log`` and the audit log:
+  node config ``cache-dir``, else ``<data-path>/.onfh-cache`` (a run config ``cache-dir`` is
+  ignored, with one log line), :func:`site_cache_dir`;
+* the floor of its small-cell threshold: the effective ``min-cell-heads`` is the larger of the
+  run config's value and node config ``min-cell-heads`` (default :data:`SITE_MIN_CELL_HEADS`),
+  :func:`site_min_cell_heads`. A run can raise it, never lower it.
+
+Simulated sites (``partition-id``) trust the run config for both, because they are simulated:
+one process plays every party (tests and the quick profile use ``min-cell-heads = 1``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -36,7 +51,8 @@ from flwr.clientapp import ClientApp
 
 from client import tasks
 from client.audit import AUDIT_NAME, audited
-from client.site_data import SiteData
+from client.site_daemon import SITE_MIN_CELL_HEADS
+from client.site_data import SITE_CACHE_NAME, SiteData
 from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.determinism import configure_determinism
@@ -65,13 +81,64 @@ def resolve_site(context: Context, cfg: RunConfig) -> tuple[str, Path]:
     raise ValueError("node config needs 'site-id' and 'data-path' (deployment) or 'partition-id' (simulation)")
 
 
+def is_deployment(context: Context) -> bool:
+    """True for a deployed site (node config ``data-path``), False for a simulated one."""
+    return "data-path" in context.node_config
+
+
+_ignored_cache_dirs: set[str] = set()
+
+
+def site_cache_dir(context: Context, cfg: RunConfig) -> Path:
+    """The site's cache folder (decoded studies, crops, error log, audit log).
+
+    Deployment: node config ``cache-dir`` (``onfh site daemon --cache``), else
+    ``<data-path>/.onfh-cache``; the run config's ``cache-dir`` is ignored (logged once per
+    process). Simulation: :func:`client.tasks.site_cache_dir` (run config ``cache-dir``).
+
+    Raises:
+        ValueError: as :func:`resolve_site`.
+    """
+    site_id, site_root = resolve_site(context, cfg)
+    if not is_deployment(context):
+        return tasks.site_cache_dir(cfg, site_id, site_root)
+    if cfg.cache_dir and cfg.cache_dir not in _ignored_cache_dirs:
+        _ignored_cache_dirs.add(cfg.cache_dir)
+        log.warning("site %s: the run config's cache-dir is ignored; a deployed site keeps its cache where its "
+                    "own node config says (onfh site daemon --cache)", site_id)
+    node = context.node_config
+    return Path(str(node["cache-dir"])) if node.get("cache-dir") else site_root / SITE_CACHE_NAME
+
+
+def site_min_cell_heads(context: Context, cfg: RunConfig) -> int:
+    """The site's small-cell threshold: the run config's ``min-cell-heads`` in simulation; in
+    deployment the larger of that and the node config's ``min-cell-heads`` (default
+    :data:`~client.site_daemon.SITE_MIN_CELL_HEADS`), so the coordinator can raise it, never lower it.
+
+    Raises:
+        ValueError: the node config's ``min-cell-heads`` is not an integer >= 1.
+    """
+    if not is_deployment(context):
+        return cfg.min_cell_heads
+    raw = context.node_config.get("min-cell-heads", SITE_MIN_CELL_HEADS)
+    try:
+        floor = int(str(raw))  # str first: True or 2.5 are refused, not truncated
+    except ValueError:
+        floor = 0
+    if floor < 1:
+        raise ValueError(f"node config min-cell-heads must be an integer >= 1, not {raw!r}")
+    return max(cfg.min_cell_heads, floor)
+
+
 def _open(context: Context) -> tuple[RunConfig, SiteData]:
+    """The run config with the site's own ``min-cell-heads``, and the site's data (site-local cache)."""
     cfg = RunConfig.from_run_config(context.run_config)
+    cfg = dataclasses.replace(cfg, min_cell_heads=site_min_cell_heads(context, cfg))
     configure_determinism(select_device(cfg.device))  # process-wide; before any CUDA work of the handler
     if cfg.torch_threads:  # a last-bit perturbation for the spread measurement (README, Reproducibility)
         torch.set_num_threads(cfg.torch_threads)
     site_id, site_root = resolve_site(context, cfg)
-    return cfg, tasks.open_site(cfg, site_id, site_root)
+    return cfg, tasks.open_site(cfg, site_id, site_root, site_cache_dir(context, cfg))
 
 
 def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: str):
@@ -147,9 +214,7 @@ def _contained(handler):
         except Exception as exc:  # noqa: BLE001 - re-raised without patient-level detail
             step = f"{msg.metadata.message_type}/{msg.content['config'].get('phase', msg.content['config'].get('action', '?'))}"
             try:
-                cfg = RunConfig.from_run_config(context.run_config)
-                site_id, site_root = resolve_site(context, cfg)
-                folder = tasks.site_cache_dir(cfg, site_id, site_root)
+                folder = site_cache_dir(context, RunConfig.from_run_config(context.run_config))
                 folder.mkdir(parents=True, exist_ok=True)
                 with open(folder / "site-errors.log", "a") as fh:
                     fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {step}\n{traceback.format_exc()}\n")
@@ -162,12 +227,11 @@ def _contained(handler):
 
 def audit_log_path(context: Context) -> Path:
     """The site's audit log (``client/audit.py``): node config ``audit-log`` if set, else
-    ``audit.jsonl`` in the site's cache folder. Every reply leaving the site is recorded there."""
+    ``audit.jsonl`` in the site's cache folder (:func:`site_cache_dir`: in deployment never moved
+    by the run config). Every reply leaving the site is recorded there."""
     if "audit-log" in context.node_config:
         return Path(str(context.node_config["audit-log"]))
-    cfg = RunConfig.from_run_config(context.run_config)
-    site_id, site_root = resolve_site(context, cfg)
-    return tasks.site_cache_dir(cfg, site_id, site_root) / AUDIT_NAME
+    return site_cache_dir(context, RunConfig.from_run_config(context.run_config)) / AUDIT_NAME
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict) -> Message:
@@ -242,5 +306,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     phase = str(config["phase"])
     state, _ = _receive_state(msg, context, cfg, phase)
     metrics = tasks.evaluate(site, cfg, phase, state, str(config.get("crops-key", "")))
-    # small cells: a split with fewer than min-cell-heads heads sends only its count (issue 16)
+    # small cells: a split with fewer than min-cell-heads heads (the site's own floor in deployment)
+    # sends only its count (issue 16)
     return _reply(msg, None, tasks.suppress_small_cells(metrics, cfg.min_cell_heads))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +41,21 @@ HIST_BINS = 100
 
 
 def site_cache_dir(cfg: RunConfig, site_id: str, site_root: Path) -> Path:
-    """The site's preprocessing cache: ``<cache-dir>/<site>`` or ``<site-root>/.onfh-cache``."""
+    """The simulated site's preprocessing cache: ``<cache-dir>/<site>`` or ``<site-root>/.onfh-cache``.
+
+    Only for simulation (and tools run at the site): a deployed site's cache is site-local and never
+    comes from the run config (``client.client_app.site_cache_dir``).
+    """
     return Path(cfg.cache_dir) / site_id if cfg.cache_dir else site_root / SITE_CACHE_NAME
 
 
-def open_site(cfg: RunConfig, site_id: str, site_root: Path) -> SiteData:
-    """Load (from cache when possible) the site's manifest, studies and hemi-volumes."""
-    return SiteData(site_root, site_id, site_cache_dir(cfg, site_id, site_root), cfg.spec)
+def open_site(cfg: RunConfig, site_id: str, site_root: Path, cache_dir: Path | None = None) -> SiteData:
+    """Load (from cache when possible) the site's manifest, studies and hemi-volumes.
+
+    ``cache_dir`` defaults to :func:`site_cache_dir`.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else site_cache_dir(cfg, site_id, site_root)
+    return SiteData(site_root, site_id, cache, cfg.spec)
 
 
 def _boxed(heads: list[HeadRecord]) -> list[HeadRecord]:
@@ -134,6 +143,35 @@ class CropSet:
         return self.crops[mask], self.stages[mask]
 
 
+#: What a crop-set key looks like (:func:`crops_key` makes ``ground-truth-<hex>`` / ``detector-<hex>``).
+CROPS_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class InvalidCropsKey(ValueError):
+    """The server's ``crops-key`` is not a crop-set key; the site refuses it (its type names the
+    problem in the error the server receives, ``client.client_app._contained``)."""
+
+
+def crops_path(site: SiteData, key: str) -> Path:
+    """``<cache>/crops/<key>.npz``, for a key that matches :data:`CROPS_KEY_PATTERN` only.
+
+    The key comes from the server, so it is checked before it becomes a path: a key such as
+    ``../x`` or an absolute path would let the coordinator choose which ``.npz`` the site reads.
+
+    Raises:
+        InvalidCropsKey: the key does not match the pattern, or the path it names (symbolic
+            links resolved) is not directly inside the site's crops folder.
+    """
+    if not isinstance(key, str) or not CROPS_KEY_PATTERN.fullmatch(key):
+        raise InvalidCropsKey(f"site {site.site_id}: crops-key {str(key)[:80]!r} refused: "
+                              f"it must match {CROPS_KEY_PATTERN.pattern}")
+    folder = site.cache_dir / "crops"
+    path = folder / f"{key}.npz"
+    if path.resolve().parent != folder.resolve():
+        raise InvalidCropsKey(f"site {site.site_id}: crops-key {key!r} refused: {path} resolves outside {folder}")
+    return path
+
+
 def crops_key(cfg: RunConfig, detector_state: StateDict | None) -> str:
     """Cache key of a crop set: crop source, preprocessing spec and (for detector crops) the weights' hash."""
     digest = hashlib.sha256(json.dumps(cfg.spec.to_dict(), sort_keys=True).encode())
@@ -153,7 +191,7 @@ def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None)
         whose detector box fell below the score threshold).
     """
     key = crops_key(cfg, detector_state)
-    path = site.cache_dir / "crops" / f"{key}.npz"
+    path = crops_path(site, key)
     heads = _staged(site.heads)
     low_count = 0
     if not path.exists():
@@ -190,9 +228,10 @@ def load_crops(site: SiteData, key: str) -> CropSet:
     """Load a crop set made by :func:`make_crops`.
 
     Raises:
+        InvalidCropsKey: ``key`` (sent by the server) is not a crop-set key (:func:`crops_path`).
         FileNotFoundError: if the crops for ``key`` were never made at this site.
     """
-    path = site.cache_dir / "crops" / f"{key}.npz"
+    path = crops_path(site, key)
     if not path.exists():
         raise FileNotFoundError(f"site {site.site_id}: no crops for key {key}; the server must send a crops query first")
     heads = _staged(site.heads)
@@ -308,7 +347,8 @@ def suppress_small_cells(metrics: dict, min_heads: int) -> dict:
 
     Args:
         metrics: what :func:`evaluate` returns (not modified).
-        min_heads: run config ``min-cell-heads`` (>= 1; 1 suppresses nothing).
+        min_heads: the site's threshold (>= 1; 1 suppresses nothing): in deployment the larger of the
+            run config's ``min-cell-heads`` and the site's own floor (``client.client_app.site_min_cell_heads``).
 
     Returns:
         The metrics to send.

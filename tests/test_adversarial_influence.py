@@ -361,6 +361,91 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
     assert pooled["macro"] == pytest.approx(json.loads(json.dumps(b_alone["macro"], default=float)), nan_ok=True)
 
 
+def _site_message(message_type: str, content: RecordDict) -> Message:
+    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=1, dst_node_id=5,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=60.0, message_type=message_type)
+    return make_message(metadata=meta, content=content)
+
+
+def test_row9_deployed_site_keeps_its_own_floor_cache_and_audit_log(one_patient_test_split, tmp_path, caplog):
+    """A deployed site (node config ``data-path``) through the real handlers: the coordinator's run
+    config says ``min-cell-heads = 1`` and ``cache-dir = <its choice>``; the one-patient test split is
+    still suppressed at the site's floor (default 5), and the cache and audit log stay under the data."""
+    from flwr.app import ConfigRecord, Context
+
+    from client import client_app
+    from client.audit import verify_audit_log
+    from shared_models.stager import MulDenseNet3D
+
+    root, _ = one_patient_test_split
+    coordinator_cache = tmp_path / "coordinator-chosen"
+    run_config = tiny_run_config(**{"data-root": str(root), "site-ids": "A,B", "train-sites": "A",
+                                    "report-groups": "A-test=A;all=A,B", "cache-dir": str(coordinator_cache),
+                                    "crop-source": "ground-truth", "min-cell-heads": 1})
+    context = Context(run_id=1, node_id=5, node_config={"site-id": "A", "data-path": str(root / "A")},
+                      state=RecordDict(), run_config=run_config)
+    cfg = RunConfig.from_run_config(run_config)
+    assert cfg.min_cell_heads == 1  # what the coordinator asked for
+
+    with caplog.at_level("WARNING", logger="client.client_app"):
+        crops = client_app.query(_site_message("query", RecordDict({"config": ConfigRecord({"action": "crops"})})), context)
+    key = str(crops.content["site"]["crops-key"])
+    torch.manual_seed(0)
+    stager = client_app._pack(MulDenseNet3D(cfg.stager).state_dict(), cfg)
+    reply = client_app.evaluate(_site_message("evaluate", RecordDict(
+        {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": key, "server-round": 1})})), context)
+    metrics = dict(reply.content["metrics"])
+    # the test split (one patient) and the validation split (one patient) are both below the floor of 5
+    assert metrics["suppressed"] == 1 and metrics["val-suppressed"] == 1
+    assert set(metrics) == {"num-examples", "suppressed", "val-num-examples", "val-suppressed"}
+    assert 1 <= metrics["num-examples"] < 5
+    # the same handler in simulation trusts the run config (1): nothing is suppressed there
+    sim = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=run_config)
+    client_app.query(_site_message("query", RecordDict({"config": ConfigRecord({"action": "crops"})})), sim)
+    sim_reply = client_app.evaluate(_site_message("evaluate", RecordDict(
+        {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": key, "server-round": 1})})), sim)
+    assert "suppressed" not in sim_reply.content["metrics"] and "confusion" in sim_reply.content["metrics"]
+    assert (coordinator_cache / "A" / "audit.jsonl").is_file()  # the simulated site used the run config's cache
+
+    # deployment: crops, audit log and nothing else where the coordinator pointed
+    site_cache = root / "A" / ".onfh-cache"
+    assert (site_cache / "crops" / f"{key}.npz").is_file()
+    assert verify_audit_log(site_cache / "audit.jsonl") == 2
+    assert sorted(p.name for p in coordinator_cache.iterdir()) == ["A"]  # only the simulated run's folder
+    assert sum("cache-dir is ignored" in r.getMessage() for r in caplog.records) == 1
+
+    # a crops-key that leaves the crops folder is refused by name, without a crash of the round
+    for bad in ("../x", "/etc/passwd", "a" * 65, "x.npz"):
+        with pytest.raises(client_app.SiteStepError, match="InvalidCropsKey") as info:
+            client_app.evaluate(_site_message("evaluate", RecordDict(
+                {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": bad, "server-round": 1})})),
+                context)
+        assert bad not in str(info.value)  # the server learns the problem's name, not the path
+    assert "crops-key '../x' refused" in (site_cache / "site-errors.log").read_text()
+    assert verify_audit_log(site_cache / "audit.jsonl") == 6  # the refusals are recorded too
+
+
+def test_site_min_cell_heads_can_be_raised_by_the_run_never_lowered(tmp_path):
+    from flwr.app import Context
+
+    from client.client_app import site_min_cell_heads
+
+    def floor(run_value, node_config):
+        rc = tiny_run_config(**{"min-cell-heads": run_value, "data-root": str(tmp_path)})
+        ctx = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=rc)
+        return site_min_cell_heads(ctx, RunConfig.from_run_config(rc))
+
+    deployed = {"site-id": "H", "data-path": str(tmp_path)}
+    assert floor(1, deployed) == 5  # the default floor of a deployed site
+    assert floor(1, {**deployed, "min-cell-heads": 3}) == 3
+    assert floor(8, {**deployed, "min-cell-heads": 3}) == 8  # the run raises it
+    assert floor(1, {"partition-id": 0, "num-partitions": 4}) == 1  # simulation: the run config
+    for bad in (0, -2, "five", True, 2.5):
+        with pytest.raises(ValueError, match="node config min-cell-heads"):
+            floor(1, {**deployed, "min-cell-heads": bad})
+
+
 def test_row9_suppression_is_an_allow_list():
     metrics = {"num-examples": 3, "confusion": [1, 0, 0, 0, 1, 0, 0, 0, 1], "macro-auc": 0.9, "ece": 0.1,
                "calibration-bins": [1, 2], "val-num-examples": 8, "val-score": 0.7}

@@ -118,6 +118,25 @@ def test_client_app_audit_path_follows_the_node_config(tmp_path):
     assert audit_log_path(ctx) == tmp_path / "x.jsonl"
 
 
+def test_deployed_site_audit_log_is_not_moved_by_the_run_config(tmp_path):
+    """The coordinator's run config cannot move a deployed site's log away from where
+    ``onfh site verify-audit --data`` looks; the site's own node config can."""
+    from client.client_app import audit_log_path
+    from tests.conftest import tiny_run_config
+
+    rc = tiny_run_config(**{"cache-dir": str(tmp_path / "coordinator-chosen"), "data-root": str(tmp_path)})
+    ctx = Context(run_id=1, node_id=1, node_config={"site-id": "A", "data-path": str(tmp_path / "A")},
+                  state=RecordDict(), run_config=rc)
+    assert audit_log_path(ctx) == tmp_path / "A" / ".onfh-cache" / "audit.jsonl"
+    ctx = Context(run_id=1, node_id=1, node_config={"site-id": "A", "data-path": str(tmp_path / "A"),
+                                                    "cache-dir": str(tmp_path / "site-cache")},
+                  state=RecordDict(), run_config=rc)
+    assert audit_log_path(ctx) == tmp_path / "site-cache" / "audit.jsonl"
+    sim = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4},
+                  state=RecordDict(), run_config=rc)  # simulation: the run config's cache, per site
+    assert audit_log_path(sim) == tmp_path / "coordinator-chosen" / "A" / "audit.jsonl"
+
+
 # --------------------------------------------------------------------------- anchors (issue 16, row 11)
 
 

@@ -72,3 +72,26 @@ def test_fedbn_keeps_the_sites_own_norm_layers(tmp_path, phase):
     for key, value in state.items():
         expected = 1 if key in norm_keys else 0
         assert torch.all(value == expected), key
+
+
+def test_deployed_site_ignores_the_run_configs_cache_dir(tmp_path):
+    """In deployment the cache (and so the error log) is site-local: node config ``cache-dir`` or
+    ``<data-path>/.onfh-cache``, never the run config's; simulation keeps the run config's."""
+    from client.client_app import site_cache_dir
+
+    cfg = RunConfig.from_run_config(tiny_run_config(**{"data-root": str(tmp_path), "cache-dir": str(tmp_path / "cache")}))
+    dep = _context(tmp_path, {"site-id": "H7", "data-path": str(tmp_path / "H7")})
+    assert site_cache_dir(dep, cfg) == tmp_path / "H7" / ".onfh-cache"
+    own = _context(tmp_path, {"site-id": "H7", "data-path": str(tmp_path / "H7"), "cache-dir": str(tmp_path / "own")})
+    assert site_cache_dir(own, cfg) == tmp_path / "own"
+    assert site_cache_dir(_context(tmp_path, {"partition-id": 1, "num-partitions": 4}), cfg) == tmp_path / "cache" / "B"
+
+    @_contained
+    def handler(msg, context):
+        raise ValueError("boom")
+
+    msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "stager"})}), dst_node_id=5, message_type="train")
+    with pytest.raises(SiteStepError):
+        handler(msg, dep)
+    assert "boom" in (tmp_path / "H7" / ".onfh-cache" / "site-errors.log").read_text()
+    assert not (tmp_path / "cache").exists()
