@@ -24,6 +24,8 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from server.grid_wrapper import WrappedGrid
+
 from client.audit import ANCHOR_KEY, ANCHOR_RECORD
 
 ANCHORS_NAME = "audit-anchors.json"
@@ -49,7 +51,7 @@ def load_anchors(path: Path) -> dict[str, list[dict]]:
     return anchors
 
 
-class AnchorRecordingGrid(Grid):
+class AnchorRecordingGrid(WrappedGrid):
     """``grid`` whose :meth:`send_and_receive` records the audit anchor of every reply.
 
     Args:
@@ -66,35 +68,6 @@ class AnchorRecordingGrid(Grid):
         self.node_sites: dict[int, str] = {}
         self._saved = load_anchors(self.path)
         self._new: list[tuple[int, dict]] = []
-
-    # ------------------------------------------------------------------ delegated to the wrapped grid
-    def set_run(self, run) -> None:  # noqa: D102 - Grid's
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: D102 - Grid's
-        return self.grid.run
-
-    def create_message(self, content, message_type: str, dst_node_id: int, group_id: str,  # noqa: D102
-                       ttl: float | None = None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid's
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: D102 - Grid's
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid's
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid's
-        return self.grid.pull_messages(message_ids)
-
-    def __getattr__(self, name: str):
-        if name == "grid":
-            raise AttributeError(name)
-        return getattr(self.grid, name)
 
     # ------------------------------------------------------------------ the one change
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

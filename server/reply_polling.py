@@ -18,8 +18,10 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from server.grid_wrapper import WrappedGrid
 
-class ReplyPollingGrid(Grid):
+
+class ReplyPollingGrid(WrappedGrid):
     """``grid`` with :meth:`send_and_receive` polling every ``min_poll_s``..``max_poll_s`` seconds.
 
     Args:
@@ -35,35 +37,6 @@ class ReplyPollingGrid(Grid):
         if not 0 < min_poll_s <= max_poll_s:
             raise ValueError(f"need 0 < min_poll_s <= max_poll_s, got {min_poll_s} and {max_poll_s}")
         self.grid, self.min_poll_s, self.max_poll_s = grid, float(min_poll_s), float(max_poll_s)
-
-    # ------------------------------------------------------------------ delegated to the wrapped grid
-    def set_run(self, run) -> None:  # noqa: D102 - Grid's
-        self.grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: D102 - Grid's
-        return self.grid.run
-
-    def create_message(self, content, message_type: str, dst_node_id: int, group_id: str,  # noqa: D102
-                       ttl: float | None = None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid's
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: D102 - Grid's
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid's
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid's
-        return self.grid.pull_messages(message_ids)
-
-    def __getattr__(self, name: str):
-        if name == "grid":  # not set yet: no recursion
-            raise AttributeError(name)
-        return getattr(self.grid, name)
 
     # ------------------------------------------------------------------ the one change
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

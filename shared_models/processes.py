@@ -23,13 +23,10 @@ from pathlib import Path
 import psutil
 
 
-def stop_process_tree(pid: int, timeout_s: float = 15.0) -> None:
-    """SIGTERM a process and its descendants, SIGKILL what is left after ``timeout_s`` seconds."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+
+def _terminate_then_kill(procs: list, timeout_s: float) -> list:
+    """SIGTERM every process of ``procs``, wait up to ``timeout_s`` seconds, SIGKILL what is left;
+    returns the processes that needed SIGKILL."""
     for p in procs:
         try:
             p.terminate()
@@ -41,6 +38,16 @@ def stop_process_tree(pid: int, timeout_s: float = 15.0) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    return alive
+
+def stop_process_tree(pid: int, timeout_s: float = 15.0) -> None:
+    """SIGTERM a process and its descendants, SIGKILL what is left after ``timeout_s`` seconds."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    _terminate_then_kill(procs, timeout_s)
 
 
 def toml_value(value) -> str:
@@ -101,18 +108,7 @@ def stop_tagged(tag: str, timeout_s: float = 5.0, rounds: int = 3) -> int:
         if not procs:
             break
         stopped += len(procs)
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=2.0)
+        psutil.wait_procs(_terminate_then_kill(procs, timeout_s), timeout=2.0)
     return stopped
 
 
