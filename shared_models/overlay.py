@@ -111,9 +111,9 @@ def _check_image(image: sitk.Image) -> None:
 
 def _box(box_lps_mm: Sequence[float]) -> np.ndarray:
     box = np.asarray(box_lps_mm, dtype=np.float64).reshape(-1)
-    if box.shape != (6,) or not np.all(np.isfinite(box)) or np.any(box[3:] <= box[:3]):
+    if box.shape != (6,) or not np.all(np.isfinite(box)) or np.any(box[3:] < box[:3]):
         raise ValueError(
-            f"box must be 6 finite numbers (x0, y0, z0, x1, y1, z1) with x0<x1, y0<y1, z0<z1, got {box_lps_mm!r}"
+            f"box must be 6 finite numbers (x0, y0, z0, x1, y1, z1) with x0<=x1, y0<=y1, z0<=z1, got {box_lps_mm!r}"
         )
     return box
 

@@ -270,3 +270,16 @@ def test_not_assessed_head_titles_say_why_instead_of_a_stage(study, tmp_path):
     assert not_assessed_text(_result("L", BOXES["L"], zero)) is None
     paths = write_infer_figures(study, [r], tmp_path)
     assert all(p.is_file() for p in paths)
+
+
+def test_a_box_clipped_to_zero_extent_at_the_scans_edge_still_draws(study, tmp_path):
+    # a detector box wholly outside the scan is clipped to the edge (zero extent along one axis); the head is
+    # "not assessed" and its figures must still be written (a new user's `onfh infer` crashed here)
+    box = BOXES["L"].copy()
+    box[4] = box[1]  # y1 == y0
+    zero = _image(np.zeros(CENTRES.shape[:3]))
+    r = HeadResult(side="L", box_lps_mm=tuple(float(v) for v in box), detector_score=0.01, low_confidence=True,
+                   stage_probabilities={}, predicted_stage=None, gradcam=zero, gradcam_volume_mm3=0.0,
+                   not_assessed=("the detector found no box inside the scanned volume",), flags=("off_target",))
+    paths = write_infer_figures(study, [r], tmp_path)
+    assert paths and all(p.is_file() and p.stat().st_size > 0 for p in paths)
