@@ -418,6 +418,9 @@ def test_gpu_bench_runs_on_cpu_at_tiny_size_and_prints_ratios(tmp_path, capsys):
     from sim.cli import main
 
     tiny = json.dumps(TINY)
+    # an earlier test may have run a ClientApp handler in this process, which turns deterministic algorithms on
+    # for the process (shared_models/determinism.py); start from off to see that the bench restores it
+    torch.use_deterministic_algorithms(False)
     assert main(["sim", "bench", "--only", "gpu", "--out", str(tmp_path), "--option", f"gpu.config_overrides={tiny}",
                  "--option", "gpu.device=cpu", "--option", "gpu.infer_repeats=1", "--option", "gpu.steps=1",
                  "--option", "gpu.warmup_steps=0"]) == 0
