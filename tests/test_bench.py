@@ -28,6 +28,8 @@ EXPECTED_KEYS = {
                 "rss_round5_over_round2"},
     "deployment": {"status", "simulation_s", "deployment_s", "overhead_ratio"},
     "gpu": {"model", "model_size"},
+    "poisoning": {"strategy", "attack", "seed", "macro_auc", "iou_mean", "rejected_replies", "auc_drop", "iou_drop",
+                  "stager_shift", "detector_shift", "within_spread"},
 }
 
 
