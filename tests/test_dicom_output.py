@@ -14,15 +14,11 @@ import SimpleITK as sitk
 import torch
 from pydicom.uid import generate_uid
 
-from shared_models.bundle import generate_signing_key, write_bundle
 from shared_models.calibration import Calibration
-from shared_models.detector import YOLOX3D
 from shared_models.dicom_output import SCHEME, code
-from shared_models.preprocessing import PreprocessingSpec
-from shared_models.stager import MulDenseNet3D
 from sim.cli import main
 from tests.dicom_factory import new_mr_dataset
-from tests.test_pipeline import DCFG, SCFG
+from tests.test_pipeline import signed_tiny_bundle
 
 ROW = np.array([np.cos(0.2), np.sin(0.2), 0.0])  # oblique axial
 COL = np.array([-np.sin(0.2), np.cos(0.2), 0.0])
@@ -62,14 +58,8 @@ def write_hip_series(folder, shape=(14, 24, 32), spacing=(11.0, 9.0, 8.0), seed=
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dicom-out")
-    key = generate_signing_key(root / "key.pem")
     torch.manual_seed(5)
-    bundle = write_bundle(root / "bundle", detector_state=YOLOX3D(DCFG).state_dict(),
-                          stager_state=MulDenseNet3D(SCFG).state_dict(), detector_config=DCFG, stager_config=SCFG,
-                          spec=PreprocessingSpec(), metrics={}, run_config={}, signing_key=key,
-                          calibration=Calibration(temperature=1.5))
-    return bundle, root / "key.pem.pub"
+    return signed_tiny_bundle(tmp_path_factory.mktemp("dicom-out"), Calibration(temperature=1.5))
 
 
 def _infer(signed, study, out, *extra):

@@ -13,13 +13,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from shared_models.bundle import generate_signing_key, write_bundle
+from shared_models.bundle import generate_signing_key
 from shared_models.calibration import Calibration
-from shared_models.detector import YOLOX3D
 from shared_models.preprocessing import PreprocessingSpec
-from shared_models.stager import MulDenseNet3D
 from sim.cli import main
-from tests.test_pipeline import DCFG, SCFG, _oblique_image
+from tests.test_pipeline import _oblique_image, signed_tiny_bundle
 
 CALIBRATION = Calibration(temperature=2.5, early_threshold=0.3)
 
@@ -27,11 +25,8 @@ CALIBRATION = Calibration(temperature=2.5, early_threshold=0.3)
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory):
     root = tmp_path_factory.mktemp("monai")
-    key = generate_signing_key(root / "key.pem")
     torch.manual_seed(3)
-    bundle = write_bundle(root / "bundle", detector_state=YOLOX3D(DCFG).state_dict(),
-                          stager_state=MulDenseNet3D(SCFG).state_dict(), detector_config=DCFG, stager_config=SCFG,
-                          spec=PreprocessingSpec(), metrics={}, run_config={}, signing_key=key, calibration=CALIBRATION)
+    bundle, _ = signed_tiny_bundle(root, CALIBRATION)
     study = root / "study.nii.gz"
     sitk.WriteImage(_oblique_image(), str(study))
     mon = root / "mon"

@@ -91,13 +91,18 @@ def test_head_result_keeps_the_crop_grid_map_that_the_volume_measures():
                                     "early_onfh_probability", "energy"}
 
 
+def signed_tiny_bundle(root, calibration=None):
+    """A signed bundle of freshly initialised DCFG/SCFG models under ``root``: ``(bundle, public key)``."""
+    key = generate_signing_key(root / "key.pem")
+    bundle = write_bundle(root / "bundle", detector_state=YOLOX3D(DCFG).state_dict(),
+                          stager_state=MulDenseNet3D(SCFG).state_dict(), detector_config=DCFG, stager_config=SCFG,
+                          spec=PreprocessingSpec(), metrics={}, run_config={}, signing_key=key, calibration=calibration)
+    return bundle, root / "key.pem.pub"
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    key = generate_signing_key(root / "key.pem")
-    return write_bundle(root / "bundle", detector_state=YOLOX3D(DCFG).state_dict(), stager_state=MulDenseNet3D(SCFG).state_dict(),
-                        detector_config=DCFG, stager_config=SCFG, spec=PreprocessingSpec(), metrics={}, run_config={},
-                        signing_key=key), root / "key.pem.pub"
+    return signed_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 def _check_infer_output(out, study_image: sitk.Image):
