@@ -6,7 +6,7 @@ One module fixture runs the federation; two runs carry every check:
 
 * run 1 (``faults``): site C's SuperNode is killed while it evaluates round 1 of the detector.
   The round completes with A and B and the report names C; C's daemon restarts the node,
-  which takes part in round 2. Its signed bundle verifies (``onfh site verify``, ``pull``),
+  which takes part in a later round (detector round 2, or a stager round on a fast machine). Its signed bundle verifies (``onfh site verify``, ``pull``),
   a tampered copy and an unverified use are refused by ``onfh infer``, and every site's audit
   log describes what left the site.
 * run 2 (``resume``): the ServerApp is killed after detector round 1, then the SuperLink is
@@ -18,10 +18,10 @@ One module fixture runs the federation; two runs carry every check:
 An unenrolled SuperNode is refused (Flower code 2004) and its daemon gives up; a run whose
 configured site never connects fails after ``node-wait-timeout-s``, naming the site.
 
-The daemons use Flower's stock ``--launcher subprocess`` here. The fault timeline needs detector
-round 2 to outlast C's restart, which the SuperLink holds back for about a minute (its dead
-session's heartbeat); with the default fork launcher the tiny rounds of this test finish first and
-C comes back only after the crops were made. The fork launcher's own end-to-end run (TLS
+The daemons use Flower's stock ``--launcher subprocess`` here. C's restart is held back by the
+SuperLink for about a minute (its dead session's heartbeat), so which later round C joins depends on
+the machine's speed; the tests accept any, and require C back by the last stager round. With the
+default fork launcher the tiny rounds of this test would finish before C could make its crops. The fork launcher's own end-to-end run (TLS
 SuperLink, authenticated SuperNodes, 4 sites) is the deployment section of
 ``tests/test_bench.py``; its parts are tested in ``tests/test_clientapp_forkserver.py``.
 Needs about 15 minutes on 2 CPU cores. Ports 19140-19199 on 127.0.0.1.
@@ -212,9 +212,15 @@ def test_run_with_killed_supernode_completes_and_names_the_missing_site(federati
     report = json.loads((out / "report.json").read_text())
     # round 1 of the detector completed without C (its evaluate reply never came) ...
     assert report["missing_sites"]["detector"]["1"] == {"evaluate": ["C"]}
-    # ... and the restarted node took part in round 2: C has detector metrics for round 2
+    # ... and the restarted node took part again in a later round. Which one depends on how fast the
+    # rounds run against the SuperLink's hold-back of C's dead session (about a minute): detector
+    # round 2 on a slow machine, a stager round on a fast one.
     ckpt = torch.load(out / "checkpoints" / "detector.pt", weights_only=True)
-    assert "C" in ckpt["site_metrics"][2] and "C" not in ckpt["site_metrics"][1]
+    stager = torch.load(out / "checkpoints" / "stager.pt", weights_only=True)
+    assert "C" not in ckpt["site_metrics"][1]
+    later = [ckpt["site_metrics"][2], *(stager["site_metrics"][r] for r in (1, 2))]
+    assert any("C" in metrics for metrics in later)
+    assert "C" in stager["site_metrics"][2]  # the last round: C is back by then on any machine
     assert set(ckpt["train_metrics"][1]) == set(TRAIN) == set(ckpt["train_metrics"][2])
     assert report["rounds"] == {"detector": 2, "stager": 2}
     # the daemon restarted the SuperNode (a new process)
@@ -280,7 +286,10 @@ def test_audit_logs_describe_every_reply_without_patient_data(federation):
         text = path.read_text()
         assert str(data) not in text and "study-" not in text and f"{site}-0" not in text  # no paths, studies, patients
         kinds = {(e["message_type"], e["phase"] or e["action"]) for e in entries}
-        assert ("query", "hello") in kinds and ("evaluate", "detector") in kinds
+        # C's only detector evaluation before the kill never replied; after its restart it evaluates
+        # detector round 2 or, on a fast machine, only stager rounds (see the test above)
+        evaluated = {"detector"} if site in TRAIN else {"detector", "stager"}
+        assert ("query", "hello") in kinds and any(("evaluate", p) in kinds for p in evaluated)
         if site in TRAIN:
             train = [e for e in entries if e["message_type"] == "train"]
             assert {e["round"] for e in train if e["phase"] == "detector"} >= {1, 2}
