@@ -61,7 +61,11 @@ def _header(request: Message) -> dict:
         "round": int(config["server-round"]) if "server-round" in config else None,
         "phase": str(config["phase"]) if "phase" in config else None,
         "action": str(config["action"]) if "action" in config else None,
-        "arrays": [], "metrics": [], "configs": [], "bytes": 0, "error": None,
+        "arrays": [],
+        "metrics": [],
+        "configs": [],
+        "bytes": 0,
+        "error": None,
     }
 
 
@@ -81,7 +85,9 @@ def describe_message(reply: Message, request: Message) -> dict:
     content = reply.content
     for rname, record in content.array_records.items():
         for name, array in record.items():
-            entry["arrays"].append({"record": rname, "name": name, "shape": list(array.shape), "dtype": str(array.dtype)})
+            entry["arrays"].append(
+                {"record": rname, "name": name, "shape": list(array.shape), "dtype": str(array.dtype)}
+            )
     entry["metrics"] = [{"record": r, "names": sorted(rec.keys())} for r, rec in content.metric_records.items()]
     entry["configs"] = [{"record": r, "names": sorted(rec.keys())} for r, rec in content.config_records.items()]
     entry["bytes"] = int(recorddict_to_proto(content).ByteSize())
@@ -178,7 +184,8 @@ def verify_audit_anchors(path: Path, anchors: list[dict]) -> dict:
             raise ValueError(
                 f"{path}: no line matches the coordinator's anchor for run {anchor.get('run_id')}, "
                 f"{anchor.get('message_type')} {what} round {anchor.get('round')}: the line was edited or "
-                f"deleted, or the log was rewritten")
+                f"deleted, or the log was rewritten"
+            )
         run = int(json.loads(lines[i])["run_id"])
         last[run] = max(last.get(run, -1), i)
     others = 0
@@ -190,15 +197,22 @@ def verify_audit_anchors(path: Path, anchors: list[dict]) -> dict:
         elif i > last[run] and not _is_error_entry(entry):
             raise ValueError(
                 f"{path}: line {i + 1} (run {run}, {entry.get('message_type')} round {entry.get('round')}) follows the "
-                f"coordinator's last anchor for that run: appended afterwards, or a reply the coordinator never received")
+                f"coordinator's last anchor for that run: appended afterwards, or a reply the coordinator never received"
+            )
     return {"entries": count, "anchors": len(anchors), "runs": sorted(last), "unanchored_other_runs": others}
 
 
 def _is_error_entry(entry: dict) -> bool:
     """An error reply's line: a non-empty reason and nothing attached (no arrays, metrics, configs or bytes)."""
     error = entry.get("error")
-    return (isinstance(error, str) and bool(error.strip()) and not entry.get("arrays") and not entry.get("metrics")
-            and not entry.get("configs") and not entry.get("bytes"))
+    return (
+        isinstance(error, str)
+        and bool(error.strip())
+        and not entry.get("arrays")
+        and not entry.get("metrics")
+        and not entry.get("configs")
+        and not entry.get("bytes")
+    )
 
 
 def audited(log_path: Callable[[Context], Path]):

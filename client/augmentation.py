@@ -128,8 +128,15 @@ def _intensity_parameters(n: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def _apply_intensity(x: torch.Tensor, factor: float, offset: float, gamma: float, noise_std: float = 0.0,
-                     noise_seed: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+def _apply_intensity(
+    x: torch.Tensor,
+    factor: float,
+    offset: float,
+    gamma: float,
+    noise_std: float = 0.0,
+    noise_seed: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The arithmetic of MONAI ``ScaleIntensity(factor=factor)``, ``ShiftIntensity(offset)``,
     ``AdjustContrast(gamma)`` and additive Gaussian noise ``N(0, noise_std)`` on one sample
     ``(C, D, H, W)``, float32, not clipped, written into ``out`` when given (``tests/test_augmentation.py``
@@ -155,8 +162,9 @@ def _intensity_into(out: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tens
     """Intensity augmentation of the batch ``x`` into ``out`` (may be ``x`` itself), clipped to [0, 1]."""
     p = _intensity_parameters(x.shape[0], seed)
     for b in range(x.shape[0]):
-        _apply_intensity(x[b], p["factor"][b], p["offset"][b], p["gamma"][b], p["noise_std"][b], p["noise_seed"][b],
-                         out=out[b])
+        _apply_intensity(
+            x[b], p["factor"][b], p["offset"][b], p["gamma"][b], p["noise_std"][b], p["noise_seed"][b], out=out[b]
+        )
     return out.clamp_(0.0, 1.0)
 
 
@@ -207,8 +215,9 @@ def _interpolation_matrix(n: int, zoom: float, shift: float, flip: bool = False)
     return (m.flip(1) if flip else m).to(torch.float32)
 
 
-def resample_zoom_shift(img: torch.Tensor, zoom: float, shift: Sequence[float],
-                        flip_axes: Sequence[int] = ()) -> torch.Tensor:
+def resample_zoom_shift(
+    img: torch.Tensor, zoom: float, shift: Sequence[float], flip_axes: Sequence[int] = ()
+) -> torch.Tensor:
     """Trilinear resampling with zero padding for an isotropic zoom about the volume centre and a shift.
 
     Content at index ``p`` moves to ``zoom * (p - c) + c + shift`` with ``c = (n - 1) / 2`` per axis:
@@ -235,8 +244,10 @@ def resample_zoom_shift(img: torch.Tensor, zoom: float, shift: Sequence[float],
     """
     out = img.to(torch.float32)
     c, d, h, w = out.shape
-    mats = [_interpolation_matrix(n, float(zoom), float(t), axis in flip_axes)
-            for axis, (n, t) in enumerate(zip((d, h, w), shift))]
+    mats = [
+        _interpolation_matrix(n, float(zoom), float(t), axis in flip_axes)
+        for axis, (n, t) in enumerate(zip((d, h, w), shift))
+    ]
     if out.device.type == "cuda":  # pinned, non-blocking: the host queues the copy without waiting for the GPU
         mats = [m.pin_memory().to(out.device, non_blocking=True) for m in mats]
     out = out @ mats[2].T  # W: (C, D, H, W) x (W, W)

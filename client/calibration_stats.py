@@ -31,12 +31,15 @@ from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D, box_iou_3d
 from shared_models.stager import MulDenseNet3D
 
+
 @torch.no_grad()
 def stage_logits(model: MulDenseNet3D, crops: np.ndarray, *, device: torch.device, batch_size: int = 16) -> np.ndarray:
     """Stager logits ``(N, 3)`` float64 for crops ``(N, 1, D, H, W)``, eval mode."""
     model.to(device).eval()
-    out = [model(torch.from_numpy(np.asarray(crops[i:i + batch_size], np.float32)).to(device)).double().cpu().numpy()
-           for i in range(0, len(crops), batch_size)]
+    out = [
+        model(torch.from_numpy(np.asarray(crops[i : i + batch_size], np.float32)).to(device)).double().cpu().numpy()
+        for i in range(0, len(crops), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, 3))
 
 
@@ -77,21 +80,26 @@ def validation_stats(site: SiteData, cfg: RunConfig, detector_state, stager_stat
     out: dict = {"val-heads": int(len(stages))}
     if len(stages) < cfg.min_cell_heads:
         return {**out, "val-suppressed": 1}
-    scores, ious = _detector_scores(site, cfg, detector_state, "val") if detector_state is not None else (np.zeros(0),) * 2
+    scores, ious = (
+        _detector_scores(site, cfg, detector_state, "val") if detector_state is not None else (np.zeros(0),) * 2
+    )
     good = ious >= 0.5
-    out.update({
-        "val-suppressed": 0,
-        "det-heads": int(len(ious)),
-        "det-good": int(good.sum()),
-        "det-score-hist": cal.histogram(scores[good], cal.SCORE_EDGES),
-        "energy-hist": cal.histogram(cal.energy_scores(logits), cal.ENERGY_EDGES),
-        "nll": cal.nll_sums(logits, stages),
-    })
+    out.update(
+        {
+            "val-suppressed": 0,
+            "det-heads": int(len(ious)),
+            "det-good": int(good.sum()),
+            "det-score-hist": cal.histogram(scores[good], cal.SCORE_EDGES),
+            "energy-hist": cal.histogram(cal.energy_scores(logits), cal.ENERGY_EDGES),
+            "nll": cal.nll_sums(logits, stages),
+        }
+    )
     return out
 
 
-def calibrated_stats(site: SiteData, cfg: RunConfig, detector_state, stager_state, key: str,
-                     calibration: cal.Calibration) -> dict:
+def calibrated_stats(
+    site: SiteData, cfg: RunConfig, detector_state, stager_state, key: str, calibration: cal.Calibration
+) -> dict:
     """Step 2 on the ``val`` and ``test`` heads (see the module docstring).
 
     Returns per split ``s``: ``s-heads``, ``s-suppressed``; unless suppressed

@@ -104,8 +104,11 @@ def site_cache_dir(context: Context, cfg: RunConfig) -> Path:
         return tasks.site_cache_dir(cfg, site_id, site_root)
     if cfg.cache_dir and cfg.cache_dir not in _ignored_cache_dirs:
         _ignored_cache_dirs.add(cfg.cache_dir)
-        log.warning("site %s: the run config's cache-dir is ignored; a deployed site keeps its cache where its "
-                    "own node config says (onfh site daemon --cache)", site_id)
+        log.warning(
+            "site %s: the run config's cache-dir is ignored; a deployed site keeps its cache where its "
+            "own node config says (onfh site daemon --cache)",
+            site_id,
+        )
     node = context.node_config
     return Path(str(node["cache-dir"])) if node.get("cache-dir") else site_root / SITE_CACHE_NAME
 
@@ -211,16 +214,18 @@ def _contained(handler):
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except Exception as exc:  # noqa: BLE001 - re-raised without patient-level detail
+        except Exception as exc:
             step = f"{msg.metadata.message_type}/{msg.content['config'].get('phase', msg.content['config'].get('action', '?'))}"
             try:
                 folder = site_cache_dir(context, RunConfig.from_run_config(context.run_config))
                 folder.mkdir(parents=True, exist_ok=True)
                 with open(folder / "site-errors.log", "a") as fh:
                     fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {step}\n{traceback.format_exc()}\n")
-            except Exception:  # noqa: BLE001 - the site log is best effort
+            except Exception:
                 pass
-            raise SiteStepError(f"{step} failed at the site with {type(exc).__name__}; details are in the site's own error log") from None
+            raise SiteStepError(
+                f"{step} failed at the site with {type(exc).__name__}; details are in the site's own error log"
+            ) from None
 
     return wrapper
 

@@ -98,7 +98,7 @@ class WarmProjectFinder(importlib.abc.MetaPathFinder):
                 return False
         return True
 
-    def find_spec(self, name, path=None, target=None):  # noqa: D102 - importlib's protocol
+    def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] not in self.project_packages:
             return None
         if self.decided_in != os.getpid():
@@ -139,10 +139,10 @@ class _WarmLoader(importlib.abc.Loader):
     def __init__(self, module):
         self.module = module
 
-    def create_module(self, spec):  # noqa: D102 - importlib's protocol
+    def create_module(self, spec):
         return self.module
 
-    def exec_module(self, module) -> None:  # noqa: D102 - already executed in the warm-up
+    def exec_module(self, module) -> None:
         pass
 
 
@@ -174,7 +174,11 @@ def warm_imports(module: str = CLIENTAPP_MODULE, project_packages: tuple[str, ..
             continue
         depth = name.count(".") + (1 if Path(file).name == "__init__.py" else 0)
         root = Path(file).parents[depth]
-        project[name] = (mod, Path(file).relative_to(root).as_posix(), hashlib.sha256(Path(file).read_bytes()).hexdigest())
+        project[name] = (
+            mod,
+            Path(file).relative_to(root).as_posix(),
+            hashlib.sha256(Path(file).read_bytes()).hexdigest(),
+        )
     sys.meta_path.insert(0, WarmProjectFinder(project, project_packages))
     importlib.invalidate_caches()
     # Objects made so far are shared copy-on-write with every child; keep the collector from
@@ -193,8 +197,10 @@ def assert_cuda_untouched() -> None:
     """
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was initialised in the fork launcher's warm parent, so no forked ClientApp "
-                           "could use the GPU; use --launcher subprocess, or find the import that touches CUDA")
+        raise RuntimeError(
+            "CUDA was initialised in the fork launcher's warm parent, so no forked ClientApp "
+            "could use the GPU; use --launcher subprocess, or find the import that touches CUDA"
+        )
 
 
 def _name_process(name: str) -> None:
@@ -220,8 +226,9 @@ class ForkExecutor:
     #: ClientApp processes that exited with a non-zero code (Flower has already reported them as failed).
     failures: int = 0
 
-    def get_eligible_capacity(self, supported_task_types, *, insecure: bool = False,
-                              root_certificates_path: str | None = None):
+    def get_eligible_capacity(
+        self, supported_task_types, *, insecure: bool = False, root_certificates_path: str | None = None
+    ):
         """ClientApp tasks only, while fewer than ``max_parallel`` children run."""
         from flwr.supercore.constant import TaskType
 
@@ -285,25 +292,41 @@ def _run_task(spec, threads: int) -> int:
         from flwr.supercore.tls import validate_and_resolve_root_certificates
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-        run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
-                      certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
-                      parent_pid=spec.parent_pid, runtime_dependency_install=False)
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            parent_pid=spec.parent_pid,
+            runtime_dependency_install=False,
+        )
         code = 0
     except SystemExit as exc:  # flwr_exit ends every task this way
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # noqa: BLE001 - the child must never return into the server loop
+    except BaseException:
         log.exception("ClientApp task failed before Flower could report it")
     finally:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        log.info("ClientApp task %d ended with code %s: %.1f s, %.1f CPU-s", spec.task_id, code,
-                 time.monotonic() - t0, usage.ru_utime + usage.ru_stime)
+        log.info(
+            "ClientApp task %d ended with code %s: %.1f s, %.1f CPU-s",
+            spec.task_id,
+            code,
+            time.monotonic() - t0,
+            usage.ru_utime + usage.ru_stime,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
     return code
 
 
-def serve(runtime_api_address: str, *, executor: ForkExecutor, min_poll_s: float = MIN_POLL_S,
-          max_poll_s: float = MAX_POLL_S, should_stop=lambda: False) -> int:
+def serve(
+    runtime_api_address: str,
+    *,
+    executor: ForkExecutor,
+    min_poll_s: float = MIN_POLL_S,
+    max_poll_s: float = MAX_POLL_S,
+    should_stop=lambda: False,
+) -> int:
     """Acquire ClientApp tasks from the SuperNode's Runtime API and launch each with ``executor``.
 
     The loop of ``flower-superexec`` (``flwr.supercore.superexec.run_superexec``) with a
@@ -323,10 +346,18 @@ def serve(runtime_api_address: str, *, executor: ForkExecutor, min_poll_s: float
     from flwr.supercore.superexec.plugin import AutoExecPlugin
 
     client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
-    plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=True, root_certificates_path=None,
-                            runtime_dependency_install=False, executor=executor)
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+    )
+    plugin = AutoExecPlugin(
+        runtime_api_address=runtime_api_address,
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        executor=executor,
+    )
     answered, wait = 0, min_poll_s
     try:
         while not should_stop():
@@ -336,7 +367,7 @@ def serve(runtime_api_address: str, *, executor: ForkExecutor, min_poll_s: float
             if types:
                 try:
                     res = client.AcquireTask(AcquireTaskRequest(supported_task_types=types, agentapp_fab_hashes=[]))
-                except Exception as exc:  # noqa: BLE001 - SuperNode still starting, or restarting
+                except Exception as exc:
                     log.debug("Runtime API not reachable yet: %s", exc)
                     res = None
                 answered += res is not None
@@ -365,8 +396,12 @@ def _runtime_address(supernode_cmd: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m client.clientapp_forkserver [--threads N] -- flower-supernode ARGS``; returns its exit code."""
     parser = argparse.ArgumentParser(prog="python -m client.clientapp_forkserver", description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                        help="torch threads in each ClientApp (default: $OMP_NUM_THREADS or 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+        help="torch threads in each ClientApp (default: $OMP_NUM_THREADS or 1)",
+    )
     parser.add_argument("--max-parallel", type=int, default=4, help="ClientApps at once (default 4)")
     parser.add_argument("supernode", nargs=argparse.REMAINDER, help="-- then the flower-supernode command line")
     args = parser.parse_args(argv)
@@ -386,10 +421,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.monotonic()
         kept = warm_imports()
-        log.info("ClientApp imports warm (%d modules, %.1f s); serving %s", kept, time.monotonic() - t0,
-                 _runtime_address(cmd))
-        serve(_runtime_address(cmd), executor=ForkExecutor(threads=args.threads, max_parallel=args.max_parallel),
-              should_stop=lambda: supernode.poll() is not None)
+        log.info(
+            "ClientApp imports warm (%d modules, %.1f s); serving %s",
+            kept,
+            time.monotonic() - t0,
+            _runtime_address(cmd),
+        )
+        serve(
+            _runtime_address(cmd),
+            executor=ForkExecutor(threads=args.threads, max_parallel=args.max_parallel),
+            should_stop=lambda: supernode.poll() is not None,
+        )
     except KeyboardInterrupt:
         pass
     finally:  # whatever ends this process ends its SuperNode too: the daemon restarts both

@@ -73,7 +73,9 @@ def train_detector(
         raise ValueError(f"train_detector: l1_weight must be >= 0, got {l1_weight}")
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     model.to(device, memory_format=layout)
-    run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
+    run = LocalRun.start(
+        model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed
+    )
     scheduler = make_lr_scheduler(run.opt, step_offset=step_offset, warmup_steps=warmup_steps, total_steps=total_steps)
     data = resident(volumes, device)
     boxes = torch.as_tensor(np.asarray(boxes_voxel, np.float32))  # host: MONAI's box ops are cheap there

@@ -83,9 +83,9 @@ import re
 import struct
 import zlib
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import nibabel
 import numpy as np
@@ -308,13 +308,16 @@ def _images(path: Path, ds: pydicom.Dataset) -> list[_Image]:
     if not _is_enhanced(ds):
         return [
             _Image(
-                path=path, frame=-1,
+                path=path,
+                frame=-1,
                 iop=_vector(ds, "ImageOrientationPatient", 6),
                 ipp=_vector(ds, "ImagePositionPatient", 3),
                 pixel_spacing=_vector(ds, "PixelSpacing", 2),
                 rescale=None,
                 echo=_echo_label(ds.get("EchoNumbers"), te),
-                echo_time_ms=te, repetition_time_ms=tr, image_type=image_type,
+                echo_time_ms=te,
+                repetition_time_ms=tr,
+                image_type=image_type,
             )
         ]
     out = []
@@ -334,7 +337,8 @@ def _images(path: Path, ds: pydicom.Dataset) -> list[_Image]:
             intercept = _float_or_none(ds.get("RescaleIntercept"))
         out.append(
             _Image(
-                path=path, frame=i,
+                path=path,
+                frame=i,
                 iop=_vector(_functional_item(ds, i, "PlaneOrientationSequence"), "ImageOrientationPatient", 6)
                 if _functional_item(ds, i, "PlaneOrientationSequence") is not None
                 else _vector(ds, "ImageOrientationPatient", 6),
@@ -384,8 +388,10 @@ def _declared_voxels(ds: pydicom.Dataset) -> int:
 
 
 def _over_cap(what: str, declared: int, max_voxels: int) -> str:
-    return (f"{what} declares {declared:,} voxels, more than the {max_voxels:,} a study may have "
-            "(max-study-voxels); refused before decoding")
+    return (
+        f"{what} declares {declared:,} voxels, more than the {max_voxels:,} a study may have "
+        "(max-study-voxels); refused before decoding"
+    )
 
 
 def _check_deflated(path: Path, max_voxels: int) -> None:
@@ -407,7 +413,7 @@ def _check_deflated(path: Path, max_voxels: int) -> None:
             if read_preamble(fh, False) is None:
                 return
             meta = _read_file_meta_info(fh)
-        except Exception:  # noqa: BLE001 - not DICOM or a broken header: dcmread decides
+        except Exception:
             return
         if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
             return
@@ -419,8 +425,11 @@ def _check_deflated(path: Path, max_voxels: int) -> None:
                     total += len(inflater.decompress(chunk, 1 << 20))
                     chunk = inflater.unconsumed_tail
                     if total > cap:
-                        raise SeriesError(path.parent, f"a deflated DICOM file inflates to more than {cap:,} bytes "
-                                                       f"(max-study-voxels {max_voxels:,} at 16 bits); refused")
+                        raise SeriesError(
+                            path.parent,
+                            f"a deflated DICOM file inflates to more than {cap:,} bytes "
+                            f"(max-study-voxels {max_voxels:,} at 16 bits); refused",
+                        )
         except zlib.error as exc:
             raise SeriesError(path.parent, f"a deflated DICOM file is corrupt ({exc})") from None
 
@@ -464,7 +473,7 @@ def find_series(study_dir: Path, max_voxels: int = MAX_STUDY_VOXELS) -> list[Ser
             continue
         except SeriesError as exc:
             raise SeriesError(study_dir, exc.reason) from None
-        except Exception:  # noqa: BLE001 - pydicom raises many types on corrupt headers
+        except Exception:
             n_broken += 1
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -475,13 +484,17 @@ def find_series(study_dir: Path, max_voxels: int = MAX_STUDY_VOXELS) -> list[Ser
             raise SeriesError(study_dir, _over_cap("a DICOM file", _declared_voxels(ds), max_voxels))
         try:
             images = _images(path, ds)
-        except Exception:  # noqa: BLE001 - malformed functional groups
+        except Exception:
             n_broken += 1
             continue
         by_uid[uid].extend((im, ds) for im in images)
     logger.debug(
         "study scan: %d series UIDs, %d non-DICOM files, %d non-image DICOM objects, %d corrupt, %d unopenable",
-        len(by_uid), n_junk, n_non_image, n_broken, n_unopenable,
+        len(by_uid),
+        n_junk,
+        n_non_image,
+        n_broken,
+        n_unopenable,
     )
     if n_unopenable:
         raise SeriesError(study_dir, f"{n_unopenable} file(s) cannot be opened (permissions?)")
@@ -595,7 +608,13 @@ def choose_t2_series(series: list[SeriesInfo]) -> SeriesInfo:
             if by_desc is False:
                 counts["other contrast"] += 1
             elif by_desc or by_timing:
-                key = (bool(by_desc), by_timing, "DERIVED" not in info.image_type, info.n_slices, _echo_preference(info))
+                key = (
+                    bool(by_desc),
+                    by_timing,
+                    "DERIVED" not in info.image_type,
+                    info.n_slices,
+                    _echo_preference(info),
+                )
                 candidates.append((key, info))
             else:
                 counts["no T2 evidence"] += 1
@@ -648,8 +667,15 @@ def check_decoders() -> dict[str, bool]:
 
     out = {}
     for uid in (
-        RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-        JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+        RLELossless,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEG2000Lossless,
+        JPEG2000,
     ):
         try:
             out[uid.name] = bool(get_decoder(uid).is_available)
@@ -680,7 +706,7 @@ def _j2k_size(head: bytes) -> tuple[int, int] | None:
     at = head.find(_J2K_SOC_SIZ, 0, _J2K_SEARCH_BYTES)
     if at < 0 or len(head) < at + 4 + 2 + 2 + 16:
         return None
-    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[at + 8:at + 24])  # after Lsiz, Rsiz
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", head[at + 8 : at + 24])  # after Lsiz, Rsiz
     return ysiz - yosiz, xsiz - xosiz
 
 
@@ -701,11 +727,11 @@ def _jpeg_size(head: bytes) -> tuple[int, int] | None:
             continue
         if marker == 0xDA:  # start of scan before any frame header
             return None
-        length = struct.unpack(">H", head[i + 2:i + 4])[0]
+        length = struct.unpack(">H", head[i + 2 : i + 4])[0]
         if marker in _JPEG_SOF:
             if i + 9 > len(head) or length < 8:
                 return None
-            rows, columns = struct.unpack(">HH", head[i + 5:i + 9])  # after length, precision
+            rows, columns = struct.unpack(">HH", head[i + 5 : i + 9])  # after length, precision
             return rows, columns
         i += 2 + length
     return None
@@ -733,7 +759,9 @@ def _check_codestreams(ds: pydicom.Dataset, syntax: pydicom.uid.UID, study: str)
     elif syntax in _JPEG_SYNTAXES:
         parse, what = _jpeg_size, "JPEG"
     else:
-        raise SeriesError(study, f"pixel data in the transfer syntax {syntax.name!r} cannot be checked before decoding; refused")
+        raise SeriesError(
+            study, f"pixel data in the transfer syntax {syntax.name!r} cannot be checked before decoding; refused"
+        )
     expected = (int(ds.Rows), int(ds.Columns))
     n_frames = _n_frames(ds)
     seen = 0
@@ -741,7 +769,7 @@ def _check_codestreams(ds: pydicom.Dataset, syntax: pydicom.uid.UID, study: str)
         for fragments in pydicom.encaps.generate_fragmented_frames(ds.PixelData, number_of_frames=n_frames):
             head = b""
             for fragment in fragments:
-                head += fragment[:_JPEG_HEADER_BYTES - len(head)]
+                head += fragment[: _JPEG_HEADER_BYTES - len(head)]
                 if len(head) >= _JPEG_HEADER_BYTES:
                     break
             size = parse(head)
@@ -758,7 +786,7 @@ def _check_codestreams(ds: pydicom.Dataset, syntax: pydicom.uid.UID, study: str)
                 break
     except SeriesError:
         raise
-    except Exception as exc:  # noqa: BLE001 - pydicom raises several types on broken encapsulation
+    except Exception as exc:
         raise SeriesError(study, f"unreadable encapsulated pixel data ({type(exc).__name__})") from None
     if seen < n_frames:
         raise SeriesError(study, f"encapsulated pixel data holds {seen} frame(s), the header declares {n_frames}")
@@ -780,7 +808,10 @@ def _check_decodable(ds: pydicom.Dataset, study: str) -> None:
         except (NotImplementedError, ValueError):
             available = False
         if not available:
-            raise SeriesError(study, f"no decoder for the transfer syntax {syntax.name!r} (install python-gdcm, pylibjpeg and pylibjpeg-openjpeg)")
+            raise SeriesError(
+                study,
+                f"no decoder for the transfer syntax {syntax.name!r} (install python-gdcm, pylibjpeg and pylibjpeg-openjpeg)",
+            )
     if syntax is not None and syntax.is_encapsulated:
         _check_codestreams(ds, syntax, study)
 
@@ -791,7 +822,7 @@ def _decode(ds: pydicom.Dataset, study: str) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         pixels = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types
+    except Exception as exc:
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise SeriesError(study, f"cannot decode pixel data ({name}; {type(exc).__name__}: {exc})") from exc
     pixels = np.asarray(pixels)
@@ -839,7 +870,7 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
             header = pydicom.dcmread(path, stop_before_pixels=True, force=False)
         except SeriesError as exc:
             raise SeriesError(study, exc.reason) from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise SeriesError(study, f"cannot read a slice file ({type(exc).__name__})") from exc
         per_image = _declared_voxels(header) // _n_frames(header)
         declared += per_image * (wanted_frames[path] if info.frames else _n_frames(header))
@@ -849,7 +880,7 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
     for path in info.files:
         try:
             datasets[path] = pydicom.dcmread(path, force=False)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise SeriesError(study, f"cannot read a slice file ({type(exc).__name__})") from exc
     wanted = set(info.frames) if info.frames else None
     images: list[_Image] = []
@@ -860,7 +891,11 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
 
     missing = {
         kw: sum(getattr(im, attr) is None for im in images)
-        for kw, attr in (("ImageOrientationPatient", "iop"), ("ImagePositionPatient", "ipp"), ("PixelSpacing", "pixel_spacing"))
+        for kw, attr in (
+            ("ImageOrientationPatient", "iop"),
+            ("ImagePositionPatient", "ipp"),
+            ("PixelSpacing", "pixel_spacing"),
+        )
     }
     missing = {k: v for k, v in missing.items() if v}
     if missing:
@@ -887,7 +922,9 @@ def read_series(info: SeriesInfo, report: ReadReport | None = None, max_voxels: 
         raise SeriesError(study, "slices have different or invalid pixel spacing")
     photometric = {str(datasets[p].get("PhotometricInterpretation", "MONOCHROME2")).upper() for p in datasets}
     if len(photometric) != 1 or photometric.pop() not in ("MONOCHROME1", "MONOCHROME2"):
-        raise SeriesError(study, "photometric interpretation is not one of MONOCHROME1/MONOCHROME2 for the whole series")
+        raise SeriesError(
+            study, "photometric interpretation is not one of MONOCHROME1/MONOCHROME2 for the whole series"
+        )
     monochrome1 = str(next(iter(datasets.values())).get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
 
     # Decode every file once, and rescale each image on its own (float64 until the end). A
@@ -1031,14 +1068,14 @@ def _read_nifti(path: Path, report: ReadReport | None = None, max_voxels: int = 
     try:
         nii = nibabel.load(str(path))  # the header only; voxels stay on disk
         shape = tuple(int(n) for n in nii.header.get_data_shape())
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on damaged files
+    except Exception as exc:
         raise SeriesError(path, f"unreadable NIfTI: {_exception_reason(exc, path)}") from exc
     declared = int(np.prod(shape, dtype=np.float64)) if shape else 0
     if declared > max_voxels:
         raise SeriesError(path, _over_cap(f"the NIfTI header ({' x '.join(map(str, shape))})", declared, max_voxels))
     try:
         np.asanyarray(nii.dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on damaged files
+    except Exception as exc:
         raise SeriesError(path, f"unreadable NIfTI: {_exception_reason(exc, path)}") from exc
     header = nii.header
     sform, _ = header.get_sform(coded=True)
@@ -1046,7 +1083,8 @@ def _read_nifti(path: Path, report: ReadReport | None = None, max_voxels: int = 
     if sform is not None and qform is not None:
         gs, gq = _affine_geometry(sform), _affine_geometry(qform)
         disagree = (
-            gs is None or gq is None
+            gs is None
+            or gq is None
             or np.max(np.abs(gs[0] - gq[0])) > 1e-3
             or np.max(np.abs(gs[1] - gq[1])) > 1e-2
             or np.max(np.abs(gs[2] - gq[2])) > 1e-2
@@ -1057,7 +1095,9 @@ def _read_nifti(path: Path, report: ReadReport | None = None, max_voxels: int = 
                 report.notes.append("NIfTI qform and sform disagree: sform used")
     best = header.get_best_affine()
     if not np.all(np.isfinite(best)):
-        raise SeriesError(path, "NIfTI affine (voxel spacing, direction or origin) is not finite (NaN or infinity); refused")
+        raise SeriesError(
+            path, "NIfTI affine (voxel spacing, direction or origin) is not finite (NaN or infinity); refused"
+        )
     geometry = _affine_geometry(best)
     if geometry is None:
         raise SeriesError(path, "NIfTI affine has shear or zero scale; refused")

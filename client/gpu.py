@@ -45,17 +45,19 @@ def describe_gpu() -> dict:
     if not torch.cuda.is_available():
         return info
     props = torch.cuda.get_device_properties(0)
-    info.update({
-        "cuda": True,
-        "name": props.name,
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "capability": f"{props.major}.{props.minor}",
-        "multiprocessors": props.multi_processor_count,
-        "device_count": torch.cuda.device_count(),
-        "driver": nvidia_driver_version(),
-        "cuda_runtime": torch.version.cuda,
-        "bf16": bool(props.major >= 8),
-    })
+    info.update(
+        {
+            "cuda": True,
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "device_count": torch.cuda.device_count(),
+            "driver": nvidia_driver_version(),
+            "cuda_runtime": torch.version.cuda,
+            "bf16": bool(props.major >= 8),
+        }
+    )
     return info
 
 
@@ -66,6 +68,8 @@ def gpu_summary(info: dict | None = None) -> str:
     if not info.get("cuda"):
         return f"no CUDA device (torch {info['torch']})"
     extra = f" (device 0 of {info['device_count']})" if info.get("device_count", 1) > 1 else ""
-    return (f"{info['name']}{extra}, {info['memory_gib']:g} GiB, sm {info['capability']}, "
-            f"driver {info.get('driver') or 'unknown'}, CUDA {info.get('cuda_runtime') or 'unknown'}, "
-            f"torch {info['torch']}, bf16 {'yes' if info.get('bf16') else 'no'}")
+    return (
+        f"{info['name']}{extra}, {info['memory_gib']:g} GiB, sm {info['capability']}, "
+        f"driver {info.get('driver') or 'unknown'}, CUDA {info.get('cuda_runtime') or 'unknown'}, "
+        f"torch {info['torch']}, bf16 {'yes' if info.get('bf16') else 'no'}"
+    )

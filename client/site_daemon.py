@@ -67,8 +67,9 @@ def make_site_keys(out: Path) -> tuple[Path, Path, str]:
         raise FileExistsError(f"{private}: a SuperNode key exists already; refusing to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     private.chmod(0o600)
     text = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     public.write_text(text + "\n")
@@ -96,10 +97,14 @@ def check_ca_certificate(path: Path) -> Check:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except ValueError as err:
         return Check("CA certificate", False, f"{path}: not a PEM certificate ({err})")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        return Check("CA certificate", False, f"{path}: not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d} "
-                                              f"to {cert.not_valid_after_utc:%Y-%m-%d})")
+        return Check(
+            "CA certificate",
+            False,
+            f"{path}: not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%d})",
+        )
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -154,7 +159,9 @@ def check_cache_space(cache: Path, min_free_gb: float) -> Check:
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     free_gb = shutil.disk_usage(probe).free / 1e9
-    return Check("cache space", free_gb >= min_free_gb, f"{free_gb:.1f} GB free for the cache (need {min_free_gb:g} GB)")
+    return Check(
+        "cache space", free_gb >= min_free_gb, f"{free_gb:.1f} GB free for the cache (need {min_free_gb:g} GB)"
+    )
 
 
 def check_site_data(data: Path, site_id: str, cache: Path) -> tuple[Check, list]:
@@ -173,12 +180,22 @@ def check_site_data(data: Path, site_id: str, cache: Path) -> tuple[Check, list]
         return Check("manifest and studies", False, str(err)), []
     bad = sum(v.status != "ok" for v in site.verdicts)
     ok = bad == 0 and len(site.heads) > 0
-    return Check("manifest and studies", ok, f"{len(site.verdicts) - bad} studies ok, {bad} refused, "
-                                             f"{len(site.heads)} femoral heads usable"), list(site.verdicts)
+    return Check(
+        "manifest and studies",
+        ok,
+        f"{len(site.verdicts) - bad} studies ok, {bad} refused, {len(site.heads)} femoral heads usable",
+    ), list(site.verdicts)
 
 
-def preflight(data: Path, site_id: str, *, cache: Path, ca_cert: Path | None = None, superlink: str | None = None,
-              min_free_gb: float = 1.0) -> tuple[list[Check], list]:
+def preflight(
+    data: Path,
+    site_id: str,
+    *,
+    cache: Path,
+    ca_cert: Path | None = None,
+    superlink: str | None = None,
+    min_free_gb: float = 1.0,
+) -> tuple[list[Check], list]:
     """All site checks. The certificate and SuperLink checks run only when those are given.
 
     Returns:
@@ -202,10 +219,21 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
-def supernode_command(*, superlink: str, ca_cert: Path, private_key: Path, site_id: str, data: Path,
-                      port: int = 9094, max_retries: int | None = 10, max_wait_s: float | None = None,
-                      launcher: str = "fork", threads: int = 1, min_cell_heads: int = SITE_MIN_CELL_HEADS,
-                      cache: Path | None = None) -> list[str]:
+def supernode_command(
+    *,
+    superlink: str,
+    ca_cert: Path,
+    private_key: Path,
+    site_id: str,
+    data: Path,
+    port: int = 9094,
+    max_retries: int | None = 10,
+    max_wait_s: float | None = None,
+    launcher: str = "fork",
+    threads: int = 1,
+    min_cell_heads: int = SITE_MIN_CELL_HEADS,
+    cache: Path | None = None,
+) -> list[str]:
     """The ``flower-supernode`` command line (TLS, SuperNode authentication, node config).
 
     The node config holds what the site decides, not the coordinator (``client/client_app.py``):
@@ -228,22 +256,44 @@ def supernode_command(*, superlink: str, ca_cert: Path, private_key: Path, site_
     for path, what in ((ca_cert, "CA certificate"), (private_key, "SuperNode private key")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
-    node_config = f"site-id={_quote(site_id)} data-path={_quote(str(Path(data).resolve()))} min-cell-heads={min_cell_heads}"
+    node_config = (
+        f"site-id={_quote(site_id)} data-path={_quote(str(Path(data).resolve()))} min-cell-heads={min_cell_heads}"
+    )
     if cache is not None:
         node_config += f" cache-dir={_quote(str(Path(cache).resolve()))}"
     bin_dir = Path(sys.executable).parent
     exe = str(bin_dir / "flower-supernode") if (bin_dir / "flower-supernode").exists() else "flower-supernode"
-    cmd = [exe, "--superlink", superlink, "--root-certificates", str(Path(ca_cert).resolve()),
-           "--auth-supernode-private-key", str(Path(private_key).resolve()),
-           "--node-config", node_config,
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        exe,
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(Path(ca_cert).resolve()),
+        "--auth-supernode-private-key",
+        str(Path(private_key).resolve()),
+        "--node-config",
+        node_config,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", str(max_wait_s)]
     if launcher == "fork":
-        cmd = [sys.executable, "-m", "client.clientapp_forkserver", "--threads", str(threads), "--",
-               *cmd, "--isolation", "process"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "client.clientapp_forkserver",
+            "--threads",
+            str(threads),
+            "--",
+            *cmd,
+            "--isolation",
+            "process",
+        ]
     return cmd
 
 
@@ -252,15 +302,32 @@ def supernode_env(flwr_home: Path, threads: int) -> dict[str, str]:
     no runtime dependency installation, no telemetry, ``OMP_NUM_THREADS`` = ``threads``."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update({"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": str(threads),
-                "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
-def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_restarts: int = 20,
-               backoff_s: float = 2.0, max_backoff_s: float = 60.0, healthy_after_s: float = 60.0,
-               held_retry_s: float = 10.0, on_start=None) -> int:
+def run_daemon(
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    log_file: Path,
+    max_restarts: int = 20,
+    backoff_s: float = 2.0,
+    max_backoff_s: float = 60.0,
+    healthy_after_s: float = 60.0,
+    held_retry_s: float = 10.0,
+    on_start=None,
+) -> int:
     """Run ``cmd`` (a SuperNode) and restart it with exponential backoff whenever it exits.
 
     The backoff doubles after each quick death (``backoff_s`` up to ``max_backoff_s`` seconds);
@@ -304,10 +371,12 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
             return 0
         refused = _refused_activation(log_file, offset)
         if refused and attempt == 1:
-            log.error("the SuperLink refused this SuperNode (code 2004): either its key is not enrolled (ask the "
-                      "coordinator to enrol supernode-key.pub with `onfh coordinator enroll`), or the SuperLink still "
-                      "holds this node's previous session after an unclean stop (start again in about a minute); "
-                      "not restarting")
+            log.error(
+                "the SuperLink refused this SuperNode (code 2004): either its key is not enrolled (ask the "
+                "coordinator to enrol supernode-key.pub with `onfh coordinator enroll`), or the SuperLink still "
+                "holds this node's previous session after an unclean stop (start again in about a minute); "
+                "not restarting"
+            )
             return code
         if refused:
             # After a crash the SuperLink still holds the old session until its heartbeat expires
@@ -318,7 +387,12 @@ def run_daemon(cmd: list[str], *, env: dict[str, str], log_file: Path, max_resta
             time.sleep(held_retry_s)
             continue
         if restarts > max_restarts:
-            log.error("SuperNode exited with code %d; %d restarts in a row used up, giving up (log: %s)", code, max_restarts, log_file)
+            log.error(
+                "SuperNode exited with code %d; %d restarts in a row used up, giving up (log: %s)",
+                code,
+                max_restarts,
+                log_file,
+            )
             return code
         delay = backoff_s if lasted >= healthy_after_s else min(max_backoff_s, delay * (2 if attempt > 1 else 1))
         log.warning("SuperNode exited with code %d after %.0f s; restarting in %.0f s", code, lasted, delay)
@@ -334,5 +408,3 @@ def _refused_activation(log_file: Path, offset: int = 0) -> bool:
             return b"[code: 2004]" in fh.read()
     except OSError:
         return False
-
-

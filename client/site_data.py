@@ -42,9 +42,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Iterable, Iterator, Sequence
+from typing import IO
 
 import numpy as np
 import SimpleITK as sitk
@@ -232,8 +233,12 @@ class RowRefusal:
 
 
 def _refuse_row(
-    path: Path, line: int, reason: str, refusals: list[RowRefusal] | None,
-    study: str | None = None, patient: str | None = None,
+    path: Path,
+    line: int,
+    reason: str,
+    refusals: list[RowRefusal] | None,
+    study: str | None = None,
+    patient: str | None = None,
 ) -> None:
     """Record a refused row, or raise it as a ValueError naming the file and row when ``refusals`` is None."""
     if refusals is None:
@@ -260,7 +265,7 @@ def _parse_line(raw: bytes | None, first: bool) -> list[str]:
     if raw is None:
         raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
     if first and raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -308,11 +313,14 @@ def _read_csv(
                 continue
             if not any(fields):
                 continue
-            if any(fields[len(header):]):
+            if any(fields[len(header) :]):
                 _refuse_row(path, line, "more fields than columns", refusals)
                 continue
-            long = [header[i] if header[i] in required else f"column {i + 1}"
-                    for i, f in enumerate(fields) if len(f) > MAX_FIELD_CHARS]
+            long = [
+                header[i] if header[i] in required else f"column {i + 1}"
+                for i, f in enumerate(fields)
+                if len(f) > MAX_FIELD_CHARS
+            ]
             if long:
                 _refuse_row(path, line, f"field {long[0]} longer than {MAX_FIELD_CHARS} characters", refusals)
                 continue
@@ -322,9 +330,7 @@ def _read_csv(
         raise ValueError(f"{path}: empty file, expected columns {','.join(required)}")
 
 
-def _read_split(
-    site_root: Path, refusals: list[RowRefusal] | None = None
-) -> tuple[dict[str, str], set[str]] | None:
+def _read_split(site_root: Path, refusals: list[RowRefusal] | None = None) -> tuple[dict[str, str], set[str]] | None:
     """``(patient -> split, patients with conflicting rows)`` from ``split.csv``; None without one.
 
     Patient ids are read with :func:`shared_models.safe_csv.restore` (the project writes this
@@ -343,8 +349,12 @@ def _read_split(
         elif value not in SPLITS:
             _refuse_row(path, line, f"split must be one of {', '.join(SPLITS)}", refusals)
         elif split.get(patient, value) != value:
-            _refuse_row(path, line, f"patient already assigned to another split in row {first[patient]}; "
-                                    "the patient's heads are refused", refusals)
+            _refuse_row(
+                path,
+                line,
+                f"patient already assigned to another split in row {first[patient]}; the patient's heads are refused",
+                refusals,
+            )
             conflicts.add(patient)
         else:
             split[patient] = value
@@ -466,9 +476,7 @@ def read_manifest(site_root: Path, site_id: str) -> list[HeadRecord]:
     return [record for _, record in _manifest_rows(site_root, site_id)]
 
 
-def check_manifest(
-    site_root: Path, site_id: str, use_split: bool = True
-) -> tuple[list[HeadRecord], list[RowRefusal]]:
+def check_manifest(site_root: Path, site_id: str, use_split: bool = True) -> tuple[list[HeadRecord], list[RowRefusal]]:
     """Read a site's manifest (and ``split.csv`` when ``use_split``), skipping bad rows.
 
     Same checks as :func:`read_manifest`, but a bad row refuses only itself.
@@ -516,7 +524,10 @@ def cache_key(study_path: Path, spec: PreprocessingSpec) -> str:
 
 
 def _write_entry(
-    entry: Path, image: sitk.Image, spec: PreprocessingSpec, report: ReadReport,
+    entry: Path,
+    image: sitk.Image,
+    spec: PreprocessingSpec,
+    report: ReadReport,
     validate: Callable[[dict, dict[str, GridGeometry]], None] | None = None,
 ) -> dict:
     """Write a cache entry for an LPS-oriented study atomically; return its meta.
@@ -653,7 +664,12 @@ class SiteData:
         ]
         logger.info(
             "site %s: %d of %d studies loaded (%d from cache), %d refused; %d heads",
-            site_id, len(ok), len(studies), n_cached, len(studies) - len(ok), len(self.heads),
+            site_id,
+            len(ok),
+            len(studies),
+            n_cached,
+            len(studies) - len(ok),
+            len(self.heads),
         )
 
     # -- loading -------------------------------------------------------------------------
@@ -683,7 +699,7 @@ class SiteData:
                 validate(meta, grids)
         except SeriesError as exc:
             return self._refuse(study, exc.reason), False
-        except Exception as exc:  # noqa: BLE001 - one broken study never stops the others
+        except Exception as exc:
             return self._refuse(study, f"unexpected {type(exc).__name__}: {exc}"), False
         self._entries[study] = entry
         for side, grid in grids.items():
@@ -713,7 +729,9 @@ class SiteData:
         if any(not (e >= m) for e, m in zip(extent, MIN_STUDY_EXTENT_MM)):  # NaN fails closed
             have = " x ".join(f"{e:.0f}" for e in extent)
             need = " x ".join(f"{m:.0f}" for m in MIN_STUDY_EXTENT_MM)
-            raise SeriesError(path, f"field of view too small to hold both hips: {have} mm (LR x AP x SI), at least {need} mm")
+            raise SeriesError(
+                path, f"field of view too small to hold both hips: {have} mm (LR x AP x SI), at least {need} mm"
+            )
 
     def _check_box(self, head: HeadRecord, line: int, grid: GridGeometry) -> None:
         if head.box_lps_mm is None:

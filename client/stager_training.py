@@ -36,7 +36,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from client.augmentation import augment_intensity
-from client.training import (  # noqa: F401 (lr_factor re-exported)
+from client.training import (
     LocalRun,
     autocast,
     batches,
@@ -255,22 +255,32 @@ def train_stager(
     k = num_classes_of(model)
     stages = _check_labels(stages, k, "train_stager")
     _prepare_model(model, device, channels_last)
-    run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed)
+    run = LocalRun.start(
+        model, lr=lr, weight_decay=weight_decay, device=device, amp=amp, proximal_mu=proximal_mu, seed=seed
+    )
     scheduler = make_lr_scheduler(run.opt, step_offset=step_offset, warmup_steps=warmup_steps, total_steps=total_steps)
     weights = class_balanced_weights(stages, k) if class_balanced else None
-    losses = list(_train_steps(
-        run, scheduler, crops, stages, batches(n, batch_size, steps, run.rng, weights=weights),
-        criterion=stage_focal_loss(gamma=focal_gamma), device=device, amp=amp, flip_dims=flip_dims,
-        intensity_aug=intensity_aug, channels_last=channels_last,
-    ))
+    losses = list(
+        _train_steps(
+            run,
+            scheduler,
+            crops,
+            stages,
+            batches(n, batch_size, steps, run.rng, weights=weights),
+            criterion=stage_focal_loss(gamma=focal_gamma),
+            device=device,
+            amp=amp,
+            flip_dims=flip_dims,
+            intensity_aug=intensity_aug,
+            channels_last=channels_last,
+        )
+    )
     _release_model(model)
     return {"train-loss": mean_loss(losses)}
 
 
 @torch.no_grad()
-def predict_stages(
-    model: nn.Module, crops: np.ndarray, *, device: torch.device, batch_size: int = 16
-) -> np.ndarray:
+def predict_stages(model: nn.Module, crops: np.ndarray, *, device: torch.device, batch_size: int = 16) -> np.ndarray:
     """Class probabilities (softmax) for each crop, in eval mode.
 
     Args:
@@ -374,9 +384,15 @@ def fit_stager_central(
     scheduler = make_lr_scheduler(run.opt, warmup_steps=warmup_steps, total_steps=max_steps if cosine else None)
     weights = class_balanced_weights(train_labels, k) if class_balanced else None
     steps = _train_steps(
-        run, scheduler, train_crops, train_labels,
+        run,
+        scheduler,
+        train_crops,
+        train_labels,
         batches(len(train_crops), batch_size, max_steps, run.rng, weights=weights),
-        criterion=stage_focal_loss(gamma=focal_gamma), device=device, amp=amp, flip_dims=flip_dims,
+        criterion=stage_focal_loss(gamma=focal_gamma),
+        device=device,
+        amp=amp,
+        flip_dims=flip_dims,
         intensity_aug=intensity_aug,
     )
     history: list[dict] = []

@@ -75,7 +75,9 @@ def _hemi_batch(site: SiteData, heads: list[HeadRecord]) -> np.ndarray:
 # ----------------------------------------------------------------------------- phase 1
 
 
-def detector_train(site: SiteData, cfg: RunConfig, state: StateDict, *, proximal_mu: float, server_round: int) -> tuple[StateDict, dict]:
+def detector_train(
+    site: SiteData, cfg: RunConfig, state: StateDict, *, proximal_mu: float, server_round: int
+) -> tuple[StateDict, dict]:
     """One round of local 3DC-YOLOX training on the site's ``train`` heads.
 
     Returns:
@@ -92,10 +94,18 @@ def detector_train(site: SiteData, cfg: RunConfig, state: StateDict, *, proximal
     volumes = _hemi_batch(site, heads)
     boxes = np.stack([site.gt_box_voxels(h) for h in heads]).astype(np.float32)
     metrics = train_detector(
-        model, volumes, boxes,
-        steps=cfg.detector_local_steps, batch_size=cfg.detector_batch_size, lr=cfg.detector_lr,
-        weight_decay=cfg.weight_decay, device=select_device(cfg.device), amp=cfg.amp,
-        proximal_mu=proximal_mu, seed=stream_seed(cfg.seed, site.site_id, "detector", server_round), l1_weight=cfg.detector_l1_weight(server_round),
+        model,
+        volumes,
+        boxes,
+        steps=cfg.detector_local_steps,
+        batch_size=cfg.detector_batch_size,
+        lr=cfg.detector_lr,
+        weight_decay=cfg.weight_decay,
+        device=select_device(cfg.device),
+        amp=cfg.amp,
+        proximal_mu=proximal_mu,
+        seed=stream_seed(cfg.seed, site.site_id, "detector", server_round),
+        l1_weight=cfg.detector_l1_weight(server_round),
         **cfg.lr_schedule_args("detector", server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(heads), **metrics}
@@ -111,8 +121,16 @@ def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: s
         aggregate, for the report's IoU distribution). Zeros when the split is empty.
     """
     heads = _boxed(site.heads_in(split))
-    out = {"num-examples": len(heads), "iou-mean": 0.0, "center-error-mm": 0.0,
-           "recall30": 0.0, "recall50": 0.0, "ap50": 0.0, "low-confidence": 0, "iou-hist": [0] * IOU_HIST_BINS}
+    out = {
+        "num-examples": len(heads),
+        "iou-mean": 0.0,
+        "center-error-mm": 0.0,
+        "recall30": 0.0,
+        "recall50": 0.0,
+        "ap50": 0.0,
+        "low-confidence": 0,
+        "iou-hist": [0] * IOU_HIST_BINS,
+    }
     if not heads:
         return out
     model = YOLOX3D(cfg.detector)
@@ -120,10 +138,17 @@ def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: s
     pred, scores, low = predict_boxes(model, _hemi_batch(site, heads), device=select_device(cfg.device))
     gt = np.stack([site.gt_box_voxels(h) for h in heads])
     m = detection_metrics(pred, gt, site.spec.hemi_spacing_mm, scores=scores)
-    out.update({"iou-mean": float(m["iou_mean"]), "center-error-mm": float(m["center_error_mm"]),
-                "recall30": float(m["recall30"]), "recall50": float(m["recall50"]), "ap50": float(m["ap50"]),
-                "low-confidence": int(low.sum()),
-                "iou-hist": m["iou_hist"]})
+    out.update(
+        {
+            "iou-mean": float(m["iou_mean"]),
+            "center-error-mm": float(m["center_error_mm"]),
+            "recall30": float(m["recall30"]),
+            "recall50": float(m["recall50"]),
+            "ap50": float(m["ap50"]),
+            "low-confidence": int(low.sum()),
+            "iou-hist": m["iou_hist"],
+        }
+    )
     return out
 
 
@@ -163,8 +188,9 @@ def crops_path(site: SiteData, key: str) -> Path:
             links resolved) is not directly inside the site's crops folder.
     """
     if not isinstance(key, str) or not CROPS_KEY_PATTERN.fullmatch(key):
-        raise InvalidCropsKey(f"site {site.site_id}: crops-key {str(key)[:80]!r} refused: "
-                              f"it must match {CROPS_KEY_PATTERN.pattern}")
+        raise InvalidCropsKey(
+            f"site {site.site_id}: crops-key {str(key)[:80]!r} refused: it must match {CROPS_KEY_PATTERN.pattern}"
+        )
     folder = site.cache_dir / "crops"
     path = folder / f"{key}.npz"
     if path.resolve().parent != folder.resolve():
@@ -211,13 +237,19 @@ def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None)
                 pred, _, low = predict_boxes(model, np.stack([v for v, _ in loaded]), device=device)
                 low_count += int(low.sum())
                 boxes_lps += [box_voxel_to_lps(b, grid) for b, (_, grid) in zip(pred, loaded)]
-        crops = np.stack([site.crop(h, b) for h, b in zip(heads, boxes_lps)]) if heads else \
-            np.zeros((0, 1, *site.spec.crop_shape), np.float32)
+        crops = (
+            np.stack([site.crop(h, b) for h, b in zip(heads, boxes_lps)])
+            if heads
+            else np.zeros((0, 1, *site.spec.crop_shape), np.float32)
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{key}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, crops=crops.astype(np.float32),
-                 stages=np.array([h.stage for h in heads], np.int64),
-                 low_confidence=np.int64(low_count))
+        np.savez(
+            tmp,
+            crops=crops.astype(np.float32),
+            stages=np.array([h.stage for h in heads], np.int64),
+            low_confidence=np.int64(low_count),
+        )
         tmp.replace(path)
     with np.load(path) as data:
         low_count = int(data["low_confidence"])
@@ -233,13 +265,17 @@ def load_crops(site: SiteData, key: str) -> CropSet:
     """
     path = crops_path(site, key)
     if not path.exists():
-        raise FileNotFoundError(f"site {site.site_id}: no crops for key {key}; the server must send a crops query first")
+        raise FileNotFoundError(
+            f"site {site.site_id}: no crops for key {key}; the server must send a crops query first"
+        )
     heads = _staged(site.heads)
     with np.load(path) as data:
         crops, stages = data["crops"], data["stages"]
     if len(crops) != len(heads):
-        raise ValueError(f"site {site.site_id}: crop set {key} holds {len(crops)} crops for {len(heads)} staged heads; "
-                         "the site's manifest changed since the crops were made")
+        raise ValueError(
+            f"site {site.site_id}: crop set {key} holds {len(crops)} crops for {len(heads)} staged heads; "
+            "the site's manifest changed since the crops were made"
+        )
     # The split comes from today's split.csv, never from the cache: a crop set is reused by every
     # run with the same key (ground-truth crops: every seed and variant), and runs differ in splits.
     return CropSet(crops, stages, np.array([h.split for h in heads]))
@@ -248,7 +284,9 @@ def load_crops(site: SiteData, key: str) -> CropSet:
 # ----------------------------------------------------------------------------- phase 2
 
 
-def stager_train(site: SiteData, cfg: RunConfig, state: StateDict, key: str, *, proximal_mu: float, server_round: int) -> tuple[StateDict, dict]:
+def stager_train(
+    site: SiteData, cfg: RunConfig, state: StateDict, key: str, *, proximal_mu: float, server_round: int
+) -> tuple[StateDict, dict]:
     """One round of local 3D-MulDenseNet training on the site's ``train`` crops.
 
     Returns:
@@ -263,10 +301,18 @@ def stager_train(site: SiteData, cfg: RunConfig, state: StateDict, key: str, *, 
     model = MulDenseNet3D(cfg.stager)
     model.load_state_dict(state)
     metrics = train_stager(
-        model, crops, stages,
-        steps=cfg.stager_local_steps, batch_size=cfg.stager_batch_size, lr=cfg.stager_lr,
-        weight_decay=cfg.weight_decay, focal_gamma=cfg.focal_gamma, device=select_device(cfg.device),
-        amp=cfg.amp, proximal_mu=proximal_mu, seed=stream_seed(cfg.seed, site.site_id, "stager", server_round),
+        model,
+        crops,
+        stages,
+        steps=cfg.stager_local_steps,
+        batch_size=cfg.stager_batch_size,
+        lr=cfg.stager_lr,
+        weight_decay=cfg.weight_decay,
+        focal_gamma=cfg.focal_gamma,
+        device=select_device(cfg.device),
+        amp=cfg.amp,
+        proximal_mu=proximal_mu,
+        seed=stream_seed(cfg.seed, site.site_id, "stager", server_round),
         **cfg.lr_schedule_args("stager", server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(crops), **metrics}
@@ -356,8 +402,11 @@ def suppress_small_cells(metrics: dict, min_heads: int) -> dict:
     out = dict(metrics)
     n, n_val = int(metrics.get("num-examples", 0)), int(metrics.get("val-num-examples", 0))
     if 0 < n < min_heads:
-        out = {"num-examples": n, SUPPRESSED: 1,
-               **{k: v for k, v in metrics.items() if k in ("val-num-examples", "val-score")}}
+        out = {
+            "num-examples": n,
+            SUPPRESSED: 1,
+            **{k: v for k, v in metrics.items() if k in ("val-num-examples", "val-score")},
+        }
     if 0 < n_val < min_heads:
         out.pop("val-score", None)
         out[VAL_SUPPRESSED] = 1

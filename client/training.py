@@ -98,8 +98,17 @@ class LocalRun:
     gen: torch.Generator
 
     @classmethod
-    def start(cls, model: nn.Module, *, lr: float, weight_decay: float, device: torch.device, amp: bool,
-              proximal_mu: float, seed: int) -> "LocalRun":
+    def start(
+        cls,
+        model: nn.Module,
+        *,
+        lr: float,
+        weight_decay: float,
+        device: torch.device,
+        amp: bool,
+        proximal_mu: float,
+        seed: int,
+    ) -> LocalRun:
         model.to(device).train()
         return cls(
             model=model,

@@ -44,10 +44,21 @@ def main() -> int:
         raise SystemExit("chromium not found on PATH: apt-get install chromium")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([args.mlflow, "ui", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{run / 'mlflow' / 'mlflow.db'}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # its own group: the UI starts worker processes
+    server = subprocess.Popen(
+        [
+            args.mlflow,
+            "ui",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{run / 'mlflow' / 'mlflow.db'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # its own group: the UI starts worker processes
     try:
         deadline = time.monotonic() + 180
         while True:  # the UI answers once its workers are up
@@ -56,14 +67,16 @@ def main() -> int:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("mlflow ui did not answer within 180 s")
+                    raise SystemExit("mlflow ui did not answer within 180 s") from None
                 time.sleep(2)
         experiment = json.loads(reply)["run"]["info"]["experiment_id"]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=list(CHROMIUM_FLAGS))
             try:
                 tab = browser.new_page(viewport={"width": 1500, "height": 950})
-                tab.goto(f"{base}/#/experiments/{experiment}/runs/{run_id}/{args.tab}", wait_until="load", timeout=120_000)
+                tab.goto(
+                    f"{base}/#/experiments/{experiment}/runs/{run_id}/{args.tab}", wait_until="load", timeout=120_000
+                )
                 tab.wait_for_timeout(20_000)  # the single-page app fetches the run, then draws the charts
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 tab.screenshot(path=args.out)

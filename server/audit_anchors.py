@@ -24,9 +24,8 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from server.grid_wrapper import WrappedGrid
-
 from client.audit import ANCHOR_KEY, ANCHOR_RECORD
+from server.grid_wrapper import WrappedGrid
 
 ANCHORS_NAME = "audit-anchors.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -83,11 +82,19 @@ class AnchorRecordingGrid(WrappedGrid):
             if not _HEX64.match(head):
                 continue
             config = request.content.config_records.get("config", {}) if request.has_content() else {}
-            self._new.append((reply.metadata.src_node_id, {
-                "run_id": int(reply.metadata.run_id), "message_type": str(request.metadata.message_type),
-                "round": int(config["server-round"]) if "server-round" in config else None,
-                "phase": str(config["phase"]) if "phase" in config else None,
-                "action": str(config["action"]) if "action" in config else None, "sha256": head}))
+            self._new.append(
+                (
+                    reply.metadata.src_node_id,
+                    {
+                        "run_id": int(reply.metadata.run_id),
+                        "message_type": str(request.metadata.message_type),
+                        "round": int(config["server-round"]) if "server-round" in config else None,
+                        "phase": str(config["phase"]) if "phase" in config else None,
+                        "action": str(config["action"]) if "action" in config else None,
+                        "sha256": head,
+                    },
+                )
+            )
         if replies:
             self.save()
         return replies

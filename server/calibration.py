@@ -78,8 +78,12 @@ def check_validation_stats(m: Mapping, declared_val_heads: int | None) -> dict |
     if energy_hist.sum() != n:
         raise StatsError("energy-hist does not sum to val-heads")
     nll = np.asarray(list(m.get("nll", [])), dtype=np.float64)
-    if nll.shape != (len(cal.TEMPERATURE_GRID),) or not np.all(np.isfinite(nll)) or np.any(nll < 0) \
-            or np.any(nll > cal.NLL_CAP * n + 1e-6):
+    if (
+        nll.shape != (len(cal.TEMPERATURE_GRID),)
+        or not np.all(np.isfinite(nll))
+        or np.any(nll < 0)
+        or np.any(nll > cal.NLL_CAP * n + 1e-6)
+    ):
         raise StatsError(f"nll: expected {len(cal.TEMPERATURE_GRID)} sums in [0, {cal.NLL_CAP:g} x val-heads]")
     return {"n": n, "score_hist": score_hist, "energy_hist": energy_hist, "nll": nll}
 
@@ -99,8 +103,14 @@ def check_calibrated_stats(m: Mapping, split: str, declared_heads: int | None) -
         count = _ints(m, f"{split}-rel-count-{when}", cal.RELIABILITY_BINS)
         correct = _ints(m, f"{split}-rel-correct-{when}", cal.RELIABILITY_BINS)
         conf = np.asarray(list(m.get(f"{split}-rel-conf-{when}", [])), dtype=np.float64)
-        if count.sum() != n or np.any(correct > count) or conf.shape != count.shape \
-                or not np.all(np.isfinite(conf)) or np.any(conf < 0) or np.any(conf > count + 1e-6):
+        if (
+            count.sum() != n
+            or np.any(correct > count)
+            or conf.shape != count.shape
+            or not np.all(np.isfinite(conf))
+            or np.any(conf < 0)
+            or np.any(conf > count + 1e-6)
+        ):
             raise StatsError(f"{split} reliability counts ({when}) are inconsistent")
         out[when] = (count, correct, conf)
     pos = _ints(m, f"{split}-early-pos", len(cal.SCORE_EDGES) - 1)
@@ -136,8 +146,11 @@ def _round(v: float | None, nd: int = 4) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), nd)
 
 
-def choose_from_validation(stats: Sequence[dict], detector_miss: float = cal.DEFAULT_DETECTOR_MISS,
-                           ood_false_alarm: float = cal.DEFAULT_OOD_FALSE_ALARM) -> cal.Calibration:
+def choose_from_validation(
+    stats: Sequence[dict],
+    detector_miss: float = cal.DEFAULT_DETECTOR_MISS,
+    ood_false_alarm: float = cal.DEFAULT_OOD_FALSE_ALARM,
+) -> cal.Calibration:
     """Temperature, detector and energy thresholds from checked, pooled ``calibrate-val`` aggregates.
 
     Fails closed: when no validation box reached IoU 0.5 the detector threshold is 1.0 (every box
@@ -155,12 +168,15 @@ def choose_from_validation(stats: Sequence[dict], detector_miss: float = cal.DEF
         temperature=cal.choose_temperature(nll),
         detector_threshold=1.0 if detector_threshold is None else detector_threshold,
         energy_threshold=cal.upper_threshold(energy_hist, cal.ENERGY_EDGES, ood_false_alarm),
-        detector_miss=detector_miss, ood_false_alarm=ood_false_alarm, val_heads=int(sum(s["n"] for s in stats)),
+        detector_miss=detector_miss,
+        ood_false_alarm=ood_false_alarm,
+        val_heads=int(sum(s["n"] for s in stats)),
     )
 
 
-def summarise(calibration: cal.Calibration, per_site: dict[str, dict[str, dict | None]],
-              train_sites: Sequence[str]) -> tuple[cal.Calibration, dict]:
+def summarise(
+    calibration: cal.Calibration, per_site: dict[str, dict[str, dict | None]], train_sites: Sequence[str]
+) -> tuple[cal.Calibration, dict]:
     """Early-ONFH threshold from the pooled validation histograms, and the per-site report.
 
     Args:
@@ -184,31 +200,52 @@ def summarise(calibration: cal.Calibration, per_site: dict[str, dict[str, dict |
         c, k, f = (np.sum([s[when][i] for s in stats], axis=0) for i in range(3))
         return cal.ece_from_counts(c, k, f)
 
-    report: dict = {"sites": {}, "validation": {
-        "heads": int(sum(v["n"] for v in vals)), "ece_before": _round(ece(vals, "before")),
-        "ece_after": _round(ece(vals, "after")),
-        **({k: _round(v) if isinstance(v, float) else v for k, v in cal.sens_spec(pos, neg, threshold).items()}
-           if threshold is not None else {}),
-    }}
+    report: dict = {
+        "sites": {},
+        "validation": {
+            "heads": int(sum(v["n"] for v in vals)),
+            "ece_before": _round(ece(vals, "before")),
+            "ece_after": _round(ece(vals, "after")),
+            **(
+                {k: _round(v) if isinstance(v, float) else v for k, v in cal.sens_spec(pos, neg, threshold).items()}
+                if threshold is not None
+                else {}
+            ),
+        },
+    }
     for site, splits in sorted(per_site.items()):
         test = splits.get("test")
         row: dict = {"external": site not in train_sites, "test_heads": None if test is None else test["n"]}
         if test is None:
             row["suppressed"] = True
         else:
-            row.update(ece_before=_round(ece([test], "before")), ece_after=_round(ece([test], "after")),
-                       ood_flagged=_round(test["ood_flagged"] / test["n"]) if test["n"] else None)
+            row.update(
+                ece_before=_round(ece([test], "before")),
+                ece_after=_round(ece([test], "after")),
+                ood_flagged=_round(test["ood_flagged"] / test["n"]) if test["n"] else None,
+            )
             if test.get("det_heads"):
                 row["detector_flagged"] = _round(test["det_flagged"] / test["det_heads"])
             if threshold is not None:
-                row.update({k: _round(v) if isinstance(v, float) else v
-                            for k, v in cal.sens_spec(test["pos"], test["neg"], threshold).items()})
+                row.update(
+                    {
+                        k: _round(v) if isinstance(v, float) else v
+                        for k, v in cal.sens_spec(test["pos"], test["neg"], threshold).items()
+                    }
+                )
         report["sites"][site] = row
     return calibration, report
 
 
-def run_calibration(grid: Grid, node_sites: dict[int, str], cfg: RunConfig, detector_state: dict,
-                    stager_state: dict, crops_key: str, site_data: dict[str, dict]) -> tuple[cal.Calibration, dict]:
+def run_calibration(
+    grid: Grid,
+    node_sites: dict[int, str],
+    cfg: RunConfig,
+    detector_state: dict,
+    stager_state: dict,
+    crops_key: str,
+    site_data: dict[str, dict],
+) -> tuple[cal.Calibration, dict]:
     """Both calibration steps against the live sites (see the module docstring).
 
     Returns:
@@ -223,8 +260,9 @@ def run_calibration(grid: Grid, node_sites: dict[int, str], cfg: RunConfig, dete
         return None if v is None else int(v)
 
     val_stats = []
-    for site, m in sorted(_query(grid, node_sites, cfg, {"action": "calibrate-val", "crops-key": crops_key},
-                                 arrays).items()):
+    for site, m in sorted(
+        _query(grid, node_sites, cfg, {"action": "calibrate-val", "crops-key": crops_key}, arrays).items()
+    ):
         try:
             checked = check_validation_stats(m, declared(site, "val"))
         except StatsError as err:
@@ -238,14 +276,22 @@ def run_calibration(grid: Grid, node_sites: dict[int, str], cfg: RunConfig, dete
     per_site: dict[str, dict] = {}
     for site, m in sorted(_query(grid, node_sites, cfg, config, arrays).items()):
         try:
-            per_site[site] = {split: check_calibrated_stats(m, split, declared(site, split)) for split in ("val", "test")}
+            per_site[site] = {
+                split: check_calibrated_stats(m, split, declared(site, split)) for split in ("val", "test")
+            }
         except StatsError as err:
             rejected[site] = f"calibrate-eval: {err}"
             log.warning("site %s: calibration aggregate rejected (%s)", site, err)
     calibration, report = summarise(calibration, per_site, cfg.train_sites)
     report["chosen"] = calibration.to_dict()
     report["rejected"] = rejected
-    log.info("calibration: T = %.3g, detector threshold %s, energy threshold %s, early-ONFH threshold %s "
-             "(%d validation heads)", calibration.temperature, calibration.detector_threshold,
-             calibration.energy_threshold, calibration.early_threshold, calibration.val_heads)
+    log.info(
+        "calibration: T = %.3g, detector threshold %s, energy threshold %s, early-ONFH threshold %s "
+        "(%d validation heads)",
+        calibration.temperature,
+        calibration.detector_threshold,
+        calibration.energy_threshold,
+        calibration.early_threshold,
+        calibration.val_heads,
+    )
     return calibration, report

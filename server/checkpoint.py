@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption without invalidating it.
 # The path keys (out-dir, data-root, cache-dir, signing-key): a run or data folder that was moved
 # resumes from its new place; paths are never stored (see module docstring).
-RESUMABLE_KEYS = frozenset({"detector-rounds", "stager-rounds", "node-wait-timeout-s", "round-timeout-s", "device", "amp",
-                            "track", *PATH_KEYS})
+RESUMABLE_KEYS = frozenset(
+    {"detector-rounds", "stager-rounds", "node-wait-timeout-s", "round-timeout-s", "device", "amp", "track", *PATH_KEYS}
+)
 MAX_CHECKPOINT_BYTES = 4 << 30  # two state dicts of the paper-size models are a few MB
 MAX_CHAIN_BYTES = 64 << 20
 
@@ -188,8 +189,15 @@ class CheckpointStore:
     def _extend_chain(self, phase: str, round_: int, digest: str) -> None:
         entries = self.chain()
         previous = entries[-1]["chain"] if entries else ""
-        entries.append({"phase": phase, "round": round_, "sha256": digest,
-                        "chain": chain_link(previous, digest, phase, round_), "saved_at": round(time.time(), 3)})
+        entries.append(
+            {
+                "phase": phase,
+                "round": round_,
+                "sha256": digest,
+                "chain": chain_link(previous, digest, phase, round_),
+                "saved_at": round(time.time(), 3),
+            }
+        )
         tmp = self.folder / "chain.json.tmp"
         tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, self.folder / "chain.json")
@@ -238,13 +246,19 @@ def read_chain(folder: Path) -> list[dict]:
     try:
         entries = json.loads(read_regular_file(path, MAX_CHAIN_BYTES))
         if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("phase"), str) and isinstance(e.get("round"), int)
-                and isinstance(e.get("sha256"), str) and isinstance(e.get("chain"), str) for e in entries):
+            isinstance(e, dict)
+            and isinstance(e.get("phase"), str)
+            and isinstance(e.get("round"), int)
+            and isinstance(e.get("sha256"), str)
+            and isinstance(e.get("chain"), str)
+            for e in entries
+        ):
             raise TypeError
     except (UnsafeFileError, ValueError, TypeError) as err:
         detail = str(err) if isinstance(err, UnsafeFileError) else f"{path}: not a list of checkpoint-chain entries"
-        raise CheckpointError(f"{detail}; no checkpoint can be verified without it "
-                              "(delete the checkpoints folder to start over)") from None
+        raise CheckpointError(
+            f"{detail}; no checkpoint can be verified without it (delete the checkpoints folder to start over)"
+        ) from None
     return entries
 
 
@@ -275,8 +289,10 @@ def read_checkpoint(folder: Path, phase: str, *, set_aside_damaged: bool = False
     try:
         verify_chain(entries)
     except ValueError as err:
-        raise CheckpointError(f"{folder / 'chain.json'}: {err}; no checkpoint can be trusted "
-                              "(delete the checkpoints folder to start over)") from None
+        raise CheckpointError(
+            f"{folder / 'chain.json'}: {err}; no checkpoint can be trusted "
+            "(delete the checkpoints folder to start over)"
+        ) from None
     recorded = {e["sha256"]: e for e in entries if e["phase"] == phase}
     candidates = [p for p in (folder / f"{phase}.pt", previous_path(folder, phase)) if p.exists() or p.is_symlink()]
     if not candidates and not recorded:
@@ -289,13 +305,17 @@ def read_checkpoint(folder: Path, phase: str, *, set_aside_damaged: bool = False
             problems.append(str(err))
             continue
         if problems:
-            log.warning("%s; using the previous verified %s round %d (%s) instead", problems[0], phase, ckpt.round, path.name)
+            log.warning(
+                "%s; using the previous verified %s round %d (%s) instead", problems[0], phase, ckpt.round, path.name
+            )
             if set_aside_damaged and candidates[0] != path:
                 os.replace(candidates[0], candidates[0].with_name(candidates[0].name + ".damaged"))
         return ckpt
     if not candidates:
-        problems.append(f"{folder / f'{phase}.pt'}: missing, but chain.json records {phase} rounds "
-                        f"{sorted(e['round'] for e in recorded.values())}")
+        problems.append(
+            f"{folder / f'{phase}.pt'}: missing, but chain.json records {phase} rounds "
+            f"{sorted(e['round'] for e in recorded.values())}"
+        )
     if recorded and max(e["round"] for e in recorded.values()) == 1:
         # only round 1 was ever written: the previous verified state is the phase's start
         log.warning("%s; no earlier %s round was saved: the phase starts again from round 0", problems[0], phase)
@@ -303,8 +323,11 @@ def read_checkpoint(folder: Path, phase: str, *, set_aside_damaged: bool = False
             for path in candidates:
                 os.replace(path, path.with_name(path.name + ".damaged"))
         return None
-    raise CheckpointError(f"no {phase} checkpoint verifies: " + "; ".join(problems)
-                          + " (delete the checkpoints folder to start the run over)")
+    raise CheckpointError(
+        f"no {phase} checkpoint verifies: "
+        + "; ".join(problems)
+        + " (delete the checkpoints folder to start the run over)"
+    )
 
 
 def _verified(path: Path, recorded: dict[str, dict]) -> PhaseCheckpoint:
@@ -315,7 +338,9 @@ def _verified(path: Path, recorded: dict[str, dict]) -> PhaseCheckpoint:
     fields = load_tensors(data, path)
     known = {f.name for f in dataclasses.fields(PhaseCheckpoint)}
     if not isinstance(fields, dict) or not {"round", "state_dict"} <= set(fields) or set(fields) - known:
-        raise CheckpointError(f"{path}: not a phase checkpoint (fields {sorted(fields) if isinstance(fields, dict) else type(fields).__name__})")
+        raise CheckpointError(
+            f"{path}: not a phase checkpoint (fields {sorted(fields) if isinstance(fields, dict) else type(fields).__name__})"
+        )
     ckpt = PhaseCheckpoint(**fields)
     if ckpt.round != entry["round"]:
         raise CheckpointError(f"{path}: holds round {ckpt.round}, but its chain entry says round {entry['round']}")
@@ -337,4 +362,6 @@ def _plain(value, where: str):
         return type(value)(_plain(v, f"{where}[]") for v in value)
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalar
         return value.item()
-    raise TypeError(f"checkpoint field {where}: {type(value).__name__} cannot be stored (only tensors and plain values)")
+    raise TypeError(
+        f"checkpoint field {where}: {type(value).__name__} cannot be stored (only tensors and plain values)"
+    )

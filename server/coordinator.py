@@ -74,13 +74,15 @@ def flower_env(flwr_home: Path, threads: int | None = None) -> dict[str, str]:
     """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -98,8 +100,14 @@ def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> str:
     Raises:
         CoordinatorError: on a non-zero exit (the message holds Flower's own text).
     """
-    proc = subprocess.run([flower_bin("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True,
-                          timeout=timeout, cwd=APP_DIR)
+    proc = subprocess.run(
+        [flower_bin("flwr"), *args],
+        env=flower_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=APP_DIR,
+    )
     if proc.returncode != 0:
         text = (proc.stdout.strip() + "\n" + proc.stderr.strip()).strip()
         raise CoordinatorError(f"flwr {' '.join(args[:2])} failed (exit {proc.returncode}): {text[-800:]}")
@@ -129,10 +137,16 @@ class CertPaths:
     signing_public_key: Path
 
     @classmethod
-    def in_folder(cls, folder: Path) -> "CertPaths":
+    def in_folder(cls, folder: Path) -> CertPaths:
         folder = Path(folder).resolve()
-        return cls(folder / "ca.crt", folder / "ca.key", folder / "server.crt", folder / "server.key",
-                   folder / "bundle-signing-key.pem", folder / "bundle-signing-key.pem.pub")
+        return cls(
+            folder / "ca.crt",
+            folder / "ca.key",
+            folder / "server.crt",
+            folder / "server.key",
+            folder / "bundle-signing-key.pem",
+            folder / "bundle-signing-key.pem.pub",
+        )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -141,7 +155,9 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_certs(out: Path, *, hosts: tuple[str, ...] = SERVER_SANS, days: int = 365) -> CertPaths:
@@ -169,18 +185,37 @@ def make_certs(out: Path, *, hosts: tuple[str, ...] = SERVER_SANS, days: int = 3
     if paths.ca_key.exists() or paths.signing_key.exists():
         raise FileExistsError(f"{paths.ca_key.parent}: already holds a CA or signing key; refusing to overwrite it")
     paths.ca_key.parent.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ONFH-FL federation"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "ONFH-FL federation CA")])
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ONFH-FL federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "ONFH-FL federation CA"),
+        ]
+    )
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
@@ -194,8 +229,11 @@ def make_certs(out: Path, *, hosts: tuple[str, ...] = SERVER_SANS, days: int = 3
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "localhost")]))
-        .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -228,8 +266,10 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path, name: str = C
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
-                    f'root-certificates = "{ca_cert}"\n')
+    path.write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+        f'root-certificates = "{ca_cert}"\n'
+    )
     return path
 
 
@@ -290,11 +330,16 @@ def enroll(site: str, public_key: Path, *, flwr_home: Path, registry: Path, conn
             raise ValueError(f"{public_key}: this key is already enrolled as site {other!r}")
     if site in entries and entries[site]["fingerprint"] != fingerprint:
         raise ValueError(f"site {site!r} is already enrolled with another key ({entries[site]['fingerprint']})")
-    out = _flwr(["supernode", "register", str(Path(public_key).resolve()), connection, "--name", site,
-                 "--format", "json"], flwr_home)
+    out = _flwr(
+        ["supernode", "register", str(Path(public_key).resolve()), connection, "--name", site, "--format", "json"],
+        flwr_home,
+    )
     node_id = int(_json_tail(out)["node-id"])
-    entries[site] = {"fingerprint": fingerprint, "node_id": node_id,
-                     "enrolled_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    entries[site] = {
+        "fingerprint": fingerprint,
+        "node_id": node_id,
+        "enrolled_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     Path(registry).parent.mkdir(parents=True, exist_ok=True)
     Path(registry).write_text(json.dumps(entries, indent=2, sort_keys=True))
     return entries[site]
@@ -313,10 +358,23 @@ def superlink_command(certs: CertPaths, *, host: str = "127.0.0.1", port: int = 
     for path in (certs.ca_cert, certs.server_cert, certs.server_key):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (create the folder with `onfh coordinator certs`)")
-    return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile",
-            str(certs.server_cert), "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
-            "--database", str(Path(database).resolve()), "--disable-runtime-dependency-installation",
-            "--host", host, "--port", str(port)]
+    return [
+        flower_bin("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(certs.ca_cert),
+        "--ssl-certfile",
+        str(certs.server_cert),
+        "--ssl-keyfile",
+        str(certs.server_key),
+        "--enable-supernode-auth",
+        "--database",
+        str(Path(database).resolve()),
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
@@ -328,7 +386,9 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise CoordinatorError(f"{what or 'process'} exited with code {proc.returncode} before opening {host}:{port}")
+            raise CoordinatorError(
+                f"{what or 'process'} exited with code {proc.returncode} before opening {host}:{port}"
+            )
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
             sock.settimeout(1.0)
             if sock.connect_ex((host, port)) == 0:
@@ -337,8 +397,16 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
     raise CoordinatorError(f"{what or 'process'} did not open {host}:{port} within {timeout_s:.0f} s")
 
 
-def start_superlink(certs: CertPaths, *, flwr_home: Path, database: Path, log_file: Path, host: str = "127.0.0.1",
-                    port: int = 9093, timeout_s: float = 60) -> subprocess.Popen:
+def start_superlink(
+    certs: CertPaths,
+    *,
+    flwr_home: Path,
+    database: Path,
+    log_file: Path,
+    host: str = "127.0.0.1",
+    port: int = 9093,
+    timeout_s: float = 60,
+) -> subprocess.Popen:
     """Start ``flower-superlink`` (see :func:`superlink_command`) in its own session and wait for its port.
 
     Also writes the ``onfh-federation`` TLS connection into ``$FLWR_HOME/config.toml``.
@@ -353,8 +421,9 @@ def start_superlink(certs: CertPaths, *, flwr_home: Path, database: Path, log_fi
     write_connection(flwr_home, f"{'[' + host + ']' if ':' in host else host}:{port}", certs.ca_cert)
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as fh:
-        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=APP_DIR)
+        proc = subprocess.Popen(
+            cmd, env=flower_env(flwr_home), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=APP_DIR
+        )
     try:
         wait_for_port(host, port, timeout_s, proc, what=f"flower-superlink (log: {log_file})")
     except CoordinatorError:
@@ -381,8 +450,15 @@ def site_nodes(site_ids: list[str], registry: Path) -> str:
     return ",".join(f"{s}={int(entries[s]['node_id'])}" for s in site_ids)
 
 
-def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, connection: str = CONNECTION,
-           signing_key: Path | None = None, registry: Path | None = None) -> int:
+def launch(
+    run_config: Mapping[str, object],
+    *,
+    out: Path,
+    flwr_home: Path,
+    connection: str = CONNECTION,
+    signing_key: Path | None = None,
+    registry: Path | None = None,
+) -> int:
     """Start a run on the remote federation (``flwr run APP CONNECTION``); return its run id.
 
     The run config (overrides of ``[tool.flwr.app.config]``) gets ``out-dir`` = ``out``, if
@@ -412,7 +488,9 @@ def launch(run_config: Mapping[str, object], *, out: Path, flwr_home: Path, conn
     overrides = out / "run-config.toml"
     sent = hide_coordinator_paths(rc, flwr_home)  # Flower sends the run config to every site: no local paths
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in sent.items()))
-    text = _flwr(["run", str(APP_DIR), connection, "--run-config", str(overrides), "--format", "json"], flwr_home, timeout=300)
+    text = _flwr(
+        ["run", str(APP_DIR), connection, "--run-config", str(overrides), "--format", "json"], flwr_home, timeout=300
+    )
     reply = _json_tail(text)
     if "run-id" not in reply:  # e.g. {"success": false, "error-message": "... app does not meet ..."}
         raise CoordinatorError(f"flwr run did not start the run: {reply.get('error-message') or text.strip()[-800:]}")
@@ -436,8 +514,12 @@ def resume(out: Path, *, flwr_home: Path | None = None) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: --resume needs the out-dir of a run started with `launch`")
     record = json.loads(path.read_text())
-    return launch(record["run_config"], out=Path(out), flwr_home=Path(flwr_home or record["flwr_home"]),
-                  connection=record["connection"])  # the saved run config keeps its site-nodes binding
+    return launch(
+        record["run_config"],
+        out=Path(out),
+        flwr_home=Path(flwr_home or record["flwr_home"]),
+        connection=record["connection"],
+    )  # the saved run config keeps its site-nodes binding
 
 
 def run_status(run_id: int, *, flwr_home: Path, connection: str = CONNECTION) -> str:
@@ -449,8 +531,17 @@ def run_status(run_id: int, *, flwr_home: Path, connection: str = CONNECTION) ->
     return ""
 
 
-def wait_for_run(run_id: int, *, flwr_home: Path, connection: str = CONNECTION, timeout_s: float = 3600,
-                 poll_s: float = 3.0, on_poll=None, out: Path | None = None, status_every_s: float = 30.0) -> str:
+def wait_for_run(
+    run_id: int,
+    *,
+    flwr_home: Path,
+    connection: str = CONNECTION,
+    timeout_s: float = 3600,
+    poll_s: float = 3.0,
+    on_poll=None,
+    out: Path | None = None,
+    status_every_s: float = 30.0,
+) -> str:
     """Poll :func:`run_status` until the run finishes or stops; return the final status.
 
     Each :func:`run_status` is a ``flwr list`` process (about 1.2 CPU-seconds of imports), which on
@@ -525,8 +616,13 @@ def run_progress(out: Path) -> dict:
     from shared_models.config import default_run_config
 
     defaults = default_run_config()
-    result: dict = {"rounds": {}, "latest": {}, "missing_sites": {}, "run_ids": record.get("run_ids", []),
-                    "finished": (out / "bundle" / "MANIFEST.sig").exists()}
+    result: dict = {
+        "rounds": {},
+        "latest": {},
+        "missing_sites": {},
+        "run_ids": record.get("run_ids", []),
+        "finished": (out / "bundle" / "MANIFEST.sig").exists(),
+    }
     for phase in ("detector", "stager"):
         total = int(rc.get(f"{phase}-rounds", defaults[f"{phase}-rounds"]))
         done, latest, missing = 0, {}, {}

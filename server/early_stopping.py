@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 
-def stop_round(scores: Mapping[int, float | None], patience: int, min_delta: float = 0.0,
-               min_rounds: int = 0) -> int | None:
+def stop_round(
+    scores: Mapping[int, float | None], patience: int, min_delta: float = 0.0, min_rounds: int = 0
+) -> int | None:
     """The round after which the phase stops under the patience rule, or None if it goes on.
 
     Args:
@@ -42,8 +43,9 @@ def stop_round(scores: Mapping[int, float | None], patience: int, min_delta: flo
         ValueError: negative ``patience`` or ``min_delta``.
     """
     if patience < 0 or min_delta < 0 or min_rounds < 0:
-        raise ValueError(f"early stopping: patience ({patience}), min_delta ({min_delta}) and min_rounds "
-                         f"({min_rounds}) must be >= 0")
+        raise ValueError(
+            f"early stopping: patience ({patience}), min_delta ({min_delta}) and min_rounds ({min_rounds}) must be >= 0"
+        )
     if patience == 0:
         return None
     best, last_improvement = None, 0

@@ -20,27 +20,33 @@ class WrappedGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
 
-    def set_run(self, run) -> None:  # noqa: D102 - Grid's
+    def set_run(self, run) -> None:
         self.grid.set_run(run)
 
     @property
-    def run(self):  # noqa: D102 - Grid's
+    def run(self):
         return self.grid.run
 
-    def create_message(self, content, message_type: str, dst_node_id: int, group_id: str,  # noqa: D102
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid's
+    def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
-    def get_nodes(self):  # noqa: D102 - Grid's
+    def get_nodes(self):
         return self.grid.get_nodes()
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid's
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid's
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
     def __getattr__(self, name: str):
@@ -48,5 +54,5 @@ class WrappedGrid(Grid):
             raise AttributeError(name)
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.grid.send_and_receive(messages, timeout=timeout)

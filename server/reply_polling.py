@@ -68,4 +68,6 @@ class ReplyPollingGrid(WrappedGrid):
 def with_reply_polling(grid: Grid) -> Grid:
     """``grid`` wrapped in :class:`ReplyPollingGrid`, except Flower's simulation grid
     (``InMemoryGrid``), which already polls its in-process state every 0.1 s."""
-    return grid if type(grid).__name__ == "InMemoryGrid" or isinstance(grid, ReplyPollingGrid) else ReplyPollingGrid(grid)
+    return (
+        grid if type(grid).__name__ == "InMemoryGrid" or isinstance(grid, ReplyPollingGrid) else ReplyPollingGrid(grid)
+    )

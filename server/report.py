@@ -74,8 +74,10 @@ def small_n(confusion) -> dict:
     for label, k in zip(STAGE_LABELS, support):
         if k < MIN_STAGE_HEADS:
             stages.append(label)
-            reasons.append(f"stage {label}: {int(k)} heads (fewer than {MIN_STAGE_HEADS}): its row and the macro "
-                           "average are unreliable")
+            reasons.append(
+                f"stage {label}: {int(k)} heads (fewer than {MIN_STAGE_HEADS}): its row and the macro "
+                "average are unreliable"
+            )
     return {"unreliable": bool(reasons), "reasons": reasons, "unreliable_stages": stages}
 
 
@@ -96,10 +98,16 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
     """
     out: dict[str, dict] = {}
     for name, members in groups.items():
-        suppressed = {s: int(site_metrics[s].get("num-examples", 0)) for s in members
-                      if s in site_metrics and site_metrics[s].get(SUPPRESSED)}
-        present = [s for s in members if s in site_metrics and int(site_metrics[s].get("num-examples", 0)) > 0
-                   and s not in suppressed]
+        suppressed = {
+            s: int(site_metrics[s].get("num-examples", 0))
+            for s in members
+            if s in site_metrics and site_metrics[s].get(SUPPRESSED)
+        }
+        present = [
+            s
+            for s in members
+            if s in site_metrics and int(site_metrics[s].get("num-examples", 0)) > 0 and s not in suppressed
+        ]
         if not present:
             out[name] = {"n": 0, "sites": list(members), "missing": [s for s in members if s not in site_metrics]}
             if suppressed:
@@ -146,8 +154,12 @@ def transfer_summary(states: dict[str, dict], *, n_sites: int, n_train: int) -> 
     out = {}
     for phase, state in states.items():
         nbytes = int(sum(v.numel() * v.element_size() for v in state.values()))
-        out[phase] = {"model_bytes": nbytes, "arrays": len(state), "transfers_per_round": 2 * n_train + n_sites,
-                      "bytes_per_round": nbytes * (2 * n_train + n_sites)}
+        out[phase] = {
+            "model_bytes": nbytes,
+            "arrays": len(state),
+            "transfers_per_round": 2 * n_train + n_sites,
+            "bytes_per_round": nbytes * (2 * n_train + n_sites),
+        }
     return out
 
 
@@ -178,31 +190,49 @@ def build_report(
     last_stager = stager_history.get(selected_rounds["stager"], {})
     last_detector = detector_history.get(selected_rounds["detector"], {})
     history = {
-        "detector_iou_mean": {r: {s: m.get("iou-mean") for s, m in sites.items()} for r, sites in sorted(detector_history.items())},
-        "stager_macro_auc": {r: {s: m.get("macro-auc") for s, m in sites.items()} for r, sites in sorted(stager_history.items())},
-        "detector_val_iou": {r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
-                             for r, sites in sorted(detector_history.items())},
-        "stager_val_macro_auc": {r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
-                                 for r, sites in sorted(stager_history.items())},
-        "detector_train_loss": {r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(detector_train.items())},
-        "stager_train_loss": {r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(stager_train.items())},
+        "detector_iou_mean": {
+            r: {s: m.get("iou-mean") for s, m in sites.items()} for r, sites in sorted(detector_history.items())
+        },
+        "stager_macro_auc": {
+            r: {s: m.get("macro-auc") for s, m in sites.items()} for r, sites in sorted(stager_history.items())
+        },
+        "detector_val_iou": {
+            r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
+            for r, sites in sorted(detector_history.items())
+        },
+        "stager_val_macro_auc": {
+            r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
+            for r, sites in sorted(stager_history.items())
+        },
+        "detector_train_loss": {
+            r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(detector_train.items())
+        },
+        "stager_train_loss": {
+            r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(stager_train.items())
+        },
     }
-    return json_safe({
-        "strategy": strategy,
-        "proximal_mu": proximal_mu if strategy == "fedprox" else None,
-        "rounds": rounds,
-        "selected_rounds": selected_rounds,
-        "train_sites": list(train_sites),
-        "crop_source": crop_source,
-        "site_data": {s: {k.replace("-", "_"): v for k, v in m.items()} for s, m in sorted((site_data or {}).items())},
-        "sites": group_stage_metrics(last_stager, groups),
-        # each site on its own (the cross-site matrix of `onfh sim compare`): sites without test heads are left out
-        "per_site": {s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa", "counts", "small_n") if k in m}
-                     for s, m in group_stage_metrics(last_stager, {s: (s,) for s in sorted(last_stager)}).items()
-                     if m["n"]},
-        "min_cell_heads": min_cell_heads,
-        "detector": detector_site_metrics(last_detector),
-        "history": history,
-        "wall_time_s": wall_time_s,
-        "transfer": transfer or {},
-    })
+    return json_safe(
+        {
+            "strategy": strategy,
+            "proximal_mu": proximal_mu if strategy == "fedprox" else None,
+            "rounds": rounds,
+            "selected_rounds": selected_rounds,
+            "train_sites": list(train_sites),
+            "crop_source": crop_source,
+            "site_data": {
+                s: {k.replace("-", "_"): v for k, v in m.items()} for s, m in sorted((site_data or {}).items())
+            },
+            "sites": group_stage_metrics(last_stager, groups),
+            # each site on its own (the cross-site matrix of `onfh sim compare`): sites without test heads are left out
+            "per_site": {
+                s: {k: m[k] for k in ("n", "macro", "weighted", "quadratic_kappa", "counts", "small_n") if k in m}
+                for s, m in group_stage_metrics(last_stager, {s: (s,) for s in sorted(last_stager)}).items()
+                if m["n"]
+            },
+            "min_cell_heads": min_cell_heads,
+            "detector": detector_site_metrics(last_detector),
+            "history": history,
+            "wall_time_s": wall_time_s,
+            "transfer": transfer or {},
+        }
+    )

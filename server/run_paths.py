@@ -56,17 +56,20 @@ def resolve_coordinator_paths(run_config: Mapping[str, object]) -> dict[str, obj
     out_dir = str(run_config.get("out-dir", ""))
     if not out_dir.startswith(REFERENCE_PREFIX):
         return dict(run_config)
-    token = out_dir[len(REFERENCE_PREFIX):]
+    token = out_dir[len(REFERENCE_PREFIX) :]
     if not _TOKEN.fullmatch(token):
         raise ValueError(f"run config out-dir {out_dir!r}: not a valid coordinator run reference")
     home = os.environ.get("FLWR_HOME")
     if not home:
-        raise ValueError("run config out-dir is a coordinator run reference, but FLWR_HOME is not set here: "
-                         "start the SuperLink with `onfh coordinator start-superlink`")
+        raise ValueError(
+            "run config out-dir is a coordinator run reference, but FLWR_HOME is not set here: "
+            "start the SuperLink with `onfh coordinator start-superlink`"
+        )
     path = Path(home) / FOLDER_NAME / f"{token}.json"
     try:
         values = json.loads(read_regular_file(path, 64 << 10))
     except FileNotFoundError:
-        raise ValueError(f"{path}: no record of this run's out-dir on this machine (was it launched "
-                         "with another FLWR_HOME?)") from None
+        raise ValueError(
+            f"{path}: no record of this run's out-dir on this machine (was it launched with another FLWR_HOME?)"
+        ) from None
     return {**run_config, **{k: str(values.get(k, "")) for k in HIDDEN_KEYS}}

@@ -34,9 +34,9 @@ from server.calibration import run_calibration
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
 from server.early_stopping import stop_round
 from server.reply_polling import with_reply_polling
-from server.tracking import Tracker, make_tracker, round_scalars, run_name, run_params
 from server.report import build_report, transfer_summary
 from server.run_paths import resolve_coordinator_paths
+from server.tracking import Tracker, make_tracker, round_scalars, run_name, run_params
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
@@ -100,8 +100,9 @@ def hello_problem(reply: Message) -> str | None:
     return None
 
 
-def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0,
-                   refused: list[str] | None = None) -> tuple[dict[int, str], dict[str, dict]]:
+def discover_sites(
+    grid: Grid, cfg: RunConfig, poll_s: float = 1.0, refused: list[str] | None = None
+) -> tuple[dict[int, str], dict[str, dict]]:
     """Wait for one node per configured site and map node ids to site ids.
 
     Each node's claimed ``site-id`` is checked against ``site-nodes`` (:func:`identity_problem`).
@@ -129,7 +130,11 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0,
         node_ids = [n for n in grid.get_node_ids() if n not in node_sites and n not in ignored]
         if node_ids:
             messages = [
-                Message(content=RecordDict({"config": ConfigRecord({"action": "hello"})}), dst_node_id=n, message_type=MessageType.QUERY)
+                Message(
+                    content=RecordDict({"config": ConfigRecord({"action": "hello"})}),
+                    dst_node_id=n,
+                    message_type=MessageType.QUERY,
+                )
                 for n in node_ids
             ]
             for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
@@ -161,11 +166,16 @@ def discover_sites(grid: Grid, cfg: RunConfig, poll_s: float = 1.0,
             break
         if time.monotonic() > deadline:
             missing = sorted(expected - set(node_sites.values()))
-            raise SitesMissingError(f"sites {missing} did not connect within {cfg.node_wait_timeout_s:.0f} s"
-                                    + (f" ({'; '.join(refused)})" if refused else ""))
+            raise SitesMissingError(
+                f"sites {missing} did not connect within {cfg.node_wait_timeout_s:.0f} s"
+                + (f" ({'; '.join(refused)})" if refused else "")
+            )
         time.sleep(poll_s)
-    log.info("connected sites: %s%s", sorted(node_sites.values()),
-             "" if cfg.site_nodes else " (simulation: sites named by partition id, not by enrolled keys)")
+    log.info(
+        "connected sites: %s%s",
+        sorted(node_sites.values()),
+        "" if cfg.site_nodes else " (simulation: sites named by partition id, not by enrolled keys)",
+    )
     return node_sites, site_data
 
 
@@ -186,8 +196,12 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
             log.warning("site %s failed to make crops: %s", site, reply.error.reason)
             continue
         keys.add(str(reply.content["site"]["crops-key"]))
-        log.info("site %s: %d crops, %d low-confidence detections", site,
-                 int(reply.content["metrics"]["num-examples"]), int(reply.content["metrics"]["low-confidence"]))
+        log.info(
+            "site %s: %d crops, %d low-confidence detections",
+            site,
+            int(reply.content["metrics"]["num-examples"]),
+            int(reply.content["metrics"]["low-confidence"]),
+        )
     if len(keys) != 1:
         raise RuntimeError(f"crop preparation failed: sites returned keys {sorted(keys)}")
     return keys.pop()
@@ -221,9 +235,14 @@ def influence_bounds(cfg: RunConfig, phase: str, declared: dict[str, dict] | Non
     in a round (one per local step; FedBN keeps norms local, so over all rounds of the phase)."""
     steps = cfg.detector_local_steps if phase == "detector" else cfg.stager_local_steps
     rounds = cfg.detector_rounds if phase == "detector" else cfg.stager_rounds
-    return dict(trimmed_beta=cfg.trimmed_beta, krum_byzantine=cfg.krum_byzantine, declared=declared,
-                max_int_delta=steps * (rounds if cfg.strategy == "fedbn" else 1),
-                clip_factor=cfg.update_clip_factor, reject_factor=cfg.update_reject_factor)
+    return dict(
+        trimmed_beta=cfg.trimmed_beta,
+        krum_byzantine=cfg.krum_byzantine,
+        declared=declared,
+        max_int_delta=steps * (rounds if cfg.strategy == "fedbn" else 1),
+        clip_factor=cfg.update_clip_factor,
+        reject_factor=cfg.update_reject_factor,
+    )
 
 
 class PhaseConverged(Exception):
@@ -239,8 +258,16 @@ def phase_finished(ckpt: PhaseCheckpoint | None, rounds: int, cfg: RunConfig) ->
     """True when a phase's checkpoint ran all ``rounds`` or stopped early under the configured rule."""
     if ckpt is None:
         return False
-    return ckpt.round >= rounds or stop_round(validation_scores(ckpt.site_metrics), cfg.early_stopping_patience,
-                                              cfg.early_stopping_min_delta, cfg.early_stopping_min_rounds) is not None
+    return (
+        ckpt.round >= rounds
+        or stop_round(
+            validation_scores(ckpt.site_metrics),
+            cfg.early_stopping_patience,
+            cfg.early_stopping_min_delta,
+            cfg.early_stopping_min_rounds,
+        )
+        is not None
+    )
 
 
 def run_phase(
@@ -267,7 +294,9 @@ def run_phase(
         per-site metrics of every round. The phase ends early when the validation score stops
         improving (:mod:`server.early_stopping`, ``early-stopping-patience``).
     """
-    ckpt = store.load(phase) or PhaseCheckpoint(round=0, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    ckpt = store.load(phase) or PhaseCheckpoint(
+        round=0, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}
+    )
     if ckpt.round >= rounds:
         log.info("phase %s: already finished (%d rounds), skipping", phase, ckpt.round)
         return ckpt
@@ -275,9 +304,13 @@ def run_phase(
         log.info("phase %s: resuming after round %d", phase, ckpt.round)
     template = model.state_dict()  # names, shapes and dtypes to unpack the packed global arrays
     strategy = build_strategy(
-        cfg.strategy, proximal_mu=cfg.proximal_mu, node_sites=node_sites,
-        train_sites=cfg.train_sites, round_offset=ckpt.round,
-        min_fraction=cfg.min_site_fraction, node_wait_timeout_s=cfg.node_wait_timeout_s,
+        cfg.strategy,
+        proximal_mu=cfg.proximal_mu,
+        node_sites=node_sites,
+        train_sites=cfg.train_sites,
+        round_offset=ckpt.round,
+        min_fraction=cfg.min_site_fraction,
+        node_wait_timeout_s=cfg.node_wait_timeout_s,
         state_problems=lambda arrays: normalisation_problems(_unpack(arrays, template)),
         **influence_bounds(cfg, phase, declared),
     )
@@ -298,25 +331,55 @@ def run_phase(
         scores[reached] = score
         if score is not None and score > best["score"]:
             best.update(round=reached, score=score, state=state)
-        store.save(phase, PhaseCheckpoint(
-            round=reached, state_dict=state,
-            site_metrics=dict(strategy.site_metrics), train_metrics=dict(strategy.train_metrics),
-            best_round=best["round"], best_score=best["score"], best_state_dict=best["state"],
-            missing_sites=dict(strategy.missing_sites), rejected_updates=dict(strategy.rejected_updates),
-        ))
-        (tracker or Tracker()).log_round_metrics(reached, round_scalars(
-            phase, strategy.train_metrics.get(reached, {}), strategy.site_metrics.get(reached, {}),
-            cfg.min_cell_heads, score))
-        summary = {s: round(float(m.get("iou-mean" if phase == "detector" else "macro-auc", 0.0)), 3)
-                   for s, m in sorted(strategy.site_metrics.get(reached, {}).items())}
-        log.info("phase %s round %d/%d: test %s %s, validation score %s (best: round %d)", phase, reached, rounds,
-                 "iou-mean" if phase == "detector" else "macro-auc", summary,
-                 "n/a" if score is None else f"{score:.3f}", best["round"])
-        if reached < rounds and stop_round(scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta,
-                                           cfg.early_stopping_min_rounds):
-            log.info("phase %s: no validation improvement above %g for %d rounds: stopping after round %d "
-                     "(best: round %d)", phase, cfg.early_stopping_min_delta, cfg.early_stopping_patience, reached,
-                     best["round"])
+        store.save(
+            phase,
+            PhaseCheckpoint(
+                round=reached,
+                state_dict=state,
+                site_metrics=dict(strategy.site_metrics),
+                train_metrics=dict(strategy.train_metrics),
+                best_round=best["round"],
+                best_score=best["score"],
+                best_state_dict=best["state"],
+                missing_sites=dict(strategy.missing_sites),
+                rejected_updates=dict(strategy.rejected_updates),
+            ),
+        )
+        (tracker or Tracker()).log_round_metrics(
+            reached,
+            round_scalars(
+                phase,
+                strategy.train_metrics.get(reached, {}),
+                strategy.site_metrics.get(reached, {}),
+                cfg.min_cell_heads,
+                score,
+            ),
+        )
+        summary = {
+            s: round(float(m.get("iou-mean" if phase == "detector" else "macro-auc", 0.0)), 3)
+            for s, m in sorted(strategy.site_metrics.get(reached, {}).items())
+        }
+        log.info(
+            "phase %s round %d/%d: test %s %s, validation score %s (best: round %d)",
+            phase,
+            reached,
+            rounds,
+            "iou-mean" if phase == "detector" else "macro-auc",
+            summary,
+            "n/a" if score is None else f"{score:.3f}",
+            best["round"],
+        )
+        if reached < rounds and stop_round(
+            scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.early_stopping_min_rounds
+        ):
+            log.info(
+                "phase %s: no validation improvement above %g for %d rounds: stopping after round %d (best: round %d)",
+                phase,
+                cfg.early_stopping_min_delta,
+                cfg.early_stopping_patience,
+                reached,
+                best["round"],
+            )
             raise PhaseConverged(reached)
         return None
 
@@ -326,8 +389,12 @@ def run_phase(
         return ckpt
     try:
         result = strategy.start(
-            grid=grid, initial_arrays=_pack(ckpt.state_dict, cfg), num_rounds=rounds - ckpt.round,
-            timeout=cfg.round_timeout_s, train_config=config, evaluate_config=ConfigRecord(dict(config)),
+            grid=grid,
+            initial_arrays=_pack(ckpt.state_dict, cfg),
+            num_rounds=rounds - ckpt.round,
+            timeout=cfg.round_timeout_s,
+            train_config=config,
+            evaluate_config=ConfigRecord(dict(config)),
             evaluate_fn=checkpoint_hook,
         )
     except PhaseConverged:
@@ -335,8 +402,12 @@ def run_phase(
     final = store.load(phase)
     if final is None or final.round < rounds:
         # No round completed a checkpoint (e.g. every site failed): keep what Flower returned.
-        final = PhaseCheckpoint(round=rounds, state_dict=_unpack(result.arrays, template),
-                                site_metrics=dict(strategy.site_metrics), train_metrics=dict(strategy.train_metrics))
+        final = PhaseCheckpoint(
+            round=rounds,
+            state_dict=_unpack(result.arrays, template),
+            site_metrics=dict(strategy.site_metrics),
+            train_metrics=dict(strategy.train_metrics),
+        )
     return final
 
 
@@ -361,7 +432,7 @@ def _write_pages(report: dict, out: Path) -> None:
         page = json.loads(json.dumps(report))  # as a reader of report.json sees it (string keys)
         plot_training_curves(page, out / "training_curves.png")
         write_report_html(page, out)
-    except Exception:  # noqa: BLE001 - the report page is secondary to the trained models
+    except Exception:
         log.exception("could not write report.html / training_curves.png")
 
 
@@ -403,41 +474,75 @@ def main(grid: Grid, context: Context) -> None:
     anchors.node_sites = node_sites
 
     # 3. phase 1: detector
-    detector = run_phase(grid, cfg, store, node_sites, phase="detector", model=YOLOX3D(cfg.detector),
-                         rounds=cfg.detector_rounds, declared=site_data, tracker=tracker)
+    detector = run_phase(
+        grid,
+        cfg,
+        store,
+        node_sites,
+        phase="detector",
+        model=YOLOX3D(cfg.detector),
+        rounds=cfg.detector_rounds,
+        declared=site_data,
+        tracker=tracker,
+    )
 
     # 4. site-local crops with the phase-1 global detector
     key = prepare_crops(grid, node_sites, detector.selected_state_dict, cfg)
 
     # 5. phase 2: stager
-    stager = run_phase(grid, cfg, store, node_sites, phase="stager", model=MulDenseNet3D(cfg.stager),
-                       rounds=cfg.stager_rounds, extra_config={"crops-key": key}, declared=site_data, tracker=tracker)
+    stager = run_phase(
+        grid,
+        cfg,
+        store,
+        node_sites,
+        phase="stager",
+        model=MulDenseNet3D(cfg.stager),
+        rounds=cfg.stager_rounds,
+        extra_config={"crops-key": key},
+        declared=site_data,
+        tracker=tracker,
+    )
 
     # 6. calibration on pooled validation aggregates (issue 17), report and signed bundle
-    calibration, calibration_report = run_calibration(grid, node_sites, cfg, detector.selected_state_dict,
-                                                       stager.selected_state_dict, key, site_data)
+    calibration, calibration_report = run_calibration(
+        grid, node_sites, cfg, detector.selected_state_dict, stager.selected_state_dict, key, site_data
+    )
     report = build_report(
-        strategy=cfg.strategy, proximal_mu=cfg.proximal_mu,
+        strategy=cfg.strategy,
+        proximal_mu=cfg.proximal_mu,
         rounds={"detector": detector.round, "stager": stager.round},
-        stager_history=stager.site_metrics, detector_history=detector.site_metrics,
+        stager_history=stager.site_metrics,
+        detector_history=detector.site_metrics,
         selected_rounds={"detector": detector.selected_round, "stager": stager.selected_round},
-        stager_train=stager.train_metrics, detector_train=detector.train_metrics,
-        groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source, site_data=site_data,
+        stager_train=stager.train_metrics,
+        detector_train=detector.train_metrics,
+        groups=cfg.report_groups,
+        train_sites=cfg.train_sites,
+        crop_source=cfg.crop_source,
+        site_data=site_data,
         min_cell_heads=cfg.min_cell_heads,
         wall_time_s=time.monotonic() - t0,
-        transfer=transfer_summary({"detector": detector.state_dict, "stager": stager.state_dict},
-                                  n_sites=len(node_sites),
-                                  n_train=sum(s in cfg.train_sites for s in node_sites.values())),
+        transfer=transfer_summary(
+            {"detector": detector.state_dict, "stager": stager.state_dict},
+            n_sites=len(node_sites),
+            n_train=sum(s in cfg.train_sites for s in node_sites.values()),
+        ),
     )
     # sites missing from rounds (deployment: a node died or was late) and rejected updates, by phase and round
     report["early_stopping"] = {
-        "rule": (f"stop when the pooled validation score has not improved by more than {cfg.early_stopping_min_delta:g} "
-                 f"for {cfg.early_stopping_patience} rounds, not before round {cfg.early_stopping_min_rounds}; keep the "
-                 "best round") if cfg.early_stopping_patience else "off",
+        "rule": (
+            f"stop when the pooled validation score has not improved by more than {cfg.early_stopping_min_delta:g} "
+            f"for {cfg.early_stopping_patience} rounds, not before round {cfg.early_stopping_min_rounds}; keep the "
+            "best round"
+        )
+        if cfg.early_stopping_patience
+        else "off",
         "max_rounds": {"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
         "rounds_run": {"detector": detector.round, "stager": stager.round},
-        "validation_score": {"detector": validation_scores(detector.site_metrics),
-                             "stager": validation_scores(stager.site_metrics)},
+        "validation_score": {
+            "detector": validation_scores(detector.site_metrics),
+            "stager": validation_scores(stager.site_metrics),
+        },
     }
     report["missing_sites"] = {"detector": detector.missing_sites, "stager": stager.missing_sites}
     report["rejected_updates"] = {"detector": detector.rejected_updates, "stager": stager.rejected_updates}
@@ -447,9 +552,16 @@ def main(grid: Grid, context: Context) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _write_pages(report, out)
     write_bundle(
-        out / "bundle", detector_state=detector.selected_state_dict, stager_state=stager.selected_state_dict,
-        detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,
-        run_config=run_config, signing_key=_signing_key(cfg, out), checkpoint_chain=store.chain(),
+        out / "bundle",
+        detector_state=detector.selected_state_dict,
+        stager_state=stager.selected_state_dict,
+        detector_config=cfg.detector,
+        stager_config=cfg.stager,
+        spec=cfg.spec,
+        metrics=report,
+        run_config=run_config,
+        signing_key=_signing_key(cfg, out),
+        checkpoint_chain=store.chain(),
         calibration=calibration,
     )
     tracker.log_artifacts([out / "report.json", out / "bundle"])

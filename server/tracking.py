@@ -73,8 +73,13 @@ def site_scalars(metrics: Mapping[str, Any], min_cell_heads: int) -> dict[str, f
     return out
 
 
-def round_scalars(phase: str, train: Mapping[str, Mapping], evaluate: Mapping[str, Mapping],
-                  min_cell_heads: int, validation_score: float | None = None) -> dict[str, float]:
+def round_scalars(
+    phase: str,
+    train: Mapping[str, Mapping],
+    evaluate: Mapping[str, Mapping],
+    min_cell_heads: int,
+    validation_score: float | None = None,
+) -> dict[str, float]:
     """All metrics of one round as ``<phase>/<train|eval>/<site>/<metric>`` -> value (sites sorted)."""
     out: dict[str, float] = {}
     for kind, per_site in (("train", train), ("eval", evaluate)):
@@ -89,8 +94,7 @@ def round_scalars(phase: str, train: Mapping[str, Mapping], evaluate: Mapping[st
 def run_params(run_config: Mapping[str, Any]) -> dict[str, str]:
     """The run configuration as parameters: no path key (``tracking-uri`` is one), no value that looks like a path."""
     redacted = redact_paths(run_config)
-    return {k: str(v) for k, v in sorted(redacted.items())
-            if k not in PATH_KEYS and v == run_config[k]}
+    return {k: str(v) for k, v in sorted(redacted.items()) if k not in PATH_KEYS and v == run_config[k]}
 
 
 def _tag(name: str) -> str:
@@ -128,11 +132,16 @@ class _Guarded(Tracker):
         try:
             getattr(self.inner, what)(*args, **kwargs)
             self.failures = 0
-        except Exception as err:  # noqa: BLE001 - tracking must not end a run, whatever the backend raises
+        except Exception as err:
             self.failures += 1
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            log.warning("%s tracking: %s failed (%s)%s", self.name, what, first,
-                        "; tracking is off for the rest of the run" if self.failures >= MAX_FAILURES else "")
+            log.warning(
+                "%s tracking: %s failed (%s)%s",
+                self.name,
+                what,
+                first,
+                "; tracking is off for the rest of the run" if self.failures >= MAX_FAILURES else "",
+            )
 
     def start_run(self, params, run_name=""):
         self._call("start_run", params, run_name)
@@ -160,7 +169,7 @@ class MlflowTracker(Tracker):
         self.out = Path(out)
         if uri:
             self.uri = uri
-            db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+            db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
         else:
             db = str((self.out / "mlflow" / "mlflow.db").resolve())
             self.uri = f"sqlite:///{db}"
@@ -179,18 +188,24 @@ class MlflowTracker(Tracker):
                 self.client.update_run(self.run_id, status="RUNNING")
                 log.info("mlflow tracking: resuming run %s", self.run_id)
                 return
-            except Exception:  # noqa: BLE001 - the stored run is not in this store: start a new one
+            except Exception:
                 self.run_id = None
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment(EXPERIMENT, artifact_location=self.artifacts))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(EXPERIMENT, artifact_location=self.artifacts)
+        )
         self.run_id = self.client.create_run(experiment_id, run_name=run_name or None).info.run_id
         _store_run(self.out, self.name, self.uri, self.run_id)
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters a batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
-        log.info("mlflow tracking: run %s (view with `mlflow ui --backend-store-uri %s`)", self.run_id,
-                 self.uri if self.uri.startswith("sqlite:") else "<the tracking server>")
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        log.info(
+            "mlflow tracking: run %s (view with `mlflow ui --backend-store-uri %s`)",
+            self.run_id,
+            self.uri if self.uri.startswith("sqlite:") else "<the tracking server>",
+        )
 
     def log_round_metrics(self, step, scalars):
         from mlflow.entities import Metric
@@ -198,7 +213,7 @@ class MlflowTracker(Tracker):
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in scalars.items()]
         for i in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics a batch
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_artifacts(self, paths):
         for path in paths:
@@ -274,9 +289,12 @@ def make_tracker(track: str, out: Path, uri: str = "") -> Tracker:
         return Tracker()
     try:
         inner = MlflowTracker(out, uri) if track == "mlflow" else TensorBoardTracker(out, uri)
-    except Exception as err:  # noqa: BLE001 - tracking must not end a run
-        log.warning("%s tracking could not start (%s); the run goes on without it", track,
-                    (str(err).strip().splitlines() or [type(err).__name__])[0][:300])
+    except Exception as err:
+        log.warning(
+            "%s tracking could not start (%s); the run goes on without it",
+            track,
+            (str(err).strip().splitlines() or [type(err).__name__])[0][:300],
+        )
         return Tracker()
     return _Guarded(inner)
 

@@ -63,7 +63,9 @@ def generate_signing_key(path: Path) -> Ed25519PrivateKey:
     """Create an Ed25519 private key at ``path`` (PEM, PKCS8, unencrypted, mode 0600) and ``path.pub``."""
     key = Ed25519PrivateKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.chmod(0o600)
     path.with_suffix(path.suffix + ".pub").write_bytes(public_pem(key.public_key()))
     return key
@@ -113,7 +115,9 @@ def write_bundle(
         "detector.pt": _torch_bytes(detector_state),
         "stager.pt": _torch_bytes(stager_state),
         "spec.json": json.dumps(spec.to_dict(), indent=2).encode(),
-        "models.json": json.dumps({"detector": detector_config.to_dict(), "stager": stager_config.to_dict()}, indent=2).encode(),
+        "models.json": json.dumps(
+            {"detector": detector_config.to_dict(), "stager": stager_config.to_dict()}, indent=2
+        ).encode(),
         "metrics.json": json.dumps(metrics, indent=2, allow_nan=False, default=str).encode(),
         "run_config.json": json.dumps(redact_paths(run_config), indent=2, default=str).encode(),
     }
@@ -121,7 +125,10 @@ def write_bundle(
         payload["calibration.json"] = json.dumps(calibration.to_dict(), indent=2).encode()
     for name, data in payload.items():
         (out / name).write_bytes(data)
-    manifest = {"format_version": FORMAT_VERSION, "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()}}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()},
+    }
     if checkpoint_chain:
         manifest["checkpoint_chain"] = checkpoint_chain
     manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -236,10 +243,13 @@ def load_bundle(path: Path, public_key: Path | None = None) -> Bundle:
         try:
             net.load_state_dict(weights(name))
         except RuntimeError as err:  # names or shapes that models.json does not describe
-            raise BundleError(f"{path}: {name} does not fit the network in models.json "
-                              f"({str(err).splitlines()[0][:200]})") from None
+            raise BundleError(
+                f"{path}: {name} does not fit the network in models.json ({str(err).splitlines()[0][:200]})"
+            ) from None
     if public_key is None:
-        log.warning("bundle verified against its embedded signer key only; pass the coordinator's public key to trust it")
+        log.warning(
+            "bundle verified against its embedded signer key only; pass the coordinator's public key to trust it"
+        )
     return Bundle(
         detector=detector.eval(),
         stager=stager.eval(),
@@ -270,11 +280,14 @@ def _model_configs(models, path: Path) -> tuple[DetectorConfig, StagerConfig]:
         detector_config = DetectorConfig.from_dict(models["detector"])
         stager_config = StagerConfig.from_dict(models["stager"])
         with torch.device("meta"):
-            sizes = [sum(t.numel() * t.element_size() for t in net.state_dict().values())
-                     for net in (YOLOX3D(detector_config), MulDenseNet3D(stager_config))]
+            sizes = [
+                sum(t.numel() * t.element_size() for t in net.state_dict().values())
+                for net in (YOLOX3D(detector_config), MulDenseNet3D(stager_config))
+            ]
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise BundleError(f"{path}: models.json does not describe the networks ({type(err).__name__}: {err})") from None
     if max(sizes) > MAX_WEIGHTS_BYTES:
-        raise BundleError(f"{path}: models.json describes a network of {max(sizes)} bytes, more than the "
-                          f"{MAX_WEIGHTS_BYTES} allowed")
+        raise BundleError(
+            f"{path}: models.json describes a network of {max(sizes)} bytes, more than the {MAX_WEIGHTS_BYTES} allowed"
+        )
     return detector_config, stager_config

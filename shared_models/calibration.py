@@ -37,8 +37,9 @@ temperature selection; the per-head arithmetic is numpy/torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,14 +171,21 @@ def choose_early_threshold(pos: Sequence[int], neg: Sequence[int], edges: np.nda
     return float(edges[k])
 
 
-def sens_spec(pos: Sequence[int], neg: Sequence[int], threshold: float, edges: np.ndarray = SCORE_EDGES) -> dict[str, Any]:
+def sens_spec(
+    pos: Sequence[int], neg: Sequence[int], threshold: float, edges: np.ndarray = SCORE_EDGES
+) -> dict[str, Any]:
     """Sensitivity and specificity of ``P(early) >= threshold`` (a bin edge) from the histograms."""
     k = int(np.argmin(np.abs(edges - threshold)))
     p, n = np.asarray(pos, dtype=np.int64), np.asarray(neg, dtype=np.int64)
     tp, fn, tn, fp = int(p[k:].sum()), int(p[:k].sum()), int(n[:k].sum()), int(n[k:].sum())
-    return {"tp": tp, "fn": fn, "tn": tn, "fp": fp,
-            "sensitivity": tp / (tp + fn) if tp + fn else None,
-            "specificity": tn / (tn + fp) if tn + fp else None}
+    return {
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -233,8 +241,14 @@ class Calibration:
         values = dict(d)
         if values.get("energy_threshold") == "inf":
             values["energy_threshold"] = math.inf
-        for key in ("temperature", "detector_threshold", "energy_threshold", "early_threshold", "detector_miss",
-                    "ood_false_alarm"):
+        for key in (
+            "temperature",
+            "detector_threshold",
+            "energy_threshold",
+            "early_threshold",
+            "detector_miss",
+            "ood_false_alarm",
+        ):
             if values.get(key) is not None:
                 values[key] = float(values[key])
         if "val_heads" in values:

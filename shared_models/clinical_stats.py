@@ -119,7 +119,9 @@ def quadratic_weighted_kappa(y_true: Sequence[int] | np.ndarray, y_pred: Sequenc
         if not np.all(np.isin(v, np.arange(NUM_STAGES))):
             raise ValueError(f"{name}: class indices must be in 0..{NUM_STAGES - 1}")
     with np.errstate(invalid="ignore", divide="ignore"):
-        return float(cohen_kappa_score(a.astype(int), b.astype(int), labels=list(range(NUM_STAGES)), weights="quadratic"))
+        return float(
+            cohen_kappa_score(a.astype(int), b.astype(int), labels=list(range(NUM_STAGES)), weights="quadratic")
+        )
 
 
 # --------------------------------------------------------------------------- patient bootstrap
@@ -147,8 +149,10 @@ class BootstrapCI(tuple):
     high = property(lambda self: self[2])
 
     def __repr__(self) -> str:
-        return (f"BootstrapCI(point={self[0]!r}, low={self[1]!r}, high={self[2]!r}, n_boot={self.n_boot}, "
-                f"n_skipped={self.n_skipped}, n_patients={self.n_patients})")
+        return (
+            f"BootstrapCI(point={self[0]!r}, low={self[1]!r}, high={self[2]!r}, n_boot={self.n_boot}, "
+            f"n_skipped={self.n_skipped}, n_patients={self.n_patients})"
+        )
 
 
 def _evaluate(metric_fn: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, p: np.ndarray) -> float:
@@ -205,8 +209,9 @@ def bootstrap_ci(
     if pid.ndim != 1 or pid.size == 0:
         raise ValueError(f"patient_ids: expected a non-empty (N,) array, got shape {pid.shape}")
     if y.shape[:1] != pid.shape or p.shape[:1] != pid.shape:
-        raise ValueError(f"patient_ids, y_true, probs: expected the same first dimension, got {pid.shape}, "
-                         f"{y.shape} and {p.shape}")
+        raise ValueError(
+            f"patient_ids, y_true, probs: expected the same first dimension, got {pid.shape}, {y.shape} and {p.shape}"
+        )
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise ValueError(f"n_boot: expected a positive integer, got {n_boot!r}")
     if not 0.0 < float(alpha) < 1.0:
@@ -374,7 +379,9 @@ def auc_bin_error_bound(pos_hist: Sequence[int] | np.ndarray, neg_hist: Sequence
 
 
 def histogram_auc_bound(
-    labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray, n_bins: int = 100,
+    labels: Sequence[bool] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    n_bins: int = 100,
 ) -> dict[str, Any]:
     """Bin scores as :func:`shared_models.metrics.stage_counts` does, then the histogram AUC and its bound.
 

@@ -7,11 +7,11 @@ imports Flower: callers pass the plain mapping (``dict(context.run_config)``).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-import re
 from typing import Any
 
 from shared_models.detector import DetectorConfig
@@ -80,16 +80,22 @@ def robust_strategy_problem(strategy: str, n_train: int, trimmed_beta: float, kr
         if not 0.0 <= trimmed_beta < 0.5:
             return f"'trimmed-beta' must be in [0, 0.5), got {trimmed_beta}"
         if int(trimmed_beta * n_train) < 1:
-            return (f"fedtrimmedavg with trimmed-beta {trimmed_beta:g} trims int({trimmed_beta:g} x {n_train}) = 0 "
-                    f"updates at {n_train} training site(s): it would be a plain mean; needs trimmed-beta x sites >= 1")
+            return (
+                f"fedtrimmedavg with trimmed-beta {trimmed_beta:g} trims int({trimmed_beta:g} x {n_train}) = 0 "
+                f"updates at {n_train} training site(s): it would be a plain mean; needs trimmed-beta x sites >= 1"
+            )
     if strategy == "krum":
         if krum_byzantine < 0:
             return f"'krum-byzantine' must be >= 0, got {krum_byzantine}"
         if n_train <= 2 * krum_byzantine + 2:
-            return (f"krum tolerates krum-byzantine = {krum_byzantine} malicious site(s) only with more than "
-                    f"{2 * krum_byzantine + 2} training sites (n > 2f + 2), got {n_train}")
+            return (
+                f"krum tolerates krum-byzantine = {krum_byzantine} malicious site(s) only with more than "
+                f"{2 * krum_byzantine + 2} training sites (n > 2f + 2), got {n_train}"
+            )
     if strategy == "fedmedian" and n_train < 3:
-        return f"fedmedian needs at least 3 training sites to outvote one (the median of 2 is their mean), got {n_train}"
+        return (
+            f"fedmedian needs at least 3 training sites to outvote one (the median of 2 is their mean), got {n_train}"
+        )
     return None
 
 
@@ -103,8 +109,10 @@ def tracking_uri_problem(track: str, uri: str) -> str | None:
     if not uri or track == "none":
         return None
     if track == "mlflow" and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
-        return (f"'tracking-uri': MLflow needs a URI such as http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db, "
-                f"got {uri!r}")
+        return (
+            f"'tracking-uri': MLflow needs a URI such as http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db, "
+            f"got {uri!r}"
+        )
     if track == "tensorboard" and not Path(uri).is_absolute():
         return f"'tracking-uri': TensorBoard needs an absolute log folder, got {uri!r}"
     return None
@@ -163,8 +171,11 @@ def parse_site_nodes(text: str, site_ids: tuple[str, ...]) -> dict[str, int]:
     unknown = sorted(set(nodes) - set(site_ids))
     unbound = [s for s in site_ids if s not in nodes]
     if unknown or unbound:
-        raise ValueError(f"run config 'site-nodes': binds sites {unknown} that are not in site-ids"
-                         if unknown else f"run config 'site-nodes': sites {unbound} have no enrolled node")
+        raise ValueError(
+            f"run config 'site-nodes': binds sites {unknown} that are not in site-ids"
+            if unknown
+            else f"run config 'site-nodes': sites {unbound} have no enrolled node"
+        )
     if len(set(nodes.values())) != len(nodes):
         raise ValueError("run config 'site-nodes': one node id is bound to two sites")
     return nodes
@@ -233,7 +244,7 @@ class RunConfig:
     torch_threads: int = 0  # issue 18: torch threads of a site's ClientApp (0: the process default)
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build and validate from a Flower run config mapping.
 
         Raises:
@@ -295,7 +306,9 @@ class RunConfig:
             raise ValueError(f"run config 'strategy': {problem}")
         clip_factor, reject_factor = positive("update-clip-factor", float), positive("update-reject-factor", float)
         if reject_factor < clip_factor:
-            raise ValueError(f"run config 'update-reject-factor': must be >= update-clip-factor {clip_factor}, got {reject_factor}")
+            raise ValueError(
+                f"run config 'update-reject-factor': must be >= update-clip-factor {clip_factor}, got {reject_factor}"
+            )
         track, tracking_uri = choice("track", TRACKERS), get("tracking-uri", str).strip()
         problem = tracking_uri_problem(track, tracking_uri)
         if problem:
@@ -324,8 +337,11 @@ class RunConfig:
                 if str(err).startswith("run config"):
                     raise
                 field = str(err).split(":", 1)[0]
-                key = {"fusion": "stager-fusion", "transition": "stager-transition",
-                       "dropout_prob": "stager-dropout"}.get(field, "stager-*")
+                key = {
+                    "fusion": "stager-fusion",
+                    "transition": "stager-transition",
+                    "dropout_prob": "stager-dropout",
+                }.get(field, "stager-*")
                 raise ValueError(f"run config {key!r}: {str(err).split(':', 1)[-1].strip()}") from None
         return cls(
             data_root=get("data-root", str),
@@ -397,12 +413,16 @@ class RunConfig:
         if phase not in ("detector", "stager"):
             raise ValueError(f"phase must be 'detector' or 'stager', got {phase!r}")
         rounds, steps, warmup = (
-            (self.detector_rounds, self.detector_local_steps, self.detector_warmup_steps) if phase == "detector"
-            else (self.stager_rounds, self.stager_local_steps, self.stager_warmup_steps))
+            (self.detector_rounds, self.detector_local_steps, self.detector_warmup_steps)
+            if phase == "detector"
+            else (self.stager_rounds, self.stager_local_steps, self.stager_warmup_steps)
+        )
         total = rounds * steps
-        return {"step_offset": (server_round - 1) * steps,
-                "total_steps": total if self.lr_schedule == "cosine" else None,
-                "warmup_steps": min(warmup, total)}
+        return {
+            "step_offset": (server_round - 1) * steps,
+            "total_steps": total if self.lr_schedule == "cosine" else None,
+            "warmup_steps": min(warmup, total),
+        }
 
     def site_for_partition(self, partition_id: int) -> str:
         """Map a simulation ``partition-id`` to its site id (the order of ``site-ids``).
@@ -411,7 +431,5 @@ class RunConfig:
             ValueError: if the partition id is out of range.
         """
         if not 0 <= partition_id < len(self.site_ids):
-            raise ValueError(
-                f"partition-id {partition_id} has no site: site-ids lists {len(self.site_ids)} sites"
-            )
+            raise ValueError(f"partition-id {partition_id} has no site: site-ids lists {len(self.site_ids)} sites")
         return self.site_ids[partition_id]

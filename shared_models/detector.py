@@ -136,7 +136,7 @@ class DetectorConfig(DictConfig):
     strides: tuple[int, ...] = (8, 16)
     head_width: int = 32
 
-    PAPER: ClassVar["DetectorConfig"]
+    PAPER: ClassVar[DetectorConfig]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "in_channels", positive_int("in_channels", self.in_channels))
@@ -145,8 +145,7 @@ class DetectorConfig(DictConfig):
         strides = int_tuple("strides", self.strides, min_value=1)
         if len(widths) != len(depths) + 1:
             raise ValueError(
-                f"widths: expected len(depths) + 1 = {len(depths) + 1} values (stem + one per stage), "
-                f"got {len(widths)}"
+                f"widths: expected len(depths) + 1 = {len(depths) + 1} values (stem + one per stage), got {len(widths)}"
             )
         stage_strides = tuple(2 ** (i + 2) for i in range(len(depths)))
         if not 1 <= len(strides) <= 3 or strides != stage_strides[-len(strides) :]:
@@ -281,9 +280,7 @@ class YOLOX3D(nn.Module):
         self.lateral_convs = nn.ModuleList(_cbs(c[i + 1], c[i], 1) for i in range(n_levels - 1))
         self.td_csps = nn.ModuleList(_CSPLayer(2 * c[i], c[i], 1, shortcut=False) for i in range(n_levels - 1))
         self.downsample_convs = nn.ModuleList(_cbs(c[i - 1], c[i - 1], 3, 2) for i in range(1, n_levels))
-        self.bu_csps = nn.ModuleList(
-            _CSPLayer(c[i - 1] + c[i], c[i], 1, shortcut=False) for i in range(1, n_levels)
-        )
+        self.bu_csps = nn.ModuleList(_CSPLayer(c[i - 1] + c[i], c[i], 1, shortcut=False) for i in range(1, n_levels))
         self.heads = nn.ModuleList(_DecoupledHead(ch, config.head_width) for ch in c)
         self.register_buffer("cells", torch.zeros(0, 4), persistent=False)
         self._cells_key: tuple | None = None
@@ -329,9 +326,7 @@ class YOLOX3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict one decoded box per grid cell; see the class docstring for shapes."""
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
         feats = []
         y = self.stem(x)
         for stage in self.stages:

@@ -44,17 +44,30 @@ SCHEME = "99ONFH"
 #: value -> meaning of every private code (scheme :data:`SCHEME`)
 PRIVATE_CODES = {
     "FA_STAGE": "Ficat-Arlet stage",
-    "FA_0": "Ficat-Arlet stage 0", "FA_I": "Ficat-Arlet stage I", "FA_II": "Ficat-Arlet stage II",
-    "ASSESSMENT": "Assessment", "ASSESSED": "Assessed", "NOT_ASSESSED": "Not assessed (flagged)",
+    "FA_0": "Ficat-Arlet stage 0",
+    "FA_I": "Ficat-Arlet stage I",
+    "FA_II": "Ficat-Arlet stage II",
+    "ASSESSMENT": "Assessment",
+    "ASSESSED": "Assessed",
+    "NOT_ASSESSED": "Not assessed (flagged)",
     "REFUSED": "Refused (study gate failed)",
-    "FLAG": "Flag", "low_detector_score": "Detector score below the validation threshold",
-    "out_of_distribution": "Out of distribution (energy score)", "off_target": "Box is not a femoral head",
-    "refused": "Study refused", "non_finite": "Stager output not finite (NaN or infinity)",
-    "P_0": "Probability of Ficat-Arlet stage 0", "P_I": "Probability of Ficat-Arlet stage I",
+    "FLAG": "Flag",
+    "low_detector_score": "Detector score below the validation threshold",
+    "out_of_distribution": "Out of distribution (energy score)",
+    "off_target": "Box is not a femoral head",
+    "refused": "Study refused",
+    "non_finite": "Stager output not finite (NaN or infinity)",
+    "P_0": "Probability of Ficat-Arlet stage 0",
+    "P_I": "Probability of Ficat-Arlet stage I",
     "P_II": "Probability of Ficat-Arlet stage II",
-    "BOX_X0": "Box x0 (LPS)", "BOX_Y0": "Box y0 (LPS)", "BOX_Z0": "Box z0 (LPS)",
-    "BOX_X1": "Box x1 (LPS)", "BOX_Y1": "Box y1 (LPS)", "BOX_Z1": "Box z1 (LPS)",
-    "DETECTOR_SCORE": "Detector score", "GRADCAM_VOLUME": "Grad-CAM volume at or above threshold",
+    "BOX_X0": "Box x0 (LPS)",
+    "BOX_Y0": "Box y0 (LPS)",
+    "BOX_Z0": "Box z0 (LPS)",
+    "BOX_X1": "Box x1 (LPS)",
+    "BOX_Y1": "Box y1 (LPS)",
+    "BOX_Z1": "Box z1 (LPS)",
+    "DETECTOR_SCORE": "Detector score",
+    "GRADCAM_VOLUME": "Grad-CAM volume at or above threshold",
     "GRADCAM_EVIDENCE": "Grad-CAM evidence region",
 }
 BOX_KEYS = ("BOX_X0", "BOX_Y0", "BOX_Z0", "BOX_X1", "BOX_Y1", "BOX_Z1")
@@ -89,17 +102,25 @@ def box_faces(box_lps_mm: Sequence[float]) -> list[np.ndarray]:
     """The six faces of the box ``(x0, y0, z0, x1, y1, z1)`` (mm) as closed polygons, each ``(5, 3)`` float32
     (first point repeated last, as DICOM POLYGON requires)."""
     x0, y0, z0, x1, y1, z1 = (float(v) for v in box_lps_mm)
-    quads = [[(x0, y0, z0), (x0, y1, z0), (x0, y1, z1), (x0, y0, z1)], [(x1, y0, z0), (x1, y1, z0), (x1, y1, z1), (x1, y0, z1)],
-             [(x0, y0, z0), (x1, y0, z0), (x1, y0, z1), (x0, y0, z1)], [(x0, y1, z0), (x1, y1, z0), (x1, y1, z1), (x0, y1, z1)],
-             [(x0, y0, z0), (x1, y0, z0), (x1, y1, z0), (x0, y1, z0)], [(x0, y0, z1), (x1, y0, z1), (x1, y1, z1), (x0, y1, z1)]]
+    quads = [
+        [(x0, y0, z0), (x0, y1, z0), (x0, y1, z1), (x0, y0, z1)],
+        [(x1, y0, z0), (x1, y1, z0), (x1, y1, z1), (x1, y0, z1)],
+        [(x0, y0, z0), (x1, y0, z0), (x1, y0, z1), (x0, y0, z1)],
+        [(x0, y1, z0), (x1, y1, z0), (x1, y1, z1), (x0, y1, z1)],
+        [(x0, y0, z0), (x1, y0, z0), (x1, y1, z0), (x0, y1, z0)],
+        [(x0, y0, z1), (x1, y0, z1), (x1, y1, z1), (x0, y1, z1)],
+    ]
     return [np.asarray([*q, q[0]], dtype=np.float32) for q in quads]
 
 
 def source_grid(datasets, row_col: np.ndarray, normal: np.ndarray) -> sitk.Image:
     """A float32 image on the sorted single-frame ``datasets``' voxel grid (LPS; zeros)."""
     first = np.asarray(datasets[0].ImagePositionPatient, dtype=np.float64)
-    step = (float(np.dot(np.asarray(datasets[1].ImagePositionPatient, dtype=np.float64) - first, normal))
-            if len(datasets) > 1 else float(getattr(datasets[0], "SliceThickness", 1.0) or 1.0))
+    step = (
+        float(np.dot(np.asarray(datasets[1].ImagePositionPatient, dtype=np.float64) - first, normal))
+        if len(datasets) > 1
+        else float(getattr(datasets[0], "SliceThickness", 1.0) or 1.0)
+    )
     dy, dx = (float(v) for v in datasets[0].PixelSpacing)  # row spacing, column spacing
     ref = sitk.Image(int(datasets[0].Columns), int(datasets[0].Rows), len(datasets), sitk.sitkFloat32)
     ref.SetSpacing((dx, dy, step))
@@ -108,8 +129,9 @@ def source_grid(datasets, row_col: np.ndarray, normal: np.ndarray) -> sitk.Image
     return ref
 
 
-def write_dicom_outputs(source_files: Sequence[Path], results, heads: list[dict], verdict: str, out: Path,
-                        software_version: str = "0.1.0") -> list[Path]:
+def write_dicom_outputs(
+    source_files: Sequence[Path], results, heads: list[dict], verdict: str, out: Path, software_version: str = "0.1.0"
+) -> list[Path]:
     """Write ``out/sr.dcm`` and, when a head was assessed, ``out/seg.dcm``; returns the files written.
 
     Args:
@@ -152,33 +174,58 @@ def write_dicom_outputs(source_files: Sequence[Path], results, heads: list[dict]
         evaluations = [QualitativeEvaluation(code("ASSESSMENT"), code(status))]
         if head["assessed"] and head["predicted_stage"]:
             evaluations.append(QualitativeEvaluation(code("FA_STAGE"), code(f"FA_{head['predicted_stage']}")))
-        evaluations += [QualitativeEvaluation(code("FLAG"), code(flag)) for flag in head["flags"] if flag in PRIVATE_CODES]
-        measurements = [Measurement(code(k), float(v), codes.UCUM.Millimeter) for k, v in zip(BOX_KEYS, head["box_lps_mm"])]
+        evaluations += [
+            QualitativeEvaluation(code("FLAG"), code(flag)) for flag in head["flags"] if flag in PRIVATE_CODES
+        ]
+        measurements = [
+            Measurement(code(k), float(v), codes.UCUM.Millimeter) for k, v in zip(BOX_KEYS, head["box_lps_mm"])
+        ]
         measurements.append(Measurement(code("DETECTOR_SCORE"), float(head["detector_score"]), codes.UCUM.NoUnits))
         if head["assessed"]:
-            measurements += [Measurement(code(f"P_{k}"), float(p), codes.UCUM.NoUnits)
-                             for k, p in head["stage_probabilities"].items()]
-            measurements.append(Measurement(code("GRADCAM_VOLUME"), float(head["gradcam_volume_mm3"]),
-                                            codes.UCUM.CubicMillimeter))
+            measurements += [
+                Measurement(code(f"P_{k}"), float(p), codes.UCUM.NoUnits)
+                for k, p in head["stage_probabilities"].items()
+            ]
+            measurements.append(
+                Measurement(code("GRADCAM_VOLUME"), float(head["gradcam_volume_mm3"]), codes.UCUM.CubicMillimeter)
+            )
         laterality = codes.SCT.Right if head["side"] == "R" else codes.SCT.Left
         common = dict(
             tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"{head['side']} femoral head"),
-            finding_type=codes.SCT.FemoralHead, algorithm_id=algorithm,
+            finding_type=codes.SCT.FemoralHead,
+            algorithm_id=algorithm,
             finding_sites=[FindingSite(anatomic_location=codes.SCT.FemoralHead, laterality=laterality)],
-            measurements=measurements, qualitative_evaluations=evaluations)
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+        )
         frame = getattr(datasets[0], "FrameOfReferenceUID", None)
         if frame:  # TID 1411: the box as a closed surface (its six faces) in the source frame of reference
-            surface = VolumeSurface(graphic_type="POLYGON", graphic_data=box_faces(head["box_lps_mm"]),
-                                    frame_of_reference_uid=frame,
-                                    source_series=SourceSeriesForSegmentation(datasets[0].SeriesInstanceUID))
-            groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface, **common))
+            surface = VolumeSurface(
+                graphic_type="POLYGON",
+                graphic_data=box_faces(head["box_lps_mm"]),
+                frame_of_reference_uid=frame,
+                source_series=SourceSeriesForSegmentation(datasets[0].SeriesInstanceUID),
+            )
+            groups.append(
+                VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface, **common)
+            )
         else:
             groups.append(MeasurementsAndQualitativeEvaluations(**common))
-    report = MeasurementReport(observation_context=ObservationContext(), procedure_reported=codes.SCT.ImagingProcedure,
-                               imaging_measurements=groups)
-    sr = Comprehensive3DSR(evidence=datasets, content=report, series_instance_uid=hd.UID(), series_number=901,
-                           sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ONFH-FL",
-                           is_complete=True)
+    report = MeasurementReport(
+        observation_context=ObservationContext(),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    sr = Comprehensive3DSR(
+        evidence=datasets,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=901,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ONFH-FL",
+        is_complete=True,
+    )
     written = [out / "sr.dcm"]
     sr.save_as(written[0], enforce_file_format=True)
     assessed = [(h, r) for h, r in zip(heads, results, strict=True) if h["assessed"]]
@@ -196,21 +243,37 @@ def write_dicom_outputs(source_files: Sequence[Path], results, heads: list[dict]
             continue
         side = "right" if h["side"] == "R" else "left"
         masks.append(mask)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=len(masks), segment_label=f"Grad-CAM {side} femoral head",
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=code("GRADCAM_EVIDENCE"), algorithm_type="AUTOMATIC",
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name="ONFH-FL 3D Grad-CAM", family=codes.DCM.ArtificialIntelligence, version=software_version),
-            anatomic_regions=[codes.SCT.FemoralHead]))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=len(masks),
+                segment_label=f"Grad-CAM {side} femoral head",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=code("GRADCAM_EVIDENCE"),
+                algorithm_type="AUTOMATIC",
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name="ONFH-FL 3D Grad-CAM", family=codes.DCM.ArtificialIntelligence, version=software_version
+                ),
+                anatomic_regions=[codes.SCT.FemoralHead],
+            )
+        )
     if not masks:
         return written
     seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
-        segmentation_type="BINARY", segment_descriptions=descriptions, series_instance_uid=hd.UID(),
-        series_number=902, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ONFH-FL",
-        manufacturer_model_name="ONFH-FL", software_versions=software_version, device_serial_number="0",
-        content_description=f"Grad-CAM at or above {GRADCAM_VOLUME_THRESHOLD:g}", omit_empty_frames=False)
+        source_images=datasets,
+        pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
+        segmentation_type="BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=902,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ONFH-FL",
+        manufacturer_model_name="ONFH-FL",
+        software_versions=software_version,
+        device_serial_number="0",
+        content_description=f"Grad-CAM at or above {GRADCAM_VOLUME_THRESHOLD:g}",
+        omit_empty_frames=False,
+    )
     written.append(out / "seg.dcm")
     seg.save_as(written[-1], enforce_file_format=True)
     return written

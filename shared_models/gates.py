@@ -34,19 +34,41 @@ heads 200 mm apart with 25 mm radius each; a brain study is about 140-180 mm wid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from shared_models.preprocessing import image_bounds_lps, midline_x_mm
 
-HIP_BODY_PARTS = frozenset({
-    "HIP", "HIPS", "PELVIS", "ABDOMENPELVIS", "ABDOMEN PELVIS", "WHOLEBODY", "WHOLE BODY", "LOWERLIMB", "LOWER LIMB",
-    "LEG", "FEMUR", "THIGH", "PROSTATE", "BLADDER", "RECTUM", "SACRUM", "COCCYX", "BUTTOCK", "GLUTEAL REGION",
-    "SIJOINT", "SI JOINT", "LSPINE", "LUMBAR SPINE",
-})
+HIP_BODY_PARTS = frozenset(
+    {
+        "HIP",
+        "HIPS",
+        "PELVIS",
+        "ABDOMENPELVIS",
+        "ABDOMEN PELVIS",
+        "WHOLEBODY",
+        "WHOLE BODY",
+        "LOWERLIMB",
+        "LOWER LIMB",
+        "LEG",
+        "FEMUR",
+        "THIGH",
+        "PROSTATE",
+        "BLADDER",
+        "RECTUM",
+        "SACRUM",
+        "COCCYX",
+        "BUTTOCK",
+        "GLUTEAL REGION",
+        "SIJOINT",
+        "SI JOINT",
+        "LSPINE",
+        "LUMBAR SPINE",
+    }
+)
 MIN_FOV_LR_MM = 250.0
 MIN_FOV_SI_MM = 40.0
 HEAD_BOX_MM = (28.0, 72.0)
@@ -81,14 +103,21 @@ def check_field_of_view(oriented: sitk.Image) -> GateResult:
         lr, si = float(high[0] - low[0]), float(high[2] - low[2])
     reasons = []
     if not np.isfinite(lr) or not np.isfinite(si):  # NaN compares False with everything: fail closed
-        return GateResult((f"field of view is not finite ({lr} mm left-right, {si} mm head-foot): "
-                           "non-finite voxel spacing, direction or origin",))
+        return GateResult(
+            (
+                f"field of view is not finite ({lr} mm left-right, {si} mm head-foot): "
+                "non-finite voxel spacing, direction or origin",
+            )
+        )
     if lr < MIN_FOV_LR_MM:
-        reasons.append(f"field of view {lr:.0f} mm left-right is too narrow to hold both femoral heads "
-                       f"(needs >= {MIN_FOV_LR_MM:.0f} mm)")
+        reasons.append(
+            f"field of view {lr:.0f} mm left-right is too narrow to hold both femoral heads "
+            f"(needs >= {MIN_FOV_LR_MM:.0f} mm)"
+        )
     if si < MIN_FOV_SI_MM:
-        reasons.append(f"field of view {si:.0f} mm head-foot is too short to hold a femoral head "
-                       f"(needs >= {MIN_FOV_SI_MM:.0f} mm)")
+        reasons.append(
+            f"field of view {si:.0f} mm head-foot is too short to hold a femoral head (needs >= {MIN_FOV_SI_MM:.0f} mm)"
+        )
     return GateResult(tuple(reasons))
 
 
@@ -134,8 +163,10 @@ def check_head(box_lps_mm: Sequence[float], oriented: sitk.Image) -> GateResult:
     lo, hi = HEAD_BOX_MM
     reasons = []
     if size.min() < lo or size.max() > hi:
-        reasons.append(f"box {size[0]:.0f} x {size[1]:.0f} x {size[2]:.0f} mm is not the size of a femoral head "
-                       f"({lo:.0f}-{hi:.0f} mm per edge)")
+        reasons.append(
+            f"box {size[0]:.0f} x {size[1]:.0f} x {size[2]:.0f} mm is not the size of a femoral head "
+            f"({lo:.0f}-{hi:.0f} mm per edge)"
+        )
     low, high = image_bounds_lps(oriented)
     margin = np.maximum(EDGE_MARGIN_MM, np.asarray(oriented.GetSpacing(), dtype=np.float64))  # LPS-oriented axes
     if np.any(b[:3] - low < margin) or np.any(high - b[3:] < margin):

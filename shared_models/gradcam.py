@@ -27,9 +27,9 @@ no weight gradients are computed. Not safe while another thread trains the same 
 from __future__ import annotations
 
 import difflib
-from contextlib import contextmanager
 import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -147,8 +147,12 @@ def stage_gradcam(
         device, dtype = crop.device, torch.float32
     # Works inside no_grad/inference_mode/autocast callers: the input is made as a normal float
     # tensor with autograd on.
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False), \
-            _borrowed(model, layer) as work:
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(device_type=device.type, enabled=False),
+        _borrowed(model, layer) as work,
+    ):
         x = crop.detach().clone().to(device=device, dtype=dtype).requires_grad_(True)
         if class_index is not None:
             with torch.no_grad():
@@ -161,9 +165,7 @@ def stage_gradcam(
     return out[0, 0].detach().float().cpu().numpy().astype(np.float32)
 
 
-def heatmap_volume_mm3(
-    cam: np.ndarray, spacing_dhw_mm: Sequence[float], threshold: float = 0.5
-) -> float:
+def heatmap_volume_mm3(cam: np.ndarray, spacing_dhw_mm: Sequence[float], threshold: float = 0.5) -> float:
     """Physical volume of the highlighted region of a Grad-CAM map (paper section 3.4).
 
     Args:

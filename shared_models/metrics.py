@@ -134,8 +134,10 @@ def score_histograms(is_positive: np.ndarray, scores: np.ndarray, n_bins: int = 
     edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
     s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
     mask = np.asarray(is_positive, dtype=bool)
-    return ([int(c) for c in np.histogram(s[mask], bins=edges)[0]],
-            [int(c) for c in np.histogram(s[~mask], bins=edges)[0]])
+    return (
+        [int(c) for c in np.histogram(s[mask], bins=edges)[0]],
+        [int(c) for c in np.histogram(s[~mask], bins=edges)[0]],
+    )
 
 
 def stage_counts(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 100) -> dict[str, Any]:
@@ -272,10 +274,19 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     kappa = quadratic_weighted_kappa(np.repeat(true_idx, reps), np.repeat(pred_idx, reps))
     early_tp, early_fn = int(conf[1:, 1:].sum()), int(conf[1:, 0].sum())
     early_tn, early_fp = int(conf[0, 0]), int(conf[0, 1:].sum())
-    early = {"sensitivity": early_tp / (early_tp + early_fn) if early_tp + early_fn else math.nan,
-             "specificity": early_tn / (early_tn + early_fp) if early_tn + early_fp else math.nan}
-    return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": n, "auc_bin_error_bound": auc_bounds,
-            "quadratic_kappa": kappa, "early_onfh": early}
+    early = {
+        "sensitivity": early_tp / (early_tp + early_fn) if early_tp + early_fn else math.nan,
+        "specificity": early_tn / (early_tn + early_fp) if early_tn + early_fp else math.nan,
+    }
+    return {
+        "per_stage": per_stage,
+        "macro": macro,
+        "weighted": weighted,
+        "n": n,
+        "auc_bin_error_bound": auc_bounds,
+        "quadratic_kappa": kappa,
+        "early_onfh": early,
+    }
 
 
 def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> float:
@@ -298,7 +309,9 @@ def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> f
     scores = np.asarray(scores, dtype=np.float64)
     is_tp = np.asarray(is_tp, dtype=bool)
     if n_gt < 1 or scores.shape != is_tp.shape:
-        raise ValueError(f"average_precision_101: need n_gt >= 1 and matching arrays, got {n_gt}, {scores.shape}, {is_tp.shape}")
+        raise ValueError(
+            f"average_precision_101: need n_gt >= 1 and matching arrays, got {n_gt}, {scores.shape}, {is_tp.shape}"
+        )
     order = np.argsort(-scores, kind="mergesort")
     tp = np.cumsum(is_tp[order])
     precision = tp / np.arange(1, len(order) + 1)
@@ -313,7 +326,9 @@ IOU_HIST_BINS = 20  # equal IoU bins on [0, 1] for the per-site IoU distribution
 
 
 def detection_metrics(
-    pred_boxes: np.ndarray, gt_boxes: np.ndarray, spacing_dhw_mm: Sequence[float] | np.ndarray,
+    pred_boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+    spacing_dhw_mm: Sequence[float] | np.ndarray,
     scores: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Localisation quality of the detector, one predicted box per ground-truth box.
@@ -344,8 +359,14 @@ def detection_metrics(
     if spacing.shape not in ((3,), (n, 3)) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ValueError(f"spacing_dhw_mm: expected (3,) or ({n}, 3) positive mm values, got shape {spacing.shape}")
     if n == 0:
-        empty = {"n": 0, "iou_mean": math.nan, "center_error_mm": math.nan, "recall30": math.nan, "recall50": math.nan,
-                 "iou_hist": [0] * IOU_HIST_BINS}
+        empty = {
+            "n": 0,
+            "iou_mean": math.nan,
+            "center_error_mm": math.nan,
+            "recall30": math.nan,
+            "recall50": math.nan,
+            "iou_hist": [0] * IOU_HIST_BINS,
+        }
         return empty if scores is None else {**empty, "ap50": math.nan}
     ious = np.diagonal(box_iou_3d(pred, gt)).astype(np.float64)
     err = np.linalg.norm((pred[:, :3] - gt[:, :3]) * spacing, axis=1)

@@ -41,46 +41,95 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared_models.bundle import MAX_JSON_BYTES, MAX_KEY_BYTES, MAX_WEIGHTS_BYTES, OPTIONAL, PAYLOAD, BundleError, load_bundle
+from shared_models.bundle import (
+    MAX_JSON_BYTES,
+    MAX_KEY_BYTES,
+    MAX_WEIGHTS_BYTES,
+    OPTIONAL,
+    PAYLOAD,
+    BundleError,
+    load_bundle,
+)
 from shared_models.safe_files import UnsafeFileError, read_regular_file
 from shared_models.stages import FicatArletStage
 
 log = logging.getLogger(__name__)
 
-MONAI_SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
+MONAI_SCHEMA_URL = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
+)
 SIGNED_FILES = (*PAYLOAD, *OPTIONAL, "MANIFEST.json", "MANIFEST.sig", "signer.pub")
 
-_TENSOR_KEYS = ("type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
-                "is_patch_data", "channel_def")
+_TENSOR_KEYS = (
+    "type",
+    "format",
+    "modality",
+    "num_channels",
+    "spatial_shape",
+    "dtype",
+    "value_range",
+    "is_patch_data",
+    "channel_def",
+)
 # the specification's "optional_packages_version" is "required_packages_version" since MONAI 1.4 (MONAI 1.6.1
 # warns on the old name and renames it when it parses a config)
-_MANDATORY = ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
-              "description", "authors", "copyright", "network_data_format")
+_MANDATORY = (
+    "version",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
+)
 
 
 def metadata_schema() -> dict:
     """JSON schema (draft 7) of the MONAI Bundle specification's mandatory ``metadata.json`` keys and
     tensor format specifiers (written from the specification text, not MONAI's published file)."""
-    tensor = {"type": "object", "required": list(_TENSOR_KEYS), "properties": {
-        "type": {"type": "string"}, "format": {"type": "string"}, "modality": {"type": "string"},
-        "num_channels": {"type": "integer", "minimum": 0},
-        "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
-        "dtype": {"type": "string"}, "value_range": {"type": "array", "items": {"type": "number"}},
-        "is_patch_data": {"type": "boolean"}, "channel_def": {"type": "object"}}}
+    tensor = {
+        "type": "object",
+        "required": list(_TENSOR_KEYS),
+        "properties": {
+            "type": {"type": "string"},
+            "format": {"type": "string"},
+            "modality": {"type": "string"},
+            "num_channels": {"type": "integer", "minimum": 0},
+            "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
+            "dtype": {"type": "string"},
+            "value_range": {"type": "array", "items": {"type": "number"}},
+            "is_patch_data": {"type": "boolean"},
+            "channel_def": {"type": "object"},
+        },
+    }
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "MONAI Bundle metadata.json (mandatory keys of the MONAI Bundle specification)",
         "type": "object",
         "required": ["schema", *_MANDATORY],
         "properties": {
-            "schema": {"type": "string"}, "version": {"type": "string"}, "monai_version": {"type": "string"},
-            "pytorch_version": {"type": "string"}, "numpy_version": {"type": "string"},
+            "schema": {"type": "string"},
+            "version": {"type": "string"},
+            "monai_version": {"type": "string"},
+            "pytorch_version": {"type": "string"},
+            "numpy_version": {"type": "string"},
             "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
-            "task": {"type": "string"}, "description": {"type": "string"}, "authors": {"type": "string"},
-            "copyright": {"type": "string"}, "changelog": {"type": "object"},
-            "network_data_format": {"type": "object", "required": ["inputs", "outputs"], "properties": {
-                "inputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor},
-                "outputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor}}},
+            "task": {"type": "string"},
+            "description": {"type": "string"},
+            "authors": {"type": "string"},
+            "copyright": {"type": "string"},
+            "changelog": {"type": "object"},
+            "network_data_format": {
+                "type": "object",
+                "required": ["inputs", "outputs"],
+                "properties": {
+                    "inputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor},
+                    "outputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor},
+                },
+            },
         },
     }
 
@@ -97,15 +146,20 @@ def _metadata(bundle, version: str) -> dict:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {"onfh-fl": _onfh_version(), "SimpleITK": _version_of("SimpleITK"),
-                                      "pydicom": _version_of("pydicom")},
+        "required_packages_version": {
+            "onfh-fl": _onfh_version(),
+            "SimpleITK": _version_of("SimpleITK"),
+            "pydicom": _version_of("pydicom"),
+        },
         "name": "ONFH-FL femoral head detector and Ficat-Arlet stager",
         "task": "Early osteonecrosis of the femoral head: Ficat-Arlet stage 0/I/II of each femoral head on 3D hip MRI",
-        "description": ("Two-stage pipeline (Yang et al., Front. Surg. 2025): 3DC-YOLOX finds each femoral head in "
-                        "its hemi-volume; 3D-MulDenseNet stages the cropped head (Ficat-Arlet 0, I, II); 3D Grad-CAM "
-                        "shows the evidence. Trained by federated learning with ONFH-FL. Studies that fail the "
-                        "anatomy and field-of-view gates are refused, heads below the calibrated detector or "
-                        "out-of-distribution thresholds are flagged and not staged."),
+        "description": (
+            "Two-stage pipeline (Yang et al., Front. Surg. 2025): 3DC-YOLOX finds each femoral head in "
+            "its hemi-volume; 3D-MulDenseNet stages the cropped head (Ficat-Arlet 0, I, II); 3D Grad-CAM "
+            "shows the evidence. Trained by federated learning with ONFH-FL. Studies that fail the "
+            "anatomy and field-of-view gates are refused, heads below the calibrated detector or "
+            "out-of-distribution thresholds are flagged and not staged."
+        ),
         "authors": "ONFH-FL contributors",
         "copyright": "Copyright (c) ONFH-FL contributors",
         "license": "Apache-2.0",
@@ -114,25 +168,65 @@ def _metadata(bundle, version: str) -> dict:
         "references": ["Yang et al. Front. Surg. 2025: 3DC-YOLOX and 3D-MulDenseNet for early ONFH on MRI"],
         "network_data_format": {
             "inputs": {
-                "image": {"type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
-                          "spatial_shape": list(spec.hemi_shape), "dtype": "float32", "value_range": [0, 1],
-                          "is_patch_data": True,
-                          "channel_def": {"0": f"T2 hemi-volume of one side (mirrored to medial->lateral), "
-                                               f"{list(spec.hemi_fov_mm)} mm (D, H, W), window level "
-                                               f"{spec.window_level:g} width {spec.window_width:g} scaled to [0, 1]"}},
-                "crop": {"type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
-                         "spatial_shape": list(spec.crop_shape), "dtype": "float32", "value_range": [0, 1],
-                         "is_patch_data": True,
-                         "channel_def": {"0": f"femoral head box plus {spec.crop_margin_mm:g} mm, stager input"}},
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": "MR",
+                    "num_channels": 1,
+                    "spatial_shape": list(spec.hemi_shape),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {
+                        "0": f"T2 hemi-volume of one side (mirrored to medial->lateral), "
+                        f"{list(spec.hemi_fov_mm)} mm (D, H, W), window level "
+                        f"{spec.window_level:g} width {spec.window_width:g} scaled to [0, 1]"
+                    },
+                },
+                "crop": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": "MR",
+                    "num_channels": 1,
+                    "spatial_shape": list(spec.crop_shape),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {"0": f"femoral head box plus {spec.crop_margin_mm:g} mm, stager input"},
+                },
             },
             "outputs": {
-                "boxes": {"type": "tuples", "format": "points", "modality": "n/a", "num_channels": 8,
-                          "spatial_shape": ["*"], "dtype": "float32", "value_range": [], "is_patch_data": False,
-                          "channel_def": {"0": "cz", "1": "cy", "2": "cx", "3": "d", "4": "h", "5": "w",
-                                          "6": "objectness logit", "7": "class logit"}},
-                "pred": {"type": "probabilities", "format": "classes", "modality": "n/a", "num_channels": 3,
-                         "spatial_shape": [1], "dtype": "float32", "value_range": [], "is_patch_data": False,
-                         "channel_def": stages},
+                "boxes": {
+                    "type": "tuples",
+                    "format": "points",
+                    "modality": "n/a",
+                    "num_channels": 8,
+                    "spatial_shape": ["*"],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": False,
+                    "channel_def": {
+                        "0": "cz",
+                        "1": "cy",
+                        "2": "cx",
+                        "3": "d",
+                        "4": "h",
+                        "5": "w",
+                        "6": "objectness logit",
+                        "7": "class logit",
+                    },
+                },
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "modality": "n/a",
+                    "num_channels": 3,
+                    "spatial_shape": [1],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": False,
+                    "channel_def": stages,
+                },
             },
         },
     }
@@ -166,9 +260,12 @@ def _inference_config() -> dict:
 
 def _readme(bundle, signed_by_coordinator: bool) -> str:
     cal = bundle.calibration
-    cal_line = ("none: no detector-score or out-of-distribution gate, temperature 1, arg-max stage" if cal is None else
-                f"temperature {cal.temperature:g}, detector threshold {cal.detector_threshold}, energy threshold "
-                f"{cal.energy_threshold}, early-ONFH threshold {cal.early_threshold}")
+    cal_line = (
+        "none: no detector-score or out-of-distribution gate, temperature 1, arg-max stage"
+        if cal is None
+        else f"temperature {cal.temperature:g}, detector threshold {cal.detector_threshold}, energy threshold "
+        f"{cal.energy_threshold}, early-ONFH threshold {cal.early_threshold}"
+    )
     return f"""# ONFH-FL: femoral head detector and Ficat-Arlet stager (MONAI Bundle)
 
 Research only: not a medical device, not for diagnosis.
@@ -202,8 +299,11 @@ verify `models/signed` against the coordinator's Ed25519 key (without it, it is 
 - `models/model.pt`: `{{"detector": state dict, "stager": state dict}}` for MONAI tools (load with
   `torch.load(..., weights_only=True)`); network configs in `models/signed/models.json`.
 - Calibration (validation-chosen, carried from the signed bundle): {cal_line}.
-- Exported after verifying the signature {"against the coordinator's public key" if signed_by_coordinator else
-  "against the bundle's embedded signer key only (no coordinator key given)"}.
+- Exported after verifying the signature {
+        "against the coordinator's public key"
+        if signed_by_coordinator
+        else "against the bundle's embedded signer key only (no coordinator key given)"
+    }.
 
 ## Verify the metadata
 
@@ -242,7 +342,13 @@ def export_monai_bundle(bundle_dir: Path, out: Path, public_key: Path | None = N
             src = bundle_dir / name
             if not src.exists() and not src.is_symlink():
                 continue  # load_bundle below names a missing mandatory file
-            cap = MAX_WEIGHTS_BYTES if name.endswith(".pt") else MAX_JSON_BYTES if name.endswith(".json") else MAX_KEY_BYTES
+            cap = (
+                MAX_WEIGHTS_BYTES
+                if name.endswith(".pt")
+                else MAX_JSON_BYTES
+                if name.endswith(".json")
+                else MAX_KEY_BYTES
+            )
             try:
                 (signed / name).write_bytes(read_regular_file(src, cap, root=bundle_dir))
             except (UnsafeFileError, OSError) as err:
@@ -251,8 +357,9 @@ def export_monai_bundle(bundle_dir: Path, out: Path, public_key: Path | None = N
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    torch.save({"detector": bundle.detector.state_dict(), "stager": bundle.stager.state_dict()},
-               out / "models" / "model.pt")
+    torch.save(
+        {"detector": bundle.detector.state_dict(), "stager": bundle.stager.state_dict()}, out / "models" / "model.pt"
+    )
     configs = out / "configs"
     configs.mkdir()
     (configs / "metadata.json").write_text(json.dumps(_metadata(bundle, version), indent=2))

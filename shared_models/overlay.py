@@ -142,7 +142,11 @@ class SliceGrid:
 
     @classmethod
     def covering(
-        cls, plane: str, low_xyz: Sequence[float], high_xyz: Sequence[float], through_lps_mm: Sequence[float],
+        cls,
+        plane: str,
+        low_xyz: Sequence[float],
+        high_xyz: Sequence[float],
+        through_lps_mm: Sequence[float],
         spacing_mm: float,
     ) -> SliceGrid:
         """The grid of ``plane`` covering the LPS box ``[low, high]`` in-plane, through a point.
@@ -237,8 +241,9 @@ def sample_slice(image: sitk.Image, grid: SliceGrid, outside: float = float("nan
         float32 ``grid.shape`` array, row 0 at the top of the panel.
     """
     _check_image(image)
-    out = sitk.Resample(image, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, float(outside),
-                        sitk.sitkFloat32)
+    out = sitk.Resample(
+        image, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, float(outside), sitk.sitkFloat32
+    )
     return sitk.GetArrayFromImage(out)[0]
 
 
@@ -372,8 +377,9 @@ def overview_panels(
             for other in results:
                 rect = grid.box_rect_px(other.box_lps_mm)
                 if rect is not None:
-                    panel.boxes.append(BoxOverlay(other.side, rect, SIDE_COLOURS.get(other.side, "white"),
-                                                  dashed=other.low_confidence))
+                    panel.boxes.append(
+                        BoxOverlay(other.side, rect, SIDE_COLOURS.get(other.side, "white"), dashed=other.low_confidence)
+                    )
             if grid.directions[0][0] != 0:  # columns run along x: show the midline split
                 panel.midline_col = float(grid.lps_to_px(np.array([mid_x, 0.0, 0.0]))[0, 0])
             name = _AXIS_NAMES[plane][2]
@@ -435,11 +441,13 @@ def _grey_cmap():
     return colormaps["gray"].with_extremes(bad=OUTSIDE_COLOUR)
 
 
-def _draw_panel(ax, panel: Panel, window: tuple[float, float], *, show_cam: bool = True,
-                cam_threshold: float | None = None) -> None:
+def _draw_panel(
+    ax, panel: Panel, window: tuple[float, float], *, show_cam: bool = True, cam_threshold: float | None = None
+) -> None:
     grid = panel.grid
-    ax.imshow(np.ma.masked_invalid(panel.mri), cmap=_grey_cmap(), vmin=window[0], vmax=window[1],
-              interpolation="nearest")
+    ax.imshow(
+        np.ma.masked_invalid(panel.mri), cmap=_grey_cmap(), vmin=window[0], vmax=window[1], interpolation="nearest"
+    )
     if panel.cam is not None and show_cam:
         ax.imshow(cam_rgba(panel.cam), interpolation="nearest")
         cam = np.nan_to_num(panel.cam)
@@ -449,8 +457,17 @@ def _draw_panel(ax, panel: Panel, window: tuple[float, float], *, show_cam: bool
         ax.axvline(panel.midline_col, color="#ff60ff", lw=0.8, ls=":")
     for b in panel.boxes:
         c0, r0, c1, r1 = b.rect_px
-        ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, edgecolor=b.colour,
-                               lw=1.0 if b.dotted else 1.6, ls=":" if b.dotted else "--" if b.dashed else "-"))
+        ax.add_patch(
+            Rectangle(
+                (c0, r0),
+                c1 - c0,
+                r1 - r0,
+                fill=False,
+                edgecolor=b.colour,
+                lw=1.0 if b.dotted else 1.6,
+                ls=":" if b.dotted else "--" if b.dashed else "-",
+            )
+        )
         ax.text(c0, r0 - 1, b.label, color=b.colour, fontsize=7, va="bottom", ha="left", clip_on=True)
     ax.set_xlim(-0.5, grid.shape[1] - 0.5)
     ax.set_ylim(grid.shape[0] - 0.5, -0.5)
@@ -519,11 +536,14 @@ def write_overview_png(image: sitk.Image, results: Sequence[HeadResult], path: P
     for i in range(len(rows), n_rows):
         for ax in axes[i]:
             ax.set_axis_off()
-    fig.suptitle("Femoral-head detection (3DC-YOLOX): boxes on the input MRI, LPS display, radiological view",
-                 fontsize=10)
+    fig.suptitle(
+        "Femoral-head detection (3DC-YOLOX): boxes on the input MRI, LPS display, radiological view", fontsize=10
+    )
     caption = "\n".join(_head_caption(r) for r in results) or "no femoral head result"
-    caption += ("\nboxes: R cyan, L amber (dashed = low confidence); magenta dotted: midline split of the detector;"
-                " brown: outside the scanned volume; grey window: 1st-99.5th intensity percentile")
+    caption += (
+        "\nboxes: R cyan, L amber (dashed = low confidence); magenta dotted: midline split of the detector;"
+        " brown: outside the scanned volume; grey window: 1st-99.5th intensity percentile"
+    )
     fig.supxlabel(caption, fontsize=7.5, ha="left", x=0.01, multialignment="left")
     return _save(fig, path, dpi)
 
@@ -568,9 +588,11 @@ def write_gradcam_montage(image: sitk.Image, result: HeadResult, path: Path, *, 
         fontsize=10,
     )
     cam_max = max(float(np.nanmax(p.cam)) for p in panels)
-    note = ("top: MRI; bottom: Grad-CAM over MRI. White box: femoral-head box (dashed = low-confidence detection); "
-            "grey dotted: stager crop (box + margin), where the map is defined; brown: outside the scan.\n"
-            "Grey window: 1st-99.5th intensity percentile. Research prototype, not a diagnosis.")
+    note = (
+        "top: MRI; bottom: Grad-CAM over MRI. White box: femoral-head box (dashed = low-confidence detection); "
+        "grey dotted: stager crop (box + margin), where the map is defined; brown: outside the scan.\n"
+        "Grey window: 1st-99.5th intensity percentile. Research prototype, not a diagnosis."
+    )
     if withheld:
         note = "No Grad-CAM: the head was not assessed (no stage is given).\n" + note
     elif cam_max <= 0.0:

@@ -18,7 +18,7 @@ import torch
 
 from shared_models.calibration import Calibration
 from shared_models.detector import YOLOX3D, decode_best_box
-from shared_models.gates import check_body_part, check_finite_voxels, check_field_of_view, check_head, check_pair
+from shared_models.gates import check_body_part, check_field_of_view, check_finite_voxels, check_head, check_pair
 from shared_models.gradcam import heatmap_volume_mm3, stage_gradcam
 from shared_models.preprocessing import (
     GridGeometry,
@@ -198,8 +198,9 @@ def analyse_study(
     for side in SIDES:
         hemi, grid = resample_hemi(oriented, side, spec)
         with torch.no_grad():
-            boxes, scores, low = decode_best_box(detector(torch.from_numpy(hemi)[None, None].float().to(device)),
-                                                 spatial_shape=hemi.shape)
+            boxes, scores, low = decode_best_box(
+                detector(torch.from_numpy(hemi)[None, None].float().to(device)), spatial_shape=hemi.shape
+            )
         # the hemi grid can reach past the scan (a head at the edge of the field of view)
         box_lps = clip_box_to_image(box_voxel_to_lps(boxes[0].float().cpu().numpy(), grid), oriented)
         # a box wholly outside the scan clips to zero extent: nothing of it can be staged
@@ -212,8 +213,11 @@ def analyse_study(
     for side in SIDES:
         box_lps, score, collapsed = detections[side]
         reasons, flags = list(study_reasons), ["refused"] if study_reasons else []
-        below = calibration is not None and calibration.detector_threshold is not None \
+        below = (
+            calibration is not None
+            and calibration.detector_threshold is not None
             and score < calibration.detector_threshold
+        )
         if collapsed:
             reasons.append("the detector found no box inside the scanned volume")
             flags.append("off_target")
@@ -223,8 +227,9 @@ def analyse_study(
             if head and "off_target" not in flags:
                 flags.append("off_target")
         if below:
-            reasons.append(f"detector score {score:.2f} is below the validation threshold "
-                           f"{calibration.detector_threshold:.2f}")
+            reasons.append(
+                f"detector score {score:.2f} is below the validation threshold {calibration.detector_threshold:.2f}"
+            )
             flags.append("low_detector_score")
         energy = probs = cam = crop_grid = None
         if not study_reasons and not collapsed:
@@ -238,42 +243,58 @@ def analyse_study(
             if not (np.isfinite(energy) and np.all(np.isfinite(probs))):  # fail closed: NaN passes no gate
                 reasons.append("the stager's output is not finite (NaN or infinity); stage withheld")
                 flags.append("non_finite")
-            elif calibration is not None and calibration.energy_threshold is not None \
-                    and not energy < calibration.energy_threshold:
-                reasons.append(f"out of distribution: energy score {energy:.2f} is at or above the validation "
-                               f"threshold {calibration.energy_threshold:.2f}")
+            elif (
+                calibration is not None
+                and calibration.energy_threshold is not None
+                and not energy < calibration.energy_threshold
+            ):
+                reasons.append(
+                    f"out of distribution: energy score {energy:.2f} is at or above the validation "
+                    f"threshold {calibration.energy_threshold:.2f}"
+                )
                 flags.append("out_of_distribution")
         if reasons or probs is None:
             if empty_map is None:  # an all-zero map in the input study's geometry
                 empty_map = sitk.Image(image.GetSize(), sitk.sitkFloat32)
                 empty_map.CopyInformation(image)
-            results.append(HeadResult(
-                side=side, box_lps_mm=tuple(float(v) for v in box_lps), detector_score=score,
-                low_confidence=collapsed or below, stage_probabilities={}, predicted_stage=None,
-                gradcam=empty_map, gradcam_volume_mm3=0.0, not_assessed=tuple(reasons), flags=tuple(flags),
-                study_reasons=tuple(study_reasons),
-                energy=energy,
-            ))
+            results.append(
+                HeadResult(
+                    side=side,
+                    box_lps_mm=tuple(float(v) for v in box_lps),
+                    detector_score=score,
+                    low_confidence=collapsed or below,
+                    stage_probabilities={},
+                    predicted_stage=None,
+                    gradcam=empty_map,
+                    gradcam_volume_mm3=0.0,
+                    not_assessed=tuple(reasons),
+                    flags=tuple(flags),
+                    study_reasons=tuple(study_reasons),
+                    energy=energy,
+                )
+            )
             continue
         stage = _stage_from(probs, calibration)
         cam = stage_gradcam(stager, x, target_layer=gradcam_layer, class_index=int(stage))
         # Evidence outside the scanned volume (the zero-filled part of a crop at the edge of the
         # field of view) is not anatomy: the map is 0 there and not counted in the volume.
         cam = cam * field_of_view_mask(oriented, crop_grid)
-        results.append(HeadResult(
-            side=side,
-            box_lps_mm=tuple(float(v) for v in box_lps),
-            detector_score=score,
-            low_confidence=collapsed or below,
-            stage_probabilities={s.label: float(probs[int(s)]) for s in FicatArletStage},
-            predicted_stage=stage.label,
-            gradcam=to_grid(cam, crop_grid, image),
-            gradcam_volume_mm3=float(
-                heatmap_volume_mm3(cam, crop_grid.spacing_dhw_mm, threshold=GRADCAM_VOLUME_THRESHOLD)
-            ),
-            crop_grid=crop_grid,
-            gradcam_crop=cam,
-            energy=energy,
-            early_probability=float(probs[1] + probs[2]),
-        ))
+        results.append(
+            HeadResult(
+                side=side,
+                box_lps_mm=tuple(float(v) for v in box_lps),
+                detector_score=score,
+                low_confidence=collapsed or below,
+                stage_probabilities={s.label: float(probs[int(s)]) for s in FicatArletStage},
+                predicted_stage=stage.label,
+                gradcam=to_grid(cam, crop_grid, image),
+                gradcam_volume_mm3=float(
+                    heatmap_volume_mm3(cam, crop_grid.spacing_dhw_mm, threshold=GRADCAM_VOLUME_THRESHOLD)
+                ),
+                crop_grid=crop_grid,
+                gradcam_crop=cam,
+                energy=energy,
+                early_probability=float(probs[1] + probs[2]),
+            )
+        )
     return results

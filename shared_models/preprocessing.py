@@ -37,8 +37,9 @@ import dataclasses
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -145,7 +146,7 @@ class PreprocessingSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessingSpec":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessingSpec:
         """Build and validate a spec from :meth:`to_dict` output.
 
         Every field must be present (a bundle must not silently fall back to defaults)
@@ -207,7 +208,7 @@ class GridGeometry:
         return image
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "GridGeometry":
+    def of(cls, image: sitk.Image) -> GridGeometry:
         """The grid of a 3D SimpleITK image."""
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
@@ -223,7 +224,7 @@ class GridGeometry:
         return {k: list(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GridGeometry":
+    def from_dict(cls, d: dict[str, Any]) -> GridGeometry:
         """Inverse of :meth:`to_dict`; ``ValueError`` naming a missing/unknown/bad key."""
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
@@ -424,10 +425,12 @@ def image_bounds_lps(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """
     if image.GetDimension() != 3:
         raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
-    corners = np.array([
-        image.TransformContinuousIndexToPhysicalPoint(c)
-        for c in itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
-    ])
+    corners = np.array(
+        [
+            image.TransformContinuousIndexToPhysicalPoint(c)
+            for c in itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
+        ]
+    )
     return corners.min(axis=0), corners.max(axis=0)
 
 
@@ -457,7 +460,9 @@ def field_of_view_mask(image: sitk.Image, grid: GridGeometry) -> np.ndarray:
     """
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
-    mask = sitk.Resample(ones, grid._image(sitk.sitkUInt8), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    mask = sitk.Resample(
+        ones, grid._image(sitk.sitkUInt8), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+    )
     return sitk.GetArrayFromImage(mask).astype(bool)
 
 

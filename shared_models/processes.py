@@ -23,7 +23,6 @@ from pathlib import Path
 import psutil
 
 
-
 def _terminate_then_kill(procs: list, timeout_s: float) -> list:
     """SIGTERM every process of ``procs``, wait up to ``timeout_s`` seconds, SIGKILL what is left;
     returns the processes that needed SIGKILL."""
@@ -39,6 +38,7 @@ def _terminate_then_kill(procs: list, timeout_s: float) -> list:
         except psutil.NoSuchProcess:
             pass
     return alive
+
 
 def stop_process_tree(pid: int, timeout_s: float = 15.0) -> None:
     """SIGTERM a process and its descendants, SIGKILL what is left after ``timeout_s`` seconds."""
@@ -77,7 +77,11 @@ def tagged_processes(tag: str) -> list:
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.pid != os.getpid() and proc.environ().get(TAG_VARIABLE) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+            if (
+                proc.pid != os.getpid()
+                and proc.environ().get(TAG_VARIABLE) == tag
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
@@ -168,8 +172,12 @@ class ProcessWatchdog:
         me = psutil.Process()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shared_models.processes", str(me.pid), repr(me.create_time()), self.tag],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, env=watchdog_env,
-            cwd=str(Path(__file__).resolve().parents[1]))
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            env=watchdog_env,
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
         return self.tag
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -95,8 +95,10 @@ def _check_archive(data: bytes, name: str | Path) -> None:
         return
     packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
     if packed:
-        raise UnsafeFileError(f"{name}: compressed entries in a tensor file (torch.save stores them uncompressed): "
-                              f"{', '.join(sorted(packed)[:3])}")
+        raise UnsafeFileError(
+            f"{name}: compressed entries in a tensor file (torch.save stores them uncompressed): "
+            f"{', '.join(sorted(packed)[:3])}"
+        )
     declared = sum(i.file_size for i in infos)
     if declared > len(data):
         raise UnsafeFileError(f"{name}: entries declare {declared} bytes in a {len(data)}-byte file")
@@ -119,9 +121,11 @@ def load_tensors(data: bytes, name: str | Path):
     _check_archive(data, name)
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError ...
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeFileError(f"{name}: not a plain tensor file (damaged, truncated, or holds code): {first[:300]}") from None
+        raise UnsafeFileError(
+            f"{name}: not a plain tensor file (damaged, truncated, or holds code): {first[:300]}"
+        ) from None
 
 
 def looks_like_path(value: object) -> bool:

@@ -84,7 +84,7 @@ class StagerConfig(DictConfig):
     dropout_prob: float = 0.0
     stem_pool: bool = True
 
-    PAPER: ClassVar["StagerConfig"]
+    PAPER: ClassVar[StagerConfig]
 
     def __post_init__(self) -> None:
         for key in ("in_channels", "init_features", "growth_rate", "bn_size"):

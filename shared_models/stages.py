@@ -34,7 +34,7 @@ class FicatArletStage(IntEnum):
         return self is not FicatArletStage.STAGE_0
 
     @classmethod
-    def parse(cls, text: str | int) -> "FicatArletStage":
+    def parse(cls, text: str | int) -> FicatArletStage:
         """Parse ``0|I|II`` (also ``1``/``2``, case-insensitive).
 
         Raises:
@@ -46,8 +46,7 @@ class FicatArletStage(IntEnum):
             return cls(table[token])
         if token in {"III", "IV", "3", "4"}:
             raise ValueError(
-                f"Ficat-Arlet stage {token} is out of scope: ONFH-FL grades early "
-                "ONFH only (stages 0, I, II)"
+                f"Ficat-Arlet stage {token} is out of scope: ONFH-FL grades early ONFH only (stages 0, I, II)"
             )
         raise ValueError(f"unreadable Ficat-Arlet stage {text!r}; expected 0, I or II")
 

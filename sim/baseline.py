@@ -41,7 +41,9 @@ def _site_features(site: SiteData, split: str) -> tuple[np.ndarray, np.ndarray]:
     return x, np.array([h.stage for h in heads], np.int64)
 
 
-def intensity_baseline(sites: dict[str, SiteData], train_sites: tuple[str, ...], groups: dict[str, tuple[str, ...]], seed: int = 0) -> dict:
+def intensity_baseline(
+    sites: dict[str, SiteData], train_sites: tuple[str, ...], groups: dict[str, tuple[str, ...]], seed: int = 0
+) -> dict:
     """Fit on the training sites' ``train`` heads; report stage metrics per report group on ``test`` heads.
 
     Returns:
@@ -55,7 +57,9 @@ def intensity_baseline(sites: dict[str, SiteData], train_sites: tuple[str, ...],
     y_train = np.concatenate([p[1] for p in parts])
     if len(y_train) == 0:
         raise ValueError("intensity baseline: no training heads")
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed))
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
+    )
     model.fit(x_train, y_train)
     out = {}
     for name, members in groups.items():
@@ -68,4 +72,3 @@ def intensity_baseline(sites: dict[str, SiteData], train_sites: tuple[str, ...],
         probs[:, model.classes_] = model.predict_proba(x)
         out[name] = stage_metrics(y, probs)
     return out
-

@@ -208,23 +208,47 @@ def detector_benchmark(
     Raises:
         ValueError: unknown model size or a count out of range.
     """
-    for name, value, low in (("steps", steps, 1), ("warmup_steps", warmup_steps, 0), ("batch_size", batch_size, 1),
-                             ("latency_repeats", latency_repeats, 1), ("latency_warmup", latency_warmup, 0),
-                             ("augment_repeats", augment_repeats, 1)):
+    for name, value, low in (
+        ("steps", steps, 1),
+        ("warmup_steps", warmup_steps, 0),
+        ("batch_size", batch_size, 1),
+        ("latency_repeats", latency_repeats, 1),
+        ("latency_warmup", latency_warmup, 0),
+        ("augment_repeats", augment_repeats, 1),
+    ):
         if int(value) != value or value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
     dev = device if isinstance(device, torch.device) else select_device(device)
     shape = tuple(PreprocessingSpec().hemi_shape)
     volumes, boxes = _random_hemi_batch(max(4 * batch_size, 8), shape, seed)
-    timing = {"steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size,
-              "latency_repeats": latency_repeats, "latency_warmup": latency_warmup,
-              "augment_repeats": augment_repeats, "amp": amp, "seed": seed}
+    timing = {
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "batch_size": batch_size,
+        "latency_repeats": latency_repeats,
+        "latency_warmup": latency_warmup,
+        "augment_repeats": augment_repeats,
+        "amp": amp,
+        "seed": seed,
+    }
     return [_detector_row(size, volumes, boxes, dev, **timing) for size in model_sizes]
 
 
-def _detector_row(size: str, volumes: np.ndarray, boxes: np.ndarray, dev: torch.device, *, steps: int,
-                  warmup_steps: int, batch_size: int, latency_repeats: int, latency_warmup: int,
-                  augment_repeats: int, amp: bool, seed: int) -> Row:
+def _detector_row(
+    size: str,
+    volumes: np.ndarray,
+    boxes: np.ndarray,
+    dev: torch.device,
+    *,
+    steps: int,
+    warmup_steps: int,
+    batch_size: int,
+    latency_repeats: int,
+    latency_warmup: int,
+    augment_repeats: int,
+    amp: bool,
+    seed: int,
+) -> Row:
     """One :func:`detector_benchmark` row for model size ``size``."""
     config = detector_config(size)
     torch.manual_seed(seed)
@@ -276,8 +300,14 @@ def _detector_row(size: str, volumes: np.ndarray, boxes: np.ndarray, dev: torch.
 #: ``onfh sim bench --quick``: a smoke run (default widths, a few steps, one round, the smallest
 #: scaling cell); its figures mean nothing, it only shows that every section runs and writes every key.
 QUICK_OPTIONS: dict[str, dict[str, Any]] = {
-    "detector": {"steps": 2, "warmup_steps": 1, "latency_repeats": 3, "latency_warmup": 1, "augment_repeats": 2,
-                 "model_sizes": ("default",)},
+    "detector": {
+        "steps": 2,
+        "warmup_steps": 1,
+        "latency_repeats": 3,
+        "latency_warmup": 1,
+        "augment_repeats": 2,
+        "model_sizes": ("default",),
+    },
     "transfer": {"model_sizes": ("default",), "repeats": 1},
     "ingestion": {"studies": 2, "repeats": 1},
     "input_pipeline": {"steps": 3, "repeats": 1},
@@ -285,15 +315,26 @@ QUICK_OPTIONS: dict[str, dict[str, Any]] = {
     "federated": {"rounds": 1, "local_steps": 2},
     "scaling": {"site_counts": (4,), "data_copies": (1,), "rounds": 5, "local_steps": 1},
     "deployment": {"rounds": 1, "local_steps": 1},
-    "gpu": {"model_sizes": ("default",), "stager_batches": (4,), "detector_batches": (2,), "steps": 2, "warmup_steps": 1,
-            "infer_repeats": 1},
+    "gpu": {
+        "model_sizes": ("default",),
+        "stager_batches": (4,),
+        "detector_batches": (2,),
+        "steps": 2,
+        "warmup_steps": 1,
+        "infer_repeats": 1,
+    },
     "poisoning": {"quick": True},
 }
 
 
-def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False, work: Path | None = None,
-                   on_section: Callable[[dict[str, Any]], None] | None = None,
-                   **options: dict[str, Any]) -> dict[str, Any]:
+def run_benchmarks(
+    names: Iterable[str] | None = None,
+    *,
+    quick: bool = False,
+    work: Path | None = None,
+    on_section: Callable[[dict[str, Any]], None] | None = None,
+    **options: dict[str, Any],
+) -> dict[str, Any]:
     """Run the named sections (all registered ones when ``None``).
 
     Args:
@@ -323,9 +364,12 @@ def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False, w
         raise ValueError(f"options given for section(s) {stray} that are not run ({names})")
     env = environment()
     results: dict[str, list[Row]] = {}
-    out = {"environment": env, "quick": quick, "options": {n: {k: (list(v) if isinstance(v, tuple) else v)
-                                                              for k, v in o.items()} for n, o in options.items()},
-           "sections": results}
+    out = {
+        "environment": env,
+        "quick": quick,
+        "options": {n: {k: (list(v) if isinstance(v, tuple) else v) for k, v in o.items()} for n, o in options.items()},
+        "sections": results,
+    }
     for name in names:
         kwargs = {**(QUICK_OPTIONS.get(name, {}) if quick else {}), **options.get(name, {})}
         if work is not None and "work" in inspect.signature(SECTIONS[name].run).parameters:
@@ -413,8 +457,9 @@ def print_table(rows: Sequence[Row], title: str | None = None, console=None, tra
 
 
 @section("transfer", "Model transfer: what one client sends per round and direction (issue 8, bytes per round)")
-def transfer_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, repeats: int = 3,
-                       seed: int = 0) -> list[Row]:
+def transfer_benchmark(
+    model_sizes: Sequence[str] = ("default", "paper"), *, repeats: int = 3, seed: int = 0
+) -> list[Row]:
     """Size and cost of each model's state dict as Flower sends it: one array per tensor, packed
     (the default, ``transfer-packing = true``) and packed in float16 (``transfer-dtype``).
 
@@ -450,8 +495,14 @@ def transfer_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, rep
 
     def measure(rec: ArrayRecord) -> tuple[int, int, float]:
         objects = get_all_nested_objects(rec)
-        ms = _median_ms(lambda: [o.deflate() for o in get_all_nested_objects(record(
-            {k: rec[k].numpy() for k in rec.keys()})).values()], repeats, 1, cpu)
+        ms = _median_ms(
+            lambda: [
+                o.deflate() for o in get_all_nested_objects(record({k: rec[k].numpy() for k in rec.keys()})).values()
+            ],
+            repeats,
+            1,
+            cpu,
+        )
         return sum(len(rec[k].data) for k in rec.keys()), len(objects), ms
 
     rows: list[Row] = []
@@ -465,20 +516,34 @@ def transfer_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, rep
             packed_bytes, packed_objects, packed_ms = measure(record(pack_state_dict(state)))
             half = pack_state_dict(state, float_dtype="float16")
             half_bytes, _, _ = measure(record(half))
-            pack_ms = _median_ms(lambda: pack_state_dict(state), repeats, 1, cpu)
+            pack_ms = _median_ms(lambda state=state: pack_state_dict(state), repeats, 1, cpu)
             packed = pack_state_dict(state)
-            unpack_ms = _median_ms(lambda: unpack_state_dict(packed, state), repeats, 1, cpu)
+            unpack_ms = _median_ms(lambda packed=packed, state=state: unpack_state_dict(packed, state), repeats, 1, cpu)
             rel, out_diff = _fp16_cost(model, unpack_state_dict(half, state), name, cfg, seed)
-            rows.append({"section": "transfer", "model": name, "model_size": size, "tensors": len(state),
-                         "fp32_bytes": int(fp32), "unpacked_bytes": int(plain_bytes),
-                         "unpacked_ratio": plain_bytes / fp32,
-                         "unpacked_objects": plain_objects, "unpacked_serialise_ms": plain_ms,
-                         "arrayrecord_bytes": int(packed_bytes), "ratio": packed_bytes / fp32,
-                         "packed_arrays": len(packed), "packed_objects": packed_objects,
-                         "packed_serialise_ms": packed_ms, "fp16_bytes": int(half_bytes),
-                         "fp16_ratio": half_bytes / fp32,
-                         "pack_ms": pack_ms, "unpack_ms": unpack_ms, "fp16_weight_max_rel_err": rel,
-                         "fp16_output_max_abs_diff": out_diff})
+            rows.append(
+                {
+                    "section": "transfer",
+                    "model": name,
+                    "model_size": size,
+                    "tensors": len(state),
+                    "fp32_bytes": int(fp32),
+                    "unpacked_bytes": int(plain_bytes),
+                    "unpacked_ratio": plain_bytes / fp32,
+                    "unpacked_objects": plain_objects,
+                    "unpacked_serialise_ms": plain_ms,
+                    "arrayrecord_bytes": int(packed_bytes),
+                    "ratio": packed_bytes / fp32,
+                    "packed_arrays": len(packed),
+                    "packed_objects": packed_objects,
+                    "packed_serialise_ms": packed_ms,
+                    "fp16_bytes": int(half_bytes),
+                    "fp16_ratio": half_bytes / fp32,
+                    "pack_ms": pack_ms,
+                    "unpack_ms": unpack_ms,
+                    "fp16_weight_max_rel_err": rel,
+                    "fp16_output_max_abs_diff": out_diff,
+                }
+            )
     return rows
 
 
@@ -486,8 +551,11 @@ def transfer_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, rep
 def _fp16_cost(model: torch.nn.Module, half_state: dict, name: str, cfg: RunConfig, seed: int) -> tuple[float, float]:
     """Largest relative weight error (|w| > 1e-3) and largest output change from fp16-rounded weights."""
     state = model.state_dict()
-    rel = max(float(((half_state[k] - v).abs() / v.abs()).masked_fill(v.abs() <= 1e-3, 0).max())
-              for k, v in state.items() if v.is_floating_point() and v.numel())
+    rel = max(
+        float(((half_state[k] - v).abs() / v.abs()).masked_fill(v.abs() <= 1e-3, 0).max())
+        for k, v in state.items()
+        if v.is_floating_point() and v.numel()
+    )
     gen = torch.Generator().manual_seed(seed)
     shape = cfg.spec.hemi_shape if name == "detector" else cfg.spec.crop_shape
     x = torch.rand((2, 1, *shape), generator=gen)
@@ -521,5 +589,6 @@ for _module in (
     except ModuleNotFoundError as _err:
         if (_err.name or "").split(".")[0] in ("sim", "client", "server", "shared_models", "strategies"):
             raise
-        logger.warning("benchmark module sim.%s not loaded (%s is not installed): its sections are unavailable",
-                       _module, _err.name)
+        logger.warning(
+            "benchmark module sim.%s not loaded (%s is not installed): its sections are unavailable", _module, _err.name
+        )

@@ -76,18 +76,21 @@ def _monai_read(study: Path, spec) -> torch.Tensor:
     pixdim = tuple(f / n for f, n in zip(spec.hemi_fov_mm[::-1], spec.hemi_shape[::-1]))  # x, y, z mm
     # MONAI reads a folder that holds the series' files directly (ours also finds them nested, skips junk)
     folder = next(f.parent for f in sorted(study.rglob("*")) if f.is_file())
-    return Compose([
-        LoadImage(reader=monai_reader_name(), image_only=True),
-        EnsureChannelFirst(),
-        Orientation(axcodes="LPS"),
-        Spacing(pixdim=pixdim, mode="bilinear"),
-        Resize(spatial_size=(2 * w, h, d), mode="trilinear"),
-    ])(str(folder))
+    return Compose(
+        [
+            LoadImage(reader=monai_reader_name(), image_only=True),
+            EnsureChannelFirst(),
+            Orientation(axcodes="LPS"),
+            Spacing(pixdim=pixdim, mode="bilinear"),
+            Resize(spatial_size=(2 * w, h, d), mode="trilinear"),
+        ]
+    )(str(folder))
 
 
 @section("ingestion", "DICOM ingestion: MONAI baseline vs our first read and cached re-read, per study")
-def ingestion_benchmark(*, work: Path = DEFAULT_WORK, studies: int | None = None, repeats: int = 2,
-                        site: str = "A") -> list[Row]:
+def ingestion_benchmark(
+    *, work: Path = DEFAULT_WORK, studies: int | None = None, repeats: int = 2, site: str = "A"
+) -> list[Row]:
     """Time per study of reading phantom DICOM studies three ways, side by side.
 
     * **MONAI** (baseline): :func:`_monai_read`, ``LoadImage`` with ``ITKReader`` on the DICOM folder,
@@ -126,8 +129,8 @@ def ingestion_benchmark(*, work: Path = DEFAULT_WORK, studies: int | None = None
         for r in range(repeats):
             t_monai, _ = _min_time(lambda: [_monai_read(p, spec) for p in paths], 1)
             cache = tmp / f"cache-{r}"
-            t_first, site_data = _min_time(lambda: SiteData(sub, "bench", cache, spec), 1)
-            t_cached, _ = _min_time(lambda: _cached_read(sub, cache, spec), 1)
+            t_first, site_data = _min_time(lambda cache=cache: SiteData(sub, "bench", cache, spec), 1)
+            t_cached, _ = _min_time(lambda cache=cache: _cached_read(sub, cache, spec), 1)
             monai_s, first_s, cached_s = min(monai_s, t_monai), min(first_s, t_first), min(cached_s, t_cached)
         refused = [v.reason for v in site_data.verdicts if v.status != "ok"]
         if refused:
@@ -135,12 +138,21 @@ def ingestion_benchmark(*, work: Path = DEFAULT_WORK, studies: int | None = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = len(paths)
-    return [{
-        "section": "ingestion", "monai_reader": monai_reader_name(), "studies": n,
-        "files_per_study": len(files) / n, "mb_per_study": mb / n,
-        "monai_ms": 1e3 * monai_s / n, "first_read_ms": 1e3 * first_s / n, "cached_read_ms": 1e3 * cached_s / n,
-        "first_read_over_monai": first_s / monai_s, "repeats": repeats, "torch_threads": torch.get_num_threads(),
-    }]
+    return [
+        {
+            "section": "ingestion",
+            "monai_reader": monai_reader_name(),
+            "studies": n,
+            "files_per_study": len(files) / n,
+            "mb_per_study": mb / n,
+            "monai_ms": 1e3 * monai_s / n,
+            "first_read_ms": 1e3 * first_s / n,
+            "cached_read_ms": 1e3 * cached_s / n,
+            "first_read_over_monai": first_s / monai_s,
+            "repeats": repeats,
+            "torch_threads": torch.get_num_threads(),
+        }
+    ]
 
 
 def _subset_site(site_root: Path, dest: Path, studies: set[str]) -> None:
@@ -166,21 +178,32 @@ def _cached_read(site_root: Path, cache: Path, spec) -> int:
 # ----------------------------------------------------------------------------- input pipeline
 
 
-def _inmemory_steps(model: torch.nn.Module, x: torch.Tensor, loss_fn, *, steps: int, batch_size: int,
-                    lr: float, weight_decay: float, seed: int) -> None:
+def _inmemory_steps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    loss_fn,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> None:
     """The baseline: the same optimiser steps on batches of an in-memory tensor; no loading, no augmentation."""
     from client.training import LocalRun, batches
 
-    run = LocalRun.start(model, lr=lr, weight_decay=weight_decay, device=torch.device("cpu"), amp=False,
-                         proximal_mu=0.0, seed=seed)
+    run = LocalRun.start(
+        model, lr=lr, weight_decay=weight_decay, device=torch.device("cpu"), amp=False, proximal_mu=0.0, seed=seed
+    )
     for idx in batches(len(x), batch_size, steps, run.rng):
         idx = torch.from_numpy(idx)
         run.step(loss_fn(run.model(x[idx]), idx))
 
 
 @section("input_pipeline", "Training input pipeline: our loading + augmentation vs tensors already in memory")
-def input_pipeline_benchmark(*, work: Path = DEFAULT_WORK, steps: int = 30, repeats: int = 3,
-                             site: str = "A", seed: int = 0) -> list[Row]:
+def input_pipeline_benchmark(
+    *, work: Path = DEFAULT_WORK, steps: int = 30, repeats: int = 3, site: str = "A", seed: int = 0
+) -> list[Row]:
     """Training throughput with our data path against the same model on in-memory tensors.
 
     Per model (default widths, batch sizes of the run config), alternating ``repeats`` times:
@@ -208,9 +231,17 @@ def input_pipeline_benchmark(*, work: Path = DEFAULT_WORK, steps: int = 30, repe
     root = phantom_sites(work)
     cache = Path(work) / "input-cache"  # kept between runs: preprocessing is not what is measured here
     shutil.rmtree(cache / site / "crops", ignore_errors=True)
-    overrides = {"data-root": str(root), "cache-dir": str(cache), "train-sites": site, "crop-source": "ground-truth",
-                 "detector-local-steps": steps, "stager-local-steps": steps, "device": "cpu", "seed": seed,
-                 "site-ids": "A,B,C,D"}
+    overrides = {
+        "data-root": str(root),
+        "cache-dir": str(cache),
+        "train-sites": site,
+        "crop-source": "ground-truth",
+        "detector-local-steps": steps,
+        "stager-local-steps": steps,
+        "device": "cpu",
+        "seed": seed,
+        "site-ids": "A,B,C,D",
+    }
     cfg = RunConfig.from_run_config({**default_run_config(), **overrides})
     data = tasks.open_site(cfg, site, root / site)
     heads = [h for h in data.heads if h.box_lps_mm is not None]
@@ -230,35 +261,65 @@ def input_pipeline_benchmark(*, work: Path = DEFAULT_WORK, steps: int = 30, repe
     def det_inmemory():
         model = YOLOX3D(cfg.detector)
         model.load_state_dict(det_state)
-        _inmemory_steps(model, volumes, lambda out, idx: detector_loss(out, boxes[idx], model.cells)[0],
-                        steps=steps, batch_size=cfg.detector_batch_size, lr=cfg.detector_lr,
-                        weight_decay=cfg.weight_decay, seed=seed)
+        _inmemory_steps(
+            model,
+            volumes,
+            lambda out, idx: detector_loss(out, boxes[idx], model.cells)[0],
+            steps=steps,
+            batch_size=cfg.detector_batch_size,
+            lr=cfg.detector_lr,
+            weight_decay=cfg.weight_decay,
+            seed=seed,
+        )
 
     def stg_inmemory():
         model = MulDenseNet3D(cfg.stager)
         model.load_state_dict(stg_state)
-        _inmemory_steps(model, crops, lambda out, idx: focal(out.float(), stages[idx]), steps=steps,
-                        batch_size=cfg.stager_batch_size, lr=cfg.stager_lr, weight_decay=cfg.weight_decay,
-                        seed=seed)
+        _inmemory_steps(
+            model,
+            crops,
+            lambda out, idx: focal(out.float(), stages[idx]),
+            steps=steps,
+            batch_size=cfg.stager_batch_size,
+            lr=cfg.stager_lr,
+            weight_decay=cfg.weight_decay,
+            seed=seed,
+        )
 
     runs = {
-        "detector": (det_inmemory, lambda: tasks.detector_train(data, cfg, det_state, proximal_mu=0.0, server_round=1),
-                     cfg.detector_batch_size),
-        "stager": (stg_inmemory, lambda: tasks.stager_train(data, cfg, stg_state, key, proximal_mu=0.0, server_round=1),
-                   cfg.stager_batch_size),
+        "detector": (
+            det_inmemory,
+            lambda: tasks.detector_train(data, cfg, det_state, proximal_mu=0.0, server_round=1),
+            cfg.detector_batch_size,
+        ),
+        "stager": (
+            stg_inmemory,
+            lambda: tasks.stager_train(data, cfg, stg_state, key, proximal_mu=0.0, server_round=1),
+            cfg.stager_batch_size,
+        ),
     }
     rows = []
     for name, (baseline, ours, batch) in runs.items():
         baseline()  # warm-up (allocator, kernels)
         pairs = [(_min_time(baseline, 1)[0], _min_time(ours, 1)[0]) for _ in range(repeats)]
         t_base, t_ours = min(p[0] for p in pairs), min(p[1] for p in pairs)
-        rows.append({"section": "input_pipeline", "model": name, "batch_size": batch, "steps": steps,
-                     "inmemory_volumes_per_s": steps * batch / t_base, "ours_volumes_per_s": steps * batch / t_ours,
-                     "inmemory_step_ms": 1e3 * t_base / steps, "ours_step_ms": 1e3 * t_ours / steps,
-                     # each pair ran back to back, so its ratio shares the machine's load of the moment
-                     "throughput_ratio": float(np.median([b / o for b, o in pairs])),
-                     "throughput_ratio_of_min_times": t_base / t_ours, "repeats": repeats,
-                     "torch_threads": torch.get_num_threads()})
+        rows.append(
+            {
+                "section": "input_pipeline",
+                "model": name,
+                "batch_size": batch,
+                "steps": steps,
+                "inmemory_volumes_per_s": steps * batch / t_base,
+                "ours_volumes_per_s": steps * batch / t_ours,
+                "inmemory_step_ms": 1e3 * t_base / steps,
+                "ours_step_ms": 1e3 * t_ours / steps,
+                # each pair ran back to back, so its ratio shares the machine's load of the moment
+                "throughput_ratio": float(np.median([b / o for b, o in pairs])),
+                "throughput_ratio_of_min_times": t_base / t_ours,
+                "repeats": repeats,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
     return rows
 
 
@@ -272,8 +333,9 @@ def _as_train(head):
 
 
 @section("inference", "Inference on one hip study: DICOM folder -> both heads staged + Grad-CAM (absolute)")
-def inference_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, work: Path = DEFAULT_WORK,
-                        repeats: int = 3, site: str = "A") -> list[Row]:
+def inference_benchmark(
+    model_sizes: Sequence[str] = ("default", "paper"), *, work: Path = DEFAULT_WORK, repeats: int = 3, site: str = "A"
+) -> list[Row]:
     """Wall time of ``onfh infer``'s work on one phantom study, model loading excluded.
 
     Timed: :func:`client.dicom_series.read_study` on the DICOM folder, then
@@ -314,9 +376,17 @@ def inference_benchmark(model_sizes: Sequence[str] = ("default", "paper"), *, wo
         if len(results) != 2:
             raise RuntimeError(f"inference benchmark: expected 2 heads, got {len(results)}")
         read_ms, analyse_ms = 1e3 * statistics.median(reads), 1e3 * statistics.median(analyses)
-        rows.append({"section": "inference", "model_size": size,
-                     "detector_params": sum(p.numel() for p in detector.parameters()),
-                     "stager_params": sum(p.numel() for p in stager.parameters()),
-                     "read_ms": read_ms, "analyse_ms": analyse_ms, "total_ms": read_ms + analyse_ms,
-                     "repeats": repeats, "torch_threads": torch.get_num_threads()})
+        rows.append(
+            {
+                "section": "inference",
+                "model_size": size,
+                "detector_params": sum(p.numel() for p in detector.parameters()),
+                "stager_params": sum(p.numel() for p in stager.parameters()),
+                "read_ms": read_ms,
+                "analyse_ms": analyse_ms,
+                "total_ms": read_ms + analyse_ms,
+                "repeats": repeats,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
     return rows

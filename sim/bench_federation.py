@@ -38,8 +38,14 @@ from shared_models.processes import ProcessWatchdog
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK, phantom_sites
 
-__all__ = ["RunSampler", "deployment_benchmark", "federated_benchmark", "flwr_cli_cpu_s", "plain_federation",
-           "scaling_benchmark"]
+__all__ = [
+    "RunSampler",
+    "deployment_benchmark",
+    "federated_benchmark",
+    "flwr_cli_cpu_s",
+    "plain_federation",
+    "scaling_benchmark",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +185,11 @@ def plain_federation(cfg, sites: dict, *, exchange: Callable[[StateDict], StateD
         for r in range(1, rounds + 1):
             replies = []
             for s in cfg.train_sites:
-                train = tasks.detector_train if name == "detector" else (
-                    lambda site, c, st, **kw: tasks.stager_train(site, c, st, key, **kw))
+                train = (
+                    tasks.detector_train
+                    if name == "detector"
+                    else (lambda site, c, st, **kw: tasks.stager_train(site, c, st, key, **kw))
+                )
                 new, metrics = train(sites[s], cfg, send(state), proximal_mu=0.0, server_round=r)
                 replies.append((send(new), metrics["num-examples"]))
             state = fedavg_states([st for st, _ in replies], [n for _, n in replies])
@@ -200,24 +209,46 @@ def plain_federation(cfg, sites: dict, *, exchange: Callable[[StateDict], StateD
         n = sum(m["num-examples"] for m in metrics.values())
         return sum(float(m[name]) * m["num-examples"] for m in metrics.values()) / n if n else float("nan")
 
-    return {"detector": {"iou-mean": pooled(det_metrics, "iou-mean")},
-            "stager": {"macro-auc": pooled(stg_metrics, "macro-auc"), "accuracy": pooled(stg_metrics, "accuracy")}}
+    return {
+        "detector": {"iou-mean": pooled(det_metrics, "iou-mean")},
+        "stager": {"macro-auc": pooled(stg_metrics, "macro-auc"), "accuracy": pooled(stg_metrics, "accuracy")},
+    }
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _run_config(root: Path, site_ids: Sequence[str], *, rounds: int, stager_rounds: int | None,
-                local_steps: int | None, cache: Path, out: Path) -> dict[str, Any]:
+def _run_config(
+    root: Path,
+    site_ids: Sequence[str],
+    *,
+    rounds: int,
+    stager_rounds: int | None,
+    local_steps: int | None,
+    cache: Path,
+    out: Path,
+) -> dict[str, Any]:
     overrides: dict[str, Any] = {
-        "data-root": str(root), "site-ids": ",".join(site_ids), "train-sites": ",".join(site_ids),
-        "report-groups": ";".join(f"{s}={s}" for s in site_ids), "cache-dir": str(cache), "out-dir": str(out),
-        "detector-rounds": rounds, "stager-rounds": rounds if stager_rounds is None else stager_rounds,
-        "device": "cpu", "node-wait-timeout-s": 600.0,
+        "data-root": str(root),
+        "site-ids": ",".join(site_ids),
+        "train-sites": ",".join(site_ids),
+        "report-groups": ";".join(f"{s}={s}" for s in site_ids),
+        "cache-dir": str(cache),
+        "out-dir": str(out),
+        "detector-rounds": rounds,
+        "stager-rounds": rounds if stager_rounds is None else stager_rounds,
+        "device": "cpu",
+        "node-wait-timeout-s": 600.0,
     }
     if local_steps is not None:
-        overrides.update({"detector-local-steps": local_steps, "stager-local-steps": local_steps,
-                          "detector-warmup-steps": 0, "stager-warmup-steps": 0})
+        overrides.update(
+            {
+                "detector-local-steps": local_steps,
+                "stager-local-steps": local_steps,
+                "detector-warmup-steps": 0,
+                "stager-warmup-steps": 0,
+            }
+        )
     return overrides
 
 
@@ -272,8 +303,14 @@ def flwr_cli_cpu_s(repeats: int = 2) -> float:
 
 
 @section("federated", "Federated overhead: 4-site Flower simulation vs the same work in a plain PyTorch loop")
-def federated_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_steps: int | None = None,
-                        fp16_accuracy: bool = True, seed: int = 0) -> list[Row]:
+def federated_benchmark(
+    *,
+    work: Path = DEFAULT_WORK,
+    rounds: int = 3,
+    local_steps: int | None = None,
+    fp16_accuracy: bool = True,
+    seed: int = 0,
+) -> list[Row]:
     """Flower's overhead, memory and the accuracy cost of float16 transfer, on 4 phantom sites.
 
     Every site trains (``train-sites = A,B,C,D``), ``rounds`` rounds of each phase (detector, then
@@ -323,24 +360,37 @@ def federated_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_ste
 
     poll_cpu = stats["status_asks"] * flwr_cli_cpu_s()
     row: Row = {
-        "section": "federated", "sites": len(site_ids), "rounds_per_phase": rounds,
-        "local_steps": cfg.detector_local_steps, "baseline_s": baseline_s, "flower_s": flower_s,
-        "overhead_ratio": flower_s / baseline_s, "roundtrip_s_per_round": (flower_s - baseline_s) / (2 * rounds),
-        "peak_rss_gib": sampler.peak_total_bytes / GIB, "peak_client_rss_gib": sampler.peak_client_bytes / GIB,
+        "section": "federated",
+        "sites": len(site_ids),
+        "rounds_per_phase": rounds,
+        "local_steps": cfg.detector_local_steps,
+        "baseline_s": baseline_s,
+        "flower_s": flower_s,
+        "overhead_ratio": flower_s / baseline_s,
+        "roundtrip_s_per_round": (flower_s - baseline_s) / (2 * rounds),
+        "peak_rss_gib": sampler.peak_total_bytes / GIB,
+        "peak_client_rss_gib": sampler.peak_client_bytes / GIB,
         "baseline_process_rss_gib": base_rss / GIB,
         # sim.runner asks for the run's status with a `flwr list` subprocess (when the executor has
         # exited, or every 30 s); each pays the flwr CLI's imports. Their CPU, as a share of the
         # machine's CPU time during the run:
-        "status_polls": stats["status_asks"], "status_poll_cpu_s": poll_cpu,
+        "status_polls": stats["status_asks"],
+        "status_poll_cpu_s": poll_cpu,
         "status_poll_cpu_share": poll_cpu / (flower_s * (os.cpu_count() or 1)),
-        "fp32_iou_mean": exact["detector"]["iou-mean"], "fp32_macro_auc": exact["stager"]["macro-auc"],
+        "fp32_iou_mean": exact["detector"]["iou-mean"],
+        "fp32_macro_auc": exact["stager"]["macro-auc"],
         "fp32_accuracy": exact["stager"]["accuracy"],
     }
     if fp16_accuracy:
         _clear_crops(base_cache)
         half = plain_federation(cfg, sites, exchange=fp16_round)
-        row.update({"fp16_iou_mean": half["detector"]["iou-mean"], "fp16_macro_auc": half["stager"]["macro-auc"],
-                    "fp16_accuracy": half["stager"]["accuracy"]})
+        row.update(
+            {
+                "fp16_iou_mean": half["detector"]["iou-mean"],
+                "fp16_macro_auc": half["stager"]["macro-auc"],
+                "fp16_accuracy": half["stager"]["accuracy"],
+            }
+        )
     else:
         row.update({"fp16_iou_mean": None, "fp16_macro_auc": None, "fp16_accuracy": None})
     row["torch_threads"] = torch.get_num_threads()
@@ -380,9 +430,15 @@ def make_scaled_sites(source: Path, dest: Path, n_sites: int, copies: int) -> li
 
 
 @section("scaling", "Scaling: wall time per round and memory with 4/8/16 phantom sites and 1x/2x/4x data")
-def scaling_benchmark(*, work: Path = DEFAULT_WORK, site_counts: Sequence[int] = (4, 8, 16),
-                      data_copies: Sequence[int] = (1, 2, 4), rounds: int = 5, local_steps: int = 3,
-                      seed: int = 0) -> list[Row]:
+def scaling_benchmark(
+    *,
+    work: Path = DEFAULT_WORK,
+    site_counts: Sequence[int] = (4, 8, 16),
+    data_copies: Sequence[int] = (1, 2, 4),
+    rounds: int = 5,
+    local_steps: int = 3,
+    seed: int = 0,
+) -> list[Row]:
     """Flower simulations over phantom sites made of copies of the 4 phantom centres.
 
     Grid: every ``site_counts`` at 1x data, and 4 sites at every ``data_copies`` (a shared cell
@@ -411,8 +467,15 @@ def scaling_benchmark(*, work: Path = DEFAULT_WORK, site_counts: Sequence[int] =
         base = work / "scaling" / f"sites{n_sites}-x{copies}"
         site_ids = make_scaled_sites(root, base / "data", n_sites, copies)
         write_splits(base / "data", site_ids, site_ids, seed=seed)
-        over = _run_config(base / "data", site_ids, rounds=rounds, stager_rounds=1, local_steps=local_steps,
-                           cache=base / "cache", out=base / "out")
+        over = _run_config(
+            base / "data",
+            site_ids,
+            rounds=rounds,
+            stager_rounds=1,
+            local_steps=local_steps,
+            cache=base / "cache",
+            out=base / "out",
+        )
         over["seed"] = seed
         _, sites = _open_sites(over, site_ids)  # warm caches: preprocessing is not federated work
         heads = sum(len(s.heads) for s in sites.values())
@@ -422,13 +485,22 @@ def scaling_benchmark(*, work: Path = DEFAULT_WORK, site_counts: Sequence[int] =
         times = [sampler.round_time.get(("detector", r)) for r in range(1, rounds + 1)]
         per_round = (times[-1] - times[0]) / (rounds - 1) if None not in times else float("nan")
         rss2, rss5 = sampler.round_rss.get(("detector", 2)), sampler.round_rss.get(("detector", 5))
-        rows.append({
-            "section": "scaling", "sites": n_sites, "data_copies": copies, "heads": heads, "rounds": rounds,
-            "local_steps": local_steps, "flower_s": float(stats["wall_time_s"]), "s_per_round": per_round,
-            "per_site_s_per_round": per_round / n_sites, "peak_rss_gib": sampler.peak_total_bytes / GIB,
-            "peak_client_rss_gib": sampler.peak_client_bytes / GIB,
-            "rss_round5_over_round2": (rss5 / rss2) if rss2 and rss5 else float("nan"),
-        })
+        rows.append(
+            {
+                "section": "scaling",
+                "sites": n_sites,
+                "data_copies": copies,
+                "heads": heads,
+                "rounds": rounds,
+                "local_steps": local_steps,
+                "flower_s": float(stats["wall_time_s"]),
+                "s_per_round": per_round,
+                "per_site_s_per_round": per_round / n_sites,
+                "peak_rss_gib": sampler.peak_total_bytes / GIB,
+                "peak_client_rss_gib": sampler.peak_client_bytes / GIB,
+                "rss_round5_over_round2": (rss5 / rss2) if rss2 and rss5 else float("nan"),
+            }
+        )
     return rows
 
 
@@ -436,8 +508,15 @@ def scaling_benchmark(*, work: Path = DEFAULT_WORK, site_counts: Sequence[int] =
 
 
 @section("deployment", "Deployment overhead: real SuperLink/SuperNodes on 127.0.0.1 vs the simulation (issue 7)")
-def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_steps: int | None = None,
-                         seed: int = 0, timeout_s: float = 3600.0, launcher: str = "fork") -> list[Row]:
+def deployment_benchmark(
+    *,
+    work: Path = DEFAULT_WORK,
+    rounds: int = 3,
+    local_steps: int | None = None,
+    seed: int = 0,
+    timeout_s: float = 3600.0,
+    launcher: str = "fork",
+) -> list[Row]:
     """The same run in Flower's simulation and in a real deployment on this machine, side by side.
 
     Both: 4 phantom sites that all train, ``rounds`` rounds of each phase, ``local_steps`` steps
@@ -463,8 +542,15 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
     try:
         from server import coordinator as co
     except ImportError:
-        return [{"section": "deployment", "status": "pending: needs the issue-7 deployment commands",
-                 "simulation_s": None, "deployment_s": None, "overhead_ratio": None}]
+        return [
+            {
+                "section": "deployment",
+                "status": "pending: needs the issue-7 deployment commands",
+                "simulation_s": None,
+                "deployment_s": None,
+                "overhead_ratio": None,
+            }
+        ]
     import subprocess
     import sys
 
@@ -495,24 +581,66 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
     port = next(ports)
     watchdog = ProcessWatchdog()  # the SuperLink and the daemons die with this process, kill -9 included
     watchdog.start()
-    superlink = co.start_superlink(certs, flwr_home=flwr_home, database=home / "superlink.db",
-                                   log_file=home / "superlink.log", port=port)
+    superlink = co.start_superlink(
+        certs, flwr_home=flwr_home, database=home / "superlink.db", log_file=home / "superlink.log", port=port
+    )
     daemons: list[subprocess.Popen] = []
     try:
         for site in site_ids:
             keys = dep / f"keys-{site}"
-            if onfh(["site", "keys", "--out", str(keys)]) != 0 or onfh(
-                    ["coordinator", "enroll", "--home", str(home), "--site", site,
-                     "--public-key", str(keys / "supernode-key.pub")]) != 0:
+            if (
+                onfh(["site", "keys", "--out", str(keys)]) != 0
+                or onfh(
+                    [
+                        "coordinator",
+                        "enroll",
+                        "--home",
+                        str(home),
+                        "--site",
+                        site,
+                        "--public-key",
+                        str(keys / "supernode-key.pub"),
+                    ]
+                )
+                != 0
+            ):
                 raise RuntimeError(f"deployment benchmark: could not enroll site {site}")
             with open(dep / f"daemon-{site}.log", "ab") as log_file:
-                daemons.append(subprocess.Popen(
-                    [sys.executable, "-m", "sim.cli", "site", "daemon", "--data", str(root / site), "--superlink",
-                     f"127.0.0.1:{port}", "--ca-cert", str(certs.ca_cert), "--key", str(keys / "supernode-key"),
-                     "--cache", str(dep / "cache-dep" / site), "--port", str(next(ports)), "--threads", "1",
-                     "--launcher", launcher,
-                     "--max-retries", "5", "--max-restarts", "3"],
-                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=co.APP_DIR))
+                daemons.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "sim.cli",
+                            "site",
+                            "daemon",
+                            "--data",
+                            str(root / site),
+                            "--superlink",
+                            f"127.0.0.1:{port}",
+                            "--ca-cert",
+                            str(certs.ca_cert),
+                            "--key",
+                            str(keys / "supernode-key"),
+                            "--cache",
+                            str(dep / "cache-dep" / site),
+                            "--port",
+                            str(next(ports)),
+                            "--threads",
+                            "1",
+                            "--launcher",
+                            launcher,
+                            "--max-retries",
+                            "5",
+                            "--max-restarts",
+                            "3",
+                        ],
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        cwd=co.APP_DIR,
+                    )
+                )
         registry = co.load_registry(home / co.REGISTRY_NAME)
         node_ids = [int(registry[s]["node_id"]) for s in site_ids]
         deadline = time.monotonic() + 600
@@ -522,10 +650,14 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
             time.sleep(2.0)
         rc = {k: v for k, v in dep_over.items() if k != "out-dir"}
         t0 = time.monotonic()
-        run_id = co.launch(rc, out=dep / "dep-out", flwr_home=flwr_home, signing_key=certs.signing_key,
-                           registry=home / co.REGISTRY_NAME)
-        status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=timeout_s, poll_s=0.5,
-                                  out=dep / "dep-out")
+        run_id = co.launch(
+            rc,
+            out=dep / "dep-out",
+            flwr_home=flwr_home,
+            signing_key=certs.signing_key,
+            registry=home / co.REGISTRY_NAME,
+        )
+        status = co.wait_for_run(run_id, flwr_home=flwr_home, timeout_s=timeout_s, poll_s=0.5, out=dep / "dep-out")
         deployment_s = time.monotonic() - t0
     finally:
         for proc in daemons:
@@ -535,13 +667,25 @@ def deployment_benchmark(*, work: Path = DEFAULT_WORK, rounds: int = 3, local_st
     if status != "finished:completed":
         raise RuntimeError(f"deployment benchmark: run ended {status!r} (logs in {dep})")
     waves = message_waves({s: dep / "cache-dep" / s / "supernode.log" for s in site_ids})
-    return [{"section": "deployment", "status": status, "launcher": launcher, "sites": len(site_ids),
-             "rounds_per_phase": rounds, **waves,
-             "simulation_s": simulation_s, "deployment_s": deployment_s, "overhead_ratio": deployment_s / simulation_s}]
+    return [
+        {
+            "section": "deployment",
+            "status": status,
+            "launcher": launcher,
+            "sites": len(site_ids),
+            "rounds_per_phase": rounds,
+            **waves,
+            "simulation_s": simulation_s,
+            "deployment_s": deployment_s,
+            "overhead_ratio": deployment_s / simulation_s,
+        }
+    ]
 
 
-_TASK_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*ClientApp task \d+ ended with code -?\d+: "
-                        r"([\d.]+) s, ([\d.]+) CPU-s")
+_TASK_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*ClientApp task \d+ ended with code -?\d+: "
+    r"([\d.]+) s, ([\d.]+) CPU-s"
+)
 
 
 def message_waves(logs: dict[str, Path]) -> dict[str, float | int]:
@@ -578,9 +722,13 @@ def message_waves(logs: dict[str, Path]) -> dict[str, float | int]:
         spans += end - start
         prev_end = end
     every = [t for rows in tasks.values() for t in rows]
-    return {"message_waves": n, "wave_gaps_s": round(gaps, 2), "wave_spans_s": round(spans, 2),
-            "clientapp_cpu_s": round(sum(t[2] for t in every), 1),
-            "clientapp_wall_s": round(sum(t[1] - t[0] for t in every), 1)}
+    return {
+        "message_waves": n,
+        "wave_gaps_s": round(gaps, 2),
+        "wave_spans_s": round(spans, 2),
+        "clientapp_cpu_s": round(sum(t[2] for t in every), 1),
+        "clientapp_wall_s": round(sum(t[1] - t[0] for t in every), 1),
+    }
 
 
 def _free_ports(lo: int, hi: int, n: int) -> list[int]:

@@ -45,11 +45,21 @@ logger = logging.getLogger(__name__)
 
 #: Defaults on CUDA: the batches of the issue's H200 measurements (the configured training batches
 #: are 16 for the stager and 4 for the detector, ``pyproject.toml``).
-GPU_DEFAULTS = {"model_sizes": ("default", "paper"), "stager_batches": (16, 64, 256), "detector_batches": (4, 16, 64),
-                "steps": 20, "warmup_steps": 5}
+GPU_DEFAULTS = {
+    "model_sizes": ("default", "paper"),
+    "stager_batches": (16, 64, 256),
+    "detector_batches": (4, 16, 64),
+    "steps": 20,
+    "warmup_steps": 5,
+}
 #: Defaults without CUDA: plumbing only.
-CPU_DEFAULTS = {"model_sizes": ("default",), "stager_batches": (4,), "detector_batches": (2,), "steps": 2,
-                "warmup_steps": 1}
+CPU_DEFAULTS = {
+    "model_sizes": ("default",),
+    "stager_batches": (4,),
+    "detector_batches": (2,),
+    "steps": 2,
+    "warmup_steps": 1,
+}
 LR, WEIGHT_DECAY, FOCAL_GAMMA = 1e-3, 1e-4, 2.0
 
 
@@ -94,8 +104,15 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _plain_loop(model: torch.nn.Module, data: torch.Tensor, targets: torch.Tensor, loss_fn: Callable,
-                batch: int, device: torch.device, amp: bool) -> Callable[[int], None]:
+def _plain_loop(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable,
+    batch: int,
+    device: torch.device,
+    amp: bool,
+) -> Callable[[int], None]:
     """``run(steps)``: forward, ``loss_fn(model, output, targets)``, backward, Adam step on contiguous
     batches already on ``device``."""
     opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -115,10 +132,22 @@ def _plain_loop(model: torch.nn.Module, data: torch.Tensor, targets: torch.Tenso
     return run
 
 
-def _training_row(name: str, size: str, build: Callable[[], torch.nn.Module], shape: tuple[int, ...], batch: int,
-                  ours: Callable[[torch.nn.Module, int], Any], plain_data: tuple[torch.Tensor, torch.Tensor],
-                  loss_fn: Callable, *, channels_last: bool, device: torch.device, amp: bool, steps: int,
-                  warmup_steps: int) -> Row:
+def _training_row(
+    name: str,
+    size: str,
+    build: Callable[[], torch.nn.Module],
+    shape: tuple[int, ...],
+    batch: int,
+    ours: Callable[[torch.nn.Module, int], Any],
+    plain_data: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: Callable,
+    *,
+    channels_last: bool,
+    device: torch.device,
+    amp: bool,
+    steps: int,
+    warmup_steps: int,
+) -> Row:
     model = build()
     gflop = flops_per_sample(model.to(device), shape, device) / 1e9
     ours(model, warmup_steps)
@@ -138,18 +167,38 @@ def _training_row(name: str, size: str, build: Callable[[], torch.nn.Module], sh
     plain_s = _timed(lambda: run_plain(steps), device)
     ours_rate, plain_rate = steps * batch / ours_s, steps * batch / plain_s
     return {
-        "section": "gpu", "model": name, "model_size": size, "batch_size": batch,
-        "params": sum(p.numel() for p in model.parameters()), "gflop_per_sample": gflop,
-        "ours_samples_per_s": ours_rate, "plain_samples_per_s": plain_rate, "ours_vs_plain": ours_rate / plain_rate,
-        "ours_step_ms": 1e3 * ours_s / steps, "plain_step_ms": 1e3 * plain_s / steps,
-        "ours_tflops": gflop * ours_rate / 1e3, "plain_tflops": gflop * plain_rate / 1e3,
-        "peak_mem_gib": peak, "host_syncs_per_step": syncs, "amp": amp, "channels_last": channels_last,
-        "steps": steps, "device": str(device),
+        "section": "gpu",
+        "model": name,
+        "model_size": size,
+        "batch_size": batch,
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflop_per_sample": gflop,
+        "ours_samples_per_s": ours_rate,
+        "plain_samples_per_s": plain_rate,
+        "ours_vs_plain": ours_rate / plain_rate,
+        "ours_step_ms": 1e3 * ours_s / steps,
+        "plain_step_ms": 1e3 * plain_s / steps,
+        "ours_tflops": gflop * ours_rate / 1e3,
+        "plain_tflops": gflop * plain_rate / 1e3,
+        "peak_mem_gib": peak,
+        "host_syncs_per_step": syncs,
+        "amp": amp,
+        "channels_last": channels_last,
+        "steps": steps,
+        "device": str(device),
     }
 
 
-def _study_row(size: str, stager: torch.nn.Module, detector: torch.nn.Module, crop_shape, hemi_shape,
-               device: torch.device, repeats: int, seed: int) -> Row:
+def _study_row(
+    size: str,
+    stager: torch.nn.Module,
+    detector: torch.nn.Module,
+    crop_shape,
+    hemi_shape,
+    device: torch.device,
+    repeats: int,
+    seed: int,
+) -> Row:
     from shared_models.detector import decode_best_box
     from shared_models.gradcam import stage_gradcam
 
@@ -175,18 +224,38 @@ def _study_row(size: str, stager: torch.nn.Module, detector: torch.nn.Module, cr
     infer_ms = _median_ms(infer, repeats, 1, device)
     cam_ms = _median_ms(gradcam, repeats, 1, device)
     copy_ms = _median_ms(gradcam_deepcopy, repeats, 1, device)
-    return {"section": "gpu", "model": "study", "model_size": size, "infer_ms_per_study": infer_ms,
-            "gradcam_ms_per_study": cam_ms, "gradcam_deepcopy_ms_per_study": copy_ms,
-            "gradcam_speedup": copy_ms / cam_ms, "device": str(device)}
+    return {
+        "section": "gpu",
+        "model": "study",
+        "model_size": size,
+        "infer_ms_per_study": infer_ms,
+        "gradcam_ms_per_study": cam_ms,
+        "gradcam_deepcopy_ms_per_study": copy_ms,
+        "gradcam_speedup": copy_ms / cam_ms,
+        "device": str(device),
+    }
 
 
-@section("gpu", "GPU training: ours vs a plain loop at the same batch (same model, precision, data resident), "
-                "TFLOP/s, inference and Grad-CAM per study")
-def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: Sequence[int] | None = None,
-                  detector_batches: Sequence[int] | None = None, steps: int | None = None,
-                  warmup_steps: int | None = None, device: str | torch.device = "auto", amp: bool = True,
-                  channels_last: bool | None = None, deterministic: bool = True, config_overrides: dict | None = None,
-                  infer_repeats: int = 5, seed: int = 0) -> list[Row]:
+@section(
+    "gpu",
+    "GPU training: ours vs a plain loop at the same batch (same model, precision, data resident), "
+    "TFLOP/s, inference and Grad-CAM per study",
+)
+def gpu_benchmark(
+    model_sizes: Sequence[str] | None = None,
+    *,
+    stager_batches: Sequence[int] | None = None,
+    detector_batches: Sequence[int] | None = None,
+    steps: int | None = None,
+    warmup_steps: int | None = None,
+    device: str | torch.device = "auto",
+    amp: bool = True,
+    channels_last: bool | None = None,
+    deterministic: bool = True,
+    config_overrides: dict | None = None,
+    infer_repeats: int = 5,
+    seed: int = 0,
+) -> list[Row]:
     """Rows of ours-vs-plain training throughput per model, size and batch, and one study row per size.
 
     Args:
@@ -225,15 +294,30 @@ def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: S
     if min(*stager_batches, *detector_batches, steps) < 1 or warmup_steps < 0:
         raise ValueError("gpu benchmark: batch sizes and steps must be >= 1, warmup_steps >= 0")
     amp = bool(amp and dev.type == "cuda")
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     if deterministic:
         from shared_models.determinism import configure_determinism
 
         configure_determinism(dev)
     try:
-        rows = _measure(model_sizes, stager_batches, detector_batches, dev, amp, channels_last, config_overrides,
-                        steps, warmup_steps, infer_repeats, seed)
+        rows = _measure(
+            model_sizes,
+            stager_batches,
+            detector_batches,
+            dev,
+            amp,
+            channels_last,
+            config_overrides,
+            steps,
+            warmup_steps,
+            infer_repeats,
+            seed,
+        )
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
@@ -249,8 +333,19 @@ def gpu_benchmark(model_sizes: Sequence[str] | None = None, *, stager_batches: S
     return rows
 
 
-def _measure(model_sizes, stager_batches, detector_batches, dev, amp, channels_last, config_overrides, steps,
-             warmup_steps, infer_repeats, seed) -> list[Row]:
+def _measure(
+    model_sizes,
+    stager_batches,
+    detector_batches,
+    dev,
+    amp,
+    channels_last,
+    config_overrides,
+    steps,
+    warmup_steps,
+    infer_repeats,
+    seed,
+) -> list[Row]:
     from shared_models.detector import YOLOX3D, detector_loss
     from shared_models.losses import stage_focal_loss
     from shared_models.stager import MulDenseNet3D
@@ -263,11 +358,11 @@ def _measure(model_sizes, stager_batches, detector_batches, dev, amp, channels_l
     for size in model_sizes:
         stager_cfg, detector_cfg, crop_shape, hemi_shape = _configs(size, config_overrides)
 
-        def build_stager():
+        def build_stager(stager_cfg=stager_cfg):
             torch.manual_seed(seed)
             return MulDenseNet3D(stager_cfg)
 
-        def build_detector():
+        def build_detector(detector_cfg=detector_cfg):
             torch.manual_seed(seed)
             return YOLOX3D(detector_cfg)
 
@@ -282,13 +377,35 @@ def _measure(model_sizes, stager_batches, detector_batches, dev, amp, channels_l
 
             def ours_stager(model, k, crops=crops, labels=labels, batch=batch):
                 if k:
-                    train_stager(model, crops, labels, steps=k, batch_size=batch, lr=LR, weight_decay=WEIGHT_DECAY,
-                                 focal_gamma=FOCAL_GAMMA, device=dev, amp=amp, seed=seed, channels_last=stager_cl)
+                    train_stager(
+                        model,
+                        crops,
+                        labels,
+                        steps=k,
+                        batch_size=batch,
+                        lr=LR,
+                        weight_decay=WEIGHT_DECAY,
+                        focal_gamma=FOCAL_GAMMA,
+                        device=dev,
+                        amp=amp,
+                        seed=seed,
+                        channels_last=stager_cl,
+                    )
 
-            rows.append(_training_row(
-                "stager", size, build_stager, crop_shape, batch, ours_stager,
-                (data, torch.from_numpy(labels).to(dev)), lambda _model, out, y: focal(out.float(), y),
-                channels_last=stager_cl, **timing))
+            rows.append(
+                _training_row(
+                    "stager",
+                    size,
+                    build_stager,
+                    crop_shape,
+                    batch,
+                    ours_stager,
+                    (data, torch.from_numpy(labels).to(dev)),
+                    lambda _model, out, y, focal=focal: focal(out.float(), y),
+                    channels_last=stager_cl,
+                    **timing,
+                )
+            )
         for batch in detector_batches:
             logger.info("gpu benchmark: detector %s, batch %d on %s", size, batch, dev)
             from sim.bench import _random_hemi_batch
@@ -297,14 +414,40 @@ def _measure(model_sizes, stager_batches, detector_batches, dev, amp, channels_l
 
             def ours_detector(model, k, volumes=volumes, boxes=boxes, batch=batch):
                 if k:
-                    train_detector(model, volumes, boxes, steps=k, batch_size=batch, lr=LR, weight_decay=WEIGHT_DECAY,
-                                   device=dev, amp=amp, seed=seed, channels_last=detector_cl)
+                    train_detector(
+                        model,
+                        volumes,
+                        boxes,
+                        steps=k,
+                        batch_size=batch,
+                        lr=LR,
+                        weight_decay=WEIGHT_DECAY,
+                        device=dev,
+                        amp=amp,
+                        seed=seed,
+                        channels_last=detector_cl,
+                    )
 
-            rows.append(_training_row(
-                "detector", size, build_detector, hemi_shape, batch, ours_detector,
-                (torch.from_numpy(volumes).to(dev).contiguous(memory_format=torch.channels_last_3d if detector_cl
-                                                               else torch.contiguous_format),
-                 torch.from_numpy(boxes).to(dev)),
-                lambda model, out, y: detector_loss(out, y, model.cells)[0], channels_last=detector_cl, **timing))
-        rows.append(_study_row(size, build_stager(), build_detector(), crop_shape, hemi_shape, dev, infer_repeats, seed))
+            rows.append(
+                _training_row(
+                    "detector",
+                    size,
+                    build_detector,
+                    hemi_shape,
+                    batch,
+                    ours_detector,
+                    (
+                        torch.from_numpy(volumes)
+                        .to(dev)
+                        .contiguous(memory_format=torch.channels_last_3d if detector_cl else torch.contiguous_format),
+                        torch.from_numpy(boxes).to(dev),
+                    ),
+                    lambda model, out, y: detector_loss(out, y, model.cells)[0],
+                    channels_last=detector_cl,
+                    **timing,
+                )
+            )
+        rows.append(
+            _study_row(size, build_stager(), build_detector(), crop_shape, hemi_shape, dev, infer_repeats, seed)
+        )
     return rows

@@ -61,14 +61,32 @@ MALICIOUS = "D"
 
 #: Run-config overrides of every benchmark run: small widths, short schedules, all four sites train.
 SCHEDULE: dict[str, Any] = {
-    "site-ids": ",".join(SITES), "train-sites": ",".join(SITES), "split-sites": ",".join(SITES),
-    "report-groups": "all=" + ",".join(SITES), "device": "cpu", "amp": False,
-    "detector-rounds": 2, "detector-local-steps": 4, "detector-batch-size": 4, "detector-warmup-steps": 0,
-    "detector-widths": "8,16,16,32", "detector-head-width": 16, "detector-l1-rounds": 0,
-    "stager-rounds": 3, "stager-local-steps": 12, "stager-batch-size": 8, "stager-warmup-steps": 0,
-    "stager-init-features": 8, "stager-growth-rate": 4, "stager-block-config": "1,2", "stager-pool-scales": "1,2",
-    "crop-source": "ground-truth", "min-cell-heads": 1, "krum-byzantine": 0,
-    "node-wait-timeout-s": 30.0, "round-timeout-s": 600.0,
+    "site-ids": ",".join(SITES),
+    "train-sites": ",".join(SITES),
+    "split-sites": ",".join(SITES),
+    "report-groups": "all=" + ",".join(SITES),
+    "device": "cpu",
+    "amp": False,
+    "detector-rounds": 2,
+    "detector-local-steps": 4,
+    "detector-batch-size": 4,
+    "detector-warmup-steps": 0,
+    "detector-widths": "8,16,16,32",
+    "detector-head-width": 16,
+    "detector-l1-rounds": 0,
+    "stager-rounds": 3,
+    "stager-local-steps": 12,
+    "stager-batch-size": 8,
+    "stager-warmup-steps": 0,
+    "stager-init-features": 8,
+    "stager-growth-rate": 4,
+    "stager-block-config": "1,2",
+    "stager-pool-scales": "1,2",
+    "crop-source": "ground-truth",
+    "min-cell-heads": 1,
+    "krum-byzantine": 0,
+    "node-wait-timeout-s": 30.0,
+    "round-timeout-s": 600.0,
 }
 
 
@@ -109,19 +127,19 @@ class LocalGrid(_grid_base()):
         self._count = 0
         self._run = None
 
-    def set_run(self, run) -> None:  # noqa: D102 - Grid's
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: D102 - Grid's
+    def run(self):
         return self._run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102 - Grid's
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         from flwr.app import Message
 
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid's
+    def get_node_ids(self) -> Iterable[int]:
         return sorted(self.contexts)
 
     def _handle(self, msg):
@@ -130,15 +148,16 @@ class LocalGrid(_grid_base()):
         from client import client_app
 
         handler = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}[
-            msg.metadata.message_type.split(".")[0]]
+            msg.metadata.message_type.split(".")[0]
+        ]
         node = msg.metadata.dst_node_id
         try:
             reply = handler(msg, self.contexts[node])
-        except Exception as exc:  # noqa: BLE001 - as Flower: a failing ClientApp becomes an error reply
+        except Exception as exc:
             reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
         return self.tamper(node, msg, reply) if self.tamper else reply
 
-    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:  # noqa: D102 - Grid's
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
         ids = []
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             self._count += 1
@@ -147,10 +166,10 @@ class LocalGrid(_grid_base()):
             ids.append(msg.metadata.message_id)
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:  # noqa: D102 - Grid's
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:  # noqa: D102
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
         return self.pull_messages(self.push_messages(messages))
 
 
@@ -218,8 +237,12 @@ def poisoning_phantoms(work: Path, heads: int = 30, seed: int = 0) -> Path:
     if not (root / "phantoms.json").exists():
         quick = PROFILES["quick"]
         patients = math.ceil(heads * 0.6)
-        profile = dataclasses.replace(quick, name="poisoning", heads_per_site=dict.fromkeys(SITES, heads),
-                                      patients_per_site=dict.fromkeys(SITES, patients))
+        profile = dataclasses.replace(
+            quick,
+            name="poisoning",
+            heads_per_site=dict.fromkeys(SITES, heads),
+            patients_per_site=dict.fromkeys(SITES, patients),
+        )
         logger.info("generating 4 phantom sites of %d heads in %s", heads, root)
         generate_phantoms(root, profile, seed=seed, workers=1)
     rng = np.random.default_rng(seed)
@@ -236,8 +259,9 @@ def poisoning_phantoms(work: Path, heads: int = 30, seed: int = 0) -> Path:
     return root
 
 
-def run_federation(data: Path, out: Path, *, strategy: str, attack: str, seed: int,
-                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_federation(
+    data: Path, out: Path, *, strategy: str, attack: str, seed: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One federation of the real ServerApp (:func:`server.server_app.main`) over :class:`LocalGrid`,
     site D replying with ``attack``; the bundle's models evaluated on the honest sites' test heads.
 
@@ -254,13 +278,31 @@ def run_federation(data: Path, out: Path, *, strategy: str, attack: str, seed: i
     from shared_models.config import RunConfig, default_run_config
 
     shutil.rmtree(out, ignore_errors=True)
-    rc = {**default_run_config(), **SCHEDULE, **(overrides or {}), "data-root": str(data),
-          "cache-dir": str(Path(data).parent / f"{Path(data).name}-cache"), "out-dir": str(out), "strategy": strategy, "seed": seed}
-    contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": len(SITES)},
-                               state=RecordDict(), run_config=rc) for i in range(len(SITES))}
+    rc = {
+        **default_run_config(),
+        **SCHEDULE,
+        **(overrides or {}),
+        "data-root": str(data),
+        "cache-dir": str(Path(data).parent / f"{Path(data).name}-cache"),
+        "out-dir": str(out),
+        "strategy": strategy,
+        "seed": seed,
+    }
+    contexts = {
+        i + 1: Context(
+            run_id=1,
+            node_id=i + 1,
+            node_config={"partition-id": i, "num-partitions": len(SITES)},
+            state=RecordDict(),
+            run_config=rc,
+        )
+        for i in range(len(SITES))
+    }
     bad_node = SITES.index(MALICIOUS) + 1
     rng = np.random.default_rng(seed + 1000)
-    grid = LocalGrid(contexts, tamper=lambda node, msg, reply: attack_reply(attack, msg, reply, rng) if node == bad_node else reply)
+    grid = LocalGrid(
+        contexts, tamper=lambda node, msg, reply: attack_reply(attack, msg, reply, rng) if node == bad_node else reply
+    )
     t0 = time.perf_counter()
     with _task_identity():
         server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
@@ -294,9 +336,14 @@ def run_federation(data: Path, out: Path, *, strategy: str, attack: str, seed: i
     iou = sum(m["iou-mean"] * m["num-examples"] for m in det.values()) / n if n else float("nan")
     pooled = group_stage_metrics(stg, {"honest": tuple(honest)})["honest"]
     rejected = sum(len(sites_) for phase in report.get("rejected_updates", {}).values() for sites_ in phase.values())
-    return {"macro_auc": float(pooled.get("macro", {}).get("auc", float("nan"))), "iou_mean": float(iou),
-            "selected_rounds": report.get("selected_rounds"), "rejected": rejected, "wall_s": wall,
-            "weights": {"detector": _flat(det_state), "stager": _flat(stg_state)}}
+    return {
+        "macro_auc": float(pooled.get("macro", {}).get("auc", float("nan"))),
+        "iou_mean": float(iou),
+        "selected_rounds": report.get("selected_rounds"),
+        "rejected": rejected,
+        "wall_s": wall,
+        "weights": {"detector": _flat(det_state), "stager": _flat(stg_state)},
+    }
 
 
 def _flat(state: dict) -> np.ndarray:
@@ -312,9 +359,18 @@ def _shift(a: dict, b: dict) -> dict[str, float]:
 
 
 @section("poisoning", "Poisoning: one malicious site of 4, drop in test macro AUC and detector IoU vs the clean run")
-def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies: Sequence[str] = ("fedavg",) + ROBUST,
-                        attacks: Sequence[str] = ATTACKS, robust_attacks: Sequence[str] = ATTACKS[:4], heads: int = 20,
-                        schedule: dict[str, Any] | None = None, baseline: bool = True, quick: bool = False) -> list[Row]:
+def poisoning_benchmark(
+    *,
+    work: Path = DEFAULT_WORK,
+    seeds: int = 3,
+    strategies: Sequence[str] = ("fedavg",) + ROBUST,
+    attacks: Sequence[str] = ATTACKS,
+    robust_attacks: Sequence[str] = ATTACKS[:4],
+    heads: int = 20,
+    schedule: dict[str, Any] | None = None,
+    baseline: bool = True,
+    quick: bool = False,
+) -> list[Row]:
     """Every attack under every strategy, against that strategy's clean run (module notes).
 
     Args:
@@ -343,7 +399,13 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
 
     overrides: dict[str, Any] = {}
     if quick:
-        seeds, strategies, attacks, robust_attacks, heads = 1, ("fedavg",), ("sign-flip-x10", "num-examples-1e9"), (), 12
+        seeds, strategies, attacks, robust_attacks, heads = (
+            1,
+            ("fedavg",),
+            ("sign-flip-x10", "num-examples-1e9"),
+            (),
+            12,
+        )
         overrides = {"detector-rounds": 1, "stager-rounds": 2, "detector-local-steps": 3, "stager-local-steps": 3}
     overrides.update(schedule or {})
     data = poisoning_phantoms(Path(work), heads=heads)
@@ -354,8 +416,16 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
     clean: dict[str, dict] = {}
 
     def record(strategy: str, attack: str, seed: int, result: dict) -> None:
-        logger.info("%s under %s (seed %d): macro AUC %.3f, IoU %.3f, %d replies rejected (%.0f s)", attack, strategy,
-                    seed, result["macro_auc"], result["iou_mean"], result["rejected"], result["wall_s"])
+        logger.info(
+            "%s under %s (seed %d): macro AUC %.3f, IoU %.3f, %d replies rejected (%.0f s)",
+            attack,
+            strategy,
+            seed,
+            result["macro_auc"],
+            result["iou_mean"],
+            result["rejected"],
+            result["wall_s"],
+        )
         row = {"section": "poisoning", "strategy": strategy, "attack": attack, "seed": seed, **_figures(result)}
         base = clean.get(strategy)
         shifts = _shift(result, base) if base else {"detector": float("nan"), "stager": float("nan")}
@@ -365,18 +435,21 @@ def poisoning_benchmark(*, work: Path = DEFAULT_WORK, seeds: int = 3, strategies
             fh.write(json.dumps(row) + "\n")
 
     for seed in range(seeds):
-        result = run_federation(data, runs / f"fedavg-none-{seed}", strategy="fedavg", attack="none", seed=seed,
-                                overrides=overrides)
+        result = run_federation(
+            data, runs / f"fedavg-none-{seed}", strategy="fedavg", attack="none", seed=seed, overrides=overrides
+        )
         clean.setdefault("fedavg", result)
         record("fedavg", "none", seed, result)
     for strategy in strategies:
         if strategy not in clean and baseline:
-            clean[strategy] = run_federation(data, runs / f"{strategy}-none-0", strategy=strategy, attack="none", seed=0,
-                                             overrides=overrides)
+            clean[strategy] = run_federation(
+                data, runs / f"{strategy}-none-0", strategy=strategy, attack="none", seed=0, overrides=overrides
+            )
             record(strategy, "none", 0, clean[strategy])
-        for attack in (attacks if strategy == "fedavg" else robust_attacks):
-            result = run_federation(data, runs / f"{strategy}-{attack}-0", strategy=strategy, attack=attack, seed=0,
-                                    overrides=overrides)
+        for attack in attacks if strategy == "fedavg" else robust_attacks:
+            result = run_federation(
+                data, runs / f"{strategy}-{attack}-0", strategy=strategy, attack=attack, seed=0, overrides=overrides
+            )
             record(strategy, attack, 0, result)
     return finish_rows(rows)
 
@@ -402,44 +475,62 @@ def finish_rows(rows: Sequence[Row]) -> list[Row]:
         return max(r[key] for r in base) - min(r[key] for r in base) if len(base) > 1 else float("nan")
 
     auc_bar, iou_bar = spread("macro_auc"), spread("iou_mean")
-    shift = {p: max((r[f"{p}_shift"] for r in base), default=float("nan")) if len(base) > 1 else float("nan")
-             for p in ("detector", "stager")}
+    shift = {
+        p: max((r[f"{p}_shift"] for r in base), default=float("nan")) if len(base) > 1 else float("nan")
+        for p in ("detector", "stager")
+    }
     for row in rows:
-        row.update(clean_auc_spread=auc_bar, clean_iou_spread=iou_bar, clean_detector_shift=shift["detector"],
-                   clean_stager_shift=shift["stager"])
-        row["within_spread"] = (bool(abs(row["auc_drop"]) <= auc_bar + 1e-9 and abs(row["iou_drop"]) <= iou_bar + 1e-9)
-                                if not (math.isnan(auc_bar) or math.isnan(row["auc_drop"])) else None)
+        row.update(
+            clean_auc_spread=auc_bar,
+            clean_iou_spread=iou_bar,
+            clean_detector_shift=shift["detector"],
+            clean_stager_shift=shift["stager"],
+        )
+        row["within_spread"] = (
+            bool(abs(row["auc_drop"]) <= auc_bar + 1e-9 and abs(row["iou_drop"]) <= iou_bar + 1e-9)
+            if not (math.isnan(auc_bar) or math.isnan(row["auc_drop"]))
+            else None
+        )
     return rows
 
 
 def _figures(result: dict) -> dict:
     selected = result.get("selected_rounds") or {}
-    return {"macro_auc": result["macro_auc"], "iou_mean": result["iou_mean"], "rejected_replies": result["rejected"],
-            "selected_detector_round": selected.get("detector"), "selected_stager_round": selected.get("stager"),
-            "wall_s": result["wall_s"]}
+    return {
+        "macro_auc": result["macro_auc"],
+        "iou_mean": result["iou_mean"],
+        "rejected_replies": result["rejected"],
+        "selected_detector_round": selected.get("detector"),
+        "selected_stager_round": selected.get("stager"),
+        "wall_s": result["wall_s"],
+    }
 
 
 def poisoning_markdown(rows: Sequence[Row]) -> str:
     """The rows as one markdown table (for the README): strategy, attack, figures, drops, verdict."""
-    lines = ["| strategy | attack | seed | test macro AUC | drop | detector IoU | drop | stager shift | detector shift "
-             "| rejected replies | within clean spread |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | attack | seed | test macro AUC | drop | detector IoU | drop | stager shift | detector shift "
+        "| rejected replies | within clean spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(v, spec=".3f"):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
     for r in rows:
         verdict = {True: "yes", False: "**no**", None: "n/a"}[r.get("within_spread")]
-        lines.append(f"| {r['strategy']} | {r['attack']} | {r['seed']} | {f(r['macro_auc'])} | {f(r['auc_drop'], '+.3f')} | "
-                     f"{f(r['iou_mean'])} | {f(r['iou_drop'], '+.3f')} | {f(r['stager_shift'], '.2f')} | "
-                     f"{f(r['detector_shift'], '.2f')} | {r['rejected_replies']} | {verdict} |")
+        lines.append(
+            f"| {r['strategy']} | {r['attack']} | {r['seed']} | {f(r['macro_auc'])} | {f(r['auc_drop'], '+.3f')} | "
+            f"{f(r['iou_mean'])} | {f(r['iou_drop'], '+.3f')} | {f(r['stager_shift'], '.2f')} | "
+            f"{f(r['detector_shift'], '.2f')} | {r['rejected_replies']} | {verdict} |"
+        )
     if rows:
         r0 = rows[0]
-        lines.append(f"\nClean FedAvg seed spread (max - min over {sum(r['attack'] == 'none' and r['strategy'] == 'fedavg' for r in rows)} "
-                     f"seeds): macro AUC {f(r0['clean_auc_spread'])}, IoU {f(r0['clean_iou_spread'])}; weight distance "
-                     f"of a clean seed from seed 0 (L2, largest): stager {f(r0['clean_stager_shift'], '.2f')}, detector "
-                     f"{f(r0['clean_detector_shift'], '.2f')}. Shifts: L2 distance of the shipped weights from the "
-                     "strategy's clean seed-0 run.")
+        lines.append(
+            f"\nClean FedAvg seed spread (max - min over {sum(r['attack'] == 'none' and r['strategy'] == 'fedavg' for r in rows)} "
+            f"seeds): macro AUC {f(r0['clean_auc_spread'])}, IoU {f(r0['clean_iou_spread'])}; weight distance "
+            f"of a clean seed from seed 0 (L2, largest): stager {f(r0['clean_stager_shift'], '.2f')}, detector "
+            f"{f(r0['clean_detector_shift'], '.2f')}. Shifts: L2 distance of the shipped weights from the "
+            "strategy's clean seed-0 run."
+        )
     return "\n".join(lines)
-
-

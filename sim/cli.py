@@ -39,8 +39,13 @@ REAL_NIFTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / 
 SCHEDULES: dict[str, dict[str, object]] = {
     # quick phantoms have 1-6 heads per split: at the default min-cell-heads (5) the small-cell rule would
     # withhold nearly every figure of this smoke test (synthetic heads, no patient to protect)
-    "quick": {"detector-rounds": 2, "detector-local-steps": 8, "stager-rounds": 2, "stager-local-steps": 8,
-              "min-cell-heads": 1},
+    "quick": {
+        "detector-rounds": 2,
+        "detector-local-steps": 8,
+        "stager-rounds": 2,
+        "stager-local-steps": 8,
+        "min-cell-heads": 1,
+    },
     "paper": {},
 }
 
@@ -65,7 +70,11 @@ def _parse_set(items: list[str]) -> dict[str, object]:
             import difflib
 
             close = difflib.get_close_matches(key, list(defaults), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; the keys are in [tool.flwr.app.config] of pyproject.toml"
+            hint = (
+                f"; did you mean {', '.join(close)}?"
+                if close
+                else "; the keys are in [tool.flwr.app.config] of pyproject.toml"
+            )
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with a run-config KEY{hint}")
         kind = type(defaults[key])
         if kind is bool:
@@ -87,9 +96,21 @@ def _fmt(value) -> str:
 def print_report(report: dict, baseline: dict | None = None) -> None:
     """Print the per-site report (and the intensity baseline) as tables."""
     rounds = ", ".join(f"{k} {v}" for k, v in report["rounds"].items())
-    table = Table(title=f"Ficat-Arlet staging — {report['strategy']}, rounds: {rounds}, trained at {', '.join(report['train_sites'])}")
-    for col in ("site", "n", "accuracy", "sensitivity", "specificity", "F1", "AUC", "weighted AUC", "kappa (quadratic)",
-                "baseline AUC"):
+    table = Table(
+        title=f"Ficat-Arlet staging — {report['strategy']}, rounds: {rounds}, trained at {', '.join(report['train_sites'])}"
+    )
+    for col in (
+        "site",
+        "n",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "F1",
+        "AUC",
+        "weighted AUC",
+        "kappa (quadratic)",
+        "baseline AUC",
+    ):
         table.add_column(col, justify="right" if col != "site" else "left")
     notes = []
     for name, m in report["sites"].items():
@@ -100,18 +121,40 @@ def print_report(report: dict, baseline: dict | None = None) -> None:
         base = (baseline or {}).get(name, {}).get("macro", {}).get("auc")
         flag = (m.get("small_n") or {}).get("reasons") or []
         notes += [f"{name}: {r}" for r in flag]
-        table.add_row(name + (" *" if flag else ""), str(m["n"]),
-                      *(_fmt(macro[k]) for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")),
-                      _fmt(m["weighted"]["auc"]), _fmt(m.get("quadratic_kappa")), _fmt(base))
+        table.add_row(
+            name + (" *" if flag else ""),
+            str(m["n"]),
+            *(_fmt(macro[k]) for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")),
+            _fmt(m["weighted"]["auc"]),
+            _fmt(m.get("quadratic_kappa")),
+            _fmt(base),
+        )
     console.print(table)
     for note in notes:
         console.print(f"[yellow]* unreliable, too few heads:[/yellow] {note}")
     det = Table(title="3DC-YOLOX femoral head detection (test heads)")
-    for col in ("site", "n", "IoU mean", "centre error mm (median)", "recall@0.3", "recall@0.5", "AP50", "low confidence"):
+    for col in (
+        "site",
+        "n",
+        "IoU mean",
+        "centre error mm (median)",
+        "recall@0.3",
+        "recall@0.5",
+        "AP50",
+        "low confidence",
+    ):
         det.add_column(col, justify="right" if col != "site" else "left")
     for site, m in report["detector"].items():
-        det.add_row(site, str(m["n"]), _fmt(m["iou_mean"]), _fmt(m["center_error_mm"]), _fmt(m["recall30"]),
-                    _fmt(m["recall50"]), _fmt(m.get("ap50")), str(m["low_confidence"]))
+        det.add_row(
+            site,
+            str(m["n"]),
+            _fmt(m["iou_mean"]),
+            _fmt(m["center_error_mm"]),
+            _fmt(m["recall30"]),
+            _fmt(m["recall50"]),
+            _fmt(m.get("ap50")),
+            str(m["low_confidence"]),
+        )
     console.print(det)
     from sim.infer import calibration_table
 
@@ -126,24 +169,34 @@ def cmd_phantoms(args) -> int:
     from sim.phantoms import generate_phantoms
 
     t0 = time.monotonic()
-    summary = generate_phantoms(Path(args.out), args.profile, seed=args.seed, progress=True,
-                                replace=getattr(args, "replace", False))
+    summary = generate_phantoms(
+        Path(args.out), args.profile, seed=args.seed, progress=True, replace=getattr(args, "replace", False)
+    )
     table = Table(title=f"phantoms ({args.profile}, seed {args.seed}) in {args.out} [{time.monotonic() - t0:.1f} s]")
     for col in ("site", "scanner", "heads 0/I/II", "CNR I oedema", "CNR II bright band", "CNR II dark band"):
         table.add_column(col)
     for site, info in summary.get("sites", {}).items():
         cnr = info.get("cnr", {})
         stages = info.get("heads_per_stage", {})
-        table.add_row(site, str(info.get("scanner_label", "")), "/".join(str(stages.get(k, 0)) for k in ("0", "I", "II")),
-                      *(_fmt(cnr.get(k, {}).get("mean")) for k in ("I_oedema", "II_bright_band", "II_dark_band")))
+        table.add_row(
+            site,
+            str(info.get("scanner_label", "")),
+            "/".join(str(stages.get(k, 0)) for k in ("0", "I", "II")),
+            *(_fmt(cnr.get(k, {}).get("mean")) for k in ("I_oedema", "II_bright_band", "II_dark_band")),
+        )
     console.print(table)
     return 0
 
 
 def _run_config_for(args) -> dict[str, object]:
     out = Path(args.out).resolve()
-    rc: dict[str, object] = {**SCHEDULES[args.profile], "data-root": str(Path(args.data).resolve()), "out-dir": str(out),
-                             "strategy": args.strategy, "seed": args.seed}
+    rc: dict[str, object] = {
+        **SCHEDULES[args.profile],
+        "data-root": str(Path(args.data).resolve()),
+        "out-dir": str(out),
+        "strategy": args.strategy,
+        "seed": args.seed,
+    }
     if args.train_sites:
         rc["train-sites"] = args.train_sites
     rc.update(_tracking_config(args))
@@ -162,12 +215,19 @@ def _tracking_config(args) -> dict[str, object]:
 
 def tracking_args(p) -> None:
     """``--track`` and ``--tracking-uri`` (issue 21; ``server/tracking.py``)."""
-    p.add_argument("--track", choices=("mlflow", "tensorboard", "none"), default="mlflow",
-                   help="experiment tracking from the server, per round and site (default mlflow: a SQLite store "
-                        "OUT/mlflow/mlflow.db, no server needed; tensorboard: OUT/tensorboard)")
-    p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow tracking server or store (http://127.0.0.1:5000, sqlite:////abs/mlflow.db), or the "
-                        "TensorBoard log folder (default: under OUT)")
+    p.add_argument(
+        "--track",
+        choices=("mlflow", "tensorboard", "none"),
+        default="mlflow",
+        help="experiment tracking from the server, per round and site (default mlflow: a SQLite store "
+        "OUT/mlflow/mlflow.db, no server needed; tensorboard: OUT/tensorboard)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking server or store (http://127.0.0.1:5000, sqlite:////abs/mlflow.db), or the "
+        "TensorBoard log folder (default: under OUT)",
+    )
 
 
 def cmd_run(args) -> int:
@@ -177,19 +237,28 @@ def cmd_run(args) -> int:
     report = run_experiment(_run_config_for(args), console=console, gpus_per_site=getattr(args, "gpus_per_site", None))
     print_report(report, report.get("baseline_intensity_logreg"))
     if args.profile == "quick":
-        console.print("[yellow]quick profile: a smoke test of the whole pipeline; its figures are not meaningful "
-                      "(use --profile paper)[/yellow]")
+        console.print(
+            "[yellow]quick profile: a smoke test of the whole pipeline; its figures are not meaningful "
+            "(use --profile paper)[/yellow]"
+        )
     out = Path(args.out)
     sim_stats = report.get("simulation", {})
     if sim_stats:
         console.print(f"training curves: {out / 'training_curves.png'}")
-        console.print(f"wall time {sim_stats['wall_time_s']:.0f} s, peak memory of the simulation "
-                      f"{sim_stats['peak_rss_bytes'] / 2**30:.2f} GiB")
+        console.print(
+            f"wall time {sim_stats['wall_time_s']:.0f} s, peak memory of the simulation "
+            f"{sim_stats['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
     console.print(f"report: {out / 'report.json'} and {out / 'report.html'}\nsigned bundle: {out / 'bundle'}")
     if args.track != "none" and not args.tracking_uri:
-        console.print("experiment tracking: " + (
-            f"mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///{out.resolve() / 'mlflow' / 'mlflow.db'}"
-            if args.track == "mlflow" else f"tensorboard --host 127.0.0.1 --logdir {out / 'tensorboard'}"))
+        console.print(
+            "experiment tracking: "
+            + (
+                f"mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///{out.resolve() / 'mlflow' / 'mlflow.db'}"
+                if args.track == "mlflow"
+                else f"tensorboard --host 127.0.0.1 --logdir {out / 'tensorboard'}"
+            )
+        )
     return 0
 
 
@@ -233,15 +302,15 @@ def cmd_compare(args) -> int:
             console.print(f"[red]outside the stated interval:[/red] {line}")
         if problems:
             return 1
-        console.print(f"every figure of seeds {seeds} lies inside the 95 % one-more-seed interval of {args.check_against}")
+        console.print(
+            f"every figure of seeds {seeds} lies inside the 95 % one-more-seed interval of {args.check_against}"
+        )
     return 0
 
 
 def cmd_bench(args) -> int:
     """Benchmarks that print measured figures and write ``bench.json``."""
-    from sim.bench import SECTIONS, print_table, run_benchmarks
-
-    from sim.bench import parse_option
+    from sim.bench import SECTIONS, parse_option, print_table, run_benchmarks
 
     names = args.only.split(",") if args.only else None
     options: dict = {}
@@ -263,8 +332,10 @@ def cmd_bench(args) -> int:
 
         (out / "poisoning.md").write_text(poisoning_markdown(result["sections"]["poisoning"]) + "\n")
         console.print(f"{out / 'poisoning.md'}: the poisoning table in markdown")
-    console.print(f"{out / 'bench.json'} (load average {result['environment'].get('load_avg_1min', '?')}: "
-                  "figures taken under load are not comparable)")
+    console.print(
+        f"{out / 'bench.json'} (load average {result['environment'].get('load_avg_1min', '?')}: "
+        "figures taken under load are not comparable)"
+    )
     return 0
 
 
@@ -274,14 +345,31 @@ def cmd_demo(args) -> int:
     data = out / "data"
     args_ph = argparse.Namespace(out=str(data), profile=args.profile, seed=args.seed)
     cmd_phantoms(args_ph)
-    args_run = argparse.Namespace(data=str(data), out=str(out / "run"), profile=args.profile, strategy=args.strategy,
-                                  seed=args.seed, train_sites=None, set=args.set, gpus_per_site=args.gpus_per_site,
-                                  track=args.track, tracking_uri=args.tracking_uri)
+    args_run = argparse.Namespace(
+        data=str(data),
+        out=str(out / "run"),
+        profile=args.profile,
+        strategy=args.strategy,
+        seed=args.seed,
+        train_sites=None,
+        set=args.set,
+        gpus_per_site=args.gpus_per_site,
+        track=args.track,
+        tracking_uri=args.tracking_uri,
+    )
     cmd_run(args_run)
     if REAL_NIFTI.exists():
         key = out / "run" / "keys" / "bundle-signing-key.pem.pub"
-        cmd_infer(argparse.Namespace(bundle=str(out / "run" / "bundle"), study=str(REAL_NIFTI), out=str(out / "infer-prostatex"),
-                                     public_key=str(key) if key.exists() else None, device="auto", allow_refused=True))
+        cmd_infer(
+            argparse.Namespace(
+                bundle=str(out / "run" / "bundle"),
+                study=str(REAL_NIFTI),
+                out=str(out / "infer-prostatex"),
+                public_key=str(key) if key.exists() else None,
+                device="auto",
+                allow_refused=True,
+            )
+        )
     else:
         console.print(f"[yellow]real pelvic MRI not found at {REAL_NIFTI}: skipping the inference step[/yellow]")
     return 0
@@ -308,8 +396,14 @@ def cmd_site_check(args) -> int:
     cache = Path(args.cache) if args.cache else root / SITE_CACHE_NAME
     from client.dicom_series import MAX_STUDY_VOXELS
 
-    site = SiteData(root, site_id, cache, PreprocessingSpec(), progress=True,
-                    max_study_voxels=args.max_study_voxels or MAX_STUDY_VOXELS)
+    site = SiteData(
+        root,
+        site_id,
+        cache,
+        PreprocessingSpec(),
+        progress=True,
+        max_study_voxels=args.max_study_voxels or MAX_STUDY_VOXELS,
+    )
     table = Table(title=f"site {site_id}: study verdicts")
     for col in ("study", "series UID", "status", "reason", "shape", "spacing mm", "direction"):
         table.add_column(col)
@@ -323,14 +417,22 @@ def cmd_site_check(args) -> int:
         Path(args.json).write_text(json.dumps([v.to_dict() for v in site.verdicts], indent=2))
     bad = sum(v.status != "ok" for v in site.verdicts)
     rows = len(site.row_refusals)
-    console.print(f"{len(site.verdicts) - bad} studies ok, {bad - rows} refused, {rows} row(s) skipped, "
-                  f"{len(site.heads)} femoral heads usable")
+    console.print(
+        f"{len(site.verdicts) - bad} studies ok, {bad - rows} refused, {rows} row(s) skipped, "
+        f"{len(site.heads)} femoral heads usable"
+    )
     _print_skipped_rows(site.row_refusals)
     from client.site_daemon import Check, check_ca_certificate, check_cache_space, check_device, check_superlink
 
-    checks = [Check("manifest and studies", bad == 0 and bool(site.heads),
-                    f"{len(site.verdicts) - bad} ok, {bad} refused, {len(site.heads)} heads"),
-              check_cache_space(cache, args.min_free_gb), check_device()]
+    checks = [
+        Check(
+            "manifest and studies",
+            bad == 0 and bool(site.heads),
+            f"{len(site.verdicts) - bad} ok, {bad} refused, {len(site.heads)} heads",
+        ),
+        check_cache_space(cache, args.min_free_gb),
+        check_device(),
+    ]
     if args.ca_cert:
         checks.append(check_ca_certificate(Path(args.ca_cert)))
         if args.superlink:
@@ -382,8 +484,9 @@ def cmd_site_split(args) -> int:
     if not (data / "manifest.csv").is_file():
         raise FileNotFoundError(f"{data / 'manifest.csv'} does not exist")
     skipped: dict[str, list] = {}
-    counts = write_splits(data.parent, [data.name], [] if args.evaluate_only else [data.name], seed=args.seed,
-                          refusals=skipped)
+    counts = write_splits(
+        data.parent, [data.name], [] if args.evaluate_only else [data.name], seed=args.seed, refusals=skipped
+    )
     console.print(f"{data / 'split.csv'}: patients per split {counts.get(data.name, counts)}")
     _print_skipped_rows(skipped.get(data.name, []))
     return 0
@@ -393,7 +496,9 @@ def cmd_site_keys(args) -> int:
     from client.site_daemon import make_site_keys
 
     private, public, text = make_site_keys(Path(args.out))
-    console.print(f"SuperNode private key: {private} (stays at the site)\npublic key (send to the coordinator): {public}")
+    console.print(
+        f"SuperNode private key: {private} (stays at the site)\npublic key (send to the coordinator): {public}"
+    )
     print(text)
     return 0
 
@@ -410,10 +515,19 @@ def cmd_site_daemon(args) -> int:
         checks, _ = preflight(data, site_id, cache=cache, ca_cert=Path(args.ca_cert), superlink=args.superlink)
         if not _print_checks(checks, f"site {site_id}: preflight"):
             raise RuntimeError("preflight failed; fix the checks above (or --skip-checks to connect anyway)")
-    cmd = supernode_command(superlink=args.superlink, ca_cert=Path(args.ca_cert), private_key=Path(args.key),
-                            site_id=site_id, data=data, port=args.port, max_retries=args.max_retries,
-                            launcher=args.launcher, threads=args.threads, min_cell_heads=args.min_cell_heads,
-                            cache=cache if args.cache else None)
+    cmd = supernode_command(
+        superlink=args.superlink,
+        ca_cert=Path(args.ca_cert),
+        private_key=Path(args.key),
+        site_id=site_id,
+        data=data,
+        port=args.port,
+        max_retries=args.max_retries,
+        launcher=args.launcher,
+        threads=args.threads,
+        min_cell_heads=args.min_cell_heads,
+        cache=cache if args.cache else None,
+    )
     home = Path(args.flwr_home) if args.flwr_home else cache / "flwr-home"
     log_file = Path(args.log) if args.log else cache / "supernode.log"
     console.print(f"site {site_id}: SuperNode connecting to {args.superlink} (log: {log_file}; Ctrl-C stops it)")
@@ -426,8 +540,10 @@ def cmd_site_verify(args) -> int:
     from shared_models.bundle import load_bundle
 
     bundle = load_bundle(Path(args.bundle), Path(args.public_key))
-    console.print(f"[green]bundle {args.bundle} verifies[/green] against {args.public_key} "
-                  f"(detector + stager, trusted={bundle.trusted})")
+    console.print(
+        f"[green]bundle {args.bundle} verifies[/green] against {args.public_key} "
+        f"(detector + stager, trusted={bundle.trusted})"
+    )
     return 0
 
 
@@ -443,17 +559,21 @@ def cmd_site_verify_audit(args) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no audit log")
     if not args.anchors:
-        console.print(f"[green]{path}: chain intact[/green] ({verify_audit_log(path)} entries); without --anchors "
-                      "an edited, removed or appended last line cannot be seen")
+        console.print(
+            f"[green]{path}: chain intact[/green] ({verify_audit_log(path)} entries); without --anchors "
+            "an edited, removed or appended last line cannot be seen"
+        )
         return 0
     site = args.site or (Path(args.data).resolve().name if args.data else None)
     anchors = load_anchors(Path(args.anchors))
     if not Path(args.anchors).is_file() or site not in anchors:
         raise ValueError(f"{args.anchors}: no audit anchors for site {site!r} (sites: {sorted(anchors)}; use --site)")
     summary = verify_audit_anchors(path, anchors[site])
-    console.print(f"[green]{path}: chain intact and every one of {summary['anchors']} anchors of site {site} found"
-                  f"[/green] (runs {summary['runs']}; {summary['entries']} entries, "
-                  f"{summary['unanchored_other_runs']} of other runs not covered by {args.anchors})")
+    console.print(
+        f"[green]{path}: chain intact and every one of {summary['anchors']} anchors of site {site} found"
+        f"[/green] (runs {summary['runs']}; {summary['entries']} entries, "
+        f"{summary['unanchored_other_runs']} of other runs not covered by {args.anchors})"
+    )
     return 0
 
 
@@ -465,16 +585,16 @@ def _coordinator_paths(args):
 
 
 def cmd_coordinator_certs(args) -> int:
-    from server.coordinator import make_certs
-
-    from server.coordinator import SERVER_SANS
+    from server.coordinator import SERVER_SANS, make_certs
 
     home, _, _, _ = _coordinator_paths(args)
     hosts = tuple(dict.fromkeys([*SERVER_SANS, *(args.host or [])]))
     paths = make_certs(Path(args.out) if args.out else home / "certs", hosts=hosts, days=args.days)
-    console.print(f"CA: {paths.ca_cert} (send to every site; keep {paths.ca_key.name} private)\n"
-                  f"SuperLink TLS: {paths.server_cert}, {paths.server_key} (SANs: {', '.join(hosts)})\n"
-                  f"bundle signing key: {paths.signing_key} (private); public key for sites: {paths.signing_public_key}")
+    console.print(
+        f"CA: {paths.ca_cert} (send to every site; keep {paths.ca_key.name} private)\n"
+        f"SuperLink TLS: {paths.server_cert}, {paths.server_key} (SANs: {', '.join(hosts)})\n"
+        f"bundle signing key: {paths.signing_key} (private); public key for sites: {paths.signing_public_key}"
+    )
     return 0
 
 
@@ -486,10 +606,13 @@ def cmd_coordinator_start_superlink(args) -> int:
     database = Path(args.database) if args.database else home / "superlink.db"
     log_file = home / "superlink.log"
     with tied_to_this_process():  # the SuperLink and its ServerApps die with this command, kill -9 included
-        proc = start_superlink(certs, flwr_home=flwr_home, database=database, log_file=log_file, host=args.host,
-                               port=args.port)
-        console.print(f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state in {database}); "
-                      f"log: {log_file}; Ctrl-C stops it")
+        proc = start_superlink(
+            certs, flwr_home=flwr_home, database=database, log_file=log_file, host=args.host, port=args.port
+        )
+        console.print(
+            f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state in {database}); "
+            f"log: {log_file}; Ctrl-C stops it"
+        )
         try:
             return 0 if proc.wait() == 0 else 1
         finally:
@@ -503,7 +626,9 @@ def cmd_coordinator_enroll(args) -> int:
     if not (flwr_home / "config.toml").exists():
         raise RuntimeError(f"no SuperLink connection in {flwr_home}: run `onfh coordinator start-superlink` first")
     entry = enroll(args.site, Path(args.public_key), flwr_home=flwr_home, registry=registry)
-    console.print(f"site {args.site} enrolled: node {entry['node_id']}, key {entry['fingerprint']} (registry: {registry})")
+    console.print(
+        f"site {args.site} enrolled: node {entry['node_id']}, key {entry['fingerprint']} (registry: {registry})"
+    )
     return 0
 
 
@@ -523,8 +648,13 @@ def cmd_coordinator_launch(args) -> int:
         sites = args.sites or ",".join(sorted(load_registry(registry)))
         if not sites:
             raise ValueError(f"no --sites given and no site enrolled in {registry}")
-        rc: dict[str, object] = {**SCHEDULES[args.profile], "site-ids": sites, "strategy": args.strategy,
-                                 "seed": args.seed, "min-site-fraction": args.min_site_fraction}
+        rc: dict[str, object] = {
+            **SCHEDULES[args.profile],
+            "site-ids": sites,
+            "strategy": args.strategy,
+            "seed": args.seed,
+            "min-site-fraction": args.min_site_fraction,
+        }
         rc["train-sites"] = args.train_sites or sites
         rc["report-groups"] = ";".join(f"{s}={s}" for s in sites.split(","))  # one report group per site
         rc.update(_tracking_config(args))
@@ -565,7 +695,9 @@ def _status_tables(progress: dict, nodes: dict[int, str] | None, registry: dict)
         for col in ("site", "node id", "key fingerprint", "status"):
             table.add_column(col)
         for site, entry in sorted(registry.items()):
-            table.add_row(site, str(entry["node_id"]), entry["fingerprint"], nodes.get(int(entry["node_id"]), "unknown"))
+            table.add_row(
+                site, str(entry["node_id"]), entry["fingerprint"], nodes.get(int(entry["node_id"]), "unknown")
+            )
         console.print(table)
     for phase, latest in progress["latest"].items():
         if not latest:
@@ -601,17 +733,25 @@ def cmd_coordinator_status(args) -> int:
         return run_progress(out), nodes
 
     progress, nodes = snapshot()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
-                  console=console) as bar:
-        tasks = {phase: bar.add_task(phase, total=r["total"], completed=r["done"]) for phase, r in progress["rounds"].items()}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        console=console,
+    ) as bar:
+        tasks = {
+            phase: bar.add_task(phase, total=r["total"], completed=r["done"]) for phase, r in progress["rounds"].items()
+        }
         while args.watch and not progress["finished"]:
             time.sleep(args.interval)
             progress, nodes = snapshot()
             for phase, r in progress["rounds"].items():
                 bar.update(tasks[phase], completed=r["done"])
     _status_tables(progress, nodes, load_registry(registry_path))
-    console.print(f"run ids {progress['run_ids']}; " + ("finished: signed bundle ready (`onfh coordinator pull`)"
-                                                       if progress["finished"] else "not finished"))
+    console.print(
+        f"run ids {progress['run_ids']}; "
+        + ("finished: signed bundle ready (`onfh coordinator pull`)" if progress["finished"] else "not finished")
+    )
     return 0
 
 
@@ -631,69 +771,121 @@ def cmd_coordinator_pull(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from client.site_daemon import SITE_MIN_CELL_HEADS  # light: stdlib and cryptography only
 
-    parser = argparse.ArgumentParser(prog="onfh", description="ONFH-FL: federated early-ONFH diagnosis from 3D hip MRI.")
+    parser = argparse.ArgumentParser(
+        prog="onfh", description="ONFH-FL: federated early-ONFH diagnosis from 3D hip MRI."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = parser.add_subparsers(dest="group", required=True)
 
-    sim = groups.add_parser("sim", help="researchers: phantoms and the four-center simulation").add_subparsers(dest="cmd", required=True)
+    sim = groups.add_parser("sim", help="researchers: phantoms and the four-center simulation").add_subparsers(
+        dest="cmd", required=True
+    )
     p = sim.add_parser("phantoms", help="generate phantom hip MRI (DICOM) for sites A-D")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
-    p.add_argument("--profile", choices=("quick", "paper"), default="quick", help="quick: tiny, for tests; paper: 209 patients / 381 heads")
+    p.add_argument(
+        "--profile",
+        choices=("quick", "paper"),
+        default="quick",
+        help="quick: tiny, for tests; paper: 209 patients / 381 heads",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--replace", action="store_true",
-                   help="overwrite phantoms of another profile or seed in --out (and their splits and site caches)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite phantoms of another profile or seed in --out (and their splits and site caches)",
+    )
     p.set_defaults(func=cmd_phantoms)
 
     def run_args(p, data_required=True, seed=True):
         if data_required:
             p.add_argument("--data", required=True, help="folder holding one sub-folder per site (A, B, C, D)")
-        p.add_argument("--out", required=True, help="output folder: report.json, bundle/, checkpoints/ (re-run to resume)")
-        p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fedavg",
-                       help="aggregation (fedmedian, fedtrimmedavg and krum are Flower's robust strategies)")
-        p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule matching the phantom profile")
+        p.add_argument(
+            "--out", required=True, help="output folder: report.json, bundle/, checkpoints/ (re-run to resume)"
+        )
+        p.add_argument(
+            "--strategy",
+            choices=STRATEGY_CHOICES,
+            default="fedavg",
+            help="aggregation (fedmedian, fedtrimmedavg and krum are Flower's robust strategies)",
+        )
+        p.add_argument(
+            "--profile",
+            choices=("quick", "paper"),
+            default="paper",
+            help="training schedule matching the phantom profile",
+        )
         if seed:
             p.add_argument("--seed", type=int, default=0)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
         tracking_args(p)
 
     def gpus_arg(p):
-        p.add_argument("--gpus-per-site", type=float, metavar="SHARE",
-                       help="GPU share of each site's ClientApp when CUDA is present (Ray schedules 1/SHARE sites per "
-                            "GPU); default 0.25, more on GPUs under 32 GiB (8 GiB a site); ignored without CUDA")
+        p.add_argument(
+            "--gpus-per-site",
+            type=float,
+            metavar="SHARE",
+            help="GPU share of each site's ClientApp when CUDA is present (Ray schedules 1/SHARE sites per "
+            "GPU); default 0.25, more on GPUs under 32 GiB (8 GiB a site); ignored without CUDA",
+        )
 
     p = sim.add_parser("run", help="federated simulation (Flower, one SuperNode per site) ending with a report")
     run_args(p)
     p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A)")
     gpus_arg(p)
     p.set_defaults(func=cmd_run)
-    p = sim.add_parser("compare", help="a grid of variants x seeds (default: the detector-crop and MulPoolFusion "
-                       "ablations), resumable, one table")
+    p = sim.add_parser(
+        "compare",
+        help="a grid of variants x seeds (default: the detector-crop and MulPoolFusion "
+        "ablations), resumable, one table",
+    )
     run_args(p, seed=False)
     for action in p._actions:
         if action.dest == "out":
-            action.help = ("grid folder: OUT/<variant>/seed-<n> per run, report.html, compare.json, compare.md "
-                           "(re-run to resume)")
-    p.add_argument("--train-sites", help="comma-separated training sites (default from pyproject: A); each is split "
-                   "8:1:1 by patient in every cell and its test split reported as <site>-test")
-    p.add_argument("--variant", action="append", metavar="NAME[:KEY=VALUE,...]",
-                   help="a named set of run-config overrides (repeatable); default: default, "
-                        "gt-crops:crop-source=ground-truth, plain-transition:stager-transition=plain")
-    p.add_argument("--grid", default="ablations", metavar="NAME[,NAME]",
-                   help="named grid(s) when no --variant is given; default ablations (default run, gt-crops, plain-transition), "
-                        "strategies (FedAvg, FedProx mu 0.001/0.01/0.1, FedBN), leave-one-site-out, or baselines "
-                        "(federated vs local-only per site vs pooled; needs --train-sites with two or more sites)")
+            action.help = (
+                "grid folder: OUT/<variant>/seed-<n> per run, report.html, compare.json, compare.md (re-run to resume)"
+            )
+    p.add_argument(
+        "--train-sites",
+        help="comma-separated training sites (default from pyproject: A); each is split "
+        "8:1:1 by patient in every cell and its test split reported as <site>-test",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME[:KEY=VALUE,...]",
+        help="a named set of run-config overrides (repeatable); default: default, "
+        "gt-crops:crop-source=ground-truth, plain-transition:stager-transition=plain",
+    )
+    p.add_argument(
+        "--grid",
+        default="ablations",
+        metavar="NAME[,NAME]",
+        help="named grid(s) when no --variant is given; default ablations (default run, gt-crops, plain-transition), "
+        "strategies (FedAvg, FedProx mu 0.001/0.01/0.1, FedBN), leave-one-site-out, or baselines "
+        "(federated vs local-only per site vs pooled; needs --train-sites with two or more sites)",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0); mean ± sd over seeds")
-    p.add_argument("--check-against", metavar="COMPARE_JSON",
-                   help="after the runs, check every figure lies inside the 95 %% interval for one more seed that this "
-                        "earlier grid's compare.json states (exit 1 if not); run it with new seeds")
+    p.add_argument(
+        "--check-against",
+        metavar="COMPARE_JSON",
+        help="after the runs, check every figure lies inside the 95 %% interval for one more seed that this "
+        "earlier grid's compare.json states (exit 1 if not); run it with new seeds",
+    )
     p.set_defaults(func=cmd_compare)
     p = sim.add_parser("bench", help="benchmarks: measured throughput and latency, written to OUT/bench.json")
     p.add_argument("--out", default="runs/bench", help="output folder for bench.json (default runs/bench)")
-    p.add_argument("--only", help="comma-separated sections (default: all; known: detector, transfer, ingestion, "
-                   "input_pipeline, inference, federated, scaling, deployment, gpu, poisoning)")
+    p.add_argument(
+        "--only",
+        help="comma-separated sections (default: all; known: detector, transfer, ingestion, "
+        "input_pipeline, inference, federated, scaling, deployment, gpu, poisoning)",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, default widths only")
-    p.add_argument("--option", action="append", metavar="SECTION.KEY=VALUE",
-                   help="a section's keyword argument, e.g. federated.local_steps=10 (repeatable; JSON values)")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="a section's keyword argument, e.g. federated.local_steps=10 (repeatable; JSON values)",
+    )
     p.set_defaults(func=cmd_bench)
     from sim.medmnist import add_medmnist_parser
 
@@ -707,24 +899,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="signed model bundle folder")
     p.add_argument("--study", required=True, help="DICOM folder or .nii/.nii.gz file")
     p.add_argument("--out", required=True, help="output folder: result.json, gradcam_<side>.nii.gz")
-    p.add_argument("--public-key", help="coordinator's Ed25519 public key (PEM) to verify the bundle against "
-                   "(required unless --allow-unsigned)")
-    p.add_argument("--allow-unsigned", action="store_true",
-                   help="run without the coordinator's key: the bundle is checked only against its embedded signer "
-                        "key and marked untrusted (a tampered bundle is still refused)")
+    p.add_argument(
+        "--public-key",
+        help="coordinator's Ed25519 public key (PEM) to verify the bundle against (required unless --allow-unsigned)",
+    )
+    p.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="run without the coordinator's key: the bundle is checked only against its embedded signer "
+        "key and marked untrusted (a tampered bundle is still refused)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--allow-refused", action="store_true",
-                   help="exit 0 when the study is refused (wrong body part, field of view or anatomy); without it a "
-                        "refused study exits 3. A refused study is never staged either way")
-    p.add_argument("--dicom-out", help="also write a DICOM SR (TID 1500) and Grad-CAM Segmentation referencing the "
-                   "source series here (DICOM studies only)")
+    p.add_argument(
+        "--allow-refused",
+        action="store_true",
+        help="exit 0 when the study is refused (wrong body part, field of view or anatomy); without it a "
+        "refused study exits 3. A refused study is never staged either way",
+    )
+    p.add_argument(
+        "--dicom-out",
+        help="also write a DICOM SR (TID 1500) and Grad-CAM Segmentation referencing the "
+        "source series here (DICOM studies only)",
+    )
     p.set_defaults(func=cmd_infer)
 
     from sim.bundle_cli import add_bundle_parser
 
     add_bundle_parser(groups)
 
-    report = groups.add_parser("report", help="statistics on a finished run's predictions").add_subparsers(dest="cmd", required=True)
+    report = groups.add_parser("report", help="statistics on a finished run's predictions").add_subparsers(
+        dest="cmd", required=True
+    )
     from sim.readers import add_readers_parser
 
     add_readers_parser(report)
@@ -736,12 +941,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="preprocessing cache folder (default: DATA/.onfh-cache)")
     p.add_argument("--json", help="also write the verdicts as JSON to this file")
     p.add_argument("--ca-cert", help="also check the coordinator's CA certificate (present, a CA, valid now)")
-    p.add_argument("--superlink", metavar="HOST:PORT", help="also check that the SuperLink answers TLS with a "
-                   "certificate signed by --ca-cert")
+    p.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        help="also check that the SuperLink answers TLS with a certificate signed by --ca-cert",
+    )
     p.add_argument("--min-free-gb", type=float, default=1.0, help="free space needed for the cache, GB (default 1)")
-    p.add_argument("--max-study-voxels", type=int, default=None, metavar="N",
-                   help="refuse a study whose headers declare more voxels, before decoding it "
-                        "(default 67108864 = 512 x 512 x 256)")
+    p.add_argument(
+        "--max-study-voxels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse a study whose headers declare more voxels, before decoding it "
+        "(default 67108864 = 512 x 512 x 256)",
+    )
     p.set_defaults(func=cmd_site_check)
     p = site.add_parser("split", help="write the site's split.csv (8:1:1 by patient; --evaluate-only: all test)")
     p.add_argument("--data", required=True, help="site folder with manifest.csv")
@@ -749,27 +962,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_site_split)
     p = site.add_parser("keys", help="make the SuperNode key pair (EC P-384, OpenSSH) and print the public key")
-    p.add_argument("--out", default="site-keys", help="folder for supernode-key and supernode-key.pub (default site-keys)")
+    p.add_argument(
+        "--out", default="site-keys", help="folder for supernode-key and supernode-key.pub (default site-keys)"
+    )
     p.set_defaults(func=cmd_site_keys)
-    p = site.add_parser("daemon", help="check the site, then run flower-supernode (TLS, site key) and restart it "
-                        "with backoff if it dies")
+    p = site.add_parser(
+        "daemon",
+        help="check the site, then run flower-supernode (TLS, site key) and restart it with backoff if it dies",
+    )
     p.add_argument("--data", required=True, help="site folder with manifest.csv and split.csv")
     p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
     p.add_argument("--ca-cert", required=True, help="the coordinator's CA certificate (ca.crt)")
-    p.add_argument("--key", default="site-keys/supernode-key", help="SuperNode private key (default site-keys/supernode-key)")
+    p.add_argument(
+        "--key", default="site-keys/supernode-key", help="SuperNode private key (default site-keys/supernode-key)"
+    )
     p.add_argument("--site-id", help="site id as enrolled by the coordinator (default: folder name)")
-    p.add_argument("--cache", help="preprocessing cache folder (default: DATA/.onfh-cache; the audit log is kept there)")
-    p.add_argument("--min-cell-heads", type=int, default=SITE_MIN_CELL_HEADS,
-                   help="this site's small-cell floor: a split with fewer heads sends only its count; the "
-                        f"coordinator's run config can raise it, never lower it (default {SITE_MIN_CELL_HEADS})")
-    p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (default 9094; one per node on a host)")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="OMP_NUM_THREADS for the ClientApps (default: half the cores)")
-    p.add_argument("--launcher", choices=("fork", "subprocess"), default="fork",
-                   help="how each ClientApp process starts: fork (default) from a process with torch and MONAI "
-                        "already imported; subprocess: Flower's own fresh flwr-clientapp per message (slower)")
-    p.add_argument("--max-retries", type=int, default=10, help="SuperNode reconnection attempts before it exits (default 10)")
-    p.add_argument("--max-restarts", type=int, default=20, help="restarts of a dead SuperNode before giving up (default 20)")
+    p.add_argument(
+        "--cache", help="preprocessing cache folder (default: DATA/.onfh-cache; the audit log is kept there)"
+    )
+    p.add_argument(
+        "--min-cell-heads",
+        type=int,
+        default=SITE_MIN_CELL_HEADS,
+        help="this site's small-cell floor: a split with fewer heads sends only its count; the "
+        f"coordinator's run config can raise it, never lower it (default {SITE_MIN_CELL_HEADS})",
+    )
+    p.add_argument(
+        "--port", type=int, default=9094, help="the SuperNode's local API port (default 9094; one per node on a host)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="OMP_NUM_THREADS for the ClientApps (default: half the cores)",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("fork", "subprocess"),
+        default="fork",
+        help="how each ClientApp process starts: fork (default) from a process with torch and MONAI "
+        "already imported; subprocess: Flower's own fresh flwr-clientapp per message (slower)",
+    )
+    p.add_argument(
+        "--max-retries", type=int, default=10, help="SuperNode reconnection attempts before it exits (default 10)"
+    )
+    p.add_argument(
+        "--max-restarts", type=int, default=20, help="restarts of a dead SuperNode before giving up (default 20)"
+    )
     p.add_argument("--flwr-home", help="FLWR_HOME of the SuperNode (default: CACHE/flwr-home)")
     p.add_argument("--log", help="SuperNode log file (default: CACHE/supernode.log)")
     p.add_argument("--skip-checks", action="store_true", help="connect without the preflight checks")
@@ -779,8 +1018,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-key", required=True, help="coordinator's Ed25519 public key (bundle-signing-key.pem.pub)")
     p.set_defaults(func=cmd_site_verify)
 
-    p = site.add_parser("verify-audit", help="check the site's audit log: hash chain, and with --anchors the heads the "
-                        "coordinator recorded (detects an edited, deleted or appended tail, or a rewritten log)")
+    p = site.add_parser(
+        "verify-audit",
+        help="check the site's audit log: hash chain, and with --anchors the heads the "
+        "coordinator recorded (detects an edited, deleted or appended tail, or a rewritten log)",
+    )
     p.add_argument("--data", help="site folder (the log is DATA/.onfh-cache/audit.jsonl; the site id is its name)")
     p.add_argument("--log", help="audit log file (instead of --data)")
     p.add_argument("--anchors", help="the run's audit-anchors.json or report.json, or a bundle's metrics.json")
@@ -793,19 +1035,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_signing_key)
 
     def home_arg(p):
-        p.add_argument("--home", default="coordinator",
-                       help="coordinator folder: certs/, flwr-home/, enrolled-sites.json, superlink.db (default ./coordinator)")
+        p.add_argument(
+            "--home",
+            default="coordinator",
+            help="coordinator folder: certs/, flwr-home/, enrolled-sites.json, superlink.db (default ./coordinator)",
+        )
 
     p = coord.add_parser("certs", help="create the CA, the SuperLink TLS certificate and the bundle signing key")
     home_arg(p)
     p.add_argument("--out", help="certificate folder (default HOME/certs)")
-    p.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",
-                   help="extra SAN of the SuperLink certificate, e.g. its public host name (repeatable; "
-                        "localhost, 127.0.0.1 and ::1 are always included)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        metavar="NAME_OR_IP",
+        help="extra SAN of the SuperLink certificate, e.g. its public host name (repeatable; "
+        "localhost, 127.0.0.1 and ::1 are always included)",
+    )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.set_defaults(func=cmd_coordinator_certs)
-    p = coord.add_parser("start-superlink", help="run flower-superlink: TLS, SuperNode authentication, --database, "
-                         "no runtime installs (foreground)")
+    p = coord.add_parser(
+        "start-superlink",
+        help="run flower-superlink: TLS, SuperNode authentication, --database, no runtime installs (foreground)",
+    )
     home_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9093, help="the SuperLink's one port (default 9093)")
@@ -819,14 +1071,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = coord.add_parser("launch", help="start a federated run on the enrolled sites (flwr run), or resume one")
     home_arg(p)
     p.add_argument("--out", help="run folder on this machine: checkpoints, report.json, bundle/")
-    p.add_argument("--resume", metavar="RUN_OUT", help="start the run in RUN_OUT again, after its last checkpointed round")
+    p.add_argument(
+        "--resume", metavar="RUN_OUT", help="start the run in RUN_OUT again, after its last checkpointed round"
+    )
     p.add_argument("--sites", help="comma-separated site ids (default: every enrolled site)")
     p.add_argument("--train-sites", help="comma-separated training sites (default: all --sites)")
     p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fedavg")
     p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule (rounds, steps)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-site-fraction", type=float, default=0.5,
-                   help="a round completes if at least this fraction of training sites trained (default 0.5)")
+    p.add_argument(
+        "--min-site-fraction",
+        type=float,
+        default=0.5,
+        help="a round completes if at least this fraction of training sites trained (default 0.5)",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
     tracking_args(p)
     p.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 unless it completed")
@@ -842,7 +1100,9 @@ def build_parser() -> argparse.ArgumentParser:
     home_arg(p)
     p.add_argument("--out", required=True, help="the run folder given to launch")
     p.add_argument("--dest", required=True, help="new folder for the bundle")
-    p.add_argument("--public-key", help="Ed25519 public key to verify against (default HOME/certs/bundle-signing-key.pem.pub)")
+    p.add_argument(
+        "--public-key", help="Ed25519 public key to verify against (default HOME/certs/bundle-signing-key.pem.pub)"
+    )
     p.set_defaults(func=cmd_coordinator_pull)
     return parser
 
@@ -870,7 +1130,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     # MONAI warns on every PydicomReader it makes that NVIDIA's GPU JPEG decoder is absent (irrelevant on CPU)
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     try:

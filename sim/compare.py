@@ -53,9 +53,11 @@ PROXIMAL_MU_GRID = (0.001, 0.01, 0.1)
 
 def strategy_variants(mu_grid: Sequence[float] = PROXIMAL_MU_GRID) -> list[Variant]:
     """FedAvg, FedProx over a grid of proximal terms ``mu`` and FedBN, on the same splits."""
-    return [Variant("fedavg", {"strategy": "fedavg"}),
-            *(Variant(f"fedprox-mu{mu:g}", {"strategy": "fedprox", "proximal-mu": float(mu)}) for mu in mu_grid),
-            Variant("fedbn", {"strategy": "fedbn"})]
+    return [
+        Variant("fedavg", {"strategy": "fedavg"}),
+        *(Variant(f"fedprox-mu{mu:g}", {"strategy": "fedprox", "proximal-mu": float(mu)}) for mu in mu_grid),
+        Variant("fedbn", {"strategy": "fedbn"}),
+    ]
 
 
 def leave_one_site_out_variants(site_ids: Sequence[str]) -> list[Variant]:
@@ -73,10 +75,15 @@ def leave_one_site_out_variants(site_ids: Sequence[str]) -> list[Variant]:
     out = []
     for held in site_ids:
         train = [s for s in site_ids if s != held]
-        out.append(Variant(f"hold-out-{held}", {
-            "train-sites": ",".join(train),
-            "report-groups": f"held-out={held};internal-test={','.join(train)}",
-        }))
+        out.append(
+            Variant(
+                f"hold-out-{held}",
+                {
+                    "train-sites": ",".join(train),
+                    "report-groups": f"held-out={held};internal-test={','.join(train)}",
+                },
+            )
+        )
     return out
 
 
@@ -99,12 +106,16 @@ def baseline_variants(base: Mapping[str, object]) -> list[Variant]:
 
     train = [s.strip() for s in str(base["train-sites"]).split(",") if s.strip()]
     if len(train) < 2:
-        raise ValueError(f"the baselines grid needs at least two training sites (--train-sites A,B), got {train}: "
-                         "with one, federated, local-only and pooled are the same model")
+        raise ValueError(
+            f"the baselines grid needs at least two training sites (--train-sites A,B), got {train}: "
+            "with one, federated, local-only and pooled are the same model"
+        )
     split = {"split-sites": ",".join(train)}
-    return [Variant("federated", {**split, "train-sites": ",".join(train)}),
-            *(Variant(f"local-{s}", {**split, "train-sites": s}) for s in train),
-            Variant("pooled", pooled_overrides(base, train))]
+    return [
+        Variant("federated", {**split, "train-sites": ",".join(train)}),
+        *(Variant(f"local-{s}", {**split, "train-sites": s}) for s in train),
+        Variant("pooled", pooled_overrides(base, train)),
+    ]
 
 
 def report_groups_for(train_sites: Sequence[str], groups: Mapping[str, Sequence[str]]) -> str:
@@ -171,8 +182,11 @@ def rows_from_report(variant: str, seed: int, report: Mapping) -> list[dict]:
         row = {"variant": variant, "seed": seed, "group": group, "n": m.get("n", 0)}
         for key in METRICS:
             row[f"macro_{key}"] = _num(m.get("macro", {}).get(key)) if m.get("n") else math.nan
-        ious = [report["detector"][s]["iou_mean"] for s in m.get("sites", [])
-                if report.get("detector", {}).get(s, {}).get("iou_mean") is not None]  # None: no test heads
+        ious = [
+            report["detector"][s]["iou_mean"]
+            for s in m.get("sites", [])
+            if report.get("detector", {}).get(s, {}).get("iou_mean") is not None
+        ]  # None: no test heads
         row["detector_iou_mean"] = statistics.fmean(ious) if ious else math.nan
         base = ((report.get("baseline_intensity_logreg") or {}).get(group) or {}).get("macro") or {}
         row["baseline_auc"] = _num(base.get("auc"))
@@ -186,9 +200,17 @@ def cross_site_rows(variant: str, seed: int, report: Mapping) -> list[dict]:
     """One row per site that evaluated the run's model on its own test heads (``per_site`` of the report):
     the cross-site matrix, the model of ``variant`` (a row) against every site's test data (a column).
     Evaluation ran at the sites through Flower evaluate messages; only counts came back."""
-    return [{"variant": variant, "seed": seed, "site": site, "n": m.get("n", 0),
-             "macro_auc": _num(m.get("macro", {}).get("auc")), "macro_accuracy": _num(m.get("macro", {}).get("accuracy"))}
-            for site, m in sorted(report.get("per_site", {}).items())]
+    return [
+        {
+            "variant": variant,
+            "seed": seed,
+            "site": site,
+            "n": m.get("n", 0),
+            "macro_auc": _num(m.get("macro", {}).get("auc")),
+            "macro_accuracy": _num(m.get("macro", {}).get("accuracy")),
+        }
+        for site, m in sorted(report.get("per_site", {}).items())
+    ]
 
 
 def cross_site_matrix(rows: Sequence[Mapping], key: str = "macro_auc") -> dict[str, dict[str, float]]:
@@ -201,8 +223,9 @@ def cross_site_matrix(rows: Sequence[Mapping], key: str = "macro_auc") -> dict[s
     return {v: {site: statistics.fmean(vals) for site, vals in sites.items()} for v, sites in cells.items()}
 
 
-def seed_interval(values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
-                  ) -> tuple[float, float]:
+def seed_interval(
+    values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
+) -> tuple[float, float]:
     """Student-t confidence interval of the mean over seeds (scipy.stats.t), clipped to ``bounds`` (every
     metric here is a proportion or an AUC); ``(nan, nan)`` for fewer than 2 values."""
     from scipy import stats
@@ -216,8 +239,9 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95, bounds: tup
     return max(float(low), bounds[0]), min(float(high), bounds[1])
 
 
-def seed_prediction_interval(values: Sequence[float], confidence: float = 0.95,
-                             bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
+def seed_prediction_interval(
+    values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
+) -> tuple[float, float]:
     """Where the figure of one more seed lands: the Student-t prediction interval
     ``mean ± t(confidence, n - 1) · sd · sqrt(1 + 1/n)`` (normal model; e.g. Hahn & Meeker, *Statistical
     Intervals*, 1991, section 4.5), clipped to ``bounds``; ``(nan, nan)`` for fewer than 2 values.
@@ -244,8 +268,13 @@ def summarise(rows: Sequence[Mapping]) -> list[dict]:
         cells.setdefault((r["variant"], r["group"]), []).append(r)
     out = []
     for (variant, group), rs in cells.items():
-        s = {"variant": variant, "group": group, "seeds": len(rs), "n_heads": [min(r["n"] for r in rs), max(r["n"] for r in rs)],
-             "unreliable": any(r.get("unreliable") for r in rs)}
+        s = {
+            "variant": variant,
+            "group": group,
+            "seeds": len(rs),
+            "n_heads": [min(r["n"] for r in rs), max(r["n"] for r in rs)],
+            "unreliable": any(r.get("unreliable") for r in rs),
+        }
         for key in SUMMARY_KEYS:
             values = [float(r[key]) for r in rs if key in r and not math.isnan(float(r[key]))]
             s[key] = statistics.fmean(values) if values else math.nan
@@ -264,23 +293,33 @@ def _pm(mean: float, sd: float, seeds: int) -> str:
 
 def markdown_table(summary: Sequence[Mapping]) -> str:
     """The summary as a Markdown table (macro AUC, accuracy, F1, detector IoU)."""
-    lines = ["| variant | report group | seeds | macro AUC | macro AUC 95 % CI (seeds) | macro accuracy | macro F1 "
-             "| detector IoU |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | report group | seeds | macro AUC | macro AUC 95 % CI (seeds) | macro accuracy | macro F1 "
+        "| detector IoU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         low, high = s.get("macro_auc_ci") or (math.nan, math.nan)
         ci = "–" if low is None or math.isnan(low) else f"{low:.3f} to {high:.3f}"
-        lines.append(f"| {s['variant']} | {s['group']} | {s['seeds']} | {_pm(s['macro_auc'], s['macro_auc_sd'], s['seeds'])}"
-                     f" | {ci} | "
-                     + " | ".join(_pm(s[k], s[f"{k}_sd"], s["seeds"])
-                                  for k in ("macro_accuracy", "macro_f1", "detector_iou_mean")) + " |")
+        lines.append(
+            f"| {s['variant']} | {s['group']} | {s['seeds']} | {_pm(s['macro_auc'], s['macro_auc_sd'], s['seeds'])}"
+            f" | {ci} | "
+            + " | ".join(
+                _pm(s[k], s[f"{k}_sd"], s["seeds"]) for k in ("macro_accuracy", "macro_f1", "detector_iou_mean")
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def headline_table(summary: Sequence[Mapping], variant: str = "default") -> str:
     """The README's headline table for one variant: per report group, mean ± sd over seeds of the macro
     figures, the 95 % prediction interval of one more seed's macro AUC, and the intensity baseline's AUC."""
-    lines = ["| report site | n heads | macro accuracy | macro sensitivity | macro specificity | macro F1 | macro AUC "
-             "| macro AUC, one more seed (95 %) | baseline AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| report site | n heads | macro accuracy | macro sensitivity | macro specificity | macro F1 | macro AUC "
+        "| macro AUC, one more seed (95 %) | baseline AUC |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         if s["variant"] != variant:
             continue
@@ -288,15 +327,22 @@ def headline_table(summary: Sequence[Mapping], variant: str = "default") -> str:
         pi = "–" if low is None or math.isnan(low) else f"{low:.2f} to {high:.2f}"
         lo, hi = s.get("n_heads") or (0, 0)
         group = s["group"] + (" *" if s.get("unreliable") else "")
-        lines.append(f"| {group} | {lo if lo == hi else f'{lo}-{hi}'} | "
-                     + " | ".join(_pm(s[f"macro_{k}"], s[f"macro_{k}_sd"], s["seeds"])
-                                  for k in ("accuracy", "sensitivity", "specificity", "f1", "auc"))
-                     + f" | {pi} | {_pm(s['baseline_auc'], s['baseline_auc_sd'], s['seeds'])} |")
+        lines.append(
+            f"| {group} | {lo if lo == hi else f'{lo}-{hi}'} | "
+            + " | ".join(
+                _pm(s[f"macro_{k}"], s[f"macro_{k}_sd"], s["seeds"])
+                for k in ("accuracy", "sensitivity", "specificity", "f1", "auc")
+            )
+            + f" | {pi} | {_pm(s['baseline_auc'], s['baseline_auc_sd'], s['seeds'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def outside_interval(reference: Sequence[Mapping], rows: Sequence[Mapping],
-                     keys: Sequence[str] = ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean")) -> list[str]:
+def outside_interval(
+    reference: Sequence[Mapping],
+    rows: Sequence[Mapping],
+    keys: Sequence[str] = ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean"),
+) -> list[str]:
     """Figures of new runs (:func:`rows_from_report` rows) outside the reference grid's 95 % prediction interval
     of one more seed (``*_pi`` of :func:`summarise`), matched on (variant, report group); one line each.
 
@@ -313,16 +359,25 @@ def outside_interval(reference: Sequence[Mapping], rows: Sequence[Mapping],
         for key in keys:
             value, (low, high) = float(r[key]), s.get(f"{key}_pi") or (None, None)
             if low is None or high is None or math.isnan(low):
-                raise ValueError(f"the reference's {r['variant']} / {r['group']} has no interval for {key} "
-                                 "(it needs at least 2 seeds)")
+                raise ValueError(
+                    f"the reference's {r['variant']} / {r['group']} has no interval for {key} "
+                    "(it needs at least 2 seeds)"
+                )
             if not math.isnan(value) and not low - 1e-12 <= value <= high + 1e-12:
-                problems.append(f"{r['variant']} / {r['group']} seed {r['seed']}: {key} {value:.3f} outside "
-                                f"[{low:.3f}, {high:.3f}]")
+                problems.append(
+                    f"{r['variant']} / {r['group']} seed {r['seed']}: {key} {value:.3f} outside [{low:.3f}, {high:.3f}]"
+                )
     return problems
 
 
-def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Variant], seeds: Sequence[int], *,
-                console: Console | None = None) -> list[dict]:
+def run_compare(
+    base: Mapping[str, object],
+    out: Path,
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    *,
+    console: Console | None = None,
+) -> list[dict]:
     """Run every (variant, seed) cell, write ``compare.json`` and ``compare.md``, return the summary.
 
     Args:
@@ -362,13 +417,20 @@ def run_compare(base: Mapping[str, object], out: Path, variants: Sequence[Varian
     total = len(variants) * len(seeds)
 
     def write() -> dict:
-        result = {"rows": rows, "summary": summarise(rows), "cross_site": {"rows": site_rows,
-                  "macro_auc": cross_site_matrix(site_rows)}, "cells": cells, "seeds": list(seeds),
-                  "variants": {v.name: dict(v.overrides) for v in variants}}
+        result = {
+            "rows": rows,
+            "summary": summarise(rows),
+            "cross_site": {"rows": site_rows, "macro_auc": cross_site_matrix(site_rows)},
+            "cells": cells,
+            "seeds": list(seeds),
+            "variants": {v.name: dict(v.overrides) for v in variants},
+        }
         (out / "compare.json").write_text(json.dumps(json_safe(result), indent=2))
         variants_run = [v.name for v in variants]
-        (out / "compare.md").write_text(markdown_table(result["summary"]) + "".join(
-            f"\n{name}:\n\n{headline_table(result['summary'], name)}" for name in variants_run))
+        (out / "compare.md").write_text(
+            markdown_table(result["summary"])
+            + "".join(f"\n{name}:\n\n{headline_table(result['summary'], name)}" for name in variants_run)
+        )
         write_compare_html(json_safe(result), out)  # after every cell: a stopped grid still has its page
         return result
 
@@ -391,7 +453,13 @@ def print_summary(summary: Sequence[Mapping], console: Console) -> None:
     for col in ("variant", "report group", "seeds", "macro AUC", "macro accuracy", "macro F1", "detector IoU"):
         table.add_column(col)
     for s in summary:
-        table.add_row(s["variant"], s["group"], str(s["seeds"]),
-                      *(_pm(s[k], s[f"{k}_sd"], s["seeds"]) for k in ("macro_auc", "macro_accuracy", "macro_f1",
-                                                                        "detector_iou_mean")))
+        table.add_row(
+            s["variant"],
+            s["group"],
+            str(s["seeds"]),
+            *(
+                _pm(s[k], s[f"{k}_sd"], s["seeds"])
+                for k in ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean")
+            ),
+        )
     console.print(table)

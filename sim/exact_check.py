@@ -22,7 +22,6 @@ test. Nothing here runs in deployment.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Mapping
@@ -84,12 +83,17 @@ def _early_auc(y: np.ndarray, p: np.ndarray) -> float:
     return _auc(y != 0, p[:, 1] + p[:, 2])
 
 
-CI_METRICS = {"macro_auc": _macro_auc, "macro_accuracy": _macro_accuracy,
-              "quadratic_kappa": _kappa, "early_onfh_auc": _early_auc}
+CI_METRICS = {
+    "macro_auc": _macro_auc,
+    "macro_accuracy": _macro_accuracy,
+    "quadratic_kappa": _kappa,
+    "early_onfh_auc": _early_auc,
+}
 
 
-def group_check(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, reported: Mapping, *, n_boot: int = N_BOOT,
-                seed: int = 0) -> dict:
+def group_check(
+    y: np.ndarray, probs: np.ndarray, patients: np.ndarray, reported: Mapping, *, n_boot: int = N_BOOT, seed: int = 0
+) -> dict:
     """Exact metrics, histogram-AUC check and patient-bootstrap CIs of one report group.
 
     Args:
@@ -115,18 +119,32 @@ def group_check(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, reported
         h = reported.get("per_stage", {}).get(label, {}).get("auc")
         b = (reported.get("auc_bin_error_bound") or {}).get(label)
         defined = all(v is not None and math.isfinite(float(v)) for v in (e, h, b))
-        auc[label] = {"exact": e, "histogram": h, "bound": b,
-                      "abs_error": abs(float(e) - float(h)) if defined else None,
-                      "within_bound": bool(abs(float(e) - float(h)) <= float(b) + 1e-12) if defined else None}
+        auc[label] = {
+            "exact": e,
+            "histogram": h,
+            "bound": b,
+            "abs_error": abs(float(e) - float(h)) if defined else None,
+            "within_bound": bool(abs(float(e) - float(h)) <= float(b) + 1e-12) if defined else None,
+        }
     ci = {}
     for name, fn in CI_METRICS.items():
         result = bootstrap_ci(patients, y, probs, fn, n_boot=n_boot, seed=seed)
         real = result.n_patients >= 2  # one patient resamples to itself: no interval
-        ci[name] = {"point": result.point, "low": result.low if real else None, "high": result.high if real else None,
-                    "n_patients": result.n_patients, "n_skipped": result.n_skipped}  # n_skipped: resamples
-    return {"n": int(y.size), "confusion_matches": bool(confusion.shape == reported_confusion.shape
-                                                         and np.array_equal(confusion, reported_confusion)),
-            "auc": auc, "ci": ci}
+        ci[name] = {
+            "point": result.point,
+            "low": result.low if real else None,
+            "high": result.high if real else None,
+            "n_patients": result.n_patients,
+            "n_skipped": result.n_skipped,
+        }  # n_skipped: resamples
+    return {
+        "n": int(y.size),
+        "confusion_matches": bool(
+            confusion.shape == reported_confusion.shape and np.array_equal(confusion, reported_confusion)
+        ),
+        "auc": auc,
+        "ci": ci,
+    }
 
 
 def exact_check(cfg, out: Path, sites: Mapping, report: Mapping, *, n_boot: int = N_BOOT) -> dict:
@@ -178,23 +196,38 @@ def exact_check(cfg, out: Path, sites: Mapping, report: Mapping, *, n_boot: int 
             ps.append(probs)
             # patient ids are local to a hospital: (site, patient) is the patient, for the bootstrap and the readers
             patients += [f"{site_id}/{h.patient_id}" for h in test_heads]
-            predictions += [{"patient_id": f"{site_id}/{h.patient_id}", "side": h.side, "stage": STAGE_LABELS[int(h.stage)],
-                             "predicted_stage": STAGE_LABELS[int(p.argmax())], "site": site_id, "group": group}
-                            for h, p in zip(test_heads, probs)]
+            predictions += [
+                {
+                    "patient_id": f"{site_id}/{h.patient_id}",
+                    "side": h.side,
+                    "stage": STAGE_LABELS[int(h.stage)],
+                    "predicted_stage": STAGE_LABELS[int(p.argmax())],
+                    "site": site_id,
+                    "group": group,
+                }
+                for h, p in zip(test_heads, probs)
+            ]
         if not ys:
             continue
-        result[group] = group_check(np.concatenate(ys), np.concatenate(ps), np.asarray(patients), reported,
-                                    n_boot=n_boot, seed=cfg.seed)
+        result[group] = group_check(
+            np.concatenate(ys), np.concatenate(ps), np.asarray(patients), reported, n_boot=n_boot, seed=cfg.seed
+        )
         errors += [a["abs_error"] for a in result[group]["auc"].values() if a["abs_error"] is not None]
         if not result[group]["confusion_matches"]:
             log.warning("group %s: the confusion matrix recomputed from the bundle differs from the report's", group)
-    within = [a["within_bound"] for g, r in result.items() if isinstance(r, dict) and "auc" in r
-              for a in r["auc"].values() if a["within_bound"] is not None]
+    within = [
+        a["within_bound"]
+        for g, r in result.items()
+        if isinstance(r, dict) and "auc" in r
+        for a in r["auc"].values()
+        if a["within_bound"] is not None
+    ]
     if predictions:
         from sim.readers import compare_with_readers, simulate_readers
 
-        result["readers"] = compare_with_readers(predictions, simulate_readers(predictions, SIMULATED_READERS,
-                                                                                seed=cfg.seed))
+        result["readers"] = compare_with_readers(
+            predictions, simulate_readers(predictions, SIMULATED_READERS, seed=cfg.seed)
+        )
     result["all_within_bound"] = all(within) if within else None
     result["max_abs_error"] = max(errors) if errors else None
     folder = out / "exact"

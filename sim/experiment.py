@@ -28,8 +28,10 @@ def run_complete(out: Path, run_config: dict, cfg) -> bool:
     store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
     detector, stager = store.load("detector"), store.load("stager")
     return bool(
-        phase_finished(detector, cfg.detector_rounds, cfg) and phase_finished(stager, cfg.stager_rounds, cfg)
-        and (out / "report.json").exists() and (out / "bundle" / "MANIFEST.sig").exists()
+        phase_finished(detector, cfg.detector_rounds, cfg)
+        and phase_finished(stager, cfg.stager_rounds, cfg)
+        and (out / "report.json").exists()
+        and (out / "bundle" / "MANIFEST.sig").exists()
         and "simulation" in json.loads((out / "report.json").read_text())
     )
 
@@ -74,15 +76,17 @@ def prepare_splits(cfg) -> None:
         raise ValueError(f"run config 'pooled-sites' is set but site-ids {list(cfg.site_ids)} lacks {POOLED_SITE}")
     unsplit = [s for s in cfg.train_sites if s in real and s not in cfg.split_sites]
     if unsplit:
-        raise ValueError(f"training sites {unsplit} are not in 'split-sites' {list(cfg.split_sites)}: "
-                         "they would have no train split")
+        raise ValueError(
+            f"training sites {unsplit} are not in 'split-sites' {list(cfg.split_sites)}: they would have no train split"
+        )
     write_splits(Path(cfg.data_root), real, cfg.split_sites, seed=cfg.seed)
     if cfg.pooled_sites:
         write_pooled_site(Path(cfg.data_root), cfg.pooled_sites)
 
 
-def run_experiment(overrides: dict[str, object], *, console: Console | None = None,
-                   gpus_per_site: float | None = None) -> dict:
+def run_experiment(
+    overrides: dict[str, object], *, console: Console | None = None, gpus_per_site: float | None = None
+) -> dict:
     """Run (or resume, or just re-read) one federated simulation and return its report.
 
     Args:
@@ -112,7 +116,8 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     from sim.exact_check import exact_check
     from sim.plots import plot_training_curves
     from sim.report_html import write_report_html
-    from sim.runner import gpus_per_site as resolve_gpus, run_simulation
+    from sim.runner import gpus_per_site as resolve_gpus
+    from sim.runner import run_simulation
 
     console = console or Console()
     gpu_share = resolve_gpus(gpus_per_site)  # a bad share fails here, before any work
@@ -124,8 +129,10 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out}: exists and is not a folder")
     if run_complete(out, full, cfg):
-        console.print(f"run in {out} is already complete for this configuration: re-reading its report "
-                      "(use a new output folder to train again)")
+        console.print(
+            f"run in {out} is already complete for this configuration: re-reading its report "
+            "(use a new output folder to train again)"
+        )
         report = json.loads((out / "report.json").read_text())
         if "exact_check" not in report:  # a run finished before the check existed
             prepare_splits(cfg)
@@ -142,13 +149,20 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
     console.print(f"[bold]preparing site caches[/bold] for {', '.join(cfg.site_ids)} …")
     sites = {s: tasks.open_site(cfg, s, Path(cfg.data_root) / s) for s in cfg.site_ids}
     refused = sum(v.status != "ok" for site in sites.values() for v in site.verdicts)
-    console.print(f"  {sum(len(s.heads) for s in sites.values())} heads ready, {refused} studies refused "
-                  f"[{time.monotonic() - t0:.1f} s]")
+    console.print(
+        f"  {sum(len(s.heads) for s in sites.values())} heads ready, {refused} studies refused "
+        f"[{time.monotonic() - t0:.1f} s]"
+    )
 
     total_rounds = cfg.detector_rounds + cfg.stager_rounds
     progress_file = out / "checkpoints" / "progress.json"
-    with Progress(TextColumn("[bold]federated rounds[/bold] {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("[bold]federated rounds[/bold] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("", total=total_rounds)
 
         def poll():
@@ -160,21 +174,35 @@ def run_experiment(overrides: dict[str, object], *, console: Console | None = No
                 done = p["round"] + (cfg.detector_rounds if p["phase"] == "stager" else 0)
                 bar.update(task, completed=done, description=f"({p['phase']} round {p['round']})")
 
-        stats = run_simulation(overrides, num_sites=len(cfg.site_ids), work_dir=out / "flower", cpus_per_client=1,
-                               gpus_per_client=gpu_share, on_poll=poll)
+        stats = run_simulation(
+            overrides,
+            num_sites=len(cfg.site_ids),
+            work_dir=out / "flower",
+            cpus_per_client=1,
+            gpus_per_client=gpu_share,
+            on_poll=poll,
+        )
         poll()
 
     report = json.loads((out / "report.json").read_text())
     baseline = intensity_baseline(sites, cfg.train_sites, cfg.report_groups, seed=cfg.seed)
     report["baseline_intensity_logreg"] = json_safe(
-        {g: {"n": m["n"], "macro": m["macro"], "weighted": m["weighted"]} for g, m in baseline.items()})
-    report["simulation"] = {"wall_time_s": round(time.monotonic() - t0, 1), "flower_wall_time_s": stats["wall_time_s"],
-                            "peak_rss_bytes": stats["peak_rss_bytes"]}
+        {g: {"n": m["n"], "macro": m["macro"], "weighted": m["weighted"]} for g, m in baseline.items()}
+    )
+    report["simulation"] = {
+        "wall_time_s": round(time.monotonic() - t0, 1),
+        "flower_wall_time_s": stats["wall_time_s"],
+        "peak_rss_bytes": stats["peak_rss_bytes"],
+    }
     report["exact_check"] = json_safe(exact_check(cfg, out, sites, report))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_training_curves(report, out / "training_curves.png")
     write_report_html(report, out)
     # the ServerApp tracked the rounds, report.json and the bundle; add what the harness wrote after it (issue 21)
-    log_run_outputs(cfg.track, out, cfg.tracking_uri,
-                    [out / "report.json", out / "report.html", out / "training_curves.png", out / "figures"])
+    log_run_outputs(
+        cfg.track,
+        out,
+        cfg.tracking_uri,
+        [out / "report.json", out / "report.html", out / "training_curves.png", out / "figures"],
+    )
     return report

@@ -52,8 +52,18 @@ def missing_modules(names=None) -> dict[str, str]:
 def run_gpu_tests(out: Path, timeout_s: float = 480) -> dict:
     """``pytest -m gpu tests/test_gpu.py`` in a fresh interpreter; ``{test name: passed|failed|skipped}``."""
     junit = out / "gpu_tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py",
-           f"--junitxml={junit}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_gpu.py",
+        f"--junitxml={junit}",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     outcomes = {}
@@ -62,8 +72,12 @@ def run_gpu_tests(out: Path, timeout_s: float = 480) -> dict:
             kind = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
             detail = next((child.get("message", "") for child in case if child.tag != "system-out"), "")
             outcomes[case.get("name")] = kind if kind == "passed" else f"{kind}: {detail[:500]}"
-    return {"exit_code": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "outcomes": outcomes,
-            "output_tail": proc.stdout[-4000:] + proc.stderr[-2000:]}
+    return {
+        "exit_code": proc.returncode,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "outcomes": outcomes,
+        "output_tail": proc.stdout[-4000:] + proc.stderr[-2000:],
+    }
 
 
 def third_party_modules() -> list[str]:
@@ -106,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from sim.bench import print_table, run_benchmarks
 
         options = {"stager_batches": (16,), "detector_batches": (4,), "steps": 10} if args.quick else {}
-        passes = [{**options, "model_sizes": (size,)}
-                  for size in (("default", "paper") if report["gpu"]["cuda"] else ("default",))]
+        passes = [
+            {**options, "model_sizes": (size,)}
+            for size in (("default", "paper") if report["gpu"]["cuda"] else ("default",))
+        ]
         if report["gpu"]["cuda"] and not args.quick:
             passes += VARIANTS
         rows: list = []
@@ -115,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         for opts in passes:  # one pass at a time, written after each: a run cut short keeps what it measured
             result = run_benchmarks(["gpu"], gpu=opts)
             rows += result["sections"]["gpu"]
-            report["bench"] = {"environment": result["environment"], "rows": rows,
-                               "seconds": round(time.perf_counter() - t0, 1)}
+            report["bench"] = {
+                "environment": result["environment"],
+                "rows": rows,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             write()
         print_table(rows)
     report["modules_used"] = third_party_modules()

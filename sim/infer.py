@@ -57,17 +57,30 @@ def read_for_inference(study: Path, files_out: list | None = None) -> tuple[sitk
     study = Path(study)
     if not study.is_dir():
         image = read_study(study)
-        return image, {
-            "source": "NIfTI file", "description": "", "n_slices": int(image.GetSize()[2]),
-            "spacing_mm": [round(float(v), 4) for v in image.GetSpacing()], "orientation": _orientation_code(image),
-            "candidates": 1, "why": "a NIfTI file holds one volume",
-        }, None
+        return (
+            image,
+            {
+                "source": "NIfTI file",
+                "description": "",
+                "n_slices": int(image.GetSize()[2]),
+                "spacing_mm": [round(float(v), 4) for v in image.GetSpacing()],
+                "orientation": _orientation_code(image),
+                "candidates": 1,
+                "why": "a NIfTI file holds one volume",
+            },
+            None,
+        )
     series = find_series(study)
     try:
         chosen = choose_t2_series(series)
         desc, timing = _t2_by_description(chosen), _t2_by_timing(chosen)
-        why = ("T2 series by the site rule: " + ("its description names T2" if desc else
-               f"TE {chosen.echo_time_ms:g} ms and TR {chosen.repetition_time_ms:g} ms say T2" if timing else "T2"))
+        why = "T2 series by the site rule: " + (
+            "its description names T2"
+            if desc
+            else f"TE {chosen.echo_time_ms:g} ms and TR {chosen.repetition_time_ms:g} ms say T2"
+            if timing
+            else "T2"
+        )
     except SeriesError as err:
         if "no T2 series" not in err.reason:
             raise
@@ -79,18 +92,26 @@ def read_for_inference(study: Path, files_out: list | None = None) -> tuple[sitk
     try:
         header = pydicom.dcmread(chosen.files[0], stop_before_pixels=True)
         body_part = str(header.get("BodyPartExamined", "") or "") or None
-    except Exception:  # noqa: BLE001 - the series was just read; a header we cannot re-read gives no body part
+    except Exception:
         body_part = None
-    return image, {
-        "source": "DICOM", "description": chosen.description, "n_slices": chosen.n_slices,
-        "spacing_mm": [round(float(v), 4) for v in image.GetSpacing()],
-        "orientation": f"{chosen.orientation or '?'} (image axes {_orientation_code(image)})",
-        "candidates": len(series), "why": why,
-    }, body_part
+    return (
+        image,
+        {
+            "source": "DICOM",
+            "description": chosen.description,
+            "n_slices": chosen.n_slices,
+            "spacing_mm": [round(float(v), 4) for v in image.GetSpacing()],
+            "orientation": f"{chosen.orientation or '?'} (image axes {_orientation_code(image)})",
+            "candidates": len(series),
+            "why": why,
+        },
+        body_part,
+    )
 
 
-def infer_to_folder(bundle, study: Path, out: Path, device=None,
-                    dicom_out: Path | None = None) -> tuple[dict, list, sitk.Image, list[Path]]:
+def infer_to_folder(
+    bundle, study: Path, out: Path, device=None, dicom_out: Path | None = None
+) -> tuple[dict, list, sitk.Image, list[Path]]:
     """Run the gated pipeline of a loaded, verified bundle on one study and write ``out``.
 
     Writes ``result.json``, ``gradcam_<side>.nii.gz`` (input geometry) and the figures. Shared by
@@ -123,25 +144,44 @@ def infer_to_folder(bundle, study: Path, out: Path, device=None,
     if not isinstance(device, torch.device):
         device = select_device(device or "auto")
     if dicom_out is not None and not Path(study).is_dir():
-        raise ValueError(f"{study}: --dicom-out needs a DICOM study folder; a NIfTI file has no source series, "
-                         "study or frame-of-reference UIDs for a DICOM SR or Segmentation to reference")
+        raise ValueError(
+            f"{study}: --dicom-out needs a DICOM study folder; a NIfTI file has no source series, "
+            "study or frame-of-reference UIDs for a DICOM SR or Segmentation to reference"
+        )
     source_files: list[Path] = []
     image, series, body_part = read_for_inference(Path(study), source_files)
     warnings = []
     if series["why"].startswith("no T2"):
         warnings.append(series["why"])
     if bundle.calibration is None:
-        warnings.append("the bundle carries no validation calibration: no detector-score or out-of-distribution "
-                        "gate, uncalibrated probabilities, arg-max stage")
+        warnings.append(
+            "the bundle carries no validation calibration: no detector-score or out-of-distribution "
+            "gate, uncalibrated probabilities, arg-max stage"
+        )
     else:
-        off = [name for name, v in (("detector-score", bundle.calibration.detector_threshold),
-                                    ("out-of-distribution", bundle.calibration.energy_threshold)) if v is None]
+        off = [
+            name
+            for name, v in (
+                ("detector-score", bundle.calibration.detector_threshold),
+                ("out-of-distribution", bundle.calibration.energy_threshold),
+            )
+            if v is None
+        ]
         if off:
-            warnings.append(f"the bundle's calibration has no {' or '.join(off)} threshold (no validation aggregates "
-                            "reached the server): that gate is off")
+            warnings.append(
+                f"the bundle's calibration has no {' or '.join(off)} threshold (no validation aggregates "
+                "reached the server): that gate is off"
+            )
     t0 = time.monotonic()
-    results = analyse_study(image, bundle.detector, bundle.stager, bundle.spec, device=device,
-                            calibration=bundle.calibration, body_part=body_part)
+    results = analyse_study(
+        image,
+        bundle.detector,
+        bundle.stager,
+        bundle.spec,
+        device=device,
+        calibration=bundle.calibration,
+        body_part=body_part,
+    )
     elapsed = time.monotonic() - t0
     verdict, reasons = study_verdict(results)
     out = Path(out)
@@ -149,10 +189,17 @@ def infer_to_folder(bundle, study: Path, out: Path, device=None,
     for r in results:
         sitk.WriteImage(r.gradcam, str(out / f"gradcam_{r.side}.nii.gz"))
     pngs = write_infer_figures(image, results, out)
-    payload = {"bundle_trusted": bundle.trusted, "verdict": verdict, "reasons": reasons, "series": series,
-               "body_part_examined": body_part,
-               "calibration": bundle.calibration.to_dict() if bundle.calibration else None,
-               "heads": [r.summary() for r in results], "warnings": warnings, "seconds": round(elapsed, 2)}
+    payload = {
+        "bundle_trusted": bundle.trusted,
+        "verdict": verdict,
+        "reasons": reasons,
+        "series": series,
+        "body_part_examined": body_part,
+        "calibration": bundle.calibration.to_dict() if bundle.calibration else None,
+        "heads": [r.summary() for r in results],
+        "warnings": warnings,
+        "seconds": round(elapsed, 2),
+    }
     (out / "result.json").write_text(json.dumps(payload, indent=2))
     if dicom_out is not None:
         from shared_models.dicom_output import write_dicom_outputs
@@ -188,14 +235,22 @@ def run_infer(args, console) -> int:
     from shared_models.bundle import load_bundle
 
     if not args.public_key and not getattr(args, "allow_unsigned", False):
-        raise ValueError(f"{args.bundle}: refusing to run a bundle without verifying its signature; pass the "
-                         "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)")
+        raise ValueError(
+            f"{args.bundle}: refusing to run a bundle without verifying its signature; pass the "
+            "coordinator's --public-key (or --allow-unsigned to check it only against its embedded key)"
+        )
     bundle = load_bundle(Path(args.bundle), Path(args.public_key) if args.public_key else None)
     out = Path(args.out)
     dicom_out = getattr(args, "dicom_out", None)
-    payload, results, image, pngs = infer_to_folder(bundle, Path(args.study), out, args.device,
-                                                    Path(dicom_out) if dicom_out else None)
-    verdict, reasons, warnings, elapsed = payload["verdict"], payload["reasons"], payload["warnings"], payload["seconds"]
+    payload, results, image, pngs = infer_to_folder(
+        bundle, Path(args.study), out, args.device, Path(dicom_out) if dicom_out else None
+    )
+    verdict, reasons, warnings, elapsed = (
+        payload["verdict"],
+        payload["reasons"],
+        payload["warnings"],
+        payload["seconds"],
+    )
     series = payload["series"]
     table = Table(title=f"{Path(args.study).name}: {verdict} ({elapsed:.1f} s)")
     for col in ("side", "box LPS mm (x0 y0 z0 x1 y1 z1)", "det. score", "P(0)", "P(I)", "P(II)", "stage"):
@@ -203,18 +258,26 @@ def run_infer(args, console) -> int:
     for r in results:
         p = r.stage_probabilities
         cells = [f"{p[k]:.2f}" for k in ("0", "I", "II")] if p else ["-"] * 3
-        table.add_row(r.side, " ".join(f"{v:.0f}" for v in r.box_lps_mm),
-                      f"{r.detector_score:.2f}" + (" (low)" if r.low_confidence else ""),
-                      *cells, r.predicted_stage or "not assessed")
+        table.add_row(
+            r.side,
+            " ".join(f"{v:.0f}" for v in r.box_lps_mm),
+            f"{r.detector_score:.2f}" + (" (low)" if r.low_confidence else ""),
+            *cells,
+            r.predicted_stage or "not assessed",
+        )
     console.print(table)
-    console.print(f"series: {series['description'] or series['source']}, {series['n_slices']} slices, "
-                  f"{series['orientation']}: {series['why']}")
+    console.print(
+        f"series: {series['description'] or series['source']}, {series['n_slices']} slices, "
+        f"{series['orientation']}: {series['why']}"
+    )
     for warning in warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     for reason in reasons:
         console.print(f"[red]{'refused' if verdict == 'refused' else 'not assessed'}:[/red] {reason}")
-    console.print(f"wrote {out / 'result.json'}, gradcam_R/L.nii.gz (input geometry) and "
-                  f"{', '.join(p.name for p in pngs)} (boxes and Grad-CAM over the MRI)")
+    console.print(
+        f"wrote {out / 'result.json'}, gradcam_R/L.nii.gz (input geometry) and "
+        f"{', '.join(p.name for p in pngs)} (boxes and Grad-CAM over the MRI)"
+    )
     if dicom_out:
         console.print(f"wrote the DICOM SR (and the Grad-CAM Segmentation for assessed heads) to {dicom_out}")
     if verdict == "refused" and not getattr(args, "allow_refused", False):
@@ -235,18 +298,35 @@ def calibration_table(report: dict):
     def f(v, spec=".3f"):
         return "–" if not isinstance(v, (int, float)) or isinstance(v, bool) else f"{v:{spec}}"
 
-    table = Table(title=f"Calibration on {ch.get('val_heads', 0)} validation heads: T = {f(ch.get('temperature'), '.3g')}, "
-                        f"detector threshold {f(ch.get('detector_threshold'), '.2f')}, energy threshold "
-                        f"{ch.get('energy_threshold')}, early-ONFH threshold {f(ch.get('early_threshold'), '.2f')}")
-    for col in ("site", "test heads", "ECE before", "ECE after", "early sens.", "early spec.", "OOD flagged",
-                "box below threshold"):
+    table = Table(
+        title=f"Calibration on {ch.get('val_heads', 0)} validation heads: T = {f(ch.get('temperature'), '.3g')}, "
+        f"detector threshold {f(ch.get('detector_threshold'), '.2f')}, energy threshold "
+        f"{ch.get('energy_threshold')}, early-ONFH threshold {f(ch.get('early_threshold'), '.2f')}"
+    )
+    for col in (
+        "site",
+        "test heads",
+        "ECE before",
+        "ECE after",
+        "early sens.",
+        "early spec.",
+        "OOD flagged",
+        "box below threshold",
+    ):
         table.add_column(col, justify="right" if col != "site" else "left")
     for site, m in (c.get("sites") or {}).items():
         name = site + (" (external)" if m.get("external") else "")
         if m.get("suppressed"):
             table.add_row(name, "suppressed", *["–"] * 6)
             continue
-        table.add_row(name, str(m.get("test_heads")), f(m.get("ece_before")), f(m.get("ece_after")),
-                      f(m.get("sensitivity")), f(m.get("specificity")), f(m.get("ood_flagged")),
-                      f(m.get("detector_flagged")))
+        table.add_row(
+            name,
+            str(m.get("test_heads")),
+            f(m.get("ece_before")),
+            f(m.get("ece_after")),
+            f(m.get("sensitivity")),
+            f(m.get("specificity")),
+            f(m.get("ood_flagged")),
+            f(m.get("detector_flagged")),
+        )
     return table

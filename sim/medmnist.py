@@ -130,7 +130,9 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.total_steps < self.rounds * self.num_sites:
-            raise ValueError(f"total_steps ({self.total_steps}) must be >= rounds * num_sites ({self.rounds * self.num_sites})")
+            raise ValueError(
+                f"total_steps ({self.total_steps}) must be >= rounds * num_sites ({self.rounds * self.num_sites})"
+            )
 
     @property
     def local_steps(self) -> int:
@@ -142,8 +144,14 @@ class Budget:
 
 
 #: a smoke-test budget: tiny network, a few steps, 2 rounds
-QUICK = Budget(stager=StagerConfig(out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2)),
-               total_steps=16, rounds=2, batch_size=8, eval_every=4, patience=2)
+QUICK = Budget(
+    stager=StagerConfig(out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2)),
+    total_steps=16,
+    rounds=2,
+    batch_size=8,
+    eval_every=4,
+    patience=2,
+)
 
 
 # --------------------------------------------------------------------------- data
@@ -205,8 +213,10 @@ def prepare_arrays(npz: Path, size: int, cache: Path) -> Path:
 
 def load_split(folder: Path, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` of one prepared split (see :func:`prepare_arrays`)."""
-    return (np.load(Path(folder) / f"{split}_x.npy", mmap_mode="r" if mmap else None),
-            np.load(Path(folder) / f"{split}_y.npy"))
+    return (
+        np.load(Path(folder) / f"{split}_x.npy", mmap_mode="r" if mmap else None),
+        np.load(Path(folder) / f"{split}_y.npy"),
+    )
 
 
 # --------------------------------------------------------------------------- splits
@@ -224,8 +234,9 @@ def iid_split(labels: np.ndarray, num_sites: int, seed: int) -> list[np.ndarray]
     return [np.sort(test) for _, test in folds.split(np.zeros(len(labels)), labels)]
 
 
-def dirichlet_label_split(labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_size: int = 8,
-                          max_tries: int = 1000) -> list[np.ndarray]:
+def dirichlet_label_split(
+    labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_size: int = 8, max_tries: int = 1000
+) -> list[np.ndarray]:
     """Label-skewed partition: per class, site shares drawn from ``Dirichlet(alpha * 1)``.
 
     The common non-IID benchmark split of Hsu et al. 2019 (arXiv:1909.06335, section 3)
@@ -287,16 +298,38 @@ def run_central(folder: Path, budget: Budget, seed: int, transition: str = "mulp
     set_determinism(seed=seed)
     model = MulDenseNet3D(dataclasses.replace(budget.stager, transition=transition))
     _, history = fit_stager_central(
-        model, x, y, xv, yv, max_steps=budget.total_steps, eval_every=budget.eval_every, patience=budget.patience,
-        batch_size=budget.batch_size, lr=budget.lr, weight_decay=budget.weight_decay, focal_gamma=budget.focal_gamma,
-        warmup_steps=budget.warmup_steps, class_balanced=budget.class_balanced, flip_dims=budget.flip_dims,
-        intensity_aug=budget.intensity_aug, seed=seed,
+        model,
+        x,
+        y,
+        xv,
+        yv,
+        max_steps=budget.total_steps,
+        eval_every=budget.eval_every,
+        patience=budget.patience,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        weight_decay=budget.weight_decay,
+        focal_gamma=budget.focal_gamma,
+        warmup_steps=budget.warmup_steps,
+        class_balanced=budget.class_balanced,
+        flip_dims=budget.flip_dims,
+        intensity_aug=budget.intensity_aug,
+        seed=seed,
     )
     auc, acc = score_split(model, xt, yt)
     best = max(history, key=lambda h: h["val_auc"])
-    return {"setting": "central" if transition == "mulpool" else "central-plain-densenet", "strategy": "none",
-            "split": "none", "seed": seed, "auc": auc, "acc": acc, "wall_s": round(time.monotonic() - t0, 1),
-            "val_auc": best["val_auc"], "selected": f"step {best['step']}", "history": history}
+    return {
+        "setting": "central" if transition == "mulpool" else "central-plain-densenet",
+        "strategy": "none",
+        "split": "none",
+        "seed": seed,
+        "auc": auc,
+        "acc": acc,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "val_auc": best["val_auc"],
+        "selected": f"step {best['step']}",
+        "history": history,
+    }
 
 
 def _flower_env(work: Path) -> dict[str, str]:
@@ -334,12 +367,23 @@ def run_federated(folder: Path, budget: Budget, seed: int, strategy: str, split:
     # validation: always a stratified split, so every site can score its share
     val_parts = iid_split(yv, budget.num_sites, seed)
     spec = FedSpec(
-        data_dir=str(folder), train_parts=tuple(tuple(int(i) for i in p) for p in parts),
-        val_parts=tuple(tuple(int(i) for i in p) for p in val_parts), stager=budget.stager, strategy=strategy,
-        proximal_mu=budget.proximal_mu, rounds=budget.rounds, local_steps=budget.local_steps,
-        batch_size=budget.batch_size, lr=budget.lr, weight_decay=budget.weight_decay, focal_gamma=budget.focal_gamma,
-        warmup_steps=budget.warmup_steps // budget.num_sites, class_balanced=budget.class_balanced,
-        flip_dims=budget.flip_dims, intensity_aug=budget.intensity_aug, seed=seed,
+        data_dir=str(folder),
+        train_parts=tuple(tuple(int(i) for i in p) for p in parts),
+        val_parts=tuple(tuple(int(i) for i in p) for p in val_parts),
+        stager=budget.stager,
+        strategy=strategy,
+        proximal_mu=budget.proximal_mu,
+        rounds=budget.rounds,
+        local_steps=budget.local_steps,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        weight_decay=budget.weight_decay,
+        focal_gamma=budget.focal_gamma,
+        warmup_steps=budget.warmup_steps // budget.num_sites,
+        class_balanced=budget.class_balanced,
+        flip_dims=budget.flip_dims,
+        intensity_aug=budget.intensity_aug,
+        seed=seed,
     )
     work.mkdir(parents=True, exist_ok=True)
     env = _flower_env(work)
@@ -349,9 +393,13 @@ def run_federated(folder: Path, budget: Budget, seed: int, strategy: str, split:
     cpus = max(1, min(budget.parallel_clients, budget.num_sites))
     try:
         run_simulation(
-            server_app=make_server_app(spec, sink), client_app=make_client_app(spec), num_supernodes=budget.num_sites,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}},
+            server_app=make_server_app(spec, sink),
+            client_app=make_client_app(spec),
+            num_supernodes=budget.num_sites,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
+            },
         )
     finally:
         if ray.is_initialized():
@@ -369,10 +417,20 @@ def run_federated(folder: Path, budget: Budget, seed: int, strategy: str, split:
     model.load_state_dict(sink["best_state"])
     xt, yt = load_split(folder, "test")
     auc, acc = score_split(model, xt, yt)
-    return {"setting": "federated", "strategy": strategy, "split": split, "seed": seed, "auc": auc, "acc": acc,
-            "wall_s": round(time.monotonic() - t0, 1), "val_auc": float(sink["best_val_auc"]),
-            "selected": f"round {sink['best_round']}", "history": sink["history"],
-            "site_sizes": [len(p) for p in parts], "site_pos_frac": [float(np.mean(y[p])) for p in parts]}
+    return {
+        "setting": "federated",
+        "strategy": strategy,
+        "split": split,
+        "seed": seed,
+        "auc": auc,
+        "acc": acc,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "val_auc": float(sink["best_val_auc"]),
+        "selected": f"round {sink['best_round']}",
+        "history": sink["history"],
+        "site_sizes": [len(p) for p in parts],
+        "site_pos_frac": [float(np.mean(y[p])) for p in parts],
+    }
 
 
 def run_medmnist(
@@ -430,8 +488,15 @@ def run_medmnist(
                 row = run_federated(folder, budget, seed, strategy, split, out / "flower" / f"{name}-seed{seed}")
             row["size"] = size
             rows.append(row)
-            log.info("medmnist %s seed %d: test AUC %.4f ACC %.4f (%s, %.0f s)", name, seed, row["auc"], row["acc"],
-                     row["selected"], row["wall_s"])
+            log.info(
+                "medmnist %s seed %d: test AUC %.4f ACC %.4f (%s, %.0f s)",
+                name,
+                seed,
+                row["auc"],
+                row["acc"],
+                row["selected"],
+                row["wall_s"],
+            )
             done = {_row_key(r) for r in rows}
             path.write_text(json.dumps([r for r in kept if _row_key(r) not in done] + rows, indent=2))
     return rows
@@ -453,8 +518,19 @@ def summary_rows(rows: list[dict]) -> list[tuple[str, str, str, int, int, str, s
     def fmt(values: list[float]) -> str:
         return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
 
-    return [(s, st, sp, size, len(g), fmt([r["auc"] for r in g]), fmt([r["acc"] for r in g]),
-             f"{np.mean([r['wall_s'] for r in g]):.0f}") for (s, st, sp, size), g in groups.items()]
+    return [
+        (
+            s,
+            st,
+            sp,
+            size,
+            len(g),
+            fmt([r["auc"] for r in g]),
+            fmt([r["acc"] for r in g]),
+            f"{np.mean([r['wall_s'] for r in g]):.0f}",
+        )
+        for (s, st, sp, size), g in groups.items()
+    ]
 
 
 def print_table(rows: list[dict], console=None) -> None:
@@ -467,8 +543,11 @@ def print_table(rows: list[dict], console=None) -> None:
     for col in ("model / setting", "strategy", "split", "size", "seeds", "AUC", "ACC", "wall s"):
         table.add_column(col, justify="left" if col in ("model / setting", "strategy", "split") else "right")
     for setting, strategy, split, size, n, auc, acc, wall in summary_rows(rows):
-        name = {"central": "3D-MulDenseNet (central)", "central-plain-densenet": "3D DenseNet, plain transitions (central)",
-                "federated": "3D-MulDenseNet (federated)"}.get(setting, setting)
+        name = {
+            "central": "3D-MulDenseNet (central)",
+            "central-plain-densenet": "3D DenseNet, plain transitions (central)",
+            "federated": "3D-MulDenseNet (federated)",
+        }.get(setting, setting)
         table.add_row(name, strategy, split, f"{size}³", str(n), auc, acc, wall)
     for model, auc, acc in PUBLISHED:
         table.add_row(f"{model} (MedMNIST v2, published)", "–", "–", "28³", "–", f"{auc:.3f}", f"{acc:.3f}", "–")
@@ -492,14 +571,21 @@ def _run_list(text: str) -> tuple[str, ...]:
 
 def add_medmnist_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``medmnist`` on an argparse subparsers object (``onfh sim medmnist ...``)."""
-    p = subparsers.add_parser("medmnist", help="AdrenalMNIST3D benchmark: central and federated 3D-MulDenseNet",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "medmnist",
+        help="AdrenalMNIST3D benchmark: central and federated 3D-MulDenseNet",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--data", required=True, help="adrenalmnist3d_64.npz (MedMNIST v2, 64^3 release)")
     p.add_argument("--size", type=int, choices=SIZES, default=28, help="volume edge in voxels (28: published rows)")
     p.add_argument("--out", required=True, help="output folder (medmnist.json)")
     p.add_argument("--seeds", type=_int_list, default=(0,), help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--settings", type=_run_list, default=DEFAULT_RUNS,
-                   help=f"comma-separated runs from {', '.join(RUNS)} (default: {','.join(DEFAULT_RUNS)})")
+    p.add_argument(
+        "--settings",
+        type=_run_list,
+        default=DEFAULT_RUNS,
+        help=f"comma-separated runs from {', '.join(RUNS)} (default: {','.join(DEFAULT_RUNS)})",
+    )
     p.add_argument("--quick", action="store_true", help="tiny network and a few steps (smoke test)")
     p.set_defaults(func=cmd_medmnist)
     return p
@@ -508,8 +594,9 @@ def add_medmnist_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_medmnist(args) -> int:
     """CLI handler: run, write ``medmnist.json``, print the table. Returns 0; bad input raises
     ``ValueError``/``FileNotFoundError``, which ``onfh`` prints as a one-line error (exit 1)."""
-    rows = run_medmnist(Path(args.data), args.size, Path(args.out), seeds=args.seeds, settings=args.settings,
-                        quick=args.quick)
+    rows = run_medmnist(
+        Path(args.data), args.size, Path(args.out), seeds=args.seeds, settings=args.settings, quick=args.quick
+    )
     print_table(json.loads((Path(args.out) / "medmnist.json").read_text()) if rows else rows)
     return 0
 

@@ -130,17 +130,28 @@ def make_client_app(spec: FedSpec) -> ClientApp:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         # 3. train (the schedule continues over global steps)
         metrics = train_stager(
-            model, x, y, steps=spec.local_steps, batch_size=spec.batch_size, lr=spec.lr,
-            weight_decay=spec.weight_decay, focal_gamma=spec.focal_gamma, device=torch.device("cpu"),
-            proximal_mu=float(config.get("proximal-mu", 0.0)), class_balanced=spec.class_balanced,
-            flip_dims=spec.flip_dims, intensity_aug=spec.intensity_aug,
+            model,
+            x,
+            y,
+            steps=spec.local_steps,
+            batch_size=spec.batch_size,
+            lr=spec.lr,
+            weight_decay=spec.weight_decay,
+            focal_gamma=spec.focal_gamma,
+            device=torch.device("cpu"),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            class_balanced=spec.class_balanced,
+            flip_dims=spec.flip_dims,
+            intensity_aug=spec.intensity_aug,
             seed=spec.seed * 100_000 + server_round * 100 + pid,
-            step_offset=(server_round - 1) * spec.local_steps, total_steps=spec.rounds * spec.local_steps,
+            step_offset=(server_round - 1) * spec.local_steps,
+            total_steps=spec.rounds * spec.local_steps,
             warmup_steps=spec.warmup_steps,
         )
         # 4. reply
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "metrics": MetricRecord({"num-examples": len(x), **metrics})})
+        content = RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(x), **metrics})}
+        )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
@@ -151,7 +162,9 @@ def make_client_app(spec: FedSpec) -> ClientApp:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         p_pos = predict_stages(model, x, device=torch.device("cpu"), batch_size=64)[:, 1] if len(x) else np.zeros(0)
         pos, neg = score_histograms(y == 1, p_pos, HIST_BINS)
-        content = RecordDict({"metrics": MetricRecord({"num-examples": len(x), "val-hist-pos": pos, "val-hist-neg": neg})})
+        content = RecordDict(
+            {"metrics": MetricRecord({"num-examples": len(x), "val-hist-pos": pos, "val-hist-neg": neg})}
+        )
         return Message(content=content, reply_to=msg)
 
     return app
@@ -183,8 +196,14 @@ def make_server_app(spec: FedSpec, sink: dict) -> ServerApp:
             latest["val-auc"] = float(record["val-auc"])
             return record
 
-        common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": n, "min_evaluate_nodes": n,
-                  "min_available_nodes": n, "evaluate_metrics_aggr_fn": aggregate_val}
+        common = {
+            "fraction_train": 1.0,
+            "fraction_evaluate": 1.0,
+            "min_train_nodes": n,
+            "min_evaluate_nodes": n,
+            "min_available_nodes": n,
+            "evaluate_metrics_aggr_fn": aggregate_val,
+        }
         strategy = FedProx(proximal_mu=spec.proximal_mu, **common) if spec.strategy == "fedprox" else FedAvg(**common)
         sink.update(best_state=None, best_round=0, best_val_auc=-math.inf, history=[])
 
@@ -198,8 +217,14 @@ def make_server_app(spec: FedSpec, sink: dict) -> ServerApp:
                 sink.update(best_state=arrays.to_torch_state_dict(), best_round=server_round, best_val_auc=val)
             return MetricRecord({"best-round": sink["best_round"]})
 
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=spec.rounds,
-                                train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}), evaluate_fn=keep_best)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=spec.rounds,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=keep_best,
+        )
         for entry in sink["history"]:
             train = result.train_metrics_clientapp.get(entry["round"])
             entry["train_loss"] = float(train["train-loss"]) if train is not None and "train-loss" in train else None

@@ -167,11 +167,12 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from pydicom import dcmwrite
@@ -260,9 +261,7 @@ class ScannerProfile:
 
     def __post_init__(self) -> None:
         if self.slice_orientation not in ("axial", "coronal"):
-            raise ValueError(
-                f"slice_orientation must be 'axial' or 'coronal', got {self.slice_orientation!r}"
-            )
+            raise ValueError(f"slice_orientation must be 'axial' or 'coronal', got {self.slice_orientation!r}")
         if len(self.pixel_spacing_mm) != 2 or min(self.pixel_spacing_mm) <= 0:
             raise ValueError(f"pixel_spacing_mm must be two positive numbers, got {self.pixel_spacing_mm}")
         for name in ("field_strength_t", "slice_thickness_mm", "intensity_scale", "rescale_slope"):
@@ -278,9 +277,7 @@ class ScannerProfile:
         for axis, fov, spacing in zip("xyz", self.fov_lps_mm, self.lps_spacing_mm):
             n = fov / spacing
             if abs(n - round(n)) > 1e-6 or round(n) < 2:
-                raise ValueError(
-                    f"fov_lps_mm {axis}={fov} is not a whole number (>= 2) of {spacing} mm voxels"
-                )
+                raise ValueError(f"fov_lps_mm {axis}={fov} is not a whole number (>= 2) of {spacing} mm voxels")
 
     @property
     def label(self) -> str:
@@ -441,32 +438,69 @@ def _largest_remainder(values: np.ndarray, total: int) -> np.ndarray:
 
 _PAPER_SCANNERS: dict[str, ScannerProfile] = {
     "A": ScannerProfile(
-        vendor="SIEMENS", model="Prisma", field_strength_t=3.0,
-        pixel_spacing_mm=(1.5, 1.5), slice_thickness_mm=4.0, slice_orientation="axial",
-        noise_sigma=32.0, bias_field_strength=0.10, intensity_scale=1.00,
-        rescale_slope=1.0, rescale_intercept=0.0,
-        fov_lps_mm=(360.0, 240.0, 144.0), echo_time_ms=92.0, repetition_time_ms=4200.0,
+        vendor="SIEMENS",
+        model="Prisma",
+        field_strength_t=3.0,
+        pixel_spacing_mm=(1.5, 1.5),
+        slice_thickness_mm=4.0,
+        slice_orientation="axial",
+        noise_sigma=32.0,
+        bias_field_strength=0.10,
+        intensity_scale=1.00,
+        rescale_slope=1.0,
+        rescale_intercept=0.0,
+        fov_lps_mm=(360.0, 240.0, 144.0),
+        echo_time_ms=92.0,
+        repetition_time_ms=4200.0,
     ),
     "B": ScannerProfile(
-        vendor="SIEMENS", model="Prisma", field_strength_t=3.0,
-        pixel_spacing_mm=(1.6, 1.6), slice_thickness_mm=5.0, slice_orientation="coronal",
-        noise_sigma=36.0, bias_field_strength=0.15, intensity_scale=1.15,
-        rescale_slope=1.0, rescale_intercept=0.0,
-        fov_lps_mm=(360.0, 240.0, 144.0), echo_time_ms=101.0, repetition_time_ms=3800.0,
+        vendor="SIEMENS",
+        model="Prisma",
+        field_strength_t=3.0,
+        pixel_spacing_mm=(1.6, 1.6),
+        slice_thickness_mm=5.0,
+        slice_orientation="coronal",
+        noise_sigma=36.0,
+        bias_field_strength=0.15,
+        intensity_scale=1.15,
+        rescale_slope=1.0,
+        rescale_intercept=0.0,
+        fov_lps_mm=(360.0, 240.0, 144.0),
+        echo_time_ms=101.0,
+        repetition_time_ms=3800.0,
     ),
     "C": ScannerProfile(
-        vendor="Philips", model="Ingenia", field_strength_t=1.5,
-        pixel_spacing_mm=(1.875, 1.875), slice_thickness_mm=4.8, slice_orientation="axial",
-        noise_sigma=50.0, bias_field_strength=0.25, intensity_scale=0.85,
-        rescale_slope=2.12454212, rescale_intercept=0.0,
-        fov_lps_mm=(360.0, 240.0, 144.0), echo_time_ms=80.0, repetition_time_ms=3500.0,
+        vendor="Philips",
+        model="Ingenia",
+        field_strength_t=1.5,
+        pixel_spacing_mm=(1.875, 1.875),
+        slice_thickness_mm=4.8,
+        slice_orientation="axial",
+        noise_sigma=50.0,
+        bias_field_strength=0.25,
+        intensity_scale=0.85,
+        rescale_slope=2.12454212,
+        rescale_intercept=0.0,
+        fov_lps_mm=(360.0, 240.0, 144.0),
+        echo_time_ms=80.0,
+        repetition_time_ms=3500.0,
     ),
     "D": ScannerProfile(
-        vendor="Philips", model="Ingenia", field_strength_t=1.5,
-        pixel_spacing_mm=(1.8, 1.8), slice_thickness_mm=6.0, slice_orientation="coronal",
-        noise_sigma=55.0, bias_field_strength=0.30, intensity_scale=0.92,
-        rescale_slope=1.5, rescale_intercept=-100.0, pixel_signed=True,
-        fov_lps_mm=(378.0, 252.0, 144.0), echo_time_ms=85.0, repetition_time_ms=3300.0,
+        vendor="Philips",
+        model="Ingenia",
+        field_strength_t=1.5,
+        pixel_spacing_mm=(1.8, 1.8),
+        slice_thickness_mm=6.0,
+        slice_orientation="coronal",
+        noise_sigma=55.0,
+        bias_field_strength=0.30,
+        intensity_scale=0.92,
+        rescale_slope=1.5,
+        rescale_intercept=-100.0,
+        pixel_signed=True,
+        fov_lps_mm=(378.0, 252.0, 144.0),
+        echo_time_ms=85.0,
+        repetition_time_ms=3300.0,
     ),
 }
 
@@ -905,11 +939,13 @@ def _sample_patient(
     extra = np.random.default_rng(extra_seed)
     sign_rngs = {side: np.random.default_rng(ss) for side, ss in zip(_SIDES, side_seeds)}
     u = rng.uniform
-    mid = np.array([
-        float(np.clip(rng.normal(0, 3.5), -8, 8)),
-        float(np.clip(rng.normal(0, 4.0), -9, 9)),
-        float(np.clip(rng.normal(-6, 4.0), -14, 2)),
-    ])
+    mid = np.array(
+        [
+            float(np.clip(rng.normal(0, 3.5), -8, 8)),
+            float(np.clip(rng.normal(0, 4.0), -9, 9)),
+            float(np.clip(rng.normal(-6, 4.0), -14, 2)),
+        ]
+    )
     # yaw, roll (one hip higher than the other: about 5 deg on the ProstateX study) and pitch
     rot = (
         _rot("z", float(np.clip(rng.normal(0, 3.0), -7, 7)))
@@ -939,11 +975,13 @@ def _sample_patient(
     for side_sign in (-1.0, 1.0):
         for _ in range(3):
             local = _rot("z", u(-60, 60)) @ _rot("x", u(-30, 30)) @ _rot("y", u(-30, 30))
-            sheets.append(_ellipsoid(
-                world((side_sign * u(40, 135), u(-60, 70), u(-60, 60))),
-                (u(1.2, 2.2), u(25, 50), u(30, 60)),
-                rot @ local,
-            ))
+            sheets.append(
+                _ellipsoid(
+                    world((side_sign * u(40, 135), u(-60, 70), u(-60, 60))),
+                    (u(1.2, 2.2), u(25, 50), u(30, 60)),
+                    rot @ local,
+                )
+            )
 
     bladder = _ellipsoid(world((0, u(-48, -34), u(22, 38))), (u(25, 45), u(16, 26), u(18, 32)), rot)
     rectum_c = world((0, u(58, 70), u(0, 20)))
@@ -1005,14 +1043,28 @@ def _sample_patient(
         # Disease and out-of-scope parameters: always drawn, in a fixed order, from the
         # side's own stream, so the anatomy (and the noise) do not depend on the stage.
         rs = sign_rngs[side]
-        q = {k: float(rs.random()) for k in (
-            "collapsed", "co_oedema", "oedema_amp", "oedema_ant", "oedema_neck", "oedema_sigma",
-            "lesion_radius", "necrotic", "bright", "bright_width", "dark", "dark_width",
-            "effusion", "effusion_mm",
-        )}
+        q = {
+            k: float(rs.random())
+            for k in (
+                "collapsed",
+                "co_oedema",
+                "oedema_amp",
+                "oedema_ant",
+                "oedema_neck",
+                "oedema_sigma",
+                "lesion_radius",
+                "necrotic",
+                "bright",
+                "bright_width",
+                "dark",
+                "dark_width",
+                "effusion",
+                "effusion_mm",
+            )
+        }
         oedema_waves, border_waves = _waves(rs, 6, (14.0, 26.0)), _waves(rs, 5, (8.0, 14.0))
 
-        def lerp(key: str, lo: float, hi: float) -> float:
+        def lerp(key: str, lo: float, hi: float, q: dict = q) -> float:
             return lo + q[key] * (hi - lo)
 
         stage = sides.get(side)
@@ -1050,32 +1102,35 @@ def _sample_patient(
                 dark_width=lerp("dark_width", 3.0, 5.0),
             )
         effusion_p = 0.6 if collapsed else (0.15 if stage in (None, 0) else 0.35)
-        heads.append(_Head(
-            side=side,
-            stage=int(stage) if labelled else None,
-            collapsed=collapsed,
-            centre=centre,
-            radius=r,
-            femur=femur,
-            het_amplitude=het_amplitude,
-            het=het,
-            scar_amplitude=scar_amplitude,
-            scar_origin=scar_origin,
-            scar_normal=scar_normal,
-            oedema=oedema,
-            lesion=lesion,
-            effusion_mm=lerp("effusion_mm", 1.5, 4.0) if q["effusion"] < effusion_p else 0.0,
-            neck_axis=(_vec(c), _vec(c + neck_w * (r + 18))),
-            neck_radius=neck_radius,
-        ))
+        heads.append(
+            _Head(
+                side=side,
+                stage=int(stage) if labelled else None,
+                collapsed=collapsed,
+                centre=centre,
+                radius=r,
+                femur=femur,
+                het_amplitude=het_amplitude,
+                het=het,
+                scar_amplitude=scar_amplitude,
+                scar_origin=scar_origin,
+                scar_normal=scar_normal,
+                oedema=oedema,
+                lesion=lesion,
+                effusion_mm=lerp("effusion_mm", 1.5, 4.0) if q["effusion"] < effusion_p else 0.0,
+                neck_axis=(_vec(c), _vec(c + neck_w * (r + 18))),
+                neck_radius=neck_radius,
+            )
+        )
 
     bias = rng.normal(size=6)
     bias[3] = abs(bias[3]) + 0.5
     surroundings = _sample_surroundings(extra, world, rot, [np.asarray(h.centre) for h in heads])
     for key, (lo, hi) in _CONTRAST_RANGE.items():
         tissue[key] *= float(extra.uniform(lo, hi))
-    domain = _sample_domain(extra, [np.asarray(h.centre) for h in heads], [h.radius for h in heads],
-                            scanner_fov_lps_mm, crop_probability)
+    domain = _sample_domain(
+        extra, [np.asarray(h.centre) for h in heads], [h.radius for h in heads], scanner_fov_lps_mm, crop_probability
+    )
     return _Patient(
         sex=str(rng.choice(["M", "F"], p=[0.5617, 0.4383])),
         age=int(rng.integers(18, 69)),
@@ -1120,16 +1175,31 @@ def _sample_surroundings(
         c = inv @ (c_world - np.asarray(world((0, 0, 0))))  # head centre in the patient frame
         sgn = 1.0 if c[0] > 0 else -1.0
         # ischioanal fossa: a large fat pad inferomedial to each hip (bright, roughly round)
-        fat.append(_ellipsoid(world((sgn * u(30, 45), c[1] + u(25, 45), c[2] - u(35, 55))),
-                              (u(14, 22), u(20, 30), u(25, 40)), rot @ _rot("y", sgn * u(10, 30))))
+        fat.append(
+            _ellipsoid(
+                world((sgn * u(30, 45), c[1] + u(25, 45), c[2] - u(35, 55))),
+                (u(14, 22), u(20, 30), u(25, 40)),
+                rot @ _rot("y", sgn * u(10, 30)),
+            )
+        )
         # iliopsoas: anterior to the hip joint, running inferolaterally to the lesser trochanter
-        muscles.append(_ellipsoid(world((c[0] - sgn * u(8, 18), c[1] - u(34, 42), c[2] + u(5, 20))),
-                                  (u(14, 20), u(11, 15), u(55, 75)), rot @ _rot("y", -sgn * u(5, 15))))
+        muscles.append(
+            _ellipsoid(
+                world((c[0] - sgn * u(8, 18), c[1] - u(34, 42), c[2] + u(5, 20))),
+                (u(14, 20), u(11, 15), u(55, 75)),
+                rot @ _rot("y", -sgn * u(5, 15)),
+            )
+        )
         # obturator internus: a sheet on the inner (medial) wall of the acetabulum
-        muscles.append(_ellipsoid(world((c[0] - sgn * u(52, 58), c[1] + u(0, 10), c[2] - u(0, 12))),
-                                  (u(6, 9), u(24, 32), u(28, 38)), rot @ _rot("z", sgn * u(-10, 10))))
+        muscles.append(
+            _ellipsoid(
+                world((c[0] - sgn * u(52, 58), c[1] + u(0, 10), c[2] - u(0, 12))),
+                (u(6, 9), u(24, 32), u(28, 38)),
+                rot @ _rot("z", sgn * u(-10, 10)),
+            )
+        )
     bowel = []
-    for k in range(int(rng.integers(1, 6))):
+    for _ in range(int(rng.integers(1, 6))):
         # small-bowel and sigmoid loops above the bladder and rectum; the lumen holds gas or fluid
         centre = world((u(-55, 55), u(-60, 40), u(15, 75)))
         semi = np.array([u(10, 17), u(10, 17), u(14, 30)])
@@ -1189,8 +1259,13 @@ def _sample_domain(
     zc = float(c[:, 2].mean()) + z_shift
     zc = float(np.clip(zc, cen[2] - half[2] + thick / 2, cen[2] + half[2] - thick / 2))
     if not oblique:
-        return _Domain(gain, noise_factor, bias_factor, coil,
-                       (float(x0), float(y0), zc - thick / 2, float(x1), float(y1), zc + thick / 2))
+        return _Domain(
+            gain,
+            noise_factor,
+            bias_factor,
+            coil,
+            (float(x0), float(y0), zc - thick / 2, float(x1), float(y1), zc + thick / 2),
+        )
     # oblique slab through the heads (ProstateX: tilted 18.5 deg about x, 57 mm thick); its mid
     # plane passes within 8 mm (z_shift / 1.5) of the heads' mean centre, so with a half
     # thickness of 27 mm or more and heads at most ~10 mm from their mean, each centre is inside
@@ -1199,9 +1274,14 @@ def _sample_domain(
     t = math.radians(tilt)
     reach = slab_half / math.cos(t) + abs(math.tan(t)) * max(abs(y0 - yc), abs(y1 - yc))
     z0, z1 = max(zc - reach, cen[2] - half[2]), min(zc + reach, cen[2] + half[2])
-    return _Domain(gain, noise_factor, bias_factor, coil,
-                   (float(x0), float(y0), float(z0), float(x1), float(y1), float(z1)),
-                   (tilt, yc, zc, slab_half))
+    return _Domain(
+        gain,
+        noise_factor,
+        bias_factor,
+        coil,
+        (float(x0), float(y0), float(z0), float(x1), float(y1), float(z1)),
+        (tilt, yc, zc, slab_half),
+    )
 
 
 def _sigmoid(x):
@@ -1324,8 +1404,11 @@ def _bias_field(patient: _Patient, canvas: _Canvas, strength: float, fov_lps_mm:
     posterior body wall: ``1 + peak x exp(-depth / decay)`` with depth the distance inside
     the body surface along y (``patient.domain.coil``).
     """
-    half = np.asarray(fov_lps_mm, dtype=float) / 2.0 if fov_lps_mm is not None else np.array(
-        [max(float(np.abs(a).max()), 1e-6) for a in (canvas.x, canvas.y, canvas.z)])
+    half = (
+        np.asarray(fov_lps_mm, dtype=float) / 2.0
+        if fov_lps_mm is not None
+        else np.array([max(float(np.abs(a).max()), 1e-6) for a in (canvas.x, canvas.y, canvas.z)])
+    )
     cen = np.asarray(FOV_CENTRE_LPS_MM, dtype=np.float32)
     ux = (canvas.x - cen[0]) / np.float32(half[0])
     uy = (canvas.y - cen[1]) / np.float32(half[1])
@@ -1402,7 +1485,7 @@ def _study_axes(scanner: ScannerProfile, domain: _Domain) -> tuple[np.ndarray, n
         keep = np.flatnonzero((a >= low) & (a <= high))
         if keep.size < 2:
             keep = np.arange(max(0, int(np.searchsorted(a, (low + high) / 2)) - 1), len(a))[:2]
-        out.append(a[keep[0]: keep[-1] + 1])
+        out.append(a[keep[0] : keep[-1] + 1])
     return out[0], out[1], out[2]
 
 
@@ -1410,7 +1493,8 @@ def _simulate(task: _StudyTask) -> tuple[np.ndarray, _Patient, list[dict[str, An
     """Render one study. Returns (stored pixels [z, y, x], patient, per-head records)."""
     sc = task.scanner
     patient = _sample_patient(
-        np.random.SeedSequence([task.seed, _site_key(task.site), 1, task.patient_number]), task.sides,
+        np.random.SeedSequence([task.seed, _site_key(task.site), 1, task.patient_number]),
+        task.sides,
         scanner_fov_lps_mm=sc.fov_lps_mm,
     )
     dom = patient.domain
@@ -1431,7 +1515,8 @@ def _simulate(task: _StudyTask) -> tuple[np.ndarray, _Patient, list[dict[str, An
         tilt, yc, zc, slab_half = dom.slab
         t = math.radians(tilt)
         across = (canvas.z[:, None] - np.float32(zc)) * np.float32(math.cos(t)) + (
-            canvas.y[None, :] - np.float32(yc)) * np.float32(math.sin(t))
+            canvas.y[None, :] - np.float32(yc)
+        ) * np.float32(math.sin(t))
         # partial volume over about one slice thickness at the slab's faces
         inside = np.clip(0.5 + (slab_half - np.abs(across)) / np.float32(max(sc.lps_spacing_mm[2], 1.0)), 0.0, 1.0)
         inside = inside.astype(np.float32)[:, :, None]
@@ -1703,16 +1788,18 @@ def _plan_site(profile: PhantomProfile, site: str, seed: int, site_dir: Path) ->
         else:
             sides = {str(rng.choice(_SIDES)): stages[cursor]}
             cursor += 1
-        tasks.append(_StudyTask(
-            site=site,
-            scanner=profile.scanners[site],
-            patient_number=i + 1,
-            patient_id=f"{site}-{i + 1:04d}",
-            study=f"study-{int(study_numbers[i]):04d}",
-            sides=sides,
-            seed=seed,
-            site_dir=str(site_dir),
-        ))
+        tasks.append(
+            _StudyTask(
+                site=site,
+                scanner=profile.scanners[site],
+                patient_number=i + 1,
+                patient_id=f"{site}-{i + 1:04d}",
+                study=f"study-{int(study_numbers[i]):04d}",
+                sides=sides,
+                seed=seed,
+                site_dir=str(site_dir),
+            )
+        )
     return tasks
 
 
@@ -1753,7 +1840,8 @@ def _refuse_other_phantoms(out_dir: Path, profile: PhantomProfile, seed: int) ->
         raise FileExistsError(
             f"{out_dir} holds phantoms of profile {summary.get('profile')!r}, seed {summary.get('seed')}; "
             f"not overwriting them with profile {profile.name!r}, seed {seed}: use another output folder "
-            "(or `onfh sim phantoms --replace`)")
+            "(or `onfh sim phantoms --replace`)"
+        )
 
 
 def _clear_previous(out_dir: Path, sites: set[str]) -> None:
@@ -1770,8 +1858,7 @@ def _clear_previous(out_dir: Path, sites: set[str]) -> None:
             shutil.rmtree(site_dir)
         else:
             raise FileExistsError(
-                f"{site_dir} exists and was not written by the phantom generator; "
-                "choose an empty output folder"
+                f"{site_dir} exists and was not written by the phantom generator; choose an empty output folder"
             )
 
 
@@ -1865,7 +1952,10 @@ def generate_phantoms(
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
     logger.info(
         "generated %d studies, %d heads in %d sites in %.1f s (%.0f MB)",
-        len(results), summary["totals"]["heads"], len(prof.sites), summary["elapsed_s"],
+        len(results),
+        summary["totals"]["heads"],
+        len(prof.sites),
+        summary["elapsed_s"],
         summary["totals"]["bytes"] / 1e6,
     )
     return summary
@@ -1873,17 +1963,19 @@ def generate_phantoms(
 
 def _execute(tasks: list[_StudyTask], workers: int, progress: bool) -> list[dict[str, Any]]:
     bar: Any = None
-    advance: Callable[[], None] = lambda: None
+    job: Any = None
+
+    def advance() -> None:
+        if bar is not None:
+            bar.advance(job)
+
     if progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-        bar = Progress(
-            "phantoms", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
-        )
+        bar = Progress("phantoms", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True))
         bar.start()
         job = bar.add_task("phantoms", total=len(tasks))
-        advance = lambda: bar.advance(job)  # noqa: E731
     results = []
     try:
         if workers == 1 or len(tasks) < 4:
@@ -1921,14 +2013,16 @@ def _write_outputs(out_dir: Path, prof: PhantomProfile, seed: int, results: list
                 label = FicatArletStage(head["stage"]).label if labelled else ""
                 if labelled:
                     box = (*(centre - radius), *(centre + radius))
-                    manifest_rows.append({
-                        "patient_id": r["patient_id"],
-                        "study": r["study"],
-                        "side": head["side"],
-                        "ficat_stage": label,
-                        "box_lps_mm": _fmt_vec(box[:3]) + " " + _fmt_vec(box[3:]),
-                        "scanner": sc.label,
-                    })
+                    manifest_rows.append(
+                        {
+                            "patient_id": r["patient_id"],
+                            "study": r["study"],
+                            "side": head["side"],
+                            "ficat_stage": label,
+                            "box_lps_mm": _fmt_vec(box[:3]) + " " + _fmt_vec(box[3:]),
+                            "scanner": sc.label,
+                        }
+                    )
                     stage_counts[label] += 1
                     for key, value in head["cnr"].items():
                         cnr[key].append(value)
@@ -1936,19 +2030,21 @@ def _write_outputs(out_dir: Path, prof: PhantomProfile, seed: int, results: list
                         noise.append(head["noise_sigma_measured"])
                         if head["stage"] == 0:
                             marrow.append(head["marrow_mean"])
-                gt_rows.append({
-                    "site": site,
-                    "patient_id": r["patient_id"],
-                    "study": r["study"],
-                    "side": head["side"],
-                    "ficat_stage": label if labelled else ("III-excluded" if head["collapsed"] else "unlabelled"),
-                    "in_manifest": int(labelled),
-                    "head_centre_lps_mm": _fmt_vec(head["centre"]),
-                    "head_radius_mm": f"{radius:.3f}",
-                    "sign": head.get("sign", ""),
-                    "sign_centre_lps_mm": _fmt_vec(head["sign_centre"]) if "sign_centre" in head else "",
-                    "sign_radius_mm": f"{head['sign_radius']:.3f}" if "sign_radius" in head else "",
-                })
+                gt_rows.append(
+                    {
+                        "site": site,
+                        "patient_id": r["patient_id"],
+                        "study": r["study"],
+                        "side": head["side"],
+                        "ficat_stage": label if labelled else ("III-excluded" if head["collapsed"] else "unlabelled"),
+                        "in_manifest": int(labelled),
+                        "head_centre_lps_mm": _fmt_vec(head["centre"]),
+                        "head_radius_mm": f"{radius:.3f}",
+                        "sign": head.get("sign", ""),
+                        "sign_centre_lps_mm": _fmt_vec(head["sign_centre"]) if "sign_centre" in head else "",
+                        "sign_radius_mm": f"{head['sign_radius']:.3f}" if "sign_radius" in head else "",
+                    }
+                )
         manifest_rows.sort(key=lambda row: (row["patient_id"], row["side"]))
         with open(out_dir / site / "manifest.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
@@ -2018,13 +2114,16 @@ def read_ground_truth(out_dir: Path) -> list[dict[str, Any]]:
     rows = []
     with open(Path(out_dir) / GROUND_TRUTH_FILE, newline="") as fh:
         for row in csv.DictReader(fh):
-            rows.append({
-                **row,
-                "in_manifest": row["in_manifest"] == "1",
-                "head_centre_lps_mm": tuple(float(v) for v in row["head_centre_lps_mm"].split()),
-                "head_radius_mm": float(row["head_radius_mm"]),
-                "sign_centre_lps_mm": tuple(float(v) for v in row["sign_centre_lps_mm"].split())
-                if row["sign_centre_lps_mm"] else None,
-                "sign_radius_mm": float(row["sign_radius_mm"]) if row["sign_radius_mm"] else None,
-            })
+            rows.append(
+                {
+                    **row,
+                    "in_manifest": row["in_manifest"] == "1",
+                    "head_centre_lps_mm": tuple(float(v) for v in row["head_centre_lps_mm"].split()),
+                    "head_radius_mm": float(row["head_radius_mm"]),
+                    "sign_centre_lps_mm": tuple(float(v) for v in row["sign_centre_lps_mm"].split())
+                    if row["sign_centre_lps_mm"]
+                    else None,
+                    "sign_radius_mm": float(row["sign_radius_mm"]) if row["sign_radius_mm"] else None,
+                }
+            )
     return rows

@@ -7,8 +7,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def _series(history: dict) -> dict[str, tuple[list[int], list[float]]]:
@@ -28,15 +28,18 @@ def _pooled_validation(ax, report: dict, phase: str) -> None:
     """The pooled validation score the server selects on (black), the chosen round starred, and where the
     phase stopped early (``report["early_stopping"]``, :mod:`server.early_stopping`)."""
     stopping = report.get("early_stopping") or {}
-    scores = {int(r): v for r, v in ((stopping.get("validation_score") or {}).get(phase) or {}).items() if v is not None}
+    scores = {
+        int(r): v for r, v in ((stopping.get("validation_score") or {}).get(phase) or {}).items() if v is not None
+    }
     if not scores:
         return
     rounds = sorted(scores)
     ax.plot(rounds, [scores[r] for r in rounds], color="black", lw=2, label="pooled (selection score)")
     chosen = (report.get("selected_rounds") or {}).get(phase)
     if chosen in scores:
-        ax.plot([chosen], [scores[chosen]], marker="*", ms=14, color="crimson", ls="none",
-                label=f"chosen round {chosen}")
+        ax.plot(
+            [chosen], [scores[chosen]], marker="*", ms=14, color="crimson", ls="none", label=f"chosen round {chosen}"
+        )
     run, most = (stopping.get("rounds_run") or {}).get(phase), (stopping.get("max_rounds") or {}).get(phase)
     if run is not None and most is not None and run < most:
         ax.axvline(run, color="crimson", ls=":", lw=1, label=f"stopped early after {run}/{most}")
@@ -73,8 +76,10 @@ def plot_training_curves(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{report['strategy']}: per-site metrics by round (dashed: selected round; black: pooled "
-                 "validation score the round is chosen on)")
+    fig.suptitle(
+        f"{report['strategy']}: per-site metrics by round (dashed: selected round; black: pooled "
+        "validation score the round is chosen on)"
+    )
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -60,7 +60,9 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
         manifest, split_file = root / site / MANIFEST_NAME, root / site / SPLIT_NAME
         for path in (manifest, split_file):
             if not path.exists():
-                raise FileNotFoundError(f"{path}: missing; pooled site {name} needs every pooled site's manifest and split")
+                raise FileNotFoundError(
+                    f"{path}: missing; pooled site {name} needs every pooled site's manifest and split"
+                )
         with open(split_file, newline="") as fh:
             site_split = {restore(r["patient_id"]): r["split"] for r in csv.DictReader(fh)}  # written neutralised
         with open(manifest, newline="") as fh:
@@ -87,7 +89,9 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
     return {s: sum(v == s for v in splits.values()) for s in ("train", "val")}
 
 
-def pooled_overrides(base: Mapping[str, object], pooled_sites: Sequence[str], name: str = POOLED_SITE) -> dict[str, object]:
+def pooled_overrides(
+    base: Mapping[str, object], pooled_sites: Sequence[str], name: str = POOLED_SITE
+) -> dict[str, object]:
     """Run-config overrides that turn a federated configuration into its pooled baseline.
 
     ``name`` joins ``site-ids`` and is the only training site; ``split-sites`` keeps the real

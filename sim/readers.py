@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from shared_models.clinical_stats import mcnemar_test
 from shared_models.safe_csv import restore
 from shared_models.stages import NUM_STAGES, FicatArletStage
-from shared_models.clinical_stats import mcnemar_test
 
 __all__ = [
     "PREDICTION_COLUMNS",
@@ -111,8 +111,15 @@ def load_reader_csv(path: str | Path) -> list[dict[str, Any]]:
         if key in seen:
             raise ValueError(f"{where}: reader {raw['reader']!r} grades this head twice (also at {seen[key]})")
         seen[key] = where
-        rows.append({"patient_id": raw["patient_id"], "side": side, "reader": raw["reader"],
-                     "stage": _parse_stage(raw["stage"], "stage", where), "source": where})
+        rows.append(
+            {
+                "patient_id": raw["patient_id"],
+                "side": side,
+                "reader": raw["reader"],
+                "stage": _parse_stage(raw["stage"], "stage", where),
+                "source": where,
+            }
+        )
     log.info("readers: %d calls by %d readers", len(rows), len({r["reader"] for r in rows}))
     return rows
 
@@ -143,10 +150,15 @@ def load_predictions_csv(path: str | Path) -> list[dict[str, Any]]:
         if key in seen:
             raise ValueError(f"{where}: head listed twice (also at {seen[key]})")
         seen[key] = where
-        rows.append({"patient_id": raw["patient_id"], "side": side,
-                     "stage": _parse_stage(raw["stage"], "stage", where),
-                     "predicted_stage": _parse_stage(raw["predicted_stage"], "predicted_stage", where),
-                     "source": where})
+        rows.append(
+            {
+                "patient_id": raw["patient_id"],
+                "side": side,
+                "stage": _parse_stage(raw["stage"], "stage", where),
+                "predicted_stage": _parse_stage(raw["predicted_stage"], "predicted_stage", where),
+                "source": where,
+            }
+        )
     log.info("predictions: %d heads", len(rows))
     return rows
 
@@ -176,7 +188,8 @@ def _stage_of(row: Mapping[str, Any], key: str, where: str) -> int:
 
 
 def compare_with_readers(
-    model_rows: Sequence[Mapping[str, Any]], reader_rows: Sequence[Mapping[str, Any]],
+    model_rows: Sequence[Mapping[str, Any]],
+    reader_rows: Sequence[Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
     """Per reader: reader accuracy, model accuracy on the same heads, and the McNemar test.
 
@@ -222,18 +235,22 @@ def compare_with_readers(
     out: list[dict[str, Any]] = []
     for reader, (model_ok, reader_ok) in per_reader.items():
         test = mcnemar_test(model_ok, reader_ok)
-        out.append({
-            "reader": reader,
-            "n": len(reader_ok),
-            "reader_accuracy": float(np.mean(reader_ok)),
-            "model_accuracy": float(np.mean(model_ok)),
-            **test,
-        })
+        out.append(
+            {
+                "reader": reader,
+                "n": len(reader_ok),
+                "reader_accuracy": float(np.mean(reader_ok)),
+                "model_accuracy": float(np.mean(model_ok)),
+                **test,
+            }
+        )
     return out
 
 
 def simulate_readers(
-    truth_rows: Sequence[Mapping[str, Any]], accuracies: Mapping[str, float], seed: int = 0,
+    truth_rows: Sequence[Mapping[str, Any]],
+    accuracies: Mapping[str, float],
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Reader calls of a chosen accuracy, to exercise the comparison without real readers.
 
@@ -267,8 +284,14 @@ def simulate_readers(
         right = rng.random(len(heads)) < float(acc)
         shift = rng.integers(1, NUM_STAGES, size=len(heads))  # 1 or 2: one of the two other stages
         for (pid, side, truth), ok, k in zip(heads, right, shift):
-            out.append({"patient_id": pid, "side": side, "reader": reader,
-                        "stage": truth if ok else int((truth + k) % NUM_STAGES)})
+            out.append(
+                {
+                    "patient_id": pid,
+                    "side": side,
+                    "reader": reader,
+                    "stage": truth if ok else int((truth + k) % NUM_STAGES),
+                }
+            )
     return out
 
 
@@ -285,24 +308,44 @@ def print_readers_table(rows: Sequence[Mapping[str, Any]], console: Any = None) 
         if not console.is_terminal:
             console = Console(width=140)
     table = Table(title="Model versus readers (McNemar test, same heads)")
-    for name, justify in (("reader", "left"), ("heads", "right"), ("reader acc.", "right"),
-                          ("model acc.", "right"), ("b (model only)", "right"), ("c (reader only)", "right"),
-                          ("statistic", "right"), ("p", "right"), ("test", "left")):
+    for name, justify in (
+        ("reader", "left"),
+        ("heads", "right"),
+        ("reader acc.", "right"),
+        ("model acc.", "right"),
+        ("b (model only)", "right"),
+        ("c (reader only)", "right"),
+        ("statistic", "right"),
+        ("p", "right"),
+        ("test", "left"),
+    ):
         table.add_column(name, justify=justify)
     for r in rows:
-        table.add_row(str(r["reader"]), str(r["n"]), f"{100 * r['reader_accuracy']:.2f} %",
-                      f"{100 * r['model_accuracy']:.2f} %", str(r["b"]), str(r["c"]),
-                      f"{r['statistic']:.3f}", f"{r['p_value']:.4f}", str(r["method"]))
+        table.add_row(
+            str(r["reader"]),
+            str(r["n"]),
+            f"{100 * r['reader_accuracy']:.2f} %",
+            f"{100 * r['model_accuracy']:.2f} %",
+            str(r["b"]),
+            str(r["c"]),
+            f"{r['statistic']:.3f}",
+            f"{r['p_value']:.4f}",
+            str(r["method"]),
+        )
     console.print(table)
 
 
 def add_readers_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``readers`` on an argparse subparsers object (``onfh report readers ...``)."""
-    p = subparsers.add_parser("readers", help="the model against human readers: accuracy and McNemar test",
-                              description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = subparsers.add_parser(
+        "readers",
+        help="the model against human readers: accuracy and McNemar test",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
     p.add_argument("--readers", required=True, help="readers CSV: patient_id, side, reader, stage (0/I/II)")
-    p.add_argument("--predictions", required=True,
-                   help="predictions CSV: patient_id, side, stage (reference), predicted_stage")
+    p.add_argument(
+        "--predictions", required=True, help="predictions CSV: patient_id, side, stage (reference), predicted_stage"
+    )
     p.add_argument("--out", help="also write the rows as JSON to this file")
     p.set_defaults(func=cmd_readers)
     return p

@@ -58,24 +58,34 @@ def check_boxes(result: dict[str, Any], marks: dict[str, Any], max_distance_mm: 
         head = by_side.get(side)
         centre = [float(v) for v in mark["centre_lps_mm"]]
         if head is None or not head.get("box_lps_mm"):
-            rows.append({"side": side, "distance_mm": None, "staged": False, "flags": [], "passed": True,
-                         "note": "no box for this side"})
+            rows.append(
+                {
+                    "side": side,
+                    "distance_mm": None,
+                    "staged": False,
+                    "flags": [],
+                    "passed": True,
+                    "note": "no box for this side",
+                }
+            )
             continue
         box = [float(v) for v in head["box_lps_mm"]]
         box_centre = [(box[i] + box[i + 3]) / 2.0 for i in range(3)]
         distance = math.dist(box_centre, centre)
         staged = _staged(head)
-        rows.append({
-            "side": side,
-            "box_centre_lps_mm": [round(v, 1) for v in box_centre],
-            "marked_centre_lps_mm": centre,
-            "distance_mm": round(distance, 1),
-            "staged": staged,
-            "predicted_stage": head.get("predicted_stage"),
-            "detector_score": head.get("detector_score"),
-            "flags": list(head.get("flags", [])),
-            "passed": distance <= max_distance_mm or not staged,
-        })
+        rows.append(
+            {
+                "side": side,
+                "box_centre_lps_mm": [round(v, 1) for v in box_centre],
+                "marked_centre_lps_mm": centre,
+                "distance_mm": round(distance, 1),
+                "staged": staged,
+                "predicted_stage": head.get("predicted_stage"),
+                "detector_score": head.get("detector_score"),
+                "flags": list(head.get("flags", [])),
+                "passed": distance <= max_distance_mm or not staged,
+            }
+        )
     return rows
 
 
@@ -93,8 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --result or --bundle")
         from sim.cli import main as onfh
 
-        cmd = ["infer", "--bundle", str(args.bundle), "--study", str(args.study), "--out", str(args.out),
-               "--device", "cpu"]
+        cmd = [
+            "infer",
+            "--bundle",
+            str(args.bundle),
+            "--study",
+            str(args.study),
+            "--out",
+            str(args.out),
+            "--device",
+            "cpu",
+        ]
         cmd += ["--public-key", str(args.public_key)] if args.public_key else ["--allow-unsigned"]
         code = onfh(cmd + ["--allow-refused"])
         if code not in (0, None):

@@ -11,8 +11,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-CHROMIUM_FLAGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,10 @@ def render_check(page: Path, screenshot: Path | None = None, timeout_s: float = 
         try:
             tab = browser.new_page()
             tab.goto(page.as_uri(), wait_until="load", timeout=timeout_s * 1000)
-            broken = tab.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
-                                  ".map(i => i.getAttribute('src'))")
+            broken = tab.evaluate(
+                "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
+                ".map(i => i.getAttribute('src'))"
+            )
             images = tab.evaluate("document.images.length")
             headings = tab.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
             if screenshot is not None:

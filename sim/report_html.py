@@ -36,8 +36,13 @@ from shared_models.stages import STAGE_LABELS
 
 __all__ = ["format_percent", "roc_from_histograms", "write_compare_html", "write_report_html"]
 
-_METRIC_TITLES = {"accuracy": "Accuracy", "sensitivity": "Sensitivity", "specificity": "Specificity",
-                  "f1": "F1", "auc": "AUC"}
+_METRIC_TITLES = {
+    "accuracy": "Accuracy",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "f1": "F1",
+    "auc": "AUC",
+}
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
        color: #222; line-height: 1.4; }
@@ -61,8 +66,9 @@ img { max-width: 100%; border: 1px solid #ddd; }
 # --------------------------------------------------------------------------- ROC from histograms
 
 
-def roc_from_histograms(pos_hist: Sequence[int] | np.ndarray,
-                        neg_hist: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def roc_from_histograms(
+    pos_hist: Sequence[int] | np.ndarray, neg_hist: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """One-vs-rest ROC curve from per-class score histograms on the same ordered bins.
 
     The decision threshold moves down from above the top bin to the lowest bin edge: at each step
@@ -106,8 +112,11 @@ def _esc(value: Any) -> str:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
         and math.isfinite(float(value))
+    )
 
 
 def format_percent(value: Any) -> str:
@@ -186,8 +195,15 @@ def _confusion_figure(group: str, confusion: Any, path: Path) -> Path | None:
     half = max(int(conf.max()), 1) / 2.0
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
-            ax.text(j, i, str(int(conf[i, j])), ha="center", va="center", fontsize=12,
-                    color="white" if conf[i, j] > half else "black")
+            ax.text(
+                j,
+                i,
+                str(int(conf[i, j])),
+                ha="center",
+                va="center",
+                fontsize=12,
+                color="white" if conf[i, j] > half else "black",
+            )
     ticks = range(len(STAGE_LABELS))
     ax.set_xticks(ticks, STAGE_LABELS)
     ax.set_yticks(ticks, STAGE_LABELS)
@@ -253,30 +269,50 @@ def suppressed_text(min_heads: Any) -> str:
     return f"suppressed (< {min_heads} heads)"
 
 
-def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mapping[str, Any] | None,
-                   fig_dir: Path, out_dir: Path, min_heads: Any = 5) -> str:
+def _group_section(
+    index: int,
+    group: str,
+    g: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None,
+    fig_dir: Path,
+    out_dir: Path,
+    min_heads: Any = 5,
+) -> str:
     n = int(g.get("n") or 0)
     sites = ", ".join(map(str, g.get("sites") or []))
     suppressed = g.get("suppressed") or {}
-    withheld = ("; ".join(f"site {s}: {suppressed_text(min_heads)}, {k} heads not pooled" for s, k in suppressed.items())
-                if suppressed else "")
+    withheld = (
+        "; ".join(f"site {s}: {suppressed_text(min_heads)}, {k} heads not pooled" for s, k in suppressed.items())
+        if suppressed
+        else ""
+    )
     head = "".join(f"<th>{_METRIC_TITLES[m]} (%)</th>" for m in METRIC_NAMES)
-    parts = ['<section class="group">', f"<h3>{_esc(group)} (sites: {_esc(sites or 'none')}; n = {n} femoral heads)</h3>",
-             f"<table>\n<thead><tr><th>Ficat-Arlet stage</th>{head}</tr></thead>\n<tbody>"]
+    parts = [
+        '<section class="group">',
+        f"<h3>{_esc(group)} (sites: {_esc(sites or 'none')}; n = {n} femoral heads)</h3>",
+        f"<table>\n<thead><tr><th>Ficat-Arlet stage</th>{head}</tr></thead>\n<tbody>",
+    ]
     if n == 0:
         missing = g.get("missing") or []
         why = f" (no result from: {', '.join(map(str, missing))})" if missing else ""
         text = withheld if suppressed else f"no test heads{why}"
-        parts.append(f'<tr><td class="empty" colspan="{len(METRIC_NAMES) + 1}">'
-                     f"{_esc(text)}</td></tr>\n</tbody></table>\n</section>")
+        parts.append(
+            f'<tr><td class="empty" colspan="{len(METRIC_NAMES) + 1}">'
+            f"{_esc(text)}</td></tr>\n</tbody></table>\n</section>"
+        )
         return "\n".join(parts)
     per_stage = g.get("per_stage") or {}
     small = g.get("small_n") or {}
     weak = set(small.get("unreliable_stages") or [])
     for label in STAGE_LABELS:
-        parts.append(_metric_row(f"Stage {label}" + (" (unreliable: too few heads)" if label in weak else ""),
-                                 per_stage.get(label) or {}))
-    parts.append(_metric_row("Macro average" + (" (unreliable)" if small.get("unreliable") else ""), g.get("macro") or {}, "avg"))
+        parts.append(
+            _metric_row(
+                f"Stage {label}" + (" (unreliable: too few heads)" if label in weak else ""), per_stage.get(label) or {}
+            )
+        )
+    parts.append(
+        _metric_row("Macro average" + (" (unreliable)" if small.get("unreliable") else ""), g.get("macro") or {}, "avg")
+    )
     parts.append(_metric_row("Weighted average", g.get("weighted") or {}, "avg"))
     parts.append("</tbody></table>")
     if withheld:
@@ -284,11 +320,18 @@ def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mappi
 
     early = g.get("early_onfh") or {}
     if small.get("reasons"):
-        parts.append('<p class="warn"><strong>Unreliable, too few heads:</strong> '
-                     + "; ".join(_esc(r) for r in small["reasons"]) + ".</p>")
-    facts = [f"Quadratic-weighted kappa: {_fmt(g.get('quadratic_kappa'), '.3f')}",
-             (f"Early ONFH (stage I or II vs stage 0): sensitivity {format_percent(early.get('sensitivity'))} %, "
-              f"specificity {format_percent(early.get('specificity'))} %")]
+        parts.append(
+            '<p class="warn"><strong>Unreliable, too few heads:</strong> '
+            + "; ".join(_esc(r) for r in small["reasons"])
+            + ".</p>"
+        )
+    facts = [
+        f"Quadratic-weighted kappa: {_fmt(g.get('quadratic_kappa'), '.3f')}",
+        (
+            f"Early ONFH (stage I or II vs stage 0): sensitivity {format_percent(early.get('sensitivity'))} %, "
+            f"specificity {format_percent(early.get('specificity'))} %"
+        ),
+    ]
     bounds = g.get("auc_bin_error_bound") or {}
     counts = g.get("counts") or {}
     if bounds:
@@ -296,12 +339,15 @@ def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mappi
         per = ", ".join(f"stage {label} {_fmt(bounds.get(label), '.4f')}" for label in STAGE_LABELS)
         finite = [float(bounds[label]) for label in STAGE_LABELS if _finite(bounds.get(label))]
         macro_bound = f"; macro AUC error at most {np.mean(finite):.4f}" if finite else ""
-        facts.append(f"AUC from {n_bins}-bin score histograms pooled over sites, error at most "
-                     f"(in AUC units) {per}{macro_bound}")
+        facts.append(
+            f"AUC from {n_bins}-bin score histograms pooled over sites, error at most (in AUC units) {per}{macro_bound}"
+        )
     if baseline:
-        facts.append("Intensity baseline (logistic regression on intensity statistics of the ground-truth head box, same split): macro AUC "
-                     f"{format_percent((baseline.get('macro') or {}).get('auc'))} %, weighted AUC "
-                     f"{format_percent((baseline.get('weighted') or {}).get('auc'))} %")
+        facts.append(
+            "Intensity baseline (logistic regression on intensity statistics of the ground-truth head box, same split): macro AUC "
+            f"{format_percent((baseline.get('macro') or {}).get('auc'))} %, weighted AUC "
+            f"{format_percent((baseline.get('weighted') or {}).get('auc'))} %"
+        )
     parts.append("<ul>" + "".join(f"<li>{_esc(f)}</li>" for f in facts) + "</ul>")
 
     figs = []
@@ -322,21 +368,29 @@ def _group_section(index: int, group: str, g: Mapping[str, Any], baseline: Mappi
     return "\n".join(parts)
 
 
-def _detector_section(detector: Mapping[str, Mapping[str, Any]], fig_dir: Path, out_dir: Path, min_heads: Any = 5) -> str:
+def _detector_section(
+    detector: Mapping[str, Mapping[str, Any]], fig_dir: Path, out_dir: Path, min_heads: Any = 5
+) -> str:
     if not detector:
         return "<p>No detector results in this report.</p>"
-    head = ("<tr><th>Site</th><th>n</th><th>Mean IoU</th><th>Centre error (mm, median)</th><th>AP50</th>"
-            "<th>Recall IoU&ge;0.3</th><th>Recall IoU&ge;0.5</th><th>Low-confidence boxes</th></tr>")
+    head = (
+        "<tr><th>Site</th><th>n</th><th>Mean IoU</th><th>Centre error (mm, median)</th><th>AP50</th>"
+        "<th>Recall IoU&ge;0.3</th><th>Recall IoU&ge;0.5</th><th>Low-confidence boxes</th></tr>"
+    )
     rows = []
     for site, m in detector.items():
         if m.get("suppressed"):
-            rows.append(f"<tr><td>{_esc(site)}</td><td>{_esc(m.get('n', 0))}</td>"
-                        f'<td class="empty" colspan="6">{_esc(suppressed_text(min_heads))}</td></tr>')
+            rows.append(
+                f"<tr><td>{_esc(site)}</td><td>{_esc(m.get('n', 0))}</td>"
+                f'<td class="empty" colspan="6">{_esc(suppressed_text(min_heads))}</td></tr>'
+            )
             continue
-        rows.append(f"<tr><td>{_esc(site)}</td><td>{_esc(m.get('n', 0))}</td>"
-                    f"<td>{_fmt(m.get('iou_mean'), '.3f')}</td><td>{_fmt(m.get('center_error_mm'), '.2f')}</td>"
-                    f"<td>{_fmt(m.get('ap50'), '.3f')}</td><td>{format_percent(m.get('recall30'))} %</td>"
-                    f"<td>{format_percent(m.get('recall50'))} %</td><td>{_esc(m.get('low_confidence', 'n/a'))}</td></tr>")
+        rows.append(
+            f"<tr><td>{_esc(site)}</td><td>{_esc(m.get('n', 0))}</td>"
+            f"<td>{_fmt(m.get('iou_mean'), '.3f')}</td><td>{_fmt(m.get('center_error_mm'), '.2f')}</td>"
+            f"<td>{_fmt(m.get('ap50'), '.3f')}</td><td>{format_percent(m.get('recall30'))} %</td>"
+            f"<td>{format_percent(m.get('recall50'))} %</td><td>{_esc(m.get('low_confidence', 'n/a'))}</td></tr>"
+        )
     out = f"<table>\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
     bar = _detector_figure(detector, fig_dir / "detector_iou.png")
     if bar is not None:
@@ -351,93 +405,139 @@ def calibration_section(c: Mapping[str, Any], min_heads: Any = 5) -> str:
         return "<p>No calibration in this report (a run from before issue 17).</p>"
     ch = c.get("chosen") or {}
     val = c.get("validation") or {}
-    out = (f"<p>Chosen on {_esc(ch.get('val_heads', 0))} validation heads of the training sites: temperature "
-           f"T = {_fmt(ch.get('temperature'), '.3g')}; detector threshold {_fmt(ch.get('detector_threshold'), '.2f')} "
-           f"(keeps {format_percent(1 - float(ch.get('detector_miss', 0.01)))} % of validation boxes with IoU &ge; 0.5); "
-           f"out-of-distribution energy threshold {_esc(ch.get('energy_threshold'))} "
-           f"(false-alarm rate &le; {format_percent(ch.get('ood_false_alarm', 0.05))} % on validation heads); "
-           f"early-ONFH threshold P(I)+P(II) &ge; {_fmt(ch.get('early_threshold'), '.2f')} (Youden's J on validation). "
-           f"Validation ECE {_fmt(val.get('ece_before'), '.3f')} before, {_fmt(val.get('ece_after'), '.3f')} after "
-           "temperature scaling.</p>")
+    out = (
+        f"<p>Chosen on {_esc(ch.get('val_heads', 0))} validation heads of the training sites: temperature "
+        f"T = {_fmt(ch.get('temperature'), '.3g')}; detector threshold {_fmt(ch.get('detector_threshold'), '.2f')} "
+        f"(keeps {format_percent(1 - float(ch.get('detector_miss', 0.01)))} % of validation boxes with IoU &ge; 0.5); "
+        f"out-of-distribution energy threshold {_esc(ch.get('energy_threshold'))} "
+        f"(false-alarm rate &le; {format_percent(ch.get('ood_false_alarm', 0.05))} % on validation heads); "
+        f"early-ONFH threshold P(I)+P(II) &ge; {_fmt(ch.get('early_threshold'), '.2f')} (Youden's J on validation). "
+        f"Validation ECE {_fmt(val.get('ece_before'), '.3f')} before, {_fmt(val.get('ece_after'), '.3f')} after "
+        "temperature scaling.</p>"
+    )
     if int(ch.get("val_heads") or 0) < 30:
-        out += ("\n<p class=\"note\">Fewer than 30 validation heads: these thresholds and the temperature rest on "
-                "too few heads to be trusted.</p>")
-    head = ("<tr><th>Site</th><th>External</th><th>Test heads</th><th>ECE before</th><th>ECE after</th>"
-            "<th>Early-ONFH sensitivity</th><th>Early-ONFH specificity</th><th>TP / FN / TN / FP</th>"
-            "<th>Flagged out of distribution</th><th>Box below detector threshold</th></tr>")
+        out += (
+            '\n<p class="note">Fewer than 30 validation heads: these thresholds and the temperature rest on '
+            "too few heads to be trusted.</p>"
+        )
+    head = (
+        "<tr><th>Site</th><th>External</th><th>Test heads</th><th>ECE before</th><th>ECE after</th>"
+        "<th>Early-ONFH sensitivity</th><th>Early-ONFH specificity</th><th>TP / FN / TN / FP</th>"
+        "<th>Flagged out of distribution</th><th>Box below detector threshold</th></tr>"
+    )
     rows = []
     for site, m in (c.get("sites") or {}).items():
         if m.get("suppressed"):
-            rows.append(f"<tr><td>{_esc(site)}</td><td>{'yes' if m.get('external') else 'no'}</td><td>n/a</td>"
-                        f'<td class="empty" colspan="7">{_esc(suppressed_text(min_heads))}</td></tr>')
+            rows.append(
+                f"<tr><td>{_esc(site)}</td><td>{'yes' if m.get('external') else 'no'}</td><td>n/a</td>"
+                f'<td class="empty" colspan="7">{_esc(suppressed_text(min_heads))}</td></tr>'
+            )
             continue
         counts = " / ".join(_esc(m.get(k, "n/a")) for k in ("tp", "fn", "tn", "fp"))
-        rows.append(f"<tr><td>{_esc(site)}</td><td>{'yes' if m.get('external') else 'no'}</td>"
-                    f"<td>{_esc(m.get('test_heads'))}</td><td>{_fmt(m.get('ece_before'), '.3f')}</td>"
-                    f"<td>{_fmt(m.get('ece_after'), '.3f')}</td><td>{format_percent(m.get('sensitivity'))} %</td>"
-                    f"<td>{format_percent(m.get('specificity'))} %</td><td>{counts}</td>"
-                    f"<td>{format_percent(m.get('ood_flagged'))} %</td><td>{format_percent(m.get('detector_flagged'))} %</td></tr>")
+        rows.append(
+            f"<tr><td>{_esc(site)}</td><td>{'yes' if m.get('external') else 'no'}</td>"
+            f"<td>{_esc(m.get('test_heads'))}</td><td>{_fmt(m.get('ece_before'), '.3f')}</td>"
+            f"<td>{_fmt(m.get('ece_after'), '.3f')}</td><td>{format_percent(m.get('sensitivity'))} %</td>"
+            f"<td>{format_percent(m.get('specificity'))} %</td><td>{counts}</td>"
+            f"<td>{format_percent(m.get('ood_flagged'))} %</td><td>{format_percent(m.get('detector_flagged'))} %</td></tr>"
+        )
     out += f"\n<table>\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
     if c.get("rejected"):
-        out += "\n<p>Calibration aggregates rejected: " + _esc("; ".join(f"{k}: {v}" for k, v in c["rejected"].items())) + "</p>"
+        out += (
+            "\n<p>Calibration aggregates rejected: "
+            + _esc("; ".join(f"{k}: {v}" for k, v in c["rejected"].items()))
+            + "</p>"
+        )
     return out
 
 
 def _compute_section(report: Mapping[str, Any]) -> str:
     sim = report.get("simulation") or {}
     rounds = report.get("rounds") or {}
-    rows = [("Total wall time (simulation, with caches and baseline)", _fmt_seconds(sim.get("wall_time_s"))),
-            ("Flower simulation wall time", _fmt_seconds(sim.get("flower_wall_time_s"))),
-            ("Server wall time (both phases)", _fmt_seconds(report.get("wall_time_s"))),
-            ("Rounds", ", ".join(f"{k}: {v}" for k, v in rounds.items()) or "n/a"),
-            *((f"Sent per {phase} round (model {_fmt(t.get('model_bytes', 0) / 2**20, '.2f', ' MiB')} x "
-               f"{t.get('transfers_per_round', 'n/a')} transfers)", _fmt(t.get("bytes_per_round", 0) / 2**20, ".1f", " MiB"))
-              for phase, t in (report.get("transfer") or {}).items()),
-            ("Peak resident memory (RSS)", _fmt_bytes(sim.get("peak_rss_bytes")))]
-    return "<table><tbody>" + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows) \
+    rows = [
+        ("Total wall time (simulation, with caches and baseline)", _fmt_seconds(sim.get("wall_time_s"))),
+        ("Flower simulation wall time", _fmt_seconds(sim.get("flower_wall_time_s"))),
+        ("Server wall time (both phases)", _fmt_seconds(report.get("wall_time_s"))),
+        ("Rounds", ", ".join(f"{k}: {v}" for k, v in rounds.items()) or "n/a"),
+        *(
+            (
+                f"Sent per {phase} round (model {_fmt(t.get('model_bytes', 0) / 2**20, '.2f', ' MiB')} x "
+                f"{t.get('transfers_per_round', 'n/a')} transfers)",
+                _fmt(t.get("bytes_per_round", 0) / 2**20, ".1f", " MiB"),
+            )
+            for phase, t in (report.get("transfer") or {}).items()
+        ),
+        ("Peak resident memory (RSS)", _fmt_bytes(sim.get("peak_rss_bytes"))),
+    ]
+    return (
+        "<table><tbody>"
+        + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
         + "</tbody></table>"
+    )
 
 
 def _exact_section(exact: Mapping[str, Any]) -> str:
     groups = {g: r for g, r in exact.items() if isinstance(r, Mapping) and "auc" in r}
     if not groups:
         return ""
-    names = {"macro_auc": "Macro AUC", "macro_accuracy": "Macro accuracy", "quadratic_kappa": "Quadratic kappa",
-             "early_onfh_auc": "Early ONFH AUC (I or II vs 0)"}
+    names = {
+        "macro_auc": "Macro AUC",
+        "macro_accuracy": "Macro accuracy",
+        "quadratic_kappa": "Quadratic kappa",
+        "early_onfh_auc": "Early ONFH AUC (I or II vs 0)",
+    }
     rows = []
     for g, r in groups.items():
         for name, title in names.items():
             c = (r.get("ci") or {}).get(name) or {}
-            rows.append(f"<tr><td>{_esc(g)}</td><td>{_esc(title)}</td><td>{_fmt(c.get('point'), '.3f')}</td>"
-                        f"<td>{_fmt(c.get('low'), '.3f')} to {_fmt(c.get('high'), '.3f')}</td>"
-                        f"<td>{_esc(c.get('n_patients', 'n/a'))}</td></tr>")
-    ci_table = ("<table><thead><tr><th>test group</th><th>metric</th><th>point</th><th>95 % CI (bootstrap over "
-                "patients)</th><th>patients</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+            rows.append(
+                f"<tr><td>{_esc(g)}</td><td>{_esc(title)}</td><td>{_fmt(c.get('point'), '.3f')}</td>"
+                f"<td>{_fmt(c.get('low'), '.3f')} to {_fmt(c.get('high'), '.3f')}</td>"
+                f"<td>{_esc(c.get('n_patients', 'n/a'))}</td></tr>"
+            )
+    ci_table = (
+        "<table><thead><tr><th>test group</th><th>metric</th><th>point</th><th>95 % CI (bootstrap over "
+        "patients)</th><th>patients</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
     rows = []
     for g, r in groups.items():
         for stage, a in (r.get("auc") or {}).items():
             ok = a.get("within_bound")
-            rows.append(f"<tr><td>{_esc(g)}</td><td>{_esc(stage)}</td><td>{_fmt(a.get('exact'), '.4f')}</td>"
-                        f"<td>{_fmt(a.get('histogram'), '.4f')}</td><td>{_fmt(a.get('abs_error'), '.4f')}</td>"
-                        f"<td>{_fmt(a.get('bound'), '.4f')}</td><td>{'yes' if ok else 'n/a' if ok is None else 'NO'}</td></tr>")
-    auc_table = ("<table><thead><tr><th>test group</th><th>stage</th><th>exact AUC</th><th>histogram AUC</th>"
-                 "<th>|difference|</th><th>stated bound</th><th>within bound</th></tr></thead><tbody>"
-                 + "".join(rows) + "</tbody></table>")
+            rows.append(
+                f"<tr><td>{_esc(g)}</td><td>{_esc(stage)}</td><td>{_fmt(a.get('exact'), '.4f')}</td>"
+                f"<td>{_fmt(a.get('histogram'), '.4f')}</td><td>{_fmt(a.get('abs_error'), '.4f')}</td>"
+                f"<td>{_fmt(a.get('bound'), '.4f')}</td><td>{'yes' if ok else 'n/a' if ok is None else 'NO'}</td></tr>"
+            )
+    auc_table = (
+        "<table><thead><tr><th>test group</th><th>stage</th><th>exact AUC</th><th>histogram AUC</th>"
+        "<th>|difference|</th><th>stated bound</th><th>within bound</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
     readers = ""
     if exact.get("readers"):
         rows = "".join(
             f"<tr><td>{_esc(r.get('reader'))}</td><td>{_esc(r.get('n'))}</td><td>{format_percent(r.get('reader_accuracy'))}</td>"
             f"<td>{format_percent(r.get('model_accuracy'))}</td><td>{_esc(r.get('b'))}</td><td>{_esc(r.get('c'))}</td>"
-            f"<td>{_fmt(r.get('p_value'), '.4f')}</td><td>{_esc(r.get('method'))}</td></tr>" for r in exact["readers"])
-        readers = ("<h3>The model against readers (layout of Table 3; simulated readers)</h3>"
-                   '<p class="note">All test heads. b: model right, reader wrong; c: model wrong, reader right; '
-                   "McNemar's test (exact binomial when b + c &lt; 25). The readers are simulated with a fixed "
-                   "accuracy to exercise the path; use <code>onfh report readers</code> with real reader calls.</p>"
-                   "<table><thead><tr><th>reader</th><th>heads</th><th>reader accuracy (%)</th><th>model accuracy (%)"
-                   "</th><th>b</th><th>c</th><th>p</th><th>test</th></tr></thead><tbody>" + rows + "</tbody></table>")
-    return ('<p class="note">Simulation only: the harness holds every site\'s data, so it re-predicts each test '
-            "head with the bundle's models. A federation sees only the counts above.</p>" + ci_table
-            + "<h3>Histogram AUC against the exact AUC</h3>" + auc_table + readers)
+            f"<td>{_fmt(r.get('p_value'), '.4f')}</td><td>{_esc(r.get('method'))}</td></tr>"
+            for r in exact["readers"]
+        )
+        readers = (
+            "<h3>The model against readers (layout of Table 3; simulated readers)</h3>"
+            '<p class="note">All test heads. b: model right, reader wrong; c: model wrong, reader right; '
+            "McNemar's test (exact binomial when b + c &lt; 25). The readers are simulated with a fixed "
+            "accuracy to exercise the path; use <code>onfh report readers</code> with real reader calls.</p>"
+            "<table><thead><tr><th>reader</th><th>heads</th><th>reader accuracy (%)</th><th>model accuracy (%)"
+            "</th><th>b</th><th>c</th><th>p</th><th>test</th></tr></thead><tbody>" + rows + "</tbody></table>"
+        )
+    return (
+        '<p class="note">Simulation only: the harness holds every site\'s data, so it re-predicts each test '
+        "head with the bundle's models. A federation sees only the counts above.</p>"
+        + ci_table
+        + "<h3>Histogram AUC against the exact AUC</h3>"
+        + auc_table
+        + readers
+    )
 
 
 # --------------------------------------------------------------------------- page
@@ -461,39 +561,65 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     baselines = report.get("baseline_intensity_logreg") or {}
-    sections = [f"<h1>ONFH-FL run report: Ficat-Arlet staging of early ONFH ({_esc(report.get('strategy', 'n/a'))})</h1>",
-                _header(report),
-                "<h2>Staging results per test group</h2>",
-                ('<p class="note">Per stage one-vs-rest, in percent, layout of Yang et al., Front. Surg. 2025, '
-                "Tables 1-2. Accuracy, sensitivity, specificity and F1 are exact (pooled confusion matrix); "
-                "AUC is computed from the pooled score histograms (bound below). n/a: undefined "
-                "(stage absent or only stage present).</p>")]
+    sections = [
+        f"<h1>ONFH-FL run report: Ficat-Arlet staging of early ONFH ({_esc(report.get('strategy', 'n/a'))})</h1>",
+        _header(report),
+        "<h2>Staging results per test group</h2>",
+        (
+            '<p class="note">Per stage one-vs-rest, in percent, layout of Yang et al., Front. Surg. 2025, '
+            "Tables 1-2. Accuracy, sensitivity, specificity and F1 are exact (pooled confusion matrix); "
+            "AUC is computed from the pooled score histograms (bound below). n/a: undefined "
+            "(stage absent or only stage present).</p>"
+        ),
+    ]
     for i, (group, g) in enumerate((report.get("sites") or {}).items()):
-        sections.append(_group_section(i, str(group), g or {}, baselines.get(group), fig_dir, out_dir,
-                                       min_heads=report.get("min_cell_heads", 5)))
+        sections.append(
+            _group_section(
+                i,
+                str(group),
+                g or {},
+                baselines.get(group),
+                fig_dir,
+                out_dir,
+                min_heads=report.get("min_cell_heads", 5),
+            )
+        )
     per_site = {s: m for s, m in (report.get("per_site") or {}).items() if (m or {}).get("counts")}
-    site_rocs = [_roc_figure(f"site {s}", m["counts"], fig_dir / f"roc_site_{_slug(i, str(s))}.png")
-                 for i, (s, m) in enumerate(per_site.items())]
+    site_rocs = [
+        _roc_figure(f"site {s}", m["counts"], fig_dir / f"roc_site_{_slug(i, str(s))}.png")
+        for i, (s, m) in enumerate(per_site.items())
+    ]
     site_rocs = [_img(f, out_dir, f"ROC per stage, site {s}") for f, s in zip(site_rocs, per_site) if f is not None]
     if site_rocs:
-        sections += ["<h2>ROC per Ficat-Arlet stage and site</h2>",
-                     '<p class="note">Each site\'s own test heads, from its own score histograms.</p>',
-                     '<div class="figs">' + "\n".join(site_rocs) + "</div>"]
+        sections += [
+            "<h2>ROC per Ficat-Arlet stage and site</h2>",
+            '<p class="note">Each site\'s own test heads, from its own score histograms.</p>',
+            '<div class="figs">' + "\n".join(site_rocs) + "</div>",
+        ]
     exact = _exact_section(report.get("exact_check") or {})
     if exact:
         sections += ["<h2>Confidence intervals and the exact AUC</h2>", exact]
-    sections += ["<h2>Femoral-head detector per site</h2>",
-                 _detector_section(report.get("detector") or {}, fig_dir, out_dir, report.get("min_cell_heads", 5))]
-    sections += ["<h2>Calibration on the validation split (issue 17)</h2>",
-                 calibration_section(report.get("calibration") or {}, report.get("min_cell_heads", 5))]
+    sections += [
+        "<h2>Femoral-head detector per site</h2>",
+        _detector_section(report.get("detector") or {}, fig_dir, out_dir, report.get("min_cell_heads", 5)),
+    ]
+    sections += [
+        "<h2>Calibration on the validation split (issue 17)</h2>",
+        calibration_section(report.get("calibration") or {}, report.get("min_cell_heads", 5)),
+    ]
     curves = out_dir / "training_curves.png"
     if curves.is_file():
         sections += ["<h2>Learning curves per round and site</h2>", _img(curves, out_dir, "training curves")]
-    sections += ["<h2>Compute used</h2>", _compute_section(report),
-                 '<p class="note">Aggregates only: this page and report.json hold no per-patient data.</p>']
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>ONFH-FL report ({_esc(report.get('strategy', 'n/a'))})</title>\n<style>{_CSS}</style>\n"
-            "</head>\n<body>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
+    sections += [
+        "<h2>Compute used</h2>",
+        _compute_section(report),
+        '<p class="note">Aggregates only: this page and report.json hold no per-patient data.</p>',
+    ]
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>ONFH-FL report ({_esc(report.get('strategy', 'n/a'))})</title>\n<style>{_CSS}</style>\n"
+        "</head>\n<body>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
+    )
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -525,8 +651,10 @@ def _grid_bar_figure(summary: Sequence[Mapping[str, Any]], path: Path) -> Path |
     width = 0.8 / len(variants)
     x = np.arange(len(groups))
     for i, v in enumerate(variants):
-        means = [float(by[(v, g)]["macro_auc"]) if (v, g) in by and _finite(by[(v, g)]["macro_auc"]) else np.nan
-                 for g in groups]
+        means = [
+            float(by[(v, g)]["macro_auc"]) if (v, g) in by and _finite(by[(v, g)]["macro_auc"]) else np.nan
+            for g in groups
+        ]
         errs = [[], []]
         for g, m in zip(groups, means):
             ci = (by.get((v, g)) or {}).get("macro_auc_ci") or [None, None]
@@ -581,21 +709,30 @@ def write_compare_html(result: Mapping[str, Any], out_dir: Path) -> Path:
     fig_dir.mkdir(parents=True, exist_ok=True)
     summary = result.get("summary") or []
     seeds = result.get("seeds") or []
-    sections = ["<h1>ONFH-FL comparison: Ficat-Arlet staging across variants and seeds</h1>",
-                f'<p class="note">Seeds: {_esc(", ".join(map(str, seeds)) or "n/a")}. Mean ± sample sd over seeds '
-                "[95 % Student-t interval of the mean]. Every variant uses the same patient splits per seed.</p>",
-                "<h2>Variants</h2><table><thead><tr><th>variant</th><th>run-config overrides</th></tr></thead><tbody>"]
+    sections = [
+        "<h1>ONFH-FL comparison: Ficat-Arlet staging across variants and seeds</h1>",
+        f'<p class="note">Seeds: {_esc(", ".join(map(str, seeds)) or "n/a")}. Mean ± sample sd over seeds '
+        "[95 % Student-t interval of the mean]. Every variant uses the same patient splits per seed.</p>",
+        "<h2>Variants</h2><table><thead><tr><th>variant</th><th>run-config overrides</th></tr></thead><tbody>",
+    ]
     for name, overrides in (result.get("variants") or {}).items():
         text = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(the base configuration)"
         sections.append(f"<tr><td>{_esc(name)}</td><td>{_esc(text)}</td></tr>")
     sections.append("</tbody></table>")
-    sections += ["<h2>Macro metrics per test group</h2>",
-                 "<table><thead><tr><th>variant</th><th>test group</th><th>seeds</th><th>macro AUC</th>"
-                 "<th>macro accuracy</th><th>macro F1</th><th>detector IoU</th></tr></thead><tbody>"]
+    sections += [
+        "<h2>Macro metrics per test group</h2>",
+        "<table><thead><tr><th>variant</th><th>test group</th><th>seeds</th><th>macro AUC</th>"
+        "<th>macro accuracy</th><th>macro F1</th><th>detector IoU</th></tr></thead><tbody>",
+    ]
     for s in summary:
-        sections.append(f"<tr><td>{_esc(s['variant'])}</td><td>{_esc(s['group'])}</td><td>{_esc(s['seeds'])}</td>"
-                        + "".join(f"<td>{_esc(_pm_ci(s, k))}</td>" for k in
-                                  ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean")) + "</tr>")
+        sections.append(
+            f"<tr><td>{_esc(s['variant'])}</td><td>{_esc(s['group'])}</td><td>{_esc(s['seeds'])}</td>"
+            + "".join(
+                f"<td>{_esc(_pm_ci(s, k))}</td>"
+                for k in ("macro_auc", "macro_accuracy", "macro_f1", "detector_iou_mean")
+            )
+            + "</tr>"
+        )
     sections.append("</tbody></table>")
     bar = _grid_bar_figure(summary, fig_dir / "grid_macro_auc.png")
     if bar is not None:
@@ -603,19 +740,26 @@ def write_compare_html(result: Mapping[str, Any], out_dir: Path) -> Path:
     matrix = (result.get("cross_site") or {}).get("macro_auc") or {}
     heat = _cross_site_figure(matrix, fig_dir / "cross_site_macro_auc.png")
     if heat is not None:
-        sections += ["<h2>Cross-site matrix</h2>",
-                     '<p class="note">Each row is one variant\'s selected model (for local-&lt;site&gt;, that site\'s '
-                     "own model), evaluated at every site on its test heads through Flower evaluate messages; only "
-                     "counts and histograms came back. Mean macro AUC over seeds.</p>",
-                     _img(heat, out_dir, "cross-site matrix of macro AUC")]
+        sections += [
+            "<h2>Cross-site matrix</h2>",
+            "<p class=\"note\">Each row is one variant's selected model (for local-&lt;site&gt;, that site's "
+            "own model), evaluated at every site on its test heads through Flower evaluate messages; only "
+            "counts and histograms came back. Mean macro AUC over seeds.</p>",
+            _img(heat, out_dir, "cross-site matrix of macro AUC"),
+        ]
     cells = result.get("cells") or {}
     if cells:
-        links = "".join(f'<li><a href="{_esc(Path(p, "report.html").as_posix())}">{_esc(name)}</a></li>'
-                        for name, p in cells.items())
+        links = "".join(
+            f'<li><a href="{_esc(Path(p, "report.html").as_posix())}">{_esc(name)}</a></li>'
+            for name, p in cells.items()
+        )
         sections += ["<h2>Runs</h2>", f"<ul>{links}</ul>"]
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>ONFH-FL comparison</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(sections) + "\n</body>\n</html>\n")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>ONFH-FL comparison</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(sections)
+        + "\n</body>\n</html>\n"
+    )
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

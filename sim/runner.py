@@ -139,8 +139,16 @@ def simulation_superlink(work: Path, env: dict[str, str]):
     """
     port = free_port()
     log_path = work / "superlink.log"
-    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-           "--disable-runtime-dependency-installation"]
+    cmd = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -215,13 +223,15 @@ def write_connection(flwr_home: Path, address: str) -> None:
 def _flwr(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
     proc = subprocess.run([_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=APP_DIR)
     if proc.returncode != 0:
-        raise SimulationError(f"flwr {args[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise SimulationError(
+            f"flwr {args[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc.stdout
 
 
 def _run_status(env: dict[str, str], run_id: int) -> str:
     out = _flwr(["list", CONNECTION, "--format", "json"], env)
-    data = json.loads(out[out.index("{"):])
+    data = json.loads(out[out.index("{") :])
     for run in data.get("runs", []):
         if int(run.get("run-id", run.get("run_id", -1))) == run_id:
             return str(run.get("status", ""))
@@ -353,13 +363,31 @@ def run_simulation(
         peak: dict = {}
         with simulation_superlink(work_dir, env) as (address, pid):
             write_connection(flwr_home, address)
-            out = _flwr(["run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--federation-config",
-                         federation, "--format", "json"], env)
-            run_id = int(json.loads(out[out.index("{"):])["run-id"])
+            out = _flwr(
+                [
+                    "run",
+                    str(APP_DIR),
+                    CONNECTION,
+                    "--run-config",
+                    str(overrides),
+                    "--federation-config",
+                    federation,
+                    "--format",
+                    "json",
+                ],
+                env,
+            )
+            run_id = int(json.loads(out[out.index("{") :])["run-id"])
             log.info("simulation run %d submitted (%s); logs stream to %s", run_id, federation, run_log)
             with open(run_log, "ab") as fh:
-                streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env,
-                                            stdout=fh, stderr=subprocess.STDOUT, cwd=APP_DIR, start_new_session=True)
+                streamer = subprocess.Popen(
+                    [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                    env=env,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=APP_DIR,
+                    start_new_session=True,
+                )
             try:
                 status = _wait(env, run_id, timeout_s, on_poll, pid, peak, address)
             except KeyboardInterrupt:
@@ -375,8 +403,12 @@ def run_simulation(
                 streamer.wait(timeout=30)
             if status != "finished:completed":
                 raise SimulationError(f"run {run_id} ended {status!r}: {_last_error(run_log)}\nfull log: {run_log}")
-        return {"run_id": run_id, "wall_time_s": round(time.monotonic() - t0, 1), "peak_rss_bytes": peak.get("rss_bytes", 0),
-                "status_asks": peak.get("status_asks", 0)}
+        return {
+            "run_id": run_id,
+            "wall_time_s": round(time.monotonic() - t0, 1),
+            "peak_rss_bytes": peak.get("rss_bytes", 0),
+            "status_asks": peak.get("status_asks", 0),
+        }
     finally:
         watchdog.stop(timeout_s=INTERRUPT_GRACE_S if interrupted else 30.0)  # interrupted: the run is already killed
         shutil.rmtree(ray_tmp, ignore_errors=True)

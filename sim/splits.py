@@ -74,7 +74,10 @@ def assign_splits(patient_strata: dict[str, int], train_site: bool, seed: int) -
 
 
 def write_splits(
-    data_root: Path, site_ids: Iterable[str], train_sites: Iterable[str], seed: int = 0,
+    data_root: Path,
+    site_ids: Iterable[str],
+    train_sites: Iterable[str],
+    seed: int = 0,
     refusals: dict[str, list] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write ``<data_root>/<site>/split.csv`` for every site; return head-free counts per site and split.

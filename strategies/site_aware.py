@@ -48,7 +48,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from shared_models.config import robust_strategy_problem
-from strategies.update_checks import bound_update_norms, cap_counts, clip_update, metrics_problems, reply_problems, update_norm
+from strategies.update_checks import (
+    bound_update_norms,
+    cap_counts,
+    clip_update,
+    metrics_problems,
+    reply_problems,
+    update_norm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +103,21 @@ class SiteAwareMixin:
         clip_factor, reject_factor: the norm rule's multiples of the round's median update norm.
     """
 
-    def __init__(self, *args, node_sites: dict[int, str], train_sites: Iterable[str], round_offset: int = 0,
-                 min_fraction: float = 1.0, node_wait_timeout_s: float | None = None,
-                 declared: dict[str, dict] | None = None, max_int_delta: int | None = None,
-                 clip_factor: float = 2.0, reject_factor: float = 4.0,
-                 state_problems: Callable[[ArrayRecord], list[str]] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        node_sites: dict[int, str],
+        train_sites: Iterable[str],
+        round_offset: int = 0,
+        min_fraction: float = 1.0,
+        node_wait_timeout_s: float | None = None,
+        declared: dict[str, dict] | None = None,
+        max_int_delta: int | None = None,
+        clip_factor: float = 2.0,
+        reject_factor: float = 4.0,
+        state_problems: Callable[[ArrayRecord], list[str]] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.state_problems = state_problems
         bound_update_norms([], clip_factor=clip_factor, reject_factor=reject_factor)  # validates the factors
@@ -148,7 +165,8 @@ class SiteAwareMixin:
             if time.monotonic() > deadline:
                 raise RoundIncompleteError(
                     f"round {server_round} ({phase}): only {len(online)} of {len(expected)} sites connected after "
-                    f"{self.node_wait_timeout_s:.0f} s (minimum {needed}); missing: {sorted(expected - online)}")
+                    f"{self.node_wait_timeout_s:.0f} s (minimum {needed}); missing: {sorted(expected - online)}"
+                )
             time.sleep(1.0)
 
     def _record_missing(self, server_round: int, phase: str, replied: set[str]) -> None:
@@ -166,7 +184,8 @@ class SiteAwareMixin:
         if phase == "train" and len(expected & replied) < needed:
             raise RoundIncompleteError(
                 f"round {server_round} ({phase}): {len(expected & replied)} of {len(expected)} sites replied, "
-                f"fewer than the minimum {needed} (min-site-fraction {self.min_fraction:g}); missing: {missing}")
+                f"fewer than the minimum {needed} (min-site-fraction {self.min_fraction:g}); missing: {missing}"
+            )
 
     def in_site_order(self, replies: Iterable[Message]) -> list[Message]:
         """The replies sorted by site id (then node id), whatever order they arrived in."""
@@ -175,7 +194,9 @@ class SiteAwareMixin:
     def _site(self, msg: Message) -> str:
         return self.node_sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._wait_for_sites(grid, server_round + self.round_offset, "train")
         self._sent = arrays
         messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
@@ -183,7 +204,9 @@ class SiteAwareMixin:
         log.info("round %d: training at %d site(s)", server_round + self.round_offset, len(kept))
         return kept
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._wait_for_sites(grid, server_round + self.round_offset, "evaluate")
         messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
         # only the run's sites: a node refused at discovery (or of another run) gets nothing (issue 16)
@@ -214,7 +237,9 @@ class SiteAwareMixin:
         if not problems:
             notes = cap_counts(metrics, self._caps(site, phase))
             if notes:
-                log.warning("round %d: site %s reported more heads than it declared: %s", server_round, site, "; ".join(notes))
+                log.warning(
+                    "round %d: site %s reported more heads than it declared: %s", server_round, site, "; ".join(notes)
+                )
                 problems = [f"{p} (after {'; '.join(notes)})" for p in metrics_problems(metrics)]
         if problems:
             self._reject(server_round, site, problems, phase)
@@ -254,8 +279,12 @@ class SiteAwareMixin:
         for r in ok:
             extra = sorted(set(r.content["metrics"].keys()) - common)
             if extra:
-                log.warning("round %d: dropped train metrics %s of site %s (not sent by every site)",
-                            server_round, extra, self._site(r))
+                log.warning(
+                    "round %d: dropped train metrics %s of site %s (not sent by every site)",
+                    server_round,
+                    extra,
+                    self._site(r),
+                )
                 r.content["metrics"] = MetricRecord({k: v for k, v in r.content["metrics"].items() if k in common})
         norms = [update_norm(r.content[self.arrayrecord_key], self._sent) for r in ok]
         actions = bound_update_norms(norms, clip_factor=self.clip_factor, reject_factor=self.reject_factor)
@@ -264,11 +293,21 @@ class SiteAwareMixin:
         for r, norm, (action, scale) in zip(ok, norms, actions):
             site = self._site(r)
             if action == "reject":
-                self._reject(server_round, site, [f"update norm {norm:.4g} above {self.reject_factor:g} x the round's median {median:.4g}"])
+                self._reject(
+                    server_round,
+                    site,
+                    [f"update norm {norm:.4g} above {self.reject_factor:g} x the round's median {median:.4g}"],
+                )
                 dropped.add(id(r))
             elif action == "clip":
-                log.warning("round %d: clipped the update of site %s from norm %.4g to %.4g (%g x the round's median)",
-                            server_round, site, norm, norm * scale, self.clip_factor)
+                log.warning(
+                    "round %d: clipped the update of site %s from norm %.4g to %.4g (%g x the round's median)",
+                    server_round,
+                    site,
+                    norm,
+                    norm * scale,
+                    self.clip_factor,
+                )
                 r.content[self.arrayrecord_key] = clip_update(r.content[self.arrayrecord_key], self._sent, scale)
         return [r for r in kept if id(r) not in dropped]
 
@@ -335,11 +374,23 @@ class SiteKrum(SiteAwareMixin, Krum):
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")
 
 
-def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str], train_sites: Iterable[str],
-                   round_offset: int = 0, min_fraction: float = 1.0, node_wait_timeout_s: float | None = None,
-                   trimmed_beta: float = 0.25, krum_byzantine: int = 1, declared: dict[str, dict] | None = None,
-                   max_int_delta: int | None = None, clip_factor: float = 2.0, reject_factor: float = 4.0,
-                   state_problems: Callable[[ArrayRecord], list[str]] | None = None):
+def build_strategy(
+    name: str,
+    *,
+    proximal_mu: float,
+    node_sites: dict[int, str],
+    train_sites: Iterable[str],
+    round_offset: int = 0,
+    min_fraction: float = 1.0,
+    node_wait_timeout_s: float | None = None,
+    trimmed_beta: float = 0.25,
+    krum_byzantine: int = 1,
+    declared: dict[str, dict] | None = None,
+    max_int_delta: int | None = None,
+    clip_factor: float = 2.0,
+    reject_factor: float = 4.0,
+    state_problems: Callable[[ArrayRecord], list[str]] | None = None,
+):
     """Build the strategy named in the run config.
 
     Args:
@@ -369,11 +420,20 @@ def build_strategy(name: str, *, proximal_mu: float, node_sites: dict[int, str],
         raise ValueError(problem)
     need = lambda n: max(1, math.ceil(min_fraction * n - 1e-9))  # noqa: E731
     common = dict(
-        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=need(n_train),
-        min_evaluate_nodes=need(n_nodes), min_available_nodes=need(n_nodes),
-        node_sites=node_sites, train_sites=train_sites, round_offset=round_offset,
-        min_fraction=min_fraction, node_wait_timeout_s=node_wait_timeout_s, declared=declared,
-        max_int_delta=max_int_delta, clip_factor=clip_factor, reject_factor=reject_factor,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=need(n_train),
+        min_evaluate_nodes=need(n_nodes),
+        min_available_nodes=need(n_nodes),
+        node_sites=node_sites,
+        train_sites=train_sites,
+        round_offset=round_offset,
+        min_fraction=min_fraction,
+        node_wait_timeout_s=node_wait_timeout_s,
+        declared=declared,
+        max_int_delta=max_int_delta,
+        clip_factor=clip_factor,
+        reject_factor=reject_factor,
         state_problems=state_problems,
     )
     if name in ("fedavg", "fedbn"):

@@ -51,8 +51,9 @@ UNIT_SCORES = ("val-score", "macro-auc", "accuracy", "iou-mean", "recall30", "re
 NON_NEGATIVE = ("center-error-mm", "train-loss")
 
 
-def update_problems(arrays: ArrayRecord, reference: ArrayRecord, max_listed: int = 5,
-                    max_int_delta: int | None = None) -> list[str]:
+def update_problems(
+    arrays: ArrayRecord, reference: ArrayRecord, max_listed: int = 5, max_int_delta: int | None = None
+) -> list[str]:
     """Why ``arrays`` cannot be aggregated against the global ``reference``; empty when it can.
 
     Args:
@@ -126,16 +127,18 @@ def normalisation_problems(state: Mapping[str, object], max_listed: int = 5) -> 
     Returns:
         One problem naming up to ``max_listed`` entries, or nothing.
     """
-    negative = sorted(k for k, v in state.items()
-                      if k.endswith("running_var") and float(np.asarray(v).min(initial=0.0)) < 0.0)
+    negative = sorted(
+        k for k, v in state.items() if k.endswith("running_var") and float(np.asarray(v).min(initial=0.0)) < 0.0
+    )
     if not negative:
         return []
     more = f" (+{len(negative) - max_listed} more)" if len(negative) > max_listed else ""
     return [f"negative running variances in: {', '.join(negative[:max_listed])}{more}"]
 
 
-def reply_problems(reply: Message, reference: ArrayRecord, arrays_key: str = "arrays",
-                   max_int_delta: int | None = None) -> list[str]:
+def reply_problems(
+    reply: Message, reference: ArrayRecord, arrays_key: str = "arrays", max_int_delta: int | None = None
+) -> list[str]:
     """:func:`update_problems` for a train reply; also rejects a reply without exactly one ArrayRecord
     under ``arrays_key`` or with a non-finite metric."""
     content = reply.content

@@ -19,8 +19,14 @@ import torch
 
 import server.coordinator as co
 import shared_models.bundle as bundle_mod
-from server.checkpoint import (CheckpointError, CheckpointStore, PhaseCheckpoint, chain_link, config_fingerprint,
-                               verify_chain)
+from server.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    PhaseCheckpoint,
+    chain_link,
+    config_fingerprint,
+    verify_chain,
+)
 from shared_models.bundle import BundleError, generate_signing_key, load_bundle, load_signing_key, write_bundle
 from shared_models.detector import YOLOX3D, DetectorConfig
 from shared_models.preprocessing import PreprocessingSpec
@@ -54,8 +60,15 @@ def _plant_in_chain(folder: Path, phase: str, data: bytes, round_: int) -> None:
     chain_path = folder / "chain.json"
     entries = json.loads(chain_path.read_text()) if chain_path.exists() else []
     digest = hashlib.sha256(data).hexdigest()
-    entries.append({"phase": phase, "round": round_, "sha256": digest,
-                    "chain": chain_link(entries[-1]["chain"] if entries else "", digest, phase, round_), "saved_at": 0})
+    entries.append(
+        {
+            "phase": phase,
+            "round": round_,
+            "sha256": digest,
+            "chain": chain_link(entries[-1]["chain"] if entries else "", digest, phase, round_),
+            "saved_at": 0,
+        }
+    )
     chain_path.write_text(json.dumps(entries))
 
 
@@ -81,7 +94,10 @@ def test_row2_pickle_checkpoint_is_refused_on_resume(tmp_path):
     assert not marker.exists()
     # `onfh sim run` on that out-dir (resume): refused before Flower starts, with exit code 1
     (tmp_path / "data").mkdir()
-    assert main(["sim", "run", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--profile", "quick"]) == 1
+    assert (
+        main(["sim", "run", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--profile", "quick"])
+        == 1
+    )
     assert not marker.exists()
 
 
@@ -135,9 +151,17 @@ def tiny_bundle_parts(tmp_path):
     torch.manual_seed(0)
     det, stg = YOLOX3D(dcfg), MulDenseNet3D(scfg)
     key = generate_signing_key(tmp_path / "keys" / "signing.pem")
-    path = write_bundle(tmp_path / "bundle", detector_state=det.state_dict(), stager_state=stg.state_dict(),
-                        detector_config=dcfg, stager_config=scfg, spec=PreprocessingSpec(), metrics={"auc": 0.9},
-                        run_config={"strategy": "fedavg"}, signing_key=key)
+    path = write_bundle(
+        tmp_path / "bundle",
+        detector_state=det.state_dict(),
+        stager_state=stg.state_dict(),
+        detector_config=dcfg,
+        stager_config=scfg,
+        spec=PreprocessingSpec(),
+        metrics={"auc": 0.9},
+        run_config={"strategy": "fedavg"},
+        signing_key=key,
+    )
     return path, tmp_path / "keys" / "signing.pem.pub", load_signing_key(tmp_path / "keys" / "signing.pem")
 
 
@@ -292,17 +316,32 @@ def test_read_regular_file_refuses_devices_and_paths_outside_root(tmp_path):
 
 def test_row10_no_local_path_in_checkpoints_or_bundle_and_resume_still_matches(tmp_path):
     data_root = tmp_path / "hospital-data-7f3a"
-    paths = {"data-root": str(data_root), "cache-dir": str(tmp_path / "cache-91c2"),
-             "out-dir": str(tmp_path / "out-55e1"), "signing-key": str(tmp_path / "key-c0d3.pem")}
+    paths = {
+        "data-root": str(data_root),
+        "cache-dir": str(tmp_path / "cache-91c2"),
+        "out-dir": str(tmp_path / "out-55e1"),
+        "signing-key": str(tmp_path / "key-c0d3.pem"),
+    }
     rc = tiny_run_config(**paths)
     out = Path(paths["out-dir"])
     store = CheckpointStore(out / "checkpoints", config_fingerprint(rc), rc)
-    store.save("detector", PhaseCheckpoint(round=1, state_dict={"w": torch.ones(2)}, site_metrics={1: {"A": {"iou-mean": 0.4}}}))
+    store.save(
+        "detector",
+        PhaseCheckpoint(round=1, state_dict={"w": torch.ones(2)}, site_metrics={1: {"A": {"iou-mean": 0.4}}}),
+    )
     dcfg = DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8)
     scfg = StagerConfig(init_features=8, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2))
-    write_bundle(out / "bundle", detector_state=YOLOX3D(dcfg).state_dict(), stager_state=MulDenseNet3D(scfg).state_dict(),
-                 detector_config=dcfg, stager_config=scfg, spec=PreprocessingSpec(), metrics={"auc": 0.5},
-                 run_config=rc, signing_key=generate_signing_key(tmp_path / "k.pem"))
+    write_bundle(
+        out / "bundle",
+        detector_state=YOLOX3D(dcfg).state_dict(),
+        stager_state=MulDenseNet3D(scfg).state_dict(),
+        detector_config=dcfg,
+        stager_config=scfg,
+        spec=PreprocessingSpec(),
+        metrics={"auc": 0.5},
+        run_config=rc,
+        signing_key=generate_signing_key(tmp_path / "k.pem"),
+    )
     stored = list((out / "checkpoints").iterdir()) + list((out / "bundle").iterdir())
     assert any(p.name == "run_config.json" for p in stored) and any(p.name == "detector.pt" for p in stored)
     for file in stored:
@@ -440,7 +479,15 @@ def test_row10_deployment_run_config_sent_to_sites_holds_no_coordinator_path(tmp
 
     monkeypatch.setattr(co, "_flwr", fake_flwr)
     out, key, flwr_home = tmp_path / "run-out-4d2e", tmp_path / "certs-9a1b" / "signing.pem", tmp_path / "flwr-home"
-    assert co.launch({"site-ids": "A,B", "train-sites": "A", "report-groups": "A=A;B=B"}, out=out, flwr_home=flwr_home, signing_key=key) == 11
+    assert (
+        co.launch(
+            {"site-ids": "A,B", "train-sites": "A", "report-groups": "A=A;B=B"},
+            out=out,
+            flwr_home=flwr_home,
+            signing_key=key,
+        )
+        == 11
+    )
     assert str(tmp_path) not in json.dumps(sent) and sent["signing-key"] == ""
     monkeypatch.setenv("FLWR_HOME", str(flwr_home))
     resolved = resolve_coordinator_paths(sent)

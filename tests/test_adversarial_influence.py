@@ -32,8 +32,12 @@ U = RNG.normal(0, 0.01, 200).astype(np.float32)  # the honest direction of this 
 
 
 def _record(w: np.ndarray, n: np.ndarray = GLOBAL_N + STEPS) -> ArrayRecord:
-    return ArrayRecord({"packed:float": Array(np.ascontiguousarray(w, np.float32)),
-                        "packed:int64": Array(np.ascontiguousarray(n, np.int64))})
+    return ArrayRecord(
+        {
+            "packed:float": Array(np.ascontiguousarray(w, np.float32)),
+            "packed:int64": Array(np.ascontiguousarray(n, np.int64)),
+        }
+    )
 
 
 def _honest(i: int) -> np.ndarray:
@@ -41,8 +45,17 @@ def _honest(i: int) -> np.ndarray:
 
 
 def _reply(src: int, arrays: ArrayRecord | None, metrics: dict, kind: str = "train") -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="q",
-                        group_id="", created_at=time.time(), ttl=60.0, message_type=kind)
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{src}",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="q",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=kind,
+    )
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
         content["arrays"] = arrays
@@ -54,8 +67,16 @@ DECLARED = {s: {"heads-train": 20, "heads-val": 6, "heads-test": 6} for s in SIT
 
 def _strategy(cls=SiteFedAvg, **kwargs):
     kwargs.setdefault("max_int_delta", STEPS)
-    strategy = cls(node_sites=SITES, train_sites=set(SITES.values()), min_train_nodes=1, min_available_nodes=1,
-                   min_evaluate_nodes=1, min_fraction=0.5, declared=DECLARED, **kwargs)
+    strategy = cls(
+        node_sites=SITES,
+        train_sites=set(SITES.values()),
+        min_train_nodes=1,
+        min_available_nodes=1,
+        min_evaluate_nodes=1,
+        min_fraction=0.5,
+        declared=DECLARED,
+        **kwargs,
+    )
     strategy._sent = _record(GLOBAL_W, GLOBAL_N)
     return strategy
 
@@ -92,8 +113,9 @@ def test_row3_poisoned_update_is_rejected_and_the_model_is_the_honest_mean(attac
     assert list(strategy.rejected_updates[1]) == ["D"]
     assert "rejected the update of site D" in caplog.text
     honest = np.stack([_honest(i) for i in range(3)])
-    expected = {SiteFedAvg: honest.mean(0), SiteFedMedian: np.median(honest, 0),
-                SiteFedTrimmedAvg: honest.mean(0)}[cls]  # 3 left: int(0.25 x 3) = 0 trimmed
+    expected = {SiteFedAvg: honest.mean(0), SiteFedMedian: np.median(honest, 0), SiteFedTrimmedAvg: honest.mean(0)}[
+        cls
+    ]  # 3 left: int(0.25 x 3) = 0 trimmed
     np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(n, GLOBAL_N + STEPS)
 
@@ -105,7 +127,9 @@ def test_row3_each_attack_names_its_reason():
         _round(strategy, make())
         reasons[name] = " ".join(strategy.rejected_updates[1]["D"])
     assert f"values above {MAX_ABS_WEIGHT:g} in: packed:float" in reasons["huge-1e30"]
-    assert "integer entries moved by more than 10: packed:int64 (moved 4611686018427387897)" in reasons["int-buffer-2^62"]
+    assert (
+        "integer entries moved by more than 10: packed:int64 (moved 4611686018427387897)" in reasons["int-buffer-2^62"]
+    )
     for name in ("sign-flip-x10", "random-weights"):
         assert "update norm" in reasons[name] and "x the round's median" in reasons[name]
 
@@ -127,9 +151,17 @@ def test_row3_update_between_clip_and_reject_is_clipped_to_the_bound():
 def test_norm_rule_keeps_clips_and_rejects_by_the_median():
     # median of (1, 1, 3, 10) = 2: bound 4 (clip), 8 (reject)
     assert bound_update_norms([1, 1, 3, 10], clip_factor=2, reject_factor=4) == [
-        ("keep", 1.0), ("keep", 1.0), ("keep", 1.0), ("reject", 0.0)]
+        ("keep", 1.0),
+        ("keep", 1.0),
+        ("keep", 1.0),
+        ("reject", 0.0),
+    ]
     assert bound_update_norms([1, 1, 3, 1], clip_factor=2, reject_factor=4) == [  # median 1
-        ("keep", 1.0), ("keep", 1.0), ("clip", 2 / 3), ("keep", 1.0)]
+        ("keep", 1.0),
+        ("keep", 1.0),
+        ("clip", 2 / 3),
+        ("keep", 1.0),
+    ]
     assert bound_update_norms([0, 0, 0], clip_factor=2, reject_factor=4) == [("keep", 1.0)] * 3
     with pytest.raises(ValueError, match="clip_factor <= reject_factor"):
         bound_update_norms([1], clip_factor=3, reject_factor=2)
@@ -147,9 +179,13 @@ def test_row3_real_model_int_buffer_is_bounded_by_the_local_steps():
     poisoned = dict(honest)
     key = next(k for k in state if k.endswith("num_batches_tracked"))
     poisoned[key] = torch.tensor(2**62)
-    replies = [_reply(i + 1, ArrayRecord({k: Array(v) for k, v in pack_state_dict(honest).items()}),
-                      {"num-examples": 20}) for i in range(3)]
-    replies.append(_reply(4, ArrayRecord({k: Array(v) for k, v in pack_state_dict(poisoned).items()}), {"num-examples": 20}))
+    replies = [
+        _reply(i + 1, ArrayRecord({k: Array(v) for k, v in pack_state_dict(honest).items()}), {"num-examples": 20})
+        for i in range(3)
+    ]
+    replies.append(
+        _reply(4, ArrayRecord({k: Array(v) for k, v in pack_state_dict(poisoned).items()}), {"num-examples": 20})
+    )
     arrays, _ = strategy.aggregate_train(1, replies)
     assert "integer entries moved" in strategy.rejected_updates[1]["D"][0]
     assert int(arrays["packed:int64"].numpy().max()) == STEPS
@@ -166,14 +202,19 @@ def test_row4_num_examples_is_capped_at_the_declared_training_heads(caplog):
     # capped at heads-train = 20: an equal-weight mean of the four
     expected = (sum(_honest(i).astype(np.float64) for i in range(3)) + other) / 4
     np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
-    assert "site D reported more heads than it declared: num-examples 1000000000 capped at the declared 20" in caplog.text
+    assert (
+        "site D reported more heads than it declared: num-examples 1000000000 capped at the declared 20" in caplog.text
+    )
 
 
 def test_row4_non_integer_or_negative_counts_are_rejected():
     for bad in (1e9, -5):
         strategy = _strategy()
         _round(strategy, _record(GLOBAL_W + U), {"num-examples": bad})
-        assert "num-examples" in strategy.rejected_updates[1]["D"][0] and "is not a count" in strategy.rejected_updates[1]["D"][0]
+        assert (
+            "num-examples" in strategy.rejected_updates[1]["D"][0]
+            and "is not a count" in strategy.rejected_updates[1]["D"][0]
+        )
 
 
 # ----------------------------------------------------------------------------- row 5: scores
@@ -187,8 +228,9 @@ def _eval(src: int, **m) -> Message:
 def test_row5_out_of_range_val_score_is_rejected_and_cannot_pick_the_round(caplog):
     strategy = _strategy()
     with caplog.at_level("WARNING", logger="strategies.site_aware"):
-        strategy.aggregate_evaluate(1, [_eval(1, **{"val-score": 0.4}), _eval(2, **{"val-score": 0.6}),
-                                        _eval(4, **{"val-score": 1e6})])
+        strategy.aggregate_evaluate(
+            1, [_eval(1, **{"val-score": 0.4}), _eval(2, **{"val-score": 0.6}), _eval(4, **{"val-score": 1e6})]
+        )
     assert set(strategy.site_metrics[1]) == {"A", "B"}
     assert "rejected the evaluate reply of site D: val-score = 1e+06 outside [0, 1]" in caplog.text
     assert strategy.rejected_updates[1]["D"] == ["evaluate: val-score = 1e+06 outside [0, 1]"]
@@ -197,22 +239,37 @@ def test_row5_out_of_range_val_score_is_rejected_and_cannot_pick_the_round(caplo
 
 def test_row5_validation_count_is_capped_so_one_site_cannot_outweigh_the_others():
     strategy = _strategy()
-    strategy.aggregate_evaluate(1, [_eval(1, **{"val-score": 0.2}), _eval(2, **{"val-score": 0.2}),
-                                    _eval(4, **{"val-score": 0.9, "val-num-examples": 10**9})])
+    strategy.aggregate_evaluate(
+        1,
+        [
+            _eval(1, **{"val-score": 0.2}),
+            _eval(2, **{"val-score": 0.2}),
+            _eval(4, **{"val-score": 0.9, "val-num-examples": 10**9}),
+        ],
+    )
     assert strategy.site_metrics[1]["D"]["val-num-examples"] == 6  # heads-val declared
     assert validation_score(strategy.site_metrics[1]) == pytest.approx((0.2 + 0.2 + 0.9) / 3)
 
 
-@pytest.mark.parametrize("metrics, reason", [
-    ({"iou-mean": 1.5}, "iou-mean = 1.5 outside [0, 1]"),
-    ({"macro-auc": -0.1}, "macro-auc = -0.1 outside [0, 1]"),
-    ({"center-error-mm": -3.0}, "center-error-mm = -3 is negative"),
-    ({"num-examples": 10**9, "confusion": [10**9, 0, 0, 0, 0, 0, 0, 0, 0]},
-     "confusion matrix holds 1000000000 heads, num-examples says 6"),
-    ({"confusion": [6, 0, 0, 0, 0, 0, 0, 0, 0], "hist-pos-0": [-1, 7]}, "negative or non-integer values: hist-pos-0"),
-    ({"iou-hist": [5, 5]}, "iou-hist holds 10 heads, more than num-examples 6"),
-    ({"hist-pos-0": [1, 1], "hist-neg-0": [1, 1]}, "hist-pos-0 and hist-neg-0 hold 4 heads, num-examples says 6"),
-], ids=["iou", "auc", "mm", "count-vs-declared", "negative-hist", "hist-sum", "pos-neg"])
+@pytest.mark.parametrize(
+    "metrics, reason",
+    [
+        ({"iou-mean": 1.5}, "iou-mean = 1.5 outside [0, 1]"),
+        ({"macro-auc": -0.1}, "macro-auc = -0.1 outside [0, 1]"),
+        ({"center-error-mm": -3.0}, "center-error-mm = -3 is negative"),
+        (
+            {"num-examples": 10**9, "confusion": [10**9, 0, 0, 0, 0, 0, 0, 0, 0]},
+            "confusion matrix holds 1000000000 heads, num-examples says 6",
+        ),
+        (
+            {"confusion": [6, 0, 0, 0, 0, 0, 0, 0, 0], "hist-pos-0": [-1, 7]},
+            "negative or non-integer values: hist-pos-0",
+        ),
+        ({"iou-hist": [5, 5]}, "iou-hist holds 10 heads, more than num-examples 6"),
+        ({"hist-pos-0": [1, 1], "hist-neg-0": [1, 1]}, "hist-pos-0 and hist-neg-0 hold 4 heads, num-examples says 6"),
+    ],
+    ids=["iou", "auc", "mm", "count-vs-declared", "negative-hist", "hist-sum", "pos-neg"],
+)
 def test_row5_metrics_out_of_range_reject_the_reply(metrics, reason):
     strategy = _strategy()
     strategy.aggregate_evaluate(1, [_eval(1), _eval(4, **metrics)])
@@ -223,30 +280,53 @@ def test_row5_metrics_out_of_range_reject_the_reply(metrics, reason):
 # ----------------------------------------------------------------------------- row 6: robust strategies
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.2, "train-sites": "A,B,C,D"}, "trims int(0.2 x 4) = 0"),
-    ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.5, "train-sites": "A,B,C,D"}, "must be in [0, 0.5)"),
-    ({"strategy": "krum", "krum-byzantine": 1, "train-sites": "A,B,C,D"}, r"only with more than 4 training sites"),
-    ({"strategy": "fedmedian", "train-sites": "A,B"}, "fedmedian needs at least 3 training sites"),
-    ({"strategy": "krum", "krum-byzantine": 0, "train-sites": "A,B"}, r"more than 2 training sites"),
-], ids=["trimmed-4", "trimmed-beta", "krum-4", "median-2", "krum-2"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.2, "train-sites": "A,B,C,D"}, "trims int(0.2 x 4) = 0"),
+        ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.5, "train-sites": "A,B,C,D"}, "must be in [0, 0.5)"),
+        ({"strategy": "krum", "krum-byzantine": 1, "train-sites": "A,B,C,D"}, r"only with more than 4 training sites"),
+        ({"strategy": "fedmedian", "train-sites": "A,B"}, "fedmedian needs at least 3 training sites"),
+        ({"strategy": "krum", "krum-byzantine": 0, "train-sites": "A,B"}, r"more than 2 training sites"),
+    ],
+    ids=["trimmed-4", "trimmed-beta", "krum-4", "median-2", "krum-2"],
+)
 def test_row6_too_small_federation_is_refused_before_the_run(overrides, message):
-    with pytest.raises(ValueError, match=r"run config 'strategy': .*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(
+        ValueError,
+        match=r"run config 'strategy': .*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\["),
+    ):
         RunConfig.from_run_config(tiny_run_config(**overrides))
 
 
 def test_row6_parameters_come_from_the_run_config():
     from server.server_app import influence_bounds
 
-    cfg = RunConfig.from_run_config(tiny_run_config(**{"strategy": "fedtrimmedavg", "trimmed-beta": 0.3,
-                                                       "train-sites": "A,B,C,D", "detector-local-steps": 7}))
-    strategy = build_strategy(cfg.strategy, proximal_mu=0.0, node_sites=SITES, train_sites=cfg.train_sites,
-                              **influence_bounds(cfg, "detector", DECLARED))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(
+            **{"strategy": "fedtrimmedavg", "trimmed-beta": 0.3, "train-sites": "A,B,C,D", "detector-local-steps": 7}
+        )
+    )
+    strategy = build_strategy(
+        cfg.strategy,
+        proximal_mu=0.0,
+        node_sites=SITES,
+        train_sites=cfg.train_sites,
+        **influence_bounds(cfg, "detector", DECLARED),
+    )
     assert isinstance(strategy, SiteFedTrimmedAvg) and strategy.beta == 0.3 and strategy.max_int_delta == 7
-    cfg = RunConfig.from_run_config(tiny_run_config(**{"strategy": "krum", "krum-byzantine": 1, "site-ids": "A,B,C,D,E",
-                                                       "train-sites": "A,B,C,D,E"}))
-    strategy = build_strategy(cfg.strategy, proximal_mu=0.0, node_sites={**SITES, 5: "E"},
-                              train_sites=cfg.train_sites, **influence_bounds(cfg, "stager", None))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(
+            **{"strategy": "krum", "krum-byzantine": 1, "site-ids": "A,B,C,D,E", "train-sites": "A,B,C,D,E"}
+        )
+    )
+    strategy = build_strategy(
+        cfg.strategy,
+        proximal_mu=0.0,
+        node_sites={**SITES, 5: "E"},
+        train_sites=cfg.train_sites,
+        **influence_bounds(cfg, "stager", None),
+    )
     assert isinstance(strategy, SiteKrum) and strategy.num_malicious_nodes == 1
     with pytest.raises(ValueError, match="fedmedian needs at least 3"):
         build_strategy("fedmedian", proximal_mu=0.0, node_sites={1: "A", 2: "B"}, train_sites=["A", "B"])
@@ -272,10 +352,14 @@ def one_patient_test_split(tmp_path_factory):
     from sim.phantoms import PROFILES, generate_phantoms
 
     quick = PROFILES["quick"]
-    profile = dataclasses.replace(quick, name="micro-cell", heads_per_site={"A": 6, "B": 6},
-                                  patients_per_site={"A": 4, "B": 4},
-                                  scanners={s: quick.scanners[s] for s in ("A", "B")},
-                                  external_groups={"external-1": ("B",)})
+    profile = dataclasses.replace(
+        quick,
+        name="micro-cell",
+        heads_per_site={"A": 6, "B": 6},
+        patients_per_site={"A": 4, "B": 4},
+        scanners={s: quick.scanners[s] for s in ("A", "B")},
+        external_groups={"external-1": ("B",)},
+    )
     root = tmp_path_factory.mktemp("cells")
     generate_phantoms(root, profile, seed=5, workers=1)
     with open(root / "A" / "manifest.csv") as fh:
@@ -287,11 +371,12 @@ def one_patient_test_split(tmp_path_factory):
     return root, patients[0]
 
 
-def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or_bundle(one_patient_test_split, tmp_path):
+def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or_bundle(
+    one_patient_test_split, tmp_path
+):
     import json
 
     from client import tasks
-    from client.site_data import SiteData
     from server.report import build_report
     from shared_models.bundle import generate_signing_key, write_bundle
     from shared_models.detector import YOLOX3D
@@ -299,9 +384,19 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
     from sim.report_html import write_report_html
 
     root, patient = one_patient_test_split
-    cfg = RunConfig.from_run_config(tiny_run_config(**{
-        "data-root": str(root), "site-ids": "A,B", "train-sites": "A", "report-groups": "A-test=A;all=A,B",
-        "cache-dir": str(tmp_path / "cache"), "crop-source": "ground-truth", "min-cell-heads": 5}))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(
+            **{
+                "data-root": str(root),
+                "site-ids": "A,B",
+                "train-sites": "A",
+                "report-groups": "A-test=A;all=A,B",
+                "cache-dir": str(tmp_path / "cache"),
+                "crop-source": "ground-truth",
+                "min-cell-heads": 5,
+            }
+        )
+    )
     assert cfg.min_cell_heads == 5
     sites = {s: tasks.open_site(cfg, s, root / s) for s in ("A", "B")}
     a_test = sites["A"].heads_in("test")
@@ -315,35 +410,58 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
     for phase, state in (("detector", detector), ("stager", stager)):
         raw[phase] = {s: tasks.evaluate(site, cfg, phase, state, key) for s, site in sites.items()}
         sent[phase] = {s: tasks.suppress_small_cells(m, cfg.min_cell_heads) for s, m in raw[phase].items()}
-    assert sent["stager"]["A"] == {"num-examples": len(a_test), "suppressed": 1, "val-num-examples": raw["stager"]["A"]["val-num-examples"],
-                                   "val-suppressed": 1}
+    assert sent["stager"]["A"] == {
+        "num-examples": len(a_test),
+        "suppressed": 1,
+        "val-num-examples": raw["stager"]["A"]["val-num-examples"],
+        "val-suppressed": 1,
+    }
     assert sent["stager"]["B"] == raw["stager"]["B"]  # 6 heads: sent whole
     history = {}
     for phase in ("detector", "stager"):
         strategy = _strategy()
         strategy.node_sites = {1: "A", 2: "B"}
         strategy.declared = {}
-        strategy.aggregate_evaluate(1, [_reply(i + 1, None, sent[phase][s], kind="evaluate") for i, s in enumerate("AB")])
+        strategy.aggregate_evaluate(
+            1, [_reply(i + 1, None, sent[phase][s], kind="evaluate") for i, s in enumerate("AB")]
+        )
         history[phase] = strategy.site_metrics
     assert set(history["detector"][1]) == set(history["stager"][1]) == {"A", "B"}  # real replies pass the checks
     assert validation_score(history["stager"][1]) is None  # A's validation score was withheld as well
-    report = build_report(strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 1},
-                          stager_history=history["stager"], detector_history=history["detector"],
-                          selected_rounds={"detector": 1, "stager": 1}, stager_train={}, detector_train={},
-                          groups=cfg.report_groups, train_sites=cfg.train_sites, crop_source=cfg.crop_source,
-                          wall_time_s=1.0, min_cell_heads=cfg.min_cell_heads)
-    bundle = write_bundle(tmp_path / "bundle", detector_state=detector, stager_state=stager,
-                          detector_config=cfg.detector, stager_config=cfg.stager, spec=cfg.spec, metrics=report,
-                          run_config={}, signing_key=generate_signing_key(tmp_path / "key.pem"))
+    report = build_report(
+        strategy="fedavg",
+        proximal_mu=0.0,
+        rounds={"detector": 1, "stager": 1},
+        stager_history=history["stager"],
+        detector_history=history["detector"],
+        selected_rounds={"detector": 1, "stager": 1},
+        stager_train={},
+        detector_train={},
+        groups=cfg.report_groups,
+        train_sites=cfg.train_sites,
+        crop_source=cfg.crop_source,
+        wall_time_s=1.0,
+        min_cell_heads=cfg.min_cell_heads,
+    )
+    bundle = write_bundle(
+        tmp_path / "bundle",
+        detector_state=detector,
+        stager_state=stager,
+        detector_config=cfg.detector,
+        stager_config=cfg.stager,
+        spec=cfg.spec,
+        metrics=report,
+        run_config={},
+        signing_key=generate_signing_key(tmp_path / "key.pem"),
+    )
     html = write_report_html(report, tmp_path / "html").read_text()
 
     # nothing of A's test patient: no confusion matrix, histogram, score or figure for A
     assert report["sites"]["A-test"] == {"n": 0, "sites": ["A"], "missing": [], "suppressed": {"A": len(a_test)}}
     assert "A" not in report["per_site"]
     assert report["detector"]["A"] == {"n": len(a_test), "suppressed": True}
-    for phase in ("detector", "stager"):
-        for name in ("detector_iou_mean", "stager_macro_auc", "detector_val_iou", "stager_val_macro_auc"):
-            assert report["history"][name].get(1, {}).get("A") is None
+    for name in ("detector_iou_mean", "stager_macro_auc", "detector_val_iou", "stager_val_macro_auc"):
+        assert report["history"][name].get(1, {}).get("A") is None
     assert bundle == tmp_path / "bundle"
     metrics_json = json.loads((tmp_path / "bundle" / "metrics.json").read_text())
     assert metrics_json["sites"]["A-test"]["suppressed"] == {"A": len(a_test)}
@@ -362,8 +480,17 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
 
 
 def _site_message(message_type: str, content: RecordDict) -> Message:
-    meta = Metadata(run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=1, dst_node_id=5,
-                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=60.0, message_type=message_type)
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m-{time.monotonic_ns()}",
+        src_node_id=1,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=message_type,
+    )
     return make_message(metadata=meta, content=content)
 
 
@@ -379,32 +506,66 @@ def test_row9_deployed_site_keeps_its_own_floor_cache_and_audit_log(one_patient_
 
     root, _ = one_patient_test_split
     coordinator_cache = tmp_path / "coordinator-chosen"
-    run_config = tiny_run_config(**{"data-root": str(root), "site-ids": "A,B", "train-sites": "A",
-                                    "report-groups": "A-test=A;all=A,B", "cache-dir": str(coordinator_cache),
-                                    "crop-source": "ground-truth", "min-cell-heads": 1})
-    context = Context(run_id=1, node_id=5, node_config={"site-id": "A", "data-path": str(root / "A")},
-                      state=RecordDict(), run_config=run_config)
+    run_config = tiny_run_config(
+        **{
+            "data-root": str(root),
+            "site-ids": "A,B",
+            "train-sites": "A",
+            "report-groups": "A-test=A;all=A,B",
+            "cache-dir": str(coordinator_cache),
+            "crop-source": "ground-truth",
+            "min-cell-heads": 1,
+        }
+    )
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"site-id": "A", "data-path": str(root / "A")},
+        state=RecordDict(),
+        run_config=run_config,
+    )
     cfg = RunConfig.from_run_config(run_config)
     assert cfg.min_cell_heads == 1  # what the coordinator asked for
 
     with caplog.at_level("WARNING", logger="client.client_app"):
-        crops = client_app.query(_site_message("query", RecordDict({"config": ConfigRecord({"action": "crops"})})), context)
+        crops = client_app.query(
+            _site_message("query", RecordDict({"config": ConfigRecord({"action": "crops"})})), context
+        )
     key = str(crops.content["site"]["crops-key"])
     torch.manual_seed(0)
     stager = client_app._pack(MulDenseNet3D(cfg.stager).state_dict(), cfg)
-    reply = client_app.evaluate(_site_message("evaluate", RecordDict(
-        {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": key, "server-round": 1})})), context)
+    reply = client_app.evaluate(
+        _site_message(
+            "evaluate",
+            RecordDict(
+                {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": key, "server-round": 1})}
+            ),
+        ),
+        context,
+    )
     metrics = dict(reply.content["metrics"])
     # the test split (one patient) and the validation split (one patient) are both below the floor of 5
     assert metrics["suppressed"] == 1 and metrics["val-suppressed"] == 1
     assert set(metrics) == {"num-examples", "suppressed", "val-num-examples", "val-suppressed"}
     assert 1 <= metrics["num-examples"] < 5
     # the same handler in simulation trusts the run config (1): nothing is suppressed there
-    sim = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
-                  run_config=run_config)
+    sim = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=run_config,
+    )
     client_app.query(_site_message("query", RecordDict({"config": ConfigRecord({"action": "crops"})})), sim)
-    sim_reply = client_app.evaluate(_site_message("evaluate", RecordDict(
-        {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": key, "server-round": 1})})), sim)
+    sim_reply = client_app.evaluate(
+        _site_message(
+            "evaluate",
+            RecordDict(
+                {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": key, "server-round": 1})}
+            ),
+        ),
+        sim,
+    )
     assert "suppressed" not in sim_reply.content["metrics"] and "confusion" in sim_reply.content["metrics"]
     assert (coordinator_cache / "A" / "audit.jsonl").is_file()  # the simulated site used the run config's cache
 
@@ -418,9 +579,18 @@ def test_row9_deployed_site_keeps_its_own_floor_cache_and_audit_log(one_patient_
     # a crops-key that leaves the crops folder is refused by name, without a crash of the round
     for bad in ("../x", "/etc/passwd", "a" * 65, "x.npz"):
         with pytest.raises(client_app.SiteStepError, match="InvalidCropsKey") as info:
-            client_app.evaluate(_site_message("evaluate", RecordDict(
-                {"arrays": stager, "config": ConfigRecord({"phase": "stager", "crops-key": bad, "server-round": 1})})),
-                context)
+            client_app.evaluate(
+                _site_message(
+                    "evaluate",
+                    RecordDict(
+                        {
+                            "arrays": stager,
+                            "config": ConfigRecord({"phase": "stager", "crops-key": bad, "server-round": 1}),
+                        }
+                    ),
+                ),
+                context,
+            )
         assert bad not in str(info.value)  # the server learns the problem's name, not the path
     assert "crops-key '../x' refused" in (site_cache / "site-errors.log").read_text()
     assert verify_audit_log(site_cache / "audit.jsonl") == 6  # the refusals are recorded too
@@ -447,13 +617,25 @@ def test_site_min_cell_heads_can_be_raised_by_the_run_never_lowered(tmp_path):
 
 
 def test_row9_suppression_is_an_allow_list():
-    metrics = {"num-examples": 3, "confusion": [1, 0, 0, 0, 1, 0, 0, 0, 1], "macro-auc": 0.9, "ece": 0.1,
-               "calibration-bins": [1, 2], "val-num-examples": 8, "val-score": 0.7}
+    metrics = {
+        "num-examples": 3,
+        "confusion": [1, 0, 0, 0, 1, 0, 0, 0, 1],
+        "macro-auc": 0.9,
+        "ece": 0.1,
+        "calibration-bins": [1, 2],
+        "val-num-examples": 8,
+        "val-score": 0.7,
+    }
     assert tasks_suppress(metrics, 5) == {"num-examples": 3, "suppressed": 1, "val-num-examples": 8, "val-score": 0.7}
     assert tasks_suppress(metrics, 3) == metrics  # 3 heads >= 3: sent whole
-    assert tasks_suppress({**metrics, "num-examples": 0, "confusion": [0] * 9}, 5)["confusion"] == [0] * 9  # no heads: nothing to hide
+    assert (
+        tasks_suppress({**metrics, "num-examples": 0, "confusion": [0] * 9}, 5)["confusion"] == [0] * 9
+    )  # no heads: nothing to hide
     assert tasks_suppress({"num-examples": 9, "val-num-examples": 2, "val-score": 0.5}, 5) == {
-        "num-examples": 9, "val-num-examples": 2, "val-suppressed": 1}
+        "num-examples": 9,
+        "val-num-examples": 2,
+        "val-suppressed": 1,
+    }
 
 
 def tasks_suppress(metrics, min_heads):
@@ -495,15 +677,29 @@ def test_poisoning_rows_are_judged_against_the_clean_seed_spread():
     from sim.bench_poisoning import finish_rows, poisoning_markdown
 
     def row(strategy, attack, seed, auc, iou, auc_drop, iou_drop, shift):
-        return {"strategy": strategy, "attack": attack, "seed": seed, "macro_auc": auc, "iou_mean": iou,
-                "auc_drop": auc_drop, "iou_drop": iou_drop, "stager_shift": shift, "detector_shift": shift,
-                "rejected_replies": 0}
+        return {
+            "strategy": strategy,
+            "attack": attack,
+            "seed": seed,
+            "macro_auc": auc,
+            "iou_mean": iou,
+            "auc_drop": auc_drop,
+            "iou_drop": iou_drop,
+            "stager_shift": shift,
+            "detector_shift": shift,
+            "rejected_replies": 0,
+        }
 
-    rows = finish_rows([row("fedavg", "none", 0, 0.70, 0.30, 0.0, 0.0, 0.0), row("fedavg", "none", 1, 0.64, 0.32, 0.0, 0.0, 3.0),
-                        row("fedavg", "sign-flip-x10", 0, 0.66, 0.31, 0.0, 0.0, 2.0),
-                        row("krum", "none", 0, 0.60, 0.31, 0.0, 0.0, 0.0),
-                        row("krum", "random-weights", 0, 0.50, 0.31, 0.0, 0.0, 9.0),
-                        row("fedmedian", "sign-flip-x10", 0, 0.50, 0.31, 0.0, 0.0, float("nan"))])
+    rows = finish_rows(
+        [
+            row("fedavg", "none", 0, 0.70, 0.30, 0.0, 0.0, 0.0),
+            row("fedavg", "none", 1, 0.64, 0.32, 0.0, 0.0, 3.0),
+            row("fedavg", "sign-flip-x10", 0, 0.66, 0.31, 0.0, 0.0, 2.0),
+            row("krum", "none", 0, 0.60, 0.31, 0.0, 0.0, 0.0),
+            row("krum", "random-weights", 0, 0.50, 0.31, 0.0, 0.0, 9.0),
+            row("fedmedian", "sign-flip-x10", 0, 0.50, 0.31, 0.0, 0.0, float("nan")),
+        ]
+    )
     # drops recomputed against the same strategy's clean seed-0 row
     assert [round(r["auc_drop"], 6) for r in rows[:5]] == [0.0, 0.06, 0.04, 0.0, 0.1]
     assert np.isnan(rows[5]["auc_drop"]) and rows[5]["within_spread"] is None  # no clean fedmedian run to compare

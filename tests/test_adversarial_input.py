@@ -54,7 +54,10 @@ BAD_ROWS = {
     "parent path": (f"{B},../../etc,L,0,,GE".encode(), "study must be a path relative to the site root"),
     "absolute path": (f"{B},/etc/passwd,L,0,,GE".encode(), "study must be a path relative to the site root"),
     "windows drive": (f"{B},C:\\Windows,L,0,,GE".encode(), "study must be a path relative to the site root"),
-    "field over the cap": (f"{B},p2,L,0,,{'x' * (MAX_FIELD_CHARS + 1)}".encode(), f"field scanner longer than {MAX_FIELD_CHARS}"),
+    "field over the cap": (
+        f"{B},p2,L,0,,{'x' * (MAX_FIELD_CHARS + 1)}".encode(),
+        f"field scanner longer than {MAX_FIELD_CHARS}",
+    ),
     "line over 128 KiB": (f"{B},{'y' * (130 << 10)},L,0,,GE".encode(), f"line longer than {MAX_LINE_BYTES} bytes"),
     "non-UTF-8 byte": (f"{B},p2,L,0,,GE".encode() + b"\xff\xfe", "not valid UTF-8"),
     "NUL byte": (f"{B},p2,L,0,,G\x00E".encode(), "NUL character"),
@@ -84,7 +87,9 @@ def test_a_bad_manifest_row_refuses_only_that_row(tmp_path, study_root, caplog, 
     assert (refusal.file, refusal.line) == ("manifest.csv", 4)
     assert reason in refusal.reason
     refused = [v for v in data.verdicts if v.status == "refused"]
-    assert len(refused) == 1 and str(refusal) == refused[0].reason and refused[0].reason.startswith("manifest.csv row 4: ")
+    assert (
+        len(refused) == 1 and str(refusal) == refused[0].reason and refused[0].reason.startswith("manifest.csv row 4: ")
+    )
     # No patient id, and none of the row's values, in the reason, the verdict label or the logs.
     texts = [refused[0].reason, refused[0].study] + [r.getMessage() for r in caplog.records]
     for text in texts:
@@ -172,7 +177,9 @@ def test_an_implausible_box_refuses_that_head_at_site_check(tmp_path, study_root
     site = _site(tmp_path, study_root, f"{B},p2,L,0,{box},GE".encode())
     heads, refusals = check_manifest(site, "site-A")
     assert len(heads) == 2 and len(refusals) == 1
-    assert refusals[0].line == 4 and "box_lps_mm" in refusals[0].reason and "(the L head is refused)" in refusals[0].reason
+    assert (
+        refusals[0].line == 4 and "box_lps_mm" in refusals[0].reason and "(the L head is refused)" in refusals[0].reason
+    )
 
 
 def test_box_bounds_hold_every_adult_femoral_head():
@@ -293,8 +300,13 @@ def run_site_child(site: Path, cache: Path) -> dict:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", CHILD, str(site), str(cache)], capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(site), str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -357,7 +369,9 @@ def test_a_study_refused_after_reading_leaves_no_cache_entry(tmp_path, study_roo
     text = (site / "manifest.csv").read_text().replace(box_text(BOX_L), "-100 -24 -24 -60 24 24")  # R box on L
     (site / "manifest.csv").write_text(text)
     data = SiteData(site, "site-A", tmp_path / "cache", SPEC)
-    assert [v.status for v in data.verdicts] == ["refused"] and "outside its hemi field of view" in data.verdicts[0].reason
+    assert [v.status for v in data.verdicts] == ["refused"] and "outside its hemi field of view" in data.verdicts[
+        0
+    ].reason
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -397,6 +411,7 @@ def test_an_unusable_manifest_header_is_one_clear_error(tmp_path, content, messa
 
 # -- codestream bombs: a compressed frame that declares more pixels than its DICOM header --------
 
+
 def _j2k_study(folder: Path, rows: int = 32, columns: int = 40, slices: int = 3):
     """A JPEG 2000 Lossless study of ``slices`` files of ``rows x columns``; returns (volume, paths).
 
@@ -422,7 +437,7 @@ def _declare_j2k_size(path: Path, rows: int, columns: int) -> None:
     data = bytearray(path.read_bytes())
     at = data.find(b"\xff\x4f\xff\x51")
     assert at > 0
-    data[at + 8:at + 24] = struct.pack(">IIII", columns, rows, 0, 0)  # Xsiz, Ysiz, XOsiz, YOsiz
+    data[at + 8 : at + 24] = struct.pack(">IIII", columns, rows, 0, 0)  # Xsiz, Ysiz, XOsiz, YOsiz
     path.write_bytes(bytes(data))
 
 
@@ -445,7 +460,9 @@ def test_a_jpeg2000_study_reads_the_same_pixels(tmp_path):
     from client.dicom_series import read_study
 
     volume, paths = _j2k_study(tmp_path / "s")
-    assert all(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000Lossless for p in paths)
+    assert all(
+        pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000Lossless for p in paths
+    )
     image = read_study(tmp_path / "s")
     # the writer's layout: file k at slice k along the normal, its rows along the column cosine
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume.astype(np.float32))
@@ -459,8 +476,11 @@ def test_a_jpeg2000_codestream_larger_than_its_header_is_refused_before_decoding
     _declare_j2k_size(paths[1], side, side)
     assert paths[1].stat().st_size < 4000  # a few KB on disk, a 2-8 GB frame to the decoder
     _no_decoding(monkeypatch)
-    with pytest.raises(SeriesError, match=f"JPEG 2000 codestream declares {side} x {side} pixels but the DICOM "
-                                          r"header 32 x 40; refused before decoding") as err:
+    with pytest.raises(
+        SeriesError,
+        match=f"JPEG 2000 codestream declares {side} x {side} pixels but the DICOM "
+        r"header 32 x 40; refused before decoding",
+    ) as err:
         read_study(tmp_path / "s")
     assert err.value.study == str(tmp_path / "s")
 
@@ -513,18 +533,24 @@ def test_a_jpeg_codestream_larger_than_its_header_is_refused_before_decoding(tmp
         ds.PixelData = encapsulate([_jpeg_header(0xC3, 65535, 65535) + bytes(16) + b"\xff\xd9"])
         ds.save_as(path, enforce_file_format=True)
     _no_decoding(monkeypatch)
-    with pytest.raises(SeriesError, match="a JPEG codestream declares 65535 x 65535 pixels but the DICOM header 32 x 40"):
+    with pytest.raises(
+        SeriesError, match="a JPEG codestream declares 65535 x 65535 pixels but the DICOM header 32 x 40"
+    ):
         read_study(tmp_path / "s")
 
 
 # -- non-finite NIfTI geometry ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("where, value, message", [
-    ((0, 0), float("nan"), "not finite"),  # spacing (nan, 2, 2)
-    ((1, 3), float("inf"), "not finite"),  # origin
-    ((2, 1), float("nan"), "not finite"),  # direction
-    ((0, 0), 0.0, "shear or zero scale"),  # zero spacing
-])
+
+@pytest.mark.parametrize(
+    "where, value, message",
+    [
+        ((0, 0), float("nan"), "not finite"),  # spacing (nan, 2, 2)
+        ((1, 3), float("inf"), "not finite"),  # origin
+        ((2, 1), float("nan"), "not finite"),  # direction
+        ((0, 0), 0.0, "shear or zero scale"),  # zero spacing
+    ],
+)
 def test_a_nifti_with_non_finite_or_zero_geometry_is_refused_naming_the_file(tmp_path, where, value, message):
     import nibabel
     import numpy as np

@@ -35,8 +35,17 @@ def _request(message_type: str, config: dict, arrays: ArrayRecord | None = None)
     content = RecordDict({"config": ConfigRecord(config)})
     if arrays is not None:
         content["arrays"] = arrays
-    metadata = Metadata(run_id=7, message_id="q1", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                        group_id="", created_at=time.time(), ttl=600.0, message_type=message_type)
+    metadata = Metadata(
+        run_id=7,
+        message_id="q1",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=message_type,
+    )
     return make_message(metadata=metadata, content=content)
 
 
@@ -63,8 +72,12 @@ def test_describe_train_reply_lists_arrays_metric_names_and_bytes_but_no_values(
 
 def test_hello_reply_records_config_names_only(tmp_path):
     request = _request("query", {"action": "hello"})
-    reply = Message(content=RecordDict({"site": ConfigRecord({"site-id": "St-Elsewhere"}),
-                                        "metrics": MetricRecord({"heads-train": 4})}), reply_to=request)
+    reply = Message(
+        content=RecordDict(
+            {"site": ConfigRecord({"site-id": "St-Elsewhere"}), "metrics": MetricRecord({"heads-train": 4})}
+        ),
+        reply_to=request,
+    )
     entry = describe_message(reply, request)
     assert entry["action"] == "hello" and entry["configs"] == [{"record": "site", "names": ["site-id"]}]
     assert "St-Elsewhere" not in json.dumps(entry)
@@ -110,11 +123,21 @@ def test_client_app_audit_path_follows_the_node_config(tmp_path):
     from tests.conftest import tiny_run_config
 
     rc = tiny_run_config()
-    ctx = Context(run_id=1, node_id=1, node_config={"site-id": "A", "data-path": str(tmp_path / "A")},
-                  state=RecordDict(), run_config=rc)
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-id": "A", "data-path": str(tmp_path / "A")},
+        state=RecordDict(),
+        run_config=rc,
+    )
     assert audit_log_path(ctx) == tmp_path / "A" / ".onfh-cache" / "audit.jsonl"
-    ctx = Context(run_id=1, node_id=1, node_config={"site-id": "A", "data-path": str(tmp_path), "audit-log": str(tmp_path / "x.jsonl")},
-                  state=RecordDict(), run_config=rc)
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-id": "A", "data-path": str(tmp_path), "audit-log": str(tmp_path / "x.jsonl")},
+        state=RecordDict(),
+        run_config=rc,
+    )
     assert audit_log_path(ctx) == tmp_path / "x.jsonl"
 
 
@@ -125,15 +148,25 @@ def test_deployed_site_audit_log_is_not_moved_by_the_run_config(tmp_path):
     from tests.conftest import tiny_run_config
 
     rc = tiny_run_config(**{"cache-dir": str(tmp_path / "coordinator-chosen"), "data-root": str(tmp_path)})
-    ctx = Context(run_id=1, node_id=1, node_config={"site-id": "A", "data-path": str(tmp_path / "A")},
-                  state=RecordDict(), run_config=rc)
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-id": "A", "data-path": str(tmp_path / "A")},
+        state=RecordDict(),
+        run_config=rc,
+    )
     assert audit_log_path(ctx) == tmp_path / "A" / ".onfh-cache" / "audit.jsonl"
-    ctx = Context(run_id=1, node_id=1, node_config={"site-id": "A", "data-path": str(tmp_path / "A"),
-                                                    "cache-dir": str(tmp_path / "site-cache")},
-                  state=RecordDict(), run_config=rc)
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-id": "A", "data-path": str(tmp_path / "A"), "cache-dir": str(tmp_path / "site-cache")},
+        state=RecordDict(),
+        run_config=rc,
+    )
     assert audit_log_path(ctx) == tmp_path / "site-cache" / "audit.jsonl"
-    sim = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4},
-                  state=RecordDict(), run_config=rc)  # simulation: the run config's cache, per site
+    sim = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config=rc
+    )  # simulation: the run config's cache, per site
     assert audit_log_path(sim) == tmp_path / "coordinator-chosen" / "A" / "audit.jsonl"
 
 
@@ -154,8 +187,16 @@ def _anchored_log(tmp_path, rounds: int = 4):
     anchors = []
     for r in range(1, rounds + 1):
         reply = train(_request("train", {"phase": "detector", "server-round": r}), context)
-        anchors.append({"run_id": 7, "message_type": "train", "round": r, "phase": "detector", "action": None,
-                        "sha256": reply.content[ANCHOR_RECORD][ANCHOR_KEY]})
+        anchors.append(
+            {
+                "run_id": 7,
+                "message_type": "train",
+                "round": r,
+                "phase": "detector",
+                "action": None,
+                "sha256": reply.content[ANCHOR_RECORD][ANCHOR_KEY],
+            }
+        )
     return path, anchors
 
 
@@ -210,6 +251,7 @@ def test_every_tail_tampering_of_row_11_is_detected(tmp_path, attack):
     elif attack == "append-forged-line":  # well chained, same run, same shape as a real entry
         forged = {**json.loads(lines[-1]), "round": 5}
         import hashlib
+
         forged["prev_sha256"] = hashlib.sha256(lines[-1]).hexdigest()
         lines.append(json.dumps(forged, sort_keys=True).encode())
     else:  # every line changed and re-chained

@@ -19,8 +19,17 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _message(src: int, dst: int, message_type: str, content: RecordDict, run_id: int = 3) -> Message:
-    meta = Metadata(run_id=run_id, message_id=f"m{src}-{dst}-{time.monotonic_ns()}", src_node_id=src, dst_node_id=dst,
-                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=60.0, message_type=message_type)
+    meta = Metadata(
+        run_id=run_id,
+        message_id=f"m{src}-{dst}-{time.monotonic_ns()}",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=message_type,
+    )
     return make_message(metadata=meta, content=content)
 
 
@@ -50,8 +59,10 @@ class SiteGrid:
 
 
 def _round(grid, nodes, r: int):
-    msgs = [_message(0, n, "train", RecordDict({"config": ConfigRecord({"phase": "detector", "server-round": r})}))
-            for n in nodes]
+    msgs = [
+        _message(0, n, "train", RecordDict({"config": ConfigRecord({"phase": "detector", "server-round": r})}))
+        for n in nodes
+    ]
     return grid.send_and_receive(msgs, timeout=5)
 
 
@@ -96,9 +107,20 @@ def test_verify_audit_cli_passes_an_intact_log_and_names_a_deleted_tail(tmp_path
 def test_replies_without_a_well_formed_anchor_are_not_recorded(tmp_path):
     class Plain(SiteGrid):
         def send_and_receive(self, messages, *, timeout=None):
-            return [_message(m.metadata.dst_node_id, 0, "train", RecordDict({
-                "audit": ConfigRecord({"head-sha256": "not-a-hash"}), "metrics": MetricRecord({"num-examples": 1})}))
-                for m in messages]
+            return [
+                _message(
+                    m.metadata.dst_node_id,
+                    0,
+                    "train",
+                    RecordDict(
+                        {
+                            "audit": ConfigRecord({"head-sha256": "not-a-hash"}),
+                            "metrics": MetricRecord({"num-examples": 1}),
+                        }
+                    ),
+                )
+                for m in messages
+            ]
 
     grid = AnchorRecordingGrid(Plain({11: None}), tmp_path / "a.json")
     _round(grid, [11], 1)

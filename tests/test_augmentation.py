@@ -71,8 +71,9 @@ def test_flips_move_boxes_exactly_with_the_cuboid():
 
 def test_all_axes_flipped_with_probability_one():
     x, boxes = _cuboids(2, seed=3)
-    out, new = augment_detector_batch(x, boxes, np.random.default_rng(0), flip_prob=1.0, affine_prob=0.0,
-                                      intensity=False)
+    out, new = augment_detector_batch(
+        x, boxes, np.random.default_rng(0), flip_prob=1.0, affine_prob=0.0, intensity=False
+    )
     assert torch.equal(out, torch.flip(x, dims=[2, 3, 4]))
     expected = boxes.clone()
     expected[:, :3] = torch.tensor(SHAPE, dtype=torch.float32) - 1 - boxes[:, :3]
@@ -81,8 +82,16 @@ def test_all_axes_flipped_with_probability_one():
 
 def test_zoom_and_shift_move_boxes_with_the_cuboid():
     x, boxes = _cuboids(8, seed=1, margin=10)
-    out, new = augment_detector_batch(x, boxes, np.random.default_rng(2), flip_prob=0.0, affine_prob=1.0,
-                                      max_zoom=0.1, max_translate_voxels=3.0, intensity=False)
+    out, new = augment_detector_batch(
+        x,
+        boxes,
+        np.random.default_rng(2),
+        flip_prob=0.0,
+        affine_prob=1.0,
+        max_zoom=0.1,
+        max_translate_voxels=3.0,
+        intensity=False,
+    )
     for i in range(len(x)):
         truth = _corners(_extent(out[i, 0].numpy()))
         np.testing.assert_allclose(_corners(new[i].numpy()), truth, atol=0.5 + 1e-4)
@@ -96,8 +105,9 @@ def test_zoom_and_shift_move_boxes_with_the_cuboid():
 
 def test_flips_and_affine_together_track_the_cuboid():
     x, boxes = _cuboids(12, seed=2, margin=10)
-    out, new = augment_detector_batch(x, boxes, torch.Generator().manual_seed(5), flip_prob=0.5, affine_prob=0.5,
-                                      intensity=False)
+    out, new = augment_detector_batch(
+        x, boxes, torch.Generator().manual_seed(5), flip_prob=0.5, affine_prob=0.5, intensity=False
+    )
     for i in range(len(x)):
         truth = _corners(_extent(out[i, 0].numpy()))
         np.testing.assert_allclose(_corners(new[i].numpy()), truth, atol=0.5 + 1e-4)
@@ -108,8 +118,9 @@ def test_boxes_are_clipped_inside_the_volume():
     x = torch.zeros((6, 1) + SHAPE)
     x[:, 0, :6, :10, :8] = 1.0
     boxes = torch.tensor([[2.5, 4.5, 3.5, 6.0, 10.0, 8.0]] * 6)
-    out, new = augment_detector_batch(x, boxes, np.random.default_rng(0), flip_prob=0.5, affine_prob=1.0,
-                                      max_translate_voxels=8.0, intensity=False)
+    out, new = augment_detector_batch(
+        x, boxes, np.random.default_rng(0), flip_prob=0.5, affine_prob=1.0, max_translate_voxels=8.0, intensity=False
+    )
     corners = np.stack([_corners(b) for b in new.numpy()])
     size = np.array(SHAPE, float)
     assert np.all(corners[:, :3] >= -0.5 - 1e-5) and np.all(corners[:, 3:] <= size - 0.5 + 1e-5)
@@ -126,8 +137,7 @@ def test_boxes_are_clipped_inside_the_volume():
 def test_box_entirely_outside_keeps_a_positive_size_inside():
     x = torch.zeros((1, 1) + SHAPE)
     boxes = torch.tensor([[-20.0, -30.0, 100.0, 2.0, 2.0, 2.0]])  # not in the volume at all
-    _, new = augment_detector_batch(x, boxes, np.random.default_rng(0), flip_prob=0.0, affine_prob=0.0,
-                                    intensity=False)
+    _, new = augment_detector_batch(x, boxes, np.random.default_rng(0), flip_prob=0.0, affine_prob=0.0, intensity=False)
     c = _corners(new[0].numpy())
     assert np.all(new[0, 3:].numpy() >= MIN_BOX_SIZE - 1e-5)
     assert np.all(c[:3] >= -0.5 - 1e-5) and np.all(c[3:] <= np.array(SHAPE) - 0.5 + 1e-5)
@@ -205,8 +215,10 @@ def test_bad_inputs_of_intensity_and_rng():
 # ---------------------------------------------------------------- the fast paths equal MONAI's transforms
 
 
-@pytest.mark.parametrize("zoom, shift", [(1.0, (0.0, 0.0, 0.0)), (0.9, (2.5, -3.0, 1.25)), (1.1, (-1.7, 0.4, -3.0)),
-                                         (1.05, (40.0, 0.0, 0.0))])
+@pytest.mark.parametrize(
+    "zoom, shift",
+    [(1.0, (0.0, 0.0, 0.0)), (0.9, (2.5, -3.0, 1.25)), (1.1, (-1.7, 0.4, -3.0)), (1.05, (40.0, 0.0, 0.0))],
+)
 def test_separable_resampling_equals_monai_affine(zoom, shift):
     from monai.transforms import Affine
 
@@ -230,7 +242,9 @@ def test_flips_folded_into_the_resampling_equal_monai_flip_then_affine(axes):
     img = torch.rand((1,) + SHAPE, generator=torch.Generator().manual_seed(2))
     zoom, shift = 0.93, (1.5, -2.25, 0.75)
     flipped = torch.as_tensor(Flip(spatial_axis=axes)(img)).as_tensor()
-    ref = Affine(affine=np.linalg.inv(_zoom_shift(zoom, np.asarray(shift))), padding_mode="zeros", image_only=True)(flipped)
+    ref = Affine(affine=np.linalg.inv(_zoom_shift(zoom, np.asarray(shift))), padding_mode="zeros", image_only=True)(
+        flipped
+    )
     ours = resample_zoom_shift(img, zoom, shift, flip_axes=axes)
     torch.testing.assert_close(ours, torch.as_tensor(ref).as_tensor(), atol=2e-5, rtol=0)
 
@@ -245,8 +259,9 @@ def test_intensity_arithmetic_equals_monai_transforms(factor, offset, gamma):
     ref = ShiftIntensity(offset)(ScaleIntensity(minv=None, maxv=None, factor=factor)(img))
     if gamma != 1.0:
         ref = AdjustContrast(gamma)(ref)
-    torch.testing.assert_close(_apply_intensity(img, factor, offset, gamma), torch.as_tensor(ref).as_tensor(),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        _apply_intensity(img, factor, offset, gamma), torch.as_tensor(ref).as_tensor(), atol=1e-6, rtol=1e-5
+    )
     # the noise: N(0, std) in float32, seeded
     a = _apply_intensity(img, 0.0, 0.0, 1.0, noise_std=0.02, noise_seed=5) - img
     b = _apply_intensity(img, 0.0, 0.0, 1.0, noise_std=0.02, noise_seed=5) - img

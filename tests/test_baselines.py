@@ -49,8 +49,11 @@ def test_pooled_site_holds_train_and_val_of_every_pooled_site_and_no_test_head(t
     # patient ids are local to a hospital: the pooled site keys them by (site, patient) as "<site>/<id>"
     assert sorted({r["patient_id"] for r in manifest}) == ["A/A-1", "A/A-2", "B/B-1"]
     assert len(manifest) == 6  # both heads of each pooled patient
-    assert {r["patient_id"]: r["split"] for r in _rows(pooled / "split.csv")} == {"A/A-1": "train", "A/A-2": "val",
-                                                                                "B/B-1": "train"}
+    assert {r["patient_id"]: r["split"] for r in _rows(pooled / "split.csv")} == {
+        "A/A-1": "train",
+        "A/A-2": "val",
+        "B/B-1": "train",
+    }
     for r in manifest:  # every study is a link to the original folder, not a copy
         link = pooled / r["study"]
         assert link.is_symlink() and link.resolve() == (tmp_path / r["study"][:1] / r["study"][2:]).resolve()
@@ -83,7 +86,9 @@ def test_pooled_overrides_match_the_federations_total_steps():
     assert o["detector-local-steps"] == 90 and o["stager-local-steps"] == 120
     assert o["site-ids"].split(",") == ["A", "B", "C", "D", POOLED_SITE]
     cfg = RunConfig.from_run_config({**tiny_run_config(), **o})
-    assert cfg.train_sites == (POOLED_SITE,) and cfg.split_sites == ("A", "B", "C") and cfg.pooled_sites == ("A", "B", "C")
+    assert (
+        cfg.train_sites == (POOLED_SITE,) and cfg.split_sites == ("A", "B", "C") and cfg.pooled_sites == ("A", "B", "C")
+    )
 
 
 def test_split_sites_default_to_train_sites_and_must_be_known():
@@ -110,8 +115,11 @@ def test_prepare_splits_keeps_splits_fixed_across_local_and_federated_cells(tmp_
     assert b == {"train", "val", "test"}
     assert {r["split"] for r in _rows(tmp_path / "C" / "split.csv")} == {"test"}
     with pytest.raises(ValueError, match="split-sites"):
-        prepare_splits(RunConfig.from_run_config(tiny_run_config(**{"data-root": str(tmp_path), "train-sites": "A,C",
-                                                                    "split-sites": "A,B"})))
+        prepare_splits(
+            RunConfig.from_run_config(
+                tiny_run_config(**{"data-root": str(tmp_path), "train-sites": "A,C", "split-sites": "A,B"})
+            )
+        )
 
 
 def test_baselines_grid_is_federated_local_per_site_and_pooled():
@@ -138,11 +146,18 @@ def test_report_groups_for_training_sites():
 
 def test_cross_site_matrix_is_the_mean_over_seeds_per_model_and_site():
     def report(auc_a, auc_b):
-        return {"per_site": {"A": {"n": 5, "macro": {"auc": auc_a, "accuracy": 0.5}},
-                             "B": {"n": 4, "macro": {"auc": auc_b, "accuracy": 0.5}}}}
+        return {
+            "per_site": {
+                "A": {"n": 5, "macro": {"auc": auc_a, "accuracy": 0.5}},
+                "B": {"n": 4, "macro": {"auc": auc_b, "accuracy": 0.5}},
+            }
+        }
 
-    rows = (compare.cross_site_rows("local-A", 0, report(0.9, 0.6)) + compare.cross_site_rows("local-A", 1, report(0.8, 0.7))
-            + compare.cross_site_rows("federated", 0, report(0.85, None)))  # undefined AUC: null in report.json
+    rows = (
+        compare.cross_site_rows("local-A", 0, report(0.9, 0.6))
+        + compare.cross_site_rows("local-A", 1, report(0.8, 0.7))
+        + compare.cross_site_rows("federated", 0, report(0.85, None))
+    )  # undefined AUC: null in report.json
     matrix = compare.cross_site_matrix(rows)
     assert matrix["local-A"] == pytest.approx({"A": 0.85, "B": 0.65})
     assert matrix["federated"] == {"A": 0.85}  # an undefined AUC is left out, not averaged as 0
@@ -164,8 +179,13 @@ def test_load_crops_takes_todays_split_not_the_one_at_crop_time(tmp_path):
     heads = [SimpleNamespace(stage=s, split=sp) for s, sp in ((0, "train"), (None, "test"), (1, "test"), (2, "val"))]
     site = SimpleNamespace(site_id="A", cache_dir=tmp_path, heads=heads)
     (tmp_path / "crops").mkdir()
-    np.savez(tmp_path / "crops" / "k.npz", crops=np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1, 1),
-             stages=np.array([0, 1, 2]), splits=np.array(["test", "test", "test"]), low_confidence=np.int64(0))
+    np.savez(
+        tmp_path / "crops" / "k.npz",
+        crops=np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1, 1),
+        stages=np.array([0, 1, 2]),
+        splits=np.array(["test", "test", "test"]),
+        low_confidence=np.int64(0),
+    )
     crops, stages = tasks.load_crops(site, "k").select("test")
     assert crops.ravel().tolist() == [1.0] and stages.tolist() == [1]  # the staged head 3, test today
     heads.append(SimpleNamespace(stage=0, split="train"))  # manifest changed since cropping
@@ -176,8 +196,11 @@ def test_load_crops_takes_todays_split_not_the_one_at_crop_time(tmp_path):
 def test_compare_grid_writes_the_cross_site_matrix_and_a_page(tmp_path, monkeypatch):
     def fake_experiment(overrides, console=None):
         auc = 0.9 if overrides.get("train-sites") == "A" else 0.7
-        return {"sites": {"A-test": {"sites": ["A"], "n": 4, "macro": {"auc": auc}}}, "detector": {},
-                "per_site": {"A": {"n": 4, "macro": {"auc": auc}}, "B": {"n": 3, "macro": {"auc": auc - 0.1}}}}
+        return {
+            "sites": {"A-test": {"sites": ["A"], "n": 4, "macro": {"auc": auc}}},
+            "detector": {},
+            "per_site": {"A": {"n": 4, "macro": {"auc": auc}}, "B": {"n": 3, "macro": {"auc": auc - 0.1}}},
+        }
 
     monkeypatch.setattr("sim.experiment.run_experiment", fake_experiment)
     variants = [compare.Variant("local-A", {"train-sites": "A"}), compare.Variant("local-B", {"train-sites": "B"})]

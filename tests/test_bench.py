@@ -14,22 +14,72 @@ from sim.cli import main
 
 #: Every key each section writes (beyond ``section``); ``onfh sim bench --quick`` must write them all.
 EXPECTED_KEYS = {
-    "detector": {"model_size", "params", "train_volumes_per_s", "train_step_ms", "augment_ms_per_batch",
-                 "augment_share_of_step", "infer_ms_per_volume"},
-    "transfer": {"model", "model_size", "tensors", "fp32_bytes", "unpacked_bytes", "unpacked_ratio", "unpacked_objects",
-                 "arrayrecord_bytes", "ratio", "packed_arrays", "packed_objects", "fp16_bytes", "fp16_ratio",
-                 "pack_ms", "unpack_ms", "fp16_weight_max_rel_err", "fp16_output_max_abs_diff"},
+    "detector": {
+        "model_size",
+        "params",
+        "train_volumes_per_s",
+        "train_step_ms",
+        "augment_ms_per_batch",
+        "augment_share_of_step",
+        "infer_ms_per_volume",
+    },
+    "transfer": {
+        "model",
+        "model_size",
+        "tensors",
+        "fp32_bytes",
+        "unpacked_bytes",
+        "unpacked_ratio",
+        "unpacked_objects",
+        "arrayrecord_bytes",
+        "ratio",
+        "packed_arrays",
+        "packed_objects",
+        "fp16_bytes",
+        "fp16_ratio",
+        "pack_ms",
+        "unpack_ms",
+        "fp16_weight_max_rel_err",
+        "fp16_output_max_abs_diff",
+    },
     "ingestion": {"monai_reader", "studies", "monai_ms", "first_read_ms", "cached_read_ms", "first_read_over_monai"},
     "input_pipeline": {"model", "inmemory_volumes_per_s", "ours_volumes_per_s", "throughput_ratio"},
     "inference": {"model_size", "read_ms", "analyse_ms", "total_ms"},
-    "federated": {"baseline_s", "flower_s", "overhead_ratio", "roundtrip_s_per_round", "peak_rss_gib",
-                  "peak_client_rss_gib", "fp32_iou_mean", "fp32_macro_auc", "fp16_iou_mean", "fp16_macro_auc"},
-    "scaling": {"sites", "data_copies", "s_per_round", "per_site_s_per_round", "peak_rss_gib",
-                "rss_round5_over_round2"},
+    "federated": {
+        "baseline_s",
+        "flower_s",
+        "overhead_ratio",
+        "roundtrip_s_per_round",
+        "peak_rss_gib",
+        "peak_client_rss_gib",
+        "fp32_iou_mean",
+        "fp32_macro_auc",
+        "fp16_iou_mean",
+        "fp16_macro_auc",
+    },
+    "scaling": {
+        "sites",
+        "data_copies",
+        "s_per_round",
+        "per_site_s_per_round",
+        "peak_rss_gib",
+        "rss_round5_over_round2",
+    },
     "deployment": {"status", "simulation_s", "deployment_s", "overhead_ratio"},
     "gpu": {"model", "model_size"},
-    "poisoning": {"strategy", "attack", "seed", "macro_auc", "iou_mean", "rejected_replies", "auc_drop", "iou_drop",
-                  "stager_shift", "detector_shift", "within_spread"},
+    "poisoning": {
+        "strategy",
+        "attack",
+        "seed",
+        "macro_auc",
+        "iou_mean",
+        "rejected_replies",
+        "auc_drop",
+        "iou_drop",
+        "stager_shift",
+        "detector_shift",
+        "within_spread",
+    },
 }
 
 
@@ -91,8 +141,10 @@ def test_plain_loop_fedavg_equals_flowers_aggregation():
     gen = torch.Generator().manual_seed(0)
     states = [{"w": torch.randn(5, 3, generator=gen), "n": torch.tensor(100 + i, dtype=torch.int64)} for i in range(3)]
     counts = [4, 1, 6]
-    records = [RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": n})})
-               for s, n in zip(states, counts)]
+    records = [
+        RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": n})})
+        for s, n in zip(states, counts)
+    ]
     flower = restore_dtypes(aggregate_arrayrecords(records, "num-examples"), records[0]["arrays"])
     ours = fedavg_states(states, counts)
     np.testing.assert_array_equal(ours["w"].numpy(), flower["w"].numpy())
@@ -108,7 +160,8 @@ def test_scaled_sites_copy_patients_under_new_names(tmp_path):
         (src / site / "study-1").mkdir(parents=True)
         (src / site / "manifest.csv").write_text(
             "patient_id,study,side,ficat_stage,box_lps_mm,scanner\n"
-            f"{site}-1,study-1,L,0,0 0 0 40 40 40,x\n{site}-1,study-1,R,I,0 0 0 40 40 40,x\n")
+            f"{site}-1,study-1,L,0,0 0 0 40 40 40,x\n{site}-1,study-1,R,I,0 0 0 40 40 40,x\n"
+        )
     ids = make_scaled_sites(src, tmp_path / "out", n_sites=3, copies=2)
     assert ids == ["S01", "S02", "S03"]
     heads = read_manifest(tmp_path / "out" / "S03", "S03")  # S03 is built from A again

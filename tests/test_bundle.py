@@ -15,9 +15,17 @@ def bundle(tmp_path):
     scfg = StagerConfig(init_features=8, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2))
     det, stg = YOLOX3D(dcfg), MulDenseNet3D(scfg)
     key = generate_signing_key(tmp_path / "keys" / "signing.pem")
-    path = write_bundle(tmp_path / "bundle", detector_state=det.state_dict(), stager_state=stg.state_dict(),
-                        detector_config=dcfg, stager_config=scfg, spec=PreprocessingSpec(), metrics={"auc": 0.9},
-                        run_config={"strategy": "fedavg"}, signing_key=key)
+    path = write_bundle(
+        tmp_path / "bundle",
+        detector_state=det.state_dict(),
+        stager_state=stg.state_dict(),
+        detector_config=dcfg,
+        stager_config=scfg,
+        spec=PreprocessingSpec(),
+        metrics={"auc": 0.9},
+        run_config={"strategy": "fedavg"},
+        signing_key=key,
+    )
     return path, tmp_path / "keys" / "signing.pem.pub", det, stg
 
 
@@ -65,11 +73,18 @@ def test_calibration_travels_signed_and_is_optional(bundle, tmp_path):
     assert load_bundle(path, pub).calibration is None  # an older bundle: no calibration.json
     cal = Calibration(temperature=1.4, detector_threshold=0.35, energy_threshold=math.inf, early_threshold=0.45)
     key = generate_signing_key(tmp_path / "k2.pem")
-    out = write_bundle(tmp_path / "b2", detector_state=det.state_dict(), stager_state=stg.state_dict(),
-                       detector_config=DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8),
-                       stager_config=StagerConfig(init_features=8, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2)),
-                       spec=PreprocessingSpec(), metrics={},
-                       run_config={}, signing_key=key, calibration=cal)
+    out = write_bundle(
+        tmp_path / "b2",
+        detector_state=det.state_dict(),
+        stager_state=stg.state_dict(),
+        detector_config=DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8),
+        stager_config=StagerConfig(init_features=8, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2)),
+        spec=PreprocessingSpec(),
+        metrics={},
+        run_config={},
+        signing_key=key,
+        calibration=cal,
+    )
     assert load_bundle(out, tmp_path / "k2.pem.pub").calibration == cal
     # a lowered threshold after signing is refused, and so is a removed calibration file
     (out / "calibration.json").write_text(json.dumps({**cal.to_dict(), "detector_threshold": 0.0}))

@@ -63,8 +63,14 @@ def test_ece_from_reliability_counts_equals_direct_ece():
     c = cal.reliability_counts(probs, y)
     conf, correct = probs.max(axis=1), probs.argmax(axis=1) == y
     bins = np.minimum((conf * 10).astype(int), 9)
-    direct = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).sum()
-                 for b in range(10) if (bins == b).any()) / 300
+    direct = (
+        sum(
+            abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).sum()
+            for b in range(10)
+            if (bins == b).any()
+        )
+        / 300
+    )
     assert cal.ece_from_counts(c["count"], c["correct"], c["conf"]) == pytest.approx(direct, abs=1e-9)
     assert cal.ece_from_counts([0] * 10, [0] * 10, [0.0] * 10) is None
 
@@ -82,8 +88,9 @@ def test_early_threshold_maximises_youden_and_sens_spec_match_raw_values():
 
 
 def test_calibration_round_trips_and_rejects_bad_values():
-    c = cal.Calibration(temperature=1.7, detector_threshold=0.31, energy_threshold=math.inf, early_threshold=0.42,
-                        val_heads=40)
+    c = cal.Calibration(
+        temperature=1.7, detector_threshold=0.31, energy_threshold=math.inf, early_threshold=0.42, val_heads=40
+    )
     assert cal.Calibration.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError):
         cal.Calibration(temperature=0.0)

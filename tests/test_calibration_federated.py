@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from server.calibration import StatsError, check_calibrated_stats, check_validation_stats, choose_from_validation, summarise
+from server.calibration import (
+    StatsError,
+    check_calibrated_stats,
+    check_validation_stats,
+    choose_from_validation,
+    summarise,
+)
 from shared_models import calibration as cal
 from shared_models.config import RunConfig
 from tests.conftest import tiny_run_config
@@ -23,9 +29,15 @@ def _val_stats(rng, n, shift=0.0):
     energy = rng.normal(-6.0 + shift, 1.5, n)
     logits = rng.normal(0, 3, (n, 3))
     labels = rng.integers(0, 3, n)
-    reply = {"val-heads": n, "val-suppressed": 0, "det-heads": n, "det-good": int(good.sum()),
-             "det-score-hist": cal.histogram(scores[good], cal.SCORE_EDGES),
-             "energy-hist": cal.histogram(energy, cal.ENERGY_EDGES), "nll": cal.nll_sums(logits, labels)}
+    reply = {
+        "val-heads": n,
+        "val-suppressed": 0,
+        "det-heads": n,
+        "det-good": int(good.sum()),
+        "det-score-hist": cal.histogram(scores[good], cal.SCORE_EDGES),
+        "energy-hist": cal.histogram(energy, cal.ENERGY_EDGES),
+        "nll": cal.nll_sums(logits, labels),
+    }
     return reply, (scores[good], energy, logits, labels)
 
 
@@ -39,7 +51,9 @@ def test_server_pools_sites_like_one_site_with_all_the_heads():
     assert chosen.temperature == cal.choose_temperature(cal.nll_sums(logits, labels))
     assert np.mean(scores < chosen.detector_threshold) <= 0.01
     assert np.mean(energy >= chosen.energy_threshold) <= 0.05
-    assert chosen.energy_threshold == cal.upper_threshold(cal.histogram(energy, cal.ENERGY_EDGES), cal.ENERGY_EDGES, 0.05)
+    assert chosen.energy_threshold == cal.upper_threshold(
+        cal.histogram(energy, cal.ENERGY_EDGES), cal.ENERGY_EDGES, 0.05
+    )
 
 
 def test_no_good_validation_box_flags_every_box():
@@ -51,14 +65,17 @@ def test_no_good_validation_box_flags_every_box():
     assert nothing.detector_threshold is None and nothing.energy_threshold is None and nothing.temperature == 1.0
 
 
-@pytest.mark.parametrize("tamper, match", [
-    (lambda r: r.update({"val-heads": 500}), "val-heads"),  # more than the site declared at hello
-    (lambda r: r.update({"energy-hist": r["energy-hist"][:-1]}), "energy-hist"),
-    (lambda r: r.update({"det-score-hist": [-1] + r["det-score-hist"][1:]}), "det-score-hist"),
-    (lambda r: r.update({"det-good": r["det-good"] + 1}), "det-score-hist"),
-    (lambda r: r.update({"nll": [1e9] * len(cal.TEMPERATURE_GRID)}), "nll"),
-    (lambda r: r.update({"nll": [math.nan] * len(cal.TEMPERATURE_GRID)}), "nll"),
-])
+@pytest.mark.parametrize(
+    "tamper, match",
+    [
+        (lambda r: r.update({"val-heads": 500}), "val-heads"),  # more than the site declared at hello
+        (lambda r: r.update({"energy-hist": r["energy-hist"][:-1]}), "energy-hist"),
+        (lambda r: r.update({"det-score-hist": [-1] + r["det-score-hist"][1:]}), "det-score-hist"),
+        (lambda r: r.update({"det-good": r["det-good"] + 1}), "det-score-hist"),
+        (lambda r: r.update({"nll": [1e9] * len(cal.TEMPERATURE_GRID)}), "nll"),
+        (lambda r: r.update({"nll": [math.nan] * len(cal.TEMPERATURE_GRID)}), "nll"),
+    ],
+)
 def test_server_rejects_malformed_or_unbounded_validation_aggregates(tamper, match):
     reply, _ = _val_stats(np.random.default_rng(1), 30)
     assert check_validation_stats(reply, 30) is not None
@@ -71,8 +88,11 @@ def test_suppressed_split_is_skipped_and_reported_as_such():
     assert check_validation_stats({"val-heads": 3, "val-suppressed": 1}, 3) is None
     assert check_calibrated_stats({"test-heads": 2, "test-suppressed": 1}, "test", 2) is None
     calibration, report = summarise(cal.Calibration(), {"B": {"val": None, "test": None}}, train_sites=("A",))
-    assert calibration.early_threshold is None and report["sites"]["B"] == {"external": True, "test_heads": None,
-                                                                             "suppressed": True}
+    assert calibration.early_threshold is None and report["sites"]["B"] == {
+        "external": True,
+        "test_heads": None,
+        "suppressed": True,
+    }
 
 
 def _eval_split(probs_before, probs_after, labels, split="test"):
@@ -93,10 +113,12 @@ def test_summary_reports_ece_and_early_onfh_sensitivity_specificity_per_site():
     before, after = cal.softmax_t(logits, 1.0), cal.softmax_t(logits, 2.0)
     val = check_calibrated_stats(_eval_split(before, after, labels, "val"), "val", 80)
     t_logits, t_labels = rng.normal(0, 3, (30, 3)), rng.integers(0, 3, 30)
-    test = check_calibrated_stats(_eval_split(cal.softmax_t(t_logits, 1.0), cal.softmax_t(t_logits, 2.0), t_labels),
-                                  "test", 30)
-    calibration, report = summarise(cal.Calibration(temperature=2.0), {"A": {"val": val, "test": None},
-                                                                       "B": {"val": None, "test": test}}, ("A",))
+    test = check_calibrated_stats(
+        _eval_split(cal.softmax_t(t_logits, 1.0), cal.softmax_t(t_logits, 2.0), t_labels), "test", 30
+    )
+    calibration, report = summarise(
+        cal.Calibration(temperature=2.0), {"A": {"val": val, "test": None}, "B": {"val": None, "test": test}}, ("A",)
+    )
     # the threshold maximises Youden's J on A's validation heads, computed here from the raw values
     early = cal.early_probability(after)
     j = lambda t: np.mean(early[labels > 0] >= t) + np.mean(early[labels == 0] < t) - 1  # noqa: E731
@@ -123,8 +145,14 @@ def phantom_site(tmp_path_factory):
     from sim.phantoms import PROFILES, generate_phantoms
 
     quick = PROFILES["quick"]
-    profile = dataclasses.replace(quick, name="micro-cal", heads_per_site={"A": 10}, patients_per_site={"A": 6},
-                                  scanners={"A": quick.scanners["A"]}, external_groups={})
+    profile = dataclasses.replace(
+        quick,
+        name="micro-cal",
+        heads_per_site={"A": 10},
+        patients_per_site={"A": 6},
+        scanners={"A": quick.scanners["A"]},
+        external_groups={},
+    )
     root = tmp_path_factory.mktemp("cal")
     generate_phantoms(root, profile, seed=7, workers=1)
     with open(root / "A" / "manifest.csv") as fh:
@@ -142,9 +170,18 @@ def test_site_sends_consistent_aggregates_and_suppresses_small_splits(phantom_si
     from shared_models.detector import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
-    cfg = RunConfig.from_run_config(tiny_run_config(**{
-        "data-root": str(phantom_site), "site-ids": "A", "train-sites": "A", "report-groups": "A-test=A",
-        "cache-dir": str(tmp_path / "cache"), "crop-source": "ground-truth"}))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(
+            **{
+                "data-root": str(phantom_site),
+                "site-ids": "A",
+                "train-sites": "A",
+                "report-groups": "A-test=A",
+                "cache-dir": str(tmp_path / "cache"),
+                "crop-source": "ground-truth",
+            }
+        )
+    )
     site = tasks.open_site(cfg, "A", phantom_site / "A")
     torch.manual_seed(0)
     detector, stager = YOLOX3D(cfg.detector).state_dict(), MulDenseNet3D(cfg.stager).state_dict()
@@ -161,8 +198,14 @@ def test_site_sends_consistent_aggregates_and_suppresses_small_splits(phantom_si
     z = torch.from_numpy(stage_logits(model, crops, device=torch.device("cpu")))
     direct = float(torch.nn.functional.cross_entropy(z, torch.from_numpy(stages), reduction="sum"))
     assert m["nll"][cal.TEMPERATURE_GRID.index(1.0)] == pytest.approx(direct, rel=1e-6)
-    e = calibrated_stats(site, cfg, detector, stager, key, cal.Calibration(temperature=2.0, energy_threshold=-math.inf,
-                                                                          detector_threshold=1.0))
+    e = calibrated_stats(
+        site,
+        cfg,
+        detector,
+        stager,
+        key,
+        cal.Calibration(temperature=2.0, energy_threshold=-math.inf, detector_threshold=1.0),
+    )
     test = check_calibrated_stats(e, "test", len(site.heads_in("test")))
     if test is not None:
         assert test["ood_flagged"] == test["n"]  # every head at or above -inf

@@ -9,7 +9,6 @@ from client.client_app import SiteStepError, _contained, resolve_site
 from shared_models.config import RunConfig
 from tests.conftest import tiny_run_config
 
-
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
@@ -35,7 +34,9 @@ def test_failure_reaches_server_without_details_and_is_logged_at_site(tmp_path):
     def handler(msg, context):
         raise ValueError(secret)
 
-    msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "stager"})}), dst_node_id=5, message_type="train")
+    msg = Message(
+        content=RecordDict({"config": ConfigRecord({"phase": "stager"})}), dst_node_id=5, message_type="train"
+    )
     with pytest.raises(SiteStepError) as info:
         handler(msg, _context(tmp_path, {"partition-id": 0, "num-partitions": 4}))
     assert "Doe" not in str(info.value) and "/data" not in str(info.value)
@@ -79,7 +80,9 @@ def test_deployed_site_ignores_the_run_configs_cache_dir(tmp_path):
     ``<data-path>/.onfh-cache``, never the run config's; simulation keeps the run config's."""
     from client.client_app import site_cache_dir
 
-    cfg = RunConfig.from_run_config(tiny_run_config(**{"data-root": str(tmp_path), "cache-dir": str(tmp_path / "cache")}))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(**{"data-root": str(tmp_path), "cache-dir": str(tmp_path / "cache")})
+    )
     dep = _context(tmp_path, {"site-id": "H7", "data-path": str(tmp_path / "H7")})
     assert site_cache_dir(dep, cfg) == tmp_path / "H7" / ".onfh-cache"
     own = _context(tmp_path, {"site-id": "H7", "data-path": str(tmp_path / "H7"), "cache-dir": str(tmp_path / "own")})
@@ -90,7 +93,9 @@ def test_deployed_site_ignores_the_run_configs_cache_dir(tmp_path):
     def handler(msg, context):
         raise ValueError("boom")
 
-    msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "stager"})}), dst_node_id=5, message_type="train")
+    msg = Message(
+        content=RecordDict({"config": ConfigRecord({"phase": "stager"})}), dst_node_id=5, message_type="train"
+    )
     with pytest.raises(SiteStepError):
         handler(msg, dep)
     assert "boom" in (tmp_path / "H7" / ".onfh-cache" / "site-errors.log").read_text()

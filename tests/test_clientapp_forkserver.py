@@ -23,9 +23,17 @@ def _spec(task_id: int = 1, token: str = "ab" * 8):
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec
 
-    return ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1", token=token,
-                         insecure=True, root_certificates_path=None, runtime_dependency_install=False,
-                         parent_pid=os.getpid(), suppress_output=False, task_id=task_id)
+    return ExecutionSpec(
+        task_type=TaskType.CLIENT_APP,
+        runtime_api_address="127.0.0.1:1",
+        token=token,
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=os.getpid(),
+        suppress_output=False,
+        task_id=task_id,
+    )
 
 
 def _wait_children(executor: fs.ForkExecutor, timeout_s: float = 60.0) -> None:
@@ -71,8 +79,9 @@ def _import_from_fab(fab: Path) -> dict:
                           "file": app.__file__, "tasks_file": tasks.__file__,
                           "import_s": time.perf_counter() - t0}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         cwd=Path(fs.__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(fs.__file__).parents[1]
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -111,11 +120,18 @@ def test_warm_imports_keep_torch_and_monai_but_the_clientapp_comes_from_the_fab(
 def test_each_task_runs_flowers_clientapp_in_its_own_named_child(tmp_path, monkeypatch):
     from flwr.supernode.runtime import run_clientapp as rc
 
-    def fake_run_clientapp(*, runtime_api_address, token, insecure, certificates, parent_pid,
-                           runtime_dependency_install):
-        record = {"pid": os.getpid(), "comm": Path("/proc/self/comm").read_text().strip(),
-                  "threads": torch.get_num_threads(), "token": token, "parent": parent_pid,
-                  "insecure": insecure, "install": runtime_dependency_install}
+    def fake_run_clientapp(
+        *, runtime_api_address, token, insecure, certificates, parent_pid, runtime_dependency_install
+    ):
+        record = {
+            "pid": os.getpid(),
+            "comm": Path("/proc/self/comm").read_text().strip(),
+            "threads": torch.get_num_threads(),
+            "token": token,
+            "parent": parent_pid,
+            "insecure": insecure,
+            "install": runtime_dependency_install,
+        }
         (tmp_path / f"{os.getpid()}.json").write_text(json.dumps(record))
         raise SystemExit(5 if token.startswith("ee") else 0)  # Flower ends every task with flwr_exit
 
@@ -125,10 +141,19 @@ def test_each_task_runs_flowers_clientapp_in_its_own_named_child(tmp_path, monke
         assert str(executor.launch(_spec(task_id)).status) == "accepted"
     _wait_children(executor)
     records = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
-    assert len(records) == 2 and len({r["pid"] for r in records}) == 2 and os.getpid() not in {r["pid"] for r in records}
+    assert (
+        len(records) == 2 and len({r["pid"] for r in records}) == 2 and os.getpid() not in {r["pid"] for r in records}
+    )
     for r in records:
-        assert r == {**r, "comm": "flwr-clientapp", "threads": 2, "token": "ab" * 8, "parent": os.getpid(),
-                     "insecure": True, "install": False}
+        assert r == {
+            **r,
+            "comm": "flwr-clientapp",
+            "threads": 2,
+            "token": "ab" * 8,
+            "parent": os.getpid(),
+            "insecure": True,
+            "install": False,
+        }
     assert executor.failures == 0
     executor.launch(_spec(3, token="ee" * 8))
     _wait_children(executor)
@@ -166,9 +191,25 @@ def test_serve_polls_a_real_supernode_runtime_api(tmp_path):
         port = sock.getsockname()[1]
     exe = Path(sys.executable).parent / "flower-supernode"
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0"}
-    node = subprocess.Popen([str(exe), "--insecure", "--superlink", "127.0.0.1:9", "--isolation", "process",
-                             "--host", "127.0.0.1", "--port", str(port), "--max-retries", "1000"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = subprocess.Popen(
+        [
+            str(exe),
+            "--insecure",
+            "--superlink",
+            "127.0.0.1:9",
+            "--isolation",
+            "process",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-retries",
+            "1000",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
@@ -176,15 +217,28 @@ def test_serve_polls_a_real_supernode_runtime_api(tmp_path):
             time.sleep(0.2)
         loops = iter(range(5))
         executor = fs.ForkExecutor()
-        answered = fs.serve(f"127.0.0.1:{port}", executor=executor, min_poll_s=0.01, max_poll_s=0.02,
-                            should_stop=lambda: next(loops, None) is None)
+        answered = fs.serve(
+            f"127.0.0.1:{port}",
+            executor=executor,
+            min_poll_s=0.01,
+            max_poll_s=0.02,
+            should_stop=lambda: next(loops, None) is None,
+        )
         assert answered == 5 and not executor.children
         # nothing listens: every call fails, none is counted, and serve still returns
         node.kill()
         node.wait()
         loops = iter(range(3))
-        assert fs.serve(f"127.0.0.1:{port}", executor=executor, min_poll_s=0.01, max_poll_s=0.02,
-                        should_stop=lambda: next(loops, None) is None) == 0
+        assert (
+            fs.serve(
+                f"127.0.0.1:{port}",
+                executor=executor,
+                min_poll_s=0.01,
+                max_poll_s=0.02,
+                should_stop=lambda: next(loops, None) is None,
+            )
+            == 0
+        )
     finally:
         node.kill()
 
@@ -199,14 +253,23 @@ def test_task_lines_give_the_deployment_benchmark_its_message_waves(tmp_path):
     t0 = 1_780_000_000.0  # seconds since the epoch; the log keeps milliseconds
 
     def line(end: float, wall: float, cpu: float) -> str:
-        record = logging.LogRecord("onfh.forkserver", logging.INFO, __file__, 1,
-                                   "ClientApp task %d ended with code %s: %.1f s, %.1f CPU-s", (7, 0, wall, cpu), None)
+        record = logging.LogRecord(
+            "onfh.forkserver",
+            logging.INFO,
+            __file__,
+            1,
+            "ClientApp task %d ended with code %s: %.1f s, %.1f CPU-s",
+            (7, 0, wall, cpu),
+            None,
+        )
         record.created, record.msecs = end, (end % 1) * 1000
         return formatter.format(record)
 
     # wave 1: A 0-2 s, B 1-4 s; wave 2: A 7-8 s, B 6-9 s (gap 4-6 s = 2 s); B has one extra, unmatched line
-    logs = {"A": [line(t0 + 2, 2.0, 1.5), line(t0 + 8, 1.0, 0.5)],
-            "B": [line(t0 + 4, 3.0, 2.0), line(t0 + 9, 3.0, 2.5), line(t0 + 20, 1.0, 1.0)]}
+    logs = {
+        "A": [line(t0 + 2, 2.0, 1.5), line(t0 + 8, 1.0, 0.5)],
+        "B": [line(t0 + 4, 3.0, 2.0), line(t0 + 9, 3.0, 2.5), line(t0 + 20, 1.0, 1.0)],
+    }
     paths = {}
     for site, lines in logs.items():
         paths[site] = tmp_path / f"{site}.log"
@@ -219,7 +282,9 @@ def test_task_lines_give_the_deployment_benchmark_its_message_waves(tmp_path):
     assert message_waves({"A": tmp_path / "missing.log"})["message_waves"] == 0
 
 
-@pytest.mark.parametrize("behaviour, expect", [("exits", "no signal"), ("waits", "one SIGTERM"), ("ignores", "SIGKILL")])
+@pytest.mark.parametrize(
+    "behaviour, expect", [("exits", "no signal"), ("waits", "one SIGTERM"), ("ignores", "SIGKILL")]
+)
 def test_the_supernode_gets_at_most_one_sigterm_then_a_kill(tmp_path, behaviour, expect):
     """A SuperNode already stopping on its own is left alone; one that is not gets one SIGTERM; a stuck one is killed."""
     got = tmp_path / "sigterms"

@@ -11,7 +11,6 @@ import pytest
 from scipy.stats import binomtest, chi2
 from sklearn.metrics import roc_auc_score
 
-from shared_models.metrics import metrics_from_counts, stage_counts
 from shared_models.clinical_stats import (
     auc_bin_error_bound,
     auc_from_histograms,
@@ -21,6 +20,7 @@ from shared_models.clinical_stats import (
     mcnemar_test,
     quadratic_weighted_kappa,
 )
+from shared_models.metrics import metrics_from_counts, stage_counts
 
 # --------------------------------------------------------------------------- early ONFH binary
 
@@ -28,14 +28,16 @@ from shared_models.clinical_stats import (
 def test_early_onfh_binary_hand_example():
     # 6 heads. Score = P(I)+P(II) = 1 - P(0).
     y = [0, 0, 0, 1, 2, 2]
-    probs = np.array([
-        [0.8, 0.1, 0.1],   # stage 0, score .2, pred 0   -> TN
-        [0.3, 0.6, 0.1],   # stage 0, score .7, pred I   -> FP
-        [0.6, 0.2, 0.2],   # stage 0, score .4, pred 0   -> TN
-        [0.5, 0.3, 0.2],   # stage I, score .5, pred 0   -> FN
-        [0.1, 0.1, 0.8],   # stage II, score .9, pred II -> TP
-        [0.2, 0.5, 0.3],   # stage II, score .8, pred I  -> TP (I vs II confusion is still "early")
-    ])
+    probs = np.array(
+        [
+            [0.8, 0.1, 0.1],  # stage 0, score .2, pred 0   -> TN
+            [0.3, 0.6, 0.1],  # stage 0, score .7, pred I   -> FP
+            [0.6, 0.2, 0.2],  # stage 0, score .4, pred 0   -> TN
+            [0.5, 0.3, 0.2],  # stage I, score .5, pred 0   -> FN
+            [0.1, 0.1, 0.8],  # stage II, score .9, pred II -> TP
+            [0.2, 0.5, 0.3],  # stage II, score .8, pred I  -> TP (I vs II confusion is still "early")
+        ]
+    )
     out = early_onfh_binary(y, probs)
     # sensitivity = TP/(TP+FN) = 2/3; specificity = TN/(TN+FP) = 2/3.
     assert out["sensitivity"] == pytest.approx(2 / 3)
@@ -188,10 +190,13 @@ def test_bootstrap_all_skipped_gives_nan_interval():
     assert ci.n_skipped == 10 and math.isnan(ci.point) and math.isnan(ci.low) and math.isnan(ci.high)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n_boot": 0}, "n_boot"),
-    ({"alpha": 1.0}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_boot": 0}, "n_boot"),
+        ({"alpha": 1.0}, "alpha"),
+    ],
+)
 def test_bootstrap_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bootstrap_ci([0, 1], [0, 1], [0, 1], _accuracy, **kwargs)

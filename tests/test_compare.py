@@ -14,14 +14,24 @@ from sim.cli import _parse_set
 
 def _report(auc_a: float, auc_ext: float, iou: float = 0.8) -> dict:
     def group(sites, auc, n):
-        return {"sites": sites, "n": n, "macro": {"auc": auc, "accuracy": auc - 0.1, "sensitivity": 0.5,
-                                                   "specificity": 0.7, "f1": 0.6}}
+        return {
+            "sites": sites,
+            "n": n,
+            "macro": {"auc": auc, "accuracy": auc - 0.1, "sensitivity": 0.5, "specificity": 0.7, "f1": 0.6},
+        }
 
     return {
-        "sites": {"A-test": group(["A"], auc_a, 10), "external-2": group(["C", "D"], auc_ext, 8),
-                  "empty": {"sites": ["E"], "n": 0}},
-        "detector": {"A": {"iou_mean": iou}, "C": {"iou_mean": iou - 0.1}, "D": {"iou_mean": iou - 0.2},
-                     "E": {"n": 0, "iou_mean": None}},  # a site without test heads
+        "sites": {
+            "A-test": group(["A"], auc_a, 10),
+            "external-2": group(["C", "D"], auc_ext, 8),
+            "empty": {"sites": ["E"], "n": 0},
+        },
+        "detector": {
+            "A": {"iou_mean": iou},
+            "C": {"iou_mean": iou - 0.1},
+            "D": {"iou_mean": iou - 0.2},
+            "E": {"n": 0, "iou_mean": None},
+        },  # a site without test heads
         "simulation": {"wall_time_s": 12.5},
     }
 
@@ -70,7 +80,11 @@ def test_grid_runs_each_cell_in_its_own_folder_and_writes_the_table(tmp_path, mo
     variants = [compare.Variant("default"), compare.Variant("gt", {"crop-source": "ground-truth", "stager-rounds": 2})]
     summary = compare.run_compare({"data-root": "/d", "stager-rounds": 5}, tmp_path / "grid", variants, [0, 1])
     assert [(o["out-dir"].split("/")[-2:], o["seed"]) for o in seen] == [
-        (["default", "seed-0"], 0), (["gt", "seed-0"], 0), (["default", "seed-1"], 1), (["gt", "seed-1"], 1)]
+        (["default", "seed-0"], 0),
+        (["gt", "seed-0"], 0),
+        (["default", "seed-1"], 1),
+        (["gt", "seed-1"], 1),
+    ]
     assert seen[0]["stager-rounds"] == 5 and seen[1]["stager-rounds"] == 2  # the variant wins over the base
     assert seen[1]["crop-source"] == "ground-truth" and "crop-source" not in seen[0]
     saved = json.loads((tmp_path / "grid" / "compare.json").read_text())
@@ -94,7 +108,9 @@ def test_named_grids():
     for v, held in zip(loso, "ABCD"):
         cfg = RunConfig.from_run_config(tiny_run_config(**v.overrides))  # a valid run config
         assert held not in cfg.train_sites and set(cfg.train_sites) | {held} == {"A", "B", "C", "D"}
-        assert cfg.report_groups["held-out"] == (held,) and set(cfg.report_groups["internal-test"]) == set(cfg.train_sites)
+        assert cfg.report_groups["held-out"] == (held,) and set(cfg.report_groups["internal-test"]) == set(
+            cfg.train_sites
+        )
     strategies = compare.grid_variants("strategies", ["A"])
     assert [v.overrides["strategy"] for v in strategies] == ["fedavg", "fedprox", "fedprox", "fedprox", "fedbn"]
     assert [v.overrides.get("proximal-mu") for v in strategies[1:4]] == [0.001, 0.01, 0.1]
@@ -115,8 +131,11 @@ def test_prediction_interval_of_one_more_seed_matches_the_textbook_formula():
 
 
 def test_headline_table_and_check_of_a_new_seed_against_the_stated_interval():
-    rows = [r for seed, auc in ((0, 0.80), (1, 0.84), (2, 0.82))
-            for r in compare.rows_from_report("default", seed, _report(auc, auc - 0.1))]
+    rows = [
+        r
+        for seed, auc in ((0, 0.80), (1, 0.84), (2, 0.82))
+        for r in compare.rows_from_report("default", seed, _report(auc, auc - 0.1))
+    ]
     summary = compare.summarise(rows)
     table = compare.headline_table(summary)
     assert "| A-test | 10 | 0.720 ± 0.020 |" in table  # accuracy = auc - 0.1: mean 0.72, sd 0.02

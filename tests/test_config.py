@@ -73,17 +73,28 @@ def test_crop_settings_reach_the_preprocessing_spec():
     assert cfg.spec.hemi_shape == (32, 112, 64)  # the paper's detector input is fixed
 
 
-@pytest.mark.parametrize("l1_rounds, expected", [(0, [0, 0, 0, 0, 0]), (1, [0, 0, 0, 0, 1]), (2, [0, 0, 0, 1, 1]),
-                                                 (9, [1, 1, 1, 1, 1])])
+@pytest.mark.parametrize(
+    "l1_rounds, expected", [(0, [0, 0, 0, 0, 0]), (1, [0, 0, 0, 0, 1]), (2, [0, 0, 0, 1, 1]), (9, [1, 1, 1, 1, 1])]
+)
 def test_l1_box_loss_is_on_in_the_last_detector_rounds(l1_rounds, expected):
     cfg = RunConfig.from_run_config(tiny_run_config(**{"detector-rounds": 5, "detector-l1-rounds": l1_rounds}))
     assert [cfg.detector_l1_weight(r) for r in range(1, 6)] == expected
 
 
 def test_lr_schedule_runs_over_all_rounds_of_a_phase():
-    cfg = RunConfig.from_run_config(tiny_run_config(**{
-        "detector-rounds": 4, "detector-local-steps": 30, "detector-warmup-steps": 10,
-        "stager-rounds": 2, "stager-local-steps": 7, "stager-warmup-steps": 100, "lr-schedule": "cosine"}))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(
+            **{
+                "detector-rounds": 4,
+                "detector-local-steps": 30,
+                "detector-warmup-steps": 10,
+                "stager-rounds": 2,
+                "stager-local-steps": 7,
+                "stager-warmup-steps": 100,
+                "lr-schedule": "cosine",
+            }
+        )
+    )
     assert cfg.lr_schedule_args("detector", 3) == {"step_offset": 60, "total_steps": 120, "warmup_steps": 10}
     assert cfg.lr_schedule_args("stager", 1) == {"step_offset": 0, "total_steps": 14, "warmup_steps": 14}
     constant = RunConfig.from_run_config(tiny_run_config(**{"lr-schedule": "constant"}))

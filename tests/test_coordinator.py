@@ -33,8 +33,13 @@ def test_certs_ca_signs_a_server_certificate_with_the_sans_flower_needs(certs):
     server.verify_directly_issued_by(ca)
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert set(sans.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
-    assert isinstance(serialization.load_pem_private_key(certs.signing_key.read_bytes(), None), ed25519.Ed25519PrivateKey)
+    assert set(sans.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    assert isinstance(
+        serialization.load_pem_private_key(certs.signing_key.read_bytes(), None), ed25519.Ed25519PrivateKey
+    )
     assert certs.ca_key.stat().st_mode & 0o077 == 0 and certs.server_key.stat().st_mode & 0o077 == 0
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         co.make_certs(certs.ca_cert.parent)
@@ -84,7 +89,9 @@ def test_site_keys_are_p384_openssh_and_fingerprinted_like_ssh_keygen(tmp_path):
     with pytest.raises(FileExistsError):
         sd.make_site_keys(tmp_path / "keys")
     other = ec.generate_private_key(ec.SECP256R1()).public_key()
-    (tmp_path / "p256.pub").write_bytes(other.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    (tmp_path / "p256.pub").write_bytes(
+        other.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     with pytest.raises(ValueError, match="P-384"):
         co.key_fingerprint(tmp_path / "p256.pub")
     (tmp_path / "junk.pub").write_text("not a key")
@@ -110,28 +117,54 @@ def test_enroll_refuses_a_reused_key_or_site_before_calling_flower(tmp_path):
 
 def test_superlink_and_supernode_command_lines(certs, tmp_path):
     cmd = co.superlink_command(certs, port=19199, database=tmp_path / "state.db")
-    assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd and "--disable-runtime-dependency-installation" in cmd
+    assert (
+        "--insecure" not in cmd
+        and "--enable-supernode-auth" in cmd
+        and "--disable-runtime-dependency-installation" in cmd
+    )
     assert cmd[cmd.index("--database") + 1] == str(tmp_path / "state.db")
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     key, _, _ = sd.make_site_keys(tmp_path / "keys")
-    node = sd.supernode_command(superlink="127.0.0.1:19199", ca_cert=certs.ca_cert, private_key=key, site_id="A",
-                                data=tmp_path / "site A", port=19198, max_retries=3)
-    assert node[node.index("--node-config") + 1] == \
-        f"site-id='A' data-path='{(tmp_path / 'site A').resolve()}' min-cell-heads=5"
+    node = sd.supernode_command(
+        superlink="127.0.0.1:19199",
+        ca_cert=certs.ca_cert,
+        private_key=key,
+        site_id="A",
+        data=tmp_path / "site A",
+        port=19198,
+        max_retries=3,
+    )
+    assert (
+        node[node.index("--node-config") + 1]
+        == f"site-id='A' data-path='{(tmp_path / 'site A').resolve()}' min-cell-heads=5"
+    )
     # the site's own settings reach the ClientApp through Flower's own parser of --node-config
     from flwr.common.config import parse_config_args
 
-    own = sd.supernode_command(superlink="127.0.0.1:19199", ca_cert=certs.ca_cert, private_key=key, site_id="A",
-                               data=tmp_path / "site A", min_cell_heads=8, cache=tmp_path / "my cache")
+    own = sd.supernode_command(
+        superlink="127.0.0.1:19199",
+        ca_cert=certs.ca_cert,
+        private_key=key,
+        site_id="A",
+        data=tmp_path / "site A",
+        min_cell_heads=8,
+        cache=tmp_path / "my cache",
+    )
     assert parse_config_args([own[own.index("--node-config") + 1]]) == {
-        "site-id": "A", "data-path": str((tmp_path / "site A").resolve()), "min-cell-heads": 8,
-        "cache-dir": str((tmp_path / "my cache").resolve())}
+        "site-id": "A",
+        "data-path": str((tmp_path / "site A").resolve()),
+        "min-cell-heads": 8,
+        "cache-dir": str((tmp_path / "my cache").resolve()),
+    }
     with pytest.raises(ValueError, match="min-cell-heads"):
-        sd.supernode_command(superlink="x:1", ca_cert=certs.ca_cert, private_key=key, site_id="A", data=tmp_path,
-                             min_cell_heads=0)
+        sd.supernode_command(
+            superlink="x:1", ca_cert=certs.ca_cert, private_key=key, site_id="A", data=tmp_path, min_cell_heads=0
+        )
     assert node[node.index("--max-retries") + 1] == "3" and "--insecure" not in node
     with pytest.raises(FileNotFoundError, match="private key"):
-        sd.supernode_command(superlink="x:1", ca_cert=certs.ca_cert, private_key=tmp_path / "nope", site_id="A", data=tmp_path)
+        sd.supernode_command(
+            superlink="x:1", ca_cert=certs.ca_cert, private_key=tmp_path / "nope", site_id="A", data=tmp_path
+        )
     env = sd.supernode_env(tmp_path / "home", 2)
     assert env["OMP_NUM_THREADS"] == "2" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
 
@@ -146,25 +179,52 @@ def test_connection_file_points_at_the_ca(certs, tmp_path):
 def test_daemon_restarts_a_dying_supernode_with_backoff(tmp_path):
     starts = []
     cmd = [sys.executable, "-c", "import sys; sys.exit(3)"]
-    code = sd.run_daemon(cmd, env={}, log_file=tmp_path / "sn.log", max_restarts=2, backoff_s=0.05,
-                         on_start=lambda attempt, pid: starts.append(attempt))
+    code = sd.run_daemon(
+        cmd,
+        env={},
+        log_file=tmp_path / "sn.log",
+        max_restarts=2,
+        backoff_s=0.05,
+        on_start=lambda attempt, pid: starts.append(attempt),
+    )
     assert code == 3 and starts == [1, 2, 3]
 
 
 def test_daemon_gives_up_when_the_first_start_is_refused_but_retries_after_a_crash(tmp_path):
     refused = [sys.executable, "-c", "print('[code: 2004] Failed to activate SuperNode.'); raise SystemExit(1)"]
     starts = []
-    assert sd.run_daemon(refused, env={}, log_file=tmp_path / "a.log", max_restarts=5, backoff_s=0.05,
-                         on_start=lambda a, p: starts.append(a)) == 1
+    assert (
+        sd.run_daemon(
+            refused,
+            env={},
+            log_file=tmp_path / "a.log",
+            max_restarts=5,
+            backoff_s=0.05,
+            on_start=lambda a, p: starts.append(a),
+        )
+        == 1
+    )
     assert starts == [1]
     # a node that ran, died, then is refused while its old session is held: keeps retrying
     flag = tmp_path / "ran"
-    script = (f"import pathlib, sys; f = pathlib.Path({str(flag)!r})\n"
-              "if not f.exists(): f.write_text('1'); sys.exit(9)\n"
-              "print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)")
+    script = (
+        f"import pathlib, sys; f = pathlib.Path({str(flag)!r})\n"
+        "if not f.exists(): f.write_text('1'); sys.exit(9)\n"
+        "print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)"
+    )
     starts.clear()
-    assert sd.run_daemon([sys.executable, "-c", script], env={}, log_file=tmp_path / "b.log", max_restarts=2,
-                         backoff_s=0.05, held_retry_s=0.05, on_start=lambda a, p: starts.append(a)) == 1
+    assert (
+        sd.run_daemon(
+            [sys.executable, "-c", script],
+            env={},
+            log_file=tmp_path / "b.log",
+            max_restarts=2,
+            backoff_s=0.05,
+            held_retry_s=0.05,
+            on_start=lambda a, p: starts.append(a),
+        )
+        == 1
+    )
     assert starts == [1, 2, 3]
 
 
@@ -188,10 +248,16 @@ def test_checkpoint_hash_chain_detects_a_replaced_checkpoint(tmp_path):
 def test_run_progress_reads_rounds_metrics_and_missing_sites(tmp_path):
     out = tmp_path / "run"
     (out).mkdir()
-    (out / co.LAUNCH_NAME).write_text(json.dumps({"run_config": {"detector-rounds": 3, "stager-rounds": 2}, "run_ids": [5]}))
+    (out / co.LAUNCH_NAME).write_text(
+        json.dumps({"run_config": {"detector-rounds": 3, "stager-rounds": 2}, "run_ids": [5]})
+    )
     store = CheckpointStore(out / "checkpoints", "fp")
-    store.save("detector", PhaseCheckpoint(round=2, state_dict={}, site_metrics={2: {"A": {"iou-mean": 0.5}}},
-                                           missing_sites={1: {"evaluate": ["C"]}}))
+    store.save(
+        "detector",
+        PhaseCheckpoint(
+            round=2, state_dict={}, site_metrics={2: {"A": {"iou-mean": 0.5}}}, missing_sites={1: {"evaluate": ["C"]}}
+        ),
+    )
     progress = co.run_progress(out)
     assert progress["rounds"] == {"detector": {"done": 2, "total": 3}, "stager": {"done": 0, "total": 2}}
     assert progress["latest"]["detector"] == {"round": 2, "sites": {"A": {"iou-mean": 0.5}}}
@@ -239,12 +305,17 @@ def test_wait_for_run_asks_flower_only_when_the_bundle_appears(tmp_path, monkeyp
 
 
 def test_launch_names_flowers_reason_when_flwr_run_starts_nothing(tmp_path, monkeypatch):
-    reply = ('{"success": false, "error-message": "The Flower App does not meet the project structure requirements: '
-             'exceeds the maximum directory depth of 10"}')
+    reply = (
+        '{"success": false, "error-message": "The Flower App does not meet the project structure requirements: '
+        'exceeds the maximum directory depth of 10"}'
+    )
     monkeypatch.setattr(co, "_flwr", lambda *a, **k: "Loading project configuration...\n" + reply)
     with pytest.raises(co.CoordinatorError, match="maximum directory depth of 10"):
-        co.launch({"site-ids": "A", "train-sites": "A", "report-groups": "A=A"}, out=tmp_path / "run",
-                  flwr_home=tmp_path / "home")
+        co.launch(
+            {"site-ids": "A", "train-sites": "A", "report-groups": "A=A"},
+            out=tmp_path / "run",
+            flwr_home=tmp_path / "home",
+        )
     assert not (tmp_path / "run" / co.LAUNCH_NAME).exists()  # nothing recorded for a run that never started
 
 
@@ -252,11 +323,18 @@ def test_status_prints_a_dash_and_the_reason_for_a_site_without_heads(tmp_path, 
     from sim.cli import main, status_cell
 
     out = tmp_path / "run"
-    metrics = {"A": {"num-examples": 12, "macro-auc": 0.8125}, "B": {"num-examples": 0, "macro-auc": 0.0},
-               "C": {"num-examples": 4, "macro-auc": 0.75}}
+    metrics = {
+        "A": {"num-examples": 12, "macro-auc": 0.8125},
+        "B": {"num-examples": 0, "macro-auc": 0.0},
+        "C": {"num-examples": 4, "macro-auc": 0.75},
+    }
     CheckpointStore(out / "checkpoints", "f", {}).save(
-        "stager", PhaseCheckpoint(round=1, state_dict={"w": torch.zeros(1)}, site_metrics={1: metrics}))
-    assert status_cell(metrics["B"], "macro-auc") == ("–", "no test heads at this site (n = 0): the metric is undefined")
+        "stager", PhaseCheckpoint(round=1, state_dict={"w": torch.zeros(1)}, site_metrics={1: metrics})
+    )
+    assert status_cell(metrics["B"], "macro-auc") == (
+        "–",
+        "no test heads at this site (n = 0): the metric is undefined",
+    )
     assert status_cell(metrics["A"], "macro-auc") == ("0.812", "")
     assert status_cell(metrics["C"], "macro-auc")[1] == "only 4 heads: unreliable"
     assert main(["coordinator", "status", "--home", str(tmp_path / "coord"), "--out", str(out)]) == 0

@@ -43,8 +43,8 @@ import pytest
 import torch
 
 from client.audit import read_audit_log, verify_audit_anchors, verify_audit_log
-from server.audit_anchors import load_anchors
 from server import coordinator as co
+from server.audit_anchors import load_anchors
 from server.checkpoint import verify_chain
 from shared_models.bundle import BundleError, load_bundle
 from sim.cli import main
@@ -57,10 +57,21 @@ pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 SITES = ("A", "B", "C")
 TRAIN = ("A", "B")
 RUN_SETTINGS = {
-    **TINY, "site-ids": ",".join(SITES), "train-sites": ",".join(TRAIN),
-    "report-groups": "A-test=A;B-test=B;external-1=C", "detector-rounds": 2, "stager-rounds": 2,
-    "detector-local-steps": 2, "stager-local-steps": 2, "stager-batch-size": 4, "detector-l1-rounds": 0,
-    "round-timeout-s": 75.0, "node-wait-timeout-s": 240.0, "min-site-fraction": 0.5, "device": "cpu", "amp": False,
+    **TINY,
+    "site-ids": ",".join(SITES),
+    "train-sites": ",".join(TRAIN),
+    "report-groups": "A-test=A;B-test=B;external-1=C",
+    "detector-rounds": 2,
+    "stager-rounds": 2,
+    "detector-local-steps": 2,
+    "stager-local-steps": 2,
+    "stager-batch-size": 4,
+    "detector-l1-rounds": 0,
+    "round-timeout-s": 75.0,
+    "node-wait-timeout-s": 240.0,
+    "min-site-fraction": 0.5,
+    "device": "cpu",
+    "amp": False,
 }
 
 
@@ -80,8 +91,13 @@ def _free_port(lo: int, hi: int) -> int:
 
 def _onfh(*args: str, log: Path) -> subprocess.Popen:
     fh = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=co.APP_DIR)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sim.cli", *args],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=co.APP_DIR,
+    )
 
 
 def _supernode_pid(daemon: subprocess.Popen) -> int | None:
@@ -102,8 +118,10 @@ def _has_clientapp(supernode_pid: int) -> bool:
     """A ClientApp runs under the node: Flower's `flwr-clientapp` process, or one forked by
     client.clientapp_forkserver (the daemon's default), which names itself so."""
     try:
-        return any("flwr-clientapp" in p.name() or "flwr-clientapp" in " ".join(p.cmdline())
-                   for p in psutil.Process(supernode_pid).children(recursive=True))
+        return any(
+            "flwr-clientapp" in p.name() or "flwr-clientapp" in " ".join(p.cmdline())
+            for p in psutil.Process(supernode_pid).children(recursive=True)
+        )
     except psutil.NoSuchProcess:
         return False
 
@@ -126,8 +144,20 @@ def _progress(out: Path) -> dict:
 
 
 def _launch_argv(home: Path, out: Path) -> list[str]:
-    argv = ["coordinator", "launch", "--home", str(home), "--out", str(out), "--sites", ",".join(SITES),
-            "--train-sites", ",".join(TRAIN), "--seed", "3"]
+    argv = [
+        "coordinator",
+        "launch",
+        "--home",
+        str(home),
+        "--out",
+        str(out),
+        "--sites",
+        ",".join(SITES),
+        "--train-sites",
+        ",".join(TRAIN),
+        "--seed",
+        "3",
+    ]
     for k, v in RUN_SETTINGS.items():
         argv += ["--set", f"{k}={v}"]
     return argv
@@ -140,8 +170,12 @@ def federation(tmp_path_factory):
     data = root / "data"
     quick = PROFILES["quick"]
     profile = dataclasses.replace(
-        quick, name="micro3", heads_per_site={"A": 10, "B": 8, "C": 3}, patients_per_site={"A": 6, "B": 5, "C": 2},
-        scanners={s: quick.scanners[s] for s in SITES}, external_groups={"external-1": ("C",)},
+        quick,
+        name="micro3",
+        heads_per_site={"A": 10, "B": 8, "C": 3},
+        patients_per_site={"A": 6, "B": 5, "C": 2},
+        scanners={s: quick.scanners[s] for s in SITES},
+        external_groups={"external-1": ("C",)},
     )
     generate_phantoms(data, profile, seed=2)
     write_splits(data, SITES, TRAIN, seed=3)
@@ -150,33 +184,80 @@ def federation(tmp_path_factory):
     certs = co.CertPaths.in_folder(home / "certs")
     flwr_home = home / "flwr-home"
     port = _free_port(19140, 19150)
-    superlink = co.start_superlink(certs, flwr_home=flwr_home, database=home / "superlink.db",
-                                   log_file=home / "superlink.log", port=port)
+    superlink = co.start_superlink(
+        certs, flwr_home=flwr_home, database=home / "superlink.db", log_file=home / "superlink.log", port=port
+    )
     address = f"127.0.0.1:{port}"
     daemons: dict[str, subprocess.Popen] = {}
-    state = {"root": root, "data": data, "home": home, "certs": certs, "flwr_home": flwr_home, "address": address,
-             "daemons": daemons, "superlink": superlink}
+    state = {
+        "root": root,
+        "data": data,
+        "home": home,
+        "certs": certs,
+        "flwr_home": flwr_home,
+        "address": address,
+        "daemons": daemons,
+        "superlink": superlink,
+    }
     try:
         for i, site in enumerate(SITES):
             keys = root / f"keys-{site}"
             assert main(["site", "keys", "--out", str(keys)]) == 0
-            assert main(["coordinator", "enroll", "--home", str(home), "--site", site,
-                         "--public-key", str(keys / "supernode-key.pub")]) == 0
-            daemons[site] = _onfh("site", "daemon", "--data", str(data / site), "--superlink", address,
-                                  "--ca-cert", str(certs.ca_cert), "--key", str(keys / "supernode-key"),
-                                  "--port", str(_free_port(19150 + 3 * i, 19153 + 3 * i)), "--threads", "1",
-                                  "--launcher", "subprocess",
-                                  "--max-retries", "5", "--max-restarts", "12", log=root / f"daemon-{site}.log")
+            assert (
+                main(
+                    [
+                        "coordinator",
+                        "enroll",
+                        "--home",
+                        str(home),
+                        "--site",
+                        site,
+                        "--public-key",
+                        str(keys / "supernode-key.pub"),
+                    ]
+                )
+                == 0
+            )
+            daemons[site] = _onfh(
+                "site",
+                "daemon",
+                "--data",
+                str(data / site),
+                "--superlink",
+                address,
+                "--ca-cert",
+                str(certs.ca_cert),
+                "--key",
+                str(keys / "supernode-key"),
+                "--port",
+                str(_free_port(19150 + 3 * i, 19153 + 3 * i)),
+                "--threads",
+                "1",
+                "--launcher",
+                "subprocess",
+                "--max-retries",
+                "5",
+                "--max-restarts",
+                "12",
+                log=root / f"daemon-{site}.log",
+            )
         # every node online (the daemons ran their preflight, building the site caches, first)
         registry = co.load_registry(home / co.REGISTRY_NAME)
-        _wait(lambda: all(co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online"
-                          for s in SITES), 300, "three SuperNodes online", poll_s=3)
+        _wait(
+            lambda: all(
+                co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online" for s in SITES
+            ),
+            300,
+            "three SuperNodes online",
+            poll_s=3,
+        )
 
         # run 1: launch, then kill C's SuperNode while it evaluates round 1
         out = root / "run-faults"
         t0 = time.monotonic()
         assert main(_launch_argv(home, out)) == 0
         run_id = json.loads((out / co.LAUNCH_NAME).read_text())["run_ids"][-1]
+
         def trained_round_1(site):
             path = data / site / ".onfh-cache" / "audit.jsonl"
             return path.exists() and any(e["message_type"] == "train" and e["round"] == 1 for e in read_audit_log(path))
@@ -312,10 +393,30 @@ def test_status_shows_rounds_sites_and_metrics(federation, capsys):
 def test_unenrolled_supernode_is_refused(federation, tmp_path):
     keys = tmp_path / "keys-X"
     assert main(["site", "keys", "--out", str(keys)]) == 0
-    daemon = _onfh("site", "daemon", "--data", str(federation["data"] / "A"), "--site-id", "X", "--skip-checks",
-                   "--superlink", federation["address"], "--ca-cert", str(federation["certs"].ca_cert),
-                   "--key", str(keys / "supernode-key"), "--port", str(_free_port(19170, 19180)),
-                   "--max-retries", "1", "--max-restarts", "3", "--log", str(tmp_path / "sn.log"), log=tmp_path / "daemon.log")
+    daemon = _onfh(
+        "site",
+        "daemon",
+        "--data",
+        str(federation["data"] / "A"),
+        "--site-id",
+        "X",
+        "--skip-checks",
+        "--superlink",
+        federation["address"],
+        "--ca-cert",
+        str(federation["certs"].ca_cert),
+        "--key",
+        str(keys / "supernode-key"),
+        "--port",
+        str(_free_port(19170, 19180)),
+        "--max-retries",
+        "1",
+        "--max-restarts",
+        "3",
+        "--log",
+        str(tmp_path / "sn.log"),
+        log=tmp_path / "daemon.log",
+    )
     try:
         assert daemon.wait(timeout=120) == 1
     finally:
@@ -329,15 +430,34 @@ def test_a_site_that_never_connects_fails_the_run_fast_naming_it(federation, cap
     out = federation["root"] / "run-missing"
     argv = _launch_argv(federation["home"], out)
     argv[argv.index("--sites") + 1] = "A,B,C,D"
-    argv += ["--set", "site-ids=A,B,C,D", "--set", "report-groups=A-test=A;B-test=B;external-1=C,D",
-             "--set", "node-wait-timeout-s=60"]
+    argv += [
+        "--set",
+        "site-ids=A,B,C,D",
+        "--set",
+        "report-groups=A-test=A;B-test=B;external-1=C,D",
+        "--set",
+        "node-wait-timeout-s=60",
+    ]
     # a site that is not enrolled is refused before anything starts (issue 16: site-nodes from the registry) ...
     assert main(argv) == 1
     assert "['D'] are not enrolled" in capsys.readouterr().out and not (out / co.LAUNCH_NAME).exists()
     # ... and one enrolled whose node never connects fails the run after node-wait-timeout-s
     assert main(["site", "keys", "--out", str(tmp_path / "keys-D")]) == 0
-    assert main(["coordinator", "enroll", "--home", str(federation["home"]), "--site", "D",
-                 "--public-key", str(tmp_path / "keys-D" / "supernode-key.pub")]) == 0
+    assert (
+        main(
+            [
+                "coordinator",
+                "enroll",
+                "--home",
+                str(federation["home"]),
+                "--site",
+                "D",
+                "--public-key",
+                str(tmp_path / "keys-D" / "supernode-key.pub"),
+            ]
+        )
+        == 0
+    )
     argv += ["--wait"]
     t0 = time.monotonic()
     assert main(argv) == 1
@@ -353,8 +473,11 @@ def test_resume_after_serverapp_killed_gives_the_same_weights(federation):
     assert main(_launch_argv(home, out)) == 0
     first = json.loads((out / co.LAUNCH_NAME).read_text())["run_ids"][-1]
     _wait(lambda: _progress(out).get("round", 0) >= 1, 900, "detector round 1 checkpoint", poll_s=0.5)
-    serverapps = [p for p in psutil.process_iter(["cmdline"])
-                  if "flwr-serverapp" in " ".join(p.info["cmdline"] or []) and _env(p).get("FLWR_HOME") == str(flwr_home)]
+    serverapps = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "flwr-serverapp" in " ".join(p.info["cmdline"] or []) and _env(p).get("FLWR_HOME") == str(flwr_home)
+    ]
     assert serverapps, "no ServerApp process found"
     for p in serverapps:
         p.kill()
@@ -368,13 +491,25 @@ def test_resume_after_serverapp_killed_gives_the_same_weights(federation):
     co.stop_process_tree(federation["superlink"].pid)
     certs = federation["certs"]
     federation["superlink"] = co.start_superlink(
-        certs, flwr_home=flwr_home, database=home / "superlink.db", log_file=home / "superlink.log",
-        port=int(federation["address"].rsplit(":", 1)[1]))
+        certs,
+        flwr_home=flwr_home,
+        database=home / "superlink.db",
+        log_file=home / "superlink.log",
+        port=int(federation["address"].rsplit(":", 1)[1]),
+    )
     assert co.run_status(first, flwr_home=flwr_home) != ""  # the interrupted run is still listed
     registry = co.load_registry(home / co.REGISTRY_NAME)
-    _wait(lambda: all(co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online"
-                      for s in SITES), 400, "three SuperNodes back online after the SuperLink restart", poll_s=3)
-    assert main(["coordinator", "launch", "--home", str(home), "--resume", str(out), "--wait", "--timeout", "1500"]) == 0
+    _wait(
+        lambda: all(
+            co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online" for s in SITES
+        ),
+        400,
+        "three SuperNodes back online after the SuperLink restart",
+        poll_s=3,
+    )
+    assert (
+        main(["coordinator", "launch", "--home", str(home), "--resume", str(out), "--wait", "--timeout", "1500"]) == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["rounds"] == {"detector": 2, "stager": 2}
     chain = json.loads((out / "bundle" / "MANIFEST.json").read_text())["checkpoint_chain"]

@@ -38,8 +38,13 @@ LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 def _cli(*args: str, log: Path) -> subprocess.Popen:
     fh = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "sim.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=co.APP_DIR)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sim.cli", *args],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=co.APP_DIR,
+    )
 
 
 def _tree(pid: int) -> dict[int, str]:
@@ -65,7 +70,9 @@ def _listening(pids) -> set[str]:
     ips = set()
     for pid in pids:
         try:
-            ips |= {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            ips |= {
+                c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+            }
         except (psutil.Error, OSError):
             continue
     return ips
@@ -77,9 +84,14 @@ def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment-security")
     data = root / "data"
     quick = PROFILES["quick"]
-    profile = dataclasses.replace(quick, name="micro2", heads_per_site={"A": 6, "B": 6},
-                                  patients_per_site={"A": 4, "B": 4}, scanners={s: quick.scanners[s] for s in "AB"},
-                                  external_groups={})
+    profile = dataclasses.replace(
+        quick,
+        name="micro2",
+        heads_per_site={"A": 6, "B": 6},
+        patients_per_site={"A": 4, "B": 4},
+        scanners={s: quick.scanners[s] for s in "AB"},
+        external_groups={},
+    )
     generate_phantoms(data, profile, seed=5)
     write_splits(data, ("A", "B"), ("A", "B"), seed=5)
     home = root / "coordinator"
@@ -87,25 +99,70 @@ def federation(tmp_path_factory):
     certs = co.CertPaths.in_folder(home / "certs")
     flwr_home = home / "flwr-home"
     port = _free_port(19200, 19210)
-    superlink = co.start_superlink(certs, flwr_home=flwr_home, database=home / "superlink.db",
-                                   log_file=home / "superlink.log", port=port)
+    superlink = co.start_superlink(
+        certs, flwr_home=flwr_home, database=home / "superlink.db", log_file=home / "superlink.log", port=port
+    )
     daemons: dict[str, subprocess.Popen] = {}
     try:
         for i, site in enumerate("AB"):
             keys = root / f"keys-{site}"
             assert main(["site", "keys", "--out", str(keys)]) == 0
-            assert main(["coordinator", "enroll", "--home", str(home), "--site", site,
-                         "--public-key", str(keys / "supernode-key.pub")]) == 0
+            assert (
+                main(
+                    [
+                        "coordinator",
+                        "enroll",
+                        "--home",
+                        str(home),
+                        "--site",
+                        site,
+                        "--public-key",
+                        str(keys / "supernode-key.pub"),
+                    ]
+                )
+                == 0
+            )
             # hospital B, enrolled as B, starts its daemon claiming to be A (row 1)
-            daemons[site] = _cli("site", "daemon", "--data", str(data / site), "--site-id", "A",
-                                 "--superlink", f"127.0.0.1:{port}", "--ca-cert", str(certs.ca_cert),
-                                 "--key", str(keys / "supernode-key"), "--port", str(_free_port(19210 + 5 * i, 19215 + 5 * i)),
-                                 "--threads", "1", "--max-retries", "3", log=root / f"daemon-{site}.log")
+            daemons[site] = _cli(
+                "site",
+                "daemon",
+                "--data",
+                str(data / site),
+                "--site-id",
+                "A",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--ca-cert",
+                str(certs.ca_cert),
+                "--key",
+                str(keys / "supernode-key"),
+                "--port",
+                str(_free_port(19210 + 5 * i, 19215 + 5 * i)),
+                "--threads",
+                "1",
+                "--max-retries",
+                "3",
+                log=root / f"daemon-{site}.log",
+            )
         registry = co.load_registry(home / co.REGISTRY_NAME)
-        _wait(lambda: all(co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online"
-                          for s in "AB"), 300, "two SuperNodes online", poll_s=3)
-        yield {"root": root, "home": home, "certs": certs, "flwr_home": flwr_home, "registry": registry,
-               "daemons": daemons, "superlink": superlink, "data": data}
+        _wait(
+            lambda: all(
+                co.connected_nodes(flwr_home=flwr_home).get(int(registry[s]["node_id"])) == "online" for s in "AB"
+            ),
+            300,
+            "two SuperNodes online",
+            poll_s=3,
+        )
+        yield {
+            "root": root,
+            "home": home,
+            "certs": certs,
+            "flwr_home": flwr_home,
+            "registry": registry,
+            "daemons": daemons,
+            "superlink": superlink,
+            "data": data,
+        }
     finally:
         for proc in daemons.values():
             co.stop_process_tree(proc.pid)
@@ -115,8 +172,25 @@ def federation(tmp_path_factory):
 def test_enrolled_hospital_claiming_another_sites_name_is_refused_by_name(federation, capsys):
     home, registry = federation["home"], federation["registry"]
     out = federation["root"] / "run-impostor"
-    argv = ["coordinator", "launch", "--home", str(home), "--out", str(out), "--sites", "A,B", "--profile", "quick",
-            "--wait", "--timeout", "600", "--set", "node-wait-timeout-s=240", "--set", "device=cpu"]
+    argv = [
+        "coordinator",
+        "launch",
+        "--home",
+        str(home),
+        "--out",
+        str(out),
+        "--sites",
+        "A,B",
+        "--profile",
+        "quick",
+        "--wait",
+        "--timeout",
+        "600",
+        "--set",
+        "node-wait-timeout-s=240",
+        "--set",
+        "device=cpu",
+    ]
     for k, v in TINY.items():
         argv += ["--set", f"{k}={v}"]
     t0 = time.monotonic()

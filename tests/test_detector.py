@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from shared_models.detector import (
-    DetectorConfig,
     YOLOX3D,
+    DetectorConfig,
     box_iou_3d,
     center_prior,
     decode_best_box,
@@ -254,7 +254,9 @@ def test_decode_clips_the_box_to_the_volume():
     boxes, _, low = decode_best_box(pred, spatial_shape=(32, 112, 64))
     lo, hi = boxes[:, :3] - boxes[:, 3:] / 2, boxes[:, :3] + boxes[:, 3:] / 2
     # sample 0: corners (-3, 40, 52)..(7, 60, 68) clipped to the volume's edges (-0.5 .. size - 0.5)
-    assert torch.allclose(lo[0], torch.tensor([-0.5, 40.0, 52.0])) and torch.allclose(hi[0], torch.tensor([7.0, 60.0, 63.5]))
+    assert torch.allclose(lo[0], torch.tensor([-0.5, 40.0, 52.0])) and torch.allclose(
+        hi[0], torch.tensor([7.0, 60.0, 63.5])
+    )
     assert torch.equal(boxes[1], pred[1, 0, :6]) and not low[0] and not low[1]
     assert low[2] and boxes[2, 5] == 0 and boxes[2, 2] == 63.5
     with pytest.raises(ValueError, match="spatial_shape"):
@@ -299,7 +301,7 @@ def test_simota_picks_the_dynamic_k_lowest_cost_candidates():
 def _raster(box_q: np.ndarray, size: int) -> np.ndarray:
     """Boolean occupancy of a corner box given in quarter-voxel units on a (size,)*3 grid of quarters."""
     occ = np.zeros((size,) * 3, dtype=bool)
-    occ[box_q[0]:box_q[3], box_q[1]:box_q[4], box_q[2]:box_q[5]] = True
+    occ[box_q[0] : box_q[3], box_q[1] : box_q[4], box_q[2] : box_q[5]] = True
     return occ
 
 
@@ -332,12 +334,14 @@ def test_iou_and_giou_match_brute_force_voxel_counts():
 def test_nms_drops_overlapping_lower_scores_only():
     from shared_models.detector import nms_3d
 
-    boxes = torch.tensor([
-        [10.0, 10.0, 10.0, 8.0, 8.0, 8.0],   # A, best score
-        [10.0, 10.0, 12.0, 8.0, 8.0, 8.0],   # B: A shifted by 2 -> IoU 6/10 = 0.6
-        [40.0, 40.0, 40.0, 8.0, 8.0, 8.0],   # C: disjoint
-        [10.0, 10.0, 17.0, 8.0, 8.0, 8.0],   # D: A shifted by 7 -> IoU 1/15
-    ])
+    boxes = torch.tensor(
+        [
+            [10.0, 10.0, 10.0, 8.0, 8.0, 8.0],  # A, best score
+            [10.0, 10.0, 12.0, 8.0, 8.0, 8.0],  # B: A shifted by 2 -> IoU 6/10 = 0.6
+            [40.0, 40.0, 40.0, 8.0, 8.0, 8.0],  # C: disjoint
+            [10.0, 10.0, 17.0, 8.0, 8.0, 8.0],  # D: A shifted by 7 -> IoU 1/15
+        ]
+    )
     scores = torch.tensor([0.9, 0.95, 0.7, 0.8])
     assert nms_3d(boxes, scores, 0.5).tolist() == [1, 3, 2]  # B beats A (0.95 > 0.9, IoU 0.6 > 0.5)
     assert nms_3d(boxes, scores, 0.7).tolist() == [1, 0, 3, 2]  # IoU 0.6 is under 0.7: all kept

@@ -40,7 +40,15 @@ def _model(seed: int = 0) -> YOLOX3D:
 
 
 def _train(model, x, boxes, steps, seed, **kwargs):
-    args = {"steps": steps, "batch_size": 4, "lr": 2e-3, "weight_decay": 1e-4, "device": CPU, "amp": False, "seed": seed}
+    args = {
+        "steps": steps,
+        "batch_size": 4,
+        "lr": 2e-3,
+        "weight_decay": 1e-4,
+        "device": CPU,
+        "amp": False,
+        "seed": seed,
+    }
     return train_detector(model, x, boxes, **{**args, **kwargs})["train-loss"]
 
 
@@ -73,8 +81,9 @@ def test_reported_loss_is_detector_loss_with_l1_weight(l1_weight):
     model, seed = _model(1), 7
     reference = copy.deepcopy(model).train()
     idx = np.random.default_rng(seed).permutation(4)
-    xa, ya = augment_detector_batch(torch.from_numpy(x[idx]), torch.from_numpy(boxes[idx]),
-                                    torch.Generator().manual_seed(seed))
+    xa, ya = augment_detector_batch(
+        torch.from_numpy(x[idx]), torch.from_numpy(boxes[idx]), torch.Generator().manual_seed(seed)
+    )
     expected, logs = detector_loss(reference(xa), ya, reference.cells, l1_weight=l1_weight)
     got = _train(model, x, boxes, steps=1, seed=seed, l1_weight=l1_weight)
     assert got == pytest.approx(float(expected.detach()), rel=1e-5)

@@ -23,8 +23,13 @@ from strategies.site_aware import SiteFedAvg
 
 
 def test_stream_seeds_differ_by_site_phase_round_and_seed():
-    tuples = [(s, site, phase, r) for s in (0, 1) for site in ("A", "B", "C", "D")
-              for phase in ("detector", "stager") for r in range(1, 11)]
+    tuples = [
+        (s, site, phase, r)
+        for s in (0, 1)
+        for site in ("A", "B", "C", "D")
+        for phase in ("detector", "stager")
+        for r in range(1, 11)
+    ]
     seeds = [stream_seed(*t) for t in tuples]
     assert len(set(seeds)) == len(tuples)
     assert all(0 <= s < 2**63 for s in seeds)
@@ -35,15 +40,32 @@ def test_stream_seeds_differ_by_site_phase_round_and_seed():
 
 def test_stream_seed_does_not_depend_on_the_python_hash_seed():
     code = "from shared_models.determinism import stream_seed; print(stream_seed(7, 'B', 'detector', 4))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": h, "PATH": ""}).stdout.strip() for h in ("1", "2")}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": h, "PATH": ""},
+        ).stdout.strip()
+        for h in ("1", "2")
+    }
     assert outs == {str(stream_seed(7, "B", "detector", 4))}
 
 
 def _reply(src: int, arrays: ArrayRecord, n: int) -> Message:
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
-    metadata = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="q",
-                        group_id="", created_at=time.time(), ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{src}",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="q",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return make_message(metadata=metadata, content=content)
 
 
@@ -51,20 +73,26 @@ def _reply(src: int, arrays: ArrayRecord, n: int) -> Message:
 def test_aggregation_does_not_depend_on_reply_order():
     rng = np.random.default_rng(0)
     # float32 values over many magnitudes: their weighted float32 sum depends on the order of the terms
-    states = {site: (rng.standard_normal(4096) * 10.0 ** rng.integers(-4, 5, 4096)).astype(np.float32)
-              for site in ("A", "B", "C")}
+    states = {
+        site: (rng.standard_normal(4096) * 10.0 ** rng.integers(-4, 5, 4096)).astype(np.float32)
+        for site in ("A", "B", "C")
+    }
     node_sites = {11: "A", 12: "B", 13: "C"}
     sizes = {"A": 230, "B": 37, "C": 11}
 
     def replies(order):
-        return [_reply(n, ArrayRecord({"w": torch.from_numpy(states[node_sites[n]])}), sizes[node_sites[n]]) for n in order]
+        return [
+            _reply(n, ArrayRecord({"w": torch.from_numpy(states[node_sites[n]])}), sizes[node_sites[n]]) for n in order
+        ]
 
     orders = [(11, 12, 13), (13, 11, 12), (12, 13, 11)]
     # the test can fail: Flower's own FedAvg sums in arrival order and gives different bits
     plain = [FedAvg().aggregate_train(1, replies(o))[0]["w"].numpy() for o in orders]
     assert any(not np.array_equal(plain[0], p) for p in plain[1:])
-    ours = [SiteFedAvg(node_sites=node_sites, train_sites=["A", "B", "C"]).aggregate_train(1, replies(o))[0]["w"].numpy()
-            for o in orders]
+    ours = [
+        SiteFedAvg(node_sites=node_sites, train_sites=["A", "B", "C"]).aggregate_train(1, replies(o))[0]["w"].numpy()
+        for o in orders
+    ]
     for other in ours[1:]:
         assert np.array_equal(ours[0], other)
     np.testing.assert_array_equal(ours[0], plain[0])  # = the sum in site-id order
@@ -76,8 +104,12 @@ def two_training_sites(tmp_path_factory):
 
     quick = PROFILES["quick"]
     profile = dataclasses.replace(
-        quick, name="micro", heads_per_site={"A": 20, "B": 20}, patients_per_site={"A": 10, "B": 10},
-        scanners={s: quick.scanners[s] for s in ("A", "B")}, external_groups={"external-1": ("B",)},
+        quick,
+        name="micro",
+        heads_per_site={"A": 20, "B": 20},
+        patients_per_site={"A": 10, "B": 10},
+        scanners={s: quick.scanners[s] for s in ("A", "B")},
+        external_groups={"external-1": ("B",)},
     )
     root = tmp_path_factory.mktemp("phantoms")
     generate_phantoms(root, profile, seed=3)
@@ -91,9 +123,17 @@ def _run(data, out) -> dict:
     from sim.cli import main
     from tests.conftest import TINY
 
-    sets = {**TINY, "site-ids": "A,B", "train-sites": "A,B", "report-groups": "A-test=A;B-test=B",
-            "detector-rounds": 2, "stager-rounds": 2, "detector-local-steps": 3, "stager-local-steps": 3,
-            "stager-batch-size": 4}
+    sets = {
+        **TINY,
+        "site-ids": "A,B",
+        "train-sites": "A,B",
+        "report-groups": "A-test=A;B-test=B",
+        "detector-rounds": 2,
+        "stager-rounds": 2,
+        "detector-local-steps": 3,
+        "stager-local-steps": 3,
+        "stager-batch-size": 4,
+    }
     argv = ["sim", "run", "--data", str(data), "--out", str(out), "--profile", "quick", "--seed", "5"]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
@@ -110,8 +150,11 @@ def _metrics(report: dict) -> dict:
 def _differences(a, b, path: str = "") -> list[str]:
     """Paths where two JSON values differ (NaN equals NaN)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str)
-                for d in (_differences(a[k], b[k], f"{path}/{k}") if k in a and k in b else [f"{path}/{k}: missing"])]
+        return [
+            d
+            for k in sorted(set(a) | set(b), key=str)
+            for d in (_differences(a[k], b[k], f"{path}/{k}") if k in a and k in b else [f"{path}/{k}: missing"])
+        ]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]

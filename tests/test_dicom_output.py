@@ -64,8 +64,24 @@ def signed(tmp_path_factory):
 
 def _infer(signed, study, out, *extra):
     bundle, pub = signed
-    return main(["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(study), "--out", str(out / "res"),
-                 "--device", "cpu", "--dicom-out", str(out / "dicom"), *extra])
+    return main(
+        [
+            "infer",
+            "--bundle",
+            str(bundle),
+            "--public-key",
+            str(pub),
+            "--study",
+            str(study),
+            "--out",
+            str(out / "res"),
+            "--device",
+            "cpu",
+            "--dicom-out",
+            str(out / "dicom"),
+            *extra,
+        ]
+    )
 
 
 def _groups(sr_path):
@@ -105,7 +121,10 @@ def test_assessed_study_sr_and_seg_match_result_json_and_source_geometry(signed,
         for k, p in head["stage_probabilities"].items():
             (m,) = group.get_measurements(name=code(f"P_{k}"))
             assert m.value == pytest.approx(p, abs=1e-9)
-        box = [group.get_measurements(name=code(k))[0].value for k in ("BOX_X0", "BOX_Y0", "BOX_Z0", "BOX_X1", "BOX_Y1", "BOX_Z1")]
+        box = [
+            group.get_measurements(name=code(k))[0].value
+            for k in ("BOX_X0", "BOX_Y0", "BOX_Z0", "BOX_X1", "BOX_Y1", "BOX_Z1")
+        ]
         np.testing.assert_allclose(box, head["box_lps_mm"], atol=1e-9)
         # the box as a closed surface in the source series' frame of reference (TID 1411)
         surface = group.roi
@@ -120,12 +139,18 @@ def test_assessed_study_sr_and_seg_match_result_json_and_source_geometry(signed,
     assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
     assert seg.StudyInstanceUID == source[0].StudyInstanceUID
     shared = seg.SharedFunctionalGroupsSequence[0]
-    np.testing.assert_allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
-                               [float(v) for v in source[0].PixelSpacing])
-    np.testing.assert_allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
-                               [float(v) for v in source[0].ImageOrientationPatient], atol=1e-6)
-    positions = {tuple(np.round([float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient], 3))
-                 for f in seg.PerFrameFunctionalGroupsSequence}
+    np.testing.assert_allclose(
+        [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], [float(v) for v in source[0].PixelSpacing]
+    )
+    np.testing.assert_allclose(
+        [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+        [float(v) for v in source[0].ImageOrientationPatient],
+        atol=1e-6,
+    )
+    positions = {
+        tuple(np.round([float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient], 3))
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
     assert positions == {tuple(np.round([float(v) for v in d.ImagePositionPatient], 3)) for d in source}
     # each segment is the head's Grad-CAM map in the study geometry (gradcam_<side>.nii.gz) at >= 0.5
     uids = [d.SOPInstanceUID for d in source]
@@ -133,7 +158,9 @@ def test_assessed_study_sr_and_seg_match_result_json_and_source_geometry(signed,
     assert labels, "no assessed head reached the Grad-CAM threshold: the Segmentation test checks nothing"
     for head in result["heads"]:
         label = f"Grad-CAM {'right' if head['side'] == 'R' else 'left'} femoral head"
-        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "res" / f"gradcam_{head['side']}.nii.gz"))) >= 0.5
+        expected = (
+            sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "res" / f"gradcam_{head['side']}.nii.gz"))) >= 0.5
+        )
         if label not in labels:
             assert not expected.any()
             continue
@@ -163,8 +190,10 @@ def test_dicom_out_refuses_a_nifti_study(signed, tmp_path, capsys):
 
 
 def test_cli_help_does_not_import_highdicom():
-    code_ = ("import sys\nfrom sim.cli import main\ntry:\n    main(['infer', '--help'])\nexcept SystemExit:\n    pass\n"
-             "assert 'highdicom' not in sys.modules, 'highdicom imported'\nprint('ok')")
+    code_ = (
+        "import sys\nfrom sim.cli import main\ntry:\n    main(['infer', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'highdicom' not in sys.modules, 'highdicom imported'\nprint('ok')"
+    )
     proc = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-1500:]
     assert pydicom  # the reader used above

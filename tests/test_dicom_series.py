@@ -108,8 +108,15 @@ def ramp(shape=(6, 7, 8)) -> np.ndarray:
 
 def info(**kw) -> SeriesInfo:
     base = dict(
-        series_uid="1", files=(Path("a"),), description="", orientation="AX", n_slices=20,
-        modality="MR", image_type=("ORIGINAL", "PRIMARY"), echo_time_ms=None, repetition_time_ms=None,
+        series_uid="1",
+        files=(Path("a"),),
+        description="",
+        orientation="AX",
+        n_slices=20,
+        modality="MR",
+        image_type=("ORIGINAL", "PRIMARY"),
+        echo_time_ms=None,
+        repetition_time_ms=None,
     )
     base.update(kw)
     return SeriesInfo(**base)
@@ -132,7 +139,9 @@ def test_shuffled_random_names_give_identical_arrays_and_geometry(tmp_path):
     normal = np.cross(OBLIQUE_ROW, OBLIQUE_COL)
     np.testing.assert_allclose(b.GetOrigin(), (-12.5, 40.0, 7.25), atol=1e-3)
     np.testing.assert_allclose(b.GetSpacing(), (0.8, 1.2, 2.5), atol=1e-3)
-    np.testing.assert_allclose(np.reshape(b.GetDirection(), (3, 3)), np.column_stack([OBLIQUE_ROW, OBLIQUE_COL, normal]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.reshape(b.GetDirection(), (3, 3)), np.column_stack([OBLIQUE_ROW, OBLIQUE_COL, normal]), atol=1e-5
+    )
     # Last voxel centre lands where the writer put it.
     last = np.array([-12.5, 40.0, 7.25]) + 7 * 0.8 * OBLIQUE_ROW + 6 * 1.2 * OBLIQUE_COL + 5 * 2.5 * normal
     np.testing.assert_allclose(b.TransformIndexToPhysicalPoint((7, 6, 5)), last, atol=1e-3)
@@ -222,7 +231,9 @@ def test_sheared_stack_is_refused(tmp_path):
 def test_mixed_orientations_in_one_series_are_refused(tmp_path):
     uid = generate_uid()
     write_series(tmp_path / "s" / "a", ramp((3, 4, 4)), series_uid=uid)
-    write_series(tmp_path / "s" / "b", ramp((3, 4, 4)), series_uid=uid, row=(0, 1, 0), col=(0, 0, -1), origin=(50, 0, 0))
+    write_series(
+        tmp_path / "s" / "b", ramp((3, 4, 4)), series_uid=uid, row=(0, 1, 0), col=(0, 0, -1), origin=(50, 0, 0)
+    )
     series = find_series(tmp_path / "s")
     # Two planes of equal size in one series UID: neither is the acquisition, both are localizers.
     assert len(series) == 2 and all(s.stray_orientation for s in series)
@@ -286,7 +297,9 @@ def test_nifti_round_trip(tmp_path):
 def test_localizer_is_not_chosen(tmp_path):
     study = tmp_path / "study"
     # A localizer with many slices and T2-like timing, and a smaller true T2 series.
-    write_series(study / "loc", ramp((9, 4, 4)), description="localizer", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    write_series(
+        study / "loc", ramp((9, 4, 4)), description="localizer", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")
+    )
     write_series(study / "scout", ramp((12, 4, 4)), description="AAHead_Scout t2")
     write_series(study / "t2", ramp((5, 4, 4)) * 2, description="t2_tse_fs_ax")
     chosen = choose_t2_series(find_series(study))
@@ -359,8 +372,14 @@ def test_t2_ranking_prefers_description_then_timing_then_original_then_slices():
     by_timing = info(series_uid="1", description="cor", echo_time_ms=90.0, repetition_time_ms=4000.0, n_slices=60)
     by_desc = info(series_uid="2", description="t2_cor", n_slices=20)
     by_both = info(series_uid="3", description="t2_cor", echo_time_ms=90.0, repetition_time_ms=4000.0, n_slices=10)
-    derived = info(series_uid="4", description="t2_cor", echo_time_ms=90.0, repetition_time_ms=4000.0, n_slices=80,
-                   image_type=("DERIVED", "SECONDARY"))
+    derived = info(
+        series_uid="4",
+        description="t2_cor",
+        echo_time_ms=90.0,
+        repetition_time_ms=4000.0,
+        n_slices=80,
+        image_type=("DERIVED", "SECONDARY"),
+    )
     bigger = info(series_uid="5", description="t2_ax", echo_time_ms=90.0, repetition_time_ms=4000.0, n_slices=30)
     assert choose_t2_series([by_timing, by_desc]) is by_desc
     assert choose_t2_series([by_timing, by_desc, by_both]) is by_both
@@ -384,7 +403,9 @@ def _normalised_xcorr_peak(a: np.ndarray, b: np.ndarray) -> float:
     b = b - b.mean()
     shape = [2 * s for s in a.shape]
     axes = list(range(a.ndim))
-    corr = np.fft.irfftn(np.fft.rfftn(a, shape, axes=axes) * np.conj(np.fft.rfftn(b, shape, axes=axes)), shape, axes=axes)
+    corr = np.fft.irfftn(
+        np.fft.rfftn(a, shape, axes=axes) * np.conj(np.fft.rfftn(b, shape, axes=axes)), shape, axes=axes
+    )
     return float(corr.max() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 

@@ -32,7 +32,9 @@ def test_phase_finished_when_all_rounds_ran_or_the_rule_stopped_it():
     from shared_models.config import RunConfig
     from tests.conftest import tiny_run_config
 
-    cfg = RunConfig.from_run_config(tiny_run_config(early_stopping_patience=2, early_stopping_min_delta=0.0, early_stopping_min_rounds=0))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(early_stopping_patience=2, early_stopping_min_delta=0.0, early_stopping_min_rounds=0)
+    )
     metrics = {r: {"A": {"val-num-examples": 4, "val-score": v}} for r, v in {1: 0.5, 2: 0.8, 3: 0.7, 4: 0.8}.items()}
     ckpt = PhaseCheckpoint(round=4, state_dict={"w": torch.zeros(1)}, site_metrics=metrics)
     assert phase_finished(ckpt, rounds=20, cfg=cfg)  # best at round 2, rounds 3 and 4 without improvement
@@ -55,15 +57,23 @@ def test_training_curves_mark_the_chosen_round_and_the_early_stop(tmp_path, monk
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
-    report = {"strategy": "fedavg", "selected_rounds": {"detector": 2, "stager": 3},
-              "history": {"stager_val_macro_auc": {"1": {"A": 0.6}, "2": {"A": 0.7}, "3": {"A": 0.9}}},
-              "early_stopping": {"max_rounds": {"detector": 2, "stager": 20}, "rounds_run": {"detector": 2, "stager": 8},
-                                 "validation_score": {"stager": {"1": 0.6, "2": 0.7, "3": 0.9, "4": 0.85}}}}
+    report = {
+        "strategy": "fedavg",
+        "selected_rounds": {"detector": 2, "stager": 3},
+        "history": {"stager_val_macro_auc": {"1": {"A": 0.6}, "2": {"A": 0.7}, "3": {"A": 0.9}}},
+        "early_stopping": {
+            "max_rounds": {"detector": 2, "stager": 20},
+            "rounds_run": {"detector": 2, "stager": 8},
+            "validation_score": {"stager": {"1": 0.6, "2": 0.7, "3": 0.9, "4": 0.85}},
+        },
+    }
     path = plot_training_curves(report, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     drawn = [(ax.get_title(), label, xy) for ax, label, xy in drawn]  # titles are set after the curves
     pooled = [d for d in drawn if d[1] == "pooled (selection score)"]
-    assert pooled == [("stager: validation macro AUC", "pooled (selection score)", [[1, 2, 3, 4], [0.6, 0.7, 0.9, 0.85]])]
+    assert pooled == [
+        ("stager: validation macro AUC", "pooled (selection score)", [[1, 2, 3, 4], [0.6, 0.7, 0.9, 0.85]])
+    ]
     assert ("stager: validation macro AUC", "chosen round 3", [[3.0], [0.9]]) in drawn
 
 

@@ -17,8 +17,9 @@ def group():
     rng = np.random.default_rng(7)
     y, p = _cases(rng, 80)
     patients = np.repeat([f"P{i:02d}" for i in range(40)], 2)  # two heads per patient
-    reported = group_stage_metrics({"A": _site_metrics(y[:50], p[:50]), "B": _site_metrics(y[50:], p[50:])},
-                                   {"g": ("A", "B")})["g"]  # what the server pools from two sites' counts
+    reported = group_stage_metrics(
+        {"A": _site_metrics(y[:50], p[:50]), "B": _site_metrics(y[50:], p[50:])}, {"g": ("A", "B")}
+    )["g"]  # what the server pools from two sites' counts
     return y, p, patients, reported
 
 
@@ -69,12 +70,15 @@ def test_report_page_shows_intervals_exact_auc_and_the_reader_table(group, tmp_p
     from sim.report_html import write_report_html
 
     y, p, patients, reported = group
-    rows = [{"patient_id": pid, "side": "LR"[i % 2], "stage": int(t), "predicted_stage": int(q.argmax())}
-            for i, (pid, t, q) in enumerate(zip(patients, y, p))]
+    rows = [
+        {"patient_id": pid, "side": "LR"[i % 2], "stage": int(t), "predicted_stage": int(q.argmax())}
+        for i, (pid, t, q) in enumerate(zip(patients, y, p))
+    ]
     readers = compare_with_readers(rows, simulate_readers(rows, {"r70": 0.7}, seed=1))
     check = group_check(y, p, patients, reported, n_boot=100)
-    html = write_report_html({"sites": {"g": reported}, "exact_check": {"g": check, "readers": readers}},
-                             tmp_path).read_text()
+    html = write_report_html(
+        {"sites": {"g": reported}, "exact_check": {"g": check, "readers": readers}}, tmp_path
+    ).read_text()
     ci = check["ci"]["macro_auc"]
     assert f"{ci['low']:.3f} to {ci['high']:.3f}" in html
     assert f"{check['auc']['II']['exact']:.4f}" in html and "NO" not in html  # every stage within its bound

@@ -49,8 +49,14 @@ def test_field_of_view_gate():
     assert not short.passed and "head-foot" in short.reasons[0]
 
 
-@pytest.mark.parametrize("spacing, origin", [((float("nan"), 10.0, 8.0), None), ((12.0, 10.0, 8.0), (float("inf"), 0.0, 0.0)),
-                                             ((12.0, 10.0, float("nan")), None)])
+@pytest.mark.parametrize(
+    "spacing, origin",
+    [
+        ((float("nan"), 10.0, 8.0), None),
+        ((12.0, 10.0, 8.0), (float("inf"), 0.0, 0.0)),
+        ((12.0, 10.0, float("nan")), None),
+    ],
+)
 def test_field_of_view_gate_fails_closed_on_non_finite_geometry(spacing, origin):
     image = _image(spacing=spacing)
     if origin is not None:
@@ -99,8 +105,7 @@ def models():
 
 def test_refused_study_is_never_staged(models):
     detector, stager = models
-    for image, body_part, reason in [(_image(size_xyz=(16, 24, 16)), None, "left-right"),
-                                     (_image(), "BRAIN", "BRAIN")]:
+    for image, body_part, reason in [(_image(size_xyz=(16, 24, 16)), None, "left-right"), (_image(), "BRAIN", "BRAIN")]:
         results = analyse_study(image, detector, stager, PreprocessingSpec(), body_part=body_part)
         verdict, reasons = study_verdict(results)
         assert verdict == "refused" and any(reason in r for r in reasons)
@@ -141,8 +146,9 @@ def test_detector_threshold_and_out_of_distribution_gates(models):
     # between the two energies: only the higher-energy head is flagged
     lo, hi = sorted(r.energy for r in passed)
     if hi - lo > 1e-4:
-        mixed = analyse_study(image, detector, stager, spec, calibration=Calibration(energy_threshold=(lo + hi) / 2),
-                              gates=False)
+        mixed = analyse_study(
+            image, detector, stager, spec, calibration=Calibration(energy_threshold=(lo + hi) / 2), gates=False
+        )
         assert sorted(r.assessed for r in mixed) == [False, True]
 
 
@@ -162,8 +168,12 @@ def test_a_study_with_non_finite_voxels_is_refused_whatever_the_gates(models, ba
         assert r.predicted_stage is None and r.stage_probabilities == {} and r.energy is None
         assert r.early_probability is None and not sitk.GetArrayViewFromImage(r.gradcam).any()
     # the same study with the slab finite is assessed: the refusal is the non-finite voxels'
-    assert study_verdict(analyse_study(image, detector, stager, PreprocessingSpec(), calibration=calibration,
-                                       gates=False))[0] == "assessed"
+    assert (
+        study_verdict(
+            analyse_study(image, detector, stager, PreprocessingSpec(), calibration=calibration, gates=False)
+        )[0]
+        == "assessed"
+    )
 
 
 @pytest.mark.parametrize("logits", [(math.nan, math.nan, math.nan), (0.0, math.inf, 0.0), (0.0, 1.0, math.nan)])
@@ -173,8 +183,14 @@ def test_non_finite_stager_output_withholds_the_stage(models, logits):
     detector, stager = models
     hook = stager.register_forward_hook(lambda module, inputs, output: torch.tensor([logits], dtype=output.dtype))
     try:
-        results = analyse_study(_image(), detector, stager, PreprocessingSpec(), gates=False,
-                                calibration=Calibration(energy_threshold=math.inf, early_threshold=0.5))
+        results = analyse_study(
+            _image(),
+            detector,
+            stager,
+            PreprocessingSpec(),
+            gates=False,
+            calibration=Calibration(energy_threshold=math.inf, early_threshold=0.5),
+        )
     finally:
         hook.remove()
     verdict, reasons = study_verdict(results)
@@ -204,8 +220,14 @@ def test_phantom_ground_truth_passes_every_gate_where_the_field_of_view_is_whole
     from sim.phantoms import PROFILES, generate_phantoms
 
     quick = PROFILES["quick"]
-    profile = dataclasses.replace(quick, name="micro-gates", heads_per_site={"A": 8}, patients_per_site={"A": 4},
-                                  scanners={"A": quick.scanners["A"]}, external_groups={})
+    profile = dataclasses.replace(
+        quick,
+        name="micro-gates",
+        heads_per_site={"A": 8},
+        patients_per_site={"A": 4},
+        scanners={"A": quick.scanners["A"]},
+        external_groups={},
+    )
     generate_phantoms(tmp_path, profile, seed=3, workers=1)
     boxes: dict[str, dict[str, tuple]] = {}
     with open(tmp_path / "A" / "manifest.csv") as fh:

@@ -20,8 +20,9 @@ REPO = runner.APP_DIR
 
 
 def _fake_gpu(monkeypatch, memory_gib: float = 80.0, major: int = 9, name: str = "NVIDIA Fake"):
-    props = SimpleNamespace(name=name, total_memory=int(memory_gib * 2**30), major=major, minor=0,
-                            multi_processor_count=132)
+    props = SimpleNamespace(
+        name=name, total_memory=int(memory_gib * 2**30), major=major, minor=0, multi_processor_count=132
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: props)
@@ -76,8 +77,9 @@ def test_flower_runs_one_site_per_share_of_the_gpu(monkeypatch):
     resources, actors = _flower_pool_size(runner.federation_config(4, 1, 0.5), monkeypatch, cpus=16, gpus=2)
     assert actors == 4  # min(16, 2 / 0.5)
     _no_gpu(monkeypatch)
-    resources, actors = _flower_pool_size(runner.federation_config(4, 1, runner.gpus_per_site()), monkeypatch,
-                                          cpus=16, gpus=1)
+    resources, actors = _flower_pool_size(
+        runner.federation_config(4, 1, runner.gpus_per_site()), monkeypatch, cpus=16, gpus=1
+    )
     assert "num_gpus" not in resources and actors == 16  # CPU runs unchanged: one ClientApp per core
 
 
@@ -123,8 +125,15 @@ def test_preflight_reports_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     check = site_daemon.check_device()
     assert check.ok
-    for part in ("NVIDIA H200", "139.8 GiB", "sm 9.0", "driver 580.159.04", "CUDA 13.0", f"torch {torch.__version__}",
-                 "bf16 yes"):
+    for part in (
+        "NVIDIA H200",
+        "139.8 GiB",
+        "sm 9.0",
+        "driver 580.159.04",
+        "CUDA 13.0",
+        f"torch {torch.__version__}",
+        "bf16 yes",
+    ):
         assert part in check.detail
     _fake_gpu(monkeypatch, 16.0, major=7, name="Tesla V100")  # Volta: no native bfloat16
     assert "bf16 no" in site_daemon.check_device().detail
@@ -179,8 +188,9 @@ def _warm_module() -> str:
 
 
 def test_fork_launcher_warm_up_leaves_cuda_uninitialised():
-    proc = subprocess.run([sys.executable, "-c", _WARM_SPY, _warm_module()], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WARM_SPY, _warm_module()], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["initialized"] is False
@@ -219,8 +229,9 @@ _FORK_TRAIN = textwrap.dedent("""
 
 @pytest.mark.gpu
 def test_a_forked_clientapp_trains_on_cuda():
-    proc = subprocess.run([sys.executable, "-c", _FORK_TRAIN, _warm_module()], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_TRAIN, _warm_module()], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"child_exit": 0, "parent_initialized": False}, proc.stderr[-3000:]
@@ -255,8 +266,9 @@ def test_batched_flips_are_monais_per_sample_flips():
 def test_local_steps_return_device_losses_read_once(monkeypatch):
     from client import training
 
-    run = training.LocalRun.start(torch.nn.Linear(3, 1), lr=1e-2, weight_decay=0.0, device=torch.device("cpu"),
-                                  amp=False, proximal_mu=0.0, seed=0)
+    run = training.LocalRun.start(
+        torch.nn.Linear(3, 1), lr=1e-2, weight_decay=0.0, device=torch.device("cpu"), amp=False, proximal_mu=0.0, seed=0
+    )
     x = torch.ones(2, 3)
     losses = [run.step(run.model(x).pow(2).mean()) for _ in range(3)]
     assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in losses)
@@ -270,7 +282,7 @@ def test_channels_last_is_a_layout_choice_not_a_different_result(model):
 
     from client.detector_training import train_detector
     from client.stager_training import train_stager
-    from shared_models.detector import DetectorConfig, YOLOX3D
+    from shared_models.detector import YOLOX3D, DetectorConfig
 
     rng = np.random.default_rng(0)
     results = []
@@ -278,15 +290,34 @@ def test_channels_last_is_a_layout_choice_not_a_different_result(model):
         torch.manual_seed(0)
         if model == "stager":
             net = _tiny_stager()
-            out = train_stager(net, rng.random((8, 1, 32, 32, 32), dtype=np.float32), np.arange(8) % 3, steps=2,
-                               batch_size=4, lr=1e-3, weight_decay=0.0, focal_gamma=2.0, device=torch.device("cpu"),
-                               seed=3, channels_last=channels_last)
+            out = train_stager(
+                net,
+                rng.random((8, 1, 32, 32, 32), dtype=np.float32),
+                np.arange(8) % 3,
+                steps=2,
+                batch_size=4,
+                lr=1e-3,
+                weight_decay=0.0,
+                focal_gamma=2.0,
+                device=torch.device("cpu"),
+                seed=3,
+                channels_last=channels_last,
+            )
         else:
             net = YOLOX3D(DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8))
             boxes = np.tile(np.array([[16, 16, 16, 8, 10, 8]], np.float32), (4, 1))
-            out = train_detector(net, rng.random((4, 1, 32, 32, 32), dtype=np.float32), boxes, steps=2, batch_size=2,
-                                 lr=1e-3, weight_decay=0.0, device=torch.device("cpu"), seed=5,
-                                 channels_last=channels_last)
+            out = train_detector(
+                net,
+                rng.random((4, 1, 32, 32, 32), dtype=np.float32),
+                boxes,
+                steps=2,
+                batch_size=2,
+                lr=1e-3,
+                weight_decay=0.0,
+                device=torch.device("cpu"),
+                seed=5,
+                channels_last=channels_last,
+            )
         rng = np.random.default_rng(0)
         assert all(v.is_contiguous() for v in net.state_dict().values())  # weights travel in the plain layout
         results.append(out["train-loss"])
@@ -322,8 +353,19 @@ def test_stager_steps_do_not_wait_for_the_gpu():
     cuda = torch.device("cuda")
 
     def train(steps):
-        train_stager(_tiny_stager(), crops, np.arange(16) % 3, steps=steps, batch_size=4, lr=1e-3, weight_decay=0.0,
-                     focal_gamma=2.0, device=cuda, seed=0, flip_dims=(2, 3, 4))
+        train_stager(
+            _tiny_stager(),
+            crops,
+            np.arange(16) % 3,
+            steps=steps,
+            batch_size=4,
+            lr=1e-3,
+            weight_decay=0.0,
+            focal_gamma=2.0,
+            device=cuda,
+            seed=0,
+            flip_dims=(2, 3, 4),
+        )
 
     train(1)  # warm-up: cuDNN, allocator
     assert _sync_warnings_per_step(train) == 0
@@ -357,8 +399,9 @@ def _cam_on_a_deep_copy(model, crop, method):
     from shared_models.gradcam import minmax_normalize
 
     work = copy.deepcopy(model)
-    cam = (GradCAM if method == "gradcam" else GradCAMpp)(nn_module=work, target_layers=model.gradcam_layer,
-                                                          postprocessing=minmax_normalize)
+    cam = (GradCAM if method == "gradcam" else GradCAMpp)(
+        nn_module=work, target_layers=model.gradcam_layer, postprocessing=minmax_normalize
+    )
     return cam(x=crop.clone().requires_grad_(True))[0, 0].detach().numpy()
 
 
@@ -413,17 +456,36 @@ def test_flop_count_of_a_convolution_is_the_textbook_count():
 
 
 def test_gpu_bench_runs_on_cpu_at_tiny_size_and_prints_ratios(tmp_path, capsys):
-    from tests.conftest import TINY
-
     from sim.cli import main
+    from tests.conftest import TINY
 
     tiny = json.dumps(TINY)
     # an earlier test may have run a ClientApp handler in this process, which turns deterministic algorithms on
     # for the process (shared_models/determinism.py); start from off to see that the bench restores it
     torch.use_deterministic_algorithms(False)
-    assert main(["sim", "bench", "--only", "gpu", "--out", str(tmp_path), "--option", f"gpu.config_overrides={tiny}",
-                 "--option", "gpu.device=cpu", "--option", "gpu.infer_repeats=1", "--option", "gpu.steps=1",
-                 "--option", "gpu.warmup_steps=0"]) == 0
+    assert (
+        main(
+            [
+                "sim",
+                "bench",
+                "--only",
+                "gpu",
+                "--out",
+                str(tmp_path),
+                "--option",
+                f"gpu.config_overrides={tiny}",
+                "--option",
+                "gpu.device=cpu",
+                "--option",
+                "gpu.infer_repeats=1",
+                "--option",
+                "gpu.steps=1",
+                "--option",
+                "gpu.warmup_steps=0",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "bench.json").read_text())["sections"]["gpu"]
     assert [(r["model"], r.get("batch_size")) for r in rows] == [("stager", 4), ("detector", 2), ("study", None)]
     for row in rows[:2]:
@@ -448,7 +510,8 @@ def test_gpu_check_names_the_wheels_to_carry(tmp_path, monkeypatch):
     assert gpu_check.missing_modules() == {"onfh_no_such_module": "onfh-no-such-module==1.0"}
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert json.loads((tmp_path / "gpu_check.json").read_text())["missing"] == {
-        "onfh_no_such_module": "onfh-no-such-module==1.0"}
+        "onfh_no_such_module": "onfh-no-such-module==1.0"
+    }
 
 
 def test_gpu_check_runs_the_gpu_tests_and_records_each(tmp_path):
@@ -457,8 +520,11 @@ def test_gpu_check_runs_the_gpu_tests_and_records_each(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path), "--skip-bench"]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     outcomes = report["tests"]["outcomes"]
-    gpu_tests = {name for name, fn in globals().items()
-                 if name.startswith("test_") and any(m.name == "gpu" for m in getattr(fn, "pytestmark", []))}
+    gpu_tests = {
+        name
+        for name, fn in globals().items()
+        if name.startswith("test_") and any(m.name == "gpu" for m in getattr(fn, "pytestmark", []))
+    }
     assert len(gpu_tests) >= 6 and {name.split("[")[0] for name in outcomes} == gpu_tests
     expected = "passed" if torch.cuda.is_available() else "skipped"
     assert all(v.startswith(expected) for v in outcomes.values()), outcomes
@@ -486,15 +552,25 @@ def test_detector_trains_on_cuda(amp):
     import numpy as np
 
     from client.detector_training import predict_boxes, train_detector
-    from shared_models.detector import DetectorConfig, YOLOX3D
+    from shared_models.detector import YOLOX3D, DetectorConfig
 
     torch.manual_seed(0)
     model = YOLOX3D(DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8))
     rng = np.random.default_rng(0)
     volumes = rng.random((4, 1, 32, 48, 32), dtype=np.float32)
     boxes = np.tile(np.array([[16, 24, 16, 8, 10, 8]], np.float32), (4, 1))
-    out = train_detector(model, volumes, boxes, steps=3, batch_size=2, lr=1e-3, weight_decay=0.0,
-                         device=torch.device("cuda"), amp=amp, seed=0)
+    out = train_detector(
+        model,
+        volumes,
+        boxes,
+        steps=3,
+        batch_size=2,
+        lr=1e-3,
+        weight_decay=0.0,
+        device=torch.device("cuda"),
+        amp=amp,
+        seed=0,
+    )
     assert np.isfinite(out["train-loss"]) and next(model.parameters()).is_cuda
     found, scores, _ = predict_boxes(model, volumes, device=torch.device("cuda"))
     assert found.shape == (4, 6) and np.isfinite(scores).all()

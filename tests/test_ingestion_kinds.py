@@ -175,9 +175,9 @@ def test_localizer_images_inside_the_acquisition_series_are_dropped(tmp_path):
     slice_ds(ramp((4, 5)), (0.0, 0.0, 0.0), series_uid=uid, row=(0, 1, 0), col=(0, 0, -1)).save_as(
         study / "scout1", enforce_file_format=True
     )
-    slice_ds(ramp((4, 5)), ORIGIN + 1.5 * NORMAL, series_uid=uid, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")).save_as(
-        study / "scout2", enforce_file_format=True
-    )
+    slice_ds(
+        ramp((4, 5)), ORIGIN + 1.5 * NORMAL, series_uid=uid, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")
+    ).save_as(study / "scout2", enforce_file_format=True)
     image = read_study(study)
     np.testing.assert_array_equal(array(image), vol.astype(np.float32))
     assert_geometry(image)
@@ -294,8 +294,11 @@ def test_gantry_tilted_stack_is_refused_with_its_angle(tmp_path):
     positions = [ORIGIN + k * STEP * NORMAL + k * STEP * np.tan(tilt) * COL for k in range(5)]
     write_stack(tmp_path / "s", ramp((5, 4, 4)), positions=positions)
     drift = 4 * STEP * np.tan(tilt)
-    with pytest.raises(SeriesError, match=rf"sheared stack: slice positions drift in-plane by up to {drift:.2f} mm "
-                       r"\(gantry tilt or slice step 15\.0 degrees off the normal; refused, not resampled\)"):
+    with pytest.raises(
+        SeriesError,
+        match=rf"sheared stack: slice positions drift in-plane by up to {drift:.2f} mm "
+        r"\(gantry tilt or slice step 15\.0 degrees off the normal; refused, not resampled\)",
+    ):
         read_study(tmp_path / "s")
 
 
@@ -352,7 +355,7 @@ def enhanced_ds(frames: list[tuple[np.ndarray, np.ndarray, float, float, float]]
     shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per_frame = []
-    for pixels, pos, slope, intercept, te in frames:
+    for _pixels, pos, slope, intercept, te in frames:
         item, plane, transform, echo = Dataset(), Dataset(), Dataset(), Dataset()
         plane.ImagePositionPatient = [float(v) for v in pos]
         transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = slope, intercept, "US"
@@ -403,8 +406,12 @@ def test_enhanced_mr_with_two_echoes_in_one_file_is_split(tmp_path):
 
 def test_decoders_are_available_at_start_up():
     decoders = check_decoders()
-    for name in ("RLE Lossless", "JPEG 2000 Image Compression (Lossless Only)", "JPEG-LS Lossless Image Compression",
-                 "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])"):
+    for name in (
+        "RLE Lossless",
+        "JPEG 2000 Image Compression (Lossless Only)",
+        "JPEG-LS Lossless Image Compression",
+        "JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1])",
+    ):
         assert decoders[name], name
 
 
@@ -480,8 +487,16 @@ def _testdata(name: str) -> Path:
     return Path(path)
 
 
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ],
+)
 def test_real_mr_small_files_stacked_into_a_series(tmp_path, name):
     """Real MR files (pydicom), copied as three slices along their normal; pixels untouched."""
     ref = pydicom.dcmread(_testdata("MR_small.dcm"))
@@ -504,8 +519,15 @@ def test_real_mr_small_files_stacked_into_a_series(tmp_path, name):
     assert image.GetSpacing()[2] == pytest.approx(2.5, abs=1e-3)
 
 
-@pytest.mark.parametrize("name", ["emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm",
-                                  "emri_small_jpeg_ls_lossless.dcm", "emri_small_big_endian.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "emri_small_RLE.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+        "emri_small_big_endian.dcm",
+    ],
+)
 def test_real_enhanced_mr_files_decode_like_the_uncompressed_one(name):
     from client.dicom_series import _decode
 
@@ -619,14 +641,28 @@ def test_site_check_json_format(tmp_path):
     out = tmp_path / "verdicts.json"
     assert main(["site", "check", "--data", str(root), "--cache", str(tmp_path / "c"), "--json", str(out)]) == 1
     verdicts = json.loads(out.read_text())
-    assert [list(v) for v in verdicts] == [["study", "series_uid", "status", "reason", "shape", "spacing_mm", "direction"]] * 2
+    assert [list(v) for v in verdicts] == [
+        ["study", "series_uid", "status", "reason", "shape", "spacing_mm", "direction"]
+    ] * 2
     good, ct = verdicts
     assert good == {
-        "study": "good", "series_uid": uid, "status": "ok", "reason": "ok", "shape": [8, 12, 20],
-        "spacing_mm": [16.0, 16.0, 16.0], "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        "study": "good",
+        "series_uid": uid,
+        "status": "ok",
+        "reason": "ok",
+        "shape": [8, 12, 20],
+        "spacing_mm": [16.0, 16.0, 16.0],
+        "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
     }
-    assert ct == {"study": "ct", "series_uid": None, "status": "refused", "reason": "no T2 series among 1 series (1 not MR)",
-                  "shape": None, "spacing_mm": None, "direction": None}
+    assert ct == {
+        "study": "ct",
+        "series_uid": None,
+        "status": "refused",
+        "reason": "no T2 series among 1 series (1 not MR)",
+        "shape": None,
+        "spacing_mm": None,
+        "direction": None,
+    }
 
 
 def test_out_of_scope_stage_refuses_only_that_head(tmp_path):
@@ -635,10 +671,10 @@ def test_out_of_scope_stage_refuses_only_that_head(tmp_path):
     _hip_stack(root / "s2")
     (root / "manifest.csv").write_text(
         "patient_id,study,side,ficat_stage,box_lps_mm,scanner\n"
-        "P1,s1,L,III,40 -20 -20 80 20 20,X\n"   # collapsed head: out of scope, refused alone
-        "P1,s1,R,0,,X\n"                         # the other head of the same study goes on
-        "P2,s2,L,maybe,,X\n"                     # unreadable label
-        "P3,s2,R,II,1 2 3,X\n"                   # malformed box
+        "P1,s1,L,III,40 -20 -20 80 20 20,X\n"  # collapsed head: out of scope, refused alone
+        "P1,s1,R,0,,X\n"  # the other head of the same study goes on
+        "P2,s2,L,maybe,,X\n"  # unreadable label
+        "P3,s2,R,II,1 2 3,X\n"  # malformed box
     )
     data = SiteData(root, "S", tmp_path / "cache", SPEC)
     assert [(h.study, h.side) for h in data.heads] == [("s1", "R")]

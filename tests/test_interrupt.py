@@ -34,18 +34,36 @@ def test_ctrl_c_stops_within_2_s_keeps_the_checkpoint_and_prints_the_resume_comm
     from sim.phantoms import PROFILES, generate_phantoms
 
     quick = PROFILES["quick"]
-    profile = dataclasses.replace(quick, name="micro", heads_per_site={"A": 10, "B": 4}, patients_per_site={"A": 6, "B": 2},
-                                  scanners={s: quick.scanners[s] for s in ("A", "B")}, external_groups={"external-1": ("B",)})
+    profile = dataclasses.replace(
+        quick,
+        name="micro",
+        heads_per_site={"A": 10, "B": 4},
+        patients_per_site={"A": 6, "B": 2},
+        scanners={s: quick.scanners[s] for s in ("A", "B")},
+        external_groups={"external-1": ("B",)},
+    )
     data, out = tmp_path / "data", tmp_path / "run"
     generate_phantoms(data, profile, seed=2)
-    sets = {**TINY, "site-ids": "A,B", "report-groups": "A-test=A;external-1=B", "detector-rounds": 30,
-            "stager-rounds": 2, "detector-local-steps": 2, "stager-local-steps": 2}
+    sets = {
+        **TINY,
+        "site-ids": "A,B",
+        "report-groups": "A-test=A;external-1=B",
+        "detector-rounds": 30,
+        "stager-rounds": 2,
+        "detector-local-steps": 2,
+        "stager-local-steps": 2,
+    }
     argv = ["sim", "run", "--data", str(data), "--out", str(out), "--profile", "quick"]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
     log = open(tmp_path / "console.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "COLUMNS": "400"}, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim.cli", *argv],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "400"},
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 600
         while len(read_chain(out / "checkpoints")) < 2:  # two detector rounds done: the run is well under way

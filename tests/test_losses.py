@@ -101,8 +101,8 @@ def test_term_value_and_gradient_equal_mu_times_difference():
     mu = 0.37
     trainable = [p for p in model.parameters() if p.requires_grad]
     # value: (mu / 2) * sum of squared differences, summed independently in float64
-    expected = 0.5 * mu * sum(
-        float(((p.detach().double() - g.double()) ** 2).sum()) for p, g in zip(trainable, global_params)
+    expected = (
+        0.5 * mu * sum(float(((p.detach().double() - g.double()) ** 2).sum()) for p, g in zip(trainable, global_params))
     )
     model.zero_grad()
     term = fedprox_proximal_term(model, global_params, mu)

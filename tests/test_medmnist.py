@@ -24,7 +24,8 @@ from sim.medmnist import (
 
 REAL_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medmnist" / "adrenalmnist3d_64.npz"
 VALID = {("central", "none", "none"), ("central-plain-densenet", "none", "none")} | {
-    ("federated", s, sp) for s in ("fedavg", "fedprox") for sp in ("iid", "label-skew")}
+    ("federated", s, sp) for s in ("fedavg", "fedprox") for sp in ("iid", "label-skew")
+}
 
 
 def synthetic_npz(path: Path, n_train: int = 64, n_val: int = 16, n_test: int = 16, seed: int = 0) -> Path:
@@ -56,10 +57,15 @@ def _check_rows(rows: list[dict], size: int, seeds: set[int]) -> None:
 
 def test_quick_central_rows(tmp_path):
     npz = synthetic_npz(tmp_path / "tiny.npz")
-    rows = run_medmnist(npz, 28, tmp_path / "out", seeds=(0, 1), settings=("central", "central-plain-densenet"),
-                        quick=True)
+    rows = run_medmnist(
+        npz, 28, tmp_path / "out", seeds=(0, 1), settings=("central", "central-plain-densenet"), quick=True
+    )
     assert [(r["setting"], r["seed"]) for r in rows] == [
-        ("central", 0), ("central-plain-densenet", 0), ("central", 1), ("central-plain-densenet", 1)]
+        ("central", 0),
+        ("central-plain-densenet", 0),
+        ("central", 1),
+        ("central-plain-densenet", 1),
+    ]
     _check_rows(rows, 28, {0, 1})
     written = json.loads((tmp_path / "out" / "medmnist.json").read_text())
     assert [{k: r[k] for k in ROW_KEYS} for r in written] == [{k: r[k] for k in ROW_KEYS} for r in rows]
@@ -76,8 +82,20 @@ def test_quick_federated_rows_through_the_cli(tmp_path):
     npz = synthetic_npz(tmp_path / "tiny.npz")
     parser = argparse.ArgumentParser()
     add_medmnist_parser(parser.add_subparsers())
-    args = parser.parse_args(["medmnist", "--data", str(npz), "--size", "28", "--out", str(tmp_path / "out"),
-                              "--settings", "fedavg-iid,fedprox-label-skew", "--quick"])
+    args = parser.parse_args(
+        [
+            "medmnist",
+            "--data",
+            str(npz),
+            "--size",
+            "28",
+            "--out",
+            str(tmp_path / "out"),
+            "--settings",
+            "fedavg-iid,fedprox-label-skew",
+            "--quick",
+        ]
+    )
     assert args.func(args) == 0
     rows = json.loads((tmp_path / "out" / "medmnist.json").read_text())
     assert [(r["strategy"], r["split"]) for r in rows] == [("fedavg", "iid"), ("fedprox", "label-skew")]

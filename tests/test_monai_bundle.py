@@ -30,8 +30,21 @@ def signed(tmp_path_factory):
     study = root / "study.nii.gz"
     sitk.WriteImage(_oblique_image(), str(study))
     mon = root / "mon"
-    assert main(["bundle", "export-monai", "--bundle", str(bundle), "--out", str(mon),
-                 "--public-key", str(root / "key.pem.pub")]) == 0
+    assert (
+        main(
+            [
+                "bundle",
+                "export-monai",
+                "--bundle",
+                str(bundle),
+                "--out",
+                str(mon),
+                "--public-key",
+                str(root / "key.pem.pub"),
+            ]
+        )
+        == 0
+    )
     return {"root": root, "bundle": bundle, "pub": root / "key.pem.pub", "study": study, "mon": mon}
 
 
@@ -39,8 +52,14 @@ def test_export_writes_a_monai_bundle_whose_metadata_verifies(signed):
     from monai.bundle import verify_metadata
 
     mon = signed["mon"]
-    for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md",
-                "models/signed/calibration.json", "models/signed/MANIFEST.sig"):
+    for rel in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "models/model.pt",
+        "docs/README.md",
+        "models/signed/calibration.json",
+        "models/signed/MANIFEST.sig",
+    ):
         assert (mon / rel).is_file(), rel
     meta = json.loads((mon / "configs/metadata.json").read_text())
     fmt = meta["network_data_format"]
@@ -76,13 +95,49 @@ def _compare(a: dict, b: dict) -> None:
 
 def test_monai_bundle_run_command_matches_onfh_infer(signed, tmp_path):
     """``python -m monai.bundle run`` in a fresh process, from the bundle folder, as its README says."""
-    assert main(["infer", "--bundle", str(signed["bundle"]), "--public-key", str(signed["pub"]), "--study",
-                 str(signed["study"]), "--out", str(tmp_path / "onfh"), "--device", "cpu", "--allow-refused"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--bundle",
+                str(signed["bundle"]),
+                "--public-key",
+                str(signed["pub"]),
+                "--study",
+                str(signed["study"]),
+                "--out",
+                str(tmp_path / "onfh"),
+                "--device",
+                "cpu",
+                "--allow-refused",
+            ]
+        )
+        == 0
+    )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--study", str(signed["study"]), "--output_dir", str(tmp_path / "monai"),
-                           "--public_key", str(signed["pub"]), "--device", "cpu"],
-                          cwd=signed["mon"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--study",
+            str(signed["study"]),
+            "--output_dir",
+            str(tmp_path / "monai"),
+            "--public_key",
+            str(signed["pub"]),
+            "--device",
+            "cpu",
+        ],
+        cwd=signed["mon"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     onfh = json.loads((tmp_path / "onfh" / "result.json").read_text())
     monai = json.loads((tmp_path / "monai" / "result.json").read_text())
@@ -104,11 +159,32 @@ def test_monai_bundle_stages_assessed_heads_like_onfh_infer(signed, tmp_path, mo
 
     for gate in ("check_pair", "check_head", "check_field_of_view"):
         monkeypatch.setattr(pipeline, gate, lambda *a, **k: GateResult(()))
-    assert main(["infer", "--bundle", str(signed["bundle"]), "--public-key", str(signed["pub"]), "--study",
-                 str(signed["study"]), "--out", str(tmp_path / "onfh"), "--device", "cpu"]) == 0
-    monai.bundle.run(config_file=str(signed["mon"] / "configs/inference.json"), bundle_root=str(signed["mon"]),
-                     study=str(signed["study"]), output_dir=str(tmp_path / "monai"), public_key=str(signed["pub"]),
-                     device="cpu")
+    assert (
+        main(
+            [
+                "infer",
+                "--bundle",
+                str(signed["bundle"]),
+                "--public-key",
+                str(signed["pub"]),
+                "--study",
+                str(signed["study"]),
+                "--out",
+                str(tmp_path / "onfh"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    monai.bundle.run(
+        config_file=str(signed["mon"] / "configs/inference.json"),
+        bundle_root=str(signed["mon"]),
+        study=str(signed["study"]),
+        output_dir=str(tmp_path / "monai"),
+        public_key=str(signed["pub"]),
+        device="cpu",
+    )
     onfh = json.loads((tmp_path / "onfh" / "result.json").read_text())
     monai_result = json.loads((tmp_path / "monai" / "result.json").read_text())
     assert onfh["verdict"] == "assessed" and all(h["predicted_stage"] for h in onfh["heads"])
@@ -122,7 +198,10 @@ def test_export_refuses_a_tampered_or_unverified_bundle(signed, tmp_path):
     cal["temperature"] = 1.0
     (copy / "calibration.json").write_text(json.dumps(cal))
     out = tmp_path / "mon"
-    assert main(["bundle", "export-monai", "--bundle", str(copy), "--out", str(out), "--public-key", str(signed["pub"])]) == 1
+    assert (
+        main(["bundle", "export-monai", "--bundle", str(copy), "--out", str(out), "--public-key", str(signed["pub"])])
+        == 1
+    )
     assert not out.exists()
     # no key and no --allow-unsigned: refused before anything is written
     assert main(["bundle", "export-monai", "--bundle", str(signed["bundle"]), "--out", str(out)]) == 1
@@ -130,6 +209,19 @@ def test_export_refuses_a_tampered_or_unverified_bundle(signed, tmp_path):
     # another coordinator's key
     other = generate_signing_key(tmp_path / "other.pem")
     del other
-    assert main(["bundle", "export-monai", "--bundle", str(signed["bundle"]), "--out", str(out),
-                 "--public-key", str(tmp_path / "other.pem.pub")]) == 1
+    assert (
+        main(
+            [
+                "bundle",
+                "export-monai",
+                "--bundle",
+                str(signed["bundle"]),
+                "--out",
+                str(out),
+                "--public-key",
+                str(tmp_path / "other.pem.pub"),
+            ]
+        )
+        == 1
+    )
     assert not out.exists()

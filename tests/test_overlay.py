@@ -86,9 +86,17 @@ def study() -> sitk.Image:
 
 
 def _result(side: str, box: np.ndarray, cam: sitk.Image, **kw) -> HeadResult:
-    return HeadResult(side=side, box_lps_mm=tuple(float(v) for v in box), detector_score=0.9, low_confidence=False,
-                      stage_probabilities={"0": 0.2, "I": 0.5, "II": 0.3}, predicted_stage="I", gradcam=cam,
-                      gradcam_volume_mm3=123.0, **kw)
+    return HeadResult(
+        side=side,
+        box_lps_mm=tuple(float(v) for v in box),
+        detector_score=0.9,
+        low_confidence=False,
+        stage_probabilities={"0": 0.2, "I": 0.5, "II": 0.3},
+        predicted_stage="I",
+        gradcam=cam,
+        gradcam_volume_mm3=123.0,
+        **kw,
+    )
 
 
 def _cam_on(box: np.ndarray) -> sitk.Image:
@@ -167,8 +175,11 @@ def test_overview_shows_each_box_on_its_own_cuboid_in_radiological_orientation(s
             rows_px, cols_px = np.nonzero(np.nan_to_num(p.mri) > THRESHOLD)
             drow = rows_px.mean() - (p.grid.shape[0] - 1) / 2.0
             dcol = cols_px.mean() - (p.grid.shape[1] - 1) / 2.0
-            expect_col, expect_row = {"axial": (offset[0], offset[1]), "coronal": (offset[0], -offset[2]),
-                                      "sagittal": (offset[1], -offset[2])}[p.grid.plane]
+            expect_col, expect_row = {
+                "axial": (offset[0], offset[1]),
+                "coronal": (offset[0], -offset[2]),
+                "sagittal": (offset[1], -offset[2]),
+            }[p.grid.plane]
             assert np.sign(dcol) == np.sign(expect_col) and abs(dcol) * p.grid.spacing_mm > 3.0
             assert np.sign(drow) == np.sign(expect_row) and abs(drow) * p.grid.spacing_mm > 3.0
 
@@ -225,9 +236,16 @@ def test_zero_cam_and_box_partly_outside_the_field_of_view_do_not_crash(study, t
     shift = np.array([12.0, 0.0, 0.0])  # pushes the box across the +x edge of the volume
     box = np.concatenate([low + shift, high + shift])
     zero = _image(np.zeros(CENTRES.shape[:3]))
-    r = HeadResult(side="L", box_lps_mm=tuple(box), detector_score=0.01, low_confidence=True,
-                   stage_probabilities={"0": 0.34, "I": 0.33, "II": 0.33}, predicted_stage="0", gradcam=zero,
-                   gradcam_volume_mm3=0.0)
+    r = HeadResult(
+        side="L",
+        box_lps_mm=tuple(box),
+        detector_score=0.01,
+        low_confidence=True,
+        stage_probabilities={"0": 0.34, "I": 0.33, "II": 0.33},
+        predicted_stage="0",
+        gradcam=zero,
+        gradcam_volume_mm3=0.0,
+    )
     paths = write_infer_figures(study, [r], tmp_path)
     assert all(p.is_file() for p in paths)
     for p in montage_panels(study, r):
@@ -237,7 +255,7 @@ def test_zero_cam_and_box_partly_outside_the_field_of_view_do_not_crash(study, t
     c0, r0, c1, r1 = axial.boxes[0].rect_px
     # the overview widens to the box, whose outer part is outside the scan (NaN, drawn as "not scanned")
     assert c1 <= axial.grid.shape[1] - 0.5 + 1e-6
-    inside_rect = axial.mri[int(np.ceil(r0)): int(r1) + 1, int(np.ceil(c0)): int(c1) + 1]
+    inside_rect = axial.mri[int(np.ceil(r0)) : int(r1) + 1, int(np.ceil(c0)) : int(c1) + 1]
     assert np.isnan(inside_rect).any() and np.isfinite(inside_rect).any()
 
 
@@ -258,10 +276,18 @@ def test_figures_on_the_real_oblique_pelvic_mri(tmp_path):
 
 def test_not_assessed_head_titles_say_why_instead_of_a_stage(study, tmp_path):
     zero = _image(np.zeros(CENTRES.shape[:3]))
-    r = HeadResult(side="R", box_lps_mm=tuple(float(v) for v in BOXES["R"]), detector_score=0.2, low_confidence=True,
-                   stage_probabilities={}, predicted_stage=None, gradcam=zero, gradcam_volume_mm3=0.0,
-                   not_assessed=("detector score 0.20 is below the validation threshold 0.35",),
-                   flags=("low_detector_score",))
+    r = HeadResult(
+        side="R",
+        box_lps_mm=tuple(float(v) for v in BOXES["R"]),
+        detector_score=0.2,
+        low_confidence=True,
+        stage_probabilities={},
+        predicted_stage=None,
+        gradcam=zero,
+        gradcam_volume_mm3=0.0,
+        not_assessed=("detector score 0.20 is below the validation threshold 0.35",),
+        flags=("low_detector_score",),
+    )
     from shared_models.overlay import _head_caption, not_assessed_text
 
     text = not_assessed_text(r)
@@ -278,8 +304,17 @@ def test_a_box_clipped_to_zero_extent_at_the_scans_edge_still_draws(study, tmp_p
     box = BOXES["L"].copy()
     box[4] = box[1]  # y1 == y0
     zero = _image(np.zeros(CENTRES.shape[:3]))
-    r = HeadResult(side="L", box_lps_mm=tuple(float(v) for v in box), detector_score=0.01, low_confidence=True,
-                   stage_probabilities={}, predicted_stage=None, gradcam=zero, gradcam_volume_mm3=0.0,
-                   not_assessed=("the detector found no box inside the scanned volume",), flags=("off_target",))
+    r = HeadResult(
+        side="L",
+        box_lps_mm=tuple(float(v) for v in box),
+        detector_score=0.01,
+        low_confidence=True,
+        stage_probabilities={},
+        predicted_stage=None,
+        gradcam=zero,
+        gradcam_volume_mm3=0.0,
+        not_assessed=("the detector found no box inside the scanned volume",),
+        flags=("off_target",),
+    )
     paths = write_infer_figures(study, [r], tmp_path)
     assert paths and all(p.is_file() and p.stat().st_size > 0 for p in paths)

@@ -177,8 +177,12 @@ def test_quick_profile_rounding_keeps_every_stage():
 )
 def test_profile_validation(change, match):
     base = dict(
-        name="bad", heads_per_site={"A": 3}, patients_per_site={"A": 2},
-        stage_fractions=(0.4, 0.2, 0.4), scanners={"A": PROFILES["quick"].scanners["A"]}, external_groups={},
+        name="bad",
+        heads_per_site={"A": 3},
+        patients_per_site={"A": 2},
+        stage_fractions=(0.4, 0.2, 0.4),
+        scanners={"A": PROFILES["quick"].scanners["A"]},
+        external_groups={},
     )
     base.update(change)
     with pytest.raises(ValueError, match=match):
@@ -368,8 +372,16 @@ def _studies(n: int, seed: int = 5):
     sc = dataclasses.replace(PROFILES["paper"].scanners["A"], pixel_spacing_mm=(2.0, 2.0), slice_thickness_mm=4.0)
     out = []
     for k in range(n):
-        task = _StudyTask(site="A", scanner=sc, patient_number=k + 1, patient_id=f"A-{k + 1:04d}",
-                          study="s", sides={"R": 0, "L": 0}, seed=seed, site_dir="unused")
+        task = _StudyTask(
+            site="A",
+            scanner=sc,
+            patient_number=k + 1,
+            patient_id=f"A-{k + 1:04d}",
+            study="s",
+            sides={"R": 0, "L": 0},
+            seed=seed,
+            site_dir="unused",
+        )
         stored, patient, _ = _simulate(task)
         values = stored.astype(np.float64) * sc.rescale_slope + sc.rescale_intercept
         x, y, z = _study_axes(sc, patient.domain)
@@ -400,7 +412,7 @@ def test_bladder_is_fluid_bright_and_bowel_gas_is_a_signal_void(studies):
             # T2: urine 1000 units x (0.75..1.3), muscle 270 x (0.55..1.35), marrow 660 (+-5 %)
             assert np.median(values[bladder]) > 1.7 * np.median(values[muscle])
             assert np.median(values[bladder]) > 0.9 * marrow
-        for wall, lumen, content in patient.surroundings.bowel:
+        for _wall, lumen, content in patient.surroundings.bowel:
             inside = sdf(lumen) < -2.0
             # gas lumens painted later may be covered by bladder or bone; judge the majority
             if content == "gas" and inside.sum() > 20:

@@ -53,8 +53,12 @@ def test_analyse_study_returns_both_heads_in_input_geometry():
         x0, y0, z0, x1, y1, z1 = r.box_lps_mm
         assert x0 < x1 and y0 < y1 and z0 < z1
         # inside the scanned volume's LPS hull (corners of the voxel edges, computed here with ITK)
-        corners = np.array([image.TransformContinuousIndexToPhysicalPoint(c)
-                            for c in itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])])
+        corners = np.array(
+            [
+                image.TransformContinuousIndexToPhysicalPoint(c)
+                for c in itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
+            ]
+        )
         assert np.all(np.array([x0, y0, z0]) >= corners.min(axis=0) - 1e-6)
         assert np.all(np.array([x1, y1, z1]) <= corners.max(axis=0) + 1e-6)
     # each box lies on its own side of the midline: patient right is -x in LPS
@@ -72,8 +76,12 @@ def test_head_result_keeps_the_crop_grid_map_that_the_volume_measures():
         assert grid.size_dhw == spec.crop_shape and cam.shape == spec.crop_shape and cam.dtype == np.float32
         # the crop grid's voxel edges are the box plus the margin on every side (LPS mm)
         ref = grid.reference_image()
-        corners = np.array([ref.TransformContinuousIndexToPhysicalPoint(c)
-                            for c in itertools.product(*[(-0.5, n - 0.5) for n in ref.GetSize()])])
+        corners = np.array(
+            [
+                ref.TransformContinuousIndexToPhysicalPoint(c)
+                for c in itertools.product(*[(-0.5, n - 0.5) for n in ref.GetSize()])
+            ]
+        )
         box = np.asarray(r.box_lps_mm)
         np.testing.assert_allclose(corners.min(axis=0), box[:3] - spec.crop_margin_mm, atol=1e-6)
         np.testing.assert_allclose(corners.max(axis=0), box[3:] + spec.crop_margin_mm, atol=1e-6)
@@ -86,17 +94,37 @@ def test_head_result_keeps_the_crop_grid_map_that_the_volume_measures():
         assert r.gradcam_volume_mm3 == pytest.approx(np.count_nonzero(cam >= 0.5) * voxel_mm3)
         # the map in the study's geometry is this map resampled linearly, so it cannot exceed its maximum
         assert float(sitk.GetArrayViewFromImage(r.gradcam).max()) <= float(cam.max()) + 1e-6
-        assert set(r.summary()) == {"side", "box_lps_mm", "detector_score", "low_confidence", "stage_probabilities",
-                                    "predicted_stage", "gradcam_volume_mm3", "assessed", "not_assessed", "flags",
-                                    "early_onfh_probability", "energy"}
+        assert set(r.summary()) == {
+            "side",
+            "box_lps_mm",
+            "detector_score",
+            "low_confidence",
+            "stage_probabilities",
+            "predicted_stage",
+            "gradcam_volume_mm3",
+            "assessed",
+            "not_assessed",
+            "flags",
+            "early_onfh_probability",
+            "energy",
+        }
 
 
 def signed_tiny_bundle(root, calibration=None):
     """A signed bundle of freshly initialised DCFG/SCFG models under ``root``: ``(bundle, public key)``."""
     key = generate_signing_key(root / "key.pem")
-    bundle = write_bundle(root / "bundle", detector_state=YOLOX3D(DCFG).state_dict(),
-                          stager_state=MulDenseNet3D(SCFG).state_dict(), detector_config=DCFG, stager_config=SCFG,
-                          spec=PreprocessingSpec(), metrics={}, run_config={}, signing_key=key, calibration=calibration)
+    bundle = write_bundle(
+        root / "bundle",
+        detector_state=YOLOX3D(DCFG).state_dict(),
+        stager_state=MulDenseNet3D(SCFG).state_dict(),
+        detector_config=DCFG,
+        stager_config=SCFG,
+        spec=PreprocessingSpec(),
+        metrics={},
+        run_config={},
+        signing_key=key,
+        calibration=calibration,
+    )
     return bundle, root / "key.pem.pub"
 
 
@@ -132,7 +160,12 @@ def test_infer_on_real_pelvic_nifti_is_refused_for_its_narrow_field_of_view(tiny
 def test_infer_refuses_a_brain_dicom(tiny_bundle, tmp_path):
     folder = real_data_or_skip("siemens-brain-t1-sag-hfs")
     bundle, pub = tiny_bundle
-    assert main(["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(folder), "--out", str(tmp_path)]) == 3
+    assert (
+        main(
+            ["infer", "--bundle", str(bundle), "--public-key", str(pub), "--study", str(folder), "--out", str(tmp_path)]
+        )
+        == 3
+    )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     result = _check_infer_output(tmp_path, reader.Execute())
@@ -154,5 +187,20 @@ def test_infer_refuses_a_tampered_bundle(tiny_bundle, tmp_path):
     (copy / "spec.json").write_text((copy / "spec.json").read_text().replace("300", "301"))
     nifti = tmp_path / "x.nii.gz"
     sitk.WriteImage(_oblique_image(), str(nifti))
-    assert main(["infer", "--bundle", str(copy), "--public-key", str(pub), "--study", str(nifti), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "infer",
+                "--bundle",
+                str(copy),
+                "--public-key",
+                str(pub),
+                "--study",
+                str(nifti),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "o" / "result.json").exists()

@@ -359,7 +359,8 @@ def test_clip_box_to_image_keeps_boxes_inside_the_scan():
     # the phantom's voxel edges: x -113 .. 127, y -81 .. 119, z -61.5 .. 88.5 mm
     inside = (0.0, 0.0, 0.0, 10.0, 10.0, 10.0)
     np.testing.assert_array_equal(clip_box_to_image(inside, phantom()), inside)
-    np.testing.assert_allclose(clip_box_to_image((100.0, -90.0, 80.0, 140.0, -70.0, 95.0), phantom()),
-                               (100.0, -81.0, 80.0, 127.0, -70.0, 88.5))
+    np.testing.assert_allclose(
+        clip_box_to_image((100.0, -90.0, 80.0, 140.0, -70.0, 95.0), phantom()), (100.0, -81.0, 80.0, 127.0, -70.0, 88.5)
+    )
     outside = clip_box_to_image((200.0, 0.0, 0.0, 220.0, 10.0, 10.0), phantom())
     assert outside[0] == outside[3] == 127.0  # collapsed onto the nearest face

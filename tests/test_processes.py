@@ -61,8 +61,9 @@ def _launch(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, list[int]
     script = tmp_path / "launcher.py"
     script.write_text(LAUNCHER)
     env = {k: v for k, v in os.environ.items() if k != TAG_VARIABLE}
-    proc = subprocess.Popen([sys.executable, str(script), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2 and _alive(pids) == pids, "launcher did not start its children"
     return proc, pids
@@ -102,14 +103,38 @@ def test_kill_9_of_sim_run_leaves_no_process_and_every_service_listens_on_loopba
     from tests.conftest import TINY
 
     quick = PROFILES["quick"]
-    profile = dataclasses.replace(quick, name="micro", heads_per_site={"A": 6, "B": 3}, patients_per_site={"A": 4, "B": 2},
-                                  scanners={s: quick.scanners[s] for s in ("A", "B")}, external_groups={"external-1": ("B",)})
+    profile = dataclasses.replace(
+        quick,
+        name="micro",
+        heads_per_site={"A": 6, "B": 3},
+        patients_per_site={"A": 4, "B": 2},
+        scanners={s: quick.scanners[s] for s in ("A", "B")},
+        external_groups={"external-1": ("B",)},
+    )
     generate_phantoms(tmp_path / "data", profile, seed=1)
     out = tmp_path / "run"
-    sets = {**TINY, "site-ids": "A,B", "report-groups": "A-test=A;external-1=B", "detector-rounds": 50,
-            "detector-local-steps": 2, "stager-rounds": 1, "stager-local-steps": 1}
-    argv = [sys.executable, "-m", "sim.cli", "sim", "run", "--data", str(tmp_path / "data"), "--out", str(out),
-            "--profile", "quick"]
+    sets = {
+        **TINY,
+        "site-ids": "A,B",
+        "report-groups": "A-test=A;external-1=B",
+        "detector-rounds": 50,
+        "detector-local-steps": 2,
+        "stager-rounds": 1,
+        "stager-local-steps": 1,
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "sim.cli",
+        "sim",
+        "run",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        "--profile",
+        "quick",
+    ]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
     env = {k: v for k, v in os.environ.items() if k != TAG_VARIABLE}

@@ -27,8 +27,10 @@ def _truth(n_heads: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     stages = rng.integers(0, 3, size=n_heads)
     predicted = np.where(rng.random(n_heads) < 0.85, stages, (stages + 1) % 3)
-    return [{"patient_id": f"P{i // 2:03d}", "side": "RL"[i % 2], "stage": int(s), "predicted_stage": int(p)}
-            for i, (s, p) in enumerate(zip(stages, predicted))]
+    return [
+        {"patient_id": f"P{i // 2:03d}", "side": "RL"[i % 2], "stage": int(s), "predicted_stage": int(p)}
+        for i, (s, p) in enumerate(zip(stages, predicted))
+    ]
 
 
 def _write(path, text):
@@ -42,8 +44,9 @@ def _write(path, text):
 def test_perfect_simulated_reader_agrees_with_truth():
     truth = _truth(50)
     calls = simulate_readers(truth, {"senior": 1.0}, seed=1)
-    assert [(c["patient_id"], c["side"], c["stage"]) for c in calls] == \
-           [(t["patient_id"], t["side"], t["stage"]) for t in truth]
+    assert [(c["patient_id"], c["side"], c["stage"]) for c in calls] == [
+        (t["patient_id"], t["side"], t["stage"]) for t in truth
+    ]
     [row] = compare_with_readers(truth, calls)
     # a perfect reader is never wrong: no "model right, reader wrong" head; every model error is "c"
     model_errors = sum(t["stage"] != t["predicted_stage"] for t in truth)
@@ -116,8 +119,10 @@ def test_mcnemar_rows_match_mcnemar_test_on_same_vectors():
     by_head = {(t["patient_id"], t["side"]): t for t in truth}
     for row in rows:
         mine = [c for c in calls if c["reader"] == row["reader"]]
-        model_ok = [by_head[(c["patient_id"], c["side"])]["predicted_stage"] ==
-                    by_head[(c["patient_id"], c["side"])]["stage"] for c in mine]
+        model_ok = [
+            by_head[(c["patient_id"], c["side"])]["predicted_stage"] == by_head[(c["patient_id"], c["side"])]["stage"]
+            for c in mine
+        ]
         reader_ok = [c["stage"] == by_head[(c["patient_id"], c["side"])]["stage"] for c in mine]
         expected = mcnemar_test(model_ok, reader_ok)
         for key in ("b", "c", "statistic", "p_value", "method"):
@@ -139,26 +144,32 @@ def test_compare_names_reader_row_without_model_prediction(tmp_path):
 # --------------------------------------------------------------------------- CSV errors
 
 
-@pytest.mark.parametrize("text, match", [
-    ("patient_id,side,reader,stage\np1,R,X,0\np1,L,X,III\n", r"readers\.csv line 3: column stage: .*out of scope"),
-    ("patient_id,side,reader,stage\np1,R,X,maybe\n", r"readers\.csv line 2: column stage: unreadable"),
-    ("patient_id,side,reader\np1,R,X\n", r"readers\.csv line 1: missing column\(s\) stage"),
-    ("patient_id,side,reader,stage\np1,middle,X,0\n", r"readers\.csv line 2: side 'middle'"),
-    ("patient_id,side,reader,stage\np1,R,X,0\np2,R,X,0\np1,r,X,I\n", r"readers\.csv line 4: .*twice"),
-    ("patient_id,side,reader,stage\np1,R,X\n", r"readers\.csv line 2: .*short"),
-    ("patient_id,side,reader,stage\n,R,X,0\n", r"readers\.csv line 2: empty"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("patient_id,side,reader,stage\np1,R,X,0\np1,L,X,III\n", r"readers\.csv line 3: column stage: .*out of scope"),
+        ("patient_id,side,reader,stage\np1,R,X,maybe\n", r"readers\.csv line 2: column stage: unreadable"),
+        ("patient_id,side,reader\np1,R,X\n", r"readers\.csv line 1: missing column\(s\) stage"),
+        ("patient_id,side,reader,stage\np1,middle,X,0\n", r"readers\.csv line 2: side 'middle'"),
+        ("patient_id,side,reader,stage\np1,R,X,0\np2,R,X,0\np1,r,X,I\n", r"readers\.csv line 4: .*twice"),
+        ("patient_id,side,reader,stage\np1,R,X\n", r"readers\.csv line 2: .*short"),
+        ("patient_id,side,reader,stage\n,R,X,0\n", r"readers\.csv line 2: empty"),
+    ],
+)
 def test_bad_reader_csv_names_file_and_line(tmp_path, text, match):
     path = _write(tmp_path / "readers.csv", text)
     with pytest.raises(ValueError, match=match):
         load_reader_csv(path)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("patient_id,side,stage\np1,R,0\n", r"predictions\.csv line 1: missing column\(s\) predicted_stage"),
-    ("patient_id,side,stage,predicted_stage\np1,R,0,IV\n", r"predictions\.csv line 2: column predicted_stage"),
-    ("patient_id,side,stage,predicted_stage\np1,R,0,0\np1,R,I,I\n", r"predictions\.csv line 3: head listed twice"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("patient_id,side,stage\np1,R,0\n", r"predictions\.csv line 1: missing column\(s\) predicted_stage"),
+        ("patient_id,side,stage,predicted_stage\np1,R,0,IV\n", r"predictions\.csv line 2: column predicted_stage"),
+        ("patient_id,side,stage,predicted_stage\np1,R,0,0\np1,R,I,I\n", r"predictions\.csv line 3: head listed twice"),
+    ],
+)
 def test_bad_predictions_csv_names_file_and_line(tmp_path, text, match):
     path = _write(tmp_path / "predictions.csv", text)
     with pytest.raises(ValueError, match=match):
@@ -185,9 +196,14 @@ def _cli(argv):
 def test_cmd_readers_writes_json_and_prints_table(tmp_path):
     truth = _truth(40, seed=4)
     preds = tmp_path / "predictions.csv"
-    preds.write_text("patient_id,side,stage,predicted_stage\n" + "".join(
-        f"{t['patient_id']},{t['side']},{('0', 'I', 'II')[t['stage']]},{('0', 'I', 'II')[t['predicted_stage']]}\n"
-        for t in truth), encoding="utf-8")
+    preds.write_text(
+        "patient_id,side,stage,predicted_stage\n"
+        + "".join(
+            f"{t['patient_id']},{t['side']},{('0', 'I', 'II')[t['stage']]},{('0', 'I', 'II')[t['predicted_stage']]}\n"
+            for t in truth
+        ),
+        encoding="utf-8",
+    )
     readers = write_reader_csv(simulate_readers(truth, {"senior": 0.9, "junior": 0.6}, seed=1), tmp_path / "r.csv")
     out = tmp_path / "sub" / "readers.json"
     args = _cli(["readers", "--readers", str(readers), "--predictions", str(preds), "--out", str(out)])

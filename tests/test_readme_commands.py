@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _section(text: str, title: str) -> str:
     start = text.index(f"## {title}")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def test_readme_deployment_terminals_activate_the_venv_before_onfh():
@@ -29,16 +29,31 @@ def test_readme_deployment_terminals_activate_the_venv_before_onfh():
     for block in firsts:
         lines = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
         first_onfh = next(i for i, line in enumerate(lines) if line.startswith("onfh"))
-        assert any(f". {venv}/bin/activate" in line or f"source {venv}/bin/activate" in line
-                   for line in lines[:first_onfh]), block
+        assert any(
+            f". {venv}/bin/activate" in line or f"source {venv}/bin/activate" in line for line in lines[:first_onfh]
+        ), block
 
 
 def test_run_config_paths_are_made_absolute_against_the_callers_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc = absolute_paths({"data-root": "data", "out-dir": "results/run", "cache-dir": "", "seed": 3,
-                         "signing-key": "keys/k.pem", "site-ids": "A,B"})
-    assert rc == {"data-root": str(tmp_path / "data"), "out-dir": str(tmp_path / "results" / "run"), "cache-dir": "",
-                  "seed": 3, "signing-key": str(tmp_path / "keys" / "k.pem"), "site-ids": "A,B"}
+    rc = absolute_paths(
+        {
+            "data-root": "data",
+            "out-dir": "results/run",
+            "cache-dir": "",
+            "seed": 3,
+            "signing-key": "keys/k.pem",
+            "site-ids": "A,B",
+        }
+    )
+    assert rc == {
+        "data-root": str(tmp_path / "data"),
+        "out-dir": str(tmp_path / "results" / "run"),
+        "cache-dir": "",
+        "seed": 3,
+        "signing-key": str(tmp_path / "keys" / "k.pem"),
+        "site-ids": "A,B",
+    }
 
 
 def _write_site(root: Path, site: str, patients: list[str], splits: list[str]) -> None:
@@ -70,4 +85,8 @@ def test_pooled_site_keys_patients_by_site_and_patient(tmp_path):
     with open(tmp_path / "POOLED" / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert sorted((r["patient_id"], r["study"]) for r in rows) == [
-        ("A/P1", "A-study-0"), ("A/P2", "A-study-1"), ("B/P1", "B-study-0"), ("B/P2", "B-study-1")]
+        ("A/P1", "A-study-0"),
+        ("A/P2", "A-study-1"),
+        ("B/P1", "B-study-0"),
+        ("B/P2", "B-study-1"),
+    ]

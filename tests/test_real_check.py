@@ -21,8 +21,15 @@ MARKS = json.loads(PROSTATEX_MARKS.read_text())
 def _result(boxes: dict[str, tuple[list[float], bool]]) -> dict:
     heads = []
     for side, (box, assessed) in boxes.items():
-        heads.append({"side": side, "box_lps_mm": box, "assessed": assessed,
-                      "predicted_stage": "I" if assessed else None, "flags": [] if assessed else ["off_target"]})
+        heads.append(
+            {
+                "side": side,
+                "box_lps_mm": box,
+                "assessed": assessed,
+                "predicted_stage": "I" if assessed else None,
+                "flags": [] if assessed else ["off_target"],
+            }
+        )
     return {"verdict": "assessed", "heads": heads}
 
 
@@ -34,7 +41,9 @@ def _box_around(centre, offset, half=23.0) -> list[float]:
 def test_distance_is_measured_from_the_box_centre():
     r, left = MARKS["heads"]["R"]["centre_lps_mm"], MARKS["heads"]["L"]["centre_lps_mm"]
     # a 3-4-12 offset is 13 mm away (within 15), a 12-16-0 offset is 20 mm (beyond)
-    rows = check_boxes(_result({"R": (_box_around(r, (3, 4, 12)), True), "L": (_box_around(left, (12, -16, 0)), True)}), MARKS)
+    rows = check_boxes(
+        _result({"R": (_box_around(r, (3, 4, 12)), True), "L": (_box_around(left, (12, -16, 0)), True)}), MARKS
+    )
     by = {row["side"]: row for row in rows}
     assert by["R"]["distance_mm"] == pytest.approx(13.0, abs=0.05) and by["R"]["passed"]
     assert by["L"]["distance_mm"] == pytest.approx(20.0, abs=0.05) and not by["L"]["passed"]
@@ -65,7 +74,7 @@ def test_marks_are_adult_hips_on_both_sides_of_the_study():
         # the centre is in marrow: brighter than the study's median, and a sphere of 15 mm is too
         a = sitk.GetArrayViewFromImage(image)
         k, j, i = (int(round(v)) for v in index[::-1])
-        assert np.median(a[k, j - 10:j + 11, max(i - 10, 0):i + 11]) > np.median(a)
+        assert np.median(a[k, j - 10 : j + 11, max(i - 10, 0) : i + 11]) > np.median(a)
 
 
 def test_marks_match_a_refit():

@@ -51,23 +51,44 @@ def test_group_without_data_is_reported_empty():
 def test_report_is_json_safe_and_uses_last_round():
     y, p = _cases(12, 4)
     payload = _site_payload(y, p)
-    det = {"num-examples": 3, "iou-mean": 0.61, "center-error-mm": 2.5, "recall30": 1.0, "recall50": 0.66, "low-confidence": 0,
-           "iou-hist": [0] * 12 + [1, 0, 0, 0, 2, 0, 0, 0]}
+    det = {
+        "num-examples": 3,
+        "iou-mean": 0.61,
+        "center-error-mm": 2.5,
+        "recall30": 1.0,
+        "recall50": 0.66,
+        "low-confidence": 0,
+        "iou-hist": [0] * 12 + [1, 0, 0, 0, 2, 0, 0, 0],
+    }
     report = build_report(
-        strategy="fedavg", proximal_mu=0.1, rounds={"detector": 2, "stager": 2},
+        strategy="fedavg",
+        proximal_mu=0.1,
+        rounds={"detector": 2, "stager": 2},
         stager_history={1: {"A": {**payload, "confusion": [0] * 9}}, 2: {"A": payload}},
-        detector_history={2: {"A": det}}, selected_rounds={"detector": 2, "stager": 2}, stager_train={2: {"A": {"train-loss": 0.3}}},
-        detector_train={2: {"A": {"train-loss": 0.5}}}, groups={"A-test": ("A",)}, train_sites=("A",),
-        crop_source="detector", wall_time_s=1.0,
+        detector_history={2: {"A": det}},
+        selected_rounds={"detector": 2, "stager": 2},
+        stager_train={2: {"A": {"train-loss": 0.3}}},
+        detector_train={2: {"A": {"train-loss": 0.5}}},
+        groups={"A-test": ("A",)},
+        train_sites=("A",),
+        crop_source="detector",
+        wall_time_s=1.0,
     )
     import json
 
     json.dumps(report, allow_nan=False)
     assert report["proximal_mu"] is None  # mu only reported for FedProx
     assert report["sites"]["A-test"]["n"] == 12
-    assert report["detector"]["A"] == {"n": 3, "iou_mean": 0.61, "center_error_mm": 2.5, "recall30": 1.0,
-                                       "recall50": 0.66, "ap50": None, "low_confidence": 0,
-                                       "iou_hist": [0] * 12 + [1, 0, 0, 0, 2, 0, 0, 0]}
+    assert report["detector"]["A"] == {
+        "n": 3,
+        "iou_mean": 0.61,
+        "center_error_mm": 2.5,
+        "recall30": 1.0,
+        "recall50": 0.66,
+        "ap50": None,
+        "low_confidence": 0,
+        "iou_hist": [0] * 12 + [1, 0, 0, 0, 2, 0, 0, 0],
+    }
 
 
 def test_report_uses_the_selected_round_not_the_last():
@@ -75,10 +96,18 @@ def test_report_uses_the_selected_round_not_the_last():
     good = _site_payload(y, p)
     empty = {**good, "num-examples": 0}
     report = build_report(
-        strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 3},
-        stager_history={1: {"A": empty}, 2: {"A": good}, 3: {"A": empty}}, detector_history={1: {}},
-        selected_rounds={"detector": 1, "stager": 2}, stager_train={}, detector_train={},
-        groups={"A-test": ("A",)}, train_sites=("A",), crop_source="detector", wall_time_s=0.0,
+        strategy="fedavg",
+        proximal_mu=0.0,
+        rounds={"detector": 1, "stager": 3},
+        stager_history={1: {"A": empty}, 2: {"A": good}, 3: {"A": empty}},
+        detector_history={1: {}},
+        selected_rounds={"detector": 1, "stager": 2},
+        stager_train={},
+        detector_train={},
+        groups={"A-test": ("A",)},
+        train_sites=("A",),
+        crop_source="detector",
+        wall_time_s=0.0,
     )
     assert report["selected_rounds"]["stager"] == 2 and report["sites"]["A-test"]["n"] == 12
 
@@ -86,8 +115,11 @@ def test_report_uses_the_selected_round_not_the_last():
 def test_validation_score_weights_sites_by_validation_heads():
     from server.server_app import validation_score
 
-    sites = {"A": {"val-num-examples": 3, "val-score": 0.9}, "B": {"val-num-examples": 1, "val-score": 0.5},
-             "C": {"val-num-examples": 0, "val-score": 0.0}}
+    sites = {
+        "A": {"val-num-examples": 3, "val-score": 0.9},
+        "B": {"val-num-examples": 1, "val-score": 0.5},
+        "C": {"val-num-examples": 0, "val-score": 0.0},
+    }
     assert validation_score(sites) == pytest.approx((3 * 0.9 + 1 * 0.5) / 4)
     assert validation_score({"C": sites["C"]}) is None
 
@@ -95,9 +127,15 @@ def test_validation_score_weights_sites_by_validation_heads():
 def test_training_curves_png_is_written(tmp_path):
     from sim.plots import plot_training_curves
 
-    report = {"strategy": "fedavg", "selected_rounds": {"detector": 1, "stager": 2},
-              "history": {"detector_iou_mean": {"1": {"A": 0.5, "B": 0.4}}, "stager_macro_auc": {"1": {"A": 0.6}, "2": {"A": 0.7}},
-                          "stager_train_loss": {"1": {"A": None}}}}
+    report = {
+        "strategy": "fedavg",
+        "selected_rounds": {"detector": 1, "stager": 2},
+        "history": {
+            "detector_iou_mean": {"1": {"A": 0.5, "B": 0.4}},
+            "stager_macro_auc": {"1": {"A": 0.6}, "2": {"A": 0.7}},
+            "stager_train_loss": {"1": {"A": None}},
+        },
+    }
     path = plot_training_curves(report, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
@@ -112,11 +150,15 @@ def test_small_groups_and_small_stages_are_marked_unreliable():
     assert any("stage I: 2 heads" in r for r in small_stage["reasons"])
     # 9 heads, 3 of each stage: every figure unreliable, no stage on its own
     y9 = np.repeat([0, 1, 2], 3)
-    nine = group_stage_metrics({"B": _site_payload(y9, rng.dirichlet(np.ones(3), size=9))}, {"B": ("B",)})["B"]["small_n"]
+    nine = group_stage_metrics({"B": _site_payload(y9, rng.dirichlet(np.ones(3), size=9))}, {"B": ("B",)})["B"][
+        "small_n"
+    ]
     assert nine["unreliable"] and nine["unreliable_stages"] == [] and "9 heads" in nine["reasons"][0]
     # 10 heads with at least 3 of each stage: reliable
     y10 = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
-    ten = group_stage_metrics({"A": _site_payload(y10, rng.dirichlet(np.ones(3), size=10))}, {"A": ("A",)})["A"]["small_n"]
+    ten = group_stage_metrics({"A": _site_payload(y10, rng.dirichlet(np.ones(3), size=10))}, {"A": ("A",)})["A"][
+        "small_n"
+    ]
     assert ten == {"unreliable": False, "reasons": [], "unreliable_stages": []}
 
 
@@ -125,10 +167,18 @@ def test_per_site_figures_carry_the_small_n_mark():
     rng = np.random.default_rng(7)
     payload = _site_payload(y, rng.dirichlet(np.ones(3), size=y.size))
     report = build_report(
-        strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 1},
-        stager_history={1: {"D": payload}}, detector_history={1: {}}, selected_rounds={"detector": 1, "stager": 1},
-        stager_train={}, detector_train={}, groups={"external-2": ("D",)}, train_sites=("A",),
-        crop_source="detector", wall_time_s=0.0,
+        strategy="fedavg",
+        proximal_mu=0.0,
+        rounds={"detector": 1, "stager": 1},
+        stager_history={1: {"D": payload}},
+        detector_history={1: {}},
+        selected_rounds={"detector": 1, "stager": 1},
+        stager_train={},
+        detector_train={},
+        groups={"external-2": ("D",)},
+        train_sites=("A",),
+        crop_source="detector",
+        wall_time_s=0.0,
     )
     assert report["per_site"]["D"]["small_n"]["unreliable_stages"] == ["I"]
     assert report["sites"]["external-2"]["small_n"]["unreliable"]

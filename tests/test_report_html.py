@@ -39,19 +39,41 @@ def run(tmp_path_factory):
     rng = np.random.default_rng(1234)
     data = {"A": _cases(rng, 40), "B": _cases(rng, 30), EVIL: _cases(rng, 25)}
     stager = {1: {s: _site_metrics(y, p) for s, (y, p) in data.items()}}
-    detector = {1: {s: {"num-examples": int(y.size), "iou-mean": 0.6 + 0.1 * i, "center-error-mm": 3.0 + i,
-                        "recall30": 1.0, "recall50": 0.9, "ap50": 0.8, "low-confidence": i}
-                    for i, (s, (y, _)) in enumerate(data.items())}}
+    detector = {
+        1: {
+            s: {
+                "num-examples": int(y.size),
+                "iou-mean": 0.6 + 0.1 * i,
+                "center-error-mm": 3.0 + i,
+                "recall30": 1.0,
+                "recall50": 0.9,
+                "ap50": 0.8,
+                "low-confidence": i,
+            }
+            for i, (s, (y, _)) in enumerate(data.items())
+        }
+    }
     groups = {"A-test": ("A",), "external-1": ("B", EVIL), "external-2": ("D",)}  # D sent nothing: n = 0
     report = build_report(
-        strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 1}, stager_history=stager,
-        detector_history=detector, selected_rounds={"detector": 1, "stager": 1}, stager_train={}, detector_train={},
-        groups=groups, train_sites=("A",), crop_source="detector", wall_time_s=12.5)
+        strategy="fedavg",
+        proximal_mu=0.0,
+        rounds={"detector": 1, "stager": 1},
+        stager_history=stager,
+        detector_history=detector,
+        selected_rounds={"detector": 1, "stager": 1},
+        stager_train={},
+        detector_train={},
+        groups=groups,
+        train_sites=("A",),
+        crop_source="detector",
+        wall_time_s=12.5,
+    )
     report["simulation"] = {"wall_time_s": 30.0, "flower_wall_time_s": 20.0, "peak_rss_bytes": 3 * 2**30}
     report["baseline_intensity_logreg"] = {"A-test": {"n": 40, "macro": {"auc": 0.55}, "weighted": {"auc": 0.5}}}
     out = tmp_path_factory.mktemp("run")
     # a training_curves.png as sim.plots writes it (any valid PNG will do for the page)
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(2, 2))
     fig.add_subplot().plot([0, 1], [0, 1])
     fig.savefig(out / "training_curves.png")
@@ -61,7 +83,7 @@ def run(tmp_path_factory):
 
 def _group_block(page: str, group: str) -> str:
     start = page.index(f"<h3>{group} ")
-    return page[start:page.index("</section>", start)]
+    return page[start : page.index("</section>", start)]
 
 
 def test_page_written_with_valid_relative_pngs(run):
@@ -87,8 +109,10 @@ def test_macro_auc_in_table_matches_independent_histogram_auc(run):
     edges = np.linspace(0, 1, 101)
     ys, ps = zip(*(run["data"][s] for s in ("B", EVIL)), strict=True)
     y, p = np.concatenate(ys), np.concatenate(ps)
-    aucs = [auc_from_histograms(np.histogram(p[y == k, k], edges)[0], np.histogram(p[y != k, k], edges)[0])
-            for k in range(3)]
+    aucs = [
+        auc_from_histograms(np.histogram(p[y == k, k], edges)[0], np.histogram(p[y != k, k], edges)[0])
+        for k in range(3)
+    ]
     expected = f"{100 * np.mean(aucs):.2f}"
     assert format_percent(np.mean(aucs)) == expected
     block = _group_block(run["html"], "external-1")
@@ -167,9 +191,19 @@ def test_single_stage_group_shows_na_without_crashing(tmp_path):
     y = np.zeros(10, dtype=int)
     p = np.tile([0.8, 0.1, 0.1], (10, 1))
     report = build_report(
-        strategy="fedprox", proximal_mu=0.01, rounds={"stager": 1}, stager_history={1: {"A": _site_metrics(y, p)}},
-        detector_history={}, selected_rounds={"detector": 1, "stager": 1}, stager_train={}, detector_train={},
-        groups={"A-test": ("A",)}, train_sites=("A",), crop_source="ground-truth", wall_time_s=1.0)
+        strategy="fedprox",
+        proximal_mu=0.01,
+        rounds={"stager": 1},
+        stager_history={1: {"A": _site_metrics(y, p)}},
+        detector_history={},
+        selected_rounds={"detector": 1, "stager": 1},
+        stager_train={},
+        detector_train={},
+        groups={"A-test": ("A",)},
+        train_sites=("A",),
+        crop_source="ground-truth",
+        wall_time_s=1.0,
+    )
     page = write_report_html(report, tmp_path).read_text()
     assert "proximal mu 0.01" in page
     assert "n/a" in _group_block(page, "A-test")  # AUC undefined with stage 0 only
@@ -201,7 +235,8 @@ def test_roc_per_site_from_each_sites_own_histograms(run):
     y, p = run["data"]["B"]
     counts = stage_counts(y, p)  # B alone, not pooled with the other member of its group
     assert per_site["B"]["macro"]["auc"] == pytest.approx(
-        np.mean([auc_from_histograms(counts["hist_pos"][k], counts["hist_neg"][k]) for k in range(3)]))
+        np.mean([auc_from_histograms(counts["hist_pos"][k], counts["hist_neg"][k]) for k in range(3)])
+    )
     figures = sorted(p.name for p in (run["out"] / "figures").glob("roc_site_*.png"))
     assert len(figures) == 3 and all((run["out"] / "figures" / f).read_bytes()[:8] == PNG_MAGIC for f in figures)
     assert "ROC per Ficat-Arlet stage and site" in run["html"] and "site B" in run["html"]
@@ -211,10 +246,19 @@ def test_small_stage_is_marked_unreliable_on_the_page(tmp_path):
     y = np.array([0] * 12 + [1] * 2 + [2] * 12)
     p = np.random.default_rng(3).dirichlet(np.ones(3), size=y.size)
     report = build_report(
-        strategy="fedavg", proximal_mu=0.0, rounds={"detector": 1, "stager": 1},
-        stager_history={1: {"D": _site_metrics(y, p)}}, detector_history={1: {}},
-        selected_rounds={"detector": 1, "stager": 1}, stager_train={}, detector_train={},
-        groups={"external-2": ("D",)}, train_sites=("A",), crop_source="detector", wall_time_s=1.0)
+        strategy="fedavg",
+        proximal_mu=0.0,
+        rounds={"detector": 1, "stager": 1},
+        stager_history={1: {"D": _site_metrics(y, p)}},
+        detector_history={1: {}},
+        selected_rounds={"detector": 1, "stager": 1},
+        stager_train={},
+        detector_train={},
+        groups={"external-2": ("D",)},
+        train_sites=("A",),
+        crop_source="detector",
+        wall_time_s=1.0,
+    )
     block = _group_block(write_report_html(report, tmp_path).read_text(encoding="utf-8"), "external-2")
     assert "Stage I (unreliable: too few heads)" in block and "Stage II (unreliable" not in block
     assert "Macro average (unreliable)" in block and "stage I: 2 heads" in block
@@ -223,14 +267,36 @@ def test_small_stage_is_marked_unreliable_on_the_page(tmp_path):
 def test_calibration_section_shows_ece_and_early_onfh_figures_per_site():
     from sim.report_html import calibration_section
 
-    c = {"chosen": {"temperature": 1.7, "detector_threshold": 0.31, "energy_threshold": -3.25, "early_threshold": 0.42,
-                    "detector_miss": 0.01, "ood_false_alarm": 0.05, "val_heads": 40},
-         "validation": {"heads": 40, "ece_before": 0.21, "ece_after": 0.06},
-         "sites": {"B": {"external": True, "test_heads": 17, "ece_before": 0.234, "ece_after": 0.081,
-                         "sensitivity": 0.8, "specificity": 0.5294, "tp": 8, "fn": 2, "tn": 9, "fp": 8,
-                         "ood_flagged": 0.0588, "detector_flagged": 0.0},
-                   "C": {"external": True, "test_heads": None, "suppressed": True}},
-         "rejected": {"D": "calibrate-val: nll: expected 31 sums"}}
+    c = {
+        "chosen": {
+            "temperature": 1.7,
+            "detector_threshold": 0.31,
+            "energy_threshold": -3.25,
+            "early_threshold": 0.42,
+            "detector_miss": 0.01,
+            "ood_false_alarm": 0.05,
+            "val_heads": 40,
+        },
+        "validation": {"heads": 40, "ece_before": 0.21, "ece_after": 0.06},
+        "sites": {
+            "B": {
+                "external": True,
+                "test_heads": 17,
+                "ece_before": 0.234,
+                "ece_after": 0.081,
+                "sensitivity": 0.8,
+                "specificity": 0.5294,
+                "tp": 8,
+                "fn": 2,
+                "tn": 9,
+                "fp": 8,
+                "ood_flagged": 0.0588,
+                "detector_flagged": 0.0,
+            },
+            "C": {"external": True, "test_heads": None, "suppressed": True},
+        },
+        "rejected": {"D": "calibrate-val: nll: expected 31 sums"},
+    }
     html = calibration_section(c, min_heads=5)
     assert "T = 1.7" in html and "P(I)+P(II) &ge; 0.42" in html
     assert "<td>0.234</td><td>0.081</td><td>80.00 %</td><td>52.94 %</td><td>8 / 2 / 9 / 8</td>" in html

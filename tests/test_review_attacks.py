@@ -6,7 +6,6 @@ Each test replays one finding against the real code and derives the expected res
 from __future__ import annotations
 
 import io
-import json
 import time
 import zipfile
 
@@ -31,8 +30,17 @@ SITES = {1: "A", 2: "B", 3: "C", 4: "D"}
 
 
 def _reply(src: int, content: RecordDict, kind: str = "train") -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="q",
-                        group_id="", created_at=time.time(), ttl=60.0, message_type=kind)
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{src}",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="q",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=kind,
+    )
     return make_message(metadata=metadata, content=content)
 
 
@@ -46,10 +54,17 @@ def _stager():
 
 
 def _strategy(template: dict) -> SiteFedAvg:
-    strategy = SiteFedAvg(node_sites=SITES, train_sites=set(SITES.values()), min_train_nodes=1, min_available_nodes=1,
-                          min_evaluate_nodes=1, min_fraction=0.5, max_int_delta=10,
-                          declared={s: {"heads-train": 20} for s in SITES.values()},
-                          state_problems=lambda arrays: normalisation_problems(_unpack(arrays, template)))
+    strategy = SiteFedAvg(
+        node_sites=SITES,
+        train_sites=set(SITES.values()),
+        min_train_nodes=1,
+        min_available_nodes=1,
+        min_evaluate_nodes=1,
+        min_fraction=0.5,
+        max_int_delta=10,
+        declared={s: {"heads-train": 20} for s in SITES.values()},
+        state_problems=lambda arrays: normalisation_problems(_unpack(arrays, template)),
+    )
     strategy._sent = _packed(template)
     return strategy
 
@@ -60,16 +75,20 @@ def test_negative_running_variance_is_rejected_and_the_fedavg_model_stays_finite
     model = _stager()
     template = {k: v.clone() for k, v in model.state_dict().items()}
     key = next(k for k in template if k.endswith("running_var"))
-    honest = [{k: (v + 1 if not v.is_floating_point() else v + 0.001 * (i + 1)) for k, v in template.items()}
-              for i in range(3)]
+    honest = [
+        {k: (v + 1 if not v.is_floating_point() else v + 0.001 * (i + 1)) for k, v in template.items()}
+        for i in range(3)
+    ]
     poisoned = {k: v.clone() for k, v in honest[0].items()}
     poisoned[key] = poisoned[key].clone()
     poisoned[key][0] = -(sum(float(h[key][0]) for h in honest) + 0.01)
     # without the check, the example-weighted mean of that channel is negative: the attack is real
     assert (sum(float(h[key][0]) for h in honest) + float(poisoned[key][0])) / 4 < 0
     strategy = _strategy(template)
-    replies = [_reply(i + 1, RecordDict({"arrays": _packed(h), "metrics": MetricRecord({"num-examples": 20})}))
-               for i, h in enumerate(honest)]
+    replies = [
+        _reply(i + 1, RecordDict({"arrays": _packed(h), "metrics": MetricRecord({"num-examples": 20})}))
+        for i, h in enumerate(honest)
+    ]
     replies.append(_reply(4, RecordDict({"arrays": _packed(poisoned), "metrics": MetricRecord({"num-examples": 20})})))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert "negative running variances" in strategy.rejected_updates[1]["D"][0]
@@ -90,11 +109,21 @@ def test_a_site_adding_or_leaving_out_a_train_metric_does_not_end_the_round():
     template = {k: v.clone() for k, v in _stager().state_dict().items()}
     strategy = _strategy(template)
     same = {k: (v + 1 if not v.is_floating_point() else v) for k, v in template.items()}
-    replies = [_reply(i + 1, RecordDict({"arrays": _packed(same),
-                                         "metrics": MetricRecord({"num-examples": 20, "train-loss": 0.5})}))
-               for i in range(2)]
-    replies.append(_reply(3, RecordDict({"arrays": _packed(same),
-                                         "metrics": MetricRecord({"num-examples": 20, "train-loss": 0.5, "foo": 1.0})})))
+    replies = [
+        _reply(
+            i + 1,
+            RecordDict({"arrays": _packed(same), "metrics": MetricRecord({"num-examples": 20, "train-loss": 0.5})}),
+        )
+        for i in range(2)
+    ]
+    replies.append(
+        _reply(
+            3,
+            RecordDict(
+                {"arrays": _packed(same), "metrics": MetricRecord({"num-examples": 20, "train-loss": 0.5, "foo": 1.0})}
+            ),
+        )
+    )
     replies.append(_reply(4, RecordDict({"arrays": _packed(same), "metrics": MetricRecord({"train-loss": 0.5})})))
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None
@@ -103,20 +132,31 @@ def test_a_site_adding_or_leaving_out_a_train_metric_does_not_end_the_round():
     assert "foo" not in strategy.train_metrics[1]["C"]
 
 
-@pytest.mark.parametrize("content, reason", [
-    (RecordDict({"metrics": MetricRecord({"heads-train": 3})}), "without a site-id"),
-    (RecordDict({"site": ConfigRecord({"site-id": "A"})}), "without counts"),
-    (RecordDict({"site": ConfigRecord({"site-id": "A"}), "metrics": MetricRecord({"heads-train": float("nan")})}),
-     "heads-train"),
-    (RecordDict({"site": ConfigRecord({"site-id": "A"}), "metrics": MetricRecord({"heads-val": -1})}), "heads-val"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (RecordDict({"metrics": MetricRecord({"heads-train": 3})}), "without a site-id"),
+        (RecordDict({"site": ConfigRecord({"site-id": "A"})}), "without counts"),
+        (
+            RecordDict(
+                {"site": ConfigRecord({"site-id": "A"}), "metrics": MetricRecord({"heads-train": float("nan")})}
+            ),
+            "heads-train",
+        ),
+        (RecordDict({"site": ConfigRecord({"site-id": "A"}), "metrics": MetricRecord({"heads-val": -1})}), "heads-val"),
+    ],
+)
 def test_a_malformed_hello_is_refused_not_a_crash(content, reason):
     assert reason in hello_problem(_reply(99, content, "query"))
 
 
 def test_a_well_formed_hello_passes():
-    content = RecordDict({"site": ConfigRecord({"site-id": "A"}),
-                          "metrics": MetricRecord({"heads-train": 3, "heads-val": 1, "heads-test": 1, "studies-refused": 0})})
+    content = RecordDict(
+        {
+            "site": ConfigRecord({"site-id": "A"}),
+            "metrics": MetricRecord({"heads-train": 3, "heads-val": 1, "heads-test": 1, "studies-refused": 0}),
+        }
+    )
     assert hello_problem(_reply(1, content, "query")) is None
 
 
@@ -134,14 +174,30 @@ def test_a_node_sending_a_malformed_hello_is_refused_and_the_run_goes_on():
             out = []
             for m in messages:
                 node = m.metadata.dst_node_id
-                content = (RecordDict({"metrics": MetricRecord({"heads-train": 1})}) if node == 99 else RecordDict({
-                    "site": ConfigRecord({"site-id": {11: "A", 12: "B"}[node]}),
-                    "metrics": MetricRecord({"heads-train": 3, "heads-val": 1, "heads-test": 1})}))
+                content = (
+                    RecordDict({"metrics": MetricRecord({"heads-train": 1})})
+                    if node == 99
+                    else RecordDict(
+                        {
+                            "site": ConfigRecord({"site-id": {11: "A", 12: "B"}[node]}),
+                            "metrics": MetricRecord({"heads-train": 3, "heads-val": 1, "heads-test": 1}),
+                        }
+                    )
+                )
                 out.append(_reply(node, content, "query"))
             return out
 
-    cfg = RunConfig.from_run_config(tiny_run_config(**{"site-ids": "A,B", "train-sites": "A", "report-groups": "A-test=A;B=B",
-                                                       "site-nodes": "A=11,B=12", "node-wait-timeout-s": 5.0}))
+    cfg = RunConfig.from_run_config(
+        tiny_run_config(
+            **{
+                "site-ids": "A,B",
+                "train-sites": "A",
+                "report-groups": "A-test=A;B=B",
+                "site-nodes": "A=11,B=12",
+                "node-wait-timeout-s": 5.0,
+            }
+        )
+    )
     refused: list[str] = []
     node_sites, _ = discover_sites(Grid(), cfg, poll_s=0.01, refused=refused)
     assert node_sites == {11: "A", 12: "B"}
@@ -179,9 +235,22 @@ def test_a_plain_tensor_file_still_loads():
 
 def test_a_forged_line_with_an_empty_error_after_the_last_anchor_is_detected(tmp_path):
     log_path = tmp_path / "audit.jsonl"
-    base = {"time": "t", "run_id": 7, "message_type": "train", "round": 1, "phase": "stager", "action": None,
-            "arrays": [], "metrics": ["num-examples"], "configs": [], "bytes": 100, "error": None}
-    anchors = [{"run_id": 7, "sha256": line_sha256(append_entry(log_path, dict(base))), "message_type": "train", "round": 1}]
+    base = {
+        "time": "t",
+        "run_id": 7,
+        "message_type": "train",
+        "round": 1,
+        "phase": "stager",
+        "action": None,
+        "arrays": [],
+        "metrics": ["num-examples"],
+        "configs": [],
+        "bytes": 100,
+        "error": None,
+    }
+    anchors = [
+        {"run_id": 7, "sha256": line_sha256(append_entry(log_path, dict(base))), "message_type": "train", "round": 1}
+    ]
     verify_audit_anchors(log_path, anchors)  # the honest log passes
     append_entry(log_path, {**base, "round": 2, "arrays": ["packed:float"], "bytes": 5000, "error": ""})
     with pytest.raises(ValueError, match="follows the coordinator's last anchor"):
@@ -190,9 +259,22 @@ def test_a_forged_line_with_an_empty_error_after_the_last_anchor_is_detected(tmp
 
 def test_a_genuine_error_entry_after_the_last_anchor_passes(tmp_path):
     log_path = tmp_path / "audit.jsonl"
-    base = {"time": "t", "run_id": 7, "message_type": "train", "round": 1, "phase": "stager", "action": None,
-            "arrays": [], "metrics": ["num-examples"], "configs": [], "bytes": 100, "error": None}
-    anchors = [{"run_id": 7, "sha256": line_sha256(append_entry(log_path, dict(base))), "message_type": "train", "round": 1}]
+    base = {
+        "time": "t",
+        "run_id": 7,
+        "message_type": "train",
+        "round": 1,
+        "phase": "stager",
+        "action": None,
+        "arrays": [],
+        "metrics": ["num-examples"],
+        "configs": [],
+        "bytes": 100,
+        "error": None,
+    }
+    anchors = [
+        {"run_id": 7, "sha256": line_sha256(append_entry(log_path, dict(base))), "message_type": "train", "round": 1}
+    ]
     append_entry(log_path, {**base, "round": 2, "metrics": [], "bytes": 0, "error": "RuntimeError: out of memory"})
     verify_audit_anchors(log_path, anchors)
 
@@ -204,8 +286,8 @@ def test_a_box_outside_the_scan_is_not_staged_even_with_the_gates_off(monkeypatc
 
     import shared_models.pipeline as pipeline
     from shared_models.detector import YOLOX3D
-    from tests.test_pipeline import DCFG
     from shared_models.preprocessing import PreprocessingSpec
+    from tests.test_pipeline import DCFG
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).random((24, 48, 64)).astype(np.float32))
     image.SetSpacing((6.0, 6.0, 6.0))

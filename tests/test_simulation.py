@@ -19,8 +19,12 @@ pytestmark = pytest.mark.slow
 def two_site_phantoms(tmp_path_factory):
     quick = PROFILES["quick"]
     profile = dataclasses.replace(
-        quick, name="micro", heads_per_site={"A": 10, "B": 3}, patients_per_site={"A": 6, "B": 2},
-        scanners={s: quick.scanners[s] for s in ("A", "B")}, external_groups={"external-1": ("B",)},
+        quick,
+        name="micro",
+        heads_per_site={"A": 10, "B": 3},
+        patients_per_site={"A": 6, "B": 2},
+        scanners={s: quick.scanners[s] for s in ("A", "B")},
+        external_groups={"external-1": ("B",)},
     )
     root = tmp_path_factory.mktemp("phantoms")
     generate_phantoms(root, profile, seed=1)
@@ -39,9 +43,28 @@ def two_site_phantoms(tmp_path_factory):
 
 def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     out = tmp_path / "run"
-    sets = {**TINY, "site-ids": "A,B", "report-groups": "A-test=A;external-1=B", "detector-rounds": 1,
-            "stager-rounds": 1, "detector-local-steps": 2, "stager-local-steps": 2, "stager-batch-size": 4}
-    argv = ["sim", "run", "--data", str(two_site_phantoms), "--out", str(out), "--profile", "quick", "--strategy", "fedprox"]
+    sets = {
+        **TINY,
+        "site-ids": "A,B",
+        "report-groups": "A-test=A;external-1=B",
+        "detector-rounds": 1,
+        "stager-rounds": 1,
+        "detector-local-steps": 2,
+        "stager-local-steps": 2,
+        "stager-batch-size": 4,
+    }
+    argv = [
+        "sim",
+        "run",
+        "--data",
+        str(two_site_phantoms),
+        "--out",
+        str(out),
+        "--profile",
+        "quick",
+        "--strategy",
+        "fedprox",
+    ]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
     assert main(argv) == 0
@@ -75,7 +98,12 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     # issue 16: every reply's audit anchor was recorded, and each site's log verifies against them
     assert set(report["audit_anchors"]) == {"A", "B"} and report["refused_nodes"] == []
     for site in ("A", "B"):
-        assert main(["site", "verify-audit", "--data", str(two_site_phantoms / site), "--anchors", str(out / "report.json")]) == 0
+        assert (
+            main(
+                ["site", "verify-audit", "--data", str(two_site_phantoms / site), "--anchors", str(out / "report.json")]
+            )
+            == 0
+        )
 
     # experiment tracking (issue 21, default MLflow store under the run folder), read back through MLflow's client:
     # each round's metrics per site as the server received them (small cells: tests/test_tracking.py; TINY sets
@@ -88,8 +116,12 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
     assert tracked.info.status == "FINISHED" and tracked.data.params["strategy"] == "fedprox"
     for phase in ("detector", "stager"):
         losses = client.get_metric_history(run_id, f"{phase}/train/A/train-loss")
-        assert [(m.step, m.value) for m in losses] == [(1, pytest.approx(report["history"][f"{phase}_train_loss"]["1"]["A"]))]
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "stager/eval/B/num-examples")] == [(1, ext["n"])]
+        assert [(m.step, m.value) for m in losses] == [
+            (1, pytest.approx(report["history"][f"{phase}_train_loss"]["1"]["A"]))
+        ]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "stager/eval/B/num-examples")] == [
+        (1, ext["n"])
+    ]
     assert {"report.json", "report.html", "bundle", "figures"} <= {a.path for a in client.list_artifacts(run_id)}
 
     # no local path is stored (issue 16 row 10): not the data folder, not the run folder
@@ -113,7 +145,21 @@ def test_flwr_simulation_two_sites_one_round(two_site_phantoms, tmp_path):
 
 def test_site_check_names_the_broken_study(two_site_phantoms, tmp_path):
     report = tmp_path / "verdicts.json"
-    assert main(["site", "check", "--data", str(two_site_phantoms / "B"), "--cache", str(tmp_path / "cache"), "--json", str(report)]) == 1
+    assert (
+        main(
+            [
+                "site",
+                "check",
+                "--data",
+                str(two_site_phantoms / "B"),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--json",
+                str(report),
+            ]
+        )
+        == 1
+    )
     verdicts = {v["study"]: v for v in json.loads(report.read_text())}
     assert verdicts["study-broken"]["status"] == "refused" and "DICOM" in verdicts["study-broken"]["reason"]
     assert sum(v["status"] == "ok" for v in verdicts.values()) == 2

@@ -275,7 +275,9 @@ def test_manifest_missing_column(tmp_path):
 
 
 def test_manifest_parses_values(tmp_path):
-    write_manifest(tmp_path, [f"{PATIENTS[0]}, sub/s1 ,l,ii,{box_text(BOX_L)},GE 3T", f"{PATIENTS[0]},sub/s1,R,,,GE 3T"])
+    write_manifest(
+        tmp_path, [f"{PATIENTS[0]}, sub/s1 ,l,ii,{box_text(BOX_L)},GE 3T", f"{PATIENTS[0]},sub/s1,R,,,GE 3T"]
+    )
     left, right = read_manifest(tmp_path, "site-Z")
     assert (left.study, left.side, left.stage, left.box_lps_mm, left.scanner) == ("sub/s1", "L", 2, BOX_L, "GE 3T")
     assert (right.stage, right.box_lps_mm, right.split) == (None, None, "test")

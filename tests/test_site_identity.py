@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from server.coordinator import site_nodes
@@ -36,17 +36,33 @@ class ClaimingGrid:
         for m in messages:
             node = m.metadata.dst_node_id
             self.asked.append(node)
-            meta = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
-                            group_id="", created_at=time.time(), ttl=60.0, message_type="query")
-            content = RecordDict({"site": ConfigRecord({"site-id": self.claims[node]}),
-                                  "metrics": MetricRecord({"heads-train": 4, "heads-val": 1, "heads-test": 1})})
+            meta = Metadata(
+                run_id=1,
+                message_id=f"r{node}",
+                src_node_id=node,
+                dst_node_id=0,
+                reply_to_message_id="q",
+                group_id="",
+                created_at=time.time(),
+                ttl=60.0,
+                message_type="query",
+            )
+            content = RecordDict(
+                {
+                    "site": ConfigRecord({"site-id": self.claims[node]}),
+                    "metrics": MetricRecord({"heads-train": 4, "heads-val": 1, "heads-test": 1}),
+                }
+            )
             replies.append(make_message(metadata=meta, content=content))
         return replies
 
 
 def _cfg(site_ids="A,B", nodes="", wait=2.0) -> RunConfig:
-    return RunConfig.from_run_config(tiny_run_config(site_ids=site_ids, train_sites="A", report_groups="g=A,B",
-                                                     site_nodes=nodes, node_wait_timeout_s=wait))
+    return RunConfig.from_run_config(
+        tiny_run_config(
+            site_ids=site_ids, train_sites="A", report_groups="g=A,B", site_nodes=nodes, node_wait_timeout_s=wait
+        )
+    )
 
 
 def test_site_nodes_parse_and_refuse_malformed_bindings():

@@ -24,8 +24,11 @@ CPU = torch.device("cpu")
 
 
 def tiny(out_channels: int = 2) -> MulDenseNet3D:
-    return MulDenseNet3D(StagerConfig(out_channels=out_channels, init_features=4, growth_rate=4, block_config=(1, 1),
-                                      pool_scales=(1,), bn_size=2))
+    return MulDenseNet3D(
+        StagerConfig(
+            out_channels=out_channels, init_features=4, growth_rate=4, block_config=(1, 1), pool_scales=(1,), bn_size=2
+        )
+    )
 
 
 def blobs(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +58,16 @@ def _lrs(sched_kwargs: dict, n: int, base: float = 0.1) -> list[float]:
 def test_schedule_warmup_then_cosine_hand_values():
     # warm-up 10, total 110: step s < 10 -> 0.1 * (s + 1) / 10; then 0.1 * 0.5 * (1 + cos(pi * (s - 10) / 100))
     lrs = _lrs({"warmup_steps": 10, "total_steps": 110}, 111)
-    expected = {0: 0.01, 4: 0.05, 9: 0.1, 10: 0.1, 35: 0.1 * 0.8535533905932737, 60: 0.05,
-                85: 0.1 * 0.14644660940672627, 110: 0.0}
+    expected = {
+        0: 0.01,
+        4: 0.05,
+        9: 0.1,
+        10: 0.1,
+        35: 0.1 * 0.8535533905932737,
+        60: 0.05,
+        85: 0.1 * 0.14644660940672627,
+        110: 0.0,
+    }
     for step, value in expected.items():
         assert lrs[step] == pytest.approx(value, abs=1e-12), step
 
@@ -85,8 +96,22 @@ def test_schedule_defaults_are_constant_and_bad_values_raise():
 def _train_copy(state: dict, x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     model = tiny()
     model.load_state_dict(state)
-    train_stager(model, x, y, steps=3, batch_size=4, lr=1e-2, weight_decay=1e-4, focal_gamma=2.0, device=CPU,
-                 seed=seed, flip_dims=(2, 3, 4), warmup_steps=2, total_steps=6, step_offset=1)
+    train_stager(
+        model,
+        x,
+        y,
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        weight_decay=1e-4,
+        focal_gamma=2.0,
+        device=CPU,
+        seed=seed,
+        flip_dims=(2, 3, 4),
+        warmup_steps=2,
+        total_steps=6,
+        step_offset=1,
+    )
     return model.state_dict()
 
 
@@ -107,8 +132,9 @@ def test_fit_central_is_reproducible_with_set_determinism():
     for _ in range(2):
         torch.manual_seed(3)
         model = tiny()
-        state, _ = fit_stager_central(model, x, y, xv, yv, max_steps=4, eval_every=2, patience=5, batch_size=4,
-                                      lr=1e-2, seed=5)
+        state, _ = fit_stager_central(
+            model, x, y, xv, yv, max_steps=4, eval_every=2, patience=5, batch_size=4, lr=1e-2, seed=5
+        )
         states.append(state)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -132,15 +158,28 @@ def test_early_stopping_after_patience_returns_best_state():
     torch.manual_seed(0)
     model = tiny()
     patience = 3
-    state, history = fit_stager_central(model, x, y, xv, yv, max_steps=400, eval_every=2, patience=patience,
-                                        batch_size=8, lr=1e-2, warmup_steps=2, seed=0)
+    state, history = fit_stager_central(
+        model,
+        x,
+        y,
+        xv,
+        yv,
+        max_steps=400,
+        eval_every=2,
+        patience=patience,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=2,
+        seed=0,
+    )
     aucs = [h["val_auc"] for h in history]
     best = int(np.argmax(aucs))  # first maximum: ties keep the earlier state
     # stopped exactly `patience` evaluations after the last strict improvement, long before the budget
     assert len(history) == best + 1 + patience
     assert history[-1]["step"] == 2 * len(history) < 400
     assert [h["best"] for h in history].count(True) == sum(
-        aucs[i] > max(aucs[:i], default=-1) for i in range(len(aucs)))
+        aucs[i] > max(aucs[:i], default=-1) for i in range(len(aucs))
+    )
     # the last weights were worse than the best, so only the best state reproduces the best AUC
     assert aucs[-1] < aucs[best]
     fresh = tiny()
@@ -152,8 +191,9 @@ def test_early_stopping_after_patience_returns_best_state():
 def test_fit_central_rejects_single_class_validation():
     x, y = blobs(8, seed=0)
     with pytest.raises(ValueError, match="two classes"):
-        fit_stager_central(tiny(), x, y, x[:2], np.zeros(2, np.int64), max_steps=2, eval_every=1, patience=1,
-                           batch_size=4, lr=1e-3)
+        fit_stager_central(
+            tiny(), x, y, x[:2], np.zeros(2, np.int64), max_steps=2, eval_every=1, patience=1, batch_size=4, lr=1e-3
+        )
 
 
 # --------------------------------------------------------------------------- sampling and classes
@@ -177,10 +217,28 @@ def test_n_classes_from_model_width():
     three = tiny(3)
     assert predict_stages(three, x, device=CPU).shape == (6, 3)
     with pytest.raises(ValueError, match=r"0\.\.1"):
-        train_stager(binary, x, np.array([0, 1, 2, 0, 1, 0]), steps=1, batch_size=2, lr=1e-3, weight_decay=0.0,
-                     focal_gamma=2.0, device=CPU)
-    out = train_stager(three, x, np.array([0, 1, 2, 0, 1, 2]), steps=2, batch_size=3, lr=1e-3, weight_decay=0.0,
-                       focal_gamma=2.0, device=CPU)
+        train_stager(
+            binary,
+            x,
+            np.array([0, 1, 2, 0, 1, 0]),
+            steps=1,
+            batch_size=2,
+            lr=1e-3,
+            weight_decay=0.0,
+            focal_gamma=2.0,
+            device=CPU,
+        )
+    out = train_stager(
+        three,
+        x,
+        np.array([0, 1, 2, 0, 1, 2]),
+        steps=2,
+        batch_size=3,
+        lr=1e-3,
+        weight_decay=0.0,
+        focal_gamma=2.0,
+        device=CPU,
+    )
     assert math.isfinite(out["train-loss"]) and out["train-loss"] > 0
 
 
@@ -219,7 +277,9 @@ def test_amp_uses_bfloat16_where_supported_and_scales_loss_only_for_float16(monk
     # on CPU: no autocast, no loss scaling, and the copy is a plain move (no pinned memory without CUDA)
     with autocast(cpu, amp=True):
         assert torch.matmul(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
-    run = LocalRun.start(torch.nn.Linear(2, 2), lr=1e-3, weight_decay=0.0, device=cpu, amp=True, proximal_mu=0.0, seed=0)
+    run = LocalRun.start(
+        torch.nn.Linear(2, 2), lr=1e-3, weight_decay=0.0, device=cpu, amp=True, proximal_mu=0.0, seed=0
+    )
     assert not run.scaler.is_enabled()
     x = torch.arange(6.0).reshape(2, 3)
     assert torch.equal(to_device(x, cpu), x)

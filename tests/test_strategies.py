@@ -14,7 +14,6 @@ from shared_models.detector import YOLOX3D
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import SiteFedAvg, SiteFedProx, build_strategy, restore_dtypes
 
-
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
@@ -22,8 +21,17 @@ def _reply(src: int, arrays: ArrayRecord | None, metrics: dict) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
         content["arrays"] = arrays
-    metadata = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="q",
-                        group_id="", created_at=time.time(), ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{src}",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="q",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     return make_message(metadata=metadata, content=content)
 
 
@@ -54,7 +62,9 @@ def test_arrayrecord_round_trip_keeps_every_entry_and_dtype(model):
 
 def test_restore_dtypes_rounds_integer_buffers():
     ref = ArrayRecord({"w": torch.zeros(2), "n": torch.tensor(3, dtype=torch.int64)})
-    agg = ArrayRecord({"w": torch.tensor([0.5, 1.5], dtype=torch.float64), "n": torch.tensor([4.6], dtype=torch.float64)})
+    agg = ArrayRecord(
+        {"w": torch.tensor([0.5, 1.5], dtype=torch.float64), "n": torch.tensor([4.6], dtype=torch.float64)}
+    )
     out = restore_dtypes(agg, ref).to_torch_state_dict()
     assert out["w"].dtype == torch.float32 and out["n"].dtype == torch.int64
     assert int(out["n"]) == 5
@@ -69,8 +79,10 @@ def _state(w: float, n: int):
 def test_weighted_mean_with_dtypes_intact(cls):
     node_sites = {11: "A", 12: "B"}
     strategy = cls(node_sites=node_sites, train_sites=["A", "B"])
-    replies = [_reply(11, ArrayRecord(_state(1.0, 10)), {"num-examples": 3, "train-loss": 1.0}),
-               _reply(12, ArrayRecord(_state(5.0, 20)), {"num-examples": 1, "train-loss": 3.0})]
+    replies = [
+        _reply(11, ArrayRecord(_state(1.0, 10)), {"num-examples": 3, "train-loss": 1.0}),
+        _reply(12, ArrayRecord(_state(5.0, 20)), {"num-examples": 1, "train-loss": 3.0}),
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     out = arrays.to_torch_state_dict()
     # independent value: (3*1 + 1*5) / 4 = 2.0 ; (3*10 + 1*20) / 4 = 12.5 -> rounds to 12 (banker's) or 13
@@ -85,7 +97,13 @@ def test_fedprox_with_mu_zero_aggregates_exactly_like_fedavg():
     node_sites = {1: "A", 2: "B"}
     rng = np.random.default_rng(0)
     states = [{"w": torch.from_numpy(rng.normal(size=(4, 4)).astype(np.float32))} for _ in range(2)]
-    replies = lambda: [_reply(1, ArrayRecord(states[0]), {"num-examples": 7}), _reply(2, ArrayRecord(states[1]), {"num-examples": 2})]
+
+    def replies():
+        return [
+            _reply(1, ArrayRecord(states[0]), {"num-examples": 7}),
+            _reply(2, ArrayRecord(states[1]), {"num-examples": 2}),
+        ]
+
     a, _ = SiteFedAvg(node_sites=node_sites, train_sites=["A", "B"]).aggregate_train(1, replies())
     p, _ = SiteFedProx(proximal_mu=0.0, node_sites=node_sites, train_sites=["A", "B"]).aggregate_train(1, replies())
     assert torch.equal(a.to_torch_state_dict()["w"], p.to_torch_state_dict()["w"])
@@ -106,14 +124,22 @@ def test_round_offset_and_train_site_filter():
         def get_node_ids(self):
             return [1, 2, 3]
 
-    strategy = build_strategy("fedprox", proximal_mu=0.1, node_sites={1: "A", 2: "B", 3: "C"}, train_sites=["A", "C"], round_offset=5)
+    strategy = build_strategy(
+        "fedprox", proximal_mu=0.1, node_sites={1: "A", 2: "B", 3: "C"}, train_sites=["A", "C"], round_offset=5
+    )
     from flwr.app import ConfigRecord
 
-    msgs = list(strategy.configure_train(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({"phase": "stager"}), FakeGrid()))
+    msgs = list(
+        strategy.configure_train(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({"phase": "stager"}), FakeGrid())
+    )
     assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 3]
     assert msgs[0].content["config"]["server-round"] == 6
     assert msgs[0].content["config"]["proximal-mu"] == pytest.approx(0.1)
-    evals = list(strategy.configure_evaluate(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({"phase": "stager"}), FakeGrid()))
+    evals = list(
+        strategy.configure_evaluate(
+            1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({"phase": "stager"}), FakeGrid()
+        )
+    )
     assert sorted(m.metadata.dst_node_id for m in evals) == [1, 2, 3]
 
 

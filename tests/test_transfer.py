@@ -72,9 +72,15 @@ def test_fedavg_over_packed_arrays_equals_fedavg_over_unpacked(model):
     template = model.state_dict()
 
     def fedavg(arrays_per_site: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        records = [RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                               "metrics": MetricRecord({"num-examples": n})})
-                   for arrays, n in zip(arrays_per_site, counts)]
+        records = [
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                    "metrics": MetricRecord({"num-examples": n}),
+                }
+            )
+            for arrays, n in zip(arrays_per_site, counts)
+        ]
         aggregated = restore_dtypes(aggregate_arrayrecords(records, "num-examples"), records[0]["arrays"])
         return {k: aggregated[k].numpy() for k in aggregated.keys()}
 

@@ -44,8 +44,17 @@ def _update(value: float, **changes) -> ArrayRecord:
 
 
 def _reply(src: int, arrays: ArrayRecord | None, metrics: dict | None = None, error: str | None = None) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{src}", src_node_id=src, dst_node_id=0, reply_to_message_id="q",
-                        group_id="", created_at=time.time(), ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{src}",
+        src_node_id=src,
+        dst_node_id=0,
+        reply_to_message_id="q",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     if error:
         return make_message(metadata=metadata, error=Error(code=0, reason=error))
     content = RecordDict({"metrics": MetricRecord(metrics or {"num-examples": 10, "loss": 0.5})})
@@ -74,23 +83,29 @@ def test_update_problems_names_the_entry_and_the_problem(update, expected):
 
 def test_reply_problems_rejects_non_finite_metrics_and_missing_arrays():
     ref = _record(**GLOBAL)
-    assert reply_problems(_reply(1, _update(1.0), {"num-examples": 3, "loss": float("nan")}), ref) == ["non-finite metrics: loss"]
+    assert reply_problems(_reply(1, _update(1.0), {"num-examples": 3, "loss": float("nan")}), ref) == [
+        "non-finite metrics: loss"
+    ]
     assert "expected one ArrayRecord" in reply_problems(_reply(1, None), ref)[0]
 
 
 def _strategy(cls=SiteFedAvg, sites=None, train=("A", "B", "C"), **kwargs):
     sites = sites or {1: "A", 2: "B", 3: "C"}
     kwargs.setdefault("min_fraction", 0.5)
-    strategy = cls(node_sites=sites, train_sites=train, min_train_nodes=1, min_available_nodes=1,
-                   min_evaluate_nodes=1, **kwargs)
+    strategy = cls(
+        node_sites=sites, train_sites=train, min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=1, **kwargs
+    )
     strategy._sent = _record(**GLOBAL)  # what configure_train sent this round
     return strategy
 
 
 def test_bad_updates_are_rejected_logged_and_the_round_goes_on(caplog):
     strategy = _strategy()
-    replies = [_reply(1, _update(1.0)), _reply(2, _update(3.0)),
-               _reply(3, _update(1.0, w=np.full((2, 3), np.nan, np.float32)))]
+    replies = [
+        _reply(1, _update(1.0)),
+        _reply(2, _update(3.0)),
+        _reply(3, _update(1.0, w=np.full((2, 3), np.nan, np.float32))),
+    ]
     with caplog.at_level("WARNING", logger="strategies.site_aware"):
         arrays, _ = strategy.aggregate_train(1, replies)
     # C's NaN update is dropped: the mean of A (1.0) and B (3.0), both with 10 examples
@@ -139,10 +154,18 @@ def test_the_wait_for_nodes_before_a_round_is_bounded():
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 3]
 
 
-@pytest.mark.parametrize("name, cls", [("fedmedian", SiteFedMedian), ("fedtrimmedavg", SiteFedTrimmedAvg), ("krum", SiteKrum)])
+@pytest.mark.parametrize(
+    "name, cls", [("fedmedian", SiteFedMedian), ("fedtrimmedavg", SiteFedTrimmedAvg), ("krum", SiteKrum)]
+)
 def test_robust_strategies_are_built_by_name(name, cls):
-    strategy = build_strategy(name, proximal_mu=0.0, node_sites={1: "A", 2: "B", 3: "C", 4: "D"},
-                              train_sites=["A", "B", "C", "D"], min_fraction=0.5, krum_byzantine=0)
+    strategy = build_strategy(
+        name,
+        proximal_mu=0.0,
+        node_sites={1: "A", 2: "B", 3: "C", 4: "D"},
+        train_sites=["A", "B", "C", "D"],
+        min_fraction=0.5,
+        krum_byzantine=0,
+    )
     assert isinstance(strategy, cls)
     assert strategy.min_train_nodes == 2 and strategy.min_available_nodes == 2
 
@@ -160,8 +183,9 @@ def test_fedmedian_ignores_one_outlier_that_fedavg_follows():
 
 def test_krum_selects_an_update_from_the_cluster():
     updates = [_update(1.0), _update(1.1), _update(0.9), _update(500.0)]
-    strategy = _strategy(SiteKrum, sites={1: "A", 2: "B", 3: "C", 4: "D"}, train=("A", "B", "C", "D"),
-                         num_malicious_nodes=1)
+    strategy = _strategy(
+        SiteKrum, sites={1: "A", 2: "B", 3: "C", 4: "D"}, train=("A", "B", "C", "D"), num_malicious_nodes=1
+    )
     arrays, _ = strategy.aggregate_train(1, [_reply(i + 1, u) for i, u in enumerate(updates)])
     assert 0.9 <= float(arrays["w"].numpy().max()) <= 1.1
 
