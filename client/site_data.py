@@ -161,7 +161,7 @@ MAX_LINE_BYTES = 16 << 10
 MAX_FIELD_CHARS = 4096
 
 # Plausible size of a femoral-head core-area box, per axis, in mm. Adult femoral head diameters
-# are about 40-55 mm (the phantoms draw 44-52 mm, sim/phantoms.py), and the project's box is the
+# are about 40-55 mm (the phantoms draw 44-52 mm, sim/phantoms/anatomy.py), and the project's box is the
 # head's bounding box (docs/CONVENTIONS.md). Smallest: half the smallest head (a box tighter than
 # that is not a head box); largest: the largest head plus 15 mm of annotation margin on each side.
 BOX_SIDE_MM: tuple[float, float] = (20.0, 85.0)

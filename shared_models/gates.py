@@ -27,7 +27,7 @@ centres about 150-210 mm (Harrington et al., "Prediction of the hip joint centre
 children, and patients with cerebral palsy based on magnetic resonance imaging", J Biomech
 2007;40:595-602, who measure it on MRI as the pelvic width used in their regressions). The
 limits below are wider than those ranges by the detector's box error (about 10-15 mm). The
-phantoms (``sim/phantoms.py``) use head diameters of 44-52 mm and centres 170-200 mm apart,
+phantoms (``sim/phantoms/anatomy.py``) use head diameters of 44-52 mm and centres 170-200 mm apart,
 inside every limit. A field of view of 250 mm left-right is the narrowest that holds two
 heads 200 mm apart with 25 mm radius each; a brain study is about 140-180 mm wide.
 """

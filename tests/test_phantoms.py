@@ -367,7 +367,7 @@ def test_signs_are_subtle(quick):
 
 def _studies(n: int, seed: int = 5):
     """``n`` rendered studies at 2 x 2 x 4 mm: (values in scanner units [z, y, x], patient, sdf(shape))."""
-    from sim.phantoms.anatomy import _simulate, _study_axes, _StudyTask
+    from sim.phantoms.scanner import _simulate, _study_axes, _StudyTask
 
     sc = dataclasses.replace(PROFILES["paper"].scanners["A"], pixel_spacing_mm=(2.0, 2.0), slice_thickness_mm=4.0)
     out = []
@@ -396,7 +396,7 @@ def studies():
 
 
 def _marrow(values, patient, sdf) -> float:
-    from sim.phantoms.anatomy import _Sphere
+    from sim.phantoms.geometry import _Sphere
 
     cores = [sdf(_Sphere(h.centre, h.radius - 5.0)) < 0 for h in patient.heads]
     return float(np.median(values[np.logical_or(*cores)]))
