@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -35,6 +36,44 @@ def int_tuple(key: str, value: Any, min_value: int = 1) -> tuple[int, ...]:
     if not items:
         raise ValueError(f"{key}: must not be empty")
     return tuple(positive_int(key, v, min_value) for v in items)
+
+
+def positive_triple(value: Any, key: str, kind: type) -> tuple:
+    """Validate a 3-sequence of positive finite numbers of ``kind`` (int or float) as a tuple.
+
+    Raises:
+        ValueError: naming ``key``.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise ValueError(f"{key} must be a sequence of 3 numbers, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{key} must hold numbers, got {value!r}")
+        if kind is int:
+            if int(v) != v:
+                raise ValueError(f"{key} must hold integers, got {value!r}")
+            v = int(v)
+        else:
+            v = float(v)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{key} must hold positive finite numbers, got {value!r}")
+        out.append(v)
+    return tuple(out)
+
+
+def finite_number(value: Any, key: str) -> float:
+    """``value`` as a finite float (bools refused).
+
+    Raises:
+        ValueError: naming ``key``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{key} must be finite, got {value!r}")
+    return value
 
 
 class DictConfig:

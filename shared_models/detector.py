@@ -65,8 +65,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -77,7 +75,7 @@ from monai.losses import BoxGIoULoss
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
 
-from shared_models.config_dict import DictConfig, int_tuple, positive_int
+from shared_models.specs.models import DetectorConfig  # its home is specs; this import keeps the old path
 
 __all__ = [
     "DetectorConfig",
@@ -104,69 +102,6 @@ CENTER_RADIUS = 2.5
 _PRIOR_PROB = 0.01
 #: Number of predicted channels per cell: 6 box numbers, objectness logit, class logit.
 PRED_CHANNELS = 8
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DetectorConfig(DictConfig):
-    """Constructor arguments of :class:`YOLOX3D` (recorded in every model bundle).
-
-    Attributes:
-        in_channels: input channels (1: windowed T2 MRI).
-        widths: channels of the stem followed by one entry per backbone stage
-            (``len(widths) == len(depths) + 1``); every value >= 2.
-        depths: CSP bottlenecks per backbone stage. Stage ``i`` has output stride ``2 ** (i + 2)``.
-        strides: output strides of the FPN/PAN levels used by the head. Must be the last
-            ``len(strides)`` stage strides (e.g. ``(8, 16)`` for three stages, i.e. the deepest
-            stage is always used); 1 to 3 levels.
-        head_width: channels of the decoupled head.
-
-    ``PAPER`` is a YOLOX-s-like preset (YOLOX-s: width 0.50, depth 0.33, three levels 8/16/32);
-    the paper does not publish its widths, so this is our documented reading.
-
-    Raises:
-        ValueError: on construction or ``from_dict`` with a bad value; the message names the key.
-    """
-
-    in_channels: int = 1
-    widths: tuple[int, ...] = (8, 16, 32, 64)
-    depths: tuple[int, ...] = (1, 1, 1)
-    strides: tuple[int, ...] = (8, 16)
-    head_width: int = 32
-
-    PAPER: ClassVar[DetectorConfig]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "in_channels", positive_int("in_channels", self.in_channels))
-        widths = int_tuple("widths", self.widths, min_value=2)
-        depths = int_tuple("depths", self.depths, min_value=1)
-        strides = int_tuple("strides", self.strides, min_value=1)
-        if len(widths) != len(depths) + 1:
-            raise ValueError(
-                f"widths: expected len(depths) + 1 = {len(depths) + 1} values (stem + one per stage), got {len(widths)}"
-            )
-        stage_strides = tuple(2 ** (i + 2) for i in range(len(depths)))
-        if not 1 <= len(strides) <= 3 or strides != stage_strides[-len(strides) :]:
-            raise ValueError(
-                f"strides: must be the last 1-3 backbone stage strides {stage_strides} in increasing "
-                f"order (e.g. {stage_strides[-2:]}), got {strides}"
-            )
-        object.__setattr__(self, "widths", widths)
-        object.__setattr__(self, "depths", depths)
-        object.__setattr__(self, "strides", strides)
-        object.__setattr__(self, "head_width", positive_int("head_width", self.head_width))
-
-    @property
-    def level_channels(self) -> tuple[int, ...]:
-        """Channels of the backbone stages feeding the neck, one per level."""
-        return self.widths[-len(self.strides) :]
-
-
-DetectorConfig.PAPER = DetectorConfig(
-    in_channels=1, widths=(32, 64, 128, 256, 512), depths=(1, 3, 3, 1), strides=(8, 16, 32), head_width=128
-)
 
 
 # ----------------------------------------------------------------------------------------------

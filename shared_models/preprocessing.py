@@ -36,13 +36,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from shared_models.config_dict import finite_number, positive_triple
+from shared_models.specs.models import PreprocessingSpec  # its home is specs; this import keeps the old path
 
 logger = logging.getLogger(__name__)
 
@@ -56,115 +58,6 @@ def _check_side(side: str) -> str:
     if side not in SIDES:
         raise ValueError(f"side must be 'L' or 'R', got {side!r}")
     return side
-
-
-def _triple(value: Any, key: str, kind: type) -> tuple:
-    """Validate a 3-sequence of positive numbers of ``kind`` (int or float)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise ValueError(f"{key} must be a sequence of 3 numbers, got {value!r}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise ValueError(f"{key} must hold numbers, got {value!r}")
-        if kind is int:
-            if int(v) != v:
-                raise ValueError(f"{key} must hold integers, got {value!r}")
-            v = int(v)
-        else:
-            v = float(v)
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{key} must hold positive finite numbers, got {value!r}")
-        out.append(v)
-    return tuple(out)
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{key} must be finite, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class PreprocessingSpec:
-    """Every number of the preprocessing; saved inside every model bundle.
-
-    Attributes:
-        version: preprocessing version; bump it when the meaning of any step changes
-            (it is part of the site cache key).
-        orientation: patient frame every study is reoriented to; only ``"LPS"``.
-        hemi_shape: detector input size ``(D, H, W)`` in voxels.
-        hemi_fov_mm: physical extent of the hemi grid ``(D, H, W)`` in mm
-            (= ``(z, y, x)`` extents).
-        window_level: window centre in scanner intensity units.
-        window_width: window width; intensities are clipped to
-            ``[level - width/2, level + width/2]`` and scaled to ``[0, 1]``.
-        crop_shape: stager input size ``(D, H, W)`` in voxels.
-        crop_margin_mm: margin added on every side of the femoral head box before cropping.
-
-    Direct construction and :meth:`from_dict` validate every field and raise
-    ``ValueError`` naming the bad key.
-    """
-
-    version: int = 1
-    orientation: str = "LPS"
-    hemi_shape: tuple[int, int, int] = (32, 112, 64)
-    hemi_fov_mm: tuple[float, float, float] = (128.0, 224.0, 160.0)
-    window_level: float = 300.0
-    window_width: float = 1500.0
-    crop_shape: tuple[int, int, int] = (32, 32, 32)
-    crop_margin_mm: float = 8.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.version, bool) or not isinstance(self.version, (int, np.integer)) or self.version < 1:
-            raise ValueError(f"version must be an integer >= 1, got {self.version!r}")
-        if self.orientation != "LPS":
-            raise ValueError(f"orientation must be 'LPS', got {self.orientation!r}")
-        object.__setattr__(self, "version", int(self.version))
-        object.__setattr__(self, "hemi_shape", _triple(self.hemi_shape, "hemi_shape", int))
-        object.__setattr__(self, "hemi_fov_mm", _triple(self.hemi_fov_mm, "hemi_fov_mm", float))
-        object.__setattr__(self, "window_level", _number(self.window_level, "window_level"))
-        width = _number(self.window_width, "window_width")
-        if width <= 0:
-            raise ValueError(f"window_width must be > 0, got {self.window_width!r}")
-        object.__setattr__(self, "window_width", width)
-        object.__setattr__(self, "crop_shape", _triple(self.crop_shape, "crop_shape", int))
-        margin = _number(self.crop_margin_mm, "crop_margin_mm")
-        if margin < 0:
-            raise ValueError(f"crop_margin_mm must be >= 0, got {self.crop_margin_mm!r}")
-        object.__setattr__(self, "crop_margin_mm", margin)
-
-    @property
-    def hemi_spacing_mm(self) -> tuple[float, float, float]:
-        """Hemi grid voxel spacing ``(D, H, W)`` in mm (default ``(4.0, 2.0, 2.5)``)."""
-        return tuple(f / n for f, n in zip(self.hemi_fov_mm, self.hemi_shape))  # type: ignore[return-value]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreprocessingSpec:
-        """Build and validate a spec from :meth:`to_dict` output.
-
-        Every field must be present (a bundle must not silently fall back to defaults)
-        and no unknown key is accepted.
-
-        Raises:
-            ValueError: naming the missing, unknown or invalid key.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"preprocessing spec must be a dict, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                raise ValueError(f"unknown preprocessing spec key {key!r}")
-        for key in names:
-            if key not in d:
-                raise ValueError(f"preprocessing spec key {key!r} is missing")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -185,16 +78,16 @@ class GridGeometry:
     direction: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size_dhw", _triple(self.size_dhw, "size_dhw", int))
-        object.__setattr__(self, "spacing_dhw_mm", _triple(self.spacing_dhw_mm, "spacing_dhw_mm", float))
+        object.__setattr__(self, "size_dhw", positive_triple(self.size_dhw, "size_dhw", int))
+        object.__setattr__(self, "spacing_dhw_mm", positive_triple(self.spacing_dhw_mm, "spacing_dhw_mm", float))
         origin = self.origin_lps_mm
         if isinstance(origin, (str, bytes)) or not isinstance(origin, Sequence) or len(origin) != 3:
             raise ValueError(f"origin_lps_mm must be 3 numbers, got {origin!r}")
-        object.__setattr__(self, "origin_lps_mm", tuple(_number(v, "origin_lps_mm") for v in origin))
+        object.__setattr__(self, "origin_lps_mm", tuple(finite_number(v, "origin_lps_mm") for v in origin))
         direction = self.direction
         if isinstance(direction, (str, bytes)) or not isinstance(direction, Sequence) or len(direction) != 9:
             raise ValueError(f"direction must be 9 numbers, got {direction!r}")
-        object.__setattr__(self, "direction", tuple(_number(v, "direction") for v in direction))
+        object.__setattr__(self, "direction", tuple(finite_number(v, "direction") for v in direction))
 
     def reference_image(self) -> sitk.Image:
         """An empty float32 image with this geometry (a resampling target)."""

@@ -22,10 +22,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,82 +30,12 @@ from monai.networks.layers.factories import Conv, Dropout, Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from monai.networks.nets.densenet import _DenseBlock, _Transition
 
-from shared_models.config_dict import DictConfig, int_tuple, positive_int
+from shared_models.config_dict import int_tuple
+from shared_models.specs.models import FUSION_MODES, StagerConfig  # home: specs; keeps the old path
 
 __all__ = ["StagerConfig", "MulPoolFusion", "MulDenseNet3D"]
 
 logger = logging.getLogger(__name__)
-
-FUSION_MODES = ("concat", "sum")
-TRANSITIONS = ("mulpool", "plain")
-
-
-@dataclass(frozen=True)
-class StagerConfig(DictConfig):
-    """Constructor arguments of :class:`MulDenseNet3D` (recorded in every model bundle).
-
-    Attributes:
-        in_channels: input channels (1: windowed T2 MRI crop).
-        out_channels: number of classes (3: Ficat-Arlet 0, I, II).
-        init_features: channels of the stem convolution.
-        growth_rate: channels added per dense layer (k in DenseNet).
-        block_config: dense layers per dense block; a transition follows every block but the last.
-        bn_size: bottleneck factor (``bn_size * growth_rate`` channels in each 1x1x1 bottleneck).
-        pool_scales: MulPoolFusion scales ``s``; each gives a max and an average pooling branch
-            with kernel ``2s + 1`` (see :class:`MulPoolFusion`). Distinct positive integers.
-        fusion: ``"concat"`` (concatenate branches, then 1x1x1 conv) or ``"sum"``.
-        transition: ``"mulpool"`` (MulPoolFusion) or ``"plain"`` (MONAI DenseNet transition: BN-ReLU-
-            1x1x1 conv-AvgPool 2, the ablation; rounds sizes down, so every spatial size must be
-            >= 2 before each transition).
-        dropout_prob: dropout after each dense layer and before the classifier, in ``[0, 1)``.
-        stem_pool: keep the stem's 3x3x3 stride-2 max pooling (MONAI DenseNet). With it a 32^3 crop
-            reaches the last dense block at ``32 / 2**(1 + len(block_config))`` voxels per side;
-            set False for a finer Grad-CAM map (twice the resolution, more compute).
-
-    ``PAPER`` is the DenseNet121-like preset (init 64, growth 32, blocks (6, 12, 24, 16)); the
-    paper names DenseNet but not its size, so this is our reading.
-
-    Raises:
-        ValueError: on construction or ``from_dict`` with a bad value; the message names the key.
-    """
-
-    in_channels: int = 1
-    out_channels: int = 3
-    init_features: int = 16
-    growth_rate: int = 8
-    block_config: tuple[int, ...] = (2, 3, 4)
-    bn_size: int = 4
-    pool_scales: tuple[int, ...] = (1, 2, 4)
-    fusion: str = "concat"
-    transition: str = "mulpool"
-    dropout_prob: float = 0.0
-    stem_pool: bool = True
-
-    PAPER: ClassVar[StagerConfig]
-
-    def __post_init__(self) -> None:
-        for key in ("in_channels", "init_features", "growth_rate", "bn_size"):
-            object.__setattr__(self, key, positive_int(key, getattr(self, key)))
-        object.__setattr__(self, "out_channels", positive_int("out_channels", self.out_channels, 2))
-        object.__setattr__(self, "block_config", int_tuple("block_config", self.block_config))
-        scales = int_tuple("pool_scales", self.pool_scales)
-        if len(set(scales)) != len(scales):
-            raise ValueError(f"pool_scales: values must be distinct, got {scales}")
-        object.__setattr__(self, "pool_scales", scales)
-        if self.fusion not in FUSION_MODES:
-            raise ValueError(f"fusion: expected one of {FUSION_MODES}, got {self.fusion!r}")
-        if self.transition not in TRANSITIONS:
-            raise ValueError(f"transition: expected one of {TRANSITIONS}, got {self.transition!r}")
-        p = self.dropout_prob
-        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"dropout_prob: expected a float in [0, 1), got {p!r}")
-        object.__setattr__(self, "dropout_prob", float(p))
-        if not isinstance(self.stem_pool, (bool, np.bool_)):
-            raise ValueError(f"stem_pool: expected a bool, got {self.stem_pool!r}")
-        object.__setattr__(self, "stem_pool", bool(self.stem_pool))
-
-
-StagerConfig.PAPER = StagerConfig(init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4)
 
 
 class _AvgPoolExcludePad(nn.Module):

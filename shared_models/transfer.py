@@ -38,6 +38,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from shared_models.specs.run_config import TRANSFER_DTYPES  # its home is specs; keeps the old path
+
 __all__ = [
     "FLOAT_KEY",
     "PACKED_PREFIX",
@@ -53,8 +55,6 @@ __all__ = [
 PACKED_PREFIX = "packed:"
 #: The flat array of every floating entry.
 FLOAT_KEY = PACKED_PREFIX + "float"
-#: Allowed transfer dtypes of floating entries (run-config key ``transfer-dtype``).
-TRANSFER_DTYPES = ("float32", "float16")
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -1,0 +1,60 @@
+"""The torch-free specs: what importing them loads, and the wire form of phases and keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "monai", "SimpleITK", "flwr")
+
+
+@pytest.mark.parametrize("module", ["shared_models.specs", "shared_models.config"])
+def test_specs_import_neither_torch_monai_simpleitk_nor_flower(module):
+    code = (
+        f"import json, sys, {module}\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_probe_sees_a_heavy_import():
+    # the check above could pass by looking wrong; importing the detector must show torch and MONAI
+    code = (
+        "import json, sys, shared_models.detector\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["monai", "torch"]
+
+
+def test_phases_travel_as_their_plain_strings():
+    from shared_models.specs import PHASES, Phase
+
+    assert [str(p) for p in PHASES] == ["detector", "stager"]  # training order
+    assert Phase("detector") is Phase.DETECTOR
+    assert Phase.DETECTOR == "detector" and "stager" == Phase.STAGER
+    assert {"detector": 1}[Phase.DETECTOR] == 1  # hashes like the string
+    assert f"{Phase.STAGER}" == "stager"
+    assert type(str(Phase.STAGER)) is str
+    assert json.dumps({Phase.DETECTOR: [Phase.STAGER]}) == '{"detector": ["stager"]}'
+    with pytest.raises(ValueError):
+        Phase("crops")
+    assert Phase.DETECTOR.score_key == "iou-mean" and Phase.STAGER.score_key == "macro-auc"
+
+
+def test_old_import_paths_name_the_same_objects():
+    from shared_models import config, specs
+    from shared_models.detector import DetectorConfig
+    from shared_models.preprocessing import PreprocessingSpec
+    from shared_models.stager import StagerConfig
+    from shared_models.transfer import TRANSFER_DTYPES
+
+    assert DetectorConfig is specs.DetectorConfig
+    assert StagerConfig is specs.StagerConfig
+    assert PreprocessingSpec is specs.PreprocessingSpec
+    assert TRANSFER_DTYPES is specs.TRANSFER_DTYPES
+    assert config.RunConfig is specs.RunConfig and config.STRATEGIES is specs.STRATEGIES
+    assert specs.PYPROJECT.name == "pyproject.toml" and specs.PYPROJECT.is_file()
