@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from shared_models.specs import ROBUST_STRATEGIES
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK
 
@@ -55,7 +56,6 @@ __all__ = ["ATTACKS", "LocalGrid", "attack_reply", "finish_rows", "poisoning_ben
 logger = logging.getLogger(__name__)
 
 ATTACKS = ("huge-1e30", "sign-flip-x10", "random-weights", "int-buffer-2^62", "num-examples-1e9", "val-score-1e6")
-ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
 SITES = ("A", "B", "C", "D")
 MALICIOUS = "D"
 
@@ -363,7 +363,7 @@ def poisoning_benchmark(
     *,
     work: Path = DEFAULT_WORK,
     seeds: int = 3,
-    strategies: Sequence[str] = ("fedavg",) + ROBUST,
+    strategies: Sequence[str] = ("fedavg",) + ROBUST_STRATEGIES,
     attacks: Sequence[str] = ATTACKS,
     robust_attacks: Sequence[str] = ATTACKS[:4],
     heads: int = 20,

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared_models.processes import tied_to_this_process
+from shared_models.specs import STRATEGIES  # torch-free: `onfh -h` stays fast
 
 log = logging.getLogger("onfh")
 console = Console()
@@ -49,9 +50,6 @@ SCHEDULES: dict[str, dict[str, object]] = {
     "paper": {},
 }
 
-
-# shared_models.config.STRATEGIES, spelled out so that `onfh -h` does not import torch (a test keeps them equal)
-STRATEGY_CHOICES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")
 
 # --------------------------------------------------------------------------- helpers
 
@@ -804,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--strategy",
-            choices=STRATEGY_CHOICES,
+            choices=STRATEGIES,
             default="fedavg",
             help="aggregation (fedmedian, fedtrimmedavg and krum are Flower's robust strategies)",
         )
@@ -1076,7 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sites", help="comma-separated site ids (default: every enrolled site)")
     p.add_argument("--train-sites", help="comma-separated training sites (default: all --sites)")
-    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fedavg")
+    p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
     p.add_argument("--profile", choices=("quick", "paper"), default="paper", help="training schedule (rounds, steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -47,7 +47,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
-from shared_models.config import robust_strategy_problem
+from shared_models.specs import STRATEGIES, robust_strategy_problem
 from strategies.update_checks import (
     bound_update_norms,
     cap_counts,
@@ -371,9 +371,6 @@ class SiteKrum(SiteAwareMixin, Krum):
     """Krum (Blanchard et al. 2017; Flower's Krum): keeps the update closest to its neighbours."""
 
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")
-
-
 def build_strategy(
     name: str,
     *,
@@ -446,4 +443,4 @@ def build_strategy(
         return SiteFedTrimmedAvg(beta=trimmed_beta, **common)
     if name == "krum":
         return SiteKrum(num_malicious_nodes=krum_byzantine, **common)
-    raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGY_NAMES)}")
+    raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")

@@ -106,7 +106,23 @@ def test_lr_schedule_runs_over_all_rounds_of_a_phase():
 
 
 def test_cli_strategy_choices_are_the_run_configs():
-    from shared_models.config import STRATEGIES
-    from sim.cli import STRATEGY_CHOICES
+    import argparse
 
-    assert STRATEGY_CHOICES == STRATEGIES
+    from shared_models.config import STRATEGIES
+    from sim.cli import build_parser
+
+    # the names users type (run-config key `strategy`, `--strategy`): the wire format
+    assert STRATEGIES == ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")
+    found = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if "--strategy" in action.option_strings:
+                found.append(tuple(action.choices))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    assert len(found) >= 2  # `onfh sim run` and `onfh coordinator launch` at least
+    assert all(choices == STRATEGIES for choices in found)

@@ -143,6 +143,24 @@ def test_round_offset_and_train_site_filter():
     assert sorted(m.metadata.dst_node_id for m in evals) == [1, 2, 3]
 
 
+def test_every_run_config_strategy_builds():
+    from shared_models.config import STRATEGIES
+
+    expected = {
+        "fedavg": "SiteFedAvg",
+        "fedprox": "SiteFedProx",
+        "fedbn": "SiteFedAvg",  # FedAvg on the server; the norms stay local at the sites
+        "fedmedian": "SiteFedMedian",
+        "fedtrimmedavg": "SiteFedTrimmedAvg",
+        "krum": "SiteKrum",
+    }
+    assert set(STRATEGIES) == set(expected)
+    sites = {i: s for i, s in enumerate("ABCDE", start=1)}  # 5 training sites: Krum with f = 1 needs n > 4
+    for name in STRATEGIES:
+        strategy = build_strategy(name, proximal_mu=0.1, node_sites=sites, train_sites=list(sites.values()))
+        assert type(strategy).__name__ == expected[name], name
+
+
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="fedsgd"):
         build_strategy("fedsgd", proximal_mu=0.0, node_sites={1: "A"}, train_sites=["A"])
