@@ -34,7 +34,7 @@ import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score, recall_score, roc_auc_score
 
-from shared_models.metrics import _check_inputs, score_histograms
+from shared_models.stage_scores import check_stage_probs, score_histograms
 from shared_models.stages import NUM_STAGES
 
 __all__ = [
@@ -80,7 +80,7 @@ def early_onfh_binary(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> 
     Raises:
         ValueError: wrong shapes, labels outside 0..2 or non-finite probabilities.
     """
-    y, p = _check_inputs(y_true, probs)
+    y, p = check_stage_probs(y_true, probs)
     early = y != 0
     score = p[:, 1] + p[:, 2]
     pred_early = p.argmax(axis=1) != 0

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
+from shared_models.clinical_stats import auc_bin_error_bound, auc_from_histograms, quadratic_weighted_kappa
 from shared_models.detector import box_iou_3d
+from shared_models.stage_scores import check_stage_probs, score_histograms
 from shared_models.stages import NUM_STAGES, STAGE_LABELS
 
 __all__ = [
@@ -43,23 +45,6 @@ logger = logging.getLogger(__name__)
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "f1", "auc")
 _LABELS = list(range(NUM_STAGES))
-
-
-def _check_inputs(y_true: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true)
-    p = np.asarray(probs, dtype=np.float64)
-    if y.ndim != 1:
-        raise ValueError(f"y_true: expected shape (N,), got {y.shape}")
-    if p.ndim != 2 or p.shape != (y.shape[0], NUM_STAGES):
-        raise ValueError(f"probs: expected shape ({y.shape[0]}, {NUM_STAGES}), got {p.shape}")
-    if y.size and (not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0)):
-        raise ValueError("y_true: expected integer class indices 0, 1, 2")
-    y = y.astype(np.int64)
-    if y.size and (y.min() < 0 or y.max() >= NUM_STAGES):
-        raise ValueError(f"y_true: class indices must be in 0..{NUM_STAGES - 1}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("probs: values must be finite")
-    return y, p
 
 
 def _average(per_stage: dict[str, dict[str, float]], support: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
@@ -99,7 +84,7 @@ def stage_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict
     Raises:
         ValueError: wrong shapes, labels outside 0..2 or non-finite probabilities.
     """
-    y, p = _check_inputs(y_true, probs)
+    y, p = check_stage_probs(y_true, probs)
     if y.size == 0:
         return _nan_report(0)
     pred = p.argmax(axis=1)
@@ -117,27 +102,6 @@ def stage_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict
     support = np.bincount(y, minlength=NUM_STAGES)
     macro, weighted = _average(per_stage, support)
     return {"per_stage": per_stage, "macro": macro, "weighted": weighted, "n": int(y.size)}
-
-
-def score_histograms(is_positive: np.ndarray, scores: np.ndarray, n_bins: int = 100) -> tuple[list[int], list[int]]:
-    """Counts of ``scores`` (clipped to [0, 1]) in ``n_bins`` equal bins on [0, 1] (the last bin
-    includes 1.0), for the positive and for the negative cases: what a site sends instead of its
-    per-case scores.
-
-    Args:
-        is_positive: ``(N,)`` bool.
-        scores: ``(N,)`` float scores.
-
-    Returns:
-        ``(pos, neg)``, two lists of ``n_bins`` ints.
-    """
-    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
-    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
-    mask = np.asarray(is_positive, dtype=bool)
-    return (
-        [int(c) for c in np.histogram(s[mask], bins=edges)[0]],
-        [int(c) for c in np.histogram(s[~mask], bins=edges)[0]],
-    )
 
 
 def stage_counts(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 100) -> dict[str, Any]:
@@ -161,7 +125,7 @@ def stage_counts(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: 
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins: expected a positive integer, got {n_bins!r}")
-    y, p = _check_inputs(y_true, probs)
+    y, p = check_stage_probs(y_true, probs)
     if y.size:
         conf = confusion_matrix(y, p.argmax(axis=1), labels=_LABELS)
     else:
@@ -244,12 +208,6 @@ def metrics_from_counts(counts: Mapping[str, Any]) -> dict[str, Any]:
     n = int(conf.sum())
     if n == 0:
         return _nan_report(0)
-    from shared_models.clinical_stats import (  # it imports this module's input checks
-        auc_bin_error_bound,
-        auc_from_histograms,
-        quadratic_weighted_kappa,
-    )
-
     per_stage: dict[str, dict[str, float]] = {}
     auc_bounds: dict[str, float] = {}
     for k, label in enumerate(STAGE_LABELS):

@@ -46,7 +46,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from client.stager_training import predict_stages, train_stager
 from shared_models.clinical_stats import auc_from_histograms
-from shared_models.metrics import score_histograms
+from shared_models.stage_scores import score_histograms
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from shared_models.clinical_stats import auc_from_histograms
-from shared_models.metrics import score_histograms
+from shared_models.stage_scores import score_histograms
 from sim.medmnist import (
     ROW_KEYS,
     add_medmnist_parser,

@@ -197,3 +197,22 @@ def test_average_precision_101_matches_hand_computed_coco_value():
     assert shuffled == pytest.approx(expected, abs=1e-12)
     assert average_precision_101(np.array([0.5, 0.4]), np.array([True, True]), 2) == pytest.approx(1.0)
     assert average_precision_101(np.array([0.5]), np.array([False]), 1) == 0.0
+
+
+def test_metrics_and_clinical_stats_do_not_import_each_other_in_a_circle():
+    import ast
+    import importlib.util
+
+    def imports(module):
+        tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    assert "shared_models.metrics" not in imports("shared_models.clinical_stats")
+    assert "shared_models.metrics" not in imports("shared_models.stage_scores")
+    assert "shared_models.clinical_stats" not in imports("shared_models.stage_scores")
