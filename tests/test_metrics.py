@@ -199,6 +199,108 @@ def test_average_precision_101_matches_hand_computed_coco_value():
     assert average_precision_101(np.array([0.5]), np.array([False]), 1) == 0.0
 
 
+def _brute_force_ap101(scores, is_tp, n_gt):
+    # A second method, without the envelope or searchsorted: at each pycocotools recall threshold
+    # (np.linspace(0, 1, 101), float64 recall as in COCOeval.accumulate), the best precision of any
+    # rank whose recall reaches it, 0 if none does.
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
+    tp, points = 0, []
+    for rank, i in enumerate(order, start=1):
+        tp += bool(is_tp[i])
+        points.append((tp / n_gt, tp / rank))
+    best = [max((p for r, p in points if r >= t), default=0.0) for t in np.linspace(0.0, 1.0, 101)]
+    return sum(best) / 101
+
+
+def _random_boxes(rng, n):
+    gt = np.concatenate([rng.uniform(10, 20, (n, 3)), rng.uniform(4, 8, (n, 3))], axis=1)
+    pred = gt + rng.normal(0.0, 1.5, gt.shape)
+    pred[:, 3:] = np.abs(pred[:, 3:]) + 0.1
+    return pred, gt
+
+
+def _monai_ap(pred, gt, scores, iou=0.5):
+    """MONAI's COCOMetric on one detection and one ground-truth box per case, IoU = our box_iou_3d."""
+    from monai.apps.detection.metrics.coco import COCOMetric
+    from monai.apps.detection.metrics.matching import matching_batch
+
+    from shared_models.detector import box_iou_3d
+
+    metric = COCOMetric(
+        classes=["head"],
+        iou_list=(iou,),
+        iou_range=(iou, iou, 0.05),
+        max_detection=(1,),
+        per_class=False,
+        verbose=False,
+    )
+    one = [np.zeros(1, dtype=int)] * len(gt)
+    matched = matching_batch(
+        iou_fn=box_iou_3d,
+        iou_thresholds=metric.iou_thresholds,
+        pred_boxes=[b[None] for b in pred],
+        pred_classes=one,
+        pred_scores=[np.array([s]) for s in scores],
+        gt_boxes=[b[None] for b in gt],
+        gt_classes=one,
+        max_detections=1,
+    )
+    return metric(matched)[0][f"AP_IoU_{iou:.2f}_MaxDet_1"]
+
+
+def test_average_precision_101_equals_a_brute_force_second_method():
+    from shared_models.metrics import average_precision_101
+
+    rng = np.random.default_rng(7)
+    for trial in range(150):
+        n_gt = int(rng.integers(1, 60))
+        n_det = int(rng.integers(1, 70))
+        # odd trials: coarse scores, so ties are frequent and the stable order matters
+        scores = rng.choice(np.linspace(0.0, 1.0, 6), n_det) if trial % 2 else rng.uniform(0.0, 1.0, n_det)
+        is_tp = rng.uniform(size=n_det) < 0.6
+        is_tp[np.flatnonzero(is_tp)[n_gt:]] = False  # at most one TP per ground-truth box
+        got = average_precision_101(scores, is_tp, n_gt)
+        assert got == pytest.approx(_brute_force_ap101(list(scores), list(is_tp), n_gt), abs=1e-12), trial
+
+
+def test_ap50_agrees_with_monai_coco_metric_where_float32_recall_is_exact():
+    # With a power-of-two number of boxes, k / n_gt is exact in float32, so MONAI's float32 recall
+    # (see average_precision_101's docstring) cannot differ: the two must then agree.
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        for ties in (False, True):
+            pred, gt = _random_boxes(rng, n)
+            scores = rng.choice(np.linspace(0.0, 1.0, 4), n) if ties else rng.uniform(0.0, 1.0, n)
+            ours = detection_metrics(pred, gt, (1.0, 1.0, 1.0), scores=scores)["ap50"]
+            assert 0.0 <= ours <= 1.0
+            assert ours == pytest.approx(_monai_ap(pred, gt, scores), abs=1e-12), (n, ties)
+
+
+def test_monai_coco_metric_still_loses_recall_thresholds_with_25_boxes():
+    # Why average_precision_101 stays ours: 25 ground-truth boxes, ranked detections TP, FP, TP
+    # (the rest missed). Precision 1, 1/2, 2/3 -> envelope 1, 2/3, 2/3; recall 1/25 = 0.04, 0.08.
+    # pycocotools (float64): thresholds 0..0.04 (5) -> 1, 0.05..0.08 (4) -> 2/3.
+    # MONAI casts TP counts to float32, and float32(1)/25 < 0.04, float32(2)/25 < 0.08, so 0.04
+    # takes 2/3 and 0.08 takes 0: 4 -> 1, 4 -> 2/3. If this fails, MONAI now matches pycocotools
+    # and average_precision_101 can be replaced by COCOMetric.
+    from shared_models.detector import box_iou_3d
+    from shared_models.metrics import average_precision_101
+
+    gt = np.array([[16.0, 16.0, 16.0 + 12.0 * i, 6.0, 6.0, 6.0] for i in range(25)])
+    pred = gt.copy()
+    pred[1, 2] += 3.0  # half a box off in x: IoU 1/3, a false positive at 0.5
+    pred[3:, 2] += 100.0  # no overlap at all
+    scores = np.array([0.9, 0.8, 0.7] + [0.1] * 22)
+    ious = np.diagonal(box_iou_3d(pred, gt))
+    assert ious[1] == pytest.approx(1 / 3)
+    is_tp = ious >= 0.5
+    assert is_tp.tolist() == [True, False, True] + [False] * 22
+    ours = (5 * 1.0 + 4 * (2 / 3)) / 101
+    assert average_precision_101(scores, is_tp, 25) == pytest.approx(ours, abs=1e-12)
+    assert detection_metrics(pred, gt, (1.0, 1.0, 1.0), scores=scores)["ap50"] == pytest.approx(ours, abs=1e-12)
+    assert _monai_ap(pred, gt, scores) == pytest.approx((4 * 1.0 + 4 * (2 / 3)) / 101, abs=1e-12)
+
+
 def test_metrics_and_clinical_stats_do_not_import_each_other_in_a_circle():
     import ast
     import importlib.util
