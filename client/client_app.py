@@ -56,6 +56,7 @@ from client.site_data import SITE_CACHE_NAME, SiteData
 from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.determinism import configure_determinism
+from shared_models.specs import Phase
 from shared_models.transfer import from_transfer, to_transfer
 from shared_models.weights import norm_state_keys
 
@@ -144,7 +145,7 @@ def _open(context: Context) -> tuple[RunConfig, SiteData]:
     return cfg, tasks.open_site(cfg, site_id, site_root, site_cache_dir(context, cfg))
 
 
-def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: str):
+def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: Phase):
     """Global weights from the message, and the norm-layer keys the site keeps local under FedBN.
 
     Returns:
@@ -162,19 +163,19 @@ def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: str):
 
 
 @functools.lru_cache(maxsize=4)
-def _template(phase: str, model_config) -> dict:
+def _template(phase: Phase, model_config) -> dict:
     """A state dict of the phase's model on the ``meta`` device: names, shapes, dtypes, no memory."""
     from shared_models.detector import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     with torch.device("meta"):
-        model = YOLOX3D(model_config) if phase == "detector" else MulDenseNet3D(model_config)
+        model = YOLOX3D(model_config) if phase == Phase.DETECTOR else MulDenseNet3D(model_config)
     return model.state_dict()
 
 
-def _unpack(record: ArrayRecord, cfg: RunConfig, phase: str) -> dict:
+def _unpack(record: ArrayRecord, cfg: RunConfig, phase: Phase) -> dict:
     """The state dict in a received record, packed or one array per tensor (``shared_models.transfer``)."""
-    template = _template(phase, cfg.detector if phase == "detector" else cfg.stager)
+    template = _template(phase, cfg.model_config(phase))
     return from_transfer({k: record[k].numpy() for k in record.keys()}, template)
 
 
@@ -184,16 +185,16 @@ def _pack(state: dict, cfg: RunConfig) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def _keep_local_norms(context: Context, state, model_keys: set[str], phase: str, cfg: RunConfig) -> None:
+def _keep_local_norms(context: Context, state, model_keys: set[str], phase: Phase, cfg: RunConfig) -> None:
     if cfg.strategy == "fedbn":
         context.state[f"fedbn-{phase}"] = ArrayRecord({k: v for k, v in state.items() if k in model_keys})
 
 
-def _norm_keys(cfg: RunConfig, phase: str) -> set[str]:
+def _norm_keys(cfg: RunConfig, phase: Phase) -> set[str]:
     from shared_models.detector import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
-    model = YOLOX3D(cfg.detector) if phase == "detector" else MulDenseNet3D(cfg.stager)
+    model = YOLOX3D(cfg.detector) if phase == Phase.DETECTOR else MulDenseNet3D(cfg.stager)
     return norm_state_keys(model)
 
 
@@ -261,15 +262,15 @@ def query(msg: Message, context: Context) -> Message:
         content = RecordDict({"site": ConfigRecord({"site-id": site.site_id}), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
     if action == "crops":
-        detector = _unpack(msg.content["arrays"], cfg, "detector") if "arrays" in msg.content else None
+        detector = _unpack(msg.content["arrays"], cfg, Phase.DETECTOR) if "arrays" in msg.content else None
         key, metrics = tasks.make_crops(site, cfg, detector)
         content = RecordDict({"site": ConfigRecord({"crops-key": key}), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
     if action in ("calibrate-val", "calibrate-eval"):  # issue 17: aggregates for the bundle's thresholds
         from client.calibration_stats import run as calibration_stats
 
-        detector = _unpack(msg.content["detector"], cfg, "detector")
-        stager = _unpack(msg.content["stager"], cfg, "stager")
+        detector = _unpack(msg.content["detector"], cfg, Phase.DETECTOR)
+        stager = _unpack(msg.content["stager"], cfg, Phase.STAGER)
         return _reply(msg, None, calibration_stats(action, site, cfg, detector, stager, dict(msg.content["config"])))
     raise ValueError(f"unknown query action {action!r}")
 
@@ -282,20 +283,18 @@ def train(msg: Message, context: Context) -> Message:
     # 1. resolve the site
     cfg, site = _open(context)
     config = msg.content["config"]
-    phase = str(config["phase"])
+    phase = Phase.parse(config["phase"])
     server_round = int(config["server-round"])
     mu = float(config.get("proximal-mu", 0.0))
     # 2. global weights in (FedBN: keep local norm layers)
     state, norm_keys = _receive_state(msg, context, cfg, phase)
     # 3. train
-    if phase == "detector":
+    if phase is Phase.DETECTOR:
         new_state, metrics = tasks.detector_train(site, cfg, state, proximal_mu=mu, server_round=server_round)
-    elif phase == "stager":
+    else:
         new_state, metrics = tasks.stager_train(
             site, cfg, state, str(config["crops-key"]), proximal_mu=mu, server_round=server_round
         )
-    else:
-        raise ValueError(f"unknown phase {phase!r}")
     _keep_local_norms(context, new_state, norm_keys, phase, cfg)
     # 4. reply: weights with dtypes intact, aggregate metrics only
     return _reply(msg, _pack(new_state, cfg), metrics)
@@ -308,7 +307,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out (``test``) heads."""
     cfg, site = _open(context)
     config = msg.content["config"]
-    phase = str(config["phase"])
+    phase = Phase.parse(config["phase"])
     state, _ = _receive_state(msg, context, cfg, phase)
     metrics = tasks.evaluate(site, cfg, phase, state, str(config.get("crops-key", "")))
     # small cells: a split with fewer than min-cell-heads heads (the site's own floor in deployment)

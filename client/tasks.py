@@ -31,6 +31,7 @@ from shared_models.detector import YOLOX3D
 from shared_models.determinism import stream_seed
 from shared_models.metrics import IOU_HIST_BINS, detection_metrics, stage_counts, stage_metrics
 from shared_models.preprocessing import box_voxel_to_lps
+from shared_models.specs import Phase
 from shared_models.stager import MulDenseNet3D
 from shared_models.weights import state_dict_sha256
 
@@ -97,16 +98,16 @@ def detector_train(
         model,
         volumes,
         boxes,
-        steps=cfg.detector_local_steps,
-        batch_size=cfg.detector_batch_size,
-        lr=cfg.detector_lr,
+        steps=cfg.phase(Phase.DETECTOR).local_steps,
+        batch_size=cfg.phase(Phase.DETECTOR).batch_size,
+        lr=cfg.phase(Phase.DETECTOR).lr,
         weight_decay=cfg.weight_decay,
         device=select_device(cfg.device),
         amp=cfg.amp,
         proximal_mu=proximal_mu,
-        seed=stream_seed(cfg.seed, site.site_id, "detector", server_round),
+        seed=stream_seed(cfg.seed, site.site_id, Phase.DETECTOR, server_round),
         l1_weight=cfg.detector_l1_weight(server_round),
-        **cfg.lr_schedule_args("detector", server_round),
+        **cfg.lr_schedule_args(Phase.DETECTOR, server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(heads), **metrics}
 
@@ -304,16 +305,16 @@ def stager_train(
         model,
         crops,
         stages,
-        steps=cfg.stager_local_steps,
-        batch_size=cfg.stager_batch_size,
-        lr=cfg.stager_lr,
+        steps=cfg.phase(Phase.STAGER).local_steps,
+        batch_size=cfg.phase(Phase.STAGER).batch_size,
+        lr=cfg.phase(Phase.STAGER).lr,
         weight_decay=cfg.weight_decay,
         focal_gamma=cfg.focal_gamma,
         device=select_device(cfg.device),
         amp=cfg.amp,
         proximal_mu=proximal_mu,
-        seed=stream_seed(cfg.seed, site.site_id, "stager", server_round),
-        **cfg.lr_schedule_args("stager", server_round),
+        seed=stream_seed(cfg.seed, site.site_id, Phase.STAGER, server_round),
+        **cfg.lr_schedule_args(Phase.STAGER, server_round),
     )
     return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(crops), **metrics}
 
@@ -349,7 +350,7 @@ def stager_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, key: str, 
     return out
 
 
-def evaluate(site: SiteData, cfg: RunConfig, phase: str, state: StateDict, key: str = "") -> dict:
+def evaluate(site: SiteData, cfg: RunConfig, phase: Phase | str, state: StateDict, key: str = "") -> dict:
     """Evaluate one phase's global model at the site: test metrics plus a validation score.
 
     The test heads give the reported metrics. The site's ``val`` heads (training sites
@@ -360,16 +361,14 @@ def evaluate(site: SiteData, cfg: RunConfig, phase: str, state: StateDict, key: 
     Raises:
         ValueError: for an unknown phase.
     """
-    if phase == "detector":
+    phase = Phase.parse(phase)
+    if phase is Phase.DETECTOR:
         metrics = detector_evaluate(site, cfg, state)
         val = detector_evaluate(site, cfg, state, split="val")
-        score = val["iou-mean"]
-    elif phase == "stager":
+    else:
         metrics = stager_evaluate(site, cfg, state, key)
         val = stager_evaluate(site, cfg, state, key, split="val")
-        score = val["macro-auc"]
-    else:
-        raise ValueError(f"unknown phase {phase!r}")
+    score = val[phase.score_key]
     return {**metrics, "val-num-examples": int(val["num-examples"]), "val-score": float(score)}
 
 

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared_models.processes import stop_process_tree, toml_value
+from shared_models.specs import PHASES
 
 log = logging.getLogger(__name__)
 
@@ -623,7 +624,7 @@ def run_progress(out: Path) -> dict:
         "run_ids": record.get("run_ids", []),
         "finished": (out / "bundle" / "MANIFEST.sig").exists(),
     }
-    for phase in ("detector", "stager"):
+    for phase in PHASES:
         total = int(rc.get(f"{phase}-rounds", defaults[f"{phase}-rounds"]))
         done, latest, missing = 0, {}, {}
         ckpt = read_checkpoint(out / "checkpoints", phase)  # verified against the chain, weights_only

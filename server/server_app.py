@@ -41,6 +41,7 @@ from shared_models.bundle import generate_signing_key, load_signing_key, write_b
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
 from shared_models.determinism import configure_determinism
+from shared_models.specs import Phase
 from shared_models.stager import MulDenseNet3D
 from shared_models.transfer import from_transfer, to_transfer
 from strategies.site_aware import build_strategy
@@ -229,12 +230,11 @@ def validation_score(site_metrics: dict[str, dict]) -> float | None:
     return sum(float(m["val-score"]) * int(m["val-num-examples"]) for m in scored) / n
 
 
-def influence_bounds(cfg: RunConfig, phase: str, declared: dict[str, dict] | None) -> dict:
+def influence_bounds(cfg: RunConfig, phase: Phase | str, declared: dict[str, dict] | None) -> dict:
     """The strategy's bounds on one site's influence (issue 16) from the run config: robust-strategy
     parameters, the norm rule's factors, the declared counts, and how far an integer buffer may move
     in a round (one per local step; FedBN keeps norms local, so over all rounds of the phase)."""
-    steps = cfg.detector_local_steps if phase == "detector" else cfg.stager_local_steps
-    rounds = cfg.detector_rounds if phase == "detector" else cfg.stager_rounds
+    steps, rounds = cfg.phase(phase).local_steps, cfg.phase(phase).rounds
     return dict(
         trimmed_beta=cfg.trimmed_beta,
         krum_byzantine=cfg.krum_byzantine,
@@ -276,7 +276,7 @@ def run_phase(
     store: CheckpointStore,
     node_sites: dict[int, str],
     *,
-    phase: str,
+    phase: Phase | str,
     model: torch.nn.Module,
     rounds: int,
     extra_config: dict | None = None,
@@ -294,6 +294,7 @@ def run_phase(
         per-site metrics of every round. The phase ends early when the validation score stops
         improving (:mod:`server.early_stopping`, ``early-stopping-patience``).
     """
+    phase = Phase.parse(phase)
     ckpt = store.load(phase) or PhaseCheckpoint(
         round=0, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}
     )
@@ -318,7 +319,7 @@ def run_phase(
     strategy.rejected_updates.update(ckpt.rejected_updates)
     strategy.site_metrics.update(ckpt.site_metrics)
     strategy.train_metrics.update(ckpt.train_metrics)
-    config = ConfigRecord({"phase": phase, **(extra_config or {})})
+    config = ConfigRecord({"phase": str(phase), **(extra_config or {})})
 
     best = {"round": ckpt.best_round, "score": ckpt.best_score, "state": ckpt.best_state_dict}
 
@@ -356,7 +357,7 @@ def run_phase(
             ),
         )
         summary = {
-            s: round(float(m.get("iou-mean" if phase == "detector" else "macro-auc", 0.0)), 3)
+            s: round(float(m.get(phase.score_key, 0.0)), 3)
             for s, m in sorted(strategy.site_metrics.get(reached, {}).items())
         }
         log.info(
@@ -364,7 +365,7 @@ def run_phase(
             phase,
             reached,
             rounds,
-            "iou-mean" if phase == "detector" else "macro-auc",
+            phase.score_key,
             summary,
             "n/a" if score is None else f"{score:.3f}",
             best["round"],
@@ -479,9 +480,9 @@ def main(grid: Grid, context: Context) -> None:
         cfg,
         store,
         node_sites,
-        phase="detector",
+        phase=Phase.DETECTOR,
         model=YOLOX3D(cfg.detector),
-        rounds=cfg.detector_rounds,
+        rounds=cfg.phase(Phase.DETECTOR).rounds,
         declared=site_data,
         tracker=tracker,
     )
@@ -495,9 +496,9 @@ def main(grid: Grid, context: Context) -> None:
         cfg,
         store,
         node_sites,
-        phase="stager",
+        phase=Phase.STAGER,
         model=MulDenseNet3D(cfg.stager),
-        rounds=cfg.stager_rounds,
+        rounds=cfg.phase(Phase.STAGER).rounds,
         extra_config={"crops-key": key},
         declared=site_data,
         tracker=tracker,
@@ -537,7 +538,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         if cfg.early_stopping_patience
         else "off",
-        "max_rounds": {"detector": cfg.detector_rounds, "stager": cfg.stager_rounds},
+        "max_rounds": {str(p): cfg.phase(p).rounds for p in Phase},
         "rounds_run": {"detector": detector.round, "stager": stager.round},
         "validation_score": {
             "detector": validation_scores(detector.site_metrics),

@@ -48,6 +48,7 @@ from client.training import select_device
 from shared_models.config import MODEL_SIZES, RunConfig, default_run_config
 from shared_models.detector import YOLOX3D, DetectorConfig, decode_best_box
 from shared_models.preprocessing import PreprocessingSpec
+from shared_models.specs import Phase
 
 __all__ = [
     "SECTIONS",
@@ -557,14 +558,14 @@ def _fp16_cost(model: torch.nn.Module, half_state: dict, name: str, cfg: RunConf
         if v.is_floating_point() and v.numel()
     )
     gen = torch.Generator().manual_seed(seed)
-    shape = cfg.spec.hemi_shape if name == "detector" else cfg.spec.crop_shape
+    shape = cfg.spec.hemi_shape if name == Phase.DETECTOR else cfg.spec.crop_shape
     x = torch.rand((2, 1, *shape), generator=gen)
 
     def outputs(weights: dict) -> torch.Tensor:
         model.load_state_dict(weights)
         model.eval()
         out = model(x)
-        if name == "stager":
+        if name == Phase.STAGER:
             return torch.softmax(out.float(), dim=1)
         return torch.sigmoid(out[..., 6]) * torch.sigmoid(out[..., 7])  # (B, cells): objectness x class score
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared_models.specs import Phase
 from sim.bench import Row, section
 
 __all__ = ["inference_benchmark", "ingestion_benchmark", "input_pipeline_benchmark", "phantom_sites"]
@@ -266,8 +267,8 @@ def input_pipeline_benchmark(
             volumes,
             lambda out, idx: detector_loss(out, boxes[idx], model.cells)[0],
             steps=steps,
-            batch_size=cfg.detector_batch_size,
-            lr=cfg.detector_lr,
+            batch_size=cfg.phase(Phase.DETECTOR).batch_size,
+            lr=cfg.phase(Phase.DETECTOR).lr,
             weight_decay=cfg.weight_decay,
             seed=seed,
         )
@@ -280,8 +281,8 @@ def input_pipeline_benchmark(
             crops,
             lambda out, idx: focal(out.float(), stages[idx]),
             steps=steps,
-            batch_size=cfg.stager_batch_size,
-            lr=cfg.stager_lr,
+            batch_size=cfg.phase(Phase.STAGER).batch_size,
+            lr=cfg.phase(Phase.STAGER).lr,
             weight_decay=cfg.weight_decay,
             seed=seed,
         )
@@ -290,12 +291,12 @@ def input_pipeline_benchmark(
         "detector": (
             det_inmemory,
             lambda: tasks.detector_train(data, cfg, det_state, proximal_mu=0.0, server_round=1),
-            cfg.detector_batch_size,
+            cfg.phase(Phase.DETECTOR).batch_size,
         ),
         "stager": (
             stg_inmemory,
             lambda: tasks.stager_train(data, cfg, stg_state, key, proximal_mu=0.0, server_round=1),
-            cfg.stager_batch_size,
+            cfg.phase(Phase.STAGER).batch_size,
         ),
     }
     rows = []

@@ -35,6 +35,7 @@ import psutil
 import torch
 
 from shared_models.processes import ProcessWatchdog
+from shared_models.specs import Phase
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK, phantom_sites
 
@@ -187,7 +188,7 @@ def plain_federation(cfg, sites: dict, *, exchange: Callable[[StateDict], StateD
             for s in cfg.train_sites:
                 train = (
                     tasks.detector_train
-                    if name == "detector"
+                    if name == Phase.DETECTOR
                     else (lambda site, c, st, **kw: tasks.stager_train(site, c, st, key, **kw))
                 )
                 new, metrics = train(sites[s], cfg, send(state), proximal_mu=0.0, server_round=r)
@@ -201,9 +202,9 @@ def plain_federation(cfg, sites: dict, *, exchange: Callable[[StateDict], StateD
             last = (state, evals)
         return best or last
 
-    detector, det_metrics = phase("detector", detector, cfg.detector_rounds)
+    detector, det_metrics = phase(Phase.DETECTOR, detector, cfg.phase(Phase.DETECTOR).rounds)
     keys = {tasks.make_crops(site, cfg, send(detector))[0] for site in sites.values()}
-    _, stg_metrics = phase("stager", stager_init, cfg.stager_rounds, keys.pop())
+    _, stg_metrics = phase(Phase.STAGER, stager_init, cfg.phase(Phase.STAGER).rounds, keys.pop())
 
     def pooled(metrics: dict, name: str) -> float:
         n = sum(m["num-examples"] for m in metrics.values())
@@ -363,7 +364,7 @@ def federated_benchmark(
         "section": "federated",
         "sites": len(site_ids),
         "rounds_per_phase": rounds,
-        "local_steps": cfg.detector_local_steps,
+        "local_steps": cfg.phase(Phase.DETECTOR).local_steps,
         "baseline_s": baseline_s,
         "flower_s": flower_s,
         "overhead_ratio": flower_s / baseline_s,

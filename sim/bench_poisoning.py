@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from shared_models.specs import ROBUST_STRATEGIES
+from shared_models.specs import PHASES, ROBUST_STRATEGIES
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK
 
@@ -352,7 +352,7 @@ def _flat(state: dict) -> np.ndarray:
 
 
 def _shift(a: dict, b: dict) -> dict[str, float]:
-    return {phase: float(np.linalg.norm(a["weights"][phase] - b["weights"][phase])) for phase in ("detector", "stager")}
+    return {phase: float(np.linalg.norm(a["weights"][phase] - b["weights"][phase])) for phase in PHASES}
 
 
 # ----------------------------------------------------------------------------- the section
@@ -476,8 +476,7 @@ def finish_rows(rows: Sequence[Row]) -> list[Row]:
 
     auc_bar, iou_bar = spread("macro_auc"), spread("iou_mean")
     shift = {
-        p: max((r[f"{p}_shift"] for r in base), default=float("nan")) if len(base) > 1 else float("nan")
-        for p in ("detector", "stager")
+        p: max((r[f"{p}_shift"] for r in base), default=float("nan")) if len(base) > 1 else float("nan") for p in PHASES
     }
     for row in rows:
         row.update(

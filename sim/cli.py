@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared_models.processes import tied_to_this_process
-from shared_models.specs import STRATEGIES  # torch-free: `onfh -h` stays fast
+from shared_models.specs import STRATEGIES, Phase  # torch-free: `onfh -h` stays fast
 
 log = logging.getLogger("onfh")
 console = Console()
@@ -701,7 +701,7 @@ def _status_tables(progress: dict, nodes: dict[int, str] | None, registry: dict)
         if not latest:
             continue
         table = Table(title=f"{phase}: latest per-site metrics (round {latest['round']})")
-        key = "iou-mean" if phase == "detector" else "macro-auc"
+        key = Phase.parse(phase).score_key
         for col in ("site", "n", key, "note"):
             table.add_column(col)
         for site, m in sorted(latest["sites"].items()):

@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shared_models.specs import PHASES, Phase
+
 
 def run_complete(out: Path, run_config: dict, cfg) -> bool:
     """True when ``out`` holds a finished run of this very config.
@@ -26,10 +28,10 @@ def run_complete(out: Path, run_config: dict, cfg) -> bool:
     from server.server_app import phase_finished
 
     store = CheckpointStore(out / "checkpoints", config_fingerprint(run_config), run_config)
-    detector, stager = store.load("detector"), store.load("stager")
+    detector, stager = store.load(Phase.DETECTOR), store.load(Phase.STAGER)
     return bool(
-        phase_finished(detector, cfg.detector_rounds, cfg)
-        and phase_finished(stager, cfg.stager_rounds, cfg)
+        phase_finished(detector, cfg.phase(Phase.DETECTOR).rounds, cfg)
+        and phase_finished(stager, cfg.phase(Phase.STAGER).rounds, cfg)
         and (out / "report.json").exists()
         and (out / "bundle" / "MANIFEST.sig").exists()
         and "simulation" in json.loads((out / "report.json").read_text())
@@ -154,7 +156,7 @@ def run_experiment(
         f"[{time.monotonic() - t0:.1f} s]"
     )
 
-    total_rounds = cfg.detector_rounds + cfg.stager_rounds
+    total_rounds = sum(cfg.phase(p).rounds for p in PHASES)
     progress_file = out / "checkpoints" / "progress.json"
     with Progress(
         TextColumn("[bold]federated rounds[/bold] {task.description}"),
@@ -171,7 +173,7 @@ def run_experiment(
                     p = json.loads(progress_file.read_text())
                 except (OSError, ValueError):
                     return
-                done = p["round"] + (cfg.detector_rounds if p["phase"] == "stager" else 0)
+                done = p["round"] + (cfg.phase(Phase.DETECTOR).rounds if p["phase"] == Phase.STAGER else 0)
                 bar.update(task, completed=done, description=f"({p['phase']} round {p['round']})")
 
         stats = run_simulation(

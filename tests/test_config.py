@@ -81,6 +81,38 @@ def test_l1_box_loss_is_on_in_the_last_detector_rounds(l1_rounds, expected):
     assert [cfg.detector_l1_weight(r) for r in range(1, 6)] == expected
 
 
+def test_each_phase_reads_its_own_run_config_keys():
+    from shared_models.config import PhaseConfig
+    from shared_models.specs import Phase
+
+    keys = {
+        "detector-rounds": 3,
+        "detector-local-steps": 11,
+        "detector-batch-size": 2,
+        "detector-lr": 0.25,
+        "detector-warmup-steps": 5,
+        "detector-l1-rounds": 1,
+        "stager-rounds": 7,
+        "stager-local-steps": 13,
+        "stager-batch-size": 6,
+        "stager-lr": 0.5,
+        "stager-warmup-steps": 9,
+    }
+    cfg = RunConfig.from_run_config(tiny_run_config(**keys))
+    assert cfg.phase(Phase.DETECTOR) == PhaseConfig(
+        rounds=3, local_steps=11, batch_size=2, lr=0.25, warmup_steps=5, l1_rounds=1
+    )
+    assert cfg.phase("stager") == PhaseConfig(rounds=7, local_steps=13, batch_size=6, lr=0.5, warmup_steps=9)
+    assert list(cfg.phases) == ["detector", "stager"]  # training order
+    assert cfg.model_config("detector") is cfg.detector and cfg.model_config(Phase.STAGER) is cfg.stager
+    with pytest.raises(ValueError, match="phase must be 'detector' or 'stager', got 'crops'"):
+        cfg.phase("crops")
+    with pytest.raises(ValueError, match="'stager-batch-size'"):
+        RunConfig.from_run_config(tiny_run_config(**{"stager-batch-size": 0}))
+    with pytest.raises(ValueError, match="'detector-warmup-steps'"):
+        RunConfig.from_run_config(tiny_run_config(**{"detector-warmup-steps": -1}))
+
+
 def test_lr_schedule_runs_over_all_rounds_of_a_phase():
     cfg = RunConfig.from_run_config(
         tiny_run_config(

@@ -49,6 +49,18 @@ class Phase(StrEnum):
     DETECTOR = "detector"
     STAGER = "stager"
 
+    @classmethod
+    def parse(cls, value: object) -> Phase:
+        """``value`` (a :class:`Phase` or its string, e.g. from a ConfigRecord) as a :class:`Phase`.
+
+        Raises:
+            ValueError: ``phase must be 'detector' or 'stager', got ...`` for anything else.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"phase must be 'detector' or 'stager', got {value!r}") from None
+
     @property
     def score_key(self) -> str:
         """The evaluation metric a site reports for this phase: :data:`IOU_MEAN` or :data:`MACRO_AUC`."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared_models.specs.keys import Phase
 from shared_models.specs.models import DetectorConfig, PreprocessingSpec, StagerConfig
 
 #: Aggregation strategies of the run-config key ``strategy``; the last three are robust (issue 7).
@@ -186,13 +187,36 @@ def parse_site_nodes(text: str, site_ids: tuple[str, ...]) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class PhaseConfig:
+    """How one phase trains, from the run-config keys ``<phase>-rounds``, ``<phase>-local-steps``,
+    ``<phase>-batch-size``, ``<phase>-lr``, ``<phase>-warmup-steps`` and ``detector-l1-rounds``.
+
+    Attributes:
+        rounds: federated rounds of the phase (> 0).
+        local_steps: optimiser steps per site and round (> 0; FLamby convention).
+        batch_size: volumes (detector) or crops (stager) per step (> 0).
+        lr: learning rate per optimisation step (> 0).
+        warmup_steps: linear warm-up steps of the schedule (>= 0; capped at the phase's total).
+        l1_rounds: detector only: the last rounds that add the L1 box loss (>= 0; 0 for the stager).
+    """
+
+    rounds: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    l1_rounds: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Validated run configuration shared by ServerApp, ClientApp and the simulation harness.
 
-    Attributes mirror the kebab-case keys of ``[tool.flwr.app.config]`` in snake_case.
-    Durations are seconds; learning rates are per optimisation step; ``*_local_steps``
-    counts optimiser steps per round (FLamby convention: sites of different size do
-    comparable work).
+    Attributes mirror the kebab-case keys of ``[tool.flwr.app.config]`` in snake_case, but the
+    keys that each phase has (``detector-rounds``, ``stager-rounds``, ...) are grouped per phase in
+    ``phases`` (read them with :meth:`phase`). Durations are seconds; learning rates are per
+    optimisation step; ``local_steps`` counts optimiser steps per round (FLamby convention: sites
+    of different size do comparable work).
     """
 
     data_root: str
@@ -209,18 +233,8 @@ class RunConfig:
     proximal_mu: float
     node_wait_timeout_s: float
     round_timeout_s: float
-    detector_rounds: int
-    detector_local_steps: int
-    detector_batch_size: int
-    detector_lr: float
-    detector_l1_rounds: int
-    detector_warmup_steps: int
+    phases: dict[Phase, PhaseConfig]
     detector: DetectorConfig
-    stager_rounds: int
-    stager_local_steps: int
-    stager_batch_size: int
-    stager_lr: float
-    stager_warmup_steps: int
     stager: StagerConfig
     crop_source: str
     spec: PreprocessingSpec
@@ -277,6 +291,16 @@ class RunConfig:
             if value < 0:
                 raise ValueError(f"run config {key!r}: must be >= 0, got {value!r}")
             return value
+
+        def phase_config(phase: Phase) -> PhaseConfig:
+            return PhaseConfig(
+                rounds=positive(f"{phase}-rounds", int),
+                local_steps=positive(f"{phase}-local-steps", int),
+                batch_size=positive(f"{phase}-batch-size", int),
+                lr=positive(f"{phase}-lr", float),
+                l1_rounds=non_negative("detector-l1-rounds", int) if phase is Phase.DETECTOR else 0,
+                warmup_steps=non_negative(f"{phase}-warmup-steps", int),
+            )
 
         def choice(key: str, options: tuple[str, ...]) -> str:
             value = get(key, str)
@@ -362,18 +386,8 @@ class RunConfig:
             proximal_mu=mu,
             node_wait_timeout_s=positive("node-wait-timeout-s", float),
             round_timeout_s=positive("round-timeout-s", float),
-            detector_rounds=positive("detector-rounds", int),
-            detector_local_steps=positive("detector-local-steps", int),
-            detector_batch_size=positive("detector-batch-size", int),
-            detector_lr=positive("detector-lr", float),
-            detector_l1_rounds=non_negative("detector-l1-rounds", int),
-            detector_warmup_steps=non_negative("detector-warmup-steps", int),
+            phases={phase: phase_config(phase) for phase in Phase},  # detector keys first, then stager
             detector=detector,
-            stager_rounds=positive("stager-rounds", int),
-            stager_local_steps=positive("stager-local-steps", int),
-            stager_batch_size=positive("stager-batch-size", int),
-            stager_lr=positive("stager-lr", float),
-            stager_warmup_steps=non_negative("stager-warmup-steps", int),
             stager=stager,
             crop_source=choice("crop-source", CROP_SOURCES),
             spec=_spec(get("crop-shape", str), get("crop-margin-mm", float)),
@@ -400,13 +414,30 @@ class RunConfig:
             torch_threads=non_negative("torch-threads", int),
         )
 
+    def phase(self, phase: Phase | str) -> PhaseConfig:
+        """The training numbers of ``phase`` (a :class:`Phase` or its string).
+
+        Raises:
+            ValueError: for a phase other than ``"detector"`` or ``"stager"``.
+        """
+        return self.phases[Phase.parse(phase)]
+
+    def model_config(self, phase: Phase | str) -> DetectorConfig | StagerConfig:
+        """The network configuration of ``phase``: :attr:`detector` or :attr:`stager`.
+
+        Raises:
+            ValueError: for a phase other than ``"detector"`` or ``"stager"``.
+        """
+        return self.detector if Phase.parse(phase) is Phase.DETECTOR else self.stager
+
     def detector_l1_weight(self, server_round: int) -> float:
         """Weight of the L1 box loss in detector round ``server_round`` (1-based): 1 in the last
-        ``detector_l1_rounds`` rounds, else 0 (YOLOX adds L1 for its last 15 epochs,
+        ``detector-l1-rounds`` rounds, else 0 (YOLOX adds L1 for its last 15 epochs,
         arXiv:2107.08430, section 2.2)."""
-        return 1.0 if server_round > self.detector_rounds - self.detector_l1_rounds else 0.0
+        detector = self.phases[Phase.DETECTOR]
+        return 1.0 if server_round > detector.rounds - detector.l1_rounds else 0.0
 
-    def lr_schedule_args(self, phase: str, server_round: int) -> dict[str, int | None]:
+    def lr_schedule_args(self, phase: Phase | str, server_round: int) -> dict[str, int | None]:
         """``step_offset``, ``total_steps`` and ``warmup_steps`` of the learning-rate schedule for
         local training in round ``server_round`` (1-based) of ``phase`` (see
         :func:`client.training.lr_factor`): the schedule runs over all rounds of the phase.
@@ -414,18 +445,12 @@ class RunConfig:
         Raises:
             ValueError: for a phase other than ``"detector"`` or ``"stager"``.
         """
-        if phase not in ("detector", "stager"):
-            raise ValueError(f"phase must be 'detector' or 'stager', got {phase!r}")
-        rounds, steps, warmup = (
-            (self.detector_rounds, self.detector_local_steps, self.detector_warmup_steps)
-            if phase == "detector"
-            else (self.stager_rounds, self.stager_local_steps, self.stager_warmup_steps)
-        )
-        total = rounds * steps
+        numbers = self.phase(phase)
+        total = numbers.rounds * numbers.local_steps
         return {
-            "step_offset": (server_round - 1) * steps,
+            "step_offset": (server_round - 1) * numbers.local_steps,
             "total_steps": total if self.lr_schedule == "cosine" else None,
-            "warmup_steps": min(warmup, total),
+            "warmup_steps": min(numbers.warmup_steps, total),
         }
 
     def site_for_partition(self, partition_id: int) -> str:
