@@ -46,13 +46,12 @@ def read_for_inference(study: Path, files_out: list | None = None) -> tuple[sitk
 
     from client.dicom_series import (
         SeriesError,
-        _t2_by_description,
-        _t2_by_timing,
         choose_largest_mr_series,
         choose_t2_series,
         find_series,
         read_study,
     )
+    from client.dicom_series.read import _t2_by_description, _t2_by_timing
 
     study = Path(study)
     if not study.is_dir():
