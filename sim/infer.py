@@ -51,7 +51,7 @@ def read_for_inference(study: Path, files_out: list | None = None) -> tuple[sitk
         find_series,
         read_study,
     )
-    from client.dicom_series.read import _t2_by_description, _t2_by_timing
+    from client.dicom_series.selection import _t2_by_description, _t2_by_timing
 
     study = Path(study)
     if not study.is_dir():

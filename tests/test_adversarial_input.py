@@ -511,7 +511,7 @@ def _jpeg_header(sof: int, rows: int, columns: int) -> bytes:
 
 @pytest.mark.parametrize("sof", [0xC0, 0xC1, 0xC3, 0xF7])  # baseline, extended, lossless, JPEG-LS
 def test_jpeg_frame_headers_give_their_declared_size(sof):
-    from client.dicom_series.read import _jpeg_size
+    from client.dicom_series.decode import _jpeg_size
 
     assert _jpeg_size(_jpeg_header(sof, 300, 4097)) == (300, 4097)
     assert _jpeg_size(_jpeg_header(0xC4, 300, 4097)) is None  # DHT is not a frame header: scan reached first

@@ -529,7 +529,7 @@ def test_real_mr_small_files_stacked_into_a_series(tmp_path, name):
     ],
 )
 def test_real_enhanced_mr_files_decode_like_the_uncompressed_one(name):
-    from client.dicom_series.read import _decode
+    from client.dicom_series.decode import _decode
 
     ref = _decode(pydicom.dcmread(_testdata("emri_small.dcm")), "ref")
     got = _decode(pydicom.dcmread(_testdata(name)), "test")
@@ -548,7 +548,7 @@ def test_real_enhanced_mr_without_functional_groups_is_refused_for_missing_geome
 def test_truncated_real_jpeg2000_is_refused(tmp_path):
     (tmp_path / "s").mkdir()
     shutil.copy(_testdata("emri_small_jpeg_2k_lossless_too_short.dcm"), tmp_path / "s" / "IM1")
-    from client.dicom_series.read import _decode
+    from client.dicom_series.decode import _decode
 
     with pytest.warns(UserWarning, match="End of file"):
         ds = pydicom.dcmread(tmp_path / "s" / "IM1")
