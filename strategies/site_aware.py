@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
@@ -83,8 +84,11 @@ class RoundIncompleteError(RuntimeError):
     """Fewer sites than the configured minimum fraction took part in a round; names the missing sites."""
 
 
-class SiteAwareMixin:
+class SiteAwareMixin(FedAvg):
     """Adds site awareness to a Flower Message-API strategy (see module docstring).
+
+    Every Flower strategy it is mixed into (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum) is a
+    :class:`~flwr.serverapp.strategy.FedAvg`; deriving from it types the hooks this class overrides.
 
     Attributes:
         node_sites: node id -> site id, filled from the ``hello`` query.
@@ -226,13 +230,13 @@ class SiteAwareMixin:
             return {"num-examples": int(heads.get("heads-train", 0))}
         return {"num-examples": int(heads.get("heads-test", 0)), "val-num-examples": int(heads.get("heads-val", 0))}
 
-    def _checked_metrics(self, server_round: int, reply: Message, phase: str) -> dict | None:
+    def _checked_metrics(self, server_round: int, reply: Message, phase: str) -> dict[str, MetricRecordValues] | None:
         """The reply's metrics, counts capped at the site's declaration; None (logged) when out of range."""
         site = self._site(reply)
         if "metrics" not in reply.content.metric_records:
             self._reject(server_round, site, ["no metrics"], phase)
             return None
-        metrics = dict(reply.content["metrics"])
+        metrics = dict(reply.content.metric_records["metrics"])
         problems = metrics_problems(metrics)
         if not problems:
             notes = cap_counts(metrics, self._caps(site, phase))
@@ -260,7 +264,7 @@ class SiteAwareMixin:
                 continue
             problems = reply_problems(r, self._sent, self.arrayrecord_key, max_int_delta=self.max_int_delta)
             if not problems and self.state_problems is not None:
-                problems = self.state_problems(r.content[self.arrayrecord_key])
+                problems = self.state_problems(r.content.array_records[self.arrayrecord_key])
             if problems:
                 self._reject(server_round, self._site(r), problems)
                 continue
@@ -275,9 +279,9 @@ class SiteAwareMixin:
         ok = [r for r in kept if not r.has_error()]
         # Flower's aggregation needs the same metric keys in every reply: keep the keys all sites sent
         # (a site adding or leaving out a key cannot end the round); num-examples is required above
-        common = set.intersection(*(set(r.content["metrics"].keys()) for r in ok)) if ok else set()
+        common = set.intersection(*(set(r.content.metric_records["metrics"].keys()) for r in ok)) if ok else set()
         for r in ok:
-            extra = sorted(set(r.content["metrics"].keys()) - common)
+            extra = sorted(set(r.content.metric_records["metrics"].keys()) - common)
             if extra:
                 log.warning(
                     "round %d: dropped train metrics %s of site %s (not sent by every site)",
@@ -285,8 +289,10 @@ class SiteAwareMixin:
                     extra,
                     self._site(r),
                 )
-                r.content["metrics"] = MetricRecord({k: v for k, v in r.content["metrics"].items() if k in common})
-        norms = [update_norm(r.content[self.arrayrecord_key], self._sent) for r in ok]
+                r.content["metrics"] = MetricRecord(
+                    {k: v for k, v in r.content.metric_records["metrics"].items() if k in common}
+                )
+        norms = [update_norm(r.content.array_records[self.arrayrecord_key], self._sent) for r in ok]
         actions = bound_update_norms(norms, clip_factor=self.clip_factor, reject_factor=self.reject_factor)
         median = float(np.median(norms)) if norms else 0.0
         dropped = set()
@@ -308,10 +314,13 @@ class SiteAwareMixin:
                     norm * scale,
                     self.clip_factor,
                 )
-                r.content[self.arrayrecord_key] = clip_update(r.content[self.arrayrecord_key], self._sent, scale)
+                arrays = r.content.array_records[self.arrayrecord_key]
+                r.content[self.arrayrecord_key] = clip_update(arrays, self._sent, scale)
         return [r for r in kept if id(r) not in dropped]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         reached = server_round + self.round_offset
         # site-id order: floating-point sums then do not depend on which site answered first
         replies = self.check_updates(reached, self.in_site_order(replies))
@@ -321,8 +330,8 @@ class SiteAwareMixin:
                 log.warning("round %d: site %s failed to train: %s", reached, self._site(r), r.error.reason)
         self._record_missing(reached, "train", {self._site(r) for r in ok})
         # dtype reference taken before aggregating: FedMedian and FedTrimmedAvg pop the replies' arrays
-        reference = ArrayRecord(dict(ok[0].content["arrays"].items())) if ok else None
-        self.train_metrics[reached] = {self._site(r): dict(r.content["metrics"]) for r in ok}
+        reference = ArrayRecord(dict(ok[0].content.array_records["arrays"].items())) if ok else None
+        self.train_metrics[reached] = {self._site(r): dict(r.content.metric_records["metrics"]) for r in ok}
         arrays, metrics = super().aggregate_train(server_round, ok)
         if arrays is not None and reference is not None:
             arrays = restore_dtypes(arrays, reference)
@@ -342,7 +351,7 @@ class SiteAwareMixin:
         self.site_metrics[reached] = per_site
         self._record_missing(reached, "evaluate", set(per_site))
         scalars = {k for m in per_site.values() for k, v in m.items() if isinstance(v, float)}
-        out = {}
+        out: dict[str, MetricRecordValues] = {}
         for k in sorted(scalars):  # weighted over the sites that sent the metric (a suppressed site sends none)
             having = [m for m in per_site.values() if isinstance(m.get(k), float)]
             total = sum(int(m.get("num-examples", 0)) for m in having)
