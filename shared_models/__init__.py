@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import sys
 from importlib.abc import MetaPathFinder
+from types import FrameType
 
 TRACKING_MODULES = ("mlflow", "tensorboard", "torch.utils.tensorboard")
 
 
 def _imported_from_monai() -> bool:
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if str(frame.f_globals.get("__name__", "")).startswith("monai."):
             return True

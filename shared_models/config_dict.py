@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, fields
-from typing import Any
+from dataclasses import Field, asdict, fields
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -79,12 +79,15 @@ def finite_number(value: Any, key: str) -> float:
 class DictConfig:
     """Mixin for frozen config dataclasses: ``to_dict``/``from_dict`` with unknown keys refused."""
 
+    # set by @dataclass on every subclass; declared so that type checkers see a dataclass here
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists) that :meth:`from_dict` reads back."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]):
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """Build a validated config; missing keys take the defaults.
 
         Raises:

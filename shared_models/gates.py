@@ -34,10 +34,11 @@ heads 200 mm apart with 25 mm radius each; a brain study is about 140-180 mm wid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 from shared_models.preprocessing import image_bounds_lps, midline_x_mm
@@ -129,12 +130,12 @@ def check_finite_voxels(oriented: sitk.Image) -> GateResult:
     return GateResult(("the study has non-finite voxel values (NaN or infinity)",))
 
 
-def _centre(box: Sequence[float]) -> np.ndarray:
+def _centre(box: npt.ArrayLike) -> np.ndarray:
     b = np.asarray(box, dtype=np.float64).reshape(6)
     return (b[:3] + b[3:]) / 2.0
 
 
-def check_pair(boxes_lps_mm: dict[str, Sequence[float]], oriented: sitk.Image) -> GateResult:
+def check_pair(boxes_lps_mm: Mapping[str, npt.ArrayLike], oriented: sitk.Image) -> GateResult:
     """Two heads, right (``"R"``, LPS -x) and left, one each side of the midline, centres within
     :data:`INTER_HEAD_MM` of each other.
 
@@ -156,7 +157,7 @@ def check_pair(boxes_lps_mm: dict[str, Sequence[float]], oriented: sitk.Image) -
     return GateResult(tuple(reasons))
 
 
-def check_head(box_lps_mm: Sequence[float], oriented: sitk.Image) -> GateResult:
+def check_head(box_lps_mm: npt.ArrayLike, oriented: sitk.Image) -> GateResult:
     """Box edges within :data:`HEAD_BOX_MM`; box not touching the edge of the scanned volume."""
     b = np.asarray(box_lps_mm, dtype=np.float64).reshape(6)
     size = b[3:] - b[:3]

@@ -94,8 +94,8 @@ def _borrowed(model: nn.Module, layer: str):
         yield model
     finally:
         for name, keys in before.items():
-            hooks = getattr(module, name, None)
-            for key in [k for k in (hooks or {}) if k not in keys]:
+            hooks = getattr(module, name, None) or {}
+            for key in [k for k in hooks if k not in keys]:
                 del hooks[key]
         module._is_full_backward_hook = full_backward
         if inplace is not None:

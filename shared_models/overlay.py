@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -109,7 +110,7 @@ def _check_image(image: sitk.Image) -> None:
         raise ValueError("expected a 3D scalar SimpleITK image")
 
 
-def _box(box_lps_mm: Sequence[float]) -> np.ndarray:
+def _box(box_lps_mm: npt.ArrayLike) -> np.ndarray:
     box = np.asarray(box_lps_mm, dtype=np.float64).reshape(-1)
     if box.shape != (6,) or not np.all(np.isfinite(box)) or np.any(box[3:] < box[:3]):
         raise ValueError(
@@ -144,9 +145,9 @@ class SliceGrid:
     def covering(
         cls,
         plane: str,
-        low_xyz: Sequence[float],
-        high_xyz: Sequence[float],
-        through_lps_mm: Sequence[float],
+        low_xyz: npt.ArrayLike,
+        high_xyz: npt.ArrayLike,
+        through_lps_mm: npt.ArrayLike,
         spacing_mm: float,
     ) -> SliceGrid:
         """The grid of ``plane`` covering the LPS box ``[low, high]`` in-plane, through a point.
@@ -210,7 +211,7 @@ class SliceGrid:
         d = self.directions[axis]
         return float(np.dot(self.origin_lps_mm, d) + value * self.spacing_mm) * float(d[int(np.argmax(np.abs(d)))])
 
-    def box_rect_px(self, box_lps_mm: Sequence[float]) -> tuple[float, float, float, float] | None:
+    def box_rect_px(self, box_lps_mm: npt.ArrayLike) -> tuple[float, float, float, float] | None:
         """The box's rectangle on this panel, or ``None`` when the plane misses the box.
 
         Args:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 from shared_models.config_dict import finite_number, positive_triple
@@ -173,8 +174,8 @@ def midline_x_mm(image: sitk.Image) -> float:
 
 
 def _side_grid(
-    low_xyz: Sequence[float],
-    high_xyz: Sequence[float],
+    low_xyz: npt.ArrayLike,
+    high_xyz: npt.ArrayLike,
     side: str,
     shape_dhw: Sequence[int],
 ) -> GridGeometry:
@@ -190,11 +191,11 @@ def _side_grid(
     sx, sy, sz = (high - low) / np.array([n_w, n_h, n_d], dtype=np.float64)
     sign = 1.0 if side == "L" else -1.0
     start_x = low[0] if side == "L" else high[0]
-    origin = (start_x + sign * sx / 2.0, low[1] + sy / 2.0, low[2] + sz / 2.0)
+    origin = (float(start_x + sign * sx / 2.0), float(low[1] + sy / 2.0), float(low[2] + sz / 2.0))
     direction = (sign, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     return GridGeometry(
         size_dhw=(n_d, n_h, n_w),
-        origin_lps_mm=tuple(float(v) for v in origin),
+        origin_lps_mm=origin,
         spacing_dhw_mm=(float(sz), float(sy), float(sx)),
         direction=direction,
     )
@@ -247,7 +248,7 @@ def resample_hemi(image: sitk.Image, side: str, spec: PreprocessingSpec) -> tupl
     return window(_resample(image, grid), spec), grid
 
 
-def _box_corners(box_lps_mm: Sequence[float]) -> np.ndarray:
+def _box_corners(box_lps_mm: npt.ArrayLike) -> np.ndarray:
     box = np.asarray(box_lps_mm, dtype=np.float64).reshape(-1)
     if box.shape != (6,) or not np.all(np.isfinite(box)):
         raise ValueError(f"box must be 6 finite numbers (x0, y0, z0, x1, y1, z1), got {box_lps_mm!r}")
@@ -257,7 +258,7 @@ def _box_corners(box_lps_mm: Sequence[float]) -> np.ndarray:
     return np.array(list(itertools.product(*zip(low, high))), dtype=np.float64)
 
 
-def box_lps_to_voxel(box_lps_mm: Sequence[float], grid: GridGeometry) -> np.ndarray:
+def box_lps_to_voxel(box_lps_mm: npt.ArrayLike, grid: GridGeometry) -> np.ndarray:
     """Femoral head box in LPS mm -> voxel box on ``grid``.
 
     Args:
@@ -274,7 +275,7 @@ def box_lps_to_voxel(box_lps_mm: Sequence[float], grid: GridGeometry) -> np.ndar
     return np.concatenate([(low + high) / 2.0, high - low]).astype(np.float32)
 
 
-def box_voxel_to_lps(box_czyxdhw: Sequence[float], grid: GridGeometry) -> np.ndarray:
+def box_voxel_to_lps(box_czyxdhw: npt.ArrayLike, grid: GridGeometry) -> np.ndarray:
     """Voxel box ``(cz, cy, cx, d, h, w)`` on ``grid`` -> LPS box; inverse of :func:`box_lps_to_voxel`.
 
     Returns:
@@ -293,7 +294,7 @@ def box_voxel_to_lps(box_czyxdhw: Sequence[float], grid: GridGeometry) -> np.nda
     return np.concatenate([pts.min(axis=0), pts.max(axis=0)])
 
 
-def crop_grid(box_lps_mm: Sequence[float], side: str, spec: PreprocessingSpec) -> GridGeometry:
+def crop_grid(box_lps_mm: npt.ArrayLike, side: str, spec: PreprocessingSpec) -> GridGeometry:
     """Stager crop grid: the box plus ``spec.crop_margin_mm`` per side, ``spec.crop_shape`` voxels.
 
     Same axis directions and mirroring as the hemi grid of ``side``.
@@ -327,7 +328,7 @@ def image_bounds_lps(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return corners.min(axis=0), corners.max(axis=0)
 
 
-def clip_box_to_image(box_lps_mm: Sequence[float], image: sitk.Image) -> np.ndarray:
+def clip_box_to_image(box_lps_mm: npt.ArrayLike, image: sitk.Image) -> np.ndarray:
     """Clip an LPS box ``(x0, y0, z0, x1, y1, z1)`` mm to the image's LPS hull (:func:`image_bounds_lps`).
 
     A box wholly outside collapses onto the nearest face (zero size along that axis).
@@ -360,7 +361,7 @@ def field_of_view_mask(image: sitk.Image, grid: GridGeometry) -> np.ndarray:
 
 
 def resample_crop(
-    image: sitk.Image, box_lps_mm: Sequence[float], side: str, spec: PreprocessingSpec
+    image: sitk.Image, box_lps_mm: npt.ArrayLike, side: str, spec: PreprocessingSpec
 ) -> tuple[np.ndarray, GridGeometry]:
     """Resample the crop around a femoral head box and window it.
 

@@ -17,6 +17,7 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -159,11 +160,11 @@ class ProcessWatchdog:
     """
 
     def __init__(self) -> None:
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.tag = ""
-        self._env = None
+        self._env: MutableMapping[str, str] | None = None
 
-    def start(self, env: dict | None = None) -> str:
+    def start(self, env: MutableMapping[str, str] | None = None) -> str:
         """Tag ``env`` and start the watchdog; returns the tag."""
         self.tag = secrets.token_hex(8)
         self._env = os.environ if env is None else env
@@ -185,8 +186,9 @@ class ProcessWatchdog:
         if self.proc is None:
             return
         try:
-            self.proc.stdin.write(b"stop\n")
-            self.proc.stdin.close()
+            if self.proc.stdin is not None:  # always: started with stdin=PIPE
+                self.proc.stdin.write(b"stop\n")
+                self.proc.stdin.close()
         except (BrokenPipeError, OSError):
             pass
         try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 FORMULA_PREFIXES: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
@@ -68,9 +68,9 @@ class SafeDictWriter(csv.DictWriter):
     def writeheader(self) -> Any:
         return self.writer.writerow([neutralise(f) for f in self.fieldnames])
 
-    def writerow(self, rowdict: dict) -> Any:
+    def writerow(self, rowdict: Mapping[Any, Any]) -> Any:
         return super().writerow({k: neutralise(v) for k, v in rowdict.items()})
 
-    def writerows(self, rowdicts: Iterable[dict]) -> None:
+    def writerows(self, rowdicts: Iterable[Mapping[Any, Any]]) -> None:
         for row in rowdicts:
             self.writerow(row)
