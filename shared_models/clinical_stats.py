@@ -139,6 +139,10 @@ class BootstrapCI(tuple):
         n_patients: clusters resampled.
     """
 
+    n_boot: int
+    n_skipped: int
+    n_patients: int
+
     def __new__(cls, point: float, low: float, high: float, n_boot: int, n_skipped: int, n_patients: int):
         self = super().__new__(cls, (float(point), float(low), float(high)))
         self.n_boot, self.n_skipped, self.n_patients = int(n_boot), int(n_skipped), int(n_patients)

@@ -168,7 +168,7 @@ def write_dicom_outputs(
     out.mkdir(parents=True, exist_ok=True)
     datasets, geometry = _sorted_sources(source_files)
     algorithm = AlgorithmIdentification(name="ONFH-FL 3DC-YOLOX + 3D-MulDenseNet", version=software_version)
-    groups = []
+    groups: list[MeasurementsAndQualitativeEvaluations | VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for head in heads:
         status = "REFUSED" if verdict == "refused" else "ASSESSED" if head["assessed"] else "NOT_ASSESSED"
         evaluations = [QualitativeEvaluation(code("ASSESSMENT"), code(status))]

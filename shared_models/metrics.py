@@ -174,9 +174,9 @@ def merge_counts(counts_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     bins = {p[3] for p in parsed}
     if len(bins) != 1:
         raise ValueError(f"counts_list: all sites must use the same n_bins, got {sorted(bins)}")
-    conf = sum(p[0] for p in parsed)
-    hp = sum(p[1] for p in parsed)
-    hn = sum(p[2] for p in parsed)
+    conf = np.sum([p[0] for p in parsed], axis=0)
+    hp = np.sum([p[1] for p in parsed], axis=0)
+    hn = np.sum([p[2] for p in parsed], axis=0)
     return {
         "n": int(conf.sum()),
         "n_bins": parsed[0][3],
@@ -309,7 +309,7 @@ def detection_metrics(
     gt_boxes: np.ndarray,
     spacing_dhw_mm: Sequence[float] | np.ndarray,
     scores: np.ndarray | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | list[int]]:
     """Localisation quality of the detector, one predicted box per ground-truth box.
 
     Args:
@@ -338,7 +338,7 @@ def detection_metrics(
     if spacing.shape not in ((3,), (n, 3)) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ValueError(f"spacing_dhw_mm: expected (3,) or ({n}, 3) positive mm values, got shape {spacing.shape}")
     if n == 0:
-        empty = {
+        empty: dict[str, float | list[int]] = {
             "n": 0,
             "iou_mean": math.nan,
             "center_error_mm": math.nan,
@@ -349,7 +349,7 @@ def detection_metrics(
         return empty if scores is None else {**empty, "ap50": math.nan}
     ious = np.diagonal(box_iou_3d(pred, gt)).astype(np.float64)
     err = np.linalg.norm((pred[:, :3] - gt[:, :3]) * spacing, axis=1)
-    out = {
+    out: dict[str, float | list[int]] = {
         "n": int(n),
         "iou_mean": float(ious.mean()),
         "center_error_mm": float(np.median(err)),

@@ -179,7 +179,8 @@ class SliceGrid:
             # centre the n pixels on the requested extent
             start = start + d * ((high[axis] - low[axis]) - n * spacing_mm) / 2.0
             size.append(n)
-        return cls(plane, tuple(float(v) for v in start), float(spacing_mm), (size[1], size[0]))
+        origin = (float(start[0]), float(start[1]), float(start[2]))
+        return cls(plane, origin, float(spacing_mm), (size[1], size[0]))
 
     @property
     def directions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -426,7 +427,9 @@ def montage_panels(image: sitk.Image, result: HeadResult, margin_mm: float | Non
     for plane in PLANES:
         grid = SliceGrid.covering(plane, low, high, centre, spacing)
         panel = Panel(grid, sample_slice(image, grid), cam=sample_slice(cam_image, grid, outside=0.0))
-        head_rect = grid.box_rect_px(box)  # never None: the plane passes through the box centre
+        head_rect = grid.box_rect_px(box)
+        if head_rect is None:  # cannot happen: the plane passes through the box centre
+            raise RuntimeError(f"the {plane} panel misses the {result.side} box it is centred on")
         panel.boxes.append(BoxOverlay(f"{result.side} box", head_rect, "white", dashed=result.low_confidence))
         if crop_box is not None and (rect := grid.box_rect_px(crop_box)) is not None:
             panel.boxes.append(BoxOverlay("crop", rect, "#b0b0b0", dotted=True))
@@ -588,7 +591,7 @@ def write_gradcam_montage(image: sitk.Image, result: HeadResult, path: Path, *, 
         f"detector score {result.detector_score:.2f}{flag}",
         fontsize=10,
     )
-    cam_max = max(float(np.nanmax(p.cam)) for p in panels)
+    cam_max = max(float(np.nanmax(p.cam)) for p in panels if p.cam is not None)
     note = (
         "top: MRI; bottom: Grad-CAM over MRI. White box: femoral-head box (dashed = low-confidence detection); "
         "grey dotted: stager crop (box + margin), where the map is defined; brown: outside the scan.\n"

@@ -213,11 +213,8 @@ def analyse_study(
     for side in SIDES:
         box_lps, score, collapsed = detections[side]
         reasons, flags = list(study_reasons), ["refused"] if study_reasons else []
-        below = (
-            calibration is not None
-            and calibration.detector_threshold is not None
-            and score < calibration.detector_threshold
-        )
+        threshold = calibration.detector_threshold if calibration is not None else None
+        below = threshold is not None and score < threshold
         if collapsed:
             reasons.append("the detector found no box inside the scanned volume")
             flags.append("off_target")
@@ -226,10 +223,8 @@ def analyse_study(
             reasons += head
             if head and "off_target" not in flags:
                 flags.append("off_target")
-        if below:
-            reasons.append(
-                f"detector score {score:.2f} is below the validation threshold {calibration.detector_threshold:.2f}"
-            )
+        if below and threshold is not None:
+            reasons.append(f"detector score {score:.2f} is below the validation threshold {threshold:.2f}")
             flags.append("low_detector_score")
         energy = probs = cam = crop_grid = None
         if not study_reasons and not collapsed:
@@ -253,7 +248,7 @@ def analyse_study(
                     f"threshold {calibration.energy_threshold:.2f}"
                 )
                 flags.append("out_of_distribution")
-        if reasons or probs is None:
+        if reasons or probs is None or crop_grid is None:  # crop_grid is set whenever probs is
             if empty_map is None:  # an all-zero map in the input study's geometry
                 empty_map = sitk.Image(image.GetSize(), sitk.sitkFloat32)
                 empty_map.CopyInformation(image)

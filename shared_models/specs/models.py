@@ -72,7 +72,8 @@ class PreprocessingSpec:
     @property
     def hemi_spacing_mm(self) -> tuple[float, float, float]:
         """Hemi grid voxel spacing ``(D, H, W)`` in mm (default ``(4.0, 2.0, 2.5)``)."""
-        return tuple(f / n for f, n in zip(self.hemi_fov_mm, self.hemi_shape))  # type: ignore[return-value]
+        (fov_d, fov_h, fov_w), (n_d, n_h, n_w) = self.hemi_fov_mm, self.hemi_shape
+        return fov_d / n_d, fov_h / n_h, fov_w / n_w
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -97,7 +98,8 @@ class PreprocessingSpec:
         for key in names:
             if key not in d:
                 raise ValueError(f"preprocessing spec key {key!r} is missing")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**values)  # __post_init__ checks each value's type
 
 
 @dataclass(frozen=True)
