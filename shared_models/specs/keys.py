@@ -56,10 +56,12 @@ class Phase(StrEnum):
         Raises:
             ValueError: ``phase must be 'detector' or 'stager', got ...`` for anything else.
         """
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"phase must be 'detector' or 'stager', got {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        raise ValueError(f"phase must be 'detector' or 'stager', got {value!r}")
 
     @property
     def score_key(self) -> str:
