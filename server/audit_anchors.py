@@ -24,30 +24,11 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from client.audit import ANCHOR_KEY, ANCHOR_RECORD
+from client.audit import ANCHOR_KEY, ANCHOR_RECORD, load_anchors  # load_anchors: the site reads them too
 from server.grid_wrapper import WrappedGrid
 
 ANCHORS_NAME = "audit-anchors.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def load_anchors(path: Path) -> dict[str, list[dict]]:
-    """The ``audit_anchors`` of a run folder's ``audit-anchors.json``, a ``report.json`` or a
-    bundle's ``metrics.json`` ({} when ``path`` does not exist).
-
-    Raises:
-        ValueError: the file is not JSON or has no well-formed ``audit_anchors`` (names the file).
-    """
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        anchors = json.loads(path.read_text()).get("audit_anchors")
-    except (ValueError, AttributeError):
-        raise ValueError(f"{path}: not a JSON object with 'audit_anchors'") from None
-    if not isinstance(anchors, dict) or not all(isinstance(v, list) for v in anchors.values()):
-        raise ValueError(f"{path}: 'audit_anchors' must map each site to a list of anchors")
-    return anchors
 
 
 class AnchorRecordingGrid(WrappedGrid):
