@@ -1,6 +1,6 @@
 """A hospital site's side of a real Flower deployment: node keys, preflight, the SuperNode daemon.
 
-Plain functions behind ``onfh site keys | check | daemon | verify`` (``sim/cli.py``).
+Plain functions behind ``onfh site keys | check | daemon | verify`` (``client/cli.py``).
 
 * :func:`make_site_keys` makes the SuperNode's EC P-384 key pair in OpenSSH encoding (what
   ``flower-supernode --auth-supernode-private-key`` loads and ``flwr supernode register``

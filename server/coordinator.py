@@ -1,6 +1,6 @@
 """The coordinator's side of a real Flower deployment: certificates, enrolment, SuperLink, runs.
 
-Plain functions behind ``onfh coordinator ...`` (``sim/cli.py`` is a thin shell over them).
+Plain functions behind ``onfh coordinator ...`` (``server/cli.py`` is a thin shell over them).
 Everything follows ``FLOWER-1.42-NOTES.md`` (shared/):
 
 * one SuperLink port serves the CLI (Control), the SuperNodes (Fleet) and the ServerApp;

@@ -17,7 +17,7 @@ Layout written by :func:`export_monai_bundle`::
     docs/README.md                what the bundle does, how to run it, its limits
 
 Two networks and a gated pipeline do not fit MONAI's one ``network_def`` + ``inferer`` pattern, so
-``inference.json`` calls the project's own functions (``sim.infer.run_monai_inference``): the
+``inference.json`` calls the project's own functions (``client.infer.run_monai_inference``): the
 bundle needs ``onfh-fl`` installed. It loads ``models/signed`` with
 :func:`shared_models.bundle.load_bundle` on every run, so the signature, the file hashes and the
 optional ``calibration.json`` (temperature and gate thresholds) are checked and applied exactly as
@@ -247,13 +247,13 @@ def _onfh_version() -> str:
 
 def _inference_config() -> dict:
     return {
-        "imports": ["$import sim.infer"],
+        "imports": ["$import client.infer"],
         "bundle_root": ".",
         "study": None,
         "output_dir": "$@bundle_root + '/eval'",
         "public_key": None,
         "device": "auto",
-        "inference": {"_target_": "sim.infer.run_monai_inference", "_mode_": "callable"},
+        "inference": {"_target_": "client.infer.run_monai_inference", "_mode_": "callable"},
         "run": ["$@inference(@bundle_root, @study, @output_dir, public_key=@public_key, device=@device)"],
     }
 
@@ -278,7 +278,7 @@ threshold or out of distribution is flagged and not staged.
 
 ## Requirements
 
-`configs/inference.json` calls the project's own code (`sim.infer.run_monai_inference`): install ONFH-FL
+`configs/inference.json` calls the project's own code (`client.infer.run_monai_inference`): install ONFH-FL
 (`pip install onfh-fl`, or `pip install -e .` from its repository) next to MONAI.
 
 ## Run

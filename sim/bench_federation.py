@@ -335,7 +335,7 @@ def federated_benchmark(
     Returns:
         One row (keys listed above plus the metrics and settings).
     """
-    from sim.splits import write_splits
+    from client.splits import write_splits
 
     site_ids = ("A", "B", "C", "D")
     root = phantom_sites(work)
@@ -457,7 +457,7 @@ def scaling_benchmark(
     Returns:
         One row per cell.
     """
-    from sim.splits import write_splits
+    from client.splits import write_splits
 
     if rounds < 5:
         raise ValueError(f"scaling: rounds must be >= 5 (memory after round 5 vs round 2), got {rounds}")
@@ -555,8 +555,8 @@ def deployment_benchmark(
     import subprocess
     import sys
 
-    from sim.cli import main as onfh
-    from sim.splits import write_splits
+    from client.splits import write_splits
+    from shared_models.cli import main as onfh
 
     site_ids = ("A", "B", "C", "D")
     root = phantom_sites(work)
@@ -612,7 +612,7 @@ def deployment_benchmark(
                         [
                             sys.executable,
                             "-m",
-                            "sim.cli",
+                            "shared_models.cli",
                             "site",
                             "daemon",
                             "--data",

@@ -158,7 +158,7 @@ def grid_variants(grid: str, site_ids: Sequence[str], base: Mapping[str, object]
 def parse_variant(text: str, parse_set) -> Variant:
     """``"NAME"`` or ``"NAME:KEY=VALUE,KEY=VALUE"`` -> :class:`Variant`.
 
-    ``parse_set`` types the values like the pyproject defaults (``sim.cli._parse_set``).
+    ``parse_set`` types the values like the pyproject defaults (:func:`shared_models.cli_common.parse_set`).
 
     Raises:
         ValueError: an empty or path-like name, or a bad ``KEY=VALUE``.

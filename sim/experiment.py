@@ -70,8 +70,8 @@ def prepare_splits(cfg) -> None:
         ValueError: a training site without a train split, or ``pooled-sites`` without the
             pooled site among ``site-ids``.
     """
+    from client.splits import write_splits
     from sim.pooled import POOLED_SITE, write_pooled_site
-    from sim.splits import write_splits
 
     real = [s for s in cfg.site_ids if not (cfg.pooled_sites and s == POOLED_SITE)]
     if cfg.pooled_sites and POOLED_SITE not in cfg.site_ids:

@@ -603,7 +603,7 @@ def cmd_medmnist(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sim.medmnist ...`` is ``onfh sim medmnist ...``."""
-    from sim.cli import main as onfh_main
+    from shared_models.cli import main as onfh_main
 
     return onfh_main(["sim", "medmnist", *(sys.argv[1:] if argv is None else argv)])
 

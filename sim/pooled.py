@@ -32,7 +32,7 @@ POOLED_SITE = "POOLED"
 def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_SITE) -> dict[str, int]:
     """(Re)write ``<data_root>/<name>`` from the ``train``/``val`` patients of ``sites``.
 
-    Call it after :func:`sim.splits.write_splits`: it reads each site's ``split.csv``.
+    Call it after :func:`client.splits.write_splits`: it reads each site's ``split.csv``.
 
     Returns:
         Patients per split in the pooled site (``train``, ``val``).

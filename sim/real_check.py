@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.result is None:
         if args.bundle is None:
             parser.error("give --result or --bundle")
-        from sim.cli import main as onfh
+        from shared_models.cli import main as onfh
 
         cmd = [
             "infer",

@@ -28,11 +28,11 @@ from server.checkpoint import (
     verify_chain,
 )
 from shared_models.bundle import BundleError, generate_signing_key, load_bundle, load_signing_key, write_bundle
+from shared_models.cli import main
 from shared_models.detector import YOLOX3D, DetectorConfig
 from shared_models.preprocessing import PreprocessingSpec
 from shared_models.safe_files import UnsafeFileError, read_regular_file
 from shared_models.stager import MulDenseNet3D, StagerConfig
-from sim.cli import main
 from tests.conftest import tiny_run_config
 
 

@@ -19,10 +19,10 @@ from client.site_data import (
     SiteData,
     check_manifest,
 )
+from client.splits import write_splits
+from shared_models.cli import main
 from shared_models.preprocessing import PreprocessingSpec
 from shared_models.safe_csv import FORMULA_PREFIXES, neutralise, restore
-from sim.cli import main
-from sim.splits import write_splits
 from tests.test_site_data import BOX_L, BOX_R, PATIENTS, box_text, study_volume, write_dicom_study
 
 SPEC = PreprocessingSpec()

@@ -13,7 +13,7 @@ from flwr.app.message.message import make_message
 
 from client.audit import audited
 from server.audit_anchors import AnchorRecordingGrid, load_anchors
-from sim.cli import main
+from shared_models.cli import main
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

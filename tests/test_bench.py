@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sim.cli import main
+from shared_models.cli import main
 
 #: Every key each section writes (beyond ``section``); ``onfh sim bench --quick`` must write them all.
 EXPECTED_KEYS = {

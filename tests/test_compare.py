@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from shared_models.cli_common import parse_set as _parse_set
 from sim import compare
-from sim.cli import _parse_set
 
 
 def _report(auc_a: float, auc_ext: float, iou: float = 0.8) -> dict:

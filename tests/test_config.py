@@ -140,8 +140,8 @@ def test_lr_schedule_runs_over_all_rounds_of_a_phase():
 def test_cli_strategy_choices_are_the_run_configs():
     import argparse
 
+    from shared_models.cli import build_parser
     from shared_models.config import STRATEGIES
-    from sim.cli import build_parser
 
     # the names users type (run-config key `strategy`, `--strategy`): the wire format
     assert STRATEGIES == ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")

@@ -320,7 +320,8 @@ def test_launch_names_flowers_reason_when_flwr_run_starts_nothing(tmp_path, monk
 
 
 def test_status_prints_a_dash_and_the_reason_for_a_site_without_heads(tmp_path, capsys):
-    from sim.cli import main, status_cell
+    from server.cli import status_cell
+    from shared_models.cli import main
 
     out = tmp_path / "run"
     metrics = {

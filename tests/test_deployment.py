@@ -43,13 +43,13 @@ import pytest
 import torch
 
 from client.audit import read_audit_log, verify_audit_anchors, verify_audit_log
+from client.splits import write_splits
 from server import coordinator as co
 from server.audit_anchors import load_anchors
 from server.checkpoint import verify_chain
 from shared_models.bundle import BundleError, load_bundle
-from sim.cli import main
+from shared_models.cli import main
 from sim.phantoms import PROFILES, generate_phantoms
-from sim.splits import write_splits
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
@@ -92,7 +92,7 @@ def _free_port(lo: int, hi: int) -> int:
 def _onfh(*args: str, log: Path) -> subprocess.Popen:
     fh = open(log, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "sim.cli", *args],
+        [sys.executable, "-m", "shared_models.cli", *args],
         stdout=fh,
         stderr=subprocess.STDOUT,
         start_new_session=True,

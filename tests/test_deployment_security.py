@@ -24,10 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from client.splits import write_splits
 from server import coordinator as co
-from sim.cli import main
+from shared_models.cli import main
 from sim.phantoms import PROFILES, generate_phantoms
-from sim.splits import write_splits
 from tests.conftest import TINY
 from tests.test_deployment import _free_port, _wait
 
@@ -39,7 +39,7 @@ LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 def _cli(*args: str, log: Path) -> subprocess.Popen:
     fh = open(log, "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "sim.cli", *args],
+        [sys.executable, "-m", "shared_models.cli", *args],
         stdout=fh,
         stderr=subprocess.STDOUT,
         start_new_session=True,

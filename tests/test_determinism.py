@@ -120,7 +120,7 @@ def two_training_sites(tmp_path_factory):
 
 
 def _run(data, out) -> dict:
-    from sim.cli import main
+    from shared_models.cli import main
     from tests.conftest import TINY
 
     sets = {

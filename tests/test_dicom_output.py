@@ -15,8 +15,8 @@ import torch
 from pydicom.uid import generate_uid
 
 from shared_models.calibration import Calibration
+from shared_models.cli import main
 from shared_models.dicom_output import SCHEME, code
-from sim.cli import main
 from tests.dicom_factory import new_mr_dataset
 from tests.test_pipeline import signed_tiny_bundle
 
@@ -191,7 +191,7 @@ def test_dicom_out_refuses_a_nifti_study(signed, tmp_path, capsys):
 
 def test_cli_help_does_not_import_highdicom():
     code_ = (
-        "import sys\nfrom sim.cli import main\ntry:\n    main(['infer', '--help'])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom shared_models.cli import main\ntry:\n    main(['infer', '--help'])\nexcept SystemExit:\n    pass\n"
         "assert 'highdicom' not in sys.modules, 'highdicom imported'\nprint('ok')"
     )
     proc = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=300)

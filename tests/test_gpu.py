@@ -106,7 +106,7 @@ def test_run_simulation_hands_flower_the_gpu_share(monkeypatch, tmp_path, gpu):
 
 
 def test_cli_takes_gpus_per_site_on_run_and_demo():
-    from sim.cli import build_parser
+    from shared_models.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["sim", "run", "--data", "d", "--out", "o", "--gpus-per-site", "0.5"])
@@ -456,7 +456,7 @@ def test_flop_count_of_a_convolution_is_the_textbook_count():
 
 
 def test_gpu_bench_runs_on_cpu_at_tiny_size_and_prints_ratios(tmp_path, capsys):
-    from sim.cli import main
+    from shared_models.cli import main
     from tests.conftest import TINY
 
     tiny = json.dumps(TINY)

@@ -629,7 +629,7 @@ def test_too_small_study_and_single_slice_are_refused(tmp_path):
 
 
 def test_site_check_json_format(tmp_path):
-    from sim.cli import main
+    from shared_models.cli import main
 
     root = tmp_path / "site"
     uid = generate_uid()

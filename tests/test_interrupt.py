@@ -58,7 +58,7 @@ def test_ctrl_c_stops_within_2_s_keeps_the_checkpoint_and_prints_the_resume_comm
         argv += ["--set", f"{k}={v}"]
     log = open(tmp_path / "console.txt", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sim.cli", *argv],
+        [sys.executable, "-m", "shared_models.cli", *argv],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "COLUMNS": "400"},

@@ -15,8 +15,8 @@ import torch
 
 from shared_models.bundle import generate_signing_key
 from shared_models.calibration import Calibration
+from shared_models.cli import main
 from shared_models.preprocessing import PreprocessingSpec
-from sim.cli import main
 from tests.test_pipeline import _oblique_image, signed_tiny_bundle
 
 CALIBRATION = Calibration(temperature=2.5, early_threshold=0.3)

@@ -125,7 +125,7 @@ def test_kill_9_of_sim_run_leaves_no_process_and_every_service_listens_on_loopba
     argv = [
         sys.executable,
         "-m",
-        "sim.cli",
+        "shared_models.cli",
         "sim",
         "run",
         "--data",

@@ -305,7 +305,7 @@ def test_calibration_section_shows_ece_and_early_onfh_figures_per_site():
     assert "too few heads" not in html and "too few heads" in calibration_section({**c, "chosen": {"val_heads": 2}})
     from rich.console import Console
 
-    from sim.infer import calibration_table
+    from client.infer import calibration_table
 
     console = Console(width=200, record=True)
     console.print(calibration_table({"calibration": c}))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from shared_models.bundle import load_bundle
-from sim.cli import main
+from shared_models.cli import main
 from sim.phantoms import PROFILES, generate_phantoms
 from tests.conftest import TINY
 

@@ -1,6 +1,6 @@
 import csv
 
-from sim.splits import assign_splits, write_splits
+from client.splits import assign_splits, write_splits
 
 
 def _manifest(root, site, rows):

@@ -201,8 +201,8 @@ def test_a_dead_tracking_server_does_not_end_the_run(tmp_path, monkeypatch, capl
 
 def test_none_tracks_nothing_and_nothing_imports_the_backends(tmp_path):
     code = (
-        "import sys; from pathlib import Path; import sim.cli; from server.tracking import make_tracker; "
-        "sim.cli.build_parser(); t = make_tracker('none', Path(sys.argv[1])); t.start_run({'strategy': 'fedavg'}); "
+        "import sys; from pathlib import Path; import shared_models.cli; from server.tracking import make_tracker; "
+        "shared_models.cli.build_parser(); t = make_tracker('none', Path(sys.argv[1])); t.start_run({'strategy': 'fedavg'}); "
         "t.log_round_metrics(1, {'stager/eval/A/macro-auc': 0.5}); t.log_artifacts([Path(sys.argv[1])]); t.end(); "
         "print(sorted(m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard') if sys.modules.get(m)))"
     )
@@ -212,7 +212,8 @@ def test_none_tracks_nothing_and_nothing_imports_the_backends(tmp_path):
 
 
 def test_cli_passes_tracking_to_the_run_config(tmp_path, monkeypatch):
-    from sim.cli import _run_config_for, build_parser
+    from shared_models.cli import build_parser
+    from sim.cli import _run_config_for
 
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(
@@ -243,7 +244,7 @@ def test_tracking_uri_is_not_sent_to_sites(tmp_path, monkeypatch):
 
 
 def test_compare_puts_every_cell_in_one_mlflow_store(tmp_path, monkeypatch):
-    from sim.cli import main
+    from shared_models.cli import main
 
     seen = {}
     monkeypatch.setattr(
