@@ -46,7 +46,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import tasks
@@ -56,8 +56,8 @@ from client.site_data import SITE_CACHE_NAME, SiteData
 from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.determinism import configure_determinism
+from shared_models.flower.records import record_to_state, state_to_record
 from shared_models.specs import Phase
-from shared_models.transfer import from_transfer, to_transfer
 from shared_models.weights import norm_state_keys
 
 log = logging.getLogger(__name__)
@@ -174,15 +174,8 @@ def _template(phase: Phase, model_config) -> dict:
 
 
 def _unpack(record: ArrayRecord, cfg: RunConfig, phase: Phase) -> dict:
-    """The state dict in a received record, packed or one array per tensor (``shared_models.transfer``)."""
-    template = _template(phase, cfg.model_config(phase))
-    return from_transfer({k: record[k].numpy() for k in record.keys()}, template)
-
-
-def _pack(state: dict, cfg: RunConfig) -> ArrayRecord:
-    """Weights to send, packed into one flat array per dtype unless ``transfer-packing`` is off."""
-    arrays = to_transfer(state, packed=cfg.transfer_packing, float_dtype=cfg.transfer_dtype)
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    """The state dict in a received record (:func:`shared_models.flower.records.record_to_state`)."""
+    return record_to_state(record, _template(phase, cfg.model_config(phase)))
 
 
 def _keep_local_norms(context: Context, state, model_keys: set[str], phase: Phase, cfg: RunConfig) -> None:
@@ -297,7 +290,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     _keep_local_norms(context, new_state, norm_keys, phase, cfg)
     # 4. reply: weights with dtypes intact, aggregate metrics only
-    return _reply(msg, _pack(new_state, cfg), metrics)
+    return _reply(msg, state_to_record(new_state, cfg), metrics)
 
 
 @app.evaluate()

@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shared_models.flower.env import flower_env
 from shared_models.processes import stop_process_tree
 
 #: A deployed site's small-cell floor (``onfh site daemon --min-cell-heads``): a split with fewer heads
@@ -298,22 +299,10 @@ def supernode_command(
 
 
 def supernode_env(flwr_home: Path, threads: int) -> dict[str, str]:
-    """Environment of the SuperNode and its ClientApps: this project's interpreter first on PATH,
-    no runtime dependency installation, no telemetry, ``OMP_NUM_THREADS`` = ``threads``."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
+    """Environment of the SuperNode and its ClientApps (:func:`shared_models.flower.env.flower_env`): this
+    project's interpreter first on PATH, no runtime dependency installation, no telemetry,
+    ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` = ``threads``."""
+    return flower_env(flwr_home, threads=threads)
 
 
 def run_daemon(

@@ -28,12 +28,12 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from shared_models import calibration as cal
 from shared_models.config import RunConfig
-from shared_models.transfer import to_transfer
+from shared_models.flower.records import state_to_record
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,6 @@ def _query(grid: Grid, node_sites: dict[int, str], cfg: RunConfig, config: dict,
             continue
         replies[site] = dict(reply.content["metrics"])
     return replies
-
-
-def _record(state: dict, cfg: RunConfig) -> ArrayRecord:
-    arrays = to_transfer(state, packed=cfg.transfer_packing, float_dtype=cfg.transfer_dtype)
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
 def _round(v: float | None, nd: int = 4) -> float | None:
@@ -252,7 +247,7 @@ def run_calibration(
         ``(calibration, report)``: the :class:`~shared_models.calibration.Calibration` to ship in
         the bundle and ``report["calibration"]`` (chosen values, per-site figures, rejected sites).
     """
-    arrays = {"detector": _record(detector_state, cfg), "stager": _record(stager_state, cfg)}
+    arrays = {"detector": state_to_record(detector_state, cfg), "stager": state_to_record(stager_state, cfg)}
     rejected: dict[str, str] = {}
 
     def declared(site: str, split: str) -> int | None:

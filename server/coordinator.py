@@ -31,11 +31,9 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared_models.flower.env import flower_bin, flower_env
 from shared_models.processes import stop_process_tree, toml_value
 from shared_models.specs import PHASES
 
@@ -64,35 +63,6 @@ class CoordinatorError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def flower_env(flwr_home: Path, threads: int | None = None) -> dict[str, str]:
-    """Environment for every Flower process started here (``FLOWER-1.42-NOTES.md``).
-
-    A project-local ``FLWR_HOME``, no update check or telemetry, no runtime dependency
-    installation, this interpreter's scripts first on ``PATH`` (the SuperLink starts
-    ``flower-superexec`` and ``flwr-serverapp`` by name) and, if given, ``OMP_NUM_THREADS``.
-    """
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def flower_bin(name: str) -> str:
-    """A console script of this interpreter's environment (falls back to ``PATH``)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> str:

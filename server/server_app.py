@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from client.training import select_device
@@ -41,9 +41,9 @@ from shared_models.bundle import generate_signing_key, load_signing_key, write_b
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
 from shared_models.determinism import configure_determinism
+from shared_models.flower.records import record_to_state, state_to_record
 from shared_models.specs import Phase
 from shared_models.stager import MulDenseNet3D
-from shared_models.transfer import from_transfer, to_transfer
 from strategies.site_aware import build_strategy
 from strategies.update_checks import normalisation_problems
 
@@ -188,7 +188,7 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
     """
     content = RecordDict({"config": ConfigRecord({"action": "crops"})})
     if cfg.crop_source == "detector" and detector_state is not None:
-        content["arrays"] = _pack(detector_state, cfg)
+        content["arrays"] = state_to_record(detector_state, cfg)
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_sites]
     keys = set()
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
@@ -206,18 +206,6 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
     if len(keys) != 1:
         raise RuntimeError(f"crop preparation failed: sites returned keys {sorted(keys)}")
     return keys.pop()
-
-
-def _pack(state: dict, cfg: RunConfig) -> ArrayRecord:
-    """Weights to send, packed into one flat array per dtype unless ``transfer-packing`` is off
-    (``shared_models.transfer``: Flower's transfer cost is per tensor)."""
-    arrays = to_transfer(state, packed=cfg.transfer_packing, float_dtype=cfg.transfer_dtype)
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
-
-
-def _unpack(record: ArrayRecord, template: dict) -> dict:
-    """The state dict in a (possibly aggregated) record, packed or not, in ``template``'s dtypes."""
-    return from_transfer({k: record[k].numpy() for k in record.keys()}, template)
 
 
 def validation_score(site_metrics: dict[str, dict]) -> float | None:
@@ -312,7 +300,7 @@ def run_phase(
         round_offset=ckpt.round,
         min_fraction=cfg.min_site_fraction,
         node_wait_timeout_s=cfg.node_wait_timeout_s,
-        state_problems=lambda arrays: normalisation_problems(_unpack(arrays, template)),
+        state_problems=lambda arrays: normalisation_problems(record_to_state(arrays, template)),
         **influence_bounds(cfg, phase, declared),
     )
     strategy.missing_sites.update(ckpt.missing_sites)
@@ -327,7 +315,7 @@ def run_phase(
         if server_round == 0:
             return None
         reached = server_round + ckpt.round
-        state = _unpack(arrays, template)
+        state = record_to_state(arrays, template)
         score = validation_score(strategy.site_metrics.get(reached, {}))
         scores[reached] = score
         if score is not None and score > best["score"]:
@@ -391,7 +379,7 @@ def run_phase(
     try:
         result = strategy.start(
             grid=grid,
-            initial_arrays=_pack(ckpt.state_dict, cfg),
+            initial_arrays=state_to_record(ckpt.state_dict, cfg),
             num_rounds=rounds - ckpt.round,
             timeout=cfg.round_timeout_s,
             train_config=config,
@@ -405,7 +393,7 @@ def run_phase(
         # No round completed a checkpoint (e.g. every site failed): keep what Flower returned.
         final = PhaseCheckpoint(
             round=rounds,
-            state_dict=_unpack(result.arrays, template),
+            state_dict=record_to_state(result.arrays, template),
             site_metrics=dict(strategy.site_metrics),
             train_metrics=dict(strategy.train_metrics),
         )

@@ -289,12 +289,12 @@ def flwr_cli_cpu_s(repeats: int = 2) -> float:
     import resource
     import subprocess
 
-    from sim.runner import _bin
+    from shared_models.flower.env import flower_bin
 
     best = float("inf")
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([_bin("flwr"), "--help"], capture_output=True, check=False)
+        subprocess.run([flower_bin("flwr"), "--help"], capture_output=True, check=False)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         best = min(best, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return best

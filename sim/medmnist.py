@@ -58,6 +58,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
 from client.stager_training import fit_stager_central, macro_auc, predict_stages
+from shared_models.flower.env import flower_variables
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 log = logging.getLogger(__name__)
@@ -344,8 +345,6 @@ def _flower_env(work: Path) -> dict[str, str]:
     if len(str(ray_tmp)) > RAY_TMPDIR_MAX:
         ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
     ray_tmp.mkdir(parents=True, exist_ok=True)
-    from sim.runner import flower_variables
-
     return flower_variables(Path(work).resolve() / "flwr-home", ray_tmp)
 
 

@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import psutil
 
+from shared_models.flower.env import flower_bin, flower_env
 from shared_models.processes import ProcessWatchdog, toml_value
 
 log = logging.getLogger(__name__)
@@ -45,36 +45,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def flower_variables(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
-    """The variables every Flower process of a run needs (``FLOWER-1.42-NOTES.md``): a
-    project-local ``FLWR_HOME``, no update check, telemetry or runtime dependency
-    installation, and a project-local ``RAY_TMPDIR``."""
-    return {
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_TMPDIR": str(ray_tmp),
-        "RAY_DEDUP_LOGS": "0",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        # local Ray only: its node address is 127.0.0.1, so GCS, raylet and workers listen on loopback
-        # (Ray's services.get_node_ip_address; otherwise they listen on every interface) (issue 16)
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
-
-
-def flower_env(flwr_home: Path, ray_tmp: Path, threads: int = 1) -> dict[str, str]:
-    """Environment for every Flower process of a run (see module docstring)."""
-    env = dict(os.environ)
-    # The SuperLink starts flower-superexec (and Ray its workers) by name: put this
-    # environment's scripts first on PATH even when it was not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(flower_variables(flwr_home, ray_tmp))
-    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
-    return env
 
 
 #: GPU share of one simulated site's ClientApp when CUDA is present and ``--gpus-per-site`` is not
@@ -123,12 +93,6 @@ def federation_config(num_sites: int, cpus_per_client: int, gpus_per_client: flo
     return text + (f" client-resources-num-gpus={gpus_per_client:g}" if gpus_per_client > 0 else "")
 
 
-def _bin(name: str) -> str:
-    """A console script of this interpreter's environment (falls back to PATH)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 @contextmanager
 def simulation_superlink(work: Path, env: dict[str, str]):
     """Start ``flower-superlink --simulation`` on 127.0.0.1 and stop it (whole process group) on exit.
@@ -140,7 +104,7 @@ def simulation_superlink(work: Path, env: dict[str, str]):
     port = free_port()
     log_path = work / "superlink.log"
     cmd = [
-        _bin("flower-superlink"),
+        flower_bin("flower-superlink"),
         "--insecure",
         "--simulation",
         "--host",
@@ -221,7 +185,9 @@ def write_connection(flwr_home: Path, address: str) -> None:
 
 
 def _flwr(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
-    proc = subprocess.run([_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=APP_DIR)
+    proc = subprocess.run(
+        [flower_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=APP_DIR
+    )
     if proc.returncode != 0:
         raise SimulationError(
             f"flwr {args[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
@@ -350,7 +316,7 @@ def run_simulation(
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
-    env = flower_env(flwr_home, ray_tmp, threads=cpus_per_client)
+    env = flower_env(flwr_home, ray_tmp=ray_tmp, threads=cpus_per_client, local_superlink_port=free_port())
     federation = federation_config(num_sites, cpus_per_client, gpus_per_site(gpus_per_client))
     overrides = work_dir / "run-config.toml"
     run_log = work_dir / "run.log"
@@ -381,7 +347,7 @@ def run_simulation(
             log.info("simulation run %d submitted (%s); logs stream to %s", run_id, federation, run_log)
             with open(run_log, "ab") as fh:
                 streamer = subprocess.Popen(
-                    [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                    [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                     env=env,
                     stdout=fh,
                     stderr=subprocess.STDOUT,

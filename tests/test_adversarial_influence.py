@@ -16,6 +16,7 @@ from flwr.app.message.message import make_message
 
 from server.server_app import validation_score
 from shared_models.config import RunConfig
+from shared_models.flower.records import state_to_record
 from shared_models.transfer import pack_state_dict
 from strategies.site_aware import SiteFedAvg, SiteFedMedian, SiteFedTrimmedAvg, SiteKrum, build_strategy
 from strategies.update_checks import MAX_ABS_WEIGHT, bound_update_norms
@@ -533,7 +534,7 @@ def test_row9_deployed_site_keeps_its_own_floor_cache_and_audit_log(one_patient_
         )
     key = str(crops.content["site"]["crops-key"])
     torch.manual_seed(0)
-    stager = client_app._pack(MulDenseNet3D(cfg.stager).state_dict(), cfg)
+    stager = state_to_record(MulDenseNet3D(cfg.stager).state_dict(), cfg)
     reply = client_app.evaluate(
         _site_message(
             "evaluate",

@@ -16,8 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.app.message.message import make_message
 
 from client.audit import append_entry, line_sha256, verify_audit_anchors
-from server.server_app import _unpack, hello_problem
+from server.server_app import hello_problem
 from shared_models.config import parse_site_nodes
+from shared_models.flower.records import record_to_state
 from shared_models.safe_files import UnsafeFileError, load_tensors
 from shared_models.stager import MulDenseNet3D, StagerConfig
 from shared_models.transfer import pack_state_dict
@@ -63,7 +64,7 @@ def _strategy(template: dict) -> SiteFedAvg:
         min_fraction=0.5,
         max_int_delta=10,
         declared={s: {"heads-train": 20} for s in SITES.values()},
-        state_problems=lambda arrays: normalisation_problems(_unpack(arrays, template)),
+        state_problems=lambda arrays: normalisation_problems(record_to_state(arrays, template)),
     )
     strategy._sent = _packed(template)
     return strategy
@@ -92,7 +93,7 @@ def test_negative_running_variance_is_rejected_and_the_fedavg_model_stays_finite
     replies.append(_reply(4, RecordDict({"arrays": _packed(poisoned), "metrics": MetricRecord({"num-examples": 20})})))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert "negative running variances" in strategy.rejected_updates[1]["D"][0]
-    state = _unpack(arrays, template)
+    state = record_to_state(arrays, template)
     assert float(state[key].min()) >= 0
     model.load_state_dict(state)
     model.eval()
