@@ -58,6 +58,14 @@ from client.dicom_series import (
     check_decoders,
     read_study,
 )
+from client.site_layout import (  # re-exported: the site folder's names live in client.site_layout
+    DEFAULT_SPLIT,
+    MANIFEST_COLUMNS,
+    MANIFEST_NAME,
+    SPLIT_COLUMNS,
+    SPLIT_NAME,
+    SPLITS,
+)
 from shared_models.preprocessing import (
     SIDES,
     GridGeometry,
@@ -72,13 +80,7 @@ from shared_models.stages import FicatArletStage
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.csv"
 SITE_CACHE_NAME = ".onfh-cache"  # default cache folder inside a site root; it never travels
-SPLIT_NAME = "split.csv"
-MANIFEST_COLUMNS: tuple[str, ...] = ("patient_id", "study", "side", "ficat_stage", "box_lps_mm", "scanner")
-SPLIT_COLUMNS: tuple[str, ...] = ("patient_id", "split")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-DEFAULT_SPLIT = "test"
 
 # Smallest field of view (mm, LPS x = left-right, y = antero-posterior, z = supero-inferior) that
 # can hold both femoral heads: the heads lie ~90 mm either side of the midline and are ~50 mm wide.

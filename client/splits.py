@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from client.site_layout import MANIFEST_NAME, SPLIT_COLUMNS, SPLIT_NAME, SPLITS
 from shared_models.safe_csv import SafeWriter
 
 log = logging.getLogger(__name__)
@@ -94,19 +95,19 @@ def write_splits(
     train_sites = set(train_sites)
     summary: dict[str, dict[str, int]] = {}
     for site in site_ids:
-        manifest = Path(data_root) / site / "manifest.csv"
+        manifest = Path(data_root) / site / MANIFEST_NAME
         if not manifest.exists():
-            raise FileNotFoundError(f"{manifest}: site {site} has no manifest.csv")
+            raise FileNotFoundError(f"{manifest}: site {site} has no {MANIFEST_NAME}")
         skipped: list = []
         splits = assign_splits(_patient_strata(manifest, skipped), site in train_sites, seed)
         for row in skipped:
             log.warning("site %s: %s (row skipped)", site, row)
         if refusals is not None:
             refusals[site] = skipped
-        with open(manifest.parent / "split.csv", "w", newline="") as fh:
+        with open(manifest.parent / SPLIT_NAME, "w", newline="") as fh:
             writer = SafeWriter(fh)
-            writer.writerow(["patient_id", "split"])
+            writer.writerow(SPLIT_COLUMNS)
             writer.writerows(sorted(splits.items()))
-        summary[site] = {s: sum(v == s for v in splits.values()) for s in ("train", "val", "test")}
+        summary[site] = {s: sum(v == s for v in splits.values()) for s in SPLITS}
         log.info("site %s: patients per split %s", site, summary[site])
     return summary

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from client.site_layout import MANIFEST_COLUMNS, MANIFEST_NAME
 from shared_models.stages import STAGE_LABELS, FicatArletStage
 from sim.phantoms.anatomy import _SIDES
 from sim.phantoms.dicom_writer import _write_study
@@ -40,7 +41,6 @@ GENERATOR_VERSION = 7
 
 SUMMARY_FILE = "phantoms.json"
 GROUND_TRUTH_FILE = "ground_truth.csv"
-MANIFEST_COLUMNS = ("patient_id", "study", "side", "ficat_stage", "box_lps_mm", "scanner")
 _MARKER_FILE = ".onfh-phantoms"
 _SIGN_KEYS = ("I_oedema", "II_bright_band", "II_dark_band", "II_necrotic", "II_oedema")
 
@@ -118,7 +118,7 @@ def _existing_summary(out_dir: Path, profile: PhantomProfile, seed: int) -> dict
         or summary.get("seed") != seed
     ):
         return None
-    if not all((out_dir / s / "manifest.csv").is_file() for s in profile.sites):
+    if not all((out_dir / s / MANIFEST_NAME).is_file() for s in profile.sites):
         return None
     return summary
 
@@ -339,7 +339,7 @@ def _write_outputs(out_dir: Path, prof: PhantomProfile, seed: int, results: list
                     }
                 )
         manifest_rows.sort(key=lambda row: (row["patient_id"], row["side"]))
-        with open(out_dir / site / "manifest.csv", "w", newline="") as fh:
+        with open(out_dir / site / MANIFEST_NAME, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(manifest_rows)
