@@ -76,7 +76,7 @@ def describe_message(reply: Message, request: Message) -> dict:
         reply: the message leaving the site.
         request: the message it answers (for the round, phase or action).
     """
-    from flwr.common.serde import recorddict_to_proto
+    from shared_models.flower.internals import recorddict_to_proto
 
     entry = _header(request)
     if reply.has_error():

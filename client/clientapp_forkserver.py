@@ -50,6 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared_models.flower import internals as flower_internals
+
 log = logging.getLogger("onfh.forkserver")
 
 #: The ClientApp reference of ``pyproject.toml`` (``[tool.flwr.app.components]``).
@@ -230,13 +232,11 @@ class ForkExecutor:
         self, supported_task_types, *, insecure: bool = False, root_certificates_path: str | None = None
     ):
         """ClientApp tasks only, while fewer than ``max_parallel`` children run."""
-        from flwr.supercore.constant import TaskType
-
         del insecure, root_certificates_path
         self.reconcile()
         if len(self.children) >= self.max_parallel:
             return set(), set()
-        return set(supported_task_types) & {TaskType.CLIENT_APP}, set()
+        return set(supported_task_types) & {flower_internals.TaskType.CLIENT_APP}, set()
 
     def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None) -> None:
         """Capacity is checked in :meth:`get_eligible_capacity`; nothing to wait for here."""
@@ -244,16 +244,14 @@ class ForkExecutor:
 
     def launch(self, spec):
         """Fork; the child runs Flower's ``run_clientapp`` for ``spec.token`` and exits with its code."""
-        from flwr.supercore.superexec.executor import LaunchResult
-
         try:
             pid = os.fork()
         except OSError as exc:
-            return LaunchResult.failed(f"fork failed: {exc}")
+            return flower_internals.LaunchResult.failed(f"fork failed: {exc}")
         if pid == 0:  # the ClientApp process
             os._exit(_run_task(spec, self.threads))
         self.children.add(pid)
-        return LaunchResult.accepted()
+        return flower_internals.LaunchResult.accepted()
 
     def reconcile(self) -> None:
         """Reap finished children (no zombies)."""
@@ -289,14 +287,13 @@ def _run_task(spec, threads: int) -> int:
         import torch
 
         torch.set_num_threads(threads)
-        from flwr.supercore.tls import validate_and_resolve_root_certificates
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-        run_clientapp(
+        flower_internals.run_clientapp(
             runtime_api_address=spec.runtime_api_address,
             token=spec.token,
             insecure=spec.insecure,
-            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            certificates=flower_internals.validate_and_resolve_root_certificates(
+                spec.root_certificates_path, spec.insecure
+            ),
             parent_pid=spec.parent_pid,
             runtime_dependency_install=False,
         )
@@ -340,18 +337,13 @@ def serve(
     Returns:
         How many ``AcquireTask`` calls the Runtime API answered.
     """
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.superexec.plugin import AutoExecPlugin
-
-    client = RuntimeHttpClient.from_server_address(
+    client = flower_internals.RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,
         root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        interceptors=[flower_internals.RuntimeVersionHttpInterceptor(component_name="SuperExec")],
     )
-    plugin = AutoExecPlugin(
+    plugin = flower_internals.AutoExecPlugin(
         runtime_api_address=runtime_api_address,
         insecure=True,
         root_certificates_path=None,
@@ -366,7 +358,9 @@ def serve(
             wait = min_poll_s if len(executor.children) < running else min(max_poll_s, wait * 2)
             if types:
                 try:
-                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=types, agentapp_fab_hashes=[]))
+                    res = client.AcquireTask(
+                        flower_internals.AcquireTaskRequest(supported_task_types=types, agentapp_fab_hashes=[])
+                    )
                 except Exception as exc:
                     log.debug("Runtime API not reachable yet: %s", exc)
                     res = None
@@ -385,12 +379,11 @@ def serve(
 
 def _runtime_address(supernode_cmd: list[str]) -> str:
     """``HOST:PORT`` of the SuperNode's Runtime API from its ``--host``/``--port`` (Flower's defaults otherwise)."""
-    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT
 
     def opt(name: str, default: str) -> str:
         return supernode_cmd[supernode_cmd.index(name) + 1] if name in supernode_cmd else default
 
-    return f"{opt('--host', '127.0.0.1')}:{opt('--port', str(SUPERNODE_UVICORN_DEFAULT_PORT))}"
+    return f"{opt('--host', '127.0.0.1')}:{opt('--port', str(flower_internals.SUPERNODE_UVICORN_DEFAULT_PORT))}"
 
 
 def main(argv: list[str] | None = None) -> int:

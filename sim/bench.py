@@ -484,8 +484,8 @@ def transfer_benchmark(
         ValueError: for an unknown model size.
     """
     from flwr.app import Array, ArrayRecord
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+    from shared_models.flower.internals import get_all_nested_objects
     from shared_models.stager import MulDenseNet3D
     from shared_models.transfer import pack_state_dict, to_transfer, unpack_state_dict
 

@@ -96,7 +96,7 @@ SCHEDULE: dict[str, Any] = {
 @contextlib.contextmanager
 def _task_identity(run_id: int = 1):
     """Flower stamps new Messages with the running task's identity; outside Flower there is none."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from shared_models.flower.internals import TaskIdentity
 
     old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0

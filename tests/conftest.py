@@ -53,7 +53,7 @@ def real_data_or_skip(name: str) -> Path:
 @pytest.fixture
 def task_identity():
     """Flower Messages need a run id; outside a running Flower process we set one for the test."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from shared_models.flower.internals import TaskIdentity
 
     old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

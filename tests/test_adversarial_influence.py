@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
 
 from server.server_app import validation_score
 from shared_models.config import RunConfig
+from shared_models.flower.internals import make_message
 from shared_models.flower.records import state_to_record
 from shared_models.transfer import pack_state_dict
 from strategies.site_aware import SiteFedAvg, SiteFedMedian, SiteFedTrimmedAvg, SiteKrum, build_strategy

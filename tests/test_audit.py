@@ -17,8 +17,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.app.message.message import make_message
-from flwr.common.serde import recorddict_to_proto
 
 from client.audit import (
     append_entry,
@@ -27,6 +25,7 @@ from client.audit import (
     read_audit_log,
     verify_audit_log,
 )
+from shared_models.flower.internals import make_message, recorddict_to_proto
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

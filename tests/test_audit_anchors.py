@@ -9,11 +9,11 @@ import time
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
 
 from client.audit import audited
 from server.audit_anchors import AnchorRecordingGrid, load_anchors
 from shared_models.cli import main
+from shared_models.flower.internals import make_message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

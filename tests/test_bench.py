@@ -133,8 +133,8 @@ def test_bench_refuses_an_unknown_section(tmp_path):
 def test_plain_loop_fedavg_equals_flowers_aggregation():
     """The plain baseline's FedAvg (sim.bench_federation.fedavg_states) is Flower's weighted mean."""
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+    from shared_models.flower.internals import aggregate_arrayrecords
     from sim.bench_federation import fedavg_states
     from strategies.site_aware import restore_dtypes
 

@@ -15,16 +15,14 @@ import torch
 
 from client import clientapp_forkserver as fs
 from client import site_daemon as sd
+from shared_models.flower import internals as flower_internals
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc are Linux")
 
 
 def _spec(task_id: int = 1, token: str = "ab" * 8):
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import ExecutionSpec
-
-    return ExecutionSpec(
-        task_type=TaskType.CLIENT_APP,
+    return flower_internals.ExecutionSpec(
+        task_type=flower_internals.TaskType.CLIENT_APP,
         runtime_api_address="127.0.0.1:1",
         token=token,
         insecure=True,
@@ -118,8 +116,6 @@ def test_warm_imports_keep_torch_and_monai_but_the_clientapp_comes_from_the_fab(
 
 
 def test_each_task_runs_flowers_clientapp_in_its_own_named_child(tmp_path, monkeypatch):
-    from flwr.supernode.runtime import run_clientapp as rc
-
     def fake_run_clientapp(
         *, runtime_api_address, token, insecure, certificates, parent_pid, runtime_dependency_install
     ):
@@ -135,7 +131,7 @@ def test_each_task_runs_flowers_clientapp_in_its_own_named_child(tmp_path, monke
         (tmp_path / f"{os.getpid()}.json").write_text(json.dumps(record))
         raise SystemExit(5 if token.startswith("ee") else 0)  # Flower ends every task with flwr_exit
 
-    monkeypatch.setattr(rc, "run_clientapp", fake_run_clientapp)
+    monkeypatch.setattr(flower_internals, "run_clientapp", fake_run_clientapp)
     executor = fs.ForkExecutor(threads=2, max_parallel=4)
     for task_id in (1, 2):
         assert str(executor.launch(_spec(task_id)).status) == "accepted"
@@ -161,8 +157,7 @@ def test_each_task_runs_flowers_clientapp_in_its_own_named_child(tmp_path, monke
 
 
 def test_capacity_is_held_while_max_parallel_clientapps_run(tmp_path, monkeypatch):
-    from flwr.supercore.constant import TaskType
-    from flwr.supernode.runtime import run_clientapp as rc
+    TaskType = flower_internals.TaskType
 
     go = tmp_path / "go"
 
@@ -171,7 +166,7 @@ def test_capacity_is_held_while_max_parallel_clientapps_run(tmp_path, monkeypatc
             time.sleep(0.02)
         raise SystemExit(0)
 
-    monkeypatch.setattr(rc, "run_clientapp", slow)
+    monkeypatch.setattr(flower_internals, "run_clientapp", slow)
     executor = fs.ForkExecutor(threads=1, max_parallel=1)
     every = set(TaskType)
     assert executor.get_eligible_capacity(every) == ({TaskType.CLIENT_APP}, set())

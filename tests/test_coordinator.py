@@ -139,7 +139,7 @@ def test_superlink_and_supernode_command_lines(certs, tmp_path):
         == f"site-id='A' data-path='{(tmp_path / 'site A').resolve()}' min-cell-heads=5"
     )
     # the site's own settings reach the ClientApp through Flower's own parser of --node-config
-    from flwr.common.config import parse_config_args
+    from shared_models.flower.internals import parse_config_args
 
     own = sd.supernode_command(
         superlink="127.0.0.1:19199",

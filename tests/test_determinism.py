@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import FedAvg
 
 from server.checkpoint import CheckpointStore
 from shared_models.determinism import stream_seed
+from shared_models.flower.internals import make_message
 from strategies.site_aware import SiteFedAvg
 
 

@@ -56,16 +56,15 @@ def test_with_cuda_each_site_gets_a_share_that_fits_the_memory(monkeypatch, memo
 def _flower_pool_size(federation: str, monkeypatch, cpus: int, gpus: int) -> tuple[dict, int]:
     """Flower's own reading of a ``--federation-config`` value and the actor count its Ray backend takes
     from it on one node with ``cpus`` CPUs and ``gpus`` GPUs."""
-    from flwr.common.config import parse_config_args
-    from flwr.simulation import app as sim_app
-    from flwr.simulation.ray_transport import ray_actor
-    from flwr.supercore.utils import simulation_config_from_json
+    import ray
 
-    parsed = {k.replace("-", "_"): v for k, v in parse_config_args([federation]).items()}  # as `flwr run` does
-    _, _, backend_config, _, _ = sim_app._run_simulation_settings(simulation_config_from_json(parsed))
+    from shared_models.flower import internals as fi
+
+    parsed = {k.replace("-", "_"): v for k, v in fi.parse_config_args([federation]).items()}  # as `flwr run` does
+    _, _, backend_config, _, _ = fi.run_simulation_settings(fi.simulation_config_from_json(parsed))
     resources = backend_config["client_resources"]
-    monkeypatch.setattr(ray_actor.ray, "nodes", lambda: [{"Resources": {"CPU": cpus, "GPU": gpus}}])
-    return resources, ray_actor.pool_size_from_resources(resources)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Resources": {"CPU": cpus, "GPU": gpus}}])  # Flower asks Ray
+    return resources, fi.pool_size_from_resources(resources)
 
 
 def test_flower_runs_one_site_per_share_of_the_gpu(monkeypatch):

@@ -80,7 +80,7 @@ def test_everything_but_send_and_receive_is_the_wrapped_grids():
 
 
 def test_the_simulation_grid_is_left_alone():
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    from shared_models.flower.internals import InMemoryGrid
 
     sim_grid = InMemoryGrid.__new__(InMemoryGrid)  # Flower's own class; its state is not needed here
     assert with_reply_polling(sim_grid) is sim_grid

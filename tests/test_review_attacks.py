@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
 
 from client.audit import append_entry, line_sha256, verify_audit_anchors
 from server.server_app import hello_problem
 from shared_models.config import parse_site_nodes
+from shared_models.flower.internals import make_message
 from shared_models.flower.records import record_to_state
 from shared_models.safe_files import UnsafeFileError, load_tensors
 from shared_models.stager import MulDenseNet3D, StagerConfig

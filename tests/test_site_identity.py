@@ -11,11 +11,11 @@ import time
 
 import pytest
 from flwr.app import ConfigRecord, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
 
 from server.coordinator import site_nodes
 from server.server_app import SiteIdentityError, SitesMissingError, discover_sites, identity_problem
 from shared_models.config import RunConfig, parse_site_nodes
+from shared_models.flower.internals import make_message
 from tests.conftest import tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
 
 from shared_models.detector import YOLOX3D
+from shared_models.flower.internals import make_message
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import SiteFedAvg, SiteFedProx, build_strategy, restore_dtypes
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared_models.config import RunConfig, default_run_config
 from shared_models.detector import YOLOX3D
+from shared_models.flower.internals import aggregate_arrayrecords
 from shared_models.stager import MulDenseNet3D
 from shared_models.transfer import (
     FLOAT_KEY,

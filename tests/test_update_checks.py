@@ -16,8 +16,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.app.message.message import make_message
 
+from shared_models.flower.internals import make_message
 from strategies.site_aware import (
     RoundIncompleteError,
     SiteFedAvg,
