@@ -40,6 +40,8 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message
 
+from shared_models.specs import ACTION, CONFIG, PHASE, SERVER_ROUND
+
 log = logging.getLogger(__name__)
 
 AUDIT_NAME = "audit.jsonl"
@@ -53,14 +55,14 @@ def line_sha256(entry: dict) -> str:
 
 
 def _header(request: Message) -> dict:
-    config = request.content.config_records.get("config", {}) if request.has_content() else {}
+    config = request.content.config_records.get(CONFIG, {}) if request.has_content() else {}
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": int(request.metadata.run_id),
         "message_type": str(request.metadata.message_type),
-        "round": int(config["server-round"]) if "server-round" in config else None,
-        "phase": str(config["phase"]) if "phase" in config else None,
-        "action": str(config["action"]) if "action" in config else None,
+        "round": int(config[SERVER_ROUND]) if SERVER_ROUND in config else None,
+        "phase": str(config[PHASE]) if PHASE in config else None,
+        "action": str(config[ACTION]) if ACTION in config else None,
         "arrays": [],
         "metrics": [],
         "configs": [],

@@ -29,6 +29,18 @@ from client.training import select_device
 from shared_models import calibration as cal
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D, box_iou_3d
+from shared_models.specs import (
+    CALIBRATION,
+    CROPS_KEY,
+    DET_GOOD,
+    DET_HEADS,
+    DET_SCORE_HIST,
+    ENERGY_HIST,
+    NLL,
+    VAL_HEADS,
+    VAL_SUPPRESSED,
+    Action,
+)
 from shared_models.stager import MulDenseNet3D
 
 
@@ -77,21 +89,21 @@ def validation_stats(site: SiteData, cfg: RunConfig, detector_state, stager_stat
         (``len(ENERGY_EDGES) - 1`` ints), ``nll`` (``len(TEMPERATURE_GRID)`` floats, nats).
     """
     logits, stages = _split_logits(site, cfg, stager_state, key, "val")
-    out: dict = {"val-heads": int(len(stages))}
+    out: dict = {VAL_HEADS: int(len(stages))}
     if len(stages) < cfg.min_cell_heads:
-        return {**out, "val-suppressed": 1}
+        return {**out, VAL_SUPPRESSED: 1}
     scores, ious = (
         _detector_scores(site, cfg, detector_state, "val") if detector_state is not None else (np.zeros(0),) * 2
     )
     good = ious >= 0.5
     out.update(
         {
-            "val-suppressed": 0,
-            "det-heads": int(len(ious)),
-            "det-good": int(good.sum()),
-            "det-score-hist": cal.histogram(scores[good], cal.SCORE_EDGES),
-            "energy-hist": cal.histogram(cal.energy_scores(logits), cal.ENERGY_EDGES),
-            "nll": cal.nll_sums(logits, stages),
+            VAL_SUPPRESSED: 0,
+            DET_HEADS: int(len(ious)),
+            DET_GOOD: int(good.sum()),
+            DET_SCORE_HIST: cal.histogram(scores[good], cal.SCORE_EDGES),
+            ENERGY_HIST: cal.histogram(cal.energy_scores(logits), cal.ENERGY_EDGES),
+            NLL: cal.nll_sums(logits, stages),
         }
     )
     return out
@@ -142,10 +154,10 @@ def run(action: str, site: SiteData, cfg: RunConfig, detector_state, stager_stat
     Raises:
         ValueError: an unknown action or an invalid calibration.
     """
-    key = str(config["crops-key"])
-    if action == "calibrate-val":
+    key = str(config[CROPS_KEY])
+    if action == Action.CALIBRATE_VAL:
         return validation_stats(site, cfg, detector_state, stager_state, key)
-    if action == "calibrate-eval":
-        calibration = cal.Calibration.from_dict(json.loads(str(config["calibration"])))
+    if action == Action.CALIBRATE_EVAL:
+        calibration = cal.Calibration.from_dict(json.loads(str(config[CALIBRATION])))
         return calibrated_stats(site, cfg, detector_state, stager_state, key, calibration)
     raise ValueError(f"unknown calibration action {action!r}")

@@ -57,7 +57,21 @@ from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.determinism import configure_determinism
 from shared_models.flower.records import record_to_state, state_to_record
-from shared_models.specs import Phase
+from shared_models.specs import (
+    ACTION,
+    ARRAYS,
+    CONFIG,
+    CROPS_KEY,
+    METRICS,
+    PHASE,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SITE,
+    SITE_ID,
+    Action,
+    Phase,
+    heads_key,
+)
 from shared_models.weights import norm_state_keys
 
 log = logging.getLogger(__name__)
@@ -153,7 +167,7 @@ def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: Phase)
         which case the site's own normalisation entries (from ``context.state``) replace
         the global ones.
     """
-    state = _unpack(msg.content["arrays"], cfg, phase)
+    state = _unpack(msg.content[ARRAYS], cfg, phase)
     norm_keys = _norm_keys(cfg, phase) if cfg.strategy == "fedbn" else set()
     local_key = f"fedbn-{phase}"
     if norm_keys and local_key in context.state:
@@ -234,9 +248,9 @@ def audit_log_path(context: Context) -> Path:
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    content = RecordDict({METRICS: MetricRecord(metrics)})
     if arrays is not None:
-        content["arrays"] = arrays
+        content[ARRAYS] = arrays
     return Message(content=content, reply_to=msg)
 
 
@@ -247,24 +261,24 @@ def query(msg: Message, context: Context) -> Message:
     """``hello`` (site id and counts) or ``crops`` (make the phase-2 crops at the site)."""
     # 1. resolve the site and its data
     cfg, site = _open(context)
-    action = str(msg.content["config"]["action"])
+    action = str(msg.content[CONFIG][ACTION])
     # 2-3. run the action
-    if action == "hello":
-        metrics = {f"heads-{split}": len(site.heads_in(split)) for split in ("train", "val", "test")}
+    if action == Action.HELLO:
+        metrics = {heads_key(split): len(site.heads_in(split)) for split in ("train", "val", "test")}
         metrics["studies-refused"] = sum(v.status != "ok" for v in site.verdicts)
-        content = RecordDict({"site": ConfigRecord({"site-id": site.site_id}), "metrics": MetricRecord(metrics)})
+        content = RecordDict({SITE: ConfigRecord({SITE_ID: site.site_id}), METRICS: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
-    if action == "crops":
-        detector = _unpack(msg.content["arrays"], cfg, Phase.DETECTOR) if "arrays" in msg.content else None
+    if action == Action.CROPS:
+        detector = _unpack(msg.content[ARRAYS], cfg, Phase.DETECTOR) if ARRAYS in msg.content else None
         key, metrics = tasks.make_crops(site, cfg, detector)
-        content = RecordDict({"site": ConfigRecord({"crops-key": key}), "metrics": MetricRecord(metrics)})
+        content = RecordDict({SITE: ConfigRecord({CROPS_KEY: key}), METRICS: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
-    if action in ("calibrate-val", "calibrate-eval"):  # issue 17: aggregates for the bundle's thresholds
+    if action in (Action.CALIBRATE_VAL, Action.CALIBRATE_EVAL):  # issue 17: aggregates for the bundle's thresholds
         from client.calibration_stats import run as calibration_stats
 
-        detector = _unpack(msg.content["detector"], cfg, Phase.DETECTOR)
-        stager = _unpack(msg.content["stager"], cfg, Phase.STAGER)
-        return _reply(msg, None, calibration_stats(action, site, cfg, detector, stager, dict(msg.content["config"])))
+        detector = _unpack(msg.content[Phase.DETECTOR.value], cfg, Phase.DETECTOR)
+        stager = _unpack(msg.content[Phase.STAGER.value], cfg, Phase.STAGER)
+        return _reply(msg, None, calibration_stats(action, site, cfg, detector, stager, dict(msg.content[CONFIG])))
     raise ValueError(f"unknown query action {action!r}")
 
 
@@ -275,10 +289,10 @@ def train(msg: Message, context: Context) -> Message:
     """Local training for the phase named in the round's config."""
     # 1. resolve the site
     cfg, site = _open(context)
-    config = msg.content["config"]
-    phase = Phase.parse(config["phase"])
-    server_round = int(config["server-round"])
-    mu = float(config.get("proximal-mu", 0.0))
+    config = msg.content[CONFIG]
+    phase = Phase.parse(config[PHASE])
+    server_round = int(config[SERVER_ROUND])
+    mu = float(config.get(PROXIMAL_MU, 0.0))
     # 2. global weights in (FedBN: keep local norm layers)
     state, norm_keys = _receive_state(msg, context, cfg, phase)
     # 3. train
@@ -286,7 +300,7 @@ def train(msg: Message, context: Context) -> Message:
         new_state, metrics = tasks.detector_train(site, cfg, state, proximal_mu=mu, server_round=server_round)
     else:
         new_state, metrics = tasks.stager_train(
-            site, cfg, state, str(config["crops-key"]), proximal_mu=mu, server_round=server_round
+            site, cfg, state, str(config[CROPS_KEY]), proximal_mu=mu, server_round=server_round
         )
     _keep_local_norms(context, new_state, norm_keys, phase, cfg)
     # 4. reply: weights with dtypes intact, aggregate metrics only
@@ -299,10 +313,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the site's held-out (``test``) heads."""
     cfg, site = _open(context)
-    config = msg.content["config"]
-    phase = Phase.parse(config["phase"])
+    config = msg.content[CONFIG]
+    phase = Phase.parse(config[PHASE])
     state, _ = _receive_state(msg, context, cfg, phase)
-    metrics = tasks.evaluate(site, cfg, phase, state, str(config.get("crops-key", "")))
+    metrics = tasks.evaluate(site, cfg, phase, state, str(config.get(CROPS_KEY, "")))
     # small cells: a split with fewer than min-cell-heads heads (the site's own floor in deployment)
     # sends only its count (issue 16)
     return _reply(msg, None, tasks.suppress_small_cells(metrics, cfg.min_cell_heads))

@@ -12,6 +12,7 @@ import torch
 from client.augmentation import augment_detector_batch
 from client.training import LocalRun, autocast, batches, make_lr_scheduler, mean_loss, resident, take, to_device
 from shared_models.detector import YOLOX3D, decode_best_box, detector_loss
+from shared_models.specs import TRAIN_LOSS
 
 
 def train_detector(
@@ -89,7 +90,7 @@ def train_detector(
         scheduler.step()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
-    return {"train-loss": mean_loss(losses)}
+    return {TRAIN_LOSS: mean_loss(losses)}
 
 
 @torch.no_grad()

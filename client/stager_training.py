@@ -48,6 +48,7 @@ from client.training import (
     to_device,
 )
 from shared_models.losses import stage_focal_loss
+from shared_models.specs import TRAIN_LOSS
 from shared_models.stages import NUM_STAGES
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ def train_stager(
         )
     )
     _release_model(model)
-    return {"train-loss": mean_loss(losses)}
+    return {TRAIN_LOSS: mean_loss(losses)}
 
 
 @torch.no_grad()

@@ -31,7 +31,26 @@ from shared_models.detector import YOLOX3D
 from shared_models.determinism import stream_seed
 from shared_models.metrics import IOU_HIST_BINS, detection_metrics, stage_counts, stage_metrics
 from shared_models.preprocessing import box_voxel_to_lps
-from shared_models.specs import Phase
+from shared_models.specs import (
+    ACCURACY,
+    AP50,
+    CENTER_ERROR_MM,
+    CONFUSION,
+    HIST_NEG_PREFIX,
+    HIST_POS_PREFIX,
+    IOU_HIST,
+    IOU_MEAN,
+    LOW_CONFIDENCE,
+    MACRO_AUC,
+    NUM_EXAMPLES,
+    RECALL30,
+    RECALL50,
+    SUPPRESSED,
+    VAL_NUM_EXAMPLES,
+    VAL_SCORE,
+    VAL_SUPPRESSED,
+    Phase,
+)
 from shared_models.stager import MulDenseNet3D
 from shared_models.weights import state_dict_sha256
 
@@ -109,7 +128,7 @@ def detector_train(
         l1_weight=cfg.detector_l1_weight(server_round),
         **cfg.lr_schedule_args(Phase.DETECTOR, server_round),
     )
-    return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(heads), **metrics}
+    return {k: v.cpu() for k, v in model.state_dict().items()}, {NUM_EXAMPLES: len(heads), **metrics}
 
 
 def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: str = "test") -> dict:
@@ -123,14 +142,14 @@ def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: s
     """
     heads = _boxed(site.heads_in(split))
     out = {
-        "num-examples": len(heads),
-        "iou-mean": 0.0,
-        "center-error-mm": 0.0,
-        "recall30": 0.0,
-        "recall50": 0.0,
-        "ap50": 0.0,
-        "low-confidence": 0,
-        "iou-hist": [0] * IOU_HIST_BINS,
+        NUM_EXAMPLES: len(heads),
+        IOU_MEAN: 0.0,
+        CENTER_ERROR_MM: 0.0,
+        RECALL30: 0.0,
+        RECALL50: 0.0,
+        AP50: 0.0,
+        LOW_CONFIDENCE: 0,
+        IOU_HIST: [0] * IOU_HIST_BINS,
     }
     if not heads:
         return out
@@ -141,13 +160,13 @@ def detector_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, split: s
     m = detection_metrics(pred, gt, site.spec.hemi_spacing_mm, scores=scores)
     out.update(
         {
-            "iou-mean": float(m["iou_mean"]),
-            "center-error-mm": float(m["center_error_mm"]),
-            "recall30": float(m["recall30"]),
-            "recall50": float(m["recall50"]),
-            "ap50": float(m["ap50"]),
-            "low-confidence": int(low.sum()),
-            "iou-hist": m["iou_hist"],
+            IOU_MEAN: float(m["iou_mean"]),
+            CENTER_ERROR_MM: float(m["center_error_mm"]),
+            RECALL30: float(m["recall30"]),
+            RECALL50: float(m["recall50"]),
+            AP50: float(m["ap50"]),
+            LOW_CONFIDENCE: int(low.sum()),
+            IOU_HIST: m["iou_hist"],
         }
     )
     return out
@@ -254,7 +273,7 @@ def make_crops(site: SiteData, cfg: RunConfig, detector_state: StateDict | None)
         tmp.replace(path)
     with np.load(path) as data:
         low_count = int(data["low_confidence"])
-    return key, {"num-examples": len(heads), "low-confidence": low_count}
+    return key, {NUM_EXAMPLES: len(heads), LOW_CONFIDENCE: low_count}
 
 
 def load_crops(site: SiteData, key: str) -> CropSet:
@@ -316,7 +335,7 @@ def stager_train(
         seed=stream_seed(cfg.seed, site.site_id, Phase.STAGER, server_round),
         **cfg.lr_schedule_args(Phase.STAGER, server_round),
     )
-    return {k: v.cpu() for k, v in model.state_dict().items()}, {"num-examples": len(crops), **metrics}
+    return {k: v.cpu() for k, v in model.state_dict().items()}, {NUM_EXAMPLES: len(crops), **metrics}
 
 
 def stager_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, key: str, split: str = "test") -> dict:
@@ -328,7 +347,7 @@ def stager_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, key: str, 
         site's own ``macro-auc`` / ``accuracy`` (NaN-free: 0.0 when undefined).
     """
     crops, stages = load_crops(site, key).select(split)
-    out: dict = {"num-examples": len(crops)}
+    out: dict = {NUM_EXAMPLES: len(crops)}
     if len(crops):
         model = MulDenseNet3D(cfg.stager)
         model.load_state_dict(state)
@@ -336,17 +355,17 @@ def stager_evaluate(site: SiteData, cfg: RunConfig, state: StateDict, key: str, 
     else:
         probs = np.zeros((0, 3), np.float32)
     counts = stage_counts(stages, probs, n_bins=HIST_BINS)
-    out["confusion"] = [int(v) for v in np.asarray(counts["confusion"]).ravel()]
+    out[CONFUSION] = [int(v) for v in np.asarray(counts["confusion"]).ravel()]
     for k in range(3):
-        out[f"hist-pos-{k}"] = [int(v) for v in counts["hist_pos"][k]]
-        out[f"hist-neg-{k}"] = [int(v) for v in counts["hist_neg"][k]]
+        out[f"{HIST_POS_PREFIX}{k}"] = [int(v) for v in counts["hist_pos"][k]]
+        out[f"{HIST_NEG_PREFIX}{k}"] = [int(v) for v in counts["hist_neg"][k]]
     if len(crops):
         m = stage_metrics(stages, probs)
-        out["macro-auc"] = float(np.nan_to_num(m["macro"]["auc"]))
-        out["accuracy"] = float(np.nan_to_num(m["macro"]["accuracy"]))
+        out[MACRO_AUC] = float(np.nan_to_num(m["macro"]["auc"]))
+        out[ACCURACY] = float(np.nan_to_num(m["macro"]["accuracy"]))
     else:
-        out["macro-auc"] = 0.0
-        out["accuracy"] = 0.0
+        out[MACRO_AUC] = 0.0
+        out[ACCURACY] = 0.0
     return out
 
 
@@ -369,15 +388,13 @@ def evaluate(site: SiteData, cfg: RunConfig, phase: Phase | str, state: StateDic
         metrics = stager_evaluate(site, cfg, state, key)
         val = stager_evaluate(site, cfg, state, key, split="val")
     score = val[phase.score_key]
-    return {**metrics, "val-num-examples": int(val["num-examples"]), "val-score": float(score)}
+    return {**metrics, VAL_NUM_EXAMPLES: int(val[NUM_EXAMPLES]), VAL_SCORE: float(score)}
 
 
 # ----------------------------------------------------------------------------- small-cell suppression
 
-#: Set to 1 in a reply whose test-split metrics were suppressed (fewer heads than ``min-cell-heads``).
-SUPPRESSED = "suppressed"
-#: Set to 1 when the validation score was suppressed the same way.
-VAL_SUPPRESSED = "val-suppressed"
+# SUPPRESSED (set to 1 when the test split's metrics were suppressed, fewer heads than ``min-cell-heads``)
+# and VAL_SUPPRESSED (the validation score, the same way) are imported from shared_models.specs.
 
 
 def suppress_small_cells(metrics: dict, min_heads: int) -> dict:
@@ -399,14 +416,14 @@ def suppress_small_cells(metrics: dict, min_heads: int) -> dict:
         The metrics to send.
     """
     out = dict(metrics)
-    n, n_val = int(metrics.get("num-examples", 0)), int(metrics.get("val-num-examples", 0))
+    n, n_val = int(metrics.get(NUM_EXAMPLES, 0)), int(metrics.get(VAL_NUM_EXAMPLES, 0))
     if 0 < n < min_heads:
         out = {
-            "num-examples": n,
+            NUM_EXAMPLES: n,
             SUPPRESSED: 1,
-            **{k: v for k, v in metrics.items() if k in ("val-num-examples", "val-score")},
+            **{k: v for k, v in metrics.items() if k in (VAL_NUM_EXAMPLES, VAL_SCORE)},
         }
     if 0 < n_val < min_heads:
-        out.pop("val-score", None)
+        out.pop(VAL_SCORE, None)
         out[VAL_SUPPRESSED] = 1
     return out

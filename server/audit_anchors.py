@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 from client.audit import ANCHOR_KEY, ANCHOR_RECORD, load_anchors  # load_anchors: the site reads them too
 from server.grid_wrapper import WrappedGrid
+from shared_models.specs import ACTION, CONFIG, PHASE, SERVER_ROUND
 
 ANCHORS_NAME = "audit-anchors.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -62,16 +63,16 @@ class AnchorRecordingGrid(WrappedGrid):
             head = str(reply.content.config_records[ANCHOR_RECORD].get(ANCHOR_KEY, ""))
             if not _HEX64.match(head):
                 continue
-            config = request.content.config_records.get("config", {}) if request.has_content() else {}
+            config = request.content.config_records.get(CONFIG, {}) if request.has_content() else {}
             self._new.append(
                 (
                     reply.metadata.src_node_id,
                     {
                         "run_id": int(reply.metadata.run_id),
                         "message_type": str(request.metadata.message_type),
-                        "round": int(config["server-round"]) if "server-round" in config else None,
-                        "phase": str(config["phase"]) if "phase" in config else None,
-                        "action": str(config["action"]) if "action" in config else None,
+                        "round": int(config[SERVER_ROUND]) if SERVER_ROUND in config else None,
+                        "phase": str(config[PHASE]) if PHASE in config else None,
+                        "action": str(config[ACTION]) if ACTION in config else None,
                         "sha256": head,
                     },
                 )

@@ -34,6 +34,23 @@ from flwr.serverapp import Grid
 from shared_models import calibration as cal
 from shared_models.config import RunConfig
 from shared_models.flower.records import state_to_record
+from shared_models.specs import (
+    ACTION,
+    CALIBRATION,
+    CONFIG,
+    CROPS_KEY,
+    DET_GOOD,
+    DET_HEADS,
+    DET_SCORE_HIST,
+    ENERGY_HIST,
+    METRICS,
+    NLL,
+    VAL_HEADS,
+    VAL_SUPPRESSED,
+    Action,
+    Phase,
+    heads_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +83,18 @@ def check_validation_stats(m: Mapping, declared_val_heads: int | None) -> dict |
         StatsError: naming the offending key.
     """
     cap = 10**6 if declared_val_heads is None else int(declared_val_heads)
-    n = _count(m, "val-heads", cap)
-    if int(m.get("val-suppressed", 0)):
+    n = _count(m, VAL_HEADS, cap)
+    if int(m.get(VAL_SUPPRESSED, 0)):
         return None
-    det_heads = _count(m, "det-heads", cap)
-    det_good = _count(m, "det-good", det_heads)
-    score_hist = _ints(m, "det-score-hist", len(cal.SCORE_EDGES) - 1)
+    det_heads = _count(m, DET_HEADS, cap)
+    det_good = _count(m, DET_GOOD, det_heads)
+    score_hist = _ints(m, DET_SCORE_HIST, len(cal.SCORE_EDGES) - 1)
     if score_hist.sum() != det_good:
         raise StatsError("det-score-hist does not sum to det-good")
-    energy_hist = _ints(m, "energy-hist", len(cal.ENERGY_EDGES) - 1)
+    energy_hist = _ints(m, ENERGY_HIST, len(cal.ENERGY_EDGES) - 1)
     if energy_hist.sum() != n:
         raise StatsError("energy-hist does not sum to val-heads")
-    nll = np.asarray(list(m.get("nll", [])), dtype=np.float64)
+    nll = np.asarray(list(m.get(NLL, [])), dtype=np.float64)
     if (
         nll.shape != (len(cal.TEMPERATURE_GRID),)
         or not np.all(np.isfinite(nll))
@@ -125,15 +142,15 @@ def check_calibrated_stats(m: Mapping, split: str, declared_heads: int | None) -
 
 
 def _query(grid: Grid, node_sites: dict[int, str], cfg: RunConfig, config: dict, arrays: dict) -> dict[str, dict]:
-    content = RecordDict({"config": ConfigRecord(config), **arrays})
+    content = RecordDict({CONFIG: ConfigRecord(config), **arrays})
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_sites]
     replies = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
         site = node_sites.get(reply.metadata.src_node_id, "?")
         if reply.has_error():
-            log.warning("site %s failed %s: %s", site, config["action"], reply.error.reason)
+            log.warning("site %s failed %s: %s", site, config[ACTION], reply.error.reason)
             continue
-        replies[site] = dict(reply.content["metrics"])
+        replies[site] = dict(reply.content[METRICS])
     return replies
 
 
@@ -247,16 +264,19 @@ def run_calibration(
         ``(calibration, report)``: the :class:`~shared_models.calibration.Calibration` to ship in
         the bundle and ``report["calibration"]`` (chosen values, per-site figures, rejected sites).
     """
-    arrays = {"detector": state_to_record(detector_state, cfg), "stager": state_to_record(stager_state, cfg)}
+    arrays = {
+        Phase.DETECTOR.value: state_to_record(detector_state, cfg),
+        Phase.STAGER.value: state_to_record(stager_state, cfg),
+    }
     rejected: dict[str, str] = {}
 
     def declared(site: str, split: str) -> int | None:
-        v = site_data.get(site, {}).get(f"heads-{split}")
+        v = site_data.get(site, {}).get(heads_key(split))
         return None if v is None else int(v)
 
     val_stats = []
     for site, m in sorted(
-        _query(grid, node_sites, cfg, {"action": "calibrate-val", "crops-key": crops_key}, arrays).items()
+        _query(grid, node_sites, cfg, {ACTION: Action.CALIBRATE_VAL.value, CROPS_KEY: crops_key}, arrays).items()
     ):
         try:
             checked = check_validation_stats(m, declared(site, "val"))
@@ -267,7 +287,7 @@ def run_calibration(
         if checked is not None:
             val_stats.append(checked)
     calibration = choose_from_validation(val_stats)
-    config = {"action": "calibrate-eval", "crops-key": crops_key, "calibration": json.dumps(calibration.to_dict())}
+    config = {ACTION: Action.CALIBRATE_EVAL.value, CROPS_KEY: crops_key, CALIBRATION: json.dumps(calibration.to_dict())}
     per_site: dict[str, dict] = {}
     for site, m in sorted(_query(grid, node_sites, cfg, config, arrays).items()):
         try:

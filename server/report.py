@@ -16,20 +16,34 @@ import math
 import numpy as np
 
 from shared_models.metrics import merge_counts, metrics_from_counts
+from shared_models.specs import (
+    AP50,
+    CENTER_ERROR_MM,
+    CONFUSION,
+    HIST_NEG_PREFIX,
+    HIST_POS_PREFIX,
+    IOU_HIST,
+    IOU_MEAN,
+    LOW_CONFIDENCE,
+    MACRO_AUC,
+    NUM_EXAMPLES,
+    RECALL30,
+    RECALL50,
+    SUPPRESSED,
+    TRAIN_LOSS,
+    VAL_NUM_EXAMPLES,
+    VAL_SCORE,
+)
 from shared_models.stages import NUM_STAGES
-
-#: The flag a site sets in an evaluate reply whose figures it suppressed as a small cell
-#: (``client.tasks.SUPPRESSED``; the server does not import the client package).
-SUPPRESSED = "suppressed"
 
 
 def counts_from_site_metrics(m: dict) -> dict:
     """Rebuild the ``stage_counts`` structure from a site's evaluate MetricRecord."""
     return {
-        "n_bins": len(m["hist-pos-0"]),
-        "confusion": np.asarray(m["confusion"], dtype=np.int64).reshape(NUM_STAGES, NUM_STAGES),
-        "hist_pos": [np.asarray(m[f"hist-pos-{k}"], dtype=np.int64) for k in range(NUM_STAGES)],
-        "hist_neg": [np.asarray(m[f"hist-neg-{k}"], dtype=np.int64) for k in range(NUM_STAGES)],
+        "n_bins": len(m[f"{HIST_POS_PREFIX}0"]),
+        "confusion": np.asarray(m[CONFUSION], dtype=np.int64).reshape(NUM_STAGES, NUM_STAGES),
+        "hist_pos": [np.asarray(m[f"{HIST_POS_PREFIX}{k}"], dtype=np.int64) for k in range(NUM_STAGES)],
+        "hist_neg": [np.asarray(m[f"{HIST_NEG_PREFIX}{k}"], dtype=np.int64) for k in range(NUM_STAGES)],
     }
 
 
@@ -99,14 +113,14 @@ def group_stage_metrics(site_metrics: dict[str, dict], groups: dict[str, tuple[s
     out: dict[str, dict] = {}
     for name, members in groups.items():
         suppressed = {
-            s: int(site_metrics[s].get("num-examples", 0))
+            s: int(site_metrics[s].get(NUM_EXAMPLES, 0))
             for s in members
             if s in site_metrics and site_metrics[s].get(SUPPRESSED)
         }
         present = [
             s
             for s in members
-            if s in site_metrics and int(site_metrics[s].get("num-examples", 0)) > 0 and s not in suppressed
+            if s in site_metrics and int(site_metrics[s].get(NUM_EXAMPLES, 0)) > 0 and s not in suppressed
         ]
         if not present:
             out[name] = {"n": 0, "sites": list(members), "missing": [s for s in members if s not in site_metrics]}
@@ -130,19 +144,19 @@ def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
     small cell gets ``n`` and ``suppressed: True`` only."""
     out = {}
     for site, m in sorted(site_metrics.items()):
-        n = int(m.get("num-examples", 0))
+        n = int(m.get(NUM_EXAMPLES, 0))
         if m.get(SUPPRESSED):
             out[site] = {"n": n, "suppressed": True}
             continue
         out[site] = {
             "n": n,
-            "iou_mean": float(m["iou-mean"]) if n else None,
-            "center_error_mm": float(m["center-error-mm"]) if n else None,
-            "recall30": float(m["recall30"]) if n else None,
-            "recall50": float(m["recall50"]) if n else None,
-            "ap50": float(m["ap50"]) if n and "ap50" in m else None,
-            "low_confidence": int(m.get("low-confidence", 0)),
-            "iou_hist": [int(v) for v in m.get("iou-hist", [])],
+            "iou_mean": float(m[IOU_MEAN]) if n else None,
+            "center_error_mm": float(m[CENTER_ERROR_MM]) if n else None,
+            "recall30": float(m[RECALL30]) if n else None,
+            "recall50": float(m[RECALL50]) if n else None,
+            "ap50": float(m[AP50]) if n and AP50 in m else None,
+            "low_confidence": int(m.get(LOW_CONFIDENCE, 0)),
+            "iou_hist": [int(v) for v in m.get(IOU_HIST, [])],
         }
     return out
 
@@ -191,24 +205,24 @@ def build_report(
     last_detector = detector_history.get(selected_rounds["detector"], {})
     history = {
         "detector_iou_mean": {
-            r: {s: m.get("iou-mean") for s, m in sites.items()} for r, sites in sorted(detector_history.items())
+            r: {s: m.get(IOU_MEAN) for s, m in sites.items()} for r, sites in sorted(detector_history.items())
         },
         "stager_macro_auc": {
-            r: {s: m.get("macro-auc") for s, m in sites.items()} for r, sites in sorted(stager_history.items())
+            r: {s: m.get(MACRO_AUC) for s, m in sites.items()} for r, sites in sorted(stager_history.items())
         },
         "detector_val_iou": {
-            r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
+            r: {s: m.get(VAL_SCORE) for s, m in sites.items() if m.get(VAL_NUM_EXAMPLES)}
             for r, sites in sorted(detector_history.items())
         },
         "stager_val_macro_auc": {
-            r: {s: m.get("val-score") for s, m in sites.items() if m.get("val-num-examples")}
+            r: {s: m.get(VAL_SCORE) for s, m in sites.items() if m.get(VAL_NUM_EXAMPLES)}
             for r, sites in sorted(stager_history.items())
         },
         "detector_train_loss": {
-            r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(detector_train.items())
+            r: {s: m.get(TRAIN_LOSS) for s, m in sites.items()} for r, sites in sorted(detector_train.items())
         },
         "stager_train_loss": {
-            r: {s: m.get("train-loss") for s, m in sites.items()} for r, sites in sorted(stager_train.items())
+            r: {s: m.get(TRAIN_LOSS) for s, m in sites.items()} for r, sites in sorted(stager_train.items())
         },
     }
     return json_safe(

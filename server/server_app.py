@@ -42,7 +42,22 @@ from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
 from shared_models.determinism import configure_determinism
 from shared_models.flower.records import record_to_state, state_to_record
-from shared_models.specs import Phase
+from shared_models.specs import (
+    ACTION,
+    ARRAYS,
+    CONFIG,
+    CROPS_KEY,
+    LOW_CONFIDENCE,
+    METRICS,
+    NUM_EXAMPLES,
+    PHASE,
+    SITE,
+    SITE_ID,
+    VAL_NUM_EXAMPLES,
+    VAL_SCORE,
+    Action,
+    Phase,
+)
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import build_strategy
 from strategies.update_checks import normalisation_problems
@@ -89,10 +104,10 @@ def hello_problem(reply: Message) -> str | None:
     reported counts.
     """
     content = reply.content
-    site = content.config_records.get("site")
-    if site is None or not isinstance(site.get("site-id"), str):
+    site = content.config_records.get(SITE)
+    if site is None or not isinstance(site.get(SITE_ID), str):
         return "hello reply without a site-id"
-    metrics = content.metric_records.get("metrics")
+    metrics = content.metric_records.get(METRICS)
     if metrics is None:
         return "hello reply without counts"
     bad = sorted(k for k, v in metrics.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0)
@@ -132,7 +147,7 @@ def discover_sites(
         if node_ids:
             messages = [
                 Message(
-                    content=RecordDict({"config": ConfigRecord({"action": "hello"})}),
+                    content=RecordDict({CONFIG: ConfigRecord({ACTION: Action.HELLO.value})}),
                     dst_node_id=n,
                     message_type=MessageType.QUERY,
                 )
@@ -149,7 +164,7 @@ def discover_sites(
                     ignored.add(node_id)
                     log.error("refused: node %s: %s", node_id, malformed)
                     continue
-                site_id = str(reply.content["site"]["site-id"])
+                site_id = str(reply.content[SITE][SITE_ID])
                 problem = identity_problem(node_id, site_id, cfg.site_nodes, node_sites)
                 if problem:
                     refused.append(f"refused: {problem}")
@@ -162,7 +177,7 @@ def discover_sites(
                     ignored.add(node_id)
                     continue
                 node_sites[node_id] = site_id
-                site_data[site_id] = dict(reply.content["metrics"])
+                site_data[site_id] = dict(reply.content[METRICS])
         if expected <= set(node_sites.values()):
             break
         if time.monotonic() > deadline:
@@ -186,9 +201,9 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
     Raises:
         RuntimeError: if no site made crops, or sites disagree on the key.
     """
-    content = RecordDict({"config": ConfigRecord({"action": "crops"})})
+    content = RecordDict({CONFIG: ConfigRecord({ACTION: Action.CROPS.value})})
     if cfg.crop_source == "detector" and detector_state is not None:
-        content["arrays"] = state_to_record(detector_state, cfg)
+        content[ARRAYS] = state_to_record(detector_state, cfg)
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_sites]
     keys = set()
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
@@ -196,12 +211,12 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
         if reply.has_error():
             log.warning("site %s failed to make crops: %s", site, reply.error.reason)
             continue
-        keys.add(str(reply.content["site"]["crops-key"]))
+        keys.add(str(reply.content[SITE][CROPS_KEY]))
         log.info(
             "site %s: %d crops, %d low-confidence detections",
             site,
-            int(reply.content["metrics"]["num-examples"]),
-            int(reply.content["metrics"]["low-confidence"]),
+            int(reply.content[METRICS][NUM_EXAMPLES]),
+            int(reply.content[METRICS][LOW_CONFIDENCE]),
         )
     if len(keys) != 1:
         raise RuntimeError(f"crop preparation failed: sites returned keys {sorted(keys)}")
@@ -211,11 +226,11 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
 def validation_score(site_metrics: dict[str, dict]) -> float | None:
     """Validation-example-weighted mean of the sites' ``val-score``; None when no site has validation heads
     (or every site's validation score was suppressed as a small cell)."""
-    scored = [site_metrics[s] for s in sorted(site_metrics) if "val-score" in site_metrics[s]]  # fixed summation order
-    n = sum(int(m.get("val-num-examples", 0)) for m in scored)
+    scored = [site_metrics[s] for s in sorted(site_metrics) if VAL_SCORE in site_metrics[s]]  # fixed summation order
+    n = sum(int(m.get(VAL_NUM_EXAMPLES, 0)) for m in scored)
     if n == 0:
         return None
-    return sum(float(m["val-score"]) * int(m["val-num-examples"]) for m in scored) / n
+    return sum(float(m[VAL_SCORE]) * int(m[VAL_NUM_EXAMPLES]) for m in scored) / n
 
 
 def influence_bounds(cfg: RunConfig, phase: Phase | str, declared: dict[str, dict] | None) -> dict:
@@ -307,7 +322,7 @@ def run_phase(
     strategy.rejected_updates.update(ckpt.rejected_updates)
     strategy.site_metrics.update(ckpt.site_metrics)
     strategy.train_metrics.update(ckpt.train_metrics)
-    config = ConfigRecord({"phase": str(phase), **(extra_config or {})})
+    config = ConfigRecord({PHASE: str(phase), **(extra_config or {})})
 
     best = {"round": ckpt.best_round, "score": ckpt.best_score, "state": ckpt.best_state_dict}
 
@@ -487,7 +502,7 @@ def main(grid: Grid, context: Context) -> None:
         phase=Phase.STAGER,
         model=MulDenseNet3D(cfg.stager),
         rounds=cfg.phase(Phase.STAGER).rounds,
-        extra_config={"crops-key": key},
+        extra_config={CROPS_KEY: key},
         declared=site_data,
         tracker=tracker,
     )

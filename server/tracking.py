@@ -39,6 +39,7 @@ from typing import Any
 
 from shared_models.config import TRACKERS
 from shared_models.safe_files import PATH_KEYS, redact_paths
+from shared_models.specs import NUM_EXAMPLES, SUPPRESSED, VAL_NUM_EXAMPLES, VAL_SCORE, VAL_SUPPRESSED
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ MAX_FAILURES = 3
 #: Per-request limits for an MLflow tracking server (MLflow's defaults retry for minutes); the
 #: environment variables of the same names override them.
 MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-_TEST_FLAG, _VAL_FLAG = "suppressed", "val-suppressed"  # client.tasks.SUPPRESSED / VAL_SUPPRESSED
 
 
 def site_scalars(metrics: Mapping[str, Any], min_cell_heads: int) -> dict[str, float]:
@@ -63,13 +63,13 @@ def site_scalars(metrics: Mapping[str, Any], min_cell_heads: int) -> dict[str, f
         metric name -> value.
     """
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if out.get(_TEST_FLAG):
-        out = {k: v for k, v in out.items() if k in (_TEST_FLAG, "val-score", "val-num-examples", _VAL_FLAG)}
-    if out.get(_VAL_FLAG):
-        out.pop("val-score", None)
-        out.pop("val-num-examples", None)
-    if 0 < out.get("num-examples", min_cell_heads) < min_cell_heads:
-        out.pop("num-examples")
+    if out.get(SUPPRESSED):
+        out = {k: v for k, v in out.items() if k in (SUPPRESSED, VAL_SCORE, VAL_NUM_EXAMPLES, VAL_SUPPRESSED)}
+    if out.get(VAL_SUPPRESSED):
+        out.pop(VAL_SCORE, None)
+        out.pop(VAL_NUM_EXAMPLES, None)
+    if 0 < out.get(NUM_EXAMPLES, min_cell_heads) < min_cell_heads:
+        out.pop(NUM_EXAMPLES)
     return out
 
 

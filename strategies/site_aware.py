@@ -47,7 +47,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Me
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
-from shared_models.specs import STRATEGIES, robust_strategy_problem
+from shared_models.specs import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    STRATEGIES,
+    VAL_NUM_EXAMPLES,
+    heads_key,
+    robust_strategy_problem,
+)
 from strategies.update_checks import (
     bound_update_norms,
     cap_counts,
@@ -226,16 +234,19 @@ class SiteAwareMixin(FedAvg):
         if heads is None:
             return {}
         if phase == "train":
-            return {"num-examples": int(heads.get("heads-train", 0))}
-        return {"num-examples": int(heads.get("heads-test", 0)), "val-num-examples": int(heads.get("heads-val", 0))}
+            return {NUM_EXAMPLES: int(heads.get(heads_key("train"), 0))}
+        return {
+            NUM_EXAMPLES: int(heads.get(heads_key("test"), 0)),
+            VAL_NUM_EXAMPLES: int(heads.get(heads_key("val"), 0)),
+        }
 
     def _checked_metrics(self, server_round: int, reply: Message, phase: str) -> dict[str, MetricRecordValues] | None:
         """The reply's metrics, counts capped at the site's declaration; None (logged) when out of range."""
         site = self._site(reply)
-        if "metrics" not in reply.content.metric_records:
+        if METRICS not in reply.content.metric_records:
             self._reject(server_round, site, ["no metrics"], phase)
             return None
-        metrics = dict(reply.content.metric_records["metrics"])
+        metrics = dict(reply.content.metric_records[METRICS])
         problems = metrics_problems(metrics)
         if not problems:
             notes = cap_counts(metrics, self._caps(site, phase))
@@ -270,17 +281,17 @@ class SiteAwareMixin(FedAvg):
             metrics = self._checked_metrics(server_round, r, "train")
             if metrics is None:
                 continue
-            if "num-examples" not in metrics:
+            if NUM_EXAMPLES not in metrics:
                 self._reject(server_round, self._site(r), ["no num-examples"], "train")
                 continue
-            r.content["metrics"] = MetricRecord(metrics)
+            r.content[METRICS] = MetricRecord(metrics)
             kept.append(r)
         ok = [r for r in kept if not r.has_error()]
         # Flower's aggregation needs the same metric keys in every reply: keep the keys all sites sent
         # (a site adding or leaving out a key cannot end the round); num-examples is required above
-        common = set.intersection(*(set(r.content.metric_records["metrics"].keys()) for r in ok)) if ok else set()
+        common = set.intersection(*(set(r.content.metric_records[METRICS].keys()) for r in ok)) if ok else set()
         for r in ok:
-            extra = sorted(set(r.content.metric_records["metrics"].keys()) - common)
+            extra = sorted(set(r.content.metric_records[METRICS].keys()) - common)
             if extra:
                 log.warning(
                     "round %d: dropped train metrics %s of site %s (not sent by every site)",
@@ -288,8 +299,8 @@ class SiteAwareMixin(FedAvg):
                     extra,
                     self._site(r),
                 )
-                r.content["metrics"] = MetricRecord(
-                    {k: v for k, v in r.content.metric_records["metrics"].items() if k in common}
+                r.content[METRICS] = MetricRecord(
+                    {k: v for k, v in r.content.metric_records[METRICS].items() if k in common}
                 )
         norms = [update_norm(r.content.array_records[self.arrayrecord_key], self._sent) for r in ok]
         actions = bound_update_norms(norms, clip_factor=self.clip_factor, reject_factor=self.reject_factor)
@@ -329,8 +340,8 @@ class SiteAwareMixin(FedAvg):
                 log.warning("round %d: site %s failed to train: %s", reached, self._site(r), r.error.reason)
         self._record_missing(reached, "train", {self._site(r) for r in ok})
         # dtype reference taken before aggregating: FedMedian and FedTrimmedAvg pop the replies' arrays
-        reference = ArrayRecord(dict(ok[0].content.array_records["arrays"].items())) if ok else None
-        self.train_metrics[reached] = {self._site(r): dict(r.content.metric_records["metrics"]) for r in ok}
+        reference = ArrayRecord(dict(ok[0].content.array_records[ARRAYS].items())) if ok else None
+        self.train_metrics[reached] = {self._site(r): dict(r.content.metric_records[METRICS]) for r in ok}
         arrays, metrics = super().aggregate_train(server_round, ok)
         if arrays is not None and reference is not None:
             arrays = restore_dtypes(arrays, reference)
@@ -353,9 +364,9 @@ class SiteAwareMixin(FedAvg):
         out: dict[str, MetricRecordValues] = {}
         for k in sorted(scalars):  # weighted over the sites that sent the metric (a suppressed site sends none)
             having = [m for m in per_site.values() if isinstance(m.get(k), float)]
-            total = sum(int(m.get("num-examples", 0)) for m in having)
+            total = sum(int(m.get(NUM_EXAMPLES, 0)) for m in having)
             if total:
-                out[k] = sum(float(m[k]) * int(m["num-examples"]) for m in having) / total
+                out[k] = sum(float(m[k]) * int(m[NUM_EXAMPLES]) for m in having) / total
         return MetricRecord(out) if out else None
 
 

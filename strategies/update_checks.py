@@ -41,14 +41,30 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from shared_models.specs import (
+    ACCURACY,
+    AP50,
+    ARRAYS,
+    CENTER_ERROR_MM,
+    IOU_MEAN,
+    LOW_CONFIDENCE,
+    MACRO_AUC,
+    NUM_EXAMPLES,
+    RECALL30,
+    RECALL50,
+    TRAIN_LOSS,
+    VAL_NUM_EXAMPLES,
+    VAL_SCORE,
+)
+
 #: Largest magnitude a floating weight or buffer may have (no weight of these networks comes near;
 #: float16 transfer cannot even hold more than 65504). Above it the update is rejected.
 MAX_ABS_WEIGHT = 1e6
 
 #: Metrics that are fractions (AUC, IoU, accuracy, recall, AP, the validation score): [0, 1].
-UNIT_SCORES = ("val-score", "macro-auc", "accuracy", "iou-mean", "recall30", "recall50", "ap50")
+UNIT_SCORES = (VAL_SCORE, MACRO_AUC, ACCURACY, IOU_MEAN, RECALL30, RECALL50, AP50)
 #: Metrics that are non-negative (millimetres, losses).
-NON_NEGATIVE = ("center-error-mm", "train-loss")
+NON_NEGATIVE = (CENTER_ERROR_MM, TRAIN_LOSS)
 
 
 def update_problems(
@@ -137,7 +153,7 @@ def normalisation_problems(state: Mapping[str, object], max_listed: int = 5) -> 
 
 
 def reply_problems(
-    reply: Message, reference: ArrayRecord, arrays_key: str = "arrays", max_int_delta: int | None = None
+    reply: Message, reference: ArrayRecord, arrays_key: str = ARRAYS, max_int_delta: int | None = None
 ) -> list[str]:
     """:func:`update_problems` for a train reply; also rejects a reply without exactly one ArrayRecord
     under ``arrays_key`` or with a non-finite metric."""
@@ -216,7 +232,7 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def metrics_problems(metrics: Mapping, *, count_key: str = "num-examples") -> list[str]:
+def metrics_problems(metrics: Mapping, *, count_key: str = NUM_EXAMPLES) -> list[str]:
     """Range checks of a reply's metrics (module notes); empty when they hold.
 
     Scores in :data:`UNIT_SCORES` must be in [0, 1], :data:`NON_NEGATIVE` ones >= 0; ``count_key``,
@@ -231,7 +247,7 @@ def metrics_problems(metrics: Mapping, *, count_key: str = "num-examples") -> li
     for key in NON_NEGATIVE:
         if key in metrics and not float(metrics[key]) >= 0.0:
             problems.append(f"{key} = {float(metrics[key]):g} is negative")
-    for key in (count_key, "val-num-examples", "low-confidence"):
+    for key in (count_key, VAL_NUM_EXAMPLES, LOW_CONFIDENCE):
         if key in metrics and not _is_count(metrics[key]):
             problems.append(f"{key} = {metrics[key]!r} is not a count")
     if problems:
@@ -250,8 +266,8 @@ def metrics_problems(metrics: Mapping, *, count_key: str = "num-examples") -> li
         neg = "hist-neg-" + key.removeprefix("hist-pos-")
         if neg in lists and sum(lists[key]) + sum(lists[neg]) != n:  # every head is positive or negative for a stage
             problems.append(f"{key} and {neg} hold {sum(lists[key]) + sum(lists[neg])} heads, {count_key} says {n}")
-    if int(metrics.get("low-confidence", 0)) > n:
-        problems.append(f"low-confidence {metrics['low-confidence']} is more than {count_key} {n}")
+    if int(metrics.get(LOW_CONFIDENCE, 0)) > n:
+        problems.append(f"{LOW_CONFIDENCE} {metrics[LOW_CONFIDENCE]} is more than {count_key} {n}")
     return problems
 
 

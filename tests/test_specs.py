@@ -58,3 +58,51 @@ def test_old_import_paths_name_the_same_objects():
     assert TRANSFER_DTYPES is specs.TRANSFER_DTYPES
     assert config.RunConfig is specs.RunConfig and config.STRATEGIES is specs.STRATEGIES
     assert specs.PYPROJECT.name == "pyproject.toml" and specs.PYPROJECT.is_file()
+
+
+def test_message_keys_keep_their_wire_spelling():
+    # the strings a site and a coordinator of different versions must agree on (spelled out here on purpose)
+    from shared_models import specs
+
+    wire = {
+        "CONFIG": "config",
+        "METRICS": "metrics",
+        "ARRAYS": "arrays",
+        "SITE": "site",
+        "PHASE": "phase",
+        "ACTION": "action",
+        "SERVER_ROUND": "server-round",
+        "PROXIMAL_MU": "proximal-mu",
+        "CROPS_KEY": "crops-key",
+        "CALIBRATION": "calibration",
+        "SITE_ID": "site-id",
+        "NUM_EXAMPLES": "num-examples",
+        "TRAIN_LOSS": "train-loss",
+        "VAL_NUM_EXAMPLES": "val-num-examples",
+        "VAL_SCORE": "val-score",
+        "IOU_MEAN": "iou-mean",
+        "IOU_HIST": "iou-hist",
+        "CENTER_ERROR_MM": "center-error-mm",
+        "LOW_CONFIDENCE": "low-confidence",
+        "RECALL30": "recall30",
+        "RECALL50": "recall50",
+        "AP50": "ap50",
+        "MACRO_AUC": "macro-auc",
+        "ACCURACY": "accuracy",
+        "CONFUSION": "confusion",
+        "HIST_POS_PREFIX": "hist-pos-",
+        "HIST_NEG_PREFIX": "hist-neg-",
+        "SUPPRESSED": "suppressed",
+        "VAL_SUPPRESSED": "val-suppressed",
+        "VAL_HEADS": "val-heads",
+        "DET_HEADS": "det-heads",
+        "DET_GOOD": "det-good",
+        "DET_SCORE_HIST": "det-score-hist",
+        "ENERGY_HIST": "energy-hist",
+        "NLL": "nll",
+    }
+    assert {name: getattr(specs, name) for name in wire} == wire
+    constants = {n for n in specs.keys.__all__ if n.isupper() and n != "PHASES"}
+    assert constants == set(wire)  # a new key gets its wire spelling checked here too
+    assert [str(a) for a in specs.Action] == ["hello", "crops", "calibrate-val", "calibrate-eval"]
+    assert specs.heads_key("train") == "heads-train"

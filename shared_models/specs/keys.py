@@ -15,20 +15,33 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "ACCURACY",
     "ACTION",
+    "AP50",
     "ARRAYS",
+    "CALIBRATION",
     "CENTER_ERROR_MM",
     "CONFIG",
+    "CONFUSION",
     "CROPS_KEY",
+    "DET_GOOD",
+    "DET_HEADS",
+    "DET_SCORE_HIST",
+    "ENERGY_HIST",
+    "HIST_NEG_PREFIX",
+    "HIST_POS_PREFIX",
     "IOU_HIST",
     "IOU_MEAN",
     "LOW_CONFIDENCE",
     "MACRO_AUC",
     "METRICS",
+    "NLL",
     "NUM_EXAMPLES",
     "PHASE",
     "PHASES",
     "PROXIMAL_MU",
+    "RECALL30",
+    "RECALL50",
     "SERVER_ROUND",
     "SITE",
     "SITE_ID",
@@ -40,6 +53,7 @@ __all__ = [
     "VAL_SUPPRESSED",
     "Action",
     "Phase",
+    "heads_key",
 ]
 
 
@@ -94,6 +108,7 @@ ACTION = "action"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
 CROPS_KEY = "crops-key"  # also a key of the site's reply to Action.CROPS
+CALIBRATION = "calibration"  # Action.CALIBRATE_EVAL: the server's chosen calibration, as JSON
 
 # Keys of a site's reply
 SITE_ID = "site-id"
@@ -105,8 +120,30 @@ IOU_MEAN = "iou-mean"
 IOU_HIST = "iou-hist"
 CENTER_ERROR_MM = "center-error-mm"
 LOW_CONFIDENCE = "low-confidence"
+RECALL30 = "recall30"  # detector: fraction of heads found with IoU >= 0.3
+RECALL50 = "recall50"
+AP50 = "ap50"
 MACRO_AUC = "macro-auc"
+ACCURACY = "accuracy"
+#: Stager: the 3 x 3 confusion matrix, row-major (rows: true stage), as 9 counts.
+CONFUSION = "confusion"
+#: Stager: ``hist-pos-k`` / ``hist-neg-k`` count the heads of (not of) stage k per score bin.
+HIST_POS_PREFIX = "hist-pos-"
+HIST_NEG_PREFIX = "hist-neg-"
 #: 1 when a site had fewer than ``min-cell-heads`` heads in a split and sent only the count (privacy).
 SUPPRESSED = "suppressed"
 VAL_SUPPRESSED = "val-suppressed"
+
+# Keys of a site's reply to Action.CALIBRATE_VAL / CALIBRATE_EVAL (issue 17; client/calibration_stats.py)
 VAL_HEADS = "val-heads"
+DET_HEADS = "det-heads"
+DET_GOOD = "det-good"  # detections with IoU >= 0.5
+DET_SCORE_HIST = "det-score-hist"
+ENERGY_HIST = "energy-hist"
+NLL = "nll"
+
+
+def heads_key(split: str) -> str:
+    """The key of a site's hello reply that counts its heads in ``split`` (``"train"``, ``"val"``,
+    ``"test"``): ``"heads-train"``, ...; the server caps the counts a site reports at these."""
+    return f"heads-{split}"
