@@ -22,8 +22,8 @@ Protocol (``onfh sim medmnist``):
   :func:`client.stager_training.fit_stager_central` (validation AUC every ``eval_every``
   steps, early stopping). ``central-plain-densenet``: the same with MONAI's plain
   transition (``StagerConfig(transition="plain")``), the ablation, same budget.
-  ``federated``: a real Flower simulation (:mod:`sim.medmnist_app`, in-process
-  ``flwr.simulation.run_simulation``, Ray backend) over ``num_sites`` simulated sites,
+  ``federated``: a real Flower simulation (:mod:`sim.medmnist_app`, run with ``flwr run`` through
+  :func:`sim.runner.run_simulation` like the main federation, Ray backend) over ``num_sites`` simulated sites,
   Flower's FedAvg or FedProx, an IID (stratified) or a label-skewed (Dirichlet) split of
   the training set; model selection on the pooled federated validation AUC after every
   round.
@@ -41,10 +41,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,7 +55,6 @@ from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
 from client.stager_training import fit_stager_central, macro_auc, predict_stages
-from shared_models.flower.env import flower_variables
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 log = logging.getLogger(__name__)
@@ -69,8 +65,6 @@ SETTINGS = ("central", "central-plain-densenet", "federated")
 #: runs the CLI knows: a setting, or ``federated`` as ``<strategy>-<split>``
 RUNS = ("central", "central-plain-densenet", "fedavg-iid", "fedavg-label-skew", "fedprox-iid", "fedprox-label-skew")
 DEFAULT_RUNS = ("central", "central-plain-densenet", "fedavg-iid", "fedavg-label-skew", "fedprox-label-skew")
-#: longest RAY_TMPDIR (characters) that keeps Ray's socket paths within the 107-byte AF_UNIX limit
-RAY_TMPDIR_MAX = 38
 ROW_KEYS = ("setting", "strategy", "split", "size", "seed", "auc", "acc", "wall_s")
 
 #: MedMNIST v2 (Scientific Data 10:41, 2023), Table for AdrenalMNIST3D, test split, 28^3: (model, AUC, ACC)
@@ -333,31 +327,14 @@ def run_central(folder: Path, budget: Budget, seed: int, transition: str = "mulp
     }
 
 
-def _flower_env(work: Path) -> dict[str, str]:
-    """FLWR_* switches of FLOWER-1.42-NOTES.md for the in-process simulation, and RAY_TMPDIR.
-
-    Ray's Unix socket paths (``$RAY_TMPDIR/ray/session_<date>_<time>_<us>_<pid>/sockets/
-    plasma_store``, about 67 characters after the folder) must stay within 107 bytes, so
-    RAY_TMPDIR is ``work/ray`` only when that absolute path has at most
-    :data:`RAY_TMPDIR_MAX` characters, else a short temporary folder (removed after the run).
-    """
-    ray_tmp = Path(work).resolve() / "ray"
-    if len(str(ray_tmp)) > RAY_TMPDIR_MAX:
-        ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
-    ray_tmp.mkdir(parents=True, exist_ok=True)
-    return flower_variables(Path(work).resolve() / "flwr-home", ray_tmp)
-
-
 def run_federated(folder: Path, budget: Budget, seed: int, strategy: str, split: str, work: Path) -> dict:
     """One federated run in Flower's simulation engine; returns the row.
 
     Raises:
         RuntimeError: if the simulation produced no global weights.
     """
-    import ray
-    from flwr.simulation import run_simulation
-
-    from sim.medmnist_app import FedSpec, make_client_app, make_server_app
+    from sim.medmnist_app import FedSpec, read_result, write_app_dir
+    from sim.runner import run_simulation
 
     t0 = time.monotonic()
     _, y = load_split(folder, "train", mmap=True)
@@ -366,7 +343,7 @@ def run_federated(folder: Path, budget: Budget, seed: int, strategy: str, split:
     # validation: always a stratified split, so every site can score its share
     val_parts = iid_split(yv, budget.num_sites, seed)
     spec = FedSpec(
-        data_dir=str(folder),
+        data_dir=str(Path(folder).resolve()),  # the ClientApps run in Flower's own folder
         train_parts=tuple(tuple(int(i) for i in p) for p in parts),
         val_parts=tuple(tuple(int(i) for i in p) for p in val_parts),
         stager=budget.stager,
@@ -384,34 +361,27 @@ def run_federated(folder: Path, budget: Budget, seed: int, strategy: str, split:
         intensity_aug=budget.intensity_aug,
         seed=seed,
     )
-    work.mkdir(parents=True, exist_ok=True)
-    env = _flower_env(work)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    sink: dict = {}
-    cpus = max(1, min(budget.parallel_clients, budget.num_sites))
+    work = Path(work).resolve()
+    spec_dir = work / "spec"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    for stale in spec_dir.iterdir():  # a rerun into the same folder never reads the last run's result
+        stale.unlink()
+    (spec_dir / "spec.json").write_text(spec.to_json())
+    run_simulation(
+        {"spec": str(spec_dir / "spec.json")},
+        num_sites=budget.num_sites,
+        work_dir=work,
+        cpus_per_client=1,
+        gpus_per_client=0.0,  # the benchmark's sites train on the CPU
+        app_dir=write_app_dir(work / "app"),
+        ray_cpus=max(1, min(budget.parallel_clients, budget.num_sites)),
+    )
     try:
-        run_simulation(
-            server_app=make_server_app(spec, sink),
-            client_app=make_client_app(spec),
-            num_supernodes=budget.num_sites,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
-            },
-        )
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if not env["RAY_TMPDIR"].startswith(str(work.resolve())):
-            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
-    if sink.get("best_state") is None:
-        raise RuntimeError(f"federated {strategy}/{split} run produced no global weights; see the Flower log above")
+        sink = read_result(spec_dir)
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"federated {strategy}/{split} run produced no global weights; see {work / 'run.log'}"
+        ) from None
     model = MulDenseNet3D(budget.stager)
     model.load_state_dict(sink["best_state"])
     xt, yt = load_split(folder, "test")

@@ -1,10 +1,14 @@
 """A small Flower app (ServerApp + ClientApp) for the AdrenalMNIST3D benchmark (:mod:`sim.medmnist`).
 
-It runs in-process with ``flwr.simulation.run_simulation`` (Flower 1.42, Ray backend), one
-virtual SuperNode per simulated site. A node only knows its ``partition-id``; the
-:class:`FedSpec` (built by the driver, sent with the app) maps partition ids to index lists
-of the prepared training and validation arrays, which every node reads from the driver's
-cache folder (memory-mapped ``.npy``), as if each site already held its own data.
+It runs with ``flwr run`` in Flower's simulation engine (Flower 1.42, Ray backend), through the
+same :func:`sim.runner.run_simulation` as the main federation (own SuperLink on 127.0.0.1, no
+runtime dependency installation, the run's status read back), one virtual SuperNode per simulated
+site. Its components are :data:`server_app` and :data:`client_app` (the small app folder
+:func:`write_app_dir` writes names them). A node only knows its ``partition-id``; the
+:class:`FedSpec` (built by the driver and written as JSON, whose path is the run-config key
+``spec``) maps partition ids to index lists of the prepared training and validation arrays, which
+every node reads from the driver's cache folder (memory-mapped ``.npy``), as if each site already
+held its own data. The ServerApp writes its result next to the spec (:func:`read_result`).
 
 Message flow per round (Flower's own :class:`~flwr.serverapp.strategy.FedAvg` /
 :class:`~flwr.serverapp.strategy.FedProx` drive it):
@@ -25,6 +29,9 @@ Message flow per round (Flower's own :class:`~flwr.serverapp.strategy.FedAvg` /
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -53,6 +60,10 @@ log = logging.getLogger(__name__)
 
 HIST_BINS = 1000
 STRATEGIES = ("fedavg", "fedprox")
+#: Run-config key of the spec's path (the only key of the app's ``[tool.flwr.app.config]``).
+SPEC_KEY = "spec"
+#: Next to the spec: the ServerApp's result (JSON) and the selected global weights (``torch.save``).
+RESULT_NAME, BEST_STATE_NAME = "result.json", "best_state.pt"
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,29 @@ class FedSpec:
     def num_sites(self) -> int:
         return len(self.train_parts)
 
+    def to_json(self) -> str:
+        """The spec as JSON (the stager as its ``to_dict``); :meth:`from_json` reads it back equal."""
+        data = dataclasses.asdict(self)
+        data["stager"] = self.stager.to_dict()
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> FedSpec:
+        """The spec from :meth:`to_json`'s text.
+
+        Raises:
+            ValueError: not a spec (unknown or missing fields, bad values; the message names them).
+        """
+        data = json.loads(text)
+        try:
+            data["stager"] = StagerConfig.from_dict(data["stager"])
+            for key in ("train_parts", "val_parts"):
+                data[key] = tuple(tuple(int(i) for i in part) for part in data[key])
+            data["flip_dims"] = tuple(int(d) for d in data["flip_dims"])
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a MedMNIST FedSpec: {exc}") from None
+
 
 def _site_arrays(spec: FedSpec, split: str, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
     parts = spec.train_parts if split == "train" else spec.val_parts
@@ -114,60 +148,70 @@ def _site_arrays(spec: FedSpec, split: str, partition_id: int) -> tuple[np.ndarr
     return np.ascontiguousarray(x[idx]), y[idx]
 
 
-def make_client_app(spec: FedSpec) -> ClientApp:
-    """The benchmark's ClientApp: thin ``train``/``evaluate`` handlers over the stager loops."""
-    app = ClientApp()
+@functools.lru_cache(maxsize=2)
+def load_spec(path: str) -> FedSpec:
+    """The run's :class:`FedSpec` from its JSON file (read once per process)."""
+    return FedSpec.from_json(Path(path).read_text())
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        # 1. resolve the site
-        pid = int(context.node_config["partition-id"])
-        x, y = _site_arrays(spec, "train", pid)
-        # 2. global weights and round config in
-        config = msg.content["config"]
-        server_round = int(config["server-round"])
-        model = MulDenseNet3D(spec.stager)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        # 3. train (the schedule continues over global steps)
-        metrics = train_stager(
-            model,
-            x,
-            y,
-            steps=spec.local_steps,
-            batch_size=spec.batch_size,
-            lr=spec.lr,
-            weight_decay=spec.weight_decay,
-            focal_gamma=spec.focal_gamma,
-            device=torch.device("cpu"),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            class_balanced=spec.class_balanced,
-            flip_dims=spec.flip_dims,
-            intensity_aug=spec.intensity_aug,
-            seed=spec.seed * 100_000 + server_round * 100 + pid,
-            step_offset=(server_round - 1) * spec.local_steps,
-            total_steps=spec.rounds * spec.local_steps,
-            warmup_steps=spec.warmup_steps,
-        )
-        # 4. reply
-        content = RecordDict(
-            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(x), **metrics})}
-        )
-        return Message(content=content, reply_to=msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        x, y = _site_arrays(spec, "val", pid)
-        model = MulDenseNet3D(spec.stager)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        p_pos = predict_stages(model, x, device=torch.device("cpu"), batch_size=64)[:, 1] if len(x) else np.zeros(0)
-        pos, neg = score_histograms(y == 1, p_pos, HIST_BINS)
-        content = RecordDict(
-            {"metrics": MetricRecord({"num-examples": len(x), "val-hist-pos": pos, "val-hist-neg": neg})}
-        )
-        return Message(content=content, reply_to=msg)
+def _spec(context: Context) -> FedSpec:
+    return load_spec(str(context.run_config[SPEC_KEY]))
 
-    return app
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global weights on the site's partition (thin handler over :func:`train_stager`)."""
+    # 1. resolve the site
+    spec = _spec(context)
+    pid = int(context.node_config["partition-id"])
+    x, y = _site_arrays(spec, "train", pid)
+    # 2. global weights and round config in
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    model = MulDenseNet3D(spec.stager)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    # 3. train (the schedule continues over global steps)
+    metrics = train_stager(
+        model,
+        x,
+        y,
+        steps=spec.local_steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        focal_gamma=spec.focal_gamma,
+        device=torch.device("cpu"),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        class_balanced=spec.class_balanced,
+        flip_dims=spec.flip_dims,
+        intensity_aug=spec.intensity_aug,
+        seed=spec.seed * 100_000 + server_round * 100 + pid,
+        step_offset=(server_round - 1) * spec.local_steps,
+        total_steps=spec.rounds * spec.local_steps,
+        warmup_steps=spec.warmup_steps,
+    )
+    # 4. reply
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(x), **metrics})}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the site's validation partition; reply only counts (two histograms of P(class 1))."""
+    spec = _spec(context)
+    pid = int(context.node_config["partition-id"])
+    x, y = _site_arrays(spec, "val", pid)
+    model = MulDenseNet3D(spec.stager)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    p_pos = predict_stages(model, x, device=torch.device("cpu"), batch_size=64)[:, 1] if len(x) else np.zeros(0)
+    pos, neg = score_histograms(y == 1, p_pos, HIST_BINS)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": len(x), "val-hist-pos": pos, "val-hist-neg": neg})})
+    return Message(content=content, reply_to=msg)
 
 
 def pooled_val_auc(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -179,56 +223,117 @@ def pooled_val_auc(contents: list[RecordDict], weighting_key: str) -> MetricReco
     return MetricRecord({"val-auc": -1.0 if math.isnan(auc) else auc, "num-examples": n})
 
 
-def make_server_app(spec: FedSpec, sink: dict) -> ServerApp:
-    """The benchmark's ServerApp; fills ``sink`` with ``best_state``, ``best_round``,
-    ``best_val_auc`` and ``history`` (per round: ``round``, ``val_auc``, ``train_loss``)."""
-    app = ServerApp()
+def run_strategy(grid: Grid, spec: FedSpec) -> dict:
+    """Federate the stager for ``spec.rounds`` rounds; keep the global weights of the best validation round.
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        torch.manual_seed(spec.seed)
-        model = MulDenseNet3D(spec.stager)
-        n = spec.num_sites
-        latest: dict[str, float] = {}  # this round's pooled validation AUC, read by keep_best
+    Returns:
+        ``{"best_state", "best_round", "best_val_auc", "history"}``; ``history`` holds per round
+        ``round``, ``val_auc`` and ``train_loss``.
+    """
+    torch.manual_seed(spec.seed)
+    model = MulDenseNet3D(spec.stager)
+    n = spec.num_sites
+    latest: dict[str, float] = {}  # this round's pooled validation AUC, read by keep_best
 
-        def aggregate_val(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
-            record = pooled_val_auc(contents, weighting_key)
-            latest["val-auc"] = float(record["val-auc"])
-            return record
+    def aggregate_val(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
+        record = pooled_val_auc(contents, weighting_key)
+        latest["val-auc"] = float(record["val-auc"])
+        return record
 
-        common = {
-            "fraction_train": 1.0,
-            "fraction_evaluate": 1.0,
-            "min_train_nodes": n,
-            "min_evaluate_nodes": n,
-            "min_available_nodes": n,
-            "evaluate_metrics_aggr_fn": aggregate_val,
-        }
-        strategy = FedProx(proximal_mu=spec.proximal_mu, **common) if spec.strategy == "fedprox" else FedAvg(**common)
-        sink.update(best_state=None, best_round=0, best_val_auc=-math.inf, history=[])
+    common = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": n,
+        "min_evaluate_nodes": n,
+        "min_available_nodes": n,
+        "evaluate_metrics_aggr_fn": aggregate_val,
+    }
+    strategy = FedProx(proximal_mu=spec.proximal_mu, **common) if spec.strategy == "fedprox" else FedAvg(**common)
+    sink: dict = {"best_state": None, "best_round": 0, "best_val_auc": -math.inf, "history": []}
 
-        def keep_best(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            # Flower calls this after the round's federated evaluation (and once for round 0).
-            if server_round == 0:
-                return None
-            val = latest.pop("val-auc", None)
-            sink["history"].append({"round": server_round, "val_auc": val})
-            if val is not None and val > sink["best_val_auc"]:
-                sink.update(best_state=arrays.to_torch_state_dict(), best_round=server_round, best_val_auc=val)
-            return MetricRecord({"best-round": sink["best_round"]})
+    def keep_best(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # Flower calls this after the round's federated evaluation (and once for round 0).
+        if server_round == 0:
+            return None
+        val = latest.pop("val-auc", None)
+        sink["history"].append({"round": server_round, "val_auc": val})
+        if val is not None and val > sink["best_val_auc"]:
+            sink.update(best_state=arrays.to_torch_state_dict(), best_round=server_round, best_val_auc=val)
+        return MetricRecord({"best-round": sink["best_round"]})
 
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=spec.rounds,
-            train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord({}),
-            evaluate_fn=keep_best,
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=spec.rounds,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+        evaluate_fn=keep_best,
+    )
+    for entry in sink["history"]:
+        train_metrics = result.train_metrics_clientapp.get(entry["round"])
+        entry["train_loss"] = (
+            float(train_metrics["train-loss"]) if train_metrics is not None and "train-loss" in train_metrics else None
         )
-        for entry in sink["history"]:
-            train = result.train_metrics_clientapp.get(entry["round"])
-            entry["train_loss"] = float(train["train-loss"]) if train is not None and "train-loss" in train else None
-        if sink["best_state"] is None:
-            sink.update(best_state=result.arrays.to_torch_state_dict(), best_round=spec.rounds)
+    if sink["best_state"] is None:
+        sink.update(best_state=result.arrays.to_torch_state_dict(), best_round=spec.rounds)
+    return sink
 
-    return app
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the benchmark's federation and write :func:`run_strategy`'s result next to the spec."""
+    spec_path = Path(str(context.run_config[SPEC_KEY]))
+    sink = run_strategy(grid, load_spec(str(spec_path)))
+    torch.save(sink.pop("best_state"), spec_path.parent / BEST_STATE_NAME)
+    best_val_auc = sink["best_val_auc"]
+    sink["best_val_auc"] = None if not math.isfinite(best_val_auc) else best_val_auc
+    (spec_path.parent / RESULT_NAME).write_text(json.dumps(sink))
+
+
+def read_result(folder: Path) -> dict:
+    """The ServerApp's result in ``folder`` (the spec's): :func:`run_strategy`'s dict, ``best_state`` read with
+    ``torch.load(weights_only=True)`` (nothing read from disk executes code).
+
+    Raises:
+        FileNotFoundError: the run wrote no result (it failed before its end).
+    """
+    result = json.loads((Path(folder) / RESULT_NAME).read_text())
+    result["best_state"] = torch.load(Path(folder) / BEST_STATE_NAME, map_location="cpu", weights_only=True)
+    if result["best_val_auc"] is None:
+        result["best_val_auc"] = -math.inf
+    return result
+
+
+#: The app folder's ``pyproject.toml``: Flower reads the components and the run-config defaults from it.
+APP_PYPROJECT = f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "onfh-medmnist"
+version = "1.0.0"
+description = "ONFH-FL's AdrenalMNIST3D benchmark app (sim/medmnist_app.py)"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "onfh-fl"
+
+[tool.flwr.app.components]
+serverapp = "sim.medmnist_app:server_app"
+clientapp = "sim.medmnist_app:client_app"
+
+[tool.flwr.app.config]
+{SPEC_KEY} = ""
+"""
+
+
+def write_app_dir(folder: Path) -> Path:
+    """Write the benchmark's Flower app folder (only ``pyproject.toml``: the code is this installed
+    project's, which the app's components name) and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    return folder

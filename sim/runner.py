@@ -83,14 +83,19 @@ def gpus_per_site(requested: float | None = None) -> float:
     return round(min(1.0, max(DEFAULT_GPUS_PER_SITE, SITE_GPU_MEMORY_GIB / total_gib)), 3)
 
 
-def federation_config(num_sites: int, cpus_per_client: int, gpus_per_client: float = 0.0) -> str:
+def federation_config(
+    num_sites: int, cpus_per_client: int, gpus_per_client: float = 0.0, ray_cpus: int | None = None
+) -> str:
     """The ``flwr run --federation-config`` value: one virtual SuperNode per site and each ClientApp's
     Ray resources. ``client-resources-num-gpus`` is passed only when positive; Flower's Ray backend
     then runs ``min(CPUs / cpus_per_client, GPUs / gpus_per_client)`` ClientApps at once
     (``flwr.simulation.ray_transport.ray_actor.pool_size_from_resources``) and Ray hands each one its
-    GPU through ``CUDA_VISIBLE_DEVICES``."""
+    GPU through ``CUDA_VISIBLE_DEVICES``. ``ray_cpus``, when given, is the CPUs Ray may use
+    (``init-args-num-cpus``; default every core), so at most ``ray_cpus / cpus_per_client`` ClientApps
+    run at once; never above the real core count (``FLOWER-1.42-NOTES.md``)."""
     text = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_client}"
-    return text + (f" client-resources-num-gpus={gpus_per_client:g}" if gpus_per_client > 0 else "")
+    text += f" client-resources-num-gpus={gpus_per_client:g}" if gpus_per_client > 0 else ""
+    return text + (f" init-args-num-cpus={ray_cpus}" if ray_cpus else "")
 
 
 @contextmanager
@@ -286,8 +291,10 @@ def run_simulation(
     gpus_per_client: float | None = None,
     timeout_s: float = 3 * 3600,
     on_poll=None,
+    app_dir: Path = APP_DIR,
+    ray_cpus: int | None = None,
 ) -> dict:
-    """Run the ONFH-FL app in Flower's simulation engine, one virtual SuperNode per site.
+    """Run the ONFH-FL app (or another app folder) in Flower's simulation engine, one virtual SuperNode per site.
 
     Args:
         run_config: overrides of ``[tool.flwr.app.config]`` (keys must exist there).
@@ -300,6 +307,10 @@ def run_simulation(
             (``None``: the default share when CUDA is present, 0 on CPU).
         timeout_s: wall-clock limit for the whole run, in seconds.
         on_poll: optional callable invoked about every 2 s while the run is going.
+        app_dir: the Flower app folder (its ``pyproject.toml`` names the components and the run-config
+            defaults); default this project's (the MedMNIST benchmark passes its own,
+            :func:`sim.medmnist_app.write_app_dir`).
+        ray_cpus: CPUs Ray may use (:func:`federation_config`); default every core.
 
     Returns:
         ``{"run_id", "wall_time_s", "peak_rss_bytes", "status_asks"}``; the peak is the largest
@@ -317,7 +328,7 @@ def run_simulation(
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
     env = flower_env(flwr_home, ray_tmp=ray_tmp, threads=cpus_per_client, local_superlink_port=free_port())
-    federation = federation_config(num_sites, cpus_per_client, gpus_per_site(gpus_per_client))
+    federation = federation_config(num_sites, cpus_per_client, gpus_per_site(gpus_per_client), ray_cpus)
     overrides = work_dir / "run-config.toml"
     run_log = work_dir / "run.log"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
@@ -332,7 +343,7 @@ def run_simulation(
             out = _flwr(
                 [
                     "run",
-                    str(APP_DIR),
+                    str(Path(app_dir).resolve()),
                     CONNECTION,
                     "--run-config",
                     str(overrides),

@@ -199,3 +199,50 @@ def test_prepare_arrays_on_the_real_file(tmp_path):
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
         counts[split] = np.bincount(y, minlength=2).tolist()
     assert counts == {"train": [929, 259], "val": [76, 22], "test": [229, 69]}
+
+
+# --------------------------------------------------------------------------- the Flower app
+
+
+def test_the_spec_travels_as_json_unchanged():
+    from shared_models.stager import StagerConfig
+    from sim.medmnist_app import FedSpec
+
+    spec = FedSpec(
+        data_dir="/data/x",
+        train_parts=((0, 2), (1, 3, 5)),
+        val_parts=((0,), (1,)),
+        stager=StagerConfig(out_channels=2, init_features=4, growth_rate=4, block_config=(1, 1), pool_scales=(1, 2)),
+        strategy="fedprox",
+        proximal_mu=0.01,
+        rounds=2,
+        local_steps=3,
+        batch_size=4,
+        lr=1e-3,
+        weight_decay=1e-4,
+        focal_gamma=2.0,
+        warmup_steps=1,
+        flip_dims=(2,),
+        seed=7,
+    )
+    assert FedSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="FedSpec"):
+        FedSpec.from_json('{"data_dir": "/x"}')
+
+
+def test_the_app_folder_names_the_benchmarks_components(tmp_path):
+    import importlib
+    import tomllib
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    from sim.medmnist_app import SPEC_KEY, write_app_dir
+
+    flwr_app = tomllib.loads((write_app_dir(tmp_path / "app") / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert flwr_app["config"] == {SPEC_KEY: ""}
+    loaded = {}
+    for role, ref in flwr_app["components"].items():
+        module, _, attribute = ref.partition(":")
+        loaded[role] = getattr(importlib.import_module(module), attribute)
+    assert isinstance(loaded["serverapp"], ServerApp) and isinstance(loaded["clientapp"], ClientApp)
