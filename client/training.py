@@ -28,20 +28,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from shared_models.device import select_device as select_device  # the sites' loops and sim import it from here
 from shared_models.losses import fedprox_proximal_term, snapshot_params
-
-
-def select_device(preference: str = "auto") -> torch.device:
-    """Return ``cuda`` when requested or available (``"auto"``), else ``cpu``.
-
-    Raises:
-        ValueError: if ``preference`` is ``"cuda"`` but no CUDA device is present.
-    """
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-    if preference in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:

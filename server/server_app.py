@@ -28,7 +28,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.training import select_device
 from server.audit_anchors import ANCHORS_NAME, AnchorRecordingGrid
 from server.calibration import run_calibration
 from server.checkpoint import CheckpointStore, PhaseCheckpoint, config_fingerprint
@@ -41,6 +40,7 @@ from shared_models.bundle import generate_signing_key, load_signing_key, write_b
 from shared_models.config import RunConfig
 from shared_models.detector import YOLOX3D
 from shared_models.determinism import configure_determinism
+from shared_models.device import select_device
 from shared_models.flower.records import record_to_state, state_to_record
 from shared_models.specs import (
     ACTION,
