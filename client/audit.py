@@ -40,13 +40,11 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message
 
-from shared_models.specs import ACTION, CONFIG, PHASE, SERVER_ROUND
+from shared_models.specs import ACTION, ANCHOR_KEY, ANCHOR_RECORD, CONFIG, PHASE, SERVER_ROUND
 
 log = logging.getLogger(__name__)
 
 AUDIT_NAME = "audit.jsonl"
-ANCHOR_RECORD = "audit"  # the reply's ConfigRecord that carries the anchor
-ANCHOR_KEY = "head-sha256"
 
 
 def line_sha256(entry: dict) -> str:
@@ -247,22 +245,3 @@ def audited(log_path: Callable[[Context], Path]):
         return wrapper
 
     return decorate
-
-
-def load_anchors(path: Path) -> dict[str, list[dict]]:
-    """The ``audit_anchors`` (written by :mod:`server.audit_anchors`) of a run folder's ``audit-anchors.json``, a ``report.json`` or a
-    bundle's ``metrics.json`` ({} when ``path`` does not exist).
-
-    Raises:
-        ValueError: the file is not JSON or has no well-formed ``audit_anchors`` (names the file).
-    """
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        anchors = json.loads(path.read_text()).get("audit_anchors")
-    except (ValueError, AttributeError):
-        raise ValueError(f"{path}: not a JSON object with 'audit_anchors'") from None
-    if not isinstance(anchors, dict) or not all(isinstance(v, list) for v in anchors.values()):
-        raise ValueError(f"{path}: 'audit_anchors' must map each site to a list of anchors")
-    return anchors

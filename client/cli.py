@@ -211,8 +211,9 @@ def cmd_site_verify(args) -> int:
 
 def cmd_site_verify_audit(args) -> int:
     """The audit log's hash chain and, with --anchors, the coordinator's anchors (issue 16)."""
-    from client.audit import load_anchors, verify_audit_anchors, verify_audit_log
+    from client.audit import verify_audit_anchors, verify_audit_log
     from client.site_data import SITE_CACHE_NAME
+    from shared_models.anchors import load_anchors
 
     if not args.log and not args.data:
         raise ValueError("give --log AUDIT_LOG or --data SITE_FOLDER")

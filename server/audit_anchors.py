@@ -24,9 +24,9 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from client.audit import ANCHOR_KEY, ANCHOR_RECORD, load_anchors  # load_anchors: the site reads them too
 from server.grid_wrapper import WrappedGrid
-from shared_models.specs import ACTION, CONFIG, PHASE, SERVER_ROUND
+from shared_models.anchors import load_anchors
+from shared_models.specs import ACTION, ANCHOR_KEY, ANCHOR_RECORD, CONFIG, PHASE, SERVER_ROUND
 
 ANCHORS_NAME = "audit-anchors.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

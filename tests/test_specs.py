@@ -100,6 +100,8 @@ def test_message_keys_keep_their_wire_spelling():
         "DET_SCORE_HIST": "det-score-hist",
         "ENERGY_HIST": "energy-hist",
         "NLL": "nll",
+        "ANCHOR_RECORD": "audit",
+        "ANCHOR_KEY": "head-sha256",
     }
     assert {name: getattr(specs, name) for name in wire} == wire
     constants = {n for n in specs.keys.__all__ if n.isupper() and n != "PHASES"}

@@ -17,6 +17,8 @@ from enum import StrEnum
 __all__ = [
     "ACCURACY",
     "ACTION",
+    "ANCHOR_KEY",
+    "ANCHOR_RECORD",
     "AP50",
     "ARRAYS",
     "CALIBRATION",
@@ -141,6 +143,10 @@ DET_GOOD = "det-good"  # detections with IoU >= 0.5
 DET_SCORE_HIST = "det-score-hist"
 ENERGY_HIST = "energy-hist"
 NLL = "nll"
+
+# The audit anchor every site reply carries (client/audit.py writes it, server/audit_anchors.py keeps it)
+ANCHOR_RECORD = "audit"  # the reply's ConfigRecord that carries the anchor
+ANCHOR_KEY = "head-sha256"  # SHA-256 of the reply's own audit-log line
 
 
 def heads_key(split: str) -> str:
