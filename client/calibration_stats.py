@@ -28,7 +28,7 @@ from client.site_data import SiteData
 from client.training import select_device
 from shared_models import calibration as cal
 from shared_models.config import RunConfig
-from shared_models.detector import YOLOX3D, box_iou_3d
+from shared_models.detection import YOLOX3D, box_iou_3d
 from shared_models.specs import (
     CALIBRATION,
     CROPS_KEY,

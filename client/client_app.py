@@ -179,7 +179,7 @@ def _receive_state(msg: Message, context: Context, cfg: RunConfig, phase: Phase)
 @functools.lru_cache(maxsize=4)
 def _template(phase: Phase, model_config) -> dict:
     """A state dict of the phase's model on the ``meta`` device: names, shapes, dtypes, no memory."""
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     with torch.device("meta"):
@@ -198,7 +198,7 @@ def _keep_local_norms(context: Context, state, model_keys: set[str], phase: Phas
 
 
 def _norm_keys(cfg: RunConfig, phase: Phase) -> set[str]:
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     model = YOLOX3D(cfg.detector) if phase == Phase.DETECTOR else MulDenseNet3D(cfg.stager)

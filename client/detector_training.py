@@ -11,7 +11,7 @@ import torch
 
 from client.augmentation import augment_detector_batch
 from client.training import LocalRun, autocast, batches, make_lr_scheduler, mean_loss, resident, take, to_device
-from shared_models.detector import YOLOX3D, decode_best_box, detector_loss
+from shared_models.detection import YOLOX3D, decode_best_box, detector_loss
 from shared_models.specs import TRAIN_LOSS
 
 

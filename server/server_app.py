@@ -38,7 +38,7 @@ from server.run_paths import resolve_coordinator_paths
 from server.tracking import Tracker, make_tracker, round_scalars, run_name, run_params
 from shared_models.bundle import generate_signing_key, load_signing_key, write_bundle
 from shared_models.config import RunConfig
-from shared_models.detector import YOLOX3D
+from shared_models.detection import YOLOX3D
 from shared_models.determinism import configure_determinism
 from shared_models.device import select_device
 from shared_models.flower.records import record_to_state, state_to_record

@@ -39,9 +39,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared_models.calibration import Calibration
-from shared_models.detector import YOLOX3D, DetectorConfig
+from shared_models.detection import YOLOX3D
 from shared_models.preprocessing import PreprocessingSpec
 from shared_models.safe_files import UnsafeFileError, load_tensors, read_regular_file, redact_paths
+from shared_models.specs import DetectorConfig
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 log = logging.getLogger(__name__)

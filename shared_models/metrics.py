@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
 from shared_models.clinical_stats import auc_bin_error_bound, auc_from_histograms, quadratic_weighted_kappa
-from shared_models.detector import box_iou_3d
+from shared_models.detection import box_iou_3d
 from shared_models.stage_scores import check_stage_probs, score_histograms
 from shared_models.stages import NUM_STAGES, STAGE_LABELS
 
@@ -270,7 +270,7 @@ def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> f
     agrees: same 101 thresholds, same stable merge sort by score, same right-to-left precision
     envelope, a match at IoU >= threshold; its ``tp / (tp + fp + eps)`` precision differs from
     ours by at most one ulp. Its other conventions do not matter here: the box format is whatever
-    ``iou_fn`` reads (ours: :func:`shared_models.detector.box_iou_3d`), it has no area ranges,
+    ``iou_fn`` reads (ours: :func:`shared_models.detection.box_iou_3d`), it has no area ranges,
     and its max-detections cap is moot with one detection per ground-truth box. A site computes
     this locally on its own cases (numpy only) and sends only the resulting float.
 

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from shared_models.calibration import Calibration
-from shared_models.detector import YOLOX3D, decode_best_box
+from shared_models.detection import YOLOX3D, decode_best_box
 from shared_models.gates import check_body_part, check_field_of_view, check_finite_voxels, check_head, check_pair
 from shared_models.gradcam import heatmap_volume_mm3, stage_gradcam
 from shared_models.preprocessing import (

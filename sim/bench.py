@@ -46,9 +46,9 @@ from client.augmentation import augment_detector_batch
 from client.detector_training import train_detector
 from client.training import select_device
 from shared_models.config import MODEL_SIZES, RunConfig, default_run_config
-from shared_models.detector import YOLOX3D, DetectorConfig, decode_best_box
+from shared_models.detection import YOLOX3D, decode_best_box
 from shared_models.preprocessing import PreprocessingSpec
-from shared_models.specs import Phase
+from shared_models.specs import DetectorConfig, Phase
 
 __all__ = [
     "SECTIONS",

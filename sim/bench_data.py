@@ -225,7 +225,7 @@ def input_pipeline_benchmark(
     """
     from client import tasks
     from shared_models.config import RunConfig, default_run_config
-    from shared_models.detector import YOLOX3D, detector_loss
+    from shared_models.detection import YOLOX3D, detector_loss
     from shared_models.losses import stage_focal_loss
     from shared_models.stager import MulDenseNet3D
 
@@ -353,7 +353,7 @@ def inference_benchmark(
 
     from client.dicom_series import read_study
     from shared_models.config import RunConfig, default_run_config
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.pipeline import analyse_study
     from shared_models.stager import MulDenseNet3D
 

@@ -173,7 +173,7 @@ def plain_federation(cfg, sites: dict, *, exchange: Callable[[StateDict], StateD
         models' test metrics, example-weighted over the sites.
     """
     from client import tasks
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     send = exchange or (lambda s: s)

@@ -199,7 +199,7 @@ def _study_row(
     repeats: int,
     seed: int,
 ) -> Row:
-    from shared_models.detector import decode_best_box
+    from shared_models.detection import decode_best_box
     from shared_models.gradcam import stage_gradcam
 
     gen = torch.Generator().manual_seed(seed)
@@ -346,7 +346,7 @@ def _measure(
     infer_repeats,
     seed,
 ) -> list[Row]:
-    from shared_models.detector import YOLOX3D, detector_loss
+    from shared_models.detection import YOLOX3D, detector_loss
     from shared_models.losses import stage_focal_loss
     from shared_models.stager import MulDenseNet3D
 

@@ -312,7 +312,7 @@ def run_federation(
 
     import torch
 
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     cfg = RunConfig.from_run_config(rc)

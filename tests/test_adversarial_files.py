@@ -29,9 +29,10 @@ from server.checkpoint import (
 )
 from shared_models.bundle import BundleError, generate_signing_key, load_bundle, load_signing_key, write_bundle
 from shared_models.cli import main
-from shared_models.detector import YOLOX3D, DetectorConfig
+from shared_models.detection import YOLOX3D
 from shared_models.preprocessing import PreprocessingSpec
 from shared_models.safe_files import UnsafeFileError, read_regular_file
+from shared_models.specs import DetectorConfig
 from shared_models.stager import MulDenseNet3D, StagerConfig
 from tests.conftest import tiny_run_config
 

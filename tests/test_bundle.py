@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from shared_models.bundle import BundleError, generate_signing_key, load_bundle, write_bundle
-from shared_models.detector import YOLOX3D, DetectorConfig
+from shared_models.detection import YOLOX3D
 from shared_models.preprocessing import PreprocessingSpec
+from shared_models.specs import DetectorConfig
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 

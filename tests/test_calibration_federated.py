@@ -167,7 +167,7 @@ def phantom_site(tmp_path_factory):
 def test_site_sends_consistent_aggregates_and_suppresses_small_splits(phantom_site, tmp_path):
     from client import tasks
     from client.calibration_stats import calibrated_stats, stage_logits, validation_stats
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     cfg = RunConfig.from_run_config(

@@ -51,7 +51,7 @@ def test_fedbn_keeps_the_sites_own_norm_layers(tmp_path, phase):
     from flwr.app import ArrayRecord
 
     from client.client_app import _keep_local_norms, _receive_state
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
 
     cfg = RunConfig.from_run_config(tiny_run_config(strategy="fedbn"))

@@ -60,7 +60,7 @@ def test_report_groups_parse():
 
 
 def test_paper_model_size_uses_paper_presets():
-    from shared_models.detector import DetectorConfig
+    from shared_models.specs import DetectorConfig
     from shared_models.stager import StagerConfig
 
     cfg = RunConfig.from_run_config(tiny_run_config(**{"model-size": "paper"}))

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared_models.detector import (
-    YOLOX3D,
-    DetectorConfig,
-    box_iou_3d,
-    center_prior,
-    decode_best_box,
-    detector_loss,
-    simota_assign,
-)
+from shared_models.detection import YOLOX3D, box_iou_3d, center_prior, decode_best_box, detector_loss, simota_assign
+from shared_models.specs import DetectorConfig
 
 HEMI = (32, 112, 64)
 TINY = DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), strides=(8, 16), head_width=8)
@@ -306,7 +299,8 @@ def _raster(box_q: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_iou_and_giou_match_brute_force_voxel_counts():
-    from shared_models.detector import _GIOU, _to_corners
+    from shared_models.detection.network import _GIOU
+    from shared_models.detection.network import _to_corners as to_corners
 
     rng = np.random.default_rng(7)
     size = 48  # quarter-voxel cells: a 12-voxel cube
@@ -326,13 +320,13 @@ def test_iou_and_giou_match_brute_force_voxel_counts():
         # corner boxes in quarters -> (cz, cy, cx, d, h, w) in voxels
         boxes = torch.tensor(np.array([np.concatenate([(c[:3] + c[3:]) / 2, c[3:] - c[:3]]) / 4.0 for c in corners]))
         assert float(box_iou_3d(boxes[:1], boxes[1:])[0, 0]) == pytest.approx(iou_ref, abs=1e-6)  # MONAI: float32
-        giou = 1.0 - float(_GIOU(_to_corners(boxes[:1]), _to_corners(boxes[1:])))
+        giou = 1.0 - float(_GIOU(to_corners(boxes[:1]), to_corners(boxes[1:])))
         assert giou == pytest.approx(giou_ref, abs=1e-6)
 
 
 # -- NMS ---------------------------------------------------------------------------------------
 def test_nms_drops_overlapping_lower_scores_only():
-    from shared_models.detector import nms_3d
+    from shared_models.detection import nms_3d
 
     boxes = torch.tensor(
         [

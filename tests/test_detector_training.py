@@ -10,7 +10,8 @@ import torch
 
 from client.augmentation import augment_detector_batch
 from client.detector_training import train_detector
-from shared_models.detector import YOLOX3D, DetectorConfig, detector_loss
+from shared_models.detection import YOLOX3D, detector_loss
+from shared_models.specs import DetectorConfig
 
 # The tiny widths of tests/conftest.py (TINY); strides 8 and 16 on a 16 x 32 x 32 volume.
 TINY = DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), strides=(8, 16), head_width=8)

@@ -10,10 +10,11 @@ import SimpleITK as sitk
 import torch
 
 from shared_models.calibration import Calibration
-from shared_models.detector import YOLOX3D, DetectorConfig
+from shared_models.detection import YOLOX3D
 from shared_models.gates import check_body_part, check_field_of_view, check_head, check_pair
 from shared_models.pipeline import _stage_from, analyse_study, study_verdict
 from shared_models.preprocessing import PreprocessingSpec, orient_lps, resample_crop
+from shared_models.specs import DetectorConfig
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
 DCFG = DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8)

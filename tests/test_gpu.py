@@ -281,7 +281,8 @@ def test_channels_last_is_a_layout_choice_not_a_different_result(model):
 
     from client.detector_training import train_detector
     from client.stager_training import train_stager
-    from shared_models.detector import YOLOX3D, DetectorConfig
+    from shared_models.detection import YOLOX3D
+    from shared_models.specs import DetectorConfig
 
     rng = np.random.default_rng(0)
     results = []
@@ -551,7 +552,8 @@ def test_detector_trains_on_cuda(amp):
     import numpy as np
 
     from client.detector_training import predict_boxes, train_detector
-    from shared_models.detector import YOLOX3D, DetectorConfig
+    from shared_models.detection import YOLOX3D
+    from shared_models.specs import DetectorConfig
 
     torch.manual_seed(0)
     model = YOLOX3D(DetectorConfig(widths=(4, 8, 8, 16), depths=(1, 1, 1), head_width=8))

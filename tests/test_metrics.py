@@ -224,7 +224,7 @@ def _monai_ap(pred, gt, scores, iou=0.5):
     from monai.apps.detection.metrics.coco import COCOMetric
     from monai.apps.detection.metrics.matching import matching_batch
 
-    from shared_models.detector import box_iou_3d
+    from shared_models.detection import box_iou_3d
 
     metric = COCOMetric(
         classes=["head"],
@@ -283,7 +283,7 @@ def test_monai_coco_metric_still_loses_recall_thresholds_with_25_boxes():
     # MONAI casts TP counts to float32, and float32(1)/25 < 0.04, float32(2)/25 < 0.08, so 0.04
     # takes 2/3 and 0.08 takes 0: 4 -> 1, 4 -> 2/3. If this fails, MONAI now matches pycocotools
     # and average_precision_101 can be replaced by COCOMetric.
-    from shared_models.detector import box_iou_3d
+    from shared_models.detection import box_iou_3d
     from shared_models.metrics import average_precision_101
 
     gt = np.array([[16.0, 16.0, 16.0 + 12.0 * i, 6.0, 6.0, 6.0] for i in range(25)])

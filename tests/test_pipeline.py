@@ -11,9 +11,10 @@ import SimpleITK as sitk
 
 from shared_models.bundle import generate_signing_key, write_bundle
 from shared_models.cli import main
-from shared_models.detector import YOLOX3D, DetectorConfig
+from shared_models.detection import YOLOX3D
 from shared_models.pipeline import analyse_study
 from shared_models.preprocessing import PreprocessingSpec, field_of_view_mask, midline_x_mm, orient_lps
+from shared_models.specs import DetectorConfig
 from shared_models.stager import MulDenseNet3D, StagerConfig
 from tests.conftest import real_data_or_skip
 

@@ -286,7 +286,7 @@ def test_a_box_outside_the_scan_is_not_staged_even_with_the_gates_off(monkeypatc
     import SimpleITK as sitk
 
     import shared_models.pipeline as pipeline
-    from shared_models.detector import YOLOX3D
+    from shared_models.detection import YOLOX3D
     from shared_models.preprocessing import PreprocessingSpec
     from tests.test_pipeline import DCFG
 

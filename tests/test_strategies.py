@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from shared_models.detector import YOLOX3D
+from shared_models.detection import YOLOX3D
 from shared_models.flower.internals import make_message
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import SiteFedAvg, SiteFedProx, build_strategy, restore_dtypes
@@ -36,7 +36,7 @@ def _reply(src: int, arrays: ArrayRecord | None, metrics: dict) -> Message:
 
 
 def _tiny_models():
-    from shared_models.detector import DetectorConfig
+    from shared_models.specs import DetectorConfig
     from shared_models.stager import StagerConfig
 
     return [

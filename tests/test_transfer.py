@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from shared_models.config import RunConfig, default_run_config
-from shared_models.detector import YOLOX3D
+from shared_models.detection import YOLOX3D
 from shared_models.flower.internals import aggregate_arrayrecords
 from shared_models.stager import MulDenseNet3D
 from shared_models.transfer import (

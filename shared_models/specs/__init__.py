@@ -10,9 +10,8 @@ bundle's configs cheaply. Its modules:
   :class:`PreprocessingSpec` (recorded in every model bundle);
 * :mod:`~shared_models.specs.keys`: :class:`Phase`, :class:`Action` and the message-key constants.
 
-The old import paths (``shared_models.config``, ``shared_models.detector.DetectorConfig``,
-``shared_models.stager.StagerConfig``, ``shared_models.preprocessing.PreprocessingSpec``) import
-from here; nothing is defined twice.
+The old import paths (``shared_models.config``, ``shared_models.stager.StagerConfig``,
+``shared_models.preprocessing.PreprocessingSpec``) import from here; nothing is defined twice.
 """
 
 from __future__ import annotations

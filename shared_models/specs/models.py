@@ -1,6 +1,6 @@
 """The model and preprocessing configurations: plain frozen dataclasses, no torch, MONAI or SimpleITK.
 
-:class:`DetectorConfig` builds :class:`shared_models.detector.YOLOX3D`, :class:`StagerConfig` builds
+:class:`DetectorConfig` builds :class:`shared_models.detection.YOLOX3D`, :class:`StagerConfig` builds
 :class:`shared_models.stager.MulDenseNet3D`, and :class:`PreprocessingSpec` holds every number of
 :mod:`shared_models.preprocessing`. All three are recorded in every model bundle and validated on
 construction (a bad value raises ``ValueError`` naming the key), so reading a run config or a bundle
