@@ -299,8 +299,8 @@ def _raster(box_q: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_iou_and_giou_match_brute_force_voxel_counts():
-    from shared_models.detection.network import _GIOU
-    from shared_models.detection.network import _to_corners as to_corners
+    from shared_models.detection.boxes import to_corners
+    from shared_models.detection.loss import _GIOU
 
     rng = np.random.default_rng(7)
     size = 48  # quarter-voxel cells: a 12-voxel cube
