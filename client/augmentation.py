@@ -51,13 +51,13 @@ from monai.transforms import (
     RandShiftIntensity,
 )
 
+from shared_models.detection.boxes import CENTER_MODE, CORNER_MODE
+
 __all__ = ["augment_detector_batch", "augment_intensity", "intensity_transform", "resample_zoom_shift"]
 
-#: Box modes of ``monai.data.box_utils`` for our array axes (D, H, W) fed as MONAI's (x, y, z); the
-#: same reading as ``shared_models.detector``: ``(cz, cy, cx, d, h, w)`` is "cccwhd" and corners
-#: ``(z0, y0, x0, z1, y1, x1)`` are "xyzxyz" (MONAI ``StandardMode``).
-_CENTER_MODE = "cccwhd"
-_CORNER_MODE = "xyzxyz"
+# Box modes of ``monai.data.box_utils`` for our array axes (D, H, W) fed as MONAI's (x, y, z), as
+# the detector reads them (:mod:`shared_models.detection.boxes`): ``(cz, cy, cx, d, h, w)`` is
+# "cccwhd" and corners ``(z0, y0, x0, z1, y1, x1)`` are "xyzxyz" (MONAI ``StandardMode``).
 #: Our voxel centres are at integer indices, MONAI's box ops put them at ``i + 0.5``.
 _TO_MONAI = 0.5
 #: Seeds handed to MONAI's ``Randomizable.set_random_state`` (it reduces them modulo 2**32).
@@ -349,7 +349,7 @@ def augment_detector_batch(
     intensity_seed = int(draw.integers(0, _MAX_SEED))
     centre_monai = np.asarray(size, dtype=np.float64) / 2.0
 
-    corners = convert_box_mode(boxes.detach().float().cpu(), src_mode=_CENTER_MODE, dst_mode=_CORNER_MODE)
+    corners = convert_box_mode(boxes.detach().float().cpu(), src_mode=CENTER_MODE, dst_mode=CORNER_MODE)
     corners = corners + _TO_MONAI
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     out_b = []
@@ -371,7 +371,7 @@ def augment_detector_batch(
     lo = torch.minimum(corners[:, :3], extent - MIN_BOX_SIZE)
     hi = torch.minimum(torch.maximum(corners[:, 3:], lo + MIN_BOX_SIZE), extent)
     corners = torch.cat([lo, hi], dim=1) - _TO_MONAI
-    new_boxes = convert_box_mode(corners, src_mode=_CORNER_MODE, dst_mode=_CENTER_MODE)
+    new_boxes = convert_box_mode(corners, src_mode=CORNER_MODE, dst_mode=CENTER_MODE)
 
     out = _intensity_into(out, out, intensity_seed) if intensity else out.clamp_(0.0, 1.0)
     return out.to(x.device), new_boxes.to(device=boxes.device, dtype=torch.float32)
