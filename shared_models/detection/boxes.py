@@ -9,6 +9,8 @@ the exception: a plain-torch IoU of many boxes against one, without checks, for 
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from monai.data.box_utils import box_iou, convert_box_mode, non_max_suppression
@@ -26,7 +28,7 @@ def to_corners(boxes: torch.Tensor) -> torch.Tensor:
     """``(N, 6)`` czyxdhw -> MONAI standard corners ``(z0, y0, x0, z1, y1, x1)`` (differentiable)."""
     if boxes.shape[0] == 0:
         return boxes.reshape(0, 6)
-    return convert_box_mode(boxes, src_mode=CENTER_MODE, dst_mode=CORNER_MODE)
+    return cast(torch.Tensor, convert_box_mode(boxes, src_mode=CENTER_MODE, dst_mode=CORNER_MODE))
 
 
 def box_iou_3d(boxes1: torch.Tensor | np.ndarray, boxes2: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
@@ -59,7 +61,7 @@ def box_iou_3d(boxes1: torch.Tensor | np.ndarray, boxes2: torch.Tensor | np.ndar
     if b1.shape[0] == 0 or b2.shape[0] == 0:
         out = torch.zeros(b1.shape[0], b2.shape[0], dtype=b1.dtype, device=b1.device)
     else:
-        out = box_iou(to_corners(b1), to_corners(b2))
+        out = cast(torch.Tensor, box_iou(to_corners(b1), to_corners(b2)))
     return out.cpu().numpy() if is_numpy else out
 
 
@@ -77,7 +79,8 @@ def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_
     """
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    return non_max_suppression(to_corners(boxes), scores, nms_thresh=iou_threshold, max_proposals=max_proposals)
+    kept = non_max_suppression(to_corners(boxes), scores, nms_thresh=iou_threshold, max_proposals=max_proposals)
+    return cast(torch.Tensor, kept)
 
 
 def pair_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,7 @@ class YOLOX3D(nn.Module):
 
     # -- geometry -----------------------------------------------------------------------------
     @staticmethod
-    def _make_cells(level_shapes: Sequence[tuple[int, int, int]], strides: Sequence[int]) -> torch.Tensor:
+    def _make_cells(level_shapes: Sequence[tuple[int, ...]], strides: Sequence[int]) -> torch.Tensor:
         parts = []
         for (fd, fh, fw), s in zip(level_shapes, strides):
             zz, yy, xx = torch.meshgrid(
@@ -210,7 +210,7 @@ class YOLOX3D(nn.Module):
             shapes.append(tuple(size))
         return self._make_cells(shapes, self.config.strides).to(self.cells.device)
 
-    def _update_cells(self, level_shapes: list[tuple[int, int, int]], device: torch.device) -> None:
+    def _update_cells(self, level_shapes: Sequence[tuple[int, ...]], device: torch.device) -> None:
         key = (tuple(level_shapes), str(device))
         if key != self._cells_key:
             self.cells = self._make_cells(level_shapes, self.config.strides).to(device)
