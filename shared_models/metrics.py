@@ -269,7 +269,7 @@ def average_precision_101(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> f
     with 25 or 50 boxes, and each time ours equalled an exact rational computation. Otherwise it
     agrees: same 101 thresholds, same stable merge sort by score, same right-to-left precision
     envelope, a match at IoU >= threshold; its ``tp / (tp + fp + eps)`` precision differs from
-    ours by at most one ulp. Its other conventions do not matter here: the box format is whatever
+    ours only at the first detection when it is a TP (by 2.2e-16). Its other conventions do not matter here: the box format is whatever
     ``iou_fn`` reads (ours: :func:`shared_models.detection.box_iou_3d`), it has no area ranges,
     and its max-detections cap is moot with one detection per ground-truth box. A site computes
     this locally on its own cases (numpy only) and sends only the resulting float.

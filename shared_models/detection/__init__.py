@@ -13,8 +13,9 @@ YOLOX (Ge et al. 2021, arXiv:2107.08430), one module per concern as in MONAI's d
 * :mod:`~shared_models.detection.decode`: post-processing to one box per hemi-volume,
   :func:`decode_best_box`.
 
-Import the public names from this package; the modules import each other only downwards
-(boxes <- network, simota <- loss; boxes, network <- decode).
+Import the public names from this package. Inside it, imports go one way only (an import-linter
+contract in ``pyproject.toml`` checks it): ``boxes`` and ``network`` import no sibling, ``simota``
+imports ``boxes``, and ``loss`` and ``decode`` import the modules below them.
 """
 
 from __future__ import annotations
