@@ -23,7 +23,7 @@ from shared_models.cli_common import (
     tracking_config,
 )
 from shared_models.processes import tied_to_this_process
-from shared_models.specs import STRATEGIES, Phase  # torch-free: `onfh -h` stays fast
+from shared_models.specs import NUM_EXAMPLES, STRATEGIES, Phase  # torch-free: `onfh -h` stays fast
 
 
 def cmd_signing_key(args) -> int:
@@ -140,7 +140,7 @@ def status_cell(metrics: dict, key: str) -> tuple[str, str]:
         ``(value, note)``: "–" with the reason when the site evaluated no heads (a site sends 0.0 for a
         metric it could not compute) or sent no value; the value with a small-n note below 10 heads.
     """
-    n = metrics.get("num-examples")
+    n = metrics.get(NUM_EXAMPLES)
     if n is not None and int(n) == 0:
         return "–", "no test heads at this site (n = 0): the metric is undefined"
     if metrics.get(key) is None:
@@ -167,7 +167,7 @@ def _status_tables(progress: dict, nodes: dict[int, str] | None, registry: dict)
         for col in ("site", "n", key, "note"):
             table.add_column(col)
         for site, m in sorted(latest["sites"].items()):
-            table.add_row(site, str(m.get("num-examples", "")), *status_cell(m, key))
+            table.add_row(site, str(m.get(NUM_EXAMPLES, "")), *status_cell(m, key))
         console.print(table)
     for phase, rounds in progress["missing_sites"].items():
         for rnd, kinds in sorted(rounds.items()):

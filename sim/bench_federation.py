@@ -35,7 +35,7 @@ import psutil
 import torch
 
 from shared_models.processes import ProcessWatchdog
-from shared_models.specs import Phase
+from shared_models.specs import ACCURACY, IOU_MEAN, MACRO_AUC, NUM_EXAMPLES, VAL_NUM_EXAMPLES, VAL_SCORE, Phase
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK, phantom_sites
 
@@ -192,11 +192,11 @@ def plain_federation(cfg, sites: dict, *, exchange: Callable[[StateDict], StateD
                     else (lambda site, c, st, **kw: tasks.stager_train(site, c, st, key, **kw))
                 )
                 new, metrics = train(sites[s], cfg, send(state), proximal_mu=0.0, server_round=r)
-                replies.append((send(new), metrics["num-examples"]))
+                replies.append((send(new), metrics[NUM_EXAMPLES]))
             state = fedavg_states([st for st, _ in replies], [n for _, n in replies])
             evals = {s: tasks.evaluate(site, cfg, name, send(state), key) for s, site in sites.items()}
-            n_val = sum(e["val-num-examples"] for e in evals.values())
-            score = sum(e["val-score"] * e["val-num-examples"] for e in evals.values()) / n_val if n_val else None
+            n_val = sum(e[VAL_NUM_EXAMPLES] for e in evals.values())
+            score = sum(e[VAL_SCORE] * e[VAL_NUM_EXAMPLES] for e in evals.values()) / n_val if n_val else None
             if score is not None and score > best_score:
                 best, best_score = (state, evals), score
             last = (state, evals)
@@ -207,12 +207,12 @@ def plain_federation(cfg, sites: dict, *, exchange: Callable[[StateDict], StateD
     _, stg_metrics = phase(Phase.STAGER, stager_init, cfg.phase(Phase.STAGER).rounds, keys.pop())
 
     def pooled(metrics: dict, name: str) -> float:
-        n = sum(m["num-examples"] for m in metrics.values())
-        return sum(float(m[name]) * m["num-examples"] for m in metrics.values()) / n if n else float("nan")
+        n = sum(m[NUM_EXAMPLES] for m in metrics.values())
+        return sum(float(m[name]) * m[NUM_EXAMPLES] for m in metrics.values()) / n if n else float("nan")
 
     return {
-        "detector": {"iou-mean": pooled(det_metrics, "iou-mean")},
-        "stager": {"macro-auc": pooled(stg_metrics, "macro-auc"), "accuracy": pooled(stg_metrics, "accuracy")},
+        "detector": {IOU_MEAN: pooled(det_metrics, IOU_MEAN)},
+        "stager": {MACRO_AUC: pooled(stg_metrics, MACRO_AUC), ACCURACY: pooled(stg_metrics, ACCURACY)},
     }
 
 
@@ -378,18 +378,18 @@ def federated_benchmark(
         "status_polls": stats["status_asks"],
         "status_poll_cpu_s": poll_cpu,
         "status_poll_cpu_share": poll_cpu / (flower_s * (os.cpu_count() or 1)),
-        "fp32_iou_mean": exact["detector"]["iou-mean"],
-        "fp32_macro_auc": exact["stager"]["macro-auc"],
-        "fp32_accuracy": exact["stager"]["accuracy"],
+        "fp32_iou_mean": exact["detector"][IOU_MEAN],
+        "fp32_macro_auc": exact["stager"][MACRO_AUC],
+        "fp32_accuracy": exact["stager"][ACCURACY],
     }
     if fp16_accuracy:
         _clear_crops(base_cache)
         half = plain_federation(cfg, sites, exchange=fp16_round)
         row.update(
             {
-                "fp16_iou_mean": half["detector"]["iou-mean"],
-                "fp16_macro_auc": half["stager"]["macro-auc"],
-                "fp16_accuracy": half["stager"]["accuracy"],
+                "fp16_iou_mean": half["detector"][IOU_MEAN],
+                "fp16_macro_auc": half["stager"][MACRO_AUC],
+                "fp16_accuracy": half["stager"][ACCURACY],
             }
         )
     else:

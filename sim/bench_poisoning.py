@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from shared_models.specs import PHASES, ROBUST_STRATEGIES
+from shared_models.specs import IOU_MEAN, NUM_EXAMPLES, PHASES, ROBUST_STRATEGIES, VAL_SCORE
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK
 
@@ -202,7 +202,7 @@ def attack_reply(attack: str, msg, reply, rng: np.random.Generator):
     if kind == "evaluate":
         if attack != "val-score-1e6":
             return reply
-        metrics["val-score"] = 1e6
+        metrics[VAL_SCORE] = 1e6
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     if attack == "val-score-1e6":
         return reply
@@ -221,7 +221,7 @@ def attack_reply(attack: str, msg, reply, rng: np.random.Generator):
             value = np.full_like(value, 2**62)
         out[key] = Array(np.ascontiguousarray(value))
     if attack == "num-examples-1e9":
-        metrics["num-examples"] = 10**9
+        metrics[NUM_EXAMPLES] = 10**9
     return Message(RecordDict({"arrays": ArrayRecord(out), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -332,8 +332,8 @@ def run_federation(
         det = {s: tasks.detector_evaluate(site, cfg, det_state) for s, site in sites.items()}
         key = {tasks.make_crops(site, cfg, det_state)[0] for site in sites.values()}.pop()
         stg = {s: tasks.stager_evaluate(site, cfg, stg_state, key) for s, site in sites.items()}
-    n = sum(m["num-examples"] for m in det.values())
-    iou = sum(m["iou-mean"] * m["num-examples"] for m in det.values()) / n if n else float("nan")
+    n = sum(m[NUM_EXAMPLES] for m in det.values())
+    iou = sum(m[IOU_MEAN] * m[NUM_EXAMPLES] for m in det.values()) / n if n else float("nan")
     pooled = group_stage_metrics(stg, {"honest": tuple(honest)})["honest"]
     rejected = sum(len(sites_) for phase in report.get("rejected_updates", {}).values() for sites_ in phase.values())
     return {

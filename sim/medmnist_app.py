@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from client.stager_training import predict_stages, train_stager
 from shared_models.clinical_stats import auc_from_histograms
+from shared_models.specs import ARRAYS, METRICS, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND, TRAIN_LOSS
 from shared_models.stage_scores import score_histograms
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
@@ -170,9 +171,9 @@ def train(msg: Message, context: Context) -> Message:
     x, y = _site_arrays(spec, "train", pid)
     # 2. global weights and round config in
     config = msg.content["config"]
-    server_round = int(config["server-round"])
+    server_round = int(config[SERVER_ROUND])
     model = MulDenseNet3D(spec.stager)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
     # 3. train (the schedule continues over global steps)
     metrics = train_stager(
         model,
@@ -184,7 +185,7 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=spec.weight_decay,
         focal_gamma=spec.focal_gamma,
         device=torch.device("cpu"),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
         class_balanced=spec.class_balanced,
         flip_dims=spec.flip_dims,
         intensity_aug=spec.intensity_aug,
@@ -195,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     # 4. reply
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(x), **metrics})}
+        {ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord({NUM_EXAMPLES: len(x), **metrics})}
     )
     return Message(content=content, reply_to=msg)
 
@@ -207,20 +208,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     x, y = _site_arrays(spec, "val", pid)
     model = MulDenseNet3D(spec.stager)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
     p_pos = predict_stages(model, x, device=torch.device("cpu"), batch_size=64)[:, 1] if len(x) else np.zeros(0)
     pos, neg = score_histograms(y == 1, p_pos, HIST_BINS)
-    content = RecordDict({"metrics": MetricRecord({"num-examples": len(x), "val-hist-pos": pos, "val-hist-neg": neg})})
+    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: len(x), "val-hist-pos": pos, "val-hist-neg": neg})})
     return Message(content=content, reply_to=msg)
 
 
 def pooled_val_auc(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
     """``evaluate_metrics_aggr_fn``: sum the sites' histograms; pooled ``val-auc`` (NaN -> -1)."""
-    pos = np.sum([np.asarray(c["metrics"]["val-hist-pos"]) for c in contents], axis=0)
-    neg = np.sum([np.asarray(c["metrics"]["val-hist-neg"]) for c in contents], axis=0)
+    pos = np.sum([np.asarray(c[METRICS]["val-hist-pos"]) for c in contents], axis=0)
+    neg = np.sum([np.asarray(c[METRICS]["val-hist-neg"]) for c in contents], axis=0)
     auc = auc_from_histograms(pos, neg)
-    n = sum(int(c["metrics"][weighting_key]) for c in contents)
-    return MetricRecord({"val-auc": -1.0 if math.isnan(auc) else auc, "num-examples": n})
+    n = sum(int(c[METRICS][weighting_key]) for c in contents)
+    return MetricRecord({"val-auc": -1.0 if math.isnan(auc) else auc, NUM_EXAMPLES: n})
 
 
 def run_strategy(grid: Grid, spec: FedSpec) -> dict:
@@ -272,7 +273,7 @@ def run_strategy(grid: Grid, spec: FedSpec) -> dict:
     for entry in sink["history"]:
         train_metrics = result.train_metrics_clientapp.get(entry["round"])
         entry["train_loss"] = (
-            float(train_metrics["train-loss"]) if train_metrics is not None and "train-loss" in train_metrics else None
+            float(train_metrics[TRAIN_LOSS]) if train_metrics is not None and TRAIN_LOSS in train_metrics else None
         )
     if sink["best_state"] is None:
         sink.update(best_state=result.arrays.to_torch_state_dict(), best_round=spec.rounds)
