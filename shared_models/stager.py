@@ -151,6 +151,17 @@ class MulPoolFusion(nn.Module):
         return torch.stack(outs, dim=0).sum(dim=0)
 
 
+def standardise_crop(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Per-sample, per-channel standardisation of a ``(B, C, D, H, W)`` batch, ``(x - mean) / std`` over the
+    voxels (population std): MONAI ``NormalizeIntensity(channel_wise=True)``'s formula inside the graph, so
+    that training, evaluation, inference, Grad-CAM and a MONAI export all apply it. A crop whose std is at
+    most ``eps`` (flat: no tissue contrast to standardise, e.g. outside the study) becomes 0 rather than
+    amplified rounding noise; windowed crops in [0, 1] have a std near 0.1. Same shape and dtype as ``x``."""
+    mean = x.mean(dim=(2, 3, 4), keepdim=True)
+    std = x.std(dim=(2, 3, 4), keepdim=True, unbiased=False)
+    return torch.where(std > eps, (x - mean) / std.clamp_min(eps), torch.zeros_like(x))
+
+
 class MulDenseNet3D(nn.Module):
     """3D-MulDenseNet stager (paper section 2.4, Figure 3), logits for Ficat-Arlet 0 / I / II.
 
@@ -251,4 +262,6 @@ class MulDenseNet3D(nn.Module):
         """``(B, in_channels, D, H, W)`` -> ``(B, out_channels)`` logits."""
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
+        if self.config.input_norm == "crop":
+            x = standardise_crop(x)
         return self.class_layers(self.features(x))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from shared_models.config import RunConfig, default_run_config, parse_report_groups
@@ -64,7 +66,23 @@ def test_paper_model_size_uses_paper_presets():
     from shared_models.stager import StagerConfig
 
     cfg = RunConfig.from_run_config(tiny_run_config(**{"model-size": "paper"}))
-    assert cfg.detector == DetectorConfig.PAPER and cfg.stager == StagerConfig.PAPER
+    assert cfg.detector == DetectorConfig.PAPER
+    # the paper's architecture; the input standardisation is a run-config setting of either size
+    assert dataclasses.replace(cfg.stager, input_norm=StagerConfig.PAPER.input_norm) == StagerConfig.PAPER
+    for norm in ("none", "crop"):
+        assert (
+            RunConfig.from_run_config(
+                tiny_run_config(**{"model-size": "paper", "stager-input-norm": norm})
+            ).stager.input_norm
+            == norm
+        )
+
+
+def test_stager_input_norm_is_checked():
+    with pytest.raises(ValueError, match="stager-input-norm"):
+        RunConfig.from_run_config(tiny_run_config(**{"stager-input-norm": "zscore"}))
+    with pytest.raises(ValueError, match="stager-input-norm"):
+        RunConfig.from_run_config(tiny_run_config(**{"model-size": "paper", "stager-input-norm": "zscore"}))
 
 
 def test_crop_settings_reach_the_preprocessing_spec():

@@ -140,3 +140,29 @@ def test_paper_preset_builds():
     n_params = sum(p.numel() for p in model.parameters())
     assert 10e6 < n_params < 20e6  # DenseNet121-like in 3D, with MulPoolFusion transitions
     assert model.class_layers.out.out_features == 3
+
+
+def test_crop_input_norm_removes_a_studys_gain_and_offset():
+    # a study's gain g and the window's offset b move every voxel as g * x + b; "crop" sees the same input
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, 16)
+    y = 0.3 + 0.5 * (x - 0.3) + 0.05
+    normed = MulDenseNet3D(StagerConfig(block_config=(1, 1), input_norm="crop")).eval()
+    plain = MulDenseNet3D(StagerConfig(block_config=(1, 1), input_norm="none")).eval()
+    plain.load_state_dict(normed.state_dict())  # no parameters of its own: the same weights load both ways
+    with torch.no_grad():
+        assert torch.allclose(normed(x), normed(y), atol=1e-4)
+        assert not torch.allclose(plain(x), plain(y), atol=1e-3)
+        # the standardised crop has mean 0 and sd 1 per sample (checked with numpy's formula)
+        from shared_models.stager import standardise_crop
+
+        z = standardise_crop(x).numpy().reshape(3, -1)
+        assert abs(z.mean(1)).max() < 1e-5 and abs(z.std(1) - 1).max() < 1e-4
+        assert torch.equal(standardise_crop(torch.full((1, 1, 4, 4, 4), 0.7)), torch.zeros(1, 1, 4, 4, 4))
+
+
+def test_input_norm_is_validated_and_old_bundles_read_none():
+    with pytest.raises(ValueError, match="input_norm"):
+        StagerConfig(input_norm="zscore")
+    old = {k: v for k, v in StagerConfig().to_dict().items() if k != "input_norm"}  # a bundle before issue 18
+    assert StagerConfig.from_dict(old).input_norm == "none"

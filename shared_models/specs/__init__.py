@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from shared_models.specs.keys import *  # noqa: F403 (the constants; keys.__all__ lists them)
 from shared_models.specs.keys import __all__ as _KEYS
-from shared_models.specs.models import FUSION_MODES, TRANSITIONS, DetectorConfig, PreprocessingSpec, StagerConfig
+from shared_models.specs.models import (
+    FUSION_MODES,
+    INPUT_NORMS,
+    TRANSITIONS,
+    DetectorConfig,
+    PreprocessingSpec,
+    StagerConfig,
+)
 from shared_models.specs.run_config import (
     CROP_SOURCES,
     DEVICES,
@@ -56,6 +63,7 @@ __all__ = [
     "PreprocessingSpec",
     "RunConfig",
     "StagerConfig",
+    "INPUT_NORMS",
     "default_run_config",
     "parse_report_groups",
     "parse_site_nodes",

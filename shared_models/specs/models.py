@@ -17,7 +17,7 @@ import numpy as np
 
 from shared_models.config_dict import DictConfig, finite_number, int_tuple, positive_int, positive_triple
 
-__all__ = ["FUSION_MODES", "TRANSITIONS", "DetectorConfig", "PreprocessingSpec", "StagerConfig"]
+__all__ = ["FUSION_MODES", "INPUT_NORMS", "TRANSITIONS", "DetectorConfig", "PreprocessingSpec", "StagerConfig"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,7 @@ DetectorConfig.PAPER = DetectorConfig(
 
 FUSION_MODES = ("concat", "sum")
 TRANSITIONS = ("mulpool", "plain")
+INPUT_NORMS = ("none", "crop")
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,11 @@ class StagerConfig(DictConfig):
             1x1x1 conv-AvgPool 2, the ablation; rounds sizes down, so every spatial size must be
             >= 2 before each transition).
         dropout_prob: dropout after each dense layer and before the classifier, in ``[0, 1)``.
+        input_norm: ``"crop"`` standardises each crop before the stem, ``(x - mean) / std`` over its
+            voxels (per sample and channel; MONAI ``NormalizeIntensity(channel_wise=True)``'s formula), so
+            that a study's overall gain (phantom generator 7 draws 0.5-1.3 per study; real scanners differ
+            as much) does not reach the network; ``"none"`` feeds the windowed crop as it is (what bundles
+            made before issue 18's change did; ``from_dict`` gives it to a bundle without the key).
         stem_pool: keep the stem's 3x3x3 stride-2 max pooling (MONAI DenseNet). With it a 32^3 crop
             reaches the last dense block at ``32 / 2**(1 + len(block_config))`` voxels per side;
             set False for a finer Grad-CAM map (twice the resolution, more compute).
@@ -206,6 +212,7 @@ class StagerConfig(DictConfig):
     transition: str = "mulpool"
     dropout_prob: float = 0.0
     stem_pool: bool = True
+    input_norm: str = "none"
 
     PAPER: ClassVar[StagerConfig]
 
@@ -226,6 +233,8 @@ class StagerConfig(DictConfig):
         if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= float(p) < 1.0:
             raise ValueError(f"dropout_prob: expected a float in [0, 1), got {p!r}")
         object.__setattr__(self, "dropout_prob", float(p))
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm: expected one of {INPUT_NORMS}, got {self.input_norm!r}")
         if not isinstance(self.stem_pool, (bool, np.bool_)):
             raise ValueError(f"stem_pool: expected a bool, got {self.stem_pool!r}")
         object.__setattr__(self, "stem_pool", bool(self.stem_pool))

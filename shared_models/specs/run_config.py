@@ -8,6 +8,7 @@ neither Flower nor torch, MONAI or SimpleITK: callers pass the plain mapping
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.specs.keys import Phase
-from shared_models.specs.models import DetectorConfig, PreprocessingSpec, StagerConfig
+from shared_models.specs.models import INPUT_NORMS, DetectorConfig, PreprocessingSpec, StagerConfig
 
 #: Aggregation strategies of the run-config key ``strategy``; the last three are robust (issue 7).
 #: The one list: ``strategies.site_aware.build_strategy`` and the CLI's ``--strategy`` take it from here.
@@ -344,7 +345,7 @@ class RunConfig:
         model_size = choice("model-size", MODEL_SIZES)
         if model_size == "paper":
             detector = DetectorConfig.PAPER
-            stager = StagerConfig.PAPER
+            stager = dataclasses.replace(StagerConfig.PAPER, input_norm=choice("stager-input-norm", INPUT_NORMS))
         else:
             detector = DetectorConfig(
                 widths=_ints("detector-widths", get("detector-widths", str)),
@@ -360,6 +361,7 @@ class RunConfig:
                     fusion=get("stager-fusion", str),
                     transition=get("stager-transition", str),
                     dropout_prob=get("stager-dropout", float),
+                    input_norm=get("stager-input-norm", str),
                 )
             except ValueError as err:
                 if str(err).startswith("run config"):
@@ -369,6 +371,7 @@ class RunConfig:
                     "fusion": "stager-fusion",
                     "transition": "stager-transition",
                     "dropout_prob": "stager-dropout",
+                    "input_norm": "stager-input-norm",
                 }.get(field, "stager-*")
                 raise ValueError(f"run config {key!r}: {str(err).split(':', 1)[-1].strip()}") from None
         return cls(
