@@ -63,6 +63,12 @@ from shared_models.specs import (
     CONFIG,
     CROPS_KEY,
     METRICS,
+    NODE_AUDIT_LOG,
+    NODE_CACHE_DIR,
+    NODE_DATA_PATH,
+    NODE_MIN_CELL_HEADS,
+    NODE_SITE_ID,
+    PARTITION_ID,
     PHASE,
     PROXIMAL_MU,
     SERVER_ROUND,
@@ -86,10 +92,10 @@ def resolve_site(context: Context, cfg: RunConfig) -> tuple[str, Path]:
         ValueError: if neither ``site-id``/``data-path`` nor ``partition-id`` is set.
     """
     node = context.node_config
-    if "site-id" in node and "data-path" in node:
-        return str(node["site-id"]), Path(str(node["data-path"]))
-    if "partition-id" in node:
-        site_id = cfg.site_for_partition(int(node["partition-id"]))
+    if NODE_SITE_ID in node and NODE_DATA_PATH in node:
+        return str(node[NODE_SITE_ID]), Path(str(node[NODE_DATA_PATH]))
+    if PARTITION_ID in node:
+        site_id = cfg.site_for_partition(int(node[PARTITION_ID]))
         if not cfg.data_root:
             raise ValueError("simulation run without run config 'data-root'")
         return site_id, Path(cfg.data_root) / site_id
@@ -98,7 +104,7 @@ def resolve_site(context: Context, cfg: RunConfig) -> tuple[str, Path]:
 
 def is_deployment(context: Context) -> bool:
     """True for a deployed site (node config ``data-path``), False for a simulated one."""
-    return "data-path" in context.node_config
+    return NODE_DATA_PATH in context.node_config
 
 
 _ignored_cache_dirs: set[str] = set()
@@ -125,7 +131,7 @@ def site_cache_dir(context: Context, cfg: RunConfig) -> Path:
             site_id,
         )
     node = context.node_config
-    return Path(str(node["cache-dir"])) if node.get("cache-dir") else site_root / SITE_CACHE_NAME
+    return Path(str(node[NODE_CACHE_DIR])) if node.get(NODE_CACHE_DIR) else site_root / SITE_CACHE_NAME
 
 
 def site_min_cell_heads(context: Context, cfg: RunConfig) -> int:
@@ -138,7 +144,7 @@ def site_min_cell_heads(context: Context, cfg: RunConfig) -> int:
     """
     if not is_deployment(context):
         return cfg.min_cell_heads
-    raw = context.node_config.get("min-cell-heads", SITE_MIN_CELL_HEADS)
+    raw = context.node_config.get(NODE_MIN_CELL_HEADS, SITE_MIN_CELL_HEADS)
     try:
         floor = int(str(raw))  # str first: True or 2.5 are refused, not truncated
     except ValueError:
@@ -242,8 +248,8 @@ def audit_log_path(context: Context) -> Path:
     """The site's audit log (``client/audit.py``): node config ``audit-log`` if set, else
     ``audit.jsonl`` in the site's cache folder (:func:`site_cache_dir`: in deployment never moved
     by the run config). Every reply leaving the site is recorded there."""
-    if "audit-log" in context.node_config:
-        return Path(str(context.node_config["audit-log"]))
+    if NODE_AUDIT_LOG in context.node_config:
+        return Path(str(context.node_config[NODE_AUDIT_LOG]))
     return site_cache_dir(context, RunConfig.from_run_config(context.run_config)) / AUDIT_NAME
 
 

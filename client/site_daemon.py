@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared_models.flower.env import flower_env
 from shared_models.processes import stop_process_tree
+from shared_models.specs import NODE_CACHE_DIR, NODE_DATA_PATH, NODE_MIN_CELL_HEADS, NODE_SITE_ID
 
 #: A deployed site's small-cell floor (``onfh site daemon --min-cell-heads``): a split with fewer heads
 #: sends only its count, whatever ``min-cell-heads`` the coordinator's run config says (it can only raise it).
@@ -258,10 +259,11 @@ def supernode_command(
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
     node_config = (
-        f"site-id={_quote(site_id)} data-path={_quote(str(Path(data).resolve()))} min-cell-heads={min_cell_heads}"
+        f"{NODE_SITE_ID}={_quote(site_id)} {NODE_DATA_PATH}={_quote(str(Path(data).resolve()))} "
+        f"{NODE_MIN_CELL_HEADS}={min_cell_heads}"
     )
     if cache is not None:
-        node_config += f" cache-dir={_quote(str(Path(cache).resolve()))}"
+        node_config += f" {NODE_CACHE_DIR}={_quote(str(Path(cache).resolve()))}"
     bin_dir = Path(sys.executable).parent
     exe = str(bin_dir / "flower-supernode") if (bin_dir / "flower-supernode").exists() else "flower-supernode"
     cmd = [

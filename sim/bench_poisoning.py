@@ -47,7 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from shared_models.specs import IOU_MEAN, NUM_EXAMPLES, PHASES, ROBUST_STRATEGIES, VAL_SCORE
+from shared_models.specs import (
+    IOU_MEAN,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PHASES,
+    ROBUST_STRATEGIES,
+    VAL_SCORE,
+)
 from sim.bench import Row, section
 from sim.bench_data import DEFAULT_WORK
 
@@ -292,7 +300,7 @@ def run_federation(
         i + 1: Context(
             run_id=1,
             node_id=i + 1,
-            node_config={"partition-id": i, "num-partitions": len(SITES)},
+            node_config={PARTITION_ID: i, NUM_PARTITIONS: len(SITES)},
             state=RecordDict(),
             run_config=rc,
         )

@@ -53,7 +53,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from client.stager_training import predict_stages, train_stager
 from shared_models.clinical_stats import auc_from_histograms
-from shared_models.specs import ARRAYS, METRICS, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND, TRAIN_LOSS
+from shared_models.specs import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, PROXIMAL_MU, SERVER_ROUND, TRAIN_LOSS
 from shared_models.stage_scores import score_histograms
 from shared_models.stager import MulDenseNet3D, StagerConfig
 
@@ -167,7 +167,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global weights on the site's partition (thin handler over :func:`train_stager`)."""
     # 1. resolve the site
     spec = _spec(context)
-    pid = int(context.node_config["partition-id"])
+    pid = int(context.node_config[PARTITION_ID])
     x, y = _site_arrays(spec, "train", pid)
     # 2. global weights and round config in
     config = msg.content["config"]
@@ -205,7 +205,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the site's validation partition; reply only counts (two histograms of P(class 1))."""
     spec = _spec(context)
-    pid = int(context.node_config["partition-id"])
+    pid = int(context.node_config[PARTITION_ID])
     x, y = _site_arrays(spec, "val", pid)
     model = MulDenseNet3D(spec.stager)
     model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())

@@ -100,6 +100,13 @@ def test_message_keys_keep_their_wire_spelling():
         "DET_SCORE_HIST": "det-score-hist",
         "ENERGY_HIST": "energy-hist",
         "NLL": "nll",
+        "NODE_SITE_ID": "site-id",
+        "NODE_DATA_PATH": "data-path",
+        "NODE_CACHE_DIR": "cache-dir",
+        "NODE_MIN_CELL_HEADS": "min-cell-heads",
+        "NODE_AUDIT_LOG": "audit-log",
+        "PARTITION_ID": "partition-id",
+        "NUM_PARTITIONS": "num-partitions",
         "ANCHOR_RECORD": "audit",
         "ANCHOR_KEY": "head-sha256",
     }

@@ -38,6 +38,13 @@ __all__ = [
     "MACRO_AUC",
     "METRICS",
     "NLL",
+    "NODE_AUDIT_LOG",
+    "NODE_CACHE_DIR",
+    "NODE_DATA_PATH",
+    "NODE_MIN_CELL_HEADS",
+    "NODE_SITE_ID",
+    "NUM_PARTITIONS",
+    "PARTITION_ID",
     "NUM_EXAMPLES",
     "PHASE",
     "PHASES",
@@ -147,6 +154,16 @@ NLL = "nll"
 # The audit anchor every site reply carries (client/audit.py writes it, server/audit_anchors.py keeps it)
 ANCHOR_RECORD = "audit"  # the reply's ConfigRecord that carries the anchor
 ANCHOR_KEY = "head-sha256"  # SHA-256 of the reply's own audit-log line
+
+# Node config of a SuperNode (``--node-config``): a deployed site's (``onfh site daemon`` writes them) ...
+NODE_SITE_ID = "site-id"
+NODE_DATA_PATH = "data-path"
+NODE_CACHE_DIR = "cache-dir"
+NODE_MIN_CELL_HEADS = "min-cell-heads"  # the site's own small-cell floor; the run config can only raise it
+NODE_AUDIT_LOG = "audit-log"
+# ... and a simulated one's (Flower's simulation engine sets them)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
 
 
 def heads_key(split: str) -> str:
