@@ -229,8 +229,7 @@ class YOLOX3D(nn.Module):
         feats = feats[-len(self.config.strides) :]
         n_levels = len(feats)
         # top-down
-        p: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
-        p[-1] = feats[-1]
+        p = list(feats)  # p[-1] is the top level as it is; the others are replaced top-down
         for i in range(n_levels - 2, -1, -1):
             up = F.interpolate(self.lateral_convs[i](p[i + 1]), size=feats[i].shape[2:], mode="nearest")
             p[i] = self.td_csps[i](torch.cat([up, feats[i]], dim=1))
