@@ -1,6 +1,7 @@
 # ONFH-FL: two commands do everything on a fresh machine.
 #   make demo   -> venv + install + phantoms + four-center Flower simulation + report + inference on real MRI
-#   make test   -> venv + install + full test suite (what .ci/run calls)
+#   make test   -> venv + install + lint + full test suite (what .ci/run calls)
+#   make lint   -> import rules (lint-imports), ruff lint + format check, mypy; `make test` runs it first
 PYTHON  ?= python3
 VENV    ?= .venv
 OUT     ?= runs/demo
@@ -8,7 +9,7 @@ PROFILE ?= paper
 STRATEGY ?= fedavg
 BIN      = $(VENV)/bin
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint test test-fast clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,13 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/onfh sim demo --out $(OUT) --profile $(PROFILE) --strategy $(STRATEGY)
 
-test: install
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install
