@@ -392,9 +392,7 @@ def evaluate(site: SiteData, cfg: RunConfig, phase: Phase | str, state: StateDic
 
 
 # ----------------------------------------------------------------------------- small-cell suppression
-
-# SUPPRESSED (set to 1 when the test split's metrics were suppressed, fewer heads than ``min-cell-heads``)
-# and VAL_SUPPRESSED (the validation score, the same way) are imported from shared_models.specs.
+# the flags SUPPRESSED and VAL_SUPPRESSED are message keys (shared_models.specs)
 
 
 def suppress_small_cells(metrics: dict, min_heads: int) -> dict:

@@ -163,6 +163,10 @@ def test_cli_strategy_choices_are_the_run_configs():
 
     # the names users type (run-config key `strategy`, `--strategy`): the wire format
     assert STRATEGIES == ("fedavg", "fedprox", "fedbn", "fedmedian", "fedtrimmedavg", "krum")
+    from shared_models.config import ROBUST_STRATEGIES
+
+    assert ROBUST_STRATEGIES == ("fedmedian", "fedtrimmedavg", "krum")  # a subset, in the list's order
+    assert ROBUST_STRATEGIES == tuple(s for s in STRATEGIES if s in ROBUST_STRATEGIES)
     found = []
 
     def walk(parser: argparse.ArgumentParser) -> None:
