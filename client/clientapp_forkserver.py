@@ -66,7 +66,7 @@ ALSO_WARM = ("torch._dynamo",)
 #: next message of a round follows within a second or two), doubling while nothing comes, up to
 #: ``MAX_POLL_S`` (``flower-superexec`` polls every 1 s).
 MIN_POLL_S, MAX_POLL_S = 0.05, 0.5
-#: Log line format (the SuperNode log; ``sim.bench_federation.message_waves`` parses the task lines).
+#: Log line format (the SuperNode log; ``sim.bench.federation.message_waves`` parses the task lines).
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 

@@ -7,7 +7,7 @@ Site folder (``docs/CONVENTIONS.md``)::
 
 The site reads them with :func:`client.site_data.read_manifest` / :func:`client.site_data.check_manifest`
 (the hardened row-level parser, which refuses a bad row with a recorded reason); everything else
-(:mod:`sim.splits`, the phantom generator, the pooled baseline) uses these names and that parser. No
+(:mod:`client.splits`, the phantom generator, the pooled baseline) uses these names and that parser. No
 imports beyond the standard library, so the phantom generator can use it without the site's readers.
 """
 

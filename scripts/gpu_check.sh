@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 19 in one command: the `gpu` tests, then `onfh sim bench --only gpu`; one JSON
-# (sim/gpu_check.py says what is in it).
+# (sim/bench/gpu_check.py says what is in it).
 #
 #   scripts/gpu_check.sh wheels          where pip can reach PyPI: download the two wheels the lent GPU
 #                                        machines lack (MONAI, SimpleITK; for Python 3.12, x86-64) into
 #                                        .whl/, which git ignores (.git/info/exclude)
 #   scripts/gpu_check.sh [OUT] [ARGS]    on the GPU machine, from a checkout: install .whl/*.whl into
-#                                        /tmp/site when present, then python3 -m sim.gpu_check --out OUT ARGS
+#                                        /tmp/site when present, then python3 -m sim.bench.gpu_check --out OUT ARGS
 #                                        (OUT defaults to $OUT, else runs/gpu-check; ARGS e.g. --quick)
 #
 # With the device tool: run `scripts/gpu_check.sh wheels` here, then run with carry [".whl"] and the
@@ -29,4 +29,4 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-exec "$PYTHON" -m sim.gpu_check --out "$out" "$@"
+exec "$PYTHON" -m sim.bench.gpu_check --out "$out" "$@"

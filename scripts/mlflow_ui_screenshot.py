@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sim.render_check import CHROMIUM_FLAGS, find_chromium
+from sim.reports.render_check import CHROMIUM_FLAGS, find_chromium
 
 
 def _free_port() -> int:

@@ -427,11 +427,11 @@ def _signing_key(cfg: RunConfig, out: Path):
 
 def _write_pages(report: dict, out: Path) -> None:
     """``training_curves.png`` and ``report.html`` beside ``report.json``, in deployment as in simulation
-    (where :func:`sim.experiment.run_experiment` rewrites them with its extra sections). A figure that
+    (where :func:`sim.experiments.experiment.run_experiment` rewrites them with its extra sections). A figure that
     fails is logged and does not fail the run: the weights and ``report.json`` are already written."""
     try:
-        from sim.plots import plot_training_curves
-        from sim.report_html import write_report_html
+        from sim.reports.html import write_report_html
+        from sim.reports.plots import plot_training_curves
 
         page = json.loads(json.dumps(report))  # as a reader of report.json sees it (string keys)
         plot_training_curves(page, out / "training_curves.png")

@@ -149,7 +149,7 @@ def _run_config_for(args) -> dict[str, object]:
 
 def cmd_run(args) -> int:
     """Splits -> Flower simulation -> report (+ intensity baseline)."""
-    from sim.experiment import run_experiment
+    from sim.experiments.experiment import run_experiment
 
     report = run_experiment(_run_config_for(args), console=console, gpus_per_site=getattr(args, "gpus_per_site", None))
     print_report(report, report.get("baseline_intensity_logreg"))
@@ -182,7 +182,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     """A grid of variants x seeds on the same data; resumable; ``compare.json`` + ``compare.md``."""
     from shared_models.config import default_run_config, parse_report_groups
-    from sim.compare import grid_variants, parse_variant, print_summary, report_groups_for, run_compare
+    from sim.experiments.compare import grid_variants, parse_variant, print_summary, report_groups_for, run_compare
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -211,7 +211,7 @@ def cmd_compare(args) -> int:
     print_summary(summary, console)
     console.print(f"grid: {Path(args.out) / 'report.html'} (open in a browser), compare.json and compare.md")
     if reference is not None:
-        from sim.compare import outside_interval
+        from sim.experiments.compare import outside_interval
 
         rows = json.loads((Path(args.out) / "compare.json").read_text())["rows"]
         problems = outside_interval(reference, [r for r in rows if r["seed"] in seeds])
@@ -227,7 +227,7 @@ def cmd_compare(args) -> int:
 
 def cmd_bench(args) -> int:
     """Benchmarks that print measured figures and write ``bench.json``."""
-    from sim.bench import SECTIONS, parse_option, print_table, run_benchmarks
+    from sim.bench.core import SECTIONS, parse_option, print_table, run_benchmarks
 
     names = args.only.split(",") if args.only else None
     options: dict = {}
@@ -245,7 +245,7 @@ def cmd_bench(args) -> int:
         print_table(rows, title=SECTIONS[name].title, console=console)
     write(result)
     if result["sections"].get("poisoning"):
-        from sim.bench_poisoning import poisoning_markdown
+        from sim.bench.poisoning import poisoning_markdown
 
         (out / "poisoning.md").write_text(poisoning_markdown(result["sections"]["poisoning"]) + "\n")
         console.print(f"{out / 'poisoning.md'}: the poisoning table in markdown")
@@ -402,7 +402,7 @@ def sim_commands(parser: argparse.ArgumentParser) -> None:
         help="a section's keyword argument, e.g. federated.local_steps=10 (repeatable; JSON values)",
     )
     p.set_defaults(func=cmd_bench)
-    from sim.medmnist import add_medmnist_parser
+    from sim.experiments.medmnist import add_medmnist_parser
 
     add_medmnist_parser(sim)
     p = sim.add_parser("demo", help="phantoms + simulation + report + inference on the real pelvic MRI")
@@ -413,7 +413,7 @@ def sim_commands(parser: argparse.ArgumentParser) -> None:
 
 def _last_checkpoint(args) -> None:
     """On Ctrl-C of ``sim run`` or ``sim demo``: the last verified checkpoint of the federated run."""
-    from sim.experiment import last_verified_checkpoint
+    from sim.experiments.experiment import last_verified_checkpoint
 
     run_out = Path(args.out) / "run" if args.func is cmd_demo else Path(args.out)
     console.print(last_verified_checkpoint(run_out / "checkpoints"))
@@ -421,7 +421,7 @@ def _last_checkpoint(args) -> None:
 
 def report_commands(parser: argparse.ArgumentParser) -> None:
     """The ``onfh report`` commands."""
-    from sim.readers import add_readers_parser
+    from sim.reports.readers import add_readers_parser
 
     add_readers_parser(parser.add_subparsers(dest="cmd", required=True))
 

@@ -382,7 +382,7 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
     from shared_models.bundle import generate_signing_key, write_bundle
     from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
-    from sim.report_html import write_report_html
+    from sim.reports.html import write_report_html
 
     root, patient = one_patient_test_split
     cfg = RunConfig.from_run_config(
@@ -651,7 +651,7 @@ def tasks_suppress(metrics, min_heads):
 def test_poisoning_benchmark_attacks_are_what_the_issue_names():
     from flwr.app import ConfigRecord
 
-    from sim.bench_poisoning import ATTACKS, attack_reply
+    from sim.bench.poisoning import ATTACKS, attack_reply
 
     sent, honest = _record(GLOBAL_W, GLOBAL_N), _record(_honest(0))
     msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord({})}), dst_node_id=4, message_type="train")
@@ -675,7 +675,7 @@ def test_poisoning_benchmark_attacks_are_what_the_issue_names():
 
 
 def test_poisoning_rows_are_judged_against_the_clean_seed_spread():
-    from sim.bench_poisoning import finish_rows, poisoning_markdown
+    from sim.bench.poisoning import finish_rows, poisoning_markdown
 
     def row(strategy, attack, seed, auc, iou, auc_drop, iou_drop, shift):
         return {

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from shared_models.config import RunConfig, default_run_config
-from sim import compare
-from sim.pooled import POOLED_SITE, pooled_overrides, write_pooled_site
+from sim.experiments import compare
+from sim.experiments.pooled import POOLED_SITE, pooled_overrides, write_pooled_site
 from tests.conftest import tiny_run_config
 
 MANIFEST_HEADER = "patient_id,study,side,ficat_stage,box_lps_mm,scanner\n"
@@ -101,7 +101,7 @@ def test_split_sites_default_to_train_sites_and_must_be_known():
 
 def test_prepare_splits_keeps_splits_fixed_across_local_and_federated_cells(tmp_path):
     """local-A trains only at A, yet B keeps its 8:1:1 split, the same as in the federated cell."""
-    from sim.experiment import prepare_splits
+    from sim.experiments.experiment import prepare_splits
 
     for site in "ABCD":
         _site(tmp_path, site, [f"{site}-{i}" for i in range(20)], ["test"] * 20)
@@ -202,7 +202,7 @@ def test_compare_grid_writes_the_cross_site_matrix_and_a_page(tmp_path, monkeypa
             "per_site": {"A": {"n": 4, "macro": {"auc": auc}}, "B": {"n": 3, "macro": {"auc": auc - 0.1}}},
         }
 
-    monkeypatch.setattr("sim.experiment.run_experiment", fake_experiment)
+    monkeypatch.setattr("sim.experiments.experiment.run_experiment", fake_experiment)
     variants = [compare.Variant("local-A", {"train-sites": "A"}), compare.Variant("local-B", {"train-sites": "B"})]
     compare.run_compare({}, tmp_path, variants, [0, 1])
     saved = json.loads((tmp_path / "compare.json").read_text())
@@ -216,7 +216,9 @@ def test_compare_grid_writes_the_cross_site_matrix_and_a_page(tmp_path, monkeypa
 
 def test_grid_checks_every_cell_before_the_first_runs(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("sim.experiment.run_experiment", lambda overrides, console=None: calls.append(overrides))
+    monkeypatch.setattr(
+        "sim.experiments.experiment.run_experiment", lambda overrides, console=None: calls.append(overrides)
+    )
     base = {"data-root": str(tmp_path), "train-sites": "A,B"}
     variants = [compare.Variant("ok"), compare.Variant("bad", {"train-sites": "A,Q"})]
     with pytest.raises(ValueError, match=r"variant bad: .*Q"):

@@ -131,11 +131,11 @@ def test_bench_refuses_an_unknown_section(tmp_path):
 
 
 def test_plain_loop_fedavg_equals_flowers_aggregation():
-    """The plain baseline's FedAvg (sim.bench_federation.fedavg_states) is Flower's weighted mean."""
+    """The plain baseline's FedAvg (sim.bench.federation.fedavg_states) is Flower's weighted mean."""
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
     from shared_models.flower.internals import aggregate_arrayrecords
-    from sim.bench_federation import fedavg_states
+    from sim.bench.federation import fedavg_states
     from strategies.site_aware import restore_dtypes
 
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +153,7 @@ def test_plain_loop_fedavg_equals_flowers_aggregation():
 
 def test_scaled_sites_copy_patients_under_new_names(tmp_path):
     from client.site_data import read_manifest
-    from sim.bench_federation import make_scaled_sites
+    from sim.bench.federation import make_scaled_sites
 
     src = tmp_path / "src"
     for site in "AB":

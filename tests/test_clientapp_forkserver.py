@@ -242,7 +242,7 @@ def test_task_lines_give_the_deployment_benchmark_its_message_waves(tmp_path):
     """The per-task log line, as the fork server writes it, parsed into waves by the benchmark."""
     import logging
 
-    from sim.bench_federation import message_waves
+    from sim.bench.federation import message_waves
 
     formatter = logging.Formatter(fs.LOG_FORMAT)
     t0 = 1_780_000_000.0  # seconds since the epoch; the log keeps milliseconds

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shared_models.cli_common import parse_set as _parse_set
-from sim import compare
+from sim.experiments import compare
 
 
 def _report(auc_a: float, auc_ext: float, iou: float = 0.8) -> dict:
@@ -76,7 +76,7 @@ def test_grid_runs_each_cell_in_its_own_folder_and_writes_the_table(tmp_path, mo
         seen.append(overrides)
         return _report(0.8 + 0.01 * overrides["seed"], 0.6)
 
-    monkeypatch.setattr("sim.experiment.run_experiment", fake_experiment)
+    monkeypatch.setattr("sim.experiments.experiment.run_experiment", fake_experiment)
     variants = [compare.Variant("default"), compare.Variant("gt", {"crop-source": "ground-truth", "stager-rounds": 2})]
     summary = compare.run_compare({"data-root": "/d", "stager-rounds": 5}, tmp_path / "grid", variants, [0, 1])
     assert [(o["out-dir"].split("/")[-2:], o["seed"]) for o in seen] == [

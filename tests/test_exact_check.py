@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from server.report import group_stage_metrics
 from shared_models.stages import STAGE_LABELS
-from sim.exact_check import group_check
+from sim.experiments.exact_check import group_check
 from tests.test_report_html import _cases, _site_metrics
 
 
@@ -52,7 +52,7 @@ def test_bootstrap_intervals_are_over_patients_and_bracket_the_point(group):
     assert check["ci"]["macro_accuracy"]["point"] == pytest.approx(m["macro"]["accuracy"])
     assert check["ci"]["early_onfh_auc"]["point"] == pytest.approx(early_onfh_binary(y, p)["auc"])
     tied = np.round(p, 1)  # ties count 1/2 as in sklearn
-    from sim.exact_check import _macro_auc
+    from sim.experiments.exact_check import _macro_auc
 
     assert _macro_auc(y, tied) == pytest.approx(np.mean([roc_auc_score(y == k, tied[:, k]) for k in range(3)]))
     assert _macro_auc(np.zeros(5, int), tied[:5]) != _macro_auc(np.zeros(5, int), tied[:5])  # NaN: one class
@@ -66,8 +66,8 @@ def test_a_report_from_another_model_is_flagged(group):
 
 
 def test_report_page_shows_intervals_exact_auc_and_the_reader_table(group, tmp_path):
-    from sim.readers import compare_with_readers, simulate_readers
-    from sim.report_html import write_report_html
+    from sim.reports.html import write_report_html
+    from sim.reports.readers import compare_with_readers, simulate_readers
 
     y, p, patients, reported = group
     rows = [

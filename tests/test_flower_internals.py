@@ -2,7 +2,7 @@
 
 A Flower upgrade that moves, renames or re-signs one of these fails here, in one place, instead of in a
 site daemon at 3 a.m. The expected parameter names are those our call sites pass (client/clientapp_forkserver.py,
-client/audit.py, sim/bench.py, sim/bench_poisoning.py and the tests' helpers).
+client/audit.py, sim/bench/models.py, sim/bench/poisoning.py and the tests' helpers).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_record_and_message_internals_behave_as_used(task_identity):
     content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3})})
     proto = fi.recorddict_to_proto(content)  # client.audit measures a reply's wire size with it
     assert proto.ByteSize() > 2 * 3 * 4
-    objects = fi.get_all_nested_objects(record)  # sim.bench counts Flower's transfer objects
+    objects = fi.get_all_nested_objects(record)  # sim.bench.models counts Flower's transfer objects
     assert len(objects) >= 2 and all(callable(o.deflate) for o in objects.values())
     metadata = Metadata(
         run_id=1,

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sim import runner
+from sim.experiments import runner
 
 REPO = runner.APP_DIR
 
@@ -445,7 +445,7 @@ def test_gradcam_on_the_gpu_matches_the_cpu():
 
 
 def test_flop_count_of_a_convolution_is_the_textbook_count():
-    from sim.bench_gpu import flops_per_sample
+    from sim.bench.gpu import flops_per_sample
 
     conv = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 1))
     voxels = 8**3
@@ -503,7 +503,7 @@ def test_gpu_bench_runs_on_cpu_at_tiny_size_and_prints_ratios(tmp_path, capsys):
 
 
 def test_gpu_check_names_the_wheels_to_carry(tmp_path, monkeypatch):
-    from sim import gpu_check
+    from sim.bench import gpu_check
 
     monkeypatch.setattr(gpu_check, "NEEDED", ("torch", "monai", "onfh_no_such_module"))
     monkeypatch.setitem(gpu_check.CARRIED, "onfh_no_such_module", "onfh-no-such-module==1.0")
@@ -515,7 +515,7 @@ def test_gpu_check_names_the_wheels_to_carry(tmp_path, monkeypatch):
 
 
 def test_gpu_check_runs_the_gpu_tests_and_records_each(tmp_path):
-    from sim import gpu_check
+    from sim.bench import gpu_check
 
     assert gpu_check.main(["--out", str(tmp_path), "--skip-bench"]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())

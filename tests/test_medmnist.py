@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from shared_models.clinical_stats import auc_from_histograms
 from shared_models.stage_scores import score_histograms
-from sim.medmnist import (
+from sim.experiments.medmnist import (
     ROW_KEYS,
     add_medmnist_parser,
     dirichlet_label_split,
@@ -206,7 +206,7 @@ def test_prepare_arrays_on_the_real_file(tmp_path):
 
 def test_the_spec_travels_as_json_unchanged():
     from shared_models.stager import StagerConfig
-    from sim.medmnist_app import FedSpec
+    from sim.experiments.medmnist_app import FedSpec
 
     spec = FedSpec(
         data_dir="/data/x",
@@ -237,7 +237,7 @@ def test_the_app_folder_names_the_benchmarks_components(tmp_path):
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    from sim.medmnist_app import SPEC_KEY, write_app_dir
+    from sim.experiments.medmnist_app import SPEC_KEY, write_app_dir
 
     flwr_app = tomllib.loads((write_app_dir(tmp_path / "app") / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr_app["config"] == {SPEC_KEY: ""}

@@ -1,4 +1,4 @@
-"""Tests for sim.readers (``onfh report readers``)."""
+"""Tests for sim.reports.readers (``onfh report readers``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from shared_models.clinical_stats import mcnemar_test
-from sim.readers import (
+from sim.reports.readers import (
     add_readers_parser,
     cmd_readers,
     compare_with_readers,

@@ -8,7 +8,7 @@ import csv
 import re
 from pathlib import Path
 
-from sim.runner import absolute_paths
+from sim.experiments.runner import absolute_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def _write_site(root: Path, site: str, patients: list[str], splits: list[str]) -
 
 
 def test_pooled_site_keys_patients_by_site_and_patient(tmp_path):
-    from sim.pooled import write_pooled_site
+    from sim.experiments.pooled import write_pooled_site
 
     # both hospitals number their patients P1, P2: the pooled site must keep four patients
     _write_site(tmp_path, "A", ["P1", "P2"], ["train", "val"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sim.real_check import PROSTATEX_MARKS, check_boxes, main
+from sim.experiments.real_check import PROSTATEX_MARKS, check_boxes, main
 from tests.conftest import real_data_or_skip
 
 MARKS = json.loads(PROSTATEX_MARKS.read_text())

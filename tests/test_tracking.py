@@ -248,9 +248,9 @@ def test_compare_puts_every_cell_in_one_mlflow_store(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(
-        "sim.compare.run_compare", lambda base, out, variants, seeds, console=None: seen.update(base) or {}
+        "sim.experiments.compare.run_compare", lambda base, out, variants, seeds, console=None: seen.update(base) or {}
     )
-    monkeypatch.setattr("sim.compare.print_summary", lambda summary, console: None)
+    monkeypatch.setattr("sim.experiments.compare.print_summary", lambda summary, console: None)
     assert (
         main(["sim", "compare", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "grid"), "--variant", "default"])
         == 0

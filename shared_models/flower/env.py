@@ -1,6 +1,6 @@
 """The environment of every Flower process this project starts, and where Flower's scripts are.
 
-One definition for the simulation runner (:mod:`sim.runner`), the coordinator
+One definition for the simulation runner (:mod:`sim.experiments.runner`), the coordinator
 (:mod:`server.coordinator`), the site daemon (:mod:`client.site_daemon`) and the in-process MedMNIST
 simulation, following ``FLOWER-1.42-NOTES.md`` ("Offline and reproducible runs"):
 

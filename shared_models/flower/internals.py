@@ -89,9 +89,9 @@ INTERNALS: dict[str, tuple[str, str]] = {
     "run_clientapp": ("flwr.supernode.runtime.run_clientapp", "run_clientapp"),
     # client.audit: a reply's size on the wire
     "recorddict_to_proto": ("flwr.common.serde", "recorddict_to_proto"),
-    # sim.bench: Flower's content-addressed transfer objects of a record
+    # sim.bench.models: Flower's content-addressed transfer objects of a record
     "get_all_nested_objects": ("flwr.supercore.inflatable.inflatable_object", "get_all_nested_objects"),
-    # sim.bench_poisoning, tests: the running task's identity that new Messages are stamped with
+    # sim.bench.poisoning, tests: the running task's identity that new Messages are stamped with
     "TaskIdentity": ("flwr.supercore.task_identity", "TaskIdentity"),
     # tests: replies as a SuperNode would return them, Flower's own aggregation and in-memory Grid
     "make_message": ("flwr.app.message.message", "make_message"),

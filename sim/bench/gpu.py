@@ -1,6 +1,6 @@
 """GPU benchmark (issue 19): our training loops against a plain PyTorch loop at the same batch.
 
-``onfh sim bench --only gpu``. Registered in :data:`sim.bench.SECTIONS` on import. For each model
+``onfh sim bench --only gpu``. Registered in :data:`sim.bench.core.SECTIONS` on import. For each model
 (stager, detector), model size and batch size, in the same call and on the same device:
 
 * **ours**: the project's loop, :func:`client.stager_training.train_stager` or
@@ -39,7 +39,7 @@ import torch
 from client.detector_training import train_detector
 from client.stager_training import train_stager
 from client.training import autocast, select_device
-from sim.bench import Row, _median_ms, _sync, section
+from sim.bench.core import Row, _median_ms, _sync, section
 
 logger = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def _measure(
             )
         for batch in detector_batches:
             logger.info("gpu benchmark: detector %s, batch %d on %s", size, batch, dev)
-            from sim.bench import _random_hemi_batch
+            from sim.bench.core import _random_hemi_batch
 
             volumes, boxes = _random_hemi_batch(2 * batch, hemi_shape, seed)
 

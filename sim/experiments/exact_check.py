@@ -16,7 +16,7 @@ with the stager on the same cached crops the sites used, and records
 It also writes ``OUT/exact/predictions.csv`` (patient_id as ``<site>/<patient_id>``, side, stage, predicted_stage, site,
 group): phantom patients only, for ``onfh report readers``; and, to exercise the paper's Table 3
 path end to end, compares the model with two **simulated** readers of fixed accuracy
-(:data:`SIMULATED_READERS`, :func:`sim.readers.simulate_readers`) on the same heads with McNemar's
+(:data:`SIMULATED_READERS`, :func:`sim.reports.readers.simulate_readers`) on the same heads with McNemar's
 test. Nothing here runs in deployment.
 """
 
@@ -223,7 +223,7 @@ def exact_check(cfg, out: Path, sites: Mapping, report: Mapping, *, n_boot: int 
         if a["within_bound"] is not None
     ]
     if predictions:
-        from sim.readers import compare_with_readers, simulate_readers
+        from sim.reports.readers import compare_with_readers, simulate_readers
 
         result["readers"] = compare_with_readers(
             predictions, simulate_readers(predictions, SIMULATED_READERS, seed=cfg.seed)

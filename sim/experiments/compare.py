@@ -1,6 +1,6 @@
 """``onfh sim compare``: a grid of federated experiments (variants x seeds) on the same splits.
 
-Every cell of the grid is one :func:`sim.experiment.run_experiment` in its own folder
+Every cell of the grid is one :func:`sim.experiments.experiment.run_experiment` in its own folder
 ``OUT/<variant>/seed-<n>``, so an interrupted grid resumes where it stopped: finished
 cells are only re-read and the interrupted one continues after its last round. All
 cells use the same data and splits (``split.csv`` depends on the seed only), so the
@@ -96,13 +96,13 @@ def baseline_variants(base: Mapping[str, object]) -> list[Variant]:
     * ``local-<s>`` for each ``s`` in ``T``: site ``s`` alone, the same optimiser steps per round
       as in the federated run; the other sites only evaluate its model, so these rows with
       ``federated`` and ``pooled`` make the cross-site matrix;
-    * ``pooled``: every site's train and val heads in one place (:mod:`sim.pooled`), with
+    * ``pooled``: every site's train and val heads in one place (:mod:`sim.experiments.pooled`), with
       ``len(T)`` times the local steps per round, i.e. the federation's total.
 
     Raises:
         ValueError: fewer than two training sites (then all three arms are one model).
     """
-    from sim.pooled import pooled_overrides
+    from sim.experiments.pooled import pooled_overrides
 
     train = [s.strip() for s in str(base["train-sites"]).split(",") if s.strip()]
     if len(train) < 2:
@@ -388,11 +388,11 @@ def run_compare(
 
     Raises:
         ValueError: duplicate variant names, no seeds, or any error of
-            :func:`sim.experiment.run_experiment` (the grid stops; finished cells are kept).
+            :func:`sim.experiments.experiment.run_experiment` (the grid stops; finished cells are kept).
     """
     from server.report import json_safe
-    from sim.experiment import run_experiment
-    from sim.report_html import write_compare_html
+    from sim.experiments.experiment import run_experiment
+    from sim.reports.html import write_compare_html
 
     names = [v.name for v in variants]
     if not variants:

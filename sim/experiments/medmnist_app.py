@@ -1,7 +1,7 @@
-"""A small Flower app (ServerApp + ClientApp) for the AdrenalMNIST3D benchmark (:mod:`sim.medmnist`).
+"""A small Flower app (ServerApp + ClientApp) for the AdrenalMNIST3D benchmark (:mod:`sim.experiments.medmnist`).
 
 It runs with ``flwr run`` in Flower's simulation engine (Flower 1.42, Ray backend), through the
-same :func:`sim.runner.run_simulation` as the main federation (own SuperLink on 127.0.0.1, no
+same :func:`sim.experiments.runner.run_simulation` as the main federation (own SuperLink on 127.0.0.1, no
 runtime dependency installation, the run's status read back), one virtual SuperNode per simulated
 site. Its components are :data:`server_app` and :data:`client_app` (the small app folder
 :func:`write_app_dir` writes names them). A node only knows its ``partition-id``; the
@@ -73,7 +73,7 @@ class FedSpec:
 
     Attributes:
         data_dir: folder with ``train_x.npy`` (N, 1, S, S, S) float32, ``train_y.npy`` (N,) int64,
-            ``val_x.npy``, ``val_y.npy`` (see :func:`sim.medmnist.prepare_arrays`).
+            ``val_x.npy``, ``val_y.npy`` (see :func:`sim.experiments.medmnist.prepare_arrays`).
         train_parts: per partition id, the training indices of that site.
         val_parts: per partition id, the validation indices of that site.
         stager: model architecture.
@@ -316,15 +316,15 @@ build-backend = "hatchling.build"
 [project]
 name = "onfh-medmnist"
 version = "1.0.0"
-description = "ONFH-FL's AdrenalMNIST3D benchmark app (sim/medmnist_app.py)"
+description = "ONFH-FL's AdrenalMNIST3D benchmark app (sim/experiments/medmnist_app.py)"
 dependencies = []
 
 [tool.flwr.app]
 publisher = "onfh-fl"
 
 [tool.flwr.app.components]
-serverapp = "sim.medmnist_app:server_app"
-clientapp = "sim.medmnist_app:client_app"
+serverapp = "sim.experiments.medmnist_app:server_app"
+clientapp = "sim.experiments.medmnist_app:client_app"
 
 [tool.flwr.app.config]
 {SPEC_KEY} = ""

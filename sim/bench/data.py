@@ -1,7 +1,8 @@
 """Benchmark sections on one site's data: DICOM ingestion, the training input pipeline, inference.
 
-Registered in :data:`sim.bench.SECTIONS` on import (``sim.bench`` imports this module). Every
-figure is a ratio against a baseline measured in the same call, beside its absolute times.
+Registered in :data:`sim.bench.core.SECTIONS` on import (:func:`sim.bench.core.load_sections`
+imports this module). Every figure is a ratio against a baseline measured in the same call, beside
+its absolute times.
 The data are phantom DICOM studies (``sim.phantoms``, ``quick`` profile, seed 0), generated once
 into ``<work>/phantoms`` and reused.
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from shared_models.specs import Phase
-from sim.bench import Row, section
+from sim.bench.core import Row, section
 
 __all__ = ["inference_benchmark", "ingestion_benchmark", "input_pipeline_benchmark", "phantom_sites"]
 

@@ -22,8 +22,8 @@ Protocol (``onfh sim medmnist``):
   :func:`client.stager_training.fit_stager_central` (validation AUC every ``eval_every``
   steps, early stopping). ``central-plain-densenet``: the same with MONAI's plain
   transition (``StagerConfig(transition="plain")``), the ablation, same budget.
-  ``federated``: a real Flower simulation (:mod:`sim.medmnist_app`, run with ``flwr run`` through
-  :func:`sim.runner.run_simulation` like the main federation, Ray backend) over ``num_sites`` simulated sites,
+  ``federated``: a real Flower simulation (:mod:`sim.experiments.medmnist_app`, run with ``flwr run`` through
+  :func:`sim.experiments.runner.run_simulation` like the main federation, Ray backend) over ``num_sites`` simulated sites,
   Flower's FedAvg or FedProx, an IID (stratified) or a label-skewed (Dirichlet) split of
   the training set; model selection on the pooled federated validation AUC after every
   round.
@@ -333,8 +333,8 @@ def run_federated(folder: Path, budget: Budget, seed: int, strategy: str, split:
     Raises:
         RuntimeError: if the simulation produced no global weights.
     """
-    from sim.medmnist_app import FedSpec, read_result, write_app_dir
-    from sim.runner import run_simulation
+    from sim.experiments.medmnist_app import FedSpec, read_result, write_app_dir
+    from sim.experiments.runner import run_simulation
 
     t0 = time.monotonic()
     _, y = load_split(folder, "train", mmap=True)
@@ -571,7 +571,7 @@ def cmd_medmnist(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sim.medmnist ...`` is ``onfh sim medmnist ...``."""
+    """``python -m sim.experiments.medmnist ...`` is ``onfh sim medmnist ...``."""
     from shared_models.cli import main as onfh_main
 
     return onfh_main(["sim", "medmnist", *(sys.argv[1:] if argv is None else argv)])

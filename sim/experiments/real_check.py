@@ -7,10 +7,10 @@ next to it); more scans can be checked the same way with their own marks file.
 
 Usage (after ``make demo`` or ``onfh sim demo --profile paper --out runs/demo``)::
 
-    .venv/bin/python -m sim.real_check --bundle runs/demo/run/bundle \\
+    .venv/bin/python -m sim.experiments.real_check --bundle runs/demo/run/bundle \\
         --public-key runs/demo/run/keys/bundle-signing-key.pem.pub --out runs/demo/real-check
 
-or, on an existing ``result.json``: ``python -m sim.real_check --result runs/demo/infer-prostatex/result.json``.
+or, on an existing ``result.json``: ``python -m sim.experiments.real_check --result runs/demo/infer-prostatex/result.json``.
 Exit code 0 when every head passes, 1 otherwise.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROSTATEX_MARKS = REPO / "docs" / "landmarks" / "prostatex-0000-femoral-heads.json"
 PROSTATEX_STUDY = REPO.parent / "shared" / "data" / "real" / "prostatex-0000-pelvis-t2-axial.nii.gz"
 MAX_DISTANCE_MM = 15.0

@@ -64,14 +64,14 @@ def prepare_splits(cfg) -> None:
     """Write every site's ``split.csv`` for this run, and the pooled site when ``pooled-sites`` is set.
 
     ``split-sites`` are split 8:1:1 by patient, the other real sites are all test; the pooled
-    baseline's site (:mod:`sim.pooled`) then takes the pooled sites' train and val patients.
+    baseline's site (:mod:`sim.experiments.pooled`) then takes the pooled sites' train and val patients.
 
     Raises:
         ValueError: a training site without a train split, or ``pooled-sites`` without the
             pooled site among ``site-ids``.
     """
     from client.splits import write_splits
-    from sim.pooled import POOLED_SITE, write_pooled_site
+    from sim.experiments.pooled import POOLED_SITE, write_pooled_site
 
     real = [s for s in cfg.site_ids if not (cfg.pooled_sites and s == POOLED_SITE)]
     if cfg.pooled_sites and POOLED_SITE not in cfg.site_ids:
@@ -95,31 +95,31 @@ def run_experiment(
         overrides: run-config keys over the ``pyproject.toml`` defaults; must include
             ``data-root`` (the phantom or site folders) and ``out-dir``.
         console: where progress goes (default: a new rich console).
-        gpus_per_site: GPU share of each site's ClientApp (:func:`sim.runner.gpus_per_site`;
+        gpus_per_site: GPU share of each site's ClientApp (:func:`sim.experiments.runner.gpus_per_site`;
             ``None``: the default share when CUDA is present, 0 on CPU).
 
     Returns:
         The ``report.json`` dict (also rendered as ``report.html`` with PNG figures), with
         ``baseline_intensity_logreg`` (the intensity baseline on the same splits), ``simulation``
-        (wall time in s, peak RSS in bytes) and ``exact_check`` (:func:`sim.exact_check.exact_check`:
+        (wall time in s, peak RSS in bytes) and ``exact_check`` (:func:`sim.experiments.exact_check.exact_check`:
         exact against histogram AUC, patient-bootstrap CIs).
 
     Raises:
         ValueError: a bad run config, or ``out-dir`` holding checkpoints of another config.
         FileNotFoundError: ``data-root`` does not exist.
         FileExistsError: ``out-dir`` exists and is not a folder.
-        sim.runner.SimulationError: the Flower run failed.
+        sim.experiments.runner.SimulationError: the Flower run failed.
     """
     from client import tasks
     from server.report import json_safe
     from server.tracking import log_run_outputs
     from shared_models.config import RunConfig, default_run_config
-    from sim.baseline import intensity_baseline
-    from sim.exact_check import exact_check
-    from sim.plots import plot_training_curves
-    from sim.report_html import write_report_html
-    from sim.runner import gpus_per_site as resolve_gpus
-    from sim.runner import run_simulation
+    from sim.experiments.baseline import intensity_baseline
+    from sim.experiments.exact_check import exact_check
+    from sim.experiments.runner import gpus_per_site as resolve_gpus
+    from sim.experiments.runner import run_simulation
+    from sim.reports.html import write_report_html
+    from sim.reports.plots import plot_training_curves
 
     console = console or Console()
     gpu_share = resolve_gpus(gpus_per_site)  # a bad share fails here, before any work

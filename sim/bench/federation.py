@@ -1,6 +1,7 @@
 """Benchmark sections of the federation: Flower overhead, memory, scaling, deployment.
 
-Registered in :data:`sim.bench.SECTIONS` on import (``sim.bench`` imports this module).
+Registered in :data:`sim.bench.core.SECTIONS` on import (:func:`sim.bench.core.load_sections`
+imports this module).
 
 * ``federated``: the Flower simulation of both phases against the **same local work in one plain
   PyTorch loop** (:func:`plain_federation`: every site's training, FedAvg, every site's
@@ -14,7 +15,7 @@ Registered in :data:`sim.bench.SECTIONS` on import (``sim.bench`` imports this m
   commands) against the simulation.
 
 Memory is sampled every ``SAMPLE_S`` seconds with psutil: every process of the run (found by the
-run's own ``FLWR_HOME``, as :func:`sim.runner.stop_run_processes` finds them) plus this process.
+run's own ``FLWR_HOME``, as :func:`sim.experiments.runner.stop_run_processes` finds them) plus this process.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import torch
 
 from shared_models.processes import ProcessWatchdog
 from shared_models.specs import ACCURACY, IOU_MEAN, MACRO_AUC, NUM_EXAMPLES, VAL_NUM_EXAMPLES, VAL_SCORE, Phase
-from sim.bench import Row, section
-from sim.bench_data import DEFAULT_WORK, phantom_sites
+from sim.bench.core import Row, section
+from sim.bench.data import DEFAULT_WORK, phantom_sites
 
 __all__ = [
     "RunSampler",
@@ -267,8 +268,8 @@ def _clear_crops(cache: Path) -> None:
 
 
 def _simulate(overrides: dict, n_sites: int, work: Path) -> tuple[dict, RunSampler]:
-    """One Flower simulation (``sim.runner.run_simulation``) with a :class:`RunSampler` beside it."""
-    from sim.runner import run_simulation
+    """One Flower simulation (``sim.experiments.runner.run_simulation``) with a :class:`RunSampler` beside it."""
+    from sim.experiments.runner import run_simulation
 
     out = Path(overrides["out-dir"])
     shutil.rmtree(out, ignore_errors=True)
@@ -285,7 +286,7 @@ def _simulate(overrides: dict, n_sites: int, work: Path) -> tuple[dict, RunSampl
 
 def flwr_cli_cpu_s(repeats: int = 2) -> float:
     """CPU seconds (user + system) of one ``flwr`` command-line call (``flwr --help``: the import
-    cost every ``flwr list`` status poll of ``sim.runner`` pays), smallest of ``repeats``."""
+    cost every ``flwr list`` status poll of ``sim.experiments.runner`` pays), smallest of ``repeats``."""
     import resource
     import subprocess
 
@@ -325,7 +326,7 @@ def federated_benchmark(
     * ``overhead_ratio`` = flower / baseline (target <= 1.15); ``roundtrip_s_per_round`` =
       (flower - baseline) / (2 * rounds), Flower's cost per federated round of either phase,
       start-up included;
-    * ``status_poll_cpu_share``: CPU spent by ``sim.runner``'s ``flwr list`` status polls (count x
+    * ``status_poll_cpu_share``: CPU spent by ``sim.experiments.runner``'s ``flwr list`` status polls (count x
       :func:`flwr_cli_cpu_s`) over the machine's CPU time during the simulation;
     * memory: ``peak_rss_gib`` of the whole simulation (target <= 12) and ``peak_client_rss_gib``
       of the largest ClientApp process (target <= 3);
@@ -372,7 +373,7 @@ def federated_benchmark(
         "peak_rss_gib": sampler.peak_total_bytes / GIB,
         "peak_client_rss_gib": sampler.peak_client_bytes / GIB,
         "baseline_process_rss_gib": base_rss / GIB,
-        # sim.runner asks for the run's status with a `flwr list` subprocess (when the executor has
+        # sim.experiments.runner asks for the run's status with a `flwr list` subprocess (when the executor has
         # exited, or every 30 s); each pays the flwr CLI's imports. Their CPU, as a share of the
         # machine's CPU time during the run:
         "status_polls": stats["status_asks"],
@@ -523,7 +524,7 @@ def deployment_benchmark(
     Both: 4 phantom sites that all train, ``rounds`` rounds of each phase, ``local_steps`` steps
     (``None``: the run config's), warm site caches, crops made in both.
 
-    * ``simulation_s``: :func:`sim.runner.run_simulation`, from SuperLink start to the run's end;
+    * ``simulation_s``: :func:`sim.experiments.runner.run_simulation`, from SuperLink start to the run's end;
     * ``deployment_s``: the issue-7 deployment (``onfh coordinator certs``/``enroll``,
       :func:`server.coordinator.start_superlink` with TLS and SuperNode authentication on
       127.0.0.1, ports 19200-19299, one ``onfh site daemon --launcher LAUNCHER`` per site with one

@@ -56,8 +56,8 @@ from shared_models.specs import (
     ROBUST_STRATEGIES,
     VAL_SCORE,
 )
-from sim.bench import Row, section
-from sim.bench_data import DEFAULT_WORK
+from sim.bench.core import Row, section
+from sim.bench.data import DEFAULT_WORK
 
 __all__ = ["ATTACKS", "LocalGrid", "attack_reply", "finish_rows", "poisoning_benchmark", "poisoning_markdown"]
 

@@ -11,7 +11,7 @@ JavaScript, no external resources):
 - per group, one-vs-rest ROC curves of the three stages (:func:`roc_from_histograms` on the pooled
   score histograms) and the pooled confusion matrix;
 - the detector per site (table and a bar chart of mean IoU);
-- ``training_curves.png`` (written by :mod:`sim.plots`) when it sits in ``out_dir``;
+- ``training_curves.png`` (written by :mod:`sim.reports.plots`) when it sits in ``out_dir``;
 - compute used: wall times, rounds, peak RSS.
 
 ``report.json`` holds only aggregates (counts, histograms, metrics), never per-case data, and so
@@ -548,7 +548,7 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
 
     Args:
         report: the ``report.json`` dict (:func:`server.report.build_report`, plus
-            ``baseline_intensity_logreg`` and ``simulation`` from :func:`sim.experiment.run_experiment`
+            ``baseline_intensity_logreg`` and ``simulation`` from :func:`sim.experiments.experiment.run_experiment`
             when present; both optional). Undefined metrics (``None``/NaN) show as ``n/a``; a report
             group with ``n = 0`` shows a "no test heads" row; a site that withheld its figures as a
             small cell shows "suppressed (< min-cell-heads heads)".

@@ -32,7 +32,7 @@ from shared_models.processes import ProcessWatchdog, toml_value
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 CONNECTION = "onfh-sim"
 
 
@@ -309,7 +309,7 @@ def run_simulation(
         on_poll: optional callable invoked about every 2 s while the run is going.
         app_dir: the Flower app folder (its ``pyproject.toml`` names the components and the run-config
             defaults); default this project's (the MedMNIST benchmark passes its own,
-            :func:`sim.medmnist_app.write_app_dir`).
+            :func:`sim.experiments.medmnist_app.write_app_dir`).
         ray_cpus: CPUs Ray may use (:func:`federation_config`); default every core.
 
     Returns:

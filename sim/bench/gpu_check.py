@@ -1,6 +1,6 @@
 """The GPU checks of issue 19 in one go: the ``gpu`` tests, then ``onfh sim bench --only gpu``; one JSON.
 
-``python -m sim.gpu_check --out DIR`` (or ``scripts/gpu_check.sh DIR``, which first installs carried
+``python -m sim.bench.gpu_check --out DIR`` (or ``scripts/gpu_check.sh DIR``, which first installs carried
 wheels) writes ``DIR/gpu_check.json``: the GPU (:func:`client.gpu.describe_gpu`), which of the modules
 the checks import are missing, every ``gpu`` test's outcome (pytest, ``-m gpu``, JUnit XML), the GPU
 benchmark's rows, and the third-party modules that were imported (what a bare machine must have).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger("onfh.gpu_check")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: What the checks import beyond the standard library; ``CARRIED`` are absent from the lent GPU machines.
 NEEDED = ("torch", "numpy", "sklearn", "rich", "psutil", "pytest", "monai", "SimpleITK")
 CARRIED = {"monai": "monai==1.6.1", "SimpleITK": "SimpleITK==2.5.7"}
@@ -89,7 +89,7 @@ def third_party_modules() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the checks; exit 0 when every ``gpu`` test passed (or skipped without CUDA) and the benchmark ran."""
-    parser = argparse.ArgumentParser(prog="python -m sim.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sim.bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/gpu-check", help="output folder (default runs/gpu-check)")
     parser.add_argument("--quick", action="store_true", help="benchmark at the configured batches only, 10 steps")
     parser.add_argument("--skip-tests", action="store_true", help="only the benchmark")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["gpu"] = describe_gpu()
     if not args.skip_bench:
-        from sim.bench import print_table, run_benchmarks
+        from sim.bench.core import print_table, run_benchmarks
 
         options = {"stager_batches": (16,), "detector_batches": (4,), "steps": 10} if args.quick else {}
         passes = [
