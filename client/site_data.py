@@ -332,6 +332,30 @@ def _read_csv(
         raise ValueError(f"{path}: empty file, expected columns {','.join(required)}")
 
 
+def read_site_csv(
+    path: Path, columns: Sequence[str], refusals: list[RowRefusal] | None = None
+) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a site CSV (``manifest.csv``, ``split.csv``) as the site reads them, values unchecked.
+
+    The line-level reader of :func:`read_manifest`: capped lines and fields, UTF-8, strict CSV,
+    fields stripped, blank rows skipped; for tools that copy or subset a site's rows
+    (:mod:`sim.pooled`, the benchmarks) so they read exactly what the site would.
+
+    Args:
+        path: the CSV file.
+        columns: columns that must be in its header (e.g. :data:`MANIFEST_COLUMNS`); extra columns are kept.
+        refusals: collects a :class:`RowRefusal` per unreadable row; None raises on the first.
+
+    Returns:
+        ``(line number, {column: value})`` per row, in file order (the header is line 1).
+
+    Raises:
+        ValueError: the file is over ``MAX_CSV_BYTES``, empty, or its header lacks a column (names
+            the file); an unreadable row when ``refusals`` is None.
+    """
+    return list(_read_csv(Path(path), columns, refusals))
+
+
 def _read_split(site_root: Path, refusals: list[RowRefusal] | None = None) -> tuple[dict[str, str], set[str]] | None:
     """``(patient -> split, patients with conflicting rows)`` from ``split.csv``; None without one.
 

@@ -80,6 +80,21 @@ def test_pooled_site_keeps_two_sites_patients_with_one_id_and_refuses_missing_fi
         write_pooled_site(tmp_path, [POOLED_SITE])
 
 
+def test_pooled_site_reads_rows_as_the_site_does_and_leaves_out_unreadable_ones(tmp_path, caplog):
+    _site(tmp_path, "A", ["A-1", "A-2"], ["train", "train"])
+    manifest = tmp_path / "A" / "manifest.csv"
+    # a row that is not UTF-8, and a row padded with spaces (the site strips them)
+    manifest.write_bytes(manifest.read_bytes() + b"A-\xff,study-0,L,0,,S\n" + b" A-2 , study-1 ,L,0,,S\n")
+    with caplog.at_level("WARNING", logger="sim.pooled"):
+        counts = write_pooled_site(tmp_path, ["A"])
+    assert counts == {"train": 2, "val": 0}
+    rows = _rows(tmp_path / POOLED_SITE / "manifest.csv")
+    assert [(r["patient_id"], r["study"]) for r in rows].count(("A/A-2", "A-study-1")) == 3  # stripped like the site
+    assert len(rows) == 5 and all(r["patient_id"] in ("A/A-1", "A/A-2") for r in rows)
+    assert "manifest.csv row 6: not valid UTF-8" in caplog.text and "row not pooled" in caplog.text
+    assert "A-\ufffd" not in caplog.text  # the refusal names the row, never its values
+
+
 def test_pooled_overrides_match_the_federations_total_steps():
     base = {**default_run_config(), "detector-local-steps": 30, "stager-local-steps": 40}
     o = pooled_overrides(base, ["A", "B", "C"])

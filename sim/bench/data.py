@@ -160,9 +160,11 @@ def ingestion_benchmark(
 def _subset_site(site_root: Path, dest: Path, studies: set[str]) -> None:
     import csv
 
-    with open(site_root / "manifest.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["study"] in studies]
-    with open(dest / "manifest.csv", "w", newline="") as fh:
+    from client.site_data import read_site_csv
+    from client.site_layout import MANIFEST_COLUMNS, MANIFEST_NAME
+
+    rows = [r for _, r in read_site_csv(site_root / MANIFEST_NAME, MANIFEST_COLUMNS) if r["study"] in studies]
+    with open(dest / MANIFEST_NAME, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

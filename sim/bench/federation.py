@@ -406,16 +406,18 @@ def make_scaled_sites(source: Path, dest: Path, n_sites: int, copies: int) -> li
     """``n_sites`` phantom sites ``S01..`` under ``dest``, site ``i`` built from source site
     ``A/B/C/D[i % 4]``; each holds ``copies`` copies of its source's patients (studies are symlinks
     under new names, patient ids get a ``-c<k>`` suffix). Returns the site ids."""
-    sources = sorted(p for p in Path(source).iterdir() if (p / "manifest.csv").is_file() and p.name in "ABCD")
+    from client.site_data import read_site_csv
+    from client.site_layout import MANIFEST_COLUMNS, MANIFEST_NAME
+
+    sources = sorted(p for p in Path(source).iterdir() if (p / MANIFEST_NAME).is_file() and p.name in "ABCD")
     dest.mkdir(parents=True, exist_ok=True)
     ids = []
     for i in range(n_sites):
         src, site = sources[i % len(sources)], f"S{i + 1:02d}"
         folder = dest / site
-        if not (folder / "manifest.csv").exists():
+        if not (folder / MANIFEST_NAME).exists():
             folder.mkdir(parents=True, exist_ok=True)
-            with open(src / "manifest.csv", newline="") as fh:
-                rows = list(csv.DictReader(fh))
+            rows = [row for _, row in read_site_csv(src / MANIFEST_NAME, MANIFEST_COLUMNS)]
             out = []
             for k in range(copies):
                 for r in rows:
@@ -423,7 +425,7 @@ def make_scaled_sites(source: Path, dest: Path, n_sites: int, copies: int) -> li
                     if not (folder / study).exists():
                         (folder / study).symlink_to((src / r["study"]).resolve())
                     out.append({**r, "patient_id": f"{r['patient_id']}-c{k}", "study": study})
-            with open(folder / "manifest.csv", "w", newline="") as fh:
+            with open(folder / MANIFEST_NAME, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(out)

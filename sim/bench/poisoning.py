@@ -239,6 +239,8 @@ def attack_reply(attack: str, msg, reply, rng: np.random.Generator):
 def poisoning_phantoms(work: Path, heads: int = 30, seed: int = 0) -> Path:
     """Four phantom sites A-D (``quick`` scanners, ``heads`` heads each), split by patient 50/20/30
     into train/val/test (``split.csv``); generated once under ``work/poisoning-phantoms-<heads>``."""
+    from client.site_data import read_site_csv
+    from client.site_layout import MANIFEST_COLUMNS, MANIFEST_NAME, SPLIT_COLUMNS, SPLIT_NAME
     from sim.phantoms import PROFILES, generate_phantoms
 
     root = Path(work) / f"poisoning-phantoms-{heads}"
@@ -255,13 +257,14 @@ def poisoning_phantoms(work: Path, heads: int = 30, seed: int = 0) -> Path:
         generate_phantoms(root, profile, seed=seed, workers=1)
     rng = np.random.default_rng(seed)
     for site in SITES:
-        with open(root / site / "manifest.csv", newline="") as fh:
-            patients = sorted({row["patient_id"] for row in csv.DictReader(fh)})
+        patients = sorted(
+            {row["patient_id"] for _, row in read_site_csv(root / site / MANIFEST_NAME, MANIFEST_COLUMNS)}
+        )
         order = [patients[i] for i in rng.permutation(len(patients))]
         n_train, n_val = round(0.5 * len(order)), round(0.2 * len(order))
-        with open(root / site / "split.csv", "w", newline="") as fh:
+        with open(root / site / SPLIT_NAME, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["patient_id", "split"])
+            writer.writerow(SPLIT_COLUMNS)
             for i, p in enumerate(order):
                 writer.writerow([p, "train" if i < n_train else "val" if i < n_train + n_val else "test"])
     return root

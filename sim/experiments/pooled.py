@@ -17,14 +17,17 @@ model; the report groups are unchanged. Matched compute (issue 6): the federated
 
 from __future__ import annotations
 
-import csv
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from client.site_data import MANIFEST_NAME, SPLIT_NAME
+from client.site_data import read_site_csv
+from client.site_layout import MANIFEST_COLUMNS, MANIFEST_NAME, SPLIT_COLUMNS, SPLIT_NAME
 from shared_models.safe_csv import SafeDictWriter, SafeWriter, neutralise, restore
+
+log = logging.getLogger(__name__)
 
 POOLED_SITE = "POOLED"
 
@@ -63,28 +66,32 @@ def write_pooled_site(data_root: Path, sites: Sequence[str], name: str = POOLED_
                 raise FileNotFoundError(
                     f"{path}: missing; pooled site {name} needs every pooled site's manifest and split"
                 )
-        with open(split_file, newline="") as fh:
-            site_split = {restore(r["patient_id"]): r["split"] for r in csv.DictReader(fh)}  # written neutralised
-        with open(manifest, newline="") as fh:
-            reader = csv.DictReader(fh)
-            header = header or list(reader.fieldnames or [])
-            for row in reader:
-                local = row["patient_id"]
-                if site_split.get(local) not in ("train", "val"):
-                    continue
-                patient = f"{site}/{local}"  # patient ids are local to a hospital: (site, patient) is the key
-                link = f"{site}-{row['study']}"
-                if not (target / link).is_symlink():
-                    os.symlink(Path("..") / site / row["study"], target / link)
-                manifest_rows.append({**row, "patient_id": patient, "study": link})
-                splits[neutralise(patient)] = site_split[local]  # as the pooled manifest spells it
+        # read as the site reads them (client.site_data); an unreadable row is left out, with a warning
+        skipped: list = []
+        site_split = {
+            restore(r["patient_id"]): r["split"] for _, r in read_site_csv(split_file, SPLIT_COLUMNS, skipped)
+        }  # written neutralised
+        rows = read_site_csv(manifest, MANIFEST_COLUMNS, skipped)
+        for refusal in skipped:
+            log.warning("site %s: %s (row not pooled)", site, refusal)
+        header = header or (list(rows[0][1]) if rows else None)
+        for _, row in rows:
+            local = row["patient_id"]
+            if site_split.get(local) not in ("train", "val"):
+                continue
+            patient = f"{site}/{local}"  # patient ids are local to a hospital: (site, patient) is the key
+            link = f"{site}-{row['study']}"
+            if not (target / link).is_symlink():
+                os.symlink(Path("..") / site / row["study"], target / link)
+            manifest_rows.append({**row, "patient_id": patient, "study": link})
+            splits[neutralise(patient)] = site_split[local]  # as the pooled manifest spells it
     with open(target / MANIFEST_NAME, "w", newline="") as fh:
-        writer = SafeDictWriter(fh, fieldnames=header or ["patient_id", "study"])
+        writer = SafeDictWriter(fh, fieldnames=header or list(MANIFEST_COLUMNS))
         writer.writeheader()
         writer.writerows(manifest_rows)
     with open(target / SPLIT_NAME, "w", newline="") as fh:
         writer = SafeWriter(fh)
-        writer.writerow(["patient_id", "split"])
+        writer.writerow(SPLIT_COLUMNS)
         writer.writerows(sorted(splits.items()))
     return {s: sum(v == s for v in splits.values()) for s in ("train", "val")}
 
