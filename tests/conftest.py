@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,29 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+
+
+class _FlowerDeprecations(logging.Handler):
+    """Collects Flower's "DEPRECATED FEATURE" log lines: Flower warns through its ``flwr`` logger, not ``warnings``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "DEPRECATED FEATURE" in text:
+            self.seen.append(" ".join(text.split())[:200])
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_flower_feature():
+    """A test that makes Flower log a deprecation fails (issue 20: move off deprecated Flower APIs)."""
+    handler = _FlowerDeprecations()
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        flower_logger.removeHandler(handler)
+    assert not handler.seen, f"a deprecated Flower feature was used: {handler.seen}"

@@ -180,3 +180,22 @@ def test_shared_models_imports_flower_only_in_its_flower_package():
         for m in _flwr_imports(p)
     ]
     assert outside == []
+
+
+#: Flower entry points deprecated in the tested release (they warn through Flower's logger, not ``warnings``,
+#: so the test suite's warning filters cannot catch them).
+DEPRECATED_FLOWER = {("flwr.simulation", "run_simulation")}
+
+
+def test_no_module_uses_a_deprecated_flower_entry_point():
+    used = []
+    for folder in ("client", "server", "shared_models", "strategies", "sim"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    used += [
+                        f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                        for a in node.names
+                        if (node.module, a.name) in DEPRECATED_FLOWER
+                    ]
+    assert used == []
