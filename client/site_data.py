@@ -339,7 +339,7 @@ def read_site_csv(
 
     The line-level reader of :func:`read_manifest`: capped lines and fields, UTF-8, strict CSV,
     fields stripped, blank rows skipped; for tools that copy or subset a site's rows
-    (:mod:`sim.pooled`, the benchmarks) so they read exactly what the site would.
+    (:mod:`sim.experiments.pooled`, the benchmarks) so they read exactly what the site would.
 
     Args:
         path: the CSV file.

@@ -85,7 +85,7 @@ def test_pooled_site_reads_rows_as_the_site_does_and_leaves_out_unreadable_ones(
     manifest = tmp_path / "A" / "manifest.csv"
     # a row that is not UTF-8, and a row padded with spaces (the site strips them)
     manifest.write_bytes(manifest.read_bytes() + b"A-\xff,study-0,L,0,,S\n" + b" A-2 , study-1 ,L,0,,S\n")
-    with caplog.at_level("WARNING", logger="sim.pooled"):
+    with caplog.at_level("WARNING", logger="sim.experiments.pooled"):
         counts = write_pooled_site(tmp_path, ["A"])
     assert counts == {"train": 2, "val": 0}
     rows = _rows(tmp_path / POOLED_SITE / "manifest.csv")
