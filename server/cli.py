@@ -26,6 +26,14 @@ from shared_models.processes import tied_to_this_process
 from shared_models.specs import NUM_EXAMPLES, STRATEGIES, Phase  # torch-free: `onfh -h` stays fast
 
 
+def handled_errors() -> tuple[type[BaseException], ...]:
+    """Error classes of the coordinator's libraries that mean bad input (the dispatcher prints them, exit 1):
+    a bundle that fails verification (``onfh coordinator pull``)."""
+    from shared_models.bundle import BundleError
+
+    return (BundleError,)
+
+
 def cmd_signing_key(args) -> int:
     from shared_models.bundle import generate_signing_key
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.table import Table
 
 from client.cli import cmd_infer
+from client.cli import handled_errors as site_errors
 from shared_models.cli import main
 from shared_models.cli_common import (
     SCHEDULES,
@@ -34,6 +35,12 @@ from shared_models.specs import STRATEGIES  # torch-free: `onfh sim -h` stays fa
 __all__ = ["add_group", "main"]
 
 REAL_NIFTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "prostatex-0000-pelvis-t2-axial.nii.gz"
+
+
+def handled_errors() -> tuple[type[BaseException], ...]:
+    """Error classes that mean bad input (the dispatcher prints them, exit 1): the site's, since a simulation
+    reads DICOM series and ``sim demo`` verifies and runs a bundle."""
+    return site_errors()
 
 
 def print_report(report: dict, baseline: dict | None = None) -> None:

@@ -105,3 +105,25 @@ def test_every_role_module_fills_its_group():
 def test_chosen_group_skips_global_options():
     assert chosen_group(["-v", "site", "check"]) == "site"
     assert chosen_group(["--help"]) is None
+
+
+def test_every_role_maps_a_refused_bundle_to_exit_1(tmp_path, capsys):
+    """A bundle that fails verification is bad input in every role (exit 1, one line), never a traceback."""
+    import importlib
+
+    from shared_models.bundle import BundleError, generate_signing_key
+    from shared_models.cli import main
+
+    for module in {module for module, _ in ROLES.values()}:
+        assert BundleError in importlib.import_module(module).handled_errors(), module
+    key = tmp_path / "key.pem"
+    generate_signing_key(key)
+    (tmp_path / "empty").mkdir()
+    assert main(["site", "verify", "--bundle", str(tmp_path / "empty"), "--public-key", f"{key}.pub"]) == 1
+    assert "error:" in capsys.readouterr().out
+    run = tmp_path / "run"
+    (run / "bundle").mkdir(parents=True)
+    (run / "bundle" / "MANIFEST.sig").write_bytes(b"not a signature")  # signed-looking, does not verify
+    argv = ["coordinator", "pull", "--home", str(tmp_path), "--out", str(run), "--dest", str(tmp_path / "copy")]
+    assert main([*argv, "--public-key", f"{key}.pub"]) == 1
+    assert "error:" in capsys.readouterr().out and not (tmp_path / "copy").exists()
