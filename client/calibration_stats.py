@@ -25,10 +25,10 @@ import torch
 
 from client.detector_training import predict_boxes
 from client.site_data import SiteData
-from client.training import select_device
 from shared_models import calibration as cal
 from shared_models.config import RunConfig
 from shared_models.detection import YOLOX3D, box_iou_3d
+from shared_models.device import select_device
 from shared_models.specs import (
     CALIBRATION,
     CROPS_KEY,

@@ -53,9 +53,9 @@ from client import tasks
 from client.audit import AUDIT_NAME, audited
 from client.site_daemon import SITE_MIN_CELL_HEADS
 from client.site_data import SITE_CACHE_NAME, SiteData
-from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.determinism import configure_determinism
+from shared_models.device import select_device
 from shared_models.flower.records import record_to_state, state_to_record
 from shared_models.specs import (
     ACTION,

@@ -136,7 +136,7 @@ def infer_to_folder(
     """
     import torch
 
-    from client.training import select_device
+    from shared_models.device import select_device
     from shared_models.overlay import write_infer_figures
     from shared_models.pipeline import analyse_study, study_verdict
 

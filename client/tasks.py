@@ -25,10 +25,10 @@ import torch
 from client.detector_training import predict_boxes, train_detector
 from client.site_data import SITE_CACHE_NAME, HeadRecord, SiteData
 from client.stager_training import predict_stages, train_stager
-from client.training import select_device
 from shared_models.config import RunConfig
 from shared_models.detection import YOLOX3D
 from shared_models.determinism import stream_seed
+from shared_models.device import select_device
 from shared_models.metrics import IOU_HIST_BINS, detection_metrics, stage_counts, stage_metrics
 from shared_models.preprocessing import box_voxel_to_lps
 from shared_models.specs import (

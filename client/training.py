@@ -1,4 +1,4 @@
-"""What the detector and stager local-training loops share: device choice, AMP, the
+"""What the detector and stager local-training loops share: AMP, device copies, the
 optimiser with the FedProx term, and seeded batch sampling.
 
 The loops themselves are in :mod:`client.detector_training` and
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from shared_models.device import select_device as select_device  # the sites' loops and sim import it from here
 from shared_models.losses import fedprox_proximal_term, snapshot_params
 
 

@@ -38,7 +38,8 @@ import torch
 
 from client.detector_training import train_detector
 from client.stager_training import train_stager
-from client.training import autocast, select_device
+from client.training import autocast
+from shared_models.device import select_device
 from sim.bench.core import Row, _median_ms, _sync, section
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ import torch
 
 from client.augmentation import augment_detector_batch
 from client.detector_training import train_detector
-from client.training import select_device
 from shared_models.config import MODEL_SIZES, RunConfig, default_run_config
 from shared_models.detection import YOLOX3D, decode_best_box
+from shared_models.device import select_device
 from shared_models.preprocessing import PreprocessingSpec
 from shared_models.specs import DetectorConfig, Phase
 from sim.bench.core import Row, _median_ms, _random_hemi_batch, _sync, section

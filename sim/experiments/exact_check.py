@@ -168,8 +168,8 @@ def exact_check(cfg, out: Path, sites: Mapping, report: Mapping, *, n_boot: int 
 
     from client import tasks
     from client.stager_training import predict_stages
-    from client.training import select_device
     from shared_models.bundle import load_bundle
+    from shared_models.device import select_device
 
     bundle = load_bundle(out / "bundle", public_key=_bundle_public_key(out, cfg.signing_key))
     detector_state = {k: v.detach().cpu() for k, v in bundle.detector.state_dict().items()}
