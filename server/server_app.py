@@ -430,8 +430,8 @@ def _write_pages(report: dict, out: Path) -> None:
     (where :func:`sim.experiments.experiment.run_experiment` rewrites them with its extra sections). A figure that
     fails is logged and does not fail the run: the weights and ``report.json`` are already written."""
     try:
-        from sim.reports.html import write_report_html
-        from sim.reports.plots import plot_training_curves
+        from server.report_html import write_report_html
+        from server.report_plots import plot_training_curves
 
         page = json.loads(json.dumps(report))  # as a reader of report.json sees it (string keys)
         plot_training_curves(page, out / "training_curves.png")

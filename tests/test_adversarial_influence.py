@@ -379,10 +379,10 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
 
     from client import tasks
     from server.report import build_report
+    from server.report_html import write_report_html
     from shared_models.bundle import generate_signing_key, write_bundle
     from shared_models.detection import YOLOX3D
     from shared_models.stager import MulDenseNet3D
-    from sim.reports.html import write_report_html
 
     root, patient = one_patient_test_split
     cfg = RunConfig.from_run_config(

@@ -47,7 +47,7 @@ def test_phase_finished_when_all_rounds_ran_or_the_rule_stopped_it():
 def test_training_curves_mark_the_chosen_round_and_the_early_stop(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from sim.reports.plots import plot_training_curves
+    from server.report_plots import plot_training_curves
 
     drawn = []
     original = matplotlib.axes.Axes.plot

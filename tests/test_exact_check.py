@@ -66,7 +66,7 @@ def test_a_report_from_another_model_is_flagged(group):
 
 
 def test_report_page_shows_intervals_exact_auc_and_the_reader_table(group, tmp_path):
-    from sim.reports.html import write_report_html
+    from server.report_html import write_report_html
     from sim.reports.readers import compare_with_readers, simulate_readers
 
     y, p, patients, reported = group

@@ -125,7 +125,7 @@ def test_validation_score_weights_sites_by_validation_heads():
 
 
 def test_training_curves_png_is_written(tmp_path):
-    from sim.reports.plots import plot_training_curves
+    from server.report_plots import plot_training_curves
 
     report = {
         "strategy": "fedavg",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from server.report import build_report
+from server.report_html import format_percent, roc_from_histograms, write_report_html
 from shared_models.clinical_stats import auc_from_histograms
 from shared_models.metrics import stage_counts
-from sim.reports.html import format_percent, roc_from_histograms, write_report_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert(1)</script>"
@@ -71,7 +71,7 @@ def run(tmp_path_factory):
     report["simulation"] = {"wall_time_s": 30.0, "flower_wall_time_s": 20.0, "peak_rss_bytes": 3 * 2**30}
     report["baseline_intensity_logreg"] = {"A-test": {"n": 40, "macro": {"auc": 0.55}, "weighted": {"auc": 0.5}}}
     out = tmp_path_factory.mktemp("run")
-    # a training_curves.png as sim.reports.plots writes it (any valid PNG will do for the page)
+    # a training_curves.png as server.report_plots writes it (any valid PNG will do for the page)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(2, 2))
@@ -265,7 +265,7 @@ def test_small_stage_is_marked_unreliable_on_the_page(tmp_path):
 
 
 def test_calibration_section_shows_ece_and_early_onfh_figures_per_site():
-    from sim.reports.html import calibration_section
+    from server.report_html import calibration_section
 
     c = {
         "chosen": {

@@ -391,8 +391,8 @@ def run_compare(
             :func:`sim.experiments.experiment.run_experiment` (the grid stops; finished cells are kept).
     """
     from server.report import json_safe
+    from server.report_html import write_compare_html
     from sim.experiments.experiment import run_experiment
-    from sim.reports.html import write_compare_html
 
     names = [v.name for v in variants]
     if not variants:

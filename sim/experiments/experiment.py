@@ -112,14 +112,14 @@ def run_experiment(
     """
     from client import tasks
     from server.report import json_safe
+    from server.report_html import write_report_html
+    from server.report_plots import plot_training_curves
     from server.tracking import log_run_outputs
     from shared_models.config import RunConfig, default_run_config
     from sim.experiments.baseline import intensity_baseline
     from sim.experiments.exact_check import exact_check
     from sim.experiments.runner import gpus_per_site as resolve_gpus
     from sim.experiments.runner import run_simulation
-    from sim.reports.html import write_report_html
-    from sim.reports.plots import plot_training_curves
 
     console = console or Console()
     gpu_share = resolve_gpus(gpus_per_site)  # a bad share fails here, before any work

@@ -11,7 +11,7 @@ JavaScript, no external resources):
 - per group, one-vs-rest ROC curves of the three stages (:func:`roc_from_histograms` on the pooled
   score histograms) and the pooled confusion matrix;
 - the detector per site (table and a bar chart of mean IoU);
-- ``training_curves.png`` (written by :mod:`sim.reports.plots`) when it sits in ``out_dir``;
+- ``training_curves.png`` (written by :mod:`server.report_plots`) when it sits in ``out_dir``;
 - compute used: wall times, rounds, peak RSS.
 
 ``report.json`` holds only aggregates (counts, histograms, metrics), never per-case data, and so
