@@ -180,3 +180,17 @@ def test_cli_strategy_choices_are_the_run_configs():
     walk(build_parser())
     assert len(found) >= 2  # `onfh sim run` and `onfh coordinator launch` at least
     assert all(choices == STRATEGIES for choices in found)
+
+
+def test_run_config_defaults_live_only_in_pyproject():
+    import dataclasses
+
+    from shared_models.config import PhaseConfig
+
+    with_default = [
+        f.name
+        for cls in (RunConfig, PhaseConfig)
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert with_default == ["l1_rounds"]  # the stager has no L1 rounds: 0 is structure, not a default

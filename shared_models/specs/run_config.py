@@ -12,7 +12,7 @@ import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,8 @@ class RunConfig:
     keys that each phase has (``detector-rounds``, ``stager-rounds``, ...) are grouped per phase in
     ``phases`` (read them with :meth:`phase`). Durations are seconds; learning rates are per
     optimisation step; ``local_steps`` counts optimiser steps per round (FLamby convention: sites
-    of different size do comparable work).
+    of different size do comparable work). No field has a default: the defaults live only in
+    ``[tool.flwr.app.config]`` (:func:`default_run_config`).
     """
 
     data_root: str
@@ -247,20 +248,20 @@ class RunConfig:
     amp: bool
     transfer_packing: bool
     transfer_dtype: str
-    min_site_fraction: float = 1.0  # issue 7: fraction (0, 1] of training sites a round needs
+    min_site_fraction: float  # issue 7: fraction (0, 1] of training sites a round needs
     # issue 16: robust-strategy parameters and the bounds on one site's influence
-    trimmed_beta: float = 0.25  # FedTrimmedAvg: fraction cut at each end, [0, 0.5)
-    krum_byzantine: int = 1  # Krum: malicious sites tolerated (needs training sites > 2f + 2)
-    update_clip_factor: float = 2.0  # update norms clipped at this x the round's median norm
-    update_reject_factor: float = 4.0  # ... and rejected above this x the median norm
-    min_cell_heads: int = 5  # a site with fewer heads in a split sends only the count ("suppressed")
-    early_stopping_patience: int = 0  # issue 18: rounds without validation improvement before a phase stops (0: off)
-    early_stopping_min_delta: float = 0.0  # an improvement must beat the best validation score by more than this
-    early_stopping_min_rounds: int = 0  # no early stop before this round
-    site_nodes: dict[str, int] = field(default_factory=dict)  # issue 16: site -> enrolled node id ({}: simulation)
-    track: str = "none"  # issue 21: experiment tracking from the ServerApp: "mlflow", "tensorboard" or "none"
-    tracking_uri: str = ""  # MLflow tracking URI or absolute TensorBoard folder; "" = under out-dir
-    torch_threads: int = 0  # issue 18: torch threads of a site's ClientApp (0: the process default)
+    trimmed_beta: float  # FedTrimmedAvg: fraction cut at each end, [0, 0.5)
+    krum_byzantine: int  # Krum: malicious sites tolerated (needs training sites > 2f + 2)
+    update_clip_factor: float  # update norms clipped at this x the round's median norm
+    update_reject_factor: float  # ... and rejected above this x the median norm
+    min_cell_heads: int  # a site with fewer heads in a split sends only the count ("suppressed")
+    early_stopping_patience: int  # issue 18: rounds without validation improvement before a phase stops (0: off)
+    early_stopping_min_delta: float  # an improvement must beat the best validation score by more than this
+    early_stopping_min_rounds: int  # no early stop before this round
+    site_nodes: dict[str, int]  # issue 16: site -> enrolled node id ({}: simulation)
+    track: str  # issue 21: experiment tracking from the ServerApp: "mlflow", "tensorboard" or "none"
+    tracking_uri: str  # MLflow tracking URI or absolute TensorBoard folder; "" = under out-dir
+    torch_threads: int  # issue 18: torch threads of a site's ClientApp (0: the process default)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
