@@ -6,9 +6,11 @@ Site folder (``docs/CONVENTIONS.md``)::
     <site-root>/split.csv      patient_id,split   (train|val|test; optional)
 
 The site reads them with :func:`client.site_data.read_manifest` / :func:`client.site_data.check_manifest`
-(the hardened row-level parser, which refuses a bad row with a recorded reason); everything else
-(:mod:`client.splits`, the phantom generator, the pooled baseline) uses these names and that parser. No
-imports beyond the standard library, so the phantom generator can use it without the site's readers.
+(the hardened row-level parser, which refuses a bad row with a recorded reason). Whatever else reads a site
+CSV (:mod:`client.splits`, the pooled baseline, the benchmarks) goes through that parser
+(:func:`client.site_data.read_site_csv` for raw rows); whatever writes one (the phantom generator, the
+pooled baseline) uses these names. No imports beyond the standard library, so the phantom generator can use
+it without the site's readers.
 """
 
 from __future__ import annotations
