@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -63,7 +64,8 @@ class AnchorRecordingGrid(WrappedGrid):
             head = str(reply.content.config_records[ANCHOR_RECORD].get(ANCHOR_KEY, ""))
             if not _HEX64.match(head):
                 continue
-            config = request.content.config_records.get(CONFIG, {}) if request.has_content() else {}
+            # the server's own config of the request (values it wrote: ints and strings)
+            config: Mapping[str, Any] = request.content.config_records.get(CONFIG, {}) if request.has_content() else {}
             self._new.append(
                 (
                     reply.metadata.src_node_id,

@@ -200,7 +200,7 @@ def summarise(
         ``sensitivity`` / ``specificity`` (early ONFH at the threshold, test heads, with the counts),
         ``ood_flagged`` and ``detector_flagged`` (fractions of its test heads).
     """
-    vals = [v["val"] for v in per_site.values() if v.get("val")]
+    vals: list[dict] = [val for v in per_site.values() if (val := v.get("val"))]
     pos = np.sum([v["pos"] for v in vals], axis=0) if vals else np.zeros(100, np.int64)
     neg = np.sum([v["neg"] for v in vals], axis=0) if vals else np.zeros(100, np.int64)
     threshold = cal.choose_early_threshold(pos, neg)

@@ -531,7 +531,7 @@ def wait_for_run(
 
     def bundle_written() -> bool:
         try:
-            return sig.stat().st_mtime >= start - 1.0
+            return sig is not None and sig.stat().st_mtime >= start - 1.0
         except OSError:
             return False
 

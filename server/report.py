@@ -12,6 +12,7 @@ macro and weighted averages).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def detector_site_metrics(site_metrics: dict[str, dict]) -> dict[str, dict]:
     """Per-site detector figures: ``iou_mean``, ``center_error_mm`` (median), ``recall30``, ``recall50``, ``ap50``, ``n``,
     ``iou_hist`` (heads per IoU bin, equal bins on [0, 1]); a site that suppressed its figures as a
     small cell gets ``n`` and ``suppressed: True`` only."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for site, m in sorted(site_metrics.items()):
         n = int(m.get(NUM_EXAMPLES, 0))
         if m.get(SUPPRESSED):

@@ -516,7 +516,7 @@ def _exact_section(exact: Mapping[str, Any]) -> str:
     )
     readers = ""
     if exact.get("readers"):
-        rows = "".join(
+        reader_rows = "".join(
             f"<tr><td>{_esc(r.get('reader'))}</td><td>{_esc(r.get('n'))}</td><td>{format_percent(r.get('reader_accuracy'))}</td>"
             f"<td>{format_percent(r.get('model_accuracy'))}</td><td>{_esc(r.get('b'))}</td><td>{_esc(r.get('c'))}</td>"
             f"<td>{_fmt(r.get('p_value'), '.4f')}</td><td>{_esc(r.get('method'))}</td></tr>"
@@ -528,7 +528,7 @@ def _exact_section(exact: Mapping[str, Any]) -> str:
             "McNemar's test (exact binomial when b + c &lt; 25). The readers are simulated with a fixed "
             "accuracy to exercise the path; use <code>onfh report readers</code> with real reader calls.</p>"
             "<table><thead><tr><th>reader</th><th>heads</th><th>reader accuracy (%)</th><th>model accuracy (%)"
-            "</th><th>b</th><th>c</th><th>p</th><th>test</th></tr></thead><tbody>" + rows + "</tbody></table>"
+            "</th><th>b</th><th>c</th><th>p</th><th>test</th></tr></thead><tbody>" + reader_rows + "</tbody></table>"
         )
     return (
         '<p class="note">Simulation only: the harness holds every site\'s data, so it re-predicts each test '
@@ -585,11 +585,11 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
             )
         )
     per_site = {s: m for s, m in (report.get("per_site") or {}).items() if (m or {}).get("counts")}
-    site_rocs = [
+    roc_files = [
         _roc_figure(f"site {s}", m["counts"], fig_dir / f"roc_site_{_slug(i, str(s))}.png")
         for i, (s, m) in enumerate(per_site.items())
     ]
-    site_rocs = [_img(f, out_dir, f"ROC per stage, site {s}") for f, s in zip(site_rocs, per_site) if f is not None]
+    site_rocs = [_img(f, out_dir, f"ROC per stage, site {s}") for f, s in zip(roc_files, per_site) if f is not None]
     if site_rocs:
         sections += [
             "<h2>ROC per Ficat-Arlet stage and site</h2>",
@@ -629,7 +629,9 @@ def write_report_html(report: Mapping[str, Any], out_dir: Path) -> Path:
 
 
 def _pm_ci(s: Mapping[str, Any], key: str) -> str:
-    mean, sd, ci = s.get(key), s.get(f"{key}_sd"), s.get(f"{key}_ci") or [None, None]
+    mean: Any = s.get(key)  # numbers read from compare.json
+    sd: Any = s.get(f"{key}_sd")
+    ci: Any = s.get(f"{key}_ci") or [None, None]
     if not _finite(mean):
         return "n/a"
     text = f"{float(mean):.3f}"
@@ -655,7 +657,7 @@ def _grid_bar_figure(summary: Sequence[Mapping[str, Any]], path: Path) -> Path |
             float(by[(v, g)]["macro_auc"]) if (v, g) in by and _finite(by[(v, g)]["macro_auc"]) else np.nan
             for g in groups
         ]
-        errs = [[], []]
+        errs: list[list[float]] = [[], []]
         for g, m in zip(groups, means):
             ci = (by.get((v, g)) or {}).get("macro_auc_ci") or [None, None]
             ok = _finite(ci[0]) and _finite(ci[1]) and _finite(m)

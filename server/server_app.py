@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -212,11 +213,12 @@ def prepare_crops(grid: Grid, node_sites: dict[int, str], detector_state: dict |
             log.warning("site %s failed to make crops: %s", site, reply.error.reason)
             continue
         keys.add(str(reply.content[SITE][CROPS_KEY]))
+        metrics = reply.content.metric_records[METRICS]  # a site's counts, logged as sent
         log.info(
-            "site %s: %d crops, %d low-confidence detections",
+            "site %s: %s crops, %s low-confidence detections",
             site,
-            int(reply.content[METRICS][NUM_EXAMPLES]),
-            int(reply.content[METRICS][LOW_CONFIDENCE]),
+            metrics.get(NUM_EXAMPLES),
+            metrics.get(LOW_CONFIDENCE),
         )
     if len(keys) != 1:
         raise RuntimeError(f"crop preparation failed: sites returned keys {sorted(keys)}")
@@ -246,6 +248,15 @@ def influence_bounds(cfg: RunConfig, phase: Phase | str, declared: dict[str, dic
         clip_factor=cfg.update_clip_factor,
         reject_factor=cfg.update_reject_factor,
     )
+
+
+@dataclass
+class _BestRound:
+    """The best-validated round of a phase so far, as the round hook keeps it."""
+
+    round: int
+    score: float
+    state: dict[str, torch.Tensor] | None
 
 
 class PhaseConverged(Exception):
@@ -324,7 +335,7 @@ def run_phase(
     strategy.train_metrics.update(ckpt.train_metrics)
     config = ConfigRecord({PHASE: str(phase), **(extra_config or {})})
 
-    best = {"round": ckpt.best_round, "score": ckpt.best_score, "state": ckpt.best_state_dict}
+    best = _BestRound(ckpt.best_round, ckpt.best_score, ckpt.best_state_dict)
 
     def checkpoint_hook(server_round: int, arrays: ArrayRecord):
         if server_round == 0:
@@ -333,8 +344,8 @@ def run_phase(
         state = record_to_state(arrays, template)
         score = validation_score(strategy.site_metrics.get(reached, {}))
         scores[reached] = score
-        if score is not None and score > best["score"]:
-            best.update(round=reached, score=score, state=state)
+        if score is not None and score > best.score:
+            best.round, best.score, best.state = reached, score, state
         store.save(
             phase,
             PhaseCheckpoint(
@@ -342,9 +353,9 @@ def run_phase(
                 state_dict=state,
                 site_metrics=dict(strategy.site_metrics),
                 train_metrics=dict(strategy.train_metrics),
-                best_round=best["round"],
-                best_score=best["score"],
-                best_state_dict=best["state"],
+                best_round=best.round,
+                best_score=best.score,
+                best_state_dict=best.state,
                 missing_sites=dict(strategy.missing_sites),
                 rejected_updates=dict(strategy.rejected_updates),
             ),
@@ -371,7 +382,7 @@ def run_phase(
             phase.score_key,
             summary,
             "n/a" if score is None else f"{score:.3f}",
-            best["round"],
+            best.round,
         )
         if reached < rounds and stop_round(
             scores, cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.early_stopping_min_rounds
@@ -382,7 +393,7 @@ def run_phase(
                 cfg.early_stopping_min_delta,
                 cfg.early_stopping_patience,
                 reached,
-                best["round"],
+                best.round,
             )
             raise PhaseConverged(reached)
         return None
@@ -402,7 +413,10 @@ def run_phase(
             evaluate_fn=checkpoint_hook,
         )
     except PhaseConverged:
-        return store.load(phase)
+        converged = store.load(phase)
+        if converged is None:  # the hook saved the round's checkpoint just before it stopped the phase
+            raise RuntimeError(f"phase {phase}: stopped early, but its last checkpoint cannot be read") from None
+        return converged
     final = store.load(phase)
     if final is None or final.round < rounds:
         # No round completed a checkpoint (e.g. every site failed): keep what Flower returned.

@@ -35,11 +35,14 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared_models.config import TRACKERS
 from shared_models.safe_files import PATH_KEYS, redact_paths
 from shared_models.specs import NUM_EXAMPLES, SUPPRESSED, VAL_NUM_EXAMPLES, VAL_SCORE, VAL_SUPPRESSED
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -207,24 +210,30 @@ class MlflowTracker(Tracker):
             self.uri if self.uri.startswith("sqlite:") else "<the tracking server>",
         )
 
+    @property
+    def _active_run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("mlflow tracking: no run started (start_run first)")
+        return self.run_id
+
     def log_round_metrics(self, step, scalars):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in scalars.items()]
         for i in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics a batch
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+            self.client.log_batch(self._active_run, metrics=items[i : i + 1000])
 
     def log_artifacts(self, paths):
         for path in paths:
             path = Path(path)
             if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
+                self.client.log_artifacts(self._active_run, str(path), artifact_path=path.name)
             elif path.is_file():
-                self.client.log_artifact(self.run_id, str(path))
+                self.client.log_artifact(self._active_run, str(path))
 
     def end(self, failed=False):
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+        self.client.set_terminated(self._active_run, status="FAILED" if failed else "FINISHED")
 
 
 class TensorBoardTracker(Tracker):
@@ -234,9 +243,9 @@ class TensorBoardTracker(Tracker):
 
     def __init__(self, out: Path, logdir: str = ""):
         self.logdir = Path(logdir) if logdir else Path(out) / "tensorboard"
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
-    def _open(self):
+    def _open(self) -> SummaryWriter:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -245,8 +254,9 @@ class TensorBoardTracker(Tracker):
 
     def start_run(self, params, run_name=""):
         table = "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in params.items())
-        self._open().add_text("run-config", table, global_step=0)
-        self.writer.flush()
+        writer = self._open()
+        writer.add_text("run-config", table, global_step=0)
+        writer.flush()
 
     def log_round_metrics(self, step, scalars):
         writer = self._open()

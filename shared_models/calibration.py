@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 TEMPERATURE_GRID: tuple[float, ...] = tuple(float(round(t, 4)) for t in np.geomspace(0.25, 8.0, 31))
@@ -109,7 +110,7 @@ def reliability_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = RELI
     }
 
 
-def ece_from_counts(count: Sequence[int], correct: Sequence[int], conf: Sequence[float]) -> float | None:
+def ece_from_counts(count: npt.ArrayLike, correct: npt.ArrayLike, conf: npt.ArrayLike) -> float | None:
     """Expected calibration error ``sum_b n_b / N * |acc_b - conf_b|``; None when there are no heads."""
     n = np.asarray(count, dtype=np.float64)
     if n.sum() <= 0:
@@ -124,7 +125,7 @@ def early_probability(probs: np.ndarray) -> np.ndarray:
     return p[:, 1] + p[:, 2] if len(p) else np.zeros(0)
 
 
-def lower_threshold(hist: Sequence[int], edges: np.ndarray, miss: float) -> float | None:
+def lower_threshold(hist: npt.ArrayLike, edges: np.ndarray, miss: float) -> float | None:
     """Highest edge ``t`` with at most ``miss`` of the counts below it (keeps >= 1 - miss); None if empty."""
     h = np.asarray(hist, dtype=np.float64)
     if h.sum() <= 0:
@@ -134,7 +135,7 @@ def lower_threshold(hist: Sequence[int], edges: np.ndarray, miss: float) -> floa
     return float(edges[min(k, len(edges) - 1)])
 
 
-def upper_threshold(hist: Sequence[int], edges: np.ndarray, false_alarm: float) -> float | None:
+def upper_threshold(hist: npt.ArrayLike, edges: np.ndarray, false_alarm: float) -> float | None:
     """Lowest edge ``t`` with at most ``false_alarm`` of the counts at or above it; ``inf`` when even the
     top bin holds more; None if empty."""
     h = np.asarray(hist, dtype=np.float64)
@@ -154,7 +155,7 @@ def choose_temperature(nll: Sequence[float], grid: Sequence[float] = TEMPERATURE
     return float(grid[int(np.argmin(values))])
 
 
-def choose_early_threshold(pos: Sequence[int], neg: Sequence[int], edges: np.ndarray = SCORE_EDGES) -> float | None:
+def choose_early_threshold(pos: npt.ArrayLike, neg: npt.ArrayLike, edges: np.ndarray = SCORE_EDGES) -> float | None:
     """Bin edge of ``P(early)`` maximising Youden's J on the pooled histograms (ties: the edge nearest 0.5).
 
     Returns None unless both classes have counts.
@@ -172,7 +173,7 @@ def choose_early_threshold(pos: Sequence[int], neg: Sequence[int], edges: np.nda
 
 
 def sens_spec(
-    pos: Sequence[int], neg: Sequence[int], threshold: float, edges: np.ndarray = SCORE_EDGES
+    pos: npt.ArrayLike, neg: npt.ArrayLike, threshold: float, edges: np.ndarray = SCORE_EDGES
 ) -> dict[str, Any]:
     """Sensitivity and specificity of ``P(early) >= threshold`` (a bin edge) from the histograms."""
     k = int(np.argmin(np.abs(edges - threshold)))
