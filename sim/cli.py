@@ -31,8 +31,9 @@ from shared_models.cli_common import (
     tracking_config,
 )
 from shared_models.specs import STRATEGIES  # torch-free: `onfh sim -h` stays fast
+from sim.experiments.medmnist_runs import DEFAULT_RUNS, RUNS, SIZES, parse_runs, parse_seeds  # torch-free too
 
-__all__ = ["add_group", "main"]
+__all__ = ["add_group", "add_medmnist_parser", "main"]
 
 REAL_NIFTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "prostatex-0000-pelvis-t2-axial.nii.gz"
 
@@ -263,6 +264,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_medmnist(args) -> int:
+    """The AdrenalMNIST3D benchmark: run, write ``medmnist.json``, print the table. Bad input raises
+    ``ValueError``/``FileNotFoundError``, which ``onfh`` prints as a one-line error (exit 1)."""
+    from sim.experiments.medmnist import print_table, run_medmnist
+
+    out = Path(args.out)
+    rows = run_medmnist(Path(args.data), args.size, out, seeds=args.seeds, settings=args.settings, quick=args.quick)
+    print_table(json.loads((out / "medmnist.json").read_text()) if rows else rows)
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Phantoms -> simulation -> report -> inference on the real pelvic MRI."""
     out = Path(args.out)
@@ -409,13 +421,34 @@ def sim_commands(parser: argparse.ArgumentParser) -> None:
         help="a section's keyword argument, e.g. federated.local_steps=10 (repeatable; JSON values)",
     )
     p.set_defaults(func=cmd_bench)
-    from sim.experiments.medmnist import add_medmnist_parser
-
     add_medmnist_parser(sim)
     p = sim.add_parser("demo", help="phantoms + simulation + report + inference on the real pelvic MRI")
     run_args(p, data_required=False)
     gpus_arg(p)
     p.set_defaults(func=cmd_demo, on_interrupt=_last_checkpoint)
+
+
+def add_medmnist_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``medmnist`` on an argparse subparsers object (``onfh sim medmnist ...``); the protocol is
+    in :mod:`sim.experiments.medmnist`, which only :func:`cmd_medmnist` imports (it needs torch)."""
+    p = subparsers.add_parser(
+        "medmnist",
+        help="AdrenalMNIST3D benchmark: central and federated 3D-MulDenseNet",
+        description="AdrenalMNIST3D benchmark: 3D-MulDenseNet on real 3D data, central and federated (Flower).",
+    )
+    p.add_argument("--data", required=True, help="adrenalmnist3d_64.npz (MedMNIST v2, 64^3 release)")
+    p.add_argument("--size", type=int, choices=SIZES, default=28, help="volume edge in voxels (28: published rows)")
+    p.add_argument("--out", required=True, help="output folder (medmnist.json)")
+    p.add_argument("--seeds", type=parse_seeds, default=(0,), help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument(
+        "--settings",
+        type=parse_runs,
+        default=DEFAULT_RUNS,
+        help=f"comma-separated runs from {', '.join(RUNS)} (default: {','.join(DEFAULT_RUNS)})",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny network and a few steps (smoke test)")
+    p.set_defaults(func=cmd_medmnist)
+    return p
 
 
 def _last_checkpoint(args) -> None:

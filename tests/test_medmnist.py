@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from shared_models.cli import main as onfh_main
 from shared_models.clinical_stats import auc_from_histograms
 from shared_models.stage_scores import score_histograms
+from sim.cli import add_medmnist_parser
 from sim.experiments.medmnist import (
     ROW_KEYS,
-    add_medmnist_parser,
     dirichlet_label_split,
     downsample,
     iid_split,
@@ -75,6 +76,17 @@ def test_quick_central_rows(tmp_path):
     assert len(again) == 1 and len(merged) == 4
     assert sorted((r["setting"], r["seed"]) for r in merged) == sorted((r["setting"], r["seed"]) for r in rows)
     assert merged[-1]["wall_s"] == again[0]["wall_s"]
+
+
+def test_quick_central_row_through_onfh(tmp_path, capsys):
+    """``onfh sim medmnist``: the parser (torch-free, in ``sim.cli``) reaches the benchmark and prints its table."""
+    npz = synthetic_npz(tmp_path / "tiny.npz")
+    argv = ["sim", "medmnist", "--data", str(npz), "--out", str(tmp_path / "out"), "--seeds", "3"]
+    assert onfh_main([*argv, "--settings", "central", "--quick"]) == 0
+    rows = json.loads((tmp_path / "out" / "medmnist.json").read_text())
+    assert [(r["setting"], r["seed"], r["size"]) for r in rows] == [("central", 3, 28)]
+    _check_rows(rows, 28, {3})
+    assert "AdrenalMNIST3D test split" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -6,5 +6,6 @@
 * :mod:`sim.experiments.pooled`, :mod:`sim.experiments.baseline`: the pooled and intensity baselines;
 * :mod:`sim.experiments.exact_check`: exact confidence intervals on the test heads;
 * :mod:`sim.experiments.real_check`: ``onfh infer`` on the real pelvic MRI against hand-placed marks;
-* :mod:`sim.experiments.medmnist`, :mod:`sim.experiments.medmnist_app`: the AdrenalMNIST3D benchmark.
+* :mod:`sim.experiments.medmnist`, :mod:`sim.experiments.medmnist_app`: the AdrenalMNIST3D benchmark
+  (:mod:`sim.experiments.medmnist_runs`: its run names, torch-free for the ``onfh sim`` parser).
 """

@@ -37,7 +37,6 @@ Simulation harness only: the driver prepares every site's arrays in one place.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -56,15 +55,12 @@ from sklearn.model_selection import StratifiedKFold
 
 from client.stager_training import fit_stager_central, macro_auc, predict_stages
 from shared_models.stager import MulDenseNet3D, StagerConfig
+from sim.experiments.medmnist_runs import DEFAULT_RUNS, RUNS, SIZES
 
 log = logging.getLogger(__name__)
 
-SIZES = (28, 64)
 SPLITS = ("train", "val", "test")
 SETTINGS = ("central", "central-plain-densenet", "federated")
-#: runs the CLI knows: a setting, or ``federated`` as ``<strategy>-<split>``
-RUNS = ("central", "central-plain-densenet", "fedavg-iid", "fedavg-label-skew", "fedprox-iid", "fedprox-label-skew")
-DEFAULT_RUNS = ("central", "central-plain-densenet", "fedavg-iid", "fedavg-label-skew", "fedprox-label-skew")
 ROW_KEYS = ("setting", "strategy", "split", "size", "seed", "auc", "acc", "wall_s")
 
 #: MedMNIST v2 (Scientific Data 10:41, 2023), Table for AdrenalMNIST3D, test split, 28^3: (model, AUC, ACC)
@@ -521,53 +517,6 @@ def print_table(rows: list[dict], console=None) -> None:
     for model, auc, acc in PUBLISHED:
         table.add_row(f"{model} (MedMNIST v2, published)", "–", "–", "28³", "–", f"{auc:.3f}", f"{acc:.3f}", "–")
     console.print(table)
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _run_list(text: str) -> tuple[str, ...]:
-    runs = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [r for r in runs if r not in RUNS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown settings {bad}; choose from {', '.join(RUNS)}")
-    return runs
-
-
-def add_medmnist_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``medmnist`` on an argparse subparsers object (``onfh sim medmnist ...``)."""
-    p = subparsers.add_parser(
-        "medmnist",
-        help="AdrenalMNIST3D benchmark: central and federated 3D-MulDenseNet",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--data", required=True, help="adrenalmnist3d_64.npz (MedMNIST v2, 64^3 release)")
-    p.add_argument("--size", type=int, choices=SIZES, default=28, help="volume edge in voxels (28: published rows)")
-    p.add_argument("--out", required=True, help="output folder (medmnist.json)")
-    p.add_argument("--seeds", type=_int_list, default=(0,), help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument(
-        "--settings",
-        type=_run_list,
-        default=DEFAULT_RUNS,
-        help=f"comma-separated runs from {', '.join(RUNS)} (default: {','.join(DEFAULT_RUNS)})",
-    )
-    p.add_argument("--quick", action="store_true", help="tiny network and a few steps (smoke test)")
-    p.set_defaults(func=cmd_medmnist)
-    return p
-
-
-def cmd_medmnist(args) -> int:
-    """CLI handler: run, write ``medmnist.json``, print the table. Returns 0; bad input raises
-    ``ValueError``/``FileNotFoundError``, which ``onfh`` prints as a one-line error (exit 1)."""
-    rows = run_medmnist(
-        Path(args.data), args.size, Path(args.out), seeds=args.seeds, settings=args.settings, quick=args.quick
-    )
-    print_table(json.loads((Path(args.out) / "medmnist.json").read_text()) if rows else rows)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
