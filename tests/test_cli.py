@@ -6,6 +6,7 @@ hospital's machine would load (wall time is not asserted; ``onfh --help`` is tim
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -55,6 +56,33 @@ def test_help_imports_neither_torch_monai_flower_nor_sim(argv):
     assert seen["code"] == 0
     assert not set(HEAVY) & set(seen["modules"]), set(HEAVY) & set(seen["modules"])
     assert seen["sim"] == []
+
+
+def _commands(group: str) -> list[str]:
+    """The commands of ``onfh GROUP``, read from its parser (a command added later is checked too)."""
+    parser = build_parser([group])
+    groups = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in groups.choices[group]._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(commands.choices)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sim", "--help"], ["report", "--help"]]
+    + [["sim", command, "--help"] for command in _commands("sim")]
+    + [["report", command, "--help"] for command in _commands("report")],
+    ids=" ".join,
+)
+def test_researcher_help_imports_neither_torch_monai_nor_flower(argv):
+    """Building the ``sim`` and ``report`` parsers reads only torch-free names
+    (:mod:`sim.experiments.medmnist_runs`, :mod:`shared_models.specs`); the commands import the rest when run."""
+    seen = _imported_after(f"code = main({argv!r})")
+    assert seen["code"] == 0
+    assert not set(HEAVY) & set(seen["modules"]), set(HEAVY) & set(seen["modules"])
+
+
+def test_sim_group_lists_every_researcher_command():
+    assert _commands("sim") == ["bench", "compare", "demo", "medmnist", "phantoms", "run"]
 
 
 def test_top_level_help_imports_no_role_module():
