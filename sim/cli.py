@@ -459,11 +459,27 @@ def _last_checkpoint(args) -> None:
     console.print(last_verified_checkpoint(run_out / "checkpoints"))
 
 
+def cmd_readers(args, console=None) -> int:
+    """``onfh report readers``: :func:`sim.reports.readers.cmd_readers` (imported when run: it needs SciPy)."""
+    from sim.reports.readers import cmd_readers as compare_readers
+
+    return compare_readers(args, console)
+
+
 def report_commands(parser: argparse.ArgumentParser) -> None:
     """The ``onfh report`` commands."""
-    from sim.reports.readers import add_readers_parser
-
-    add_readers_parser(parser.add_subparsers(dest="cmd", required=True))
+    report = parser.add_subparsers(dest="cmd", required=True)
+    p = report.add_parser(
+        "readers",
+        help="the model against human readers: accuracy and McNemar test",
+        description="onfh report readers: the model against human readers on the same femoral heads.",
+    )
+    p.add_argument("--readers", required=True, help="readers CSV: patient_id, side, reader, stage (0/I/II)")
+    p.add_argument(
+        "--predictions", required=True, help="predictions CSV: patient_id, side, stage (reference), predicted_stage"
+    )
+    p.add_argument("--out", help="also write the rows as JSON to this file")
+    p.set_defaults(func=cmd_readers)
 
 
 def add_group(name: str, parser: argparse.ArgumentParser) -> None:

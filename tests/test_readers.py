@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 
 from shared_models.clinical_stats import mcnemar_test
+from sim.cli import report_commands
 from sim.reports.readers import (
-    add_readers_parser,
     cmd_readers,
     compare_with_readers,
     load_predictions_csv,
@@ -189,7 +189,7 @@ def test_reader_csv_round_trip(tmp_path):
 
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="onfh report")
-    add_readers_parser(parser.add_subparsers(dest="cmd", required=True))
+    report_commands(parser)
     return parser.parse_args(argv)
 
 

@@ -34,7 +34,6 @@ from shared_models.stages import NUM_STAGES, FicatArletStage
 __all__ = [
     "PREDICTION_COLUMNS",
     "READER_COLUMNS",
-    "add_readers_parser",
     "cmd_readers",
     "compare_with_readers",
     "load_predictions_csv",
@@ -333,22 +332,6 @@ def print_readers_table(rows: Sequence[Mapping[str, Any]], console: Any = None) 
             str(r["method"]),
         )
     console.print(table)
-
-
-def add_readers_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``readers`` on an argparse subparsers object (``onfh report readers ...``)."""
-    p = subparsers.add_parser(
-        "readers",
-        help="the model against human readers: accuracy and McNemar test",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
-    )
-    p.add_argument("--readers", required=True, help="readers CSV: patient_id, side, reader, stage (0/I/II)")
-    p.add_argument(
-        "--predictions", required=True, help="predictions CSV: patient_id, side, stage (reference), predicted_stage"
-    )
-    p.add_argument("--out", help="also write the rows as JSON to this file")
-    p.set_defaults(func=cmd_readers)
-    return p
 
 
 def cmd_readers(args: argparse.Namespace, console: Any = None) -> int:
