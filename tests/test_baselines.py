@@ -83,16 +83,106 @@ def test_pooled_site_keeps_two_sites_patients_with_one_id_and_refuses_missing_fi
 def test_pooled_site_reads_rows_as_the_site_does_and_leaves_out_unreadable_ones(tmp_path, caplog):
     _site(tmp_path, "A", ["A-1", "A-2"], ["train", "train"])
     manifest = tmp_path / "A" / "manifest.csv"
-    # a row that is not UTF-8, and a row padded with spaces (the site strips them)
-    manifest.write_bytes(manifest.read_bytes() + b"A-\xff,study-0,L,0,,S\n" + b" A-2 , study-1 ,L,0,,S\n")
+    # a row that is not UTF-8, a head the site already has (the site refuses the second), and
+    # A-2's left head rewritten padded with spaces (the site strips them)
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    lines[3] = b" A-2 , study-1 ,L,0,,S\n"
+    manifest.write_bytes(b"".join(lines) + b"A-\xff,study-0,L,0,,S\n" + b"A-1,study-0,L,0,,S\n")
     with caplog.at_level("WARNING", logger="sim.experiments.pooled"):
         counts = write_pooled_site(tmp_path, ["A"])
     assert counts == {"train": 2, "val": 0}
     rows = _rows(tmp_path / POOLED_SITE / "manifest.csv")
-    assert [(r["patient_id"], r["study"]) for r in rows].count(("A/A-2", "A-study-1")) == 3  # stripped like the site
-    assert len(rows) == 5 and all(r["patient_id"] in ("A/A-1", "A/A-2") for r in rows)
+    assert [(r["patient_id"], r["study"]) for r in rows].count(("A/A-2", "A-study-1")) == 2  # stripped like the site
+    assert len(rows) == 4 and all(r["patient_id"] in ("A/A-1", "A/A-2") for r in rows)
     assert "manifest.csv row 6: not valid UTF-8" in caplog.text and "row not pooled" in caplog.text
+    assert "manifest.csv row 7: the same patient and side already appear in row 2" in caplog.text
     assert "A-\ufffd" not in caplog.text  # the refusal names the row, never its values
+
+
+def _one_site(root, rows, split=(("p1", "train"),)):
+    folder = root / "A"
+    folder.mkdir(parents=True)
+    (folder / "manifest.csv").write_text(MANIFEST_HEADER + "".join(r + "\n" for r in rows))
+    (folder / "split.csv").write_text("patient_id,split\n" + "".join(f"{p},{s}\n" for p, s in split))
+    return folder
+
+
+def _links(root):
+    return [p for p in root.rglob("*") if p.is_symlink()]
+
+
+@pytest.mark.parametrize(
+    "study",
+    ["../../../outside", "/etc", "s1/../../../outside/evil", "s1/../../../../outside/evil", "s1/../../../outside//etc"],
+)
+def test_pooled_site_refuses_a_study_outside_the_site_and_never_links_outside_itself(tmp_path, caplog, study):
+    data = tmp_path / "data"
+    (_one_site(data, ["p1,s1,L,0,,x", f"p1,{study},R,0,,x"]) / "s1").mkdir()
+    (tmp_path / "outside").mkdir()
+    with caplog.at_level("WARNING", logger="sim.experiments.pooled"):
+        assert write_pooled_site(data, ["A"]) == {"train": 1, "val": 0}
+    pooled = data / POOLED_SITE
+    assert [(r["patient_id"], r["study"], r["side"]) for r in _rows(pooled / "manifest.csv")] == [("A/p1", "A-s1", "L")]
+    links = _links(tmp_path)
+    assert links == [pooled / "A-s1"] and links[0].resolve() == (data / "A" / "s1").resolve()
+    assert "manifest.csv row 3: study must be a path relative to the site root, inside it" in caplog.text
+    assert "outside" not in caplog.text and "etc" not in caplog.text  # no value of the row
+
+
+def test_pooled_site_links_a_nested_study_inside_itself_and_the_pooled_site_reads_it(tmp_path):
+    from client.site_data import check_manifest
+
+    (_one_site(tmp_path, ["p1,sub/s1,L,0,,x", "p1,sub/s1,R,I,,x"]) / "sub" / "s1").mkdir(parents=True)
+    assert write_pooled_site(tmp_path, ["A"]) == {"train": 1, "val": 0}
+    pooled = tmp_path / POOLED_SITE
+    link = pooled / "A-sub" / "s1"
+    assert link.is_symlink() and not (pooled / "A-sub").is_symlink()
+    assert link.resolve() == (tmp_path / "A" / "sub" / "s1").resolve()
+    heads, refused = check_manifest(pooled, POOLED_SITE)
+    assert refused == [] and [(h.patient_id, h.study, h.side, h.stage) for h in heads] == [
+        ("A/p1", "A-sub/s1", "L", 0),
+        ("A/p1", "A-sub/s1", "R", 1),
+    ]
+    write_pooled_site(tmp_path, ["A"])  # rebuilt: the nested folder is replaced, not followed
+    assert _links(pooled) == [link]
+
+
+def test_pooled_site_refuses_a_study_inside_another_and_a_taken_link_name(tmp_path, caplog):
+    folder = _one_site(tmp_path, ["p1,s1,L,0,,x", "p1,s1/x,R,0,,x"], split=[("p1", "train"), ("p2", "train")])
+    (folder / "s1" / "x").mkdir(parents=True)
+    other = tmp_path / "A-b"
+    (other / "c").mkdir(parents=True)
+    (folder / "b-c").mkdir()
+    with open(folder / "manifest.csv", "a") as fh:
+        fh.write("p2,b-c,L,0,,x\n")
+    (other / "manifest.csv").write_text(MANIFEST_HEADER + "q1,c,L,0,,x\n")
+    (other / "split.csv").write_text("patient_id,split\nq1,train\n")
+    with caplog.at_level("WARNING", logger="sim.experiments.pooled"):
+        write_pooled_site(tmp_path, ["A", "A-b"])
+    rows = _rows(tmp_path / POOLED_SITE / "manifest.csv")
+    # the link "A-b-c" is A's study b-c; site A-b's study c would get the same name and is refused, not shared
+    assert [(r["patient_id"], r["study"]) for r in rows] == [("A/p1", "A-s1"), ("A/p2", "A-b-c")]
+    assert "study lies inside another pooled study" in caplog.text
+    assert "link name is taken by another pooled site's study" in caplog.text
+    assert (tmp_path / POOLED_SITE / "A-b-c").resolve() == (folder / "b-c").resolve()
+    assert sorted(_links(tmp_path)) == [tmp_path / POOLED_SITE / "A-b-c", tmp_path / POOLED_SITE / "A-s1"]
+
+
+def test_pooled_site_writes_the_box_the_site_read_so_the_pooled_site_reads_it_too(tmp_path):
+    from client.site_data import check_manifest
+
+    # two spaces after the first number: the site reads it; the raw field would be neutralised
+    (
+        _one_site(tmp_path, ["p1,s1,R,0,-100  -24 -24 -60 24 24,x", "p1,s1,L,II,60.25 -24 -24 100 24 24.5,x"]) / "s1"
+    ).mkdir()
+    write_pooled_site(tmp_path, ["A"])
+    heads, refused = check_manifest(tmp_path / POOLED_SITE, POOLED_SITE)
+    assert refused == []
+    assert [h.box_lps_mm for h in heads] == [
+        (-100.0, -24.0, -24.0, -60.0, 24.0, 24.0),
+        (60.25, -24.0, -24.0, 100.0, 24.0, 24.5),
+    ]
+    assert [h.stage for h in heads] == [0, 2]
 
 
 def test_pooled_overrides_match_the_federations_total_steps():
