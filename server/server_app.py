@@ -58,6 +58,7 @@ from shared_models.specs import (
     VAL_SCORE,
     Action,
     Phase,
+    heads_key,
 )
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import build_strategy
@@ -101,8 +102,9 @@ def hello_problem(reply: Message) -> str | None:
     """Why a ``hello`` reply cannot be read; None when it can.
 
     It must hold a ``site`` ConfigRecord with a string ``site-id`` and a ``metrics`` MetricRecord
-    of non-negative integer counts (heads per split, studies refused), which later cap the site's
-    reported counts.
+    of non-negative integer counts that declares the heads of every split (``heads-train``,
+    ``heads-val``, ``heads-test``; studies refused optional): they later cap the site's reported
+    counts, so a hello without them is refused (naming the missing keys).
     """
     content = reply.content
     site = content.config_records.get(SITE)
@@ -114,6 +116,9 @@ def hello_problem(reply: Message) -> str | None:
     bad = sorted(k for k, v in metrics.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0)
     if bad:
         return f"hello counts that are not non-negative integers: {', '.join(bad[:5])}"
+    missing = [heads_key(split) for split in ("train", "val", "test") if heads_key(split) not in metrics]
+    if missing:
+        return f"hello without the declared head counts {', '.join(missing)}"
     return None
 
 

@@ -203,6 +203,9 @@ class Calibration:
         detector_miss: fraction of good validation boxes allowed below ``detector_threshold``.
         ood_false_alarm: fraction of validation heads allowed at or above ``energy_threshold``.
         val_heads: validation heads the thresholds were chosen on (all sites together).
+        fallback: None when the thresholds are the pooled validation choice; otherwise why the server
+            refused that choice (it would switch an inference gate off) and shipped these uncalibrated
+            defaults instead (``server/calibration.py`` :func:`gate_problem`).
     """
 
     temperature: float = 1.0
@@ -212,6 +215,7 @@ class Calibration:
     detector_miss: float = DEFAULT_DETECTOR_MISS
     ood_false_alarm: float = DEFAULT_OOD_FALSE_ALARM
     val_heads: int = 0
+    fallback: str | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
