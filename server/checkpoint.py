@@ -212,8 +212,13 @@ def verify_chain(entries: list[dict], folder: Path | None = None) -> None:
     """Check that every link follows from the one before; with ``folder``, also that each phase's
     last entry matches the checkpoint file there (earlier files were overwritten by later rounds).
 
+    Each checkpoint file is read once with :func:`shared_models.safe_files.read_regular_file`
+    (at most ``MAX_CHECKPOINT_BYTES``, refused before reading if larger; a symlink, device or FIFO
+    is refused unread).
+
     Raises:
-        ValueError: naming the first entry (phase, round) that does not verify.
+        ValueError: naming the first entry (phase, round) that does not verify, or the file that
+            is missing, too large or not a regular file.
     """
     previous = ""
     last: dict[str, dict] = {}
@@ -225,7 +230,14 @@ def verify_chain(entries: list[dict], folder: Path | None = None) -> None:
     if folder is not None:
         for phase, entry in last.items():
             path = Path(folder) / f"{phase}.pt"
-            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            try:  # read once, size-capped, regular file only (never a link to a device)
+                data = read_regular_file(path, MAX_CHECKPOINT_BYTES)
+            except (FileNotFoundError, UnsafeFileError) as err:
+                raise ValueError(
+                    f"{path}: cannot be checked against the last {phase} entry (round {entry['round']}) "
+                    f"of the chain: {str(err).removeprefix(f'{path}: ')}"
+                ) from None
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise ValueError(f"{path}: does not match the last {phase} entry (round {entry['round']}) of the chain")
 
 

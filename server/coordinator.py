@@ -47,6 +47,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared_models.flower.env import flower_bin, flower_env
 from shared_models.processes import stop_process_tree, toml_value
+from shared_models.safe_files import read_regular_file
 from shared_models.specs import PHASES
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "onfh-federation"
 REGISTRY_NAME = "enrolled-sites.json"
 LAUNCH_NAME = "launch.json"
+# Caps checked before reading (issue 16): an OpenSSH P-384 public key line is about 250 bytes; the
+# registry holds one short entry per enrolled site.
+MAX_PUBLIC_KEY_BYTES = 16 << 10
+MAX_REGISTRY_BYTES = 16 << 20
 SERVER_SANS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -247,12 +252,16 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path, name: str = C
 def key_fingerprint(public_key_file: Path) -> str:
     """``SHA256:<base64>`` of an OpenSSH public key, as ``ssh-keygen -l`` prints it.
 
+    The file is read once, at most ``MAX_PUBLIC_KEY_BYTES`` (refused unread if larger, a symlink or
+    not a regular file).
+
     Raises:
-        ValueError: if the file is not an EC P-384 public key in OpenSSH encoding (names the file).
+        ValueError: if the file is not an EC P-384 public key in OpenSSH encoding, too large or not
+            a regular file (names the file).
     """
     path = Path(public_key_file)
     try:
-        text = path.read_bytes()
+        text = read_regular_file(path, MAX_PUBLIC_KEY_BYTES)  # capped before reading: a site sent it
         key = serialization.load_ssh_public_key(text)
     except (OSError, ValueError, UnsupportedAlgorithm) as err:
         raise ValueError(f"{path}: not an OpenSSH public key ({err})") from None
@@ -266,13 +275,15 @@ def load_registry(path: Path) -> dict[str, dict]:
     """The enrolment registry: ``{site: {"fingerprint", "node_id", "enrolled_at"}}`` ({} if absent).
 
     Raises:
-        ValueError: if the file is not a JSON object (names the file).
+        ValueError: if the file is not a JSON object, is larger than ``MAX_REGISTRY_BYTES`` or is
+            not a regular file (names the file).
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
+    raw = read_regular_file(path, MAX_REGISTRY_BYTES)  # UnsafeFileError (a ValueError) names the file
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):

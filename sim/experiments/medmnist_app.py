@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from client.stager_training import predict_stages, train_stager
 from shared_models.clinical_stats import auc_from_histograms
+from shared_models.safe_files import load_tensors, read_regular_file
 from shared_models.specs import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, PROXIMAL_MU, SERVER_ROUND, TRAIN_LOSS
 from shared_models.stage_scores import score_histograms
 from shared_models.stager import MulDenseNet3D, StagerConfig
@@ -65,6 +66,9 @@ STRATEGIES = ("fedavg", "fedprox")
 SPEC_KEY = "spec"
 #: Next to the spec: the ServerApp's result (JSON) and the selected global weights (``torch.save``).
 RESULT_NAME, BEST_STATE_NAME = "result.json", "best_state.pt"
+#: Caps on the files the benchmark reads back (checked before reading): the spec and result are
+#: small JSON (the spec's index lists are a few MB at most); the weights of a benchmark stager are a few MB.
+MAX_SPEC_BYTES, MAX_RESULT_BYTES, MAX_STATE_BYTES = 256 << 20, 64 << 20, 1 << 30
 
 
 @dataclass(frozen=True)
@@ -151,8 +155,12 @@ def _site_arrays(spec: FedSpec, split: str, partition_id: int) -> tuple[np.ndarr
 
 @functools.lru_cache(maxsize=2)
 def load_spec(path: str) -> FedSpec:
-    """The run's :class:`FedSpec` from its JSON file (read once per process)."""
-    return FedSpec.from_json(Path(path).read_text())
+    """The run's :class:`FedSpec` from its JSON file (read once per process, at most ``MAX_SPEC_BYTES``).
+
+    Raises:
+        UnsafeFileError: the file is too large or not a regular file; ValueError: not a spec.
+    """
+    return FedSpec.from_json(read_regular_file(Path(path), MAX_SPEC_BYTES).decode("utf-8"))
 
 
 def _spec(context: Context) -> FedSpec:
@@ -298,11 +306,18 @@ def read_result(folder: Path) -> dict:
     """The ServerApp's result in ``folder`` (the spec's): :func:`run_strategy`'s dict, ``best_state`` read with
     ``torch.load(weights_only=True)`` (nothing read from disk executes code).
 
+    Both files are read once with :func:`shared_models.safe_files.read_regular_file`, size-capped
+    (``MAX_RESULT_BYTES``, ``MAX_STATE_BYTES``) before reading; the weights go through
+    :func:`shared_models.safe_files.load_tensors` (zip entries checked before decoding).
+
     Raises:
         FileNotFoundError: the run wrote no result (it failed before its end).
+        UnsafeFileError: a file is too large, not a regular file, or not plain tensors (names it).
     """
-    result = json.loads((Path(folder) / RESULT_NAME).read_text())
-    result["best_state"] = torch.load(Path(folder) / BEST_STATE_NAME, map_location="cpu", weights_only=True)
+    folder = Path(folder)
+    result = json.loads(read_regular_file(folder / RESULT_NAME, MAX_RESULT_BYTES))
+    state_path = folder / BEST_STATE_NAME
+    result["best_state"] = load_tensors(read_regular_file(state_path, MAX_STATE_BYTES), state_path)
     if result["best_val_auc"] is None:
         result["best_val_auc"] = -math.inf
     return result

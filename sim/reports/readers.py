@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from client.site_data import read_site_csv
 from shared_models.clinical_stats import mcnemar_test
 from shared_models.safe_csv import restore
 from shared_models.stages import NUM_STAGES, FicatArletStage
@@ -68,20 +69,26 @@ def _parse_stage(text: Any, column: str, where: str) -> int:
 
 
 def _read_rows(path: str | Path, columns: Sequence[str]) -> Iterable[tuple[str, dict[str, str]]]:
-    """Yield ``("FILE line N", row)`` for each data row; check the header first."""
+    """Yield ``("FILE line N", row)`` for each data row; check the header first.
+
+    Read with the site's hardened CSV reader (:func:`client.site_data.read_site_csv`): the file
+    size, each line and each field are capped before they are parsed, lines must be UTF-8 without
+    NUL, so a hostile file gives a ``ValueError`` naming the file and line, never a raw
+    ``csv.Error`` or an unbounded read. Every column of ``columns`` must have a value.
+    """
     path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ValueError(f"{path} line 1: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
-        reader.fieldnames = header
-        for row in reader:
-            where = f"{path} line {reader.line_num}"
-            if any(row.get(c) is None for c in columns):
-                raise ValueError(f"{where}: expected {len(header)} fields, the row is short")
-            yield where, {c: row[c].strip() for c in columns}
+    try:
+        rows = read_site_csv(path, columns)
+    except ValueError as exc:
+        if "missing column" in str(exc):
+            raise ValueError(f"{path} line 1: {str(exc).split(': ', 1)[1]}") from None
+        raise
+    for line, row in rows:
+        where = f"{path} line {line}"
+        empty = [c for c in columns if not row.get(c)]
+        if empty:
+            raise ValueError(f"{where}: empty {', '.join(empty)} (a short row or an empty field)")
+        yield where, {c: row[c] for c in columns}
 
 
 def load_reader_csv(path: str | Path) -> list[dict[str, Any]]:
