@@ -247,14 +247,20 @@ class SiteAwareMixin(FedAvg):
             self._reject(server_round, site, ["no metrics"], phase)
             return None
         metrics = dict(reply.content.metric_records[METRICS])
-        problems = metrics_problems(metrics)
-        if not problems:
-            notes = cap_counts(metrics, self._caps(site, phase))
-            if notes:
-                log.warning(
-                    "round %d: site %s reported more heads than it declared: %s", server_round, site, "; ".join(notes)
-                )
-                problems = [f"{p} (after {'; '.join(notes)})" for p in metrics_problems(metrics)]
+        try:
+            problems = metrics_problems(metrics)
+            if not problems:
+                notes = cap_counts(metrics, self._caps(site, phase))
+                if notes:
+                    log.warning(
+                        "round %d: site %s reported more heads than it declared: %s",
+                        server_round,
+                        site,
+                        "; ".join(notes),
+                    )
+                    problems = [f"{p} (after {'; '.join(notes)})" for p in metrics_problems(metrics)]
+        except Exception as err:  # last line: metrics no check foresaw are rejected, never end the round
+            problems = [f"unreadable metrics ({type(err).__name__} in the checks)"]
         if problems:
             self._reject(server_round, site, problems, phase)
             return None
@@ -272,9 +278,12 @@ class SiteAwareMixin(FedAvg):
             if r.has_error():
                 kept.append(r)
                 continue
-            problems = reply_problems(r, self._sent, self.arrayrecord_key, max_int_delta=self.max_int_delta)
-            if not problems and self.state_problems is not None:
-                problems = self.state_problems(r.content.array_records[self.arrayrecord_key])
+            try:
+                problems = reply_problems(r, self._sent, self.arrayrecord_key, max_int_delta=self.max_int_delta)
+                if not problems and self.state_problems is not None:
+                    problems = self.state_problems(r.content.array_records[self.arrayrecord_key])
+            except Exception as err:  # last line: a reply no check foresaw is rejected, never ends the round
+                problems = [f"unreadable update ({type(err).__name__} in the checks)"]
             if problems:
                 self._reject(server_round, self._site(r), problems)
                 continue
@@ -302,7 +311,14 @@ class SiteAwareMixin(FedAvg):
                 r.content[METRICS] = MetricRecord(
                     {k: v for k, v in r.content.metric_records[METRICS].items() if k in common}
                 )
-        norms = [update_norm(r.content.array_records[self.arrayrecord_key], self._sent) for r in ok]
+        norms = []
+        for r in list(ok):
+            try:
+                norms.append(update_norm(r.content.array_records[self.arrayrecord_key], self._sent))
+            except Exception as err:  # last line (the checks above make this unreachable for known attacks)
+                self._reject(server_round, self._site(r), [f"unreadable update ({type(err).__name__} in the norm)"])
+                ok.remove(r)
+                kept.remove(r)
         actions = bound_update_norms(norms, clip_factor=self.clip_factor, reject_factor=self.reject_factor)
         median = float(np.median(norms)) if norms else 0.0
         dropped = set()

@@ -1,8 +1,11 @@
 """Checks on a site's model update before it reaches aggregation.
 
 A train reply is accepted only if its ``ArrayRecord`` holds exactly the entries of the
-global model that was sent, each with the same shape and dtype, and every floating-point
-value is finite. A rejected reply is dropped from the round (logged with its reasons, which
+global model that was sent, each with the same shape and dtype (declared, and of the decoded
+payload, whose byte length is checked before decoding: :func:`decoded`), and every floating-point
+value is finite. A metric of the wrong type (a list or string where a number belongs) is a
+rejection reason like any other; a check that raises anyway rejects that reply only
+(``strategies/site_aware.py``), naming the site and the exception type. A rejected reply is dropped from the round (logged with its reasons, which
 name array entries, never data); the round goes on with the other sites.
 
 Bounded influence of one site (issue 16). A site's reply is hostile until checked:
@@ -81,7 +84,7 @@ def update_problems(
 
     Returns:
         One string per kind of problem: missing or unexpected entries, shape or dtype
-        mismatches, non-finite values, values above :data:`MAX_ABS_WEIGHT`, integer entries
+        mismatches (declared, or of the decoded payload: :func:`decoded`), non-finite values, values above :data:`MAX_ABS_WEIGHT`, integer entries
         moved by more than ``max_int_delta`` (each names up to ``max_listed`` entries).
     """
     problems: list[str] = []
@@ -96,7 +99,7 @@ def update_problems(
         problems.append(f"missing entries: {listed(want - got)}")
     if got - want:
         problems.append(f"unexpected entries: {listed(got - want)}")
-    shape_bad, dtype_bad, nonfinite, huge, int_moved = [], [], [], [], []
+    shape_bad, dtype_bad, payload_bad, nonfinite, huge, int_moved = [], [], [], [], [], []
     for key in sorted(got & want):
         a, r = arrays[key], reference[key]
         if tuple(a.shape) != tuple(r.shape):
@@ -105,7 +108,10 @@ def update_problems(
         if a.dtype != r.dtype:
             dtype_bad.append(f"{key} {a.dtype} != {r.dtype}")
             continue
-        value = a.numpy()
+        value, why = decoded(a, r)
+        if value is None:
+            payload_bad.append(f"{key} ({why})")
+            continue
         if np.issubdtype(value.dtype, np.floating):
             if not np.isfinite(value).all():
                 nonfinite.append(key)
@@ -120,6 +126,8 @@ def update_problems(
         problems.append(f"wrong shapes: {listed(shape_bad)}")
     if dtype_bad:
         problems.append(f"wrong dtypes: {listed(dtype_bad)}")
+    if payload_bad:
+        problems.append(f"payloads that do not match their declared shape and dtype: {listed(payload_bad)}")
     if nonfinite:
         problems.append(f"non-finite values in: {listed(nonfinite)}")
     if huge:
@@ -127,6 +135,33 @@ def update_problems(
     if int_moved:
         problems.append(f"integer entries moved by more than {max_int_delta}: {listed(int_moved)}")
     return problems
+
+
+#: Room for the ``np.save`` header around an Array's payload (the header is padded to 64 bytes;
+#: it holds only the dtype, the shape and the order).
+NPY_HEADER_MAX = 4096
+
+
+def decoded(array: Array, reference: Array) -> tuple[np.ndarray | None, str]:
+    """``array``'s values, or ``(None, why)`` when its bytes do not hold what its metadata says.
+
+    Flower's ``Array`` carries ``shape`` and ``dtype`` beside the ``np.save`` bytes, and nothing
+    makes the two agree: a site can declare ``float32 (200,)`` and send ten thousand elements, one
+    element (which numpy would broadcast), or another dtype. The byte length is checked against the
+    reference's shape and dtype before decoding (no oversized payload is parsed), and the decoded
+    array's shape and dtype after it.
+    """
+    dtype = np.dtype(reference.dtype)
+    expected = int(np.prod(reference.shape, dtype=np.int64)) * dtype.itemsize
+    if len(array.data) > expected + NPY_HEADER_MAX:
+        return None, f"{len(array.data)} bytes for {expected} bytes of values"
+    try:
+        value = array.numpy()
+    except Exception as err:  # the bytes are not an np.save array: any parse error means unreadable
+        return None, f"unreadable ({type(err).__name__})"
+    if value.shape != tuple(reference.shape) or value.dtype != dtype:
+        return None, f"holds {value.dtype} {value.shape}"
+    return value, ""
 
 
 def normalisation_problems(state: Mapping[str, object], max_listed: int = 5) -> list[str]:
@@ -228,6 +263,10 @@ def bound_update_norms(norms: Sequence[float], *, clip_factor: float, reject_fac
     return out
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -235,12 +274,19 @@ def _is_count(value) -> bool:
 def metrics_problems(metrics: Mapping, *, count_key: str = NUM_EXAMPLES) -> list[str]:
     """Range checks of a reply's metrics (module notes); empty when they hold.
 
-    Scores in :data:`UNIT_SCORES` must be in [0, 1], :data:`NON_NEGATIVE` ones >= 0; ``count_key``,
+    Every value checked must have the right type first (a list or string where a number belongs is
+    a problem, not an exception). Scores in :data:`UNIT_SCORES` must be in [0, 1], :data:`NON_NEGATIVE` ones >= 0; ``count_key``,
     ``val-num-examples`` and ``low-confidence`` non-negative integers; every list metric
     (confusion matrix, histograms) non-negative integers; the confusion matrix adds up to
     ``count_key``, every other list to at most it, and ``hist-pos-k`` + ``hist-neg-k`` to exactly it.
     """
-    problems = []
+    problems = [
+        f"{key} is not a number ({type(metrics[key]).__name__})"
+        for key in (*UNIT_SCORES, *NON_NEGATIVE)
+        if key in metrics and not _is_number(metrics[key])
+    ]
+    if problems:
+        return problems
     for key in UNIT_SCORES:
         if key in metrics and not 0.0 <= float(metrics[key]) <= 1.0:
             problems.append(f"{key} = {float(metrics[key]):g} outside [0, 1]")
