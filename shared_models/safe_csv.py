@@ -13,9 +13,11 @@ Two choices of this project, so that the files stay machine-readable:
 * A field that starts with ``'`` gets one more ``'``, which makes the escape reversible:
   :func:`restore` drops exactly one leading quote, and ``restore(neutralise(v)) == v``
   for every string ``v``. Files the project writes are read back with :func:`restore`.
-* A field made only of numbers separated by single spaces (``-12.5``, a ``box_lps_mm`` of
-  ``-100 -24 -24 -60 24 24``) is left alone: it is not a formula, and quoting it would
-  change the data.
+* A field made only of numbers separated by spaces (``-12.5``, a ``box_lps_mm`` of
+  ``-100 -24 -24 -60 24 24``, also with runs of spaces, as the site's box reader accepts) is
+  left alone: with no letter, cell reference, function, operator other than a number's own sign,
+  or separator other than a space, it cannot call or reference anything, and quoting it would
+  change the data (a site reads the quoted box as unreadable).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import IO, Any
 
 FORMULA_PREFIXES: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_NUMBERS_RE = re.compile(rf"{_NUMBER}(?: {_NUMBER})*")
+_NUMBERS_RE = re.compile(rf"{_NUMBER}(?: +{_NUMBER})*")
 
 
 def neutralise(value: Any) -> str:

@@ -144,11 +144,33 @@ def test_a_formula_patient_id_is_neutralised_in_split_csv_and_read_back(tmp_path
         ("-1.5", "-1.5"),  # numbers are data, not formulas
         ("-100 -24 -24.5 -60 24 2e1", "-100 -24 -24.5 -60 24 2e1"),
         ("-1 =2", "'-1 =2"),
+        ("-100  -24 -24   -60 24 24", "-100  -24 -24   -60 24 24"),  # runs of spaces, as the box reader takes
+        ("-1  =2", "'-1  =2"),
+        ("- 1", "'- 1"),
+        ("-1\t2", "'-1\t2"),
+        ("-1 A1", "'-1 A1"),
     ],
 )
 def test_neutralise_is_safe_and_reversible(value, written):
     assert neutralise(value) == written
     assert restore(written) == value
+
+
+def test_negative_boxes_round_trip_through_safe_dict_writer_and_the_site_reader(tmp_path):
+    from client.site_data import MANIFEST_COLUMNS, _parse_box, read_site_csv
+    from shared_models.safe_csv import SafeDictWriter
+
+    boxes = ["-100 -24 -24 -60 24 24", "-100  -24 -24 -60 24 24", "-1.5e2 -2.4e1 -24 -110 24 2.4e1"]
+    path = tmp_path / "manifest.csv"
+    with open(path, "w", newline="") as fh:
+        writer = SafeDictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
+        writer.writeheader()
+        writer.writerows(
+            {"patient_id": f"p{i}", "study": "s", "side": "L", "ficat_stage": "0", "box_lps_mm": b, "scanner": ""}
+            for i, b in enumerate(boxes)
+        )
+    read = [_parse_box(row["box_lps_mm"]) for _, row in read_site_csv(path, MANIFEST_COLUMNS)]
+    assert read == [tuple(float(v) for v in b.split()) for b in boxes]
 
 
 def test_conflicting_split_rows_refuse_that_patient_only(tmp_path, study_root):
