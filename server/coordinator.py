@@ -462,6 +462,11 @@ def launch(
     rc["out-dir"] = str(out)
     if signing_key is not None:
         rc["signing-key"] = str(Path(signing_key).resolve())
+    if rc.get("identity") == "simulation":
+        raise ValueError(
+            "run config 'identity' = 'simulation' trusts self-reported site ids; a launch binds every site to its "
+            "enrolled key (identity = 'enrolled')"
+        )
     if registry is not None:
         ids = [s.strip() for s in str(rc.get("site-ids", default_run_config()["site-ids"])).split(",") if s.strip()]
         rc["site-nodes"] = site_nodes(ids, registry)

@@ -128,6 +128,9 @@ def discover_sites(
     """Wait for one node per configured site and map node ids to site ids.
 
     Each node's claimed ``site-id`` is checked against ``site-nodes`` (:func:`identity_problem`).
+    ``site-nodes`` is required unless the run config says ``identity = "simulation"`` (set by the
+    simulation runner only, logged as a warning and recorded in ``report.json``): a deployment
+    started with plain ``flwr run`` does not silently trust self-reported names.
     A node that claims a site not bound to it is refused by name, logged and listed in
     ``refused``: it gets no further message. If it is the enrolled node of a site of this run,
     that site cannot take part honestly and the run ends (:class:`SiteIdentityError`); a node of
@@ -140,8 +143,22 @@ def discover_sites(
     Raises:
         SitesMissingError: when the wait exceeds ``node-wait-timeout-s``; the message
             names the sites that did not answer.
-        SiteIdentityError: an enrolled node of this run claimed another site's name.
+        SiteIdentityError: an enrolled node of this run claimed another site's name, or
+            ``site-nodes`` is empty outside simulation.
     """
+    if not cfg.site_nodes and cfg.identity != "simulation":
+        raise SiteIdentityError(
+            "run config 'site-nodes' is empty: a deployment must bind every site to its enrolled key; start it with "
+            "`onfh coordinator launch` (it fills site-nodes from the enrolment registry). Only the simulation runner "
+            "sets identity = 'simulation' (self-reported site ids)"
+        )
+    if cfg.identity == "simulation":
+        log.warning(
+            "IDENTITY NOT VERIFIED: run config identity = 'simulation', so %s; never use this in a deployment",
+            "site-nodes still binds the sites"
+            if cfg.site_nodes
+            else "every node is the site it says it is (self-reported site-id)",
+        )
     expected = set(cfg.site_ids)
     deadline = time.monotonic() + cfg.node_wait_timeout_s
     node_sites: dict[int, str] = {}
@@ -569,6 +586,10 @@ def main(grid: Grid, context: Context) -> None:
     }
     report["missing_sites"] = {"detector": detector.missing_sites, "stager": stager.missing_sites}
     report["rejected_updates"] = {"detector": detector.rejected_updates, "stager": stager.rejected_updates}
+    report["identity"] = {  # travels in the bundle's metrics too
+        "mode": cfg.identity,
+        "sites_bound_by": "enrolled keys (site-nodes)" if cfg.site_nodes else "self-reported site-id (simulation)",
+    }
     report["refused_nodes"] = refused  # nodes that claimed a site not bound to their enrolled key
     report["audit_anchors"] = anchors.anchors()  # `onfh site verify-audit --anchors report.json`
     report["calibration"] = calibration_report

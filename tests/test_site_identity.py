@@ -57,10 +57,15 @@ class ClaimingGrid:
         return replies
 
 
-def _cfg(site_ids="A,B", nodes="", wait=2.0) -> RunConfig:
+def _cfg(site_ids="A,B", nodes="", wait=2.0, identity="enrolled") -> RunConfig:
     return RunConfig.from_run_config(
         tiny_run_config(
-            site_ids=site_ids, train_sites="A", report_groups="g=A,B", site_nodes=nodes, node_wait_timeout_s=wait
+            site_ids=site_ids,
+            train_sites="A",
+            report_groups="g=A,B",
+            site_nodes=nodes,
+            node_wait_timeout_s=wait,
+            identity=identity,
         )
     )
 
@@ -110,7 +115,7 @@ def test_refused_node_is_not_asked_again_and_missing_site_error_names_the_refusa
 
 
 def test_simulation_names_sites_by_claim_but_refuses_a_site_claimed_twice():
-    node_sites, _ = discover_sites(ClaimingGrid({5: "A", 6: "B"}), _cfg(), poll_s=0.01)
+    node_sites, _ = discover_sites(ClaimingGrid({5: "A", 6: "B"}), _cfg(identity="simulation"), poll_s=0.01)
     assert node_sites == {5: "A", 6: "B"}
     assert identity_problem(7, "A", {}, node_sites) == "node 7 claims site 'A', which another node already is"
 
@@ -139,3 +144,47 @@ def test_nodes_outside_the_run_get_no_evaluate_message():
     trains = strategy.configure_train(1, ArrayRecord({"w": torch.zeros(1)}), config, Grid())
     assert sorted(m.metadata.dst_node_id for m in evals) == [1, 2]
     assert [m.metadata.dst_node_id for m in trains] == [1]
+
+
+def test_plain_flwr_run_without_site_nodes_is_refused_not_trusted(caplog):
+    # review F7: a deployment started with `flwr run` (no `onfh coordinator launch`) has no site-nodes
+    grid = ClaimingGrid({5: "A", 6: "B"})
+    with pytest.raises(SiteIdentityError, match="site-nodes' is empty"):
+        discover_sites(grid, _cfg(), poll_s=0.01)
+    # the simulation says so explicitly, and that is logged loudly
+    with caplog.at_level("WARNING"):
+        node_sites, _ = discover_sites(grid, _cfg(identity="simulation"), poll_s=0.01)
+    assert node_sites == {5: "A", 6: "B"}
+    assert any("IDENTITY NOT VERIFIED" in r.getMessage() for r in caplog.records)
+
+
+def test_identity_is_enrolled_by_default_and_checked():
+    assert RunConfig.from_run_config(tiny_run_config()).identity == "enrolled"
+    with pytest.raises(ValueError, match="identity"):
+        RunConfig.from_run_config(tiny_run_config(identity="trust-me"))
+
+
+def test_launch_refuses_simulation_identity(tmp_path):
+    from server import coordinator
+
+    with pytest.raises(ValueError, match="identity"):
+        coordinator.launch({"identity": "simulation"}, out=tmp_path / "run", flwr_home=tmp_path / "home")
+
+
+def test_simulation_runner_declares_simulation_identity(monkeypatch, tmp_path):
+    from contextlib import contextmanager
+
+    from sim.experiments import runner
+
+    @contextmanager
+    def no_superlink(work, env):
+        yield "127.0.0.1:1", 0
+
+    def fake_flwr(args, env, timeout=300):
+        raise runner.SimulationError("stop here")
+
+    monkeypatch.setattr(runner, "simulation_superlink", no_superlink)
+    monkeypatch.setattr(runner, "_flwr", fake_flwr)
+    with pytest.raises(runner.SimulationError, match="stop here"):
+        runner.run_simulation({}, num_sites=2, work_dir=tmp_path, cpus_per_client=1)
+    assert 'identity = "simulation"' in (tmp_path / "run-config.toml").read_text().splitlines()

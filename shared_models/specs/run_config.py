@@ -28,6 +28,7 @@ CROP_SOURCES = ("detector", "ground-truth")
 MODEL_SIZES = ("default", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "constant")
+IDENTITIES = ("enrolled", "simulation")  # review F7: who says which site a node is (server_app.discover_sites)
 TRACKERS = ("mlflow", "tensorboard", "none")  # issue 21 (server/tracking.py)
 #: Allowed transfer dtypes of floating entries (run-config key ``transfer-dtype``; see ``shared_models.transfer``).
 TRANSFER_DTYPES = ("float32", "float16")
@@ -259,6 +260,7 @@ class RunConfig:
     early_stopping_min_delta: float  # an improvement must beat the best validation score by more than this
     early_stopping_min_rounds: int  # no early stop before this round
     site_nodes: dict[str, int]  # issue 16: site -> enrolled node id ({}: simulation)
+    identity: str  # "enrolled" (site-nodes required) or "simulation" (self-reported site-id; sim runner only)
     track: str  # issue 21: experiment tracking from the ServerApp: "mlflow", "tensorboard" or "none"
     tracking_uri: str  # MLflow tracking URI or absolute TensorBoard folder; "" = under out-dir
     torch_threads: int  # issue 18: torch threads of a site's ClientApp (0: the process default)
@@ -413,6 +415,7 @@ class RunConfig:
             early_stopping_min_delta=non_negative("early-stopping-min-delta", float),
             early_stopping_min_rounds=non_negative("early-stopping-min-rounds", int),
             site_nodes=parse_site_nodes(get("site-nodes", str), site_ids),
+            identity=choice("identity", IDENTITIES),
             track=track,
             tracking_uri=tracking_uri,
             torch_threads=non_negative("torch-threads", int),

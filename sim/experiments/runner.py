@@ -324,6 +324,8 @@ def run_simulation(
     # `flwr run` runs in the app's folder: every path must be absolute to mean the caller's folder
     work_dir = Path(work_dir).resolve()
     run_config = absolute_paths(run_config)
+    if Path(app_dir).resolve() == APP_DIR:  # this project's ServerApp: nodes are processes of this run (F7)
+        run_config = {"identity": "simulation", **run_config}
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="onfh-ray-"))
