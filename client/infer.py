@@ -208,19 +208,31 @@ def infer_to_folder(
     return payload, results, image, pngs
 
 
-def run_monai_inference(bundle_root, study, output_dir, public_key=None, device="auto") -> dict:
+def run_monai_inference(bundle_root, study, output_dir, public_key=None, device="auto", public_key_sha256=None) -> dict:
     """Entry point of an exported MONAI Bundle's ``configs/inference.json`` (:mod:`shared_models.monai_bundle`).
 
     Verifies ``bundle_root/models/signed`` (against ``public_key`` when given, else its embedded
     key) and runs :func:`infer_to_folder`, exactly like ``onfh infer``; returns the ``result.json`` dict.
+    With ``public_key_sha256`` (the pin an export made with the coordinator's key writes), the key
+    must be given and be that key (:func:`shared_models.monai_bundle.check_pinned_key`). This checks
+    ``models/signed`` only; the export's config that calls this function is trusted as code.
 
     Raises:
-        ValueError: no study given. BundleError, SeriesError: as ``onfh infer``.
+        ValueError: no study given. BundleError: a pinned key that is missing or another key;
+            as ``onfh infer``. SeriesError: as ``onfh infer``.
     """
-    from shared_models.bundle import load_bundle
+    from shared_models.bundle import BundleError, load_bundle
+    from shared_models.monai_bundle import check_pinned_key
 
     if not study:
         raise ValueError("no study: pass --study <DICOM folder or NIfTI file> to `python -m monai.bundle run`")
+    if public_key_sha256:
+        if not public_key:
+            raise BundleError(
+                "configs/inference.json pins the coordinator key but no --public_key is set; refusing to verify "
+                "models/signed against its embedded key only"
+            )
+        check_pinned_key(Path(public_key), str(public_key_sha256))
     bundle = load_bundle(Path(bundle_root) / "models" / "signed", Path(public_key) if public_key else None)
     payload, *_ = infer_to_folder(bundle, Path(study), Path(output_dir), device)
     log.info("MONAI Bundle inference: %s; result.json in %s", payload["verdict"], output_dir)

@@ -14,6 +14,7 @@ Layout written by :func:`export_monai_bundle`::
     models/model.pt               {"detector": state dict, "stager": state dict} (plain tensors)
     models/signed/                the signed ONFH-FL bundle, byte for byte (weights, spec, calibration.json,
                                   MANIFEST.json, MANIFEST.sig, signer.pub)
+    models/coordinator.pub        the coordinator's key the export was verified against (with --public-key only)
     docs/README.md                what the bundle does, how to run it, its limits
 
 Two networks and a gated pipeline do not fit MONAI's one ``network_def`` + ``inferer`` pattern, so
@@ -22,6 +23,19 @@ bundle needs ``onfh-fl`` installed. It loads ``models/signed`` with
 :func:`shared_models.bundle.load_bundle` on every run, so the signature, the file hashes and the
 optional ``calibration.json`` (temperature and gate thresholds) are checked and applied exactly as
 ``onfh infer`` does; ``models/model.pt`` is there for MONAI tools that expect it.
+
+What is and is not verified. Exported with the coordinator's key, ``inference.json`` names the copy of
+that key (``models/coordinator.pub``) and pins its SHA-256 (``public_key_sha256``,
+:func:`public_key_sha256`): every run verifies ``models/signed`` against the pinned key, and a key
+passed with ``--public_key`` must be that key, so a ``models/signed`` re-signed by anyone else is
+refused. Exported with ``--allow-unsigned``, nothing is pinned and a run checks ``models/signed``
+against its embedded key only (``bundle_trusted: false``), like ``onfh infer --allow-unsigned``.
+Nothing the signature covers protects the export's own files: ``configs/*.json``, ``models/model.pt``,
+``models/coordinator.pub`` and ``docs/``. MONAI evaluates ``$`` expressions and ``_target_`` names in
+``inference.json`` while parsing it, before any check runs, so the export's config is trusted as code:
+a tampered export can run anything, skip the check or fake its result. The export must come from a
+trusted origin (made by the user from the signed bundle, or its checksum compared over a trusted
+channel); this module cannot check that for it.
 
 ``metadata_schema.json``: ``monai.bundle verify_metadata`` downloads the schema named in
 ``metadata.json`` unless the file given as ``--filepath`` already exists; offline, pass
@@ -32,6 +46,7 @@ tensor format specifiers; it is not MONAI's own schema file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -40,6 +55,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared_models.bundle import (
     MAX_JSON_BYTES,
@@ -59,6 +76,7 @@ MONAI_SCHEMA_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 )
 SIGNED_FILES = (*PAYLOAD, *OPTIONAL, "MANIFEST.json", "MANIFEST.sig", "signer.pub")
+COORDINATOR_KEY = "models/coordinator.pub"  # the export's copy of the key it was verified against
 
 _TENSOR_KEYS = (
     "type",
@@ -245,20 +263,60 @@ def _onfh_version() -> str:
     return _version_of("onfh-fl")
 
 
-def _inference_config() -> dict:
+def public_key_sha256(pem: bytes, name: str | Path = "public key") -> str:
+    """SHA-256 (hex) of an Ed25519 public key's raw 32 bytes: the same for any PEM spelling of the key.
+
+    Raises:
+        BundleError: ``pem`` is not a PEM Ed25519 public key (names ``name``).
+    """
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError:
+        raise BundleError(f"{name}: not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{name}: not an Ed25519 public key")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def check_pinned_key(public_key: Path, pinned_sha256: str) -> None:
+    """Refuse ``public_key`` unless it is the key pinned by SHA-256 in an export's ``inference.json``.
+
+    Raises:
+        BundleError: the key file is unreadable (too large, not a regular file, not an Ed25519 PEM
+            key) or is another key than the pinned one (names the file).
+    """
+    path = Path(public_key)
+    try:
+        pem = read_regular_file(path, MAX_KEY_BYTES)
+    except (UnsafeFileError, OSError) as err:
+        raise BundleError(f"{path}: public key refused: {err}") from None
+    if public_key_sha256(pem, path) != pinned_sha256.lower():
+        raise BundleError(
+            f"{path}: not the coordinator key this MONAI Bundle was exported with (configs/inference.json pins "
+            f"SHA-256 {pinned_sha256[:16]}...); models/signed is not verified against another key"
+        )
+
+
+def _inference_config(key_sha256: str | None) -> dict:
     return {
         "imports": ["$import client.infer"],
         "bundle_root": ".",
         "study": None,
         "output_dir": "$@bundle_root + '/eval'",
-        "public_key": None,
+        # the coordinator key the export was verified against, pinned by its SHA-256 (None: embedded key only)
+        "public_key": None if key_sha256 is None else f"$@bundle_root + '/{COORDINATOR_KEY}'",
+        "public_key_sha256": key_sha256,
         "device": "auto",
         "inference": {"_target_": "client.infer.run_monai_inference", "_mode_": "callable"},
-        "run": ["$@inference(@bundle_root, @study, @output_dir, public_key=@public_key, device=@device)"],
+        "run": [
+            "$@inference(@bundle_root, @study, @output_dir, public_key=@public_key, device=@device, "
+            "public_key_sha256=@public_key_sha256)"
+        ],
     }
 
 
-def _readme(bundle, signed_by_coordinator: bool) -> str:
+def _readme(bundle, key_sha256: str | None) -> str:
     cal = bundle.calibration
     cal_line = (
         "none: no detector-score or out-of-distribution gate, temperature 1, arg-max stage"
@@ -266,6 +324,27 @@ def _readme(bundle, signed_by_coordinator: bool) -> str:
         else f"temperature {cal.temperature:g}, detector threshold {cal.detector_threshold}, energy threshold "
         f"{cal.energy_threshold}, early-ONFH threshold {cal.early_threshold}"
     )
+    if key_sha256 is None:
+        run_key = (
+            "Exported without the coordinator's key, the run checks `models/signed` against its embedded "
+            '`signer.pub` only (`result.json` says `"bundle_trusted": false`); add `--public_key coordinator.pub` '
+            "to verify it against the coordinator's Ed25519 key."
+        )
+        verified_against = "the key you pass with `--public_key`, else only its own embedded `signer.pub`"
+        key_file, key_line = "", ""
+        exported = "against the bundle's embedded signer key only (no coordinator key given)"
+    else:
+        run_key = (
+            "The run verifies `models/signed` against the coordinator's key this folder was exported with "
+            f"(`{COORDINATOR_KEY}`, pinned by SHA-256 `{key_sha256}` in `configs/inference.json`); a key passed "
+            "with `--public_key` must be that same key."
+        )
+        verified_against = f"the coordinator key pinned in `configs/inference.json` (SHA-256 `{key_sha256}`)"
+        key_file = f", `{COORDINATOR_KEY}` and its pin"
+        key_line = (
+            f"\n- `{COORDINATOR_KEY}`: the coordinator's Ed25519 public key (PEM) the export was verified against."
+        )
+        exported = "against the coordinator's public key"
     return f"""# ONFH-FL: femoral head detector and Ficat-Arlet stager (MONAI Bundle)
 
 Research only: not a medical device, not for diagnosis.
@@ -289,21 +368,30 @@ From this folder:
 
 writes `out/result.json` (verdict, reasons, per head: side, box in LPS mm, stage probabilities, stage, flags),
 `out/gradcam_R.nii.gz` and `out/gradcam_L.nii.gz` (study geometry) and figures: the same as
-`onfh infer --bundle models/signed --study /path/to/study --out out`. Add `--public_key coordinator.pub` to
-verify `models/signed` against the coordinator's Ed25519 key (without it, it is checked against its embedded
-`signer.pub` only and `result.json` says `"bundle_trusted": false`); add `--device cpu` to stay off the GPU.
+`onfh infer --bundle models/signed --study /path/to/study --out out`. {run_key} Add `--device cpu` to stay
+off the GPU.
+
+## What is verified, and what is not
+
+- Verified on every run: `models/signed` (its `MANIFEST.sig` over `MANIFEST.json`, and the hashes of the
+  weights, network and preprocessing configs, metrics, run config and `calibration.json`), against {verified_against}.
+- Not verified by anything: the export's own files, `configs/inference.json`, `configs/metadata.json`,
+  `models/model.pt`{key_file} and `docs/`. The signature covers `models/signed` only.
+- MONAI evaluates `$` expressions and `_target_` names in `configs/inference.json` while it parses it, before
+  any check runs: this folder's config files are trusted as code. A tampered export can run any code, skip the
+  signature check or fake `result.json`. Verify where this folder came from before running it: make it yourself
+  with `onfh bundle export-monai` from the signed bundle, or compare its checksum with one received over a
+  trusted channel.
+- `models/model.pt` is a copy for MONAI tools, not used by the run and not signed: load it only from an export
+  you trust, or load the weights from `models/signed`.
 
 ## Contents
 
 - `models/signed/`: the signed ONFH-FL bundle, byte for byte. Every run checks its signature and hashes.
 - `models/model.pt`: `{{"detector": state dict, "stager": state dict}}` for MONAI tools (load with
-  `torch.load(..., weights_only=True)`); network configs in `models/signed/models.json`.
+  `torch.load(..., weights_only=True)`); network configs in `models/signed/models.json`.{key_line}
 - Calibration (validation-chosen, carried from the signed bundle): {cal_line}.
-- Exported after verifying the signature {
-        "against the coordinator's public key"
-        if signed_by_coordinator
-        else "against the bundle's embedded signer key only (no coordinator key given)"
-    }.
+- Exported after verifying the signature {exported}.
 
 ## Verify the metadata
 
@@ -323,8 +411,10 @@ def export_monai_bundle(bundle_dir: Path, out: Path, public_key: Path | None = N
     Args:
         bundle_dir: the signed ONFH-FL bundle.
         out: new folder (must not exist, or be empty).
-        public_key: the coordinator's Ed25519 public key (PEM); None checks the embedded key only
-            (logged as a warning).
+        public_key: the coordinator's Ed25519 public key (PEM); it is copied to
+            ``models/coordinator.pub`` and pinned by SHA-256 in ``configs/inference.json``, so every
+            run verifies ``models/signed`` against it. None checks the embedded key only (logged as
+            a warning), at export and at every run.
         version: the MONAI Bundle's ``version``.
 
     Raises:
@@ -354,6 +444,11 @@ def export_monai_bundle(bundle_dir: Path, out: Path, public_key: Path | None = N
             except (UnsafeFileError, OSError) as err:
                 raise BundleError(f"{bundle_dir}: bundle file {name} refused: {err}") from None
         bundle = load_bundle(signed, public_key)
+        key_sha256 = None
+        if public_key is not None:  # the key load_bundle just verified against: copied and pinned for every run
+            pem = read_regular_file(Path(public_key), MAX_KEY_BYTES)
+            key_sha256 = public_key_sha256(pem, public_key)
+            (out / COORDINATOR_KEY).write_bytes(pem)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -364,8 +459,8 @@ def export_monai_bundle(bundle_dir: Path, out: Path, public_key: Path | None = N
     configs.mkdir()
     (configs / "metadata.json").write_text(json.dumps(_metadata(bundle, version), indent=2))
     (configs / "metadata_schema.json").write_text(json.dumps(metadata_schema(), indent=2))
-    (configs / "inference.json").write_text(json.dumps(_inference_config(), indent=2))
+    (configs / "inference.json").write_text(json.dumps(_inference_config(key_sha256), indent=2))
     (out / "docs").mkdir()
-    (out / "docs" / "README.md").write_text(_readme(bundle, public_key is not None))
+    (out / "docs" / "README.md").write_text(_readme(bundle, key_sha256))
     log.info("MONAI Bundle written to %s (python %s)", out, platform.python_version())
     return out

@@ -182,8 +182,7 @@ def test_monai_bundle_stages_assessed_heads_like_onfh_infer(signed, tmp_path, mo
         bundle_root=str(signed["mon"]),
         study=str(signed["study"]),
         output_dir=str(tmp_path / "monai"),
-        public_key=str(signed["pub"]),
-        device="cpu",
+        device="cpu",  # no public_key: the run verifies against the coordinator key pinned at export
     )
     onfh = json.loads((tmp_path / "onfh" / "result.json").read_text())
     monai_result = json.loads((tmp_path / "monai" / "result.json").read_text())
@@ -225,3 +224,62 @@ def test_export_refuses_a_tampered_or_unverified_bundle(signed, tmp_path):
         == 1
     )
     assert not out.exists()
+
+
+def _raw_sha256(pem_path) -> str:
+    """SHA-256 of the key's raw 32 bytes, computed here with cryptography directly."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(pem_path.read_bytes())
+    return hashlib.sha256(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()
+
+
+def test_export_pins_the_coordinator_key_and_its_readme_says_what_is_not_verified(signed):
+    mon = signed["mon"]
+    config = json.loads((mon / "configs/inference.json").read_text())
+    assert config["public_key_sha256"] == _raw_sha256(signed["pub"])
+    assert (mon / "models/coordinator.pub").read_bytes() == signed["pub"].read_bytes()
+    assert (
+        "models/coordinator.pub" in config["public_key"] and "public_key_sha256=@public_key_sha256" in config["run"][0]
+    )
+    readme = (mon / "docs/README.md").read_text()
+    assert "trusted as code" in readme and "Not verified by anything" in readme
+    assert "`models/model.pt`" in readme and config["public_key_sha256"] in readme
+
+
+def test_a_run_verifies_models_signed_against_the_pinned_key_not_the_embedded_one(signed, tmp_path):
+    """An export whose ``models/signed`` was swapped for a bundle signed by someone else (its own
+    ``signer.pub`` embedded) is refused, with or without ``--public_key``; so is another key passed."""
+    from client.infer import run_monai_inference
+    from shared_models.bundle import BundleError
+
+    mon = tmp_path / "mon"
+    shutil.copytree(signed["mon"], mon)
+    forged_root = tmp_path / "forged"
+    forged_root.mkdir()
+    forged, forged_pub = signed_tiny_bundle(forged_root, CALIBRATION)
+    shutil.rmtree(mon / "models/signed")
+    shutil.copytree(forged, mon / "models/signed")
+    config = json.loads((mon / "configs/inference.json").read_text())
+    pin, out = config["public_key_sha256"], tmp_path / "out"
+    with pytest.raises(BundleError, match="MANIFEST.sig does not verify"):
+        run_monai_inference(mon, signed["study"], out, public_key=mon / "models/coordinator.pub", public_key_sha256=pin)
+    with pytest.raises(BundleError, match="not the coordinator key this MONAI Bundle was exported with"):
+        run_monai_inference(mon, signed["study"], out, public_key=forged_pub, public_key_sha256=pin)
+    with pytest.raises(BundleError, match="no --public_key"):
+        run_monai_inference(mon, signed["study"], out, public_key=None, public_key_sha256=pin)
+    assert not out.exists()
+
+
+def test_an_unsigned_export_pins_nothing_and_says_so(signed, tmp_path):
+    out = tmp_path / "mon"
+    assert (
+        main(["bundle", "export-monai", "--bundle", str(signed["bundle"]), "--out", str(out), "--allow-unsigned"]) == 0
+    )
+    config = json.loads((out / "configs/inference.json").read_text())
+    assert config["public_key"] is None and config["public_key_sha256"] is None
+    assert not (out / "models/coordinator.pub").exists()
+    readme = (out / "docs/README.md").read_text()
+    assert '"bundle_trusted": false' in readme and "trusted as code" in readme
