@@ -49,7 +49,17 @@ log = logging.getLogger(__name__)
 # The path keys (out-dir, data-root, cache-dir, signing-key): a run or data folder that was moved
 # resumes from its new place; paths are never stored (see module docstring).
 RESUMABLE_KEYS = frozenset(
-    {"detector-rounds", "stager-rounds", "node-wait-timeout-s", "round-timeout-s", "device", "amp", "track", *PATH_KEYS}
+    {
+        "detector-rounds",
+        "stager-rounds",
+        "node-wait-timeout-s",
+        "round-timeout-s",
+        "device",
+        "amp",
+        "track",
+        "identity",  # how sites are named (the sim runner sets it, the CLI's check does not), not what weights are
+        *PATH_KEYS,
+    }
 )
 MAX_CHECKPOINT_BYTES = 4 << 30  # two state dicts of the paper-size models are a few MB
 MAX_CHAIN_BYTES = 64 << 20
