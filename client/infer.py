@@ -12,13 +12,48 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    from shared_models.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
 EXIT_REFUSED = 3
+
+
+def calibration_warnings(calibration: Calibration | None) -> list[str]:
+    """What ``onfh infer`` tells the user about the bundle's calibration: gates that are off, and why.
+
+    A bundle whose pooled calibration the coordinator refused (``fallback``: it would have switched a
+    gate off, ``server/calibration.py`` ``gate_problem``) says so, with the reason.
+    """
+    if calibration is None:
+        return [
+            "the bundle carries no validation calibration: no detector-score or out-of-distribution "
+            "gate, uncalibrated probabilities, arg-max stage"
+        ]
+    off = [
+        name
+        for name, v in (
+            ("detector-score", calibration.detector_threshold),
+            ("out-of-distribution", calibration.energy_threshold),
+        )
+        if v is None
+    ]
+    if calibration.fallback:
+        return [
+            f"the coordinator refused the pooled calibration ({calibration.fallback}) and shipped uncalibrated "
+            f"defaults: no {' or '.join(off) or 'validation'} gate, probabilities at temperature 1"
+        ]
+    if off:
+        return [
+            f"the bundle's calibration has no {' or '.join(off)} threshold (no validation aggregates "
+            "reached the server): that gate is off"
+        ]
+    return []
 
 
 def _orientation_code(image: sitk.Image) -> str:
@@ -152,25 +187,7 @@ def infer_to_folder(
     warnings = []
     if series["why"].startswith("no T2"):
         warnings.append(series["why"])
-    if bundle.calibration is None:
-        warnings.append(
-            "the bundle carries no validation calibration: no detector-score or out-of-distribution "
-            "gate, uncalibrated probabilities, arg-max stage"
-        )
-    else:
-        off = [
-            name
-            for name, v in (
-                ("detector-score", bundle.calibration.detector_threshold),
-                ("out-of-distribution", bundle.calibration.energy_threshold),
-            )
-            if v is None
-        ]
-        if off:
-            warnings.append(
-                f"the bundle's calibration has no {' or '.join(off)} threshold (no validation aggregates "
-                "reached the server): that gate is off"
-            )
+    warnings += calibration_warnings(bundle.calibration)
     t0 = time.monotonic()
     results = analyse_study(
         image,

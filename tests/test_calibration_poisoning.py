@@ -246,3 +246,14 @@ def test_reply_without_metrics_or_malformed_is_rejected_not_raised():
     _, report = _run(_honest(), _declared(), d_eval={**_eval(), "val-suppressed": [1]})
     assert report["rejected"]["D"].startswith("calibrate-eval: ")
     assert np.isfinite(report["validation"]["heads"])
+
+
+def test_infer_names_a_refused_calibration():
+    from client.infer import calibration_warnings
+
+    refused = cal.Calibration(fallback="temperature 8 outside [0.25, 4]")
+    (warning,) = calibration_warnings(refused)
+    assert "refused the pooled calibration (temperature 8 outside [0.25, 4])" in warning
+    assert "detector-score or out-of-distribution" in warning
+    assert calibration_warnings(cal.Calibration(temperature=1.0, detector_threshold=0.8, energy_threshold=-3.0)) == []
+    assert "no validation aggregates" in calibration_warnings(cal.Calibration())[0]
