@@ -46,7 +46,7 @@ def calibration_warnings(calibration: Calibration | None) -> list[str]:
     if calibration.fallback:
         return [
             f"the coordinator refused the pooled calibration ({calibration.fallback}) and shipped uncalibrated "
-            f"defaults: no {' or '.join(off) or 'validation'} gate, probabilities at temperature 1"
+            f"defaults: no {' or '.join(off) or 'validation'} gate, so every head's stage is withheld"
         ]
     if off:
         return [

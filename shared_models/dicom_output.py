@@ -57,6 +57,7 @@ PRIVATE_CODES = {
     "off_target": "Box is not a femoral head",
     "refused": "Study refused",
     "non_finite": "Stager output not finite (NaN or infinity)",
+    "uncalibrated": "Calibration refused by the coordinator",
     "P_0": "Probability of Ficat-Arlet stage 0",
     "P_I": "Probability of Ficat-Arlet stage I",
     "P_II": "Probability of Ficat-Arlet stage II",

@@ -72,7 +72,8 @@ class HeadResult:
         not_assessed: why the head's stage is withheld (empty: assessed): the study's reasons, then the head's.
         flags: machine-readable codes of those reasons: ``refused`` (a study gate failed),
             ``off_target`` (box size or position), ``low_detector_score``, ``out_of_distribution``,
-            ``non_finite`` (the stager's energy or probabilities are NaN or infinite).
+            ``non_finite`` (the stager's energy or probabilities are NaN or infinite), ``uncalibrated``
+            (the coordinator refused the bundle's calibration: every head is withheld).
         study_reasons: the study gates that failed (refused study; the same on both heads).
         energy: the stager's energy score ``-logsumexp(logits)`` (None when the stager did not run).
         early_probability: ``P(I) + P(II)`` after temperature scaling (None when not assessed).
@@ -226,6 +227,14 @@ def analyse_study(
         if below and threshold is not None:
             reasons.append(f"detector score {score:.2f} is below the validation threshold {threshold:.2f}")
             flags.append("low_detector_score")
+        if calibration is not None and calibration.fallback:
+            # one site could have forced this (server/calibration.py gate_problem): without validated
+            # detector and out-of-distribution gates the tool cannot judge a head, so it says so
+            reasons.append(
+                f"the coordinator refused this bundle's calibration ({calibration.fallback}): "
+                "no validated detector or out-of-distribution gate, so the stage is withheld"
+            )
+            flags.append("uncalibrated")
         energy = probs = cam = crop_grid = None
         if not study_reasons and not collapsed:
             crop, crop_grid = resample_crop(oriented, box_lps, side, spec)

@@ -153,6 +153,20 @@ def test_detector_threshold_and_out_of_distribution_gates(models):
         assert sorted(r.assessed for r in mixed) == [False, True]
 
 
+def test_a_refused_calibration_withholds_every_stage(models):
+    # the coordinator refused the pooled calibration (one site could force that): the bundle has no
+    # validated gate, so the tool says it cannot judge instead of staging with the gates off
+    detector, stager = models
+    spec, image = PreprocessingSpec(), _image()
+    assessed = analyse_study(image, detector, stager, spec, calibration=Calibration(), gates=False)
+    assert study_verdict(assessed) == ("assessed", [])  # the same study is staged with a plain calibration
+    refused = Calibration(fallback="temperature 8 outside [0.25, 4]")
+    results = analyse_study(image, detector, stager, spec, calibration=refused, gates=False)
+    verdict, reasons = study_verdict(results)
+    assert verdict == "flagged" and "temperature 8 outside [0.25, 4]" in reasons[0]
+    assert all(r.flags == ("uncalibrated",) and r.predicted_stage is None and not r.assessed for r in results)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("gates", [True, False])
 def test_a_study_with_non_finite_voxels_is_refused_whatever_the_gates(models, bad, gates):
