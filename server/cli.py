@@ -189,10 +189,15 @@ def cmd_coordinator_status(args) -> int:
 
     from server.coordinator import CoordinatorError, connected_nodes, load_registry, run_progress
 
-    _, _, flwr_home, registry_path = _coordinator_paths(args)
+    home, _, flwr_home, registry_path = _coordinator_paths(args)
     out = Path(args.out)
+    if not out.is_dir():
+        raise CoordinatorError(f"{out}: no such run folder (give the --out of `onfh coordinator launch`)")
 
     def snapshot():
+        if not flwr_home.is_dir():  # a read-only command: never create a coordinator home
+            console.print(f"[yellow]no coordinator home at {home}: site connections unknown (--home)[/yellow]")
+            return run_progress(out), None
         try:
             nodes = connected_nodes(flwr_home=flwr_home)
         except (CoordinatorError, OSError) as err:

@@ -342,3 +342,14 @@ def test_status_prints_a_dash_and_the_reason_for_a_site_without_heads(tmp_path, 
     text = capsys.readouterr().out
     row_b = next(line for line in text.splitlines() if line.strip(" │|").startswith("B "))
     assert "–" in row_b and "0.000" not in row_b and "n = 0" in text
+
+
+def test_status_is_read_only_and_refuses_a_missing_run_folder(tmp_path, monkeypatch):
+    from shared_models.cli import main
+
+    # a read-only command: it must not create a coordinator home (which `flwr run` would ship to the sites)
+    monkeypatch.chdir(tmp_path)
+    assert main(["coordinator", "status", "--out", str(tmp_path / "nope")]) == 1
+    (tmp_path / "run").mkdir()
+    assert main(["coordinator", "status", "--out", str(tmp_path / "run")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
