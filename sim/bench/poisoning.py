@@ -298,6 +298,8 @@ def run_federation(
         "out-dir": str(out),
         "strategy": strategy,
         "seed": seed,
+        # an in-process simulation: sites are named by partition, not by enrolled keys (the sim runner sets the same)
+        "identity": "simulation",
     }
     contexts = {
         i + 1: Context(
