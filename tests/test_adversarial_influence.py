@@ -11,16 +11,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from server.server_app import validation_score
 from shared_models.config import RunConfig
-from shared_models.flower.internals import make_message
 from shared_models.flower.records import state_to_record
 from shared_models.transfer import pack_state_dict
 from strategies.site_aware import SiteFedAvg, SiteFedMedian, SiteFedTrimmedAvg, SiteKrum, build_strategy
 from strategies.update_checks import MAX_ABS_WEIGHT, bound_update_norms
 from tests.conftest import tiny_run_config
+from tests.flower_messages import message, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -45,24 +45,6 @@ def _honest(i: int) -> np.ndarray:
     return GLOBAL_W + U * (1.0 + 0.1 * i) + np.random.default_rng(i).normal(0, 0.001, 200).astype(np.float32)
 
 
-def _reply(src: int, arrays: ArrayRecord | None, metrics: dict, kind: str = "train") -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{src}",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="q",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=kind,
-    )
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if arrays is not None:
-        content["arrays"] = arrays
-    return make_message(metadata=metadata, content=content)
-
-
 DECLARED = {s: {"heads-train": 20, "heads-val": 6, "heads-test": 6} for s in SITES.values()}
 
 
@@ -83,9 +65,9 @@ def _strategy(cls=SiteFedAvg, **kwargs):
 
 
 def _round(strategy, attack: ArrayRecord | None, attack_metrics: dict | None = None):
-    replies = [_reply(i + 1, _record(_honest(i)), {"num-examples": 20, "train-loss": 0.5}) for i in range(3)]
+    replies = [reply(i + 1, _record(_honest(i)), {"num-examples": 20, "train-loss": 0.5}) for i in range(3)]
     if attack is not None:
-        replies.append(_reply(4, attack, attack_metrics or {"num-examples": 20, "train-loss": 0.5}))
+        replies.append(reply(4, attack, attack_metrics or {"num-examples": 20, "train-loss": 0.5}))
     arrays, _ = strategy.aggregate_train(1, replies)
     return arrays["packed:float"].numpy(), arrays["packed:int64"].numpy()
 
@@ -181,11 +163,11 @@ def test_row3_real_model_int_buffer_is_bounded_by_the_local_steps():
     key = next(k for k in state if k.endswith("num_batches_tracked"))
     poisoned[key] = torch.tensor(2**62)
     replies = [
-        _reply(i + 1, ArrayRecord({k: Array(v) for k, v in pack_state_dict(honest).items()}), {"num-examples": 20})
+        reply(i + 1, ArrayRecord({k: Array(v) for k, v in pack_state_dict(honest).items()}), {"num-examples": 20})
         for i in range(3)
     ]
     replies.append(
-        _reply(4, ArrayRecord({k: Array(v) for k, v in pack_state_dict(poisoned).items()}), {"num-examples": 20})
+        reply(4, ArrayRecord({k: Array(v) for k, v in pack_state_dict(poisoned).items()}), {"num-examples": 20})
     )
     arrays, _ = strategy.aggregate_train(1, replies)
     assert "integer entries moved" in strategy.rejected_updates[1]["D"][0]
@@ -223,7 +205,7 @@ def test_row4_non_integer_or_negative_counts_are_rejected():
 
 def _eval(src: int, **m) -> Message:
     base = {"num-examples": 6, "iou-mean": 0.5, "val-num-examples": 6, "val-score": 0.5}
-    return _reply(src, None, {**base, **m}, kind="evaluate")
+    return reply(src, None, {**base, **m}, message_type="evaluate")
 
 
 def test_row5_out_of_range_val_score_is_rejected_and_cannot_pick_the_round(caplog):
@@ -424,7 +406,7 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
         strategy.node_sites = {1: "A", 2: "B"}
         strategy.declared = {}
         strategy.aggregate_evaluate(
-            1, [_reply(i + 1, None, sent[phase][s], kind="evaluate") for i, s in enumerate("AB")]
+            1, [reply(i + 1, None, sent[phase][s], message_type="evaluate") for i, s in enumerate("AB")]
         )
         history[phase] = strategy.site_metrics
     assert set(history["detector"][1]) == set(history["stager"][1]) == {"A", "B"}  # real replies pass the checks
@@ -481,18 +463,7 @@ def test_row9_one_patient_test_split_leaves_nothing_of_that_patient_in_report_or
 
 
 def _site_message(message_type: str, content: RecordDict) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m-{time.monotonic_ns()}",
-        src_node_id=1,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=message_type,
-    )
-    return make_message(metadata=meta, content=content)
+    return message(1, content, message_type=message_type, dst=5, message_id=f"m-{time.monotonic_ns()}", reply_to="")
 
 
 def test_row9_deployed_site_keeps_its_own_floor_cache_and_audit_log(one_patient_test_split, tmp_path, caplog):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -25,7 +23,8 @@ from client.audit import (
     read_audit_log,
     verify_audit_log,
 )
-from shared_models.flower.internals import make_message, recorddict_to_proto
+from shared_models.flower.internals import recorddict_to_proto
+from tests.flower_messages import message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -34,18 +33,7 @@ def _request(message_type: str, config: dict, arrays: ArrayRecord | None = None)
     content = RecordDict({"config": ConfigRecord(config)})
     if arrays is not None:
         content["arrays"] = arrays
-    metadata = Metadata(
-        run_id=7,
-        message_id="q1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=message_type,
-    )
-    return make_message(metadata=metadata, content=content)
+    return message(0, content, message_type=message_type, dst=5, run_id=7, message_id="q1", reply_to="", ttl=600.0)
 
 
 def _train_reply(request: Message) -> Message:

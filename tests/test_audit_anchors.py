@@ -8,29 +8,19 @@ import json
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.audit import audited
 from server.audit_anchors import AnchorRecordingGrid, load_anchors
 from shared_models.cli import main
-from shared_models.flower.internals import make_message
+from tests.flower_messages import message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _message(src: int, dst: int, message_type: str, content: RecordDict, run_id: int = 3) -> Message:
-    meta = Metadata(
-        run_id=run_id,
-        message_id=f"m{src}-{dst}-{time.monotonic_ns()}",
-        src_node_id=src,
-        dst_node_id=dst,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=message_type,
-    )
-    return make_message(metadata=meta, content=content)
+    message_id = f"m{src}-{dst}-{time.monotonic_ns()}"
+    return message(src, content, message_type=message_type, dst=dst, run_id=run_id, message_id=message_id, reply_to="")
 
 
 class SiteGrid:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from server.calibration import (
     StatsError,
@@ -22,9 +21,11 @@ from server.calibration import (
 from server.server_app import hello_problem
 from shared_models import calibration as cal
 from shared_models.config import RunConfig
-from shared_models.flower.internals import TaskIdentity, make_message
 from shared_models.specs import METRICS, SITE, SITE_ID
 from tests.conftest import tiny_run_config
+from tests.flower_messages import message
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # message() needs the TaskIdentity set
 
 NB, NE, NT = len(cal.SCORE_EDGES) - 1, len(cal.ENERGY_EDGES) - 1, len(cal.TEMPERATURE_GRID)
 
@@ -72,22 +73,6 @@ def _eval(n: int = 20) -> dict:
     return out
 
 
-def _msg(src: int, content: RecordDict):
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    md = Metadata(
-        run_id=1,
-        message_id=f"m{src}",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="q",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="query",
-    )
-    return make_message(metadata=md, content=content)
-
-
 class _Grid:
     """Answers the calibrate-val query with ``val`` and the calibrate-eval query with ``ev`` (node -> metrics)."""
 
@@ -97,7 +82,10 @@ class _Grid:
     def send_and_receive(self, messages, timeout=None):
         src = self.replies[min(self.calls, 1)]
         self.calls += 1
-        return [_msg(n, RecordDict({} if m is None else {"metrics": MetricRecord(m)})) for n, m in src.items()]
+        return [
+            message(n, RecordDict({} if m is None else {"metrics": MetricRecord(m)}), message_type="query")
+            for n, m in src.items()
+        ]
 
 
 NODE_SITES = {1: "A", 2: "B", 3: "C", 4: "D"}
@@ -124,11 +112,20 @@ def _run(d_val: dict | None, declared: dict, d_eval: dict | None = None):
 def test_hello_without_a_declared_head_count_is_refused_by_key(missing):
     counts = {"heads-train": 3, "heads-val": 2, "heads-test": 1, "studies-refused": 0}
     del counts[missing]
-    reply = _msg(7, RecordDict({SITE: ConfigRecord({SITE_ID: "D"}), METRICS: MetricRecord(counts)}))
+    reply = message(
+        7, RecordDict({SITE: ConfigRecord({SITE_ID: "D"}), METRICS: MetricRecord(counts)}), message_type="query"
+    )
     problem = hello_problem(reply)
     assert problem is not None and missing in problem
     full = {"heads-train": 3, "heads-val": 2, "heads-test": 1}
-    assert hello_problem(_msg(7, RecordDict({SITE: ConfigRecord({SITE_ID: "D"}), METRICS: MetricRecord(full)}))) is None
+    assert (
+        hello_problem(
+            message(
+                7, RecordDict({SITE: ConfigRecord({SITE_ID: "D"}), METRICS: MetricRecord(full)}), message_type="query"
+            )
+        )
+        is None
+    )
 
 
 # --- (b) no declared count: refused, never capped at an arbitrary bound ---

@@ -8,18 +8,17 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from server.checkpoint import CheckpointStore
 from shared_models.determinism import stream_seed
-from shared_models.flower.internals import make_message
 from strategies.site_aware import SiteFedAvg
+from tests.flower_messages import message
 
 
 def test_stream_seeds_differ_by_site_phase_round_and_seed():
@@ -54,19 +53,7 @@ def test_stream_seed_does_not_depend_on_the_python_hash_seed():
 
 
 def _reply(src: int, arrays: ArrayRecord, n: int) -> Message:
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{src}",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="q",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    return make_message(metadata=metadata, content=content)
+    return message(src, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})}))
 
 
 @pytest.mark.usefixtures("task_identity")

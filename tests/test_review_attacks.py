@@ -6,43 +6,27 @@ Each test replays one finding against the real code and derives the expected res
 from __future__ import annotations
 
 import io
-import time
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.audit import append_entry, line_sha256, verify_audit_anchors
 from server.server_app import hello_problem
 from shared_models.config import parse_site_nodes
-from shared_models.flower.internals import make_message
 from shared_models.flower.records import record_to_state
 from shared_models.safe_files import UnsafeFileError, load_tensors
 from shared_models.stager import MulDenseNet3D, StagerConfig
 from shared_models.transfer import pack_state_dict
 from strategies.site_aware import SiteFedAvg
 from strategies.update_checks import normalisation_problems
+from tests.flower_messages import message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 SITES = {1: "A", 2: "B", 3: "C", 4: "D"}
-
-
-def _reply(src: int, content: RecordDict, kind: str = "train") -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{src}",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="q",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=kind,
-    )
-    return make_message(metadata=metadata, content=content)
 
 
 def _packed(state: dict) -> ArrayRecord:
@@ -87,10 +71,10 @@ def test_negative_running_variance_is_rejected_and_the_fedavg_model_stays_finite
     assert (sum(float(h[key][0]) for h in honest) + float(poisoned[key][0])) / 4 < 0
     strategy = _strategy(template)
     replies = [
-        _reply(i + 1, RecordDict({"arrays": _packed(h), "metrics": MetricRecord({"num-examples": 20})}))
+        message(i + 1, RecordDict({"arrays": _packed(h), "metrics": MetricRecord({"num-examples": 20})}))
         for i, h in enumerate(honest)
     ]
-    replies.append(_reply(4, RecordDict({"arrays": _packed(poisoned), "metrics": MetricRecord({"num-examples": 20})})))
+    replies.append(message(4, RecordDict({"arrays": _packed(poisoned), "metrics": MetricRecord({"num-examples": 20})})))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert "negative running variances" in strategy.rejected_updates[1]["D"][0]
     state = record_to_state(arrays, template)
@@ -111,21 +95,21 @@ def test_a_site_adding_or_leaving_out_a_train_metric_does_not_end_the_round():
     strategy = _strategy(template)
     same = {k: (v + 1 if not v.is_floating_point() else v) for k, v in template.items()}
     replies = [
-        _reply(
+        message(
             i + 1,
             RecordDict({"arrays": _packed(same), "metrics": MetricRecord({"num-examples": 20, "train-loss": 0.5})}),
         )
         for i in range(2)
     ]
     replies.append(
-        _reply(
+        message(
             3,
             RecordDict(
                 {"arrays": _packed(same), "metrics": MetricRecord({"num-examples": 20, "train-loss": 0.5, "foo": 1.0})}
             ),
         )
     )
-    replies.append(_reply(4, RecordDict({"arrays": _packed(same), "metrics": MetricRecord({"train-loss": 0.5})})))
+    replies.append(message(4, RecordDict({"arrays": _packed(same), "metrics": MetricRecord({"train-loss": 0.5})})))
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert "no num-examples" in strategy.rejected_updates[1]["D"][0]
@@ -148,7 +132,7 @@ def test_a_site_adding_or_leaving_out_a_train_metric_does_not_end_the_round():
     ],
 )
 def test_a_malformed_hello_is_refused_not_a_crash(content, reason):
-    assert reason in hello_problem(_reply(99, content, "query"))
+    assert reason in hello_problem(message(99, content, message_type="query"))
 
 
 def test_a_well_formed_hello_passes():
@@ -158,7 +142,7 @@ def test_a_well_formed_hello_passes():
             "metrics": MetricRecord({"heads-train": 3, "heads-val": 1, "heads-test": 1, "studies-refused": 0}),
         }
     )
-    assert hello_problem(_reply(1, content, "query")) is None
+    assert hello_problem(message(1, content, message_type="query")) is None
 
 
 def test_a_node_sending_a_malformed_hello_is_refused_and_the_run_goes_on():
@@ -185,7 +169,7 @@ def test_a_node_sending_a_malformed_hello_is_refused_and_the_run_goes_on():
                         }
                     )
                 )
-                out.append(_reply(node, content, "query"))
+                out.append(message(node, content, message_type="query"))
             return out
 
     cfg = RunConfig.from_run_config(

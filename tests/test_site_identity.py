@@ -7,16 +7,14 @@ The same attack with real SuperLink/SuperNode processes is in ``tests/test_deplo
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from flwr.app import ConfigRecord, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from server.coordinator import site_nodes
 from server.server_app import SiteIdentityError, SitesMissingError, discover_sites, identity_problem
 from shared_models.config import RunConfig, parse_site_nodes
-from shared_models.flower.internals import make_message
 from tests.conftest import tiny_run_config
+from tests.flower_messages import message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -36,24 +34,13 @@ class ClaimingGrid:
         for m in messages:
             node = m.metadata.dst_node_id
             self.asked.append(node)
-            meta = Metadata(
-                run_id=1,
-                message_id=f"r{node}",
-                src_node_id=node,
-                dst_node_id=0,
-                reply_to_message_id="q",
-                group_id="",
-                created_at=time.time(),
-                ttl=60.0,
-                message_type="query",
-            )
             content = RecordDict(
                 {
                     "site": ConfigRecord({"site-id": self.claims[node]}),
                     "metrics": MetricRecord({"heads-train": 4, "heads-val": 1, "heads-test": 1}),
                 }
             )
-            replies.append(make_message(metadata=meta, content=content))
+            replies.append(message(node, content, message_type="query", message_id=f"r{node}"))
         return replies
 
 

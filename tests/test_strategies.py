@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from shared_models.detection import YOLOX3D
-from shared_models.flower.internals import make_message
 from shared_models.stager import MulDenseNet3D
 from strategies.site_aware import SiteFedAvg, SiteFedProx, build_strategy, restore_dtypes
+from tests.flower_messages import reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-def _reply(src: int, arrays: ArrayRecord | None, metrics: dict) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if arrays is not None:
-        content["arrays"] = arrays
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{src}",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="q",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    return make_message(metadata=metadata, content=content)
 
 
 def _tiny_models():
@@ -80,8 +60,8 @@ def test_weighted_mean_with_dtypes_intact(cls):
     node_sites = {11: "A", 12: "B"}
     strategy = cls(node_sites=node_sites, train_sites=["A", "B"])
     replies = [
-        _reply(11, ArrayRecord(_state(1.0, 10)), {"num-examples": 3, "train-loss": 1.0}),
-        _reply(12, ArrayRecord(_state(5.0, 20)), {"num-examples": 1, "train-loss": 3.0}),
+        reply(11, ArrayRecord(_state(1.0, 10)), {"num-examples": 3, "train-loss": 1.0}),
+        reply(12, ArrayRecord(_state(5.0, 20)), {"num-examples": 1, "train-loss": 3.0}),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     out = arrays.to_torch_state_dict()
@@ -100,8 +80,8 @@ def test_fedprox_with_mu_zero_aggregates_exactly_like_fedavg():
 
     def replies():
         return [
-            _reply(1, ArrayRecord(states[0]), {"num-examples": 7}),
-            _reply(2, ArrayRecord(states[1]), {"num-examples": 2}),
+            reply(1, ArrayRecord(states[0]), {"num-examples": 7}),
+            reply(2, ArrayRecord(states[1]), {"num-examples": 2}),
         ]
 
     a, _ = SiteFedAvg(node_sites=node_sites, train_sites=["A", "B"]).aggregate_train(1, replies())
@@ -111,8 +91,8 @@ def test_fedprox_with_mu_zero_aggregates_exactly_like_fedavg():
 
 def test_evaluate_metrics_captured_per_site_and_failures_tolerated():
     strategy = SiteFedAvg(node_sites={1: "A", 2: "B"}, train_sites=["A"])
-    ok = _reply(1, None, {"num-examples": 4, "iou-mean": 0.5})
-    ok2 = _reply(2, None, {"num-examples": 0, "iou-mean": 0.0})
+    ok = reply(1, None, {"num-examples": 4, "iou-mean": 0.5})
+    ok2 = reply(2, None, {"num-examples": 0, "iou-mean": 0.0})
     agg = strategy.aggregate_evaluate(2, [ok, ok2])
     assert strategy.site_metrics[2]["A"]["iou-mean"] == 0.5
     assert strategy.site_metrics[2]["B"]["num-examples"] == 0

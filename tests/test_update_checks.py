@@ -10,14 +10,9 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Error,
     Message,
-    Metadata,
-    MetricRecord,
-    RecordDict,
 )
 
-from shared_models.flower.internals import make_message
 from strategies.site_aware import (
     RoundIncompleteError,
     SiteFedAvg,
@@ -27,6 +22,7 @@ from strategies.site_aware import (
     build_strategy,
 )
 from strategies.update_checks import reply_problems, update_problems
+from tests.flower_messages import message, reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -44,23 +40,9 @@ def _update(value: float, **changes) -> ArrayRecord:
 
 
 def _reply(src: int, arrays: ArrayRecord | None, metrics: dict | None = None, error: str | None = None) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{src}",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="q",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
     if error:
-        return make_message(metadata=metadata, error=Error(code=0, reason=error))
-    content = RecordDict({"metrics": MetricRecord(metrics or {"num-examples": 10, "loss": 0.5})})
-    if arrays is not None:
-        content["arrays"] = arrays
-    return make_message(metadata=metadata, content=content)
+        return message(src, error=error)
+    return reply(src, arrays, metrics or {"num-examples": 10, "loss": 0.5})
 
 
 @pytest.mark.parametrize(
