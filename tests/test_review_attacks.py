@@ -218,8 +218,8 @@ def test_a_plain_tensor_file_still_loads():
     assert torch.equal(load_tensors(buffer.getvalue(), "weights.pt")["w"], torch.arange(5.0))
 
 
-def test_a_forged_line_with_an_empty_error_after_the_last_anchor_is_detected(tmp_path):
-    log_path = tmp_path / "audit.jsonl"
+def _anchored_log(log_path):
+    """One honest stager-train entry of run 7 in ``log_path``, and the coordinator's anchor for it."""
     base = {
         "time": "t",
         "run_id": 7,
@@ -236,6 +236,12 @@ def test_a_forged_line_with_an_empty_error_after_the_last_anchor_is_detected(tmp
     anchors = [
         {"run_id": 7, "sha256": line_sha256(append_entry(log_path, dict(base))), "message_type": "train", "round": 1}
     ]
+    return base, anchors
+
+
+def test_a_forged_line_with_an_empty_error_after_the_last_anchor_is_detected(tmp_path):
+    log_path = tmp_path / "audit.jsonl"
+    base, anchors = _anchored_log(log_path)
     verify_audit_anchors(log_path, anchors)  # the honest log passes
     append_entry(log_path, {**base, "round": 2, "arrays": ["packed:float"], "bytes": 5000, "error": ""})
     with pytest.raises(ValueError, match="follows the coordinator's last anchor"):
@@ -244,22 +250,7 @@ def test_a_forged_line_with_an_empty_error_after_the_last_anchor_is_detected(tmp
 
 def test_a_genuine_error_entry_after_the_last_anchor_passes(tmp_path):
     log_path = tmp_path / "audit.jsonl"
-    base = {
-        "time": "t",
-        "run_id": 7,
-        "message_type": "train",
-        "round": 1,
-        "phase": "stager",
-        "action": None,
-        "arrays": [],
-        "metrics": ["num-examples"],
-        "configs": [],
-        "bytes": 100,
-        "error": None,
-    }
-    anchors = [
-        {"run_id": 7, "sha256": line_sha256(append_entry(log_path, dict(base))), "message_type": "train", "round": 1}
-    ]
+    base, anchors = _anchored_log(log_path)
     append_entry(log_path, {**base, "round": 2, "metrics": [], "bytes": 0, "error": "RuntimeError: out of memory"})
     verify_audit_anchors(log_path, anchors)
 
