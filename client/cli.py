@@ -161,7 +161,7 @@ def cmd_site_keys(args) -> int:
     console.print(
         f"SuperNode private key: {private} (stays at the site)\npublic key (send to the coordinator): {public}"
     )
-    print(text)
+    print(text)  # the public key line, unwrapped (rich would fold it) so it can be copied whole
     return 0
 
 
